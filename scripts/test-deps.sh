@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# System packages the tests need (browser tests drive Debian's chromium). Idempotent.
+set -euo pipefail
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "missing system packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi

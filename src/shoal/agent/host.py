@@ -1,0 +1,262 @@
+"""The agent process: one or more logical nodes (``--virtual N``) on one NATS connection.
+
+Each node answers run requests on its own subject, heartbeats its load into the heartbeat
+bucket, and keeps a ledger of its process groups. On SIGTERM, SIGINT or SIGHUP the agent
+stops taking work, ends every process group (SIGTERM, then SIGKILL after the grace period),
+reports every exit, and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from .. import __version__, bus, subjects
+from .. import messages as m
+from ..config import AgentConfig, shoal_home
+from ..errors import ConnectError
+from ..loadinfo import LoadSampler
+from .ledger import Ledger, reap_leftovers
+from .runs import Run
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    name: str
+    ledger: Ledger
+    runs: dict[str, Run] = field(default_factory=dict)
+    state: m.NodeState = "ready"
+    sub: Subscription | None = None
+
+
+@dataclass
+class _RunRoute:
+    """Per run, one pair of subscriptions shared by all of this host's nodes in it."""
+
+    ctl: Subscription
+    ack: Subscription
+    runs: dict[str, Run] = field(default_factory=dict)  # node name -> run
+
+
+class AgentHost:
+    def __init__(self, cfg: AgentConfig, names: list[str]) -> None:
+        if not names:
+            raise ValueError("an agent needs at least one node name")
+        self.cfg = cfg
+        state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
+        self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger")) for n in names}
+        self.nc: NatsClient | None = None
+        self.buckets: bus.Buckets | None = None
+        self._routes: dict[str, _RunRoute] = {}
+        self._sampler = LoadSampler()
+        self._started_at = time.time()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._base_env = dict(os.environ)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for node in self.nodes.values():
+            await reap_leftovers(node.ledger, self.cfg.grace)
+            node.ledger.open()
+        first = next(iter(self.nodes))
+        label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
+        self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}")
+        self.buckets = await self._open_buckets()
+        await self._heartbeat(register=True)
+        for node in self.nodes.values():
+            node.sub = await self.nc.subscribe(subjects.agent_run(node.name),
+                                               cb=self._make_handler(node))
+        await self.nc.flush()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        log.info("agent up: %d node(s), capacity %d each", len(self.nodes), self.cfg.capacity)
+
+    async def _open_buckets(self) -> bus.Buckets:
+        assert self.nc is not None
+        warned = False
+        while True:
+            try:
+                return await bus.open_buckets(self.nc)
+            except ConnectError as e:
+                if not warned:
+                    log.warning("%s; waiting", e)
+                    warned = True
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Stop taking work, end every process, report, leave. Safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("agent stopping: ending %d run(s)", sum(len(n.runs) for n in self.nodes.values()))
+        for node in self.nodes.values():
+            node.state = "draining"
+            if node.sub is not None:
+                await _quietly(node.sub.unsubscribe())
+        runs = [r for n in self.nodes.values() for r in n.runs.values()]
+        for r in runs:
+            r.end("the agent is stopping")
+        if runs:
+            await asyncio.gather(*(r.done.wait() for r in runs))
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self.nc is not None and self.buckets is not None:
+            await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(n))
+                                   for n in self.nodes), return_exceptions=True)
+            await _quietly(self.nc.drain())
+        for node in self.nodes.values():
+            node.ledger.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def node_info(self, node: Node) -> m.NodeInfo:
+        load = self._last_load
+        return m.NodeInfo(
+            name=node.name, labels=self.cfg.labels, capacity=self.cfg.capacity,
+            sessions=0, load=load, state=node.state, version=__version__,
+            address=self.cfg.address or socket.gethostname(), hostname=socket.gethostname(),
+            pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
+        )
+
+    _last_load = m.Load()
+
+    async def _heartbeat(self, register: bool = False) -> None:
+        assert self.buckets is not None
+        self._last_load = self._sampler.sample()
+        infos = [(n.name, msgspec.json.encode(self.node_info(n))) for n in self.nodes.values()]
+        puts = [self.buckets.heartbeats.put(name, data) for name, data in infos]
+        if register:
+            puts += [self.buckets.registry.put(name, data) for name, data in infos]
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("heartbeat: %d of %d puts failed: %s", len(failed), len(puts), failed[0])
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            try:
+                await self._heartbeat()
+            except Exception as e:  # keep beating through NATS outages
+                log.warning("heartbeat failed: %s", e)
+
+    # ------------------------------------------------------------------ runs
+
+    def _make_handler(self, node: Node):  # type: ignore[no-untyped-def]
+        async def handle(msg: Msg) -> None:
+            await self._on_run_request(node, msg)
+
+        return handle
+
+    async def _on_run_request(self, node: Node, msg: Msg) -> None:
+        try:
+            req = m.unpack(msg.data, m.RunRequest)
+        except msgspec.DecodeError as e:
+            await msg.respond(m.pack(m.RunRefused(node=node.name, reason=f"bad request: {e}")))
+            return
+        if self._stopping:
+            await msg.respond(m.pack(m.RunRefused(node=node.name, reason="the agent is stopping")))
+            return
+        route = await self._route(req.run_id)
+        run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
+                  on_spawn=node.ledger.add, on_end=node.ledger.remove)
+        reply = run.start(self._base_env)
+        if isinstance(reply, m.RunAccepted):
+            node.runs[req.run_id] = run
+            route.runs[node.name] = run
+            asyncio.create_task(self._forget(node, route, req.run_id, run))
+        else:
+            await self._maybe_drop_route(req.run_id)
+        await msg.respond(m.pack(reply))
+
+    async def _route(self, run_id: str) -> _RunRoute:
+        route = self._routes.get(run_id)
+        if route is not None:
+            return route
+        assert self.nc is not None
+
+        async def on_ctl(msg: Msg) -> None:
+            try:
+                frame = m.unpack_control(msg.data)
+            except msgspec.DecodeError:
+                return
+            r = self._routes.get(run_id)
+            for run in list(r.runs.values()) if r else ():
+                run.on_control(frame)
+
+        async def on_ack(msg: Msg) -> None:
+            node = msg.subject.rsplit(".", 1)[-1]
+            r = self._routes.get(run_id)
+            run = r.runs.get(node) if r else None
+            if run is not None:
+                try:
+                    run.on_output_ack(m.unpack(msg.data, m.OutputAck))
+                except msgspec.DecodeError:
+                    pass
+
+        ctl = await self.nc.subscribe(subjects.run_control(run_id), cb=on_ctl)
+        ack = await self.nc.subscribe(subjects.run_output_ack(run_id, "*"), cb=on_ack)
+        route = self._routes.setdefault(run_id, _RunRoute(ctl, ack))
+        if route.ctl is not ctl:  # another node of ours raced us to it
+            await ctl.unsubscribe()
+            await ack.unsubscribe()
+        return route
+
+    async def _forget(self, node: Node, route: _RunRoute, run_id: str, run: Run) -> None:
+        await run.done.wait()
+        node.runs.pop(run_id, None)
+        route.runs.pop(node.name, None)
+        await self._maybe_drop_route(run_id)
+
+    async def _maybe_drop_route(self, run_id: str) -> None:
+        route = self._routes.get(run_id)
+        if route is not None and not route.runs:
+            del self._routes[run_id]
+            await _quietly(route.ctl.unsubscribe())
+            await _quietly(route.ack.unsubscribe())
+
+
+async def _quietly(aw: object) -> None:
+    try:
+        await aw  # type: ignore[misc]
+    except Exception as e:
+        log.debug("ignored during shutdown: %s", e)
+
+
+def virtual_names(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(1, count + 1)]
+
+
+async def run_agent(cfg: AgentConfig, names: list[str]) -> None:
+    """Run an agent until SIGTERM, SIGINT or SIGHUP, then stop it cleanly."""
+    host = AgentHost(cfg, names)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    await host.start()
+    await stop.wait()
+    await host.stop()

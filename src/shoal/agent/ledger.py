@@ -1,0 +1,98 @@
+"""A per-node ledger of the process groups an agent started, so that the next start of an
+agent that was SIGKILLed (or crashed) can end what the last one left behind.
+
+The file is append-only (``+ pgid create_time`` / ``- pgid``); an entry is acted on only if
+a process with that pid *and* that creation time still exists, so a recycled pid is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import psutil
+
+from ..procutil import group_alive, kill_group
+
+log = logging.getLogger(__name__)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = -1
+
+    def open(self) -> None:
+        # Start a fresh file: whatever the old one listed has been reaped by then.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def add(self, pid: int) -> None:
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return  # already gone
+        os.write(self._fd, f"+ {pid} {created:.3f}\n".encode())
+
+    def remove(self, pid: int) -> None:
+        os.write(self._fd, f"- {pid}\n".encode())
+
+    def leftovers(self) -> dict[int, float]:
+        """Process groups listed by a previous run that did not end cleanly."""
+        live: dict[int, float] = {}
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return live
+        for line in text.splitlines():
+            parts = line.split()
+            try:
+                if parts[0] == "+" and len(parts) == 3:
+                    live[int(parts[1])] = float(parts[2])
+                elif parts[0] == "-" and len(parts) == 2:
+                    live.pop(int(parts[1]), None)
+            except (ValueError, IndexError):
+                continue  # a torn last line after a crash
+        return live
+
+
+def _ours(pgid: int, created: float) -> bool:
+    """Is process group ``pgid`` still the one we started?"""
+    try:
+        leader = psutil.Process(pgid)
+        return abs(leader.create_time() - created) < 0.01
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.Error:
+        return False
+    # The leader is gone; members of its group may remain. A pid that was reused cannot
+    # lead our old group id, so any member of group pgid is ours.
+    return group_alive(pgid)
+
+
+async def reap_leftovers(ledger: Ledger, grace: float) -> int:
+    """End every process group a previous agent left; returns how many groups were found."""
+    groups = [pgid for pgid, created in ledger.leftovers().items() if _ours(pgid, created)]
+    if not groups:
+        return 0
+    log.warning("ending %d process group(s) left by a previous agent", len(groups))
+    for pgid in groups:
+        kill_group(pgid, signal.SIGTERM)
+    deadline = asyncio.get_running_loop().time() + grace
+    while any(group_alive(g) for g in groups) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for pgid in groups:
+        kill_group(pgid, signal.SIGKILL)
+    return len(groups)

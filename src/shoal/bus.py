@@ -1,0 +1,131 @@
+"""The NATS boundary: connecting (with nats-py errors translated to shoal's) and the
+JetStream buckets shoal keeps its state in."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from .config import NatsConfig
+from .errors import AuthError, ConnectError
+from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NatsClient", "connect", "ensure_buckets", "open_buckets", "Buckets"]
+
+
+async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0) -> NatsClient:
+    """Connect to NATS, failing fast and clearly on refused credentials or no server."""
+    last_error: list[BaseException] = []
+
+    async def on_error(e: Exception) -> None:
+        last_error.append(e)
+        if _is_auth(e):
+            return  # reported once, by the exception below
+        log.warning("nats: %s", e)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s; reconnecting", _safe_url(cfg.url))
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    opts: dict[str, Any] = {
+        "servers": [u.strip() for u in cfg.url.split(",")],
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+        "pending_size": 64 << 20,
+        "flusher_queue_size": 4096,
+    }
+    if cfg.user:
+        opts["user"] = cfg.user
+        opts["password"] = cfg.password or ""
+    if cfg.creds:
+        opts["user_credentials"] = cfg.creds
+    if cfg.ca or cfg.url.startswith("tls://"):
+        opts["tls"] = ssl.create_default_context(cafile=cfg.ca)
+    try:
+        # Reconnects are for later outages; the first connect must say no at once.
+        opts["max_reconnect_attempts"] = 0
+        opts["allow_reconnect"] = False
+        nc = await nats.connect(**opts)
+    except Exception as e:  # nats-py raises a zoo of types here; translate them all
+        errs = [*last_error, e]
+        if any(_is_auth(x) for x in errs):
+            raise AuthError(
+                f"NATS at {_safe_url(cfg.url)} refused the credentials "
+                f"(user {cfg.user or '-'}): check the password or .creds file in the config"
+            ) from e
+        raise ConnectError(
+            f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; is nats-server "
+            "running (shoal up starts one) and is the URL right?"
+        ) from e
+    # Now that we are in, keep trying forever through outages.
+    nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def _is_auth(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization" in text
+
+
+def _safe_url(url: str) -> str:
+    # Never echo a password embedded in a URL.
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class Buckets:
+    """The key-value buckets, bound."""
+
+    def __init__(self, js: JetStreamContext, heartbeats: KeyValue, registry: KeyValue) -> None:
+        self.js = js
+        self.heartbeats = heartbeats
+        self.registry = registry
+
+
+async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
+    """Create the buckets if missing (controllers do this; it is idempotent)."""
+    js = nc.jetstream()
+    hb = await _ensure_kv(js, KeyValueConfig(bucket=HEARTBEATS_BUCKET, ttl=node_ttl, history=1,
+                                             storage=StorageType.MEMORY))
+    reg = await _ensure_kv(js, KeyValueConfig(bucket=REGISTRY_BUCKET, history=1,
+                                              storage=StorageType.FILE))
+    return Buckets(js, hb, reg)
+
+
+async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(config=config)
+
+
+async def open_buckets(nc: NatsClient) -> Buckets:
+    """Bind existing buckets (agents do this; their credentials cannot create streams)."""
+    js = nc.jetstream()
+    try:
+        return Buckets(js, await js.key_value(HEARTBEATS_BUCKET),
+                       await js.key_value(REGISTRY_BUCKET))
+    except nats.js.errors.BucketNotFoundError as e:
+        raise ConnectError("the shoal buckets do not exist yet: start a controller first") from e

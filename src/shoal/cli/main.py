@@ -1,0 +1,269 @@
+"""The ``shoal`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+
+from .. import config as c
+from ..errors import ConfigError, ShoalError
+
+T = TypeVar("T")
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    click.echo(f"shoal: {message}", err=True)
+    sys.exit(status)
+
+
+def arun(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning shoal errors into one clear line and a non-zero exit."""
+    try:
+        return asyncio.run(coro)
+    except ShoalError as e:
+        fail(e.message, 2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", envvar="SHOAL_URL", help="Controller URL (default: from client.toml).")
+@click.option("--token", envvar="SHOAL_TOKEN", help="API token (default: from client.toml).")
+@click.version_option(package_name="shoal")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, token: str | None) -> None:
+    """shoal: run commands, daemons and terminals across a fleet of machines."""
+    ctx.obj = {"url": url, "token": token}
+
+
+def client_from(ctx: click.Context):  # type: ignore[no-untyped-def]
+    from ..client import Client
+
+    try:
+        return Client.from_config(ctx.obj["url"], ctx.obj["token"])
+    except ShoalError as e:
+        fail(e.message, 2)
+
+
+# ---------------------------------------------------------------------- up
+
+
+@main.command()
+@click.option("--agents", default=2, show_default=True, type=click.IntRange(0, 10000),
+              help="Local agents to start (node-1, node-2, ...).")
+@click.option("--capacity", default=16, show_default=True, type=click.IntRange(0, 100000),
+              help="Sessions each agent takes.")
+@click.option("--port", default=c.DEFAULT_HTTP_PORT, show_default=True,
+              type=click.IntRange(0, 65535), help="HTTP port of the controller (0: any free).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
+@click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
+@click.option("-v", "--verbose", is_flag=True)
+def up(agents: int, capacity: int, port: int, host: str, nats_url: str | None,
+       verbose: bool) -> None:
+    """Start a local fleet: embedded NATS, a controller and local agents."""
+    from ..up import UpOptions, run_up
+
+    setup_logging(verbose)
+    arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port, host=host,
+                          nats_url=nats_url)))
+
+
+# ---------------------------------------------------------------------- daemons
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TOML config (default: $SHOAL_HOME/agent.toml).")
+@click.option("--name", help="Node name (default: the hostname).")
+@click.option("-l", "--label", "labels", multiple=True, help="key=value label (repeatable).")
+@click.option("--capacity", type=click.IntRange(0, 100000), help="Sessions this node takes.")
+@click.option("--nats", "nats_url", help="NATS URL.")
+@click.option("--nats-user", help="NATS user.")
+@click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
+@click.option("--nats-creds", type=click.Path(), help="NATS .creds file.")
+@click.option("--address", help="Address clients use to reach this node's ports.")
+@click.option("--virtual", type=click.IntRange(1, 100000), default=None,
+              help="Run N logical nodes in this process (PREFIX1..PREFIXN).")
+@click.option("--prefix", default="vnode-", show_default=True, help="Name prefix for --virtual.")
+@click.option("-v", "--verbose", is_flag=True)
+def agent(config_path: Path | None, name: str | None, labels: tuple[str, ...],
+          capacity: int | None, nats_url: str | None, nats_user: str | None,
+          nats_password: str | None, nats_creds: str | None, address: str | None,
+          virtual: int | None, prefix: str, verbose: bool) -> None:
+    """Run an agent: this machine (or N virtual nodes) joins the fleet."""
+    from ..agent.host import run_agent, virtual_names
+
+    setup_logging(verbose)
+    try:
+        flags: dict[str, Any] = {
+            "name": name, "capacity": capacity, "address": address,
+            "labels": c.parse_labels(labels) if labels else None,
+            "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
+                     "creds": nats_creds},
+        }
+        cfg = c.load(c.AgentConfig, config_path or c.shoal_home() / "agent.toml", flags)
+    except ShoalError as e:
+        fail(e.message, 2)
+    names = virtual_names(prefix, virtual) if virtual else [cfg.name or c.default_node_name()]
+    _check_names(names)
+    arun(run_agent(cfg, names))
+
+
+def _check_names(names: list[str]) -> None:
+    from ..messages import NodeName
+
+    for n in names:
+        try:
+            msgspec.convert(n, NodeName)
+        except msgspec.ValidationError:
+            fail(f"bad node name {n!r}: use letters, digits, '.', '_' and '-' (at most 63)", 2)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TOML config (default: $SHOAL_HOME/controller.toml).")
+@click.option("--host", help="HTTP address to bind (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="HTTP port.")
+@click.option("--nats", "nats_url", help="NATS URL.")
+@click.option("--nats-user", help="NATS user.")
+@click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
+@click.option("--nats-creds", type=click.Path(), help="NATS .creds file.")
+@click.option("-v", "--verbose", is_flag=True)
+def controller(config_path: Path | None, host: str | None, port: int | None,
+               nats_url: str | None, nats_user: str | None, nats_password: str | None,
+               nats_creds: str | None, verbose: bool) -> None:
+    """Run a controller (HTTP API, web UI, scheduler). Stateless: run as many as you like."""
+    from ..controller.server import run_controller
+
+    setup_logging(verbose)
+    try:
+        flags: dict[str, Any] = {
+            "host": host, "port": port,
+            "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
+                     "creds": nats_creds},
+        }
+        cfg = c.load(c.ControllerConfig, config_path or c.shoal_home() / "controller.toml", flags)
+    except ShoalError as e:
+        fail(e.message, 2)
+    arun(run_controller(cfg))
+
+
+# ---------------------------------------------------------------------- nodes
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.pass_context
+def nodes(ctx: click.Context, as_json: bool) -> None:
+    """List the nodes of the fleet, with state and load."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .tables import print_nodes
+
+    async def go() -> None:
+        async with client_from(ctx) as client:
+            print_nodes(await client.nodes(), as_json)
+
+    arun(go())
+
+
+@nodes.command("show")
+@click.argument("name")
+@click.pass_context
+def nodes_show(ctx: click.Context, name: str) -> None:
+    """Show one node as JSON."""
+    from ..messages import to_json
+
+    async def go() -> None:
+        async with client_from(ctx) as client:
+            click.echo(to_json(await client.node(name)).decode())
+
+    arun(go())
+
+
+# ---------------------------------------------------------------------- run
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up.")
+@click.option("-n", "--nodes", "nodeset", default="", help="Node set: node[1-8,12],web3.")
+@click.option("-x", "--exclude", default="", help="Node set to leave out.")
+@click.option("-l", "--label", "labels", multiple=True, help="key=value selector (repeatable).")
+@click.option("--shell", "shell", default=None, help="Run this string with /bin/sh -c.")
+@click.option("-b", "--gather", is_flag=True, help="Group identical outputs (like clush -b).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+@click.option("--stdin", "use_stdin", is_flag=True, help="Send standard input to every node.")
+@click.option("-t", "--tty", "use_tty", is_flag=True, help="Interactive terminal (one node).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="End what still runs after S seconds.")
+@click.option("-e", "--env", "env", multiple=True, help="NAME=VALUE for the command.")
+@click.option("--cwd", default=None, help="Working directory on the nodes.")
+@click.option("--connect-timeout", default=5.0, show_default=True, type=float,
+              help="Seconds to wait for each agent to answer.")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tuple[str, ...],
+        shell: str | None, gather: bool, as_json: bool, use_stdin: bool, use_tty: bool,
+        timeout: float | None, env: tuple[str, ...], cwd: str | None, connect_timeout: float,
+        argv: tuple[str, ...]) -> None:
+    """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c"""
+    from .. import messages as m
+    from .run_cmd import raw_terminal, run_command, terminal_size
+
+    if bool(argv) == bool(shell):
+        fail("give a command after -- (argv, passed as is) or --shell 'string', not both", 2)
+    if gather and as_json:
+        fail("--gather and --json do not combine; pick one", 2)
+    try:
+        env_map = dict(_split_env(e) for e in env)
+        label_map = c.parse_labels(labels)
+    except ShoalError as e:
+        fail(e.message, 2)
+    cols, rows = terminal_size()
+    try:
+        spec = msgspec.convert({"argv": list(argv) or None, "shell": shell, "env": env_map,
+                                "cwd": cwd, "tty": use_tty, "cols": cols, "rows": rows,
+                                "stdin": use_stdin or use_tty, "timeout": timeout},
+                               m.RunSpec)
+        targets = msgspec.convert({"all": all_, "nodes": nodeset, "exclude": exclude,
+                                   "labels": label_map}, m.Targets)
+    except msgspec.ValidationError as e:
+        fail(f"bad run request: {e}", 2)
+    mode = "raw" if use_tty else "gather" if gather else "json" if as_json else "prefixed"
+    progress = (gather or as_json) and sys.stderr.isatty()
+
+    async def go() -> int:
+        async with client_from(ctx) as client:
+            return await run_command(client, targets, spec, mode=mode, progress=progress,
+                                     connect_timeout=connect_timeout)
+
+    if use_tty:
+        if not sys.stdin.isatty():
+            fail("--tty needs a terminal on standard input", 2)
+        with raw_terminal(sys.stdin.fileno()):
+            status = arun(go())
+    else:
+        status = arun(go())
+    sys.exit(status)
+
+
+def _split_env(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--env {item!r} is not NAME=VALUE")
+    return name, value

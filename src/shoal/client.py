@@ -1,0 +1,194 @@
+"""The Python client: shoal's HTTP API as async methods (``Client``), with errors from aiohttp
+translated to shoal's error tree here and nowhere else.
+
+    async with Client.from_config() as c:
+        for node in await c.nodes():
+            print(node.name, node.state)
+        async with c.run(Targets(all=True), RunSpec(argv=["uname", "-r"])) as run:
+            async for event in run:
+                ...
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import msgspec
+
+from . import messages as m
+from .config import ClientConfig, load, shoal_home
+from .errors import ConnectError, ProtocolError, RemoteTimeout, ShoalError, error_for_status
+
+
+class Client:
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, url: str | None = None, token: str | None = None) -> Client:
+        """URL and token from flags, else ``SHOAL_URL``/``SHOAL_TOKEN``, else
+        ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
+        cfg = load(ClientConfig, shoal_home() / "client.toml", {"url": url, "token": token})
+        return cls(cfg.url, cfg.token)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
+                connector=aiohttp.TCPConnector(family=socket.AF_INET),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def request(self, method: str, path: str, json: Any = None,
+                      params: dict[str, str] | None = None) -> Any:
+        """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
+        try:
+            async with self.session.request(
+                method, self.url + path, json=json, params=params,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    raise error_for_status(resp.status, _error_message(resp.status, body))
+                return msgspec.json.decode(body) if body else None
+        except ShoalError:
+            raise
+        except TimeoutError as e:
+            raise RemoteTimeout(f"the controller at {self.url} did not answer in "
+                                f"{self.timeout:g}s") from e
+        except aiohttp.ClientConnectionError as e:
+            raise ConnectError(f"cannot reach the controller at {self.url}: {e}; is `shoal up` "
+                               "(or `shoal controller`) running?") from e
+        except msgspec.DecodeError as e:
+            raise ProtocolError(f"the controller sent a body that is not JSON: {e}") from e
+
+    # ------------------------------------------------------------------ nodes
+
+    async def nodes(self) -> list[m.NodeInfo]:
+        return msgspec.convert(await self.request("GET", "/api/v1/nodes"), list[m.NodeInfo])
+
+    async def node(self, name: str) -> m.NodeInfo:
+        return msgspec.convert(await self.request("GET", f"/api/v1/nodes/{name}"), m.NodeInfo)
+
+    # ------------------------------------------------------------------ runs
+
+    def run(self, targets: m.Targets, spec: m.RunSpec, *,
+            connect_timeout: float = 5.0) -> RunConnection:
+        return RunConnection(self, m.RunStart(targets=targets, spec=spec,
+                                              connect_timeout=connect_timeout))
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        data = msgspec.json.decode(body)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            return str(data["error"])
+    except msgspec.DecodeError:
+        pass
+    return f"HTTP {status}: {body[:200].decode(errors='replace')}"
+
+
+class RunConnection:
+    """A run over the WebSocket: ``plan`` after entering, then iterate the events."""
+
+    def __init__(self, client: Client, start: m.RunStart) -> None:
+        self.client = client
+        self.start = start
+        self.plan: m.RunPlan | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._stdin_offset = 0
+
+    async def __aenter__(self) -> Self:
+        url = self.client.url + "/api/v1/run"
+        try:
+            self._ws = await self.client.session.ws_connect(url, max_msg_size=16 << 20,
+                                                            heartbeat=30, compress=0)
+        except aiohttp.WSServerHandshakeError as e:
+            raise error_for_status(e.status, f"run refused: HTTP {e.status} {e.message}") from e
+        except aiohttp.ClientConnectionError as e:
+            raise ConnectError(f"cannot reach the controller at {self.client.url}: {e}; is "
+                               "`shoal up` (or `shoal controller`) running?") from e
+        await self._ws.send_bytes(m.pack(self.start))
+        first = await self._next()
+        if isinstance(first, m.ErrorFrame):
+            await self._ws.close()
+            raise error_for_status(first.status, first.message)
+        if not isinstance(first, m.RunPlan):
+            raise ProtocolError(f"expected a run plan, got {type(first).__name__}")
+        self.plan = first
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _next(self) -> m.ServerFrame | None:
+        assert self._ws is not None
+        msg = await self._ws.receive()
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            try:
+                return m.unpack_server_frame(msg.data)
+            except msgspec.DecodeError as e:
+                raise ProtocolError(f"undecodable frame from the controller: {e}") from e
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                        aiohttp.WSMsgType.CLOSED):
+            return None
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise ConnectError(f"connection to the controller failed: {self._ws.exception()}")
+        return await self._next()
+
+    def __aiter__(self) -> AsyncIterator[m.ServerFrame]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[m.ServerFrame]:
+        while True:
+            frame = await self._next()
+            if frame is None:
+                raise ConnectError("the controller closed the connection before the run ended")
+            if isinstance(frame, m.RunDone):
+                return
+            if isinstance(frame, m.ErrorFrame):
+                raise error_for_status(frame.status, frame.message)
+            yield frame
+
+    async def _send(self, frame: m.ClientFrame) -> None:
+        assert self._ws is not None
+        if not self._ws.closed:
+            await self._ws.send_bytes(m.pack(frame))
+
+    async def send_stdin(self, data: bytes, eof: bool = False) -> None:
+        await self._send(m.StdinData(offset=self._stdin_offset, data=data, eof=eof))
+        self._stdin_offset += len(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._send(m.Resize(cols=cols, rows=rows))
+
+    async def signal(self, signum: int) -> None:
+        await self._send(m.SignalRun(signum=signum))
+
+    async def cancel(self) -> None:
+        await self._send(m.Cancel())

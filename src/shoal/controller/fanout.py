@@ -1,0 +1,214 @@
+"""The run engine: start one command on many nodes over NATS and stream back their events.
+
+A run has an id. The engine subscribes to the run's event subject first, then sends one
+request per node; each agent answers at once (accepted, refused, or already exited, e.g.
+command not found) and then publishes output and exit events. Output is acknowledged after
+the consumer has taken it, which is the credit that lets the agent read more (see
+``shoal.agent.runs``). Stdin is broadcast with offsets and sent only while every live node
+has written all but ``STDIN_WINDOW`` bytes of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+
+from .. import messages as m
+from .. import subjects
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_EVERY = 3.0
+ACK_EVERY = 256 << 10
+STDIN_WINDOW = 1 << 20
+TOTAL_WINDOW = 64 << 20  # output in flight across all nodes of one run
+
+
+def window_for(n_nodes: int) -> int:
+    """Per-node output credit: generous for one node, bounded in total for many."""
+    return max(64 << 10, min(8 << 20, TOTAL_WINDOW // max(1, n_nodes)))
+
+
+EventSink = Callable[[m.RunEvent], Awaitable[None]]
+
+
+class FanoutRun:
+    def __init__(self, nc: NatsClient, nodes: list[str], spec: m.RunSpec,
+                 sink: EventSink, down: set[str] | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.run_id = secrets.token_hex(8)
+        self.nodes = nodes
+        self.spec = spec
+        self.sink = sink
+        self.down = down or set()
+        self.connect_timeout = connect_timeout
+        self.window = window_for(len(nodes))
+        self.live: set[str] = set()  # accepted and not yet exited
+        self.finished: set[str] = set()
+        self.all_finished = asyncio.Event()
+        self.all_replied = asyncio.Event()
+        self._consumed: dict[str, int] = {}
+        self._acked: dict[str, int] = {}
+        self._stdin_sent = 0
+        self._stdin_written: dict[str, int] = {}
+        self._stdin_progress = asyncio.Event()
+        self._subs: list[Subscription] = []
+        self._keepalive: asyncio.Task[None] | None = None
+        self._events: asyncio.Queue[m.RunEvent | None] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        self._subs.append(await self.nc.subscribe(subjects.run_events(self.run_id),
+                                                  cb=self._on_event_msg))
+        if self.spec.stdin:
+            self._subs.append(await self.nc.subscribe(subjects.run_stdin_ack(self.run_id),
+                                                      cb=self._on_stdin_ack))
+        self._pump = asyncio.create_task(self._pump_events())
+        self._keepalive = asyncio.create_task(self._keepalive_loop())
+        request = m.pack(m.RunRequest(run_id=self.run_id, spec=self.spec, window=self.window))
+        for node in self.nodes:
+            if node in self.down:
+                self._emit(m.Unreachable(node=node, reason="node is down (no heartbeat)"))
+                self._finish(node)
+        asyncio.create_task(self._ask_all(request))
+
+    async def _ask_all(self, request: bytes) -> None:
+        asks = [self._ask(n, request) for n in self.nodes if n not in self.down]
+        await asyncio.gather(*asks)
+        self.all_replied.set()
+
+    async def _ask(self, node: str, request: bytes) -> None:
+        reply: m.RunAccepted | m.RunRefused | m.Exit | m.Unreachable
+        try:
+            msg = await self.nc.request(subjects.agent_run(node), request,
+                                        timeout=self.connect_timeout)
+            reply = m.unpack_run_reply(msg.data)
+        except nats.errors.NoRespondersError:
+            reply = m.Unreachable(node=node, reason="no agent is serving this node")
+        except nats.errors.TimeoutError:
+            reply = m.Unreachable(node=node, reason=f"no answer in {self.connect_timeout:g}s")
+        except msgspec.DecodeError as e:
+            reply = m.Unreachable(node=node, reason=f"bad answer from agent: {e}")
+        except Exception as e:  # connection closed under us
+            reply = m.Unreachable(node=node, reason=f"request failed: {e}")
+        if isinstance(reply, m.RunAccepted):
+            if node not in self.finished:  # its exit may have overtaken the reply
+                self.live.add(node)
+            self._emit(m.Started(node=node, pid=reply.pid))
+        elif isinstance(reply, m.RunRefused):
+            self._emit(m.Unreachable(node=node, reason=reply.reason))
+            self._finish(node)
+        else:
+            self._emit(reply)
+            self._finish(node)
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, ev: m.RunEvent) -> None:
+        self._events.put_nowait(ev)
+
+    async def _on_event_msg(self, msg: Msg) -> None:
+        try:
+            ev = m.unpack_agent_event(msg.data)
+        except msgspec.DecodeError:
+            log.warning("run %s: undecodable event on %s", self.run_id, msg.subject)
+            return
+        self._emit(ev)
+
+    async def _pump_events(self) -> None:
+        """Hand events to the sink in order; acknowledge output once the sink took it."""
+        while True:
+            ev = await self._events.get()
+            if ev is None:
+                return
+            await self.sink(ev)
+            if isinstance(ev, m.Output):
+                done = self._consumed.get(ev.node, 0) + len(ev.data)
+                self._consumed[ev.node] = done
+                if done - self._acked.get(ev.node, 0) >= min(ACK_EVERY, self.window // 2):
+                    self._acked[ev.node] = done
+                    await self.nc.publish(subjects.run_output_ack(self.run_id, ev.node),
+                                          m.pack(m.OutputAck(consumed=done)))
+            elif isinstance(ev, m.Exit):
+                self._finish(ev.node)
+
+    def _finish(self, node: str) -> None:
+        self.live.discard(node)
+        self.finished.add(node)
+        self._stdin_progress.set()
+        if len(self.finished) == len(self.nodes):
+            self.all_finished.set()
+
+    # ------------------------------------------------------------------ control
+
+    async def _control(self, frame: m.RunControl) -> None:
+        await self.nc.publish(subjects.run_control(self.run_id), m.pack(frame))
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_EVERY)
+            await self._control(m.Keepalive())
+
+    async def _on_stdin_ack(self, msg: Msg) -> None:
+        try:
+            ack = m.unpack(msg.data, m.StdinAck)
+        except msgspec.DecodeError:
+            return
+        self._stdin_written[ack.node] = max(self._stdin_written.get(ack.node, 0), ack.written)
+        self._stdin_progress.set()
+
+    def _stdin_behind(self) -> int:
+        live = [self._stdin_written.get(n, 0) for n in self.live]
+        return self._stdin_sent - min(live) if live else 0
+
+    async def send_stdin(self, data: bytes, eof: bool = False) -> None:
+        """Broadcast stdin; waits while the slowest live node is a window behind."""
+        await self.all_replied.wait()
+        while self._stdin_behind() >= STDIN_WINDOW and not self.all_finished.is_set():
+            self._stdin_progress.clear()
+            await self._stdin_progress.wait()
+        frame = m.StdinData(offset=self._stdin_sent, data=data, eof=eof)
+        self._stdin_sent += len(data)
+        await self._control(frame)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._control(m.Resize(cols=cols, rows=rows))
+
+    async def signal(self, signum: int) -> None:
+        await self._control(m.SignalRun(signum=signum))
+
+    async def cancel(self, reason: str = "cancelled by the client") -> None:
+        await self._control(m.Cancel(reason=reason))
+
+    async def wait(self) -> None:
+        """Until every node has finished and every event was handed to the sink."""
+        await self.all_finished.wait()
+        await self.all_replied.wait()
+        self._events.put_nowait(None)
+        if self._pump is not None:
+            await self._pump
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass

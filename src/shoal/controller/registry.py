@@ -1,0 +1,107 @@
+"""The controller's view of the nodes: a cache fed by watching the node buckets.
+
+It is only a cache of what NATS holds, rebuilt from the buckets on start, so the
+controller stays stateless. A node is up while its heartbeat key exists and was refreshed
+within the node TTL; a node in the registry bucket without a heartbeat is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ..messages import NodeInfo
+from ..nodeset import natural_key
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+
+class NodeRegistry:
+    def __init__(self, heartbeats: KeyValue, registry: KeyValue, node_ttl: float) -> None:
+        self._hb_kv = heartbeats
+        self._reg_kv = registry
+        self.node_ttl = node_ttl
+        self._beats: dict[str, tuple[NodeInfo, float]] = {}  # name -> (info, monotonic seen)
+        self._known: dict[str, NodeInfo] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._pending_initial = 2
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch(self._hb_kv, self._on_beat)),
+                       asyncio.create_task(self._watch(self._reg_kv, self._on_register))]
+        try:
+            await asyncio.wait_for(self._ready.wait(), 10)
+        except TimeoutError:
+            log.warning("node buckets slow to load; continuing with a partial view")
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _watch(self, kv: KeyValue, apply) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            try:
+                watcher = await kv.watchall()
+                initial_done = False
+                async for entry in watcher:
+                    if entry is None:  # end of the initial values
+                        if not initial_done:
+                            initial_done = True
+                            self._initial_loaded()
+                        continue
+                    apply(entry.key, entry.value, entry.operation)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # NATS outage: re-watch, which replays current values
+                log.warning("node watch failed (%s); retrying", e)
+                await asyncio.sleep(1.0)
+
+    def _initial_loaded(self) -> None:
+        self._pending_initial -= 1
+        if self._pending_initial <= 0:
+            self._ready.set()
+
+    @staticmethod
+    def _decode(value: bytes | None) -> NodeInfo | None:
+        if not value:
+            return None
+        try:
+            return msgspec.json.decode(value, type=NodeInfo)
+        except msgspec.DecodeError:
+            return None
+
+    def _on_beat(self, key: str, value: bytes | None, op: str | None) -> None:
+        info = self._decode(value) if op in (None, "PUT") else None
+        if info is None:
+            self._beats.pop(key, None)
+            return
+        self._beats[key] = (info, time.monotonic())
+        self._known[key] = info
+
+    def _on_register(self, key: str, value: bytes | None, op: str | None) -> None:
+        info = self._decode(value) if op in (None, "PUT") else None
+        if info is None:
+            self._known.pop(key, None)
+        elif key not in self._beats:
+            self._known[key] = info
+
+    def snapshot(self) -> dict[str, NodeInfo]:
+        """Every known node with its current state (``down`` when its heartbeat lapsed)."""
+        now = time.monotonic()
+        out: dict[str, NodeInfo] = {}
+        for name in sorted(self._known, key=natural_key):
+            beat = self._beats.get(name)
+            if beat is not None and now - beat[1] <= self.node_ttl:
+                out[name] = beat[0]
+            else:
+                out[name] = msgspec.structs.replace(self._known[name], state="down")
+        return out

@@ -1,0 +1,125 @@
+"""``GET /api/v1/run`` (WebSocket): one fan-out run per connection.
+
+Frames are msgpack (``shoal.messages.ClientFrame`` in, ``ServerFrame`` out). The client sends
+``RunStart`` first; the server answers ``RunPlan`` (or ``ErrorFrame`` and closes), then streams
+events until ``RunDone``. Closing the socket early cancels the run on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from .. import messages as m
+from ..errors import ShoalError, ValidationError
+from ..targets import select
+from .auth import error_json, origin_ok
+from .fanout import FanoutRun
+
+if TYPE_CHECKING:
+    from .server import Controller
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 10.0
+MAX_FRAME = 8 << 20
+
+
+async def handle_run(request: web.Request) -> web.StreamResponse:
+    ctl: Controller = request.app["controller"]
+    if not origin_ok(request, ctl.cfg.origins):
+        return error_json(403, "WebSocket origin not allowed")
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=20, compress=False)
+    await ws.prepare(request)
+    try:
+        await _serve(ctl, ws)
+    finally:
+        await ws.close()
+    return ws
+
+
+async def _send(ws: web.WebSocketResponse, frame: m.ServerFrame) -> None:
+    await ws.send_bytes(m.pack(frame))
+
+
+async def _fail(ws: web.WebSocketResponse, status: int, message: str) -> None:
+    await _send(ws, m.ErrorFrame(status=status, message=message))
+
+
+async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
+    try:
+        first = await ws.receive(timeout=START_TIMEOUT)
+    except TimeoutError:
+        await _fail(ws, 408, f"no start frame within {START_TIMEOUT:g}s")
+        return
+    if first.type != aiohttp.WSMsgType.BINARY:
+        await _fail(ws, 400, "expected a binary msgpack RunStart frame")
+        return
+    try:
+        start = m.unpack(first.data, m.RunStart)
+        _check_spec(start.spec)
+        snapshot = ctl.registry.snapshot()
+        nodes = select(start.targets, snapshot)
+        if start.spec.tty and len(nodes) != 1:
+            raise ValidationError(f"--tty needs exactly one node; the selection has {len(nodes)}")
+    except msgspec.ValidationError as e:
+        await _fail(ws, 400, f"invalid run request: {e}")
+        return
+    except msgspec.DecodeError as e:
+        await _fail(ws, 400, f"undecodable run request: {e}")
+        return
+    except ShoalError as e:
+        await _fail(ws, e.status, e.message)
+        return
+
+    async def sink(ev: m.RunEvent) -> None:
+        if not ws.closed:
+            await ws.send_bytes(m.pack(ev))
+
+    down = {n for n in nodes if snapshot[n].state == "down"}
+    run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
+                    connect_timeout=start.connect_timeout)
+    await _send(ws, m.RunPlan(run_id=run.run_id, nodes=nodes))
+    await run.start()
+    reader = asyncio.create_task(_read_client(ws, run))
+    waiter = asyncio.create_task(run.wait())
+    try:
+        await asyncio.wait([reader, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            await waiter
+            await _send(ws, m.RunDone())
+        else:
+            await run.cancel("the client disconnected")
+    finally:
+        reader.cancel()
+        waiter.cancel()
+        await run.close()
+
+
+def _check_spec(spec: m.RunSpec) -> None:
+    if (spec.argv is None) == (spec.shell is None):
+        raise msgspec.ValidationError("give exactly one of argv (a list) or shell (a string)")
+
+
+async def _read_client(ws: web.WebSocketResponse, run: FanoutRun) -> None:
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            continue
+        try:
+            frame = m.unpack_client_frame(msg.data)
+        except msgspec.DecodeError as e:
+            await _fail(ws, 400, f"bad frame: {e}")
+            continue
+        if isinstance(frame, m.StdinData):
+            await run.send_stdin(frame.data, frame.eof)
+        elif isinstance(frame, m.Resize):
+            await run.resize(frame.cols, frame.rows)
+        elif isinstance(frame, m.SignalRun):
+            await run.signal(frame.signum)
+        elif isinstance(frame, m.Cancel):
+            await run.cancel(frame.reason)

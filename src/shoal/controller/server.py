@@ -1,0 +1,103 @@
+"""The controller: HTTP API and web UI in front of NATS. It keeps no state of its own: nodes
+(and later sessions) live in JetStream, so any number of controllers can run at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from .. import bus
+from .. import messages as m
+from ..config import ControllerConfig
+from ..errors import ConfigError
+from .auth import auth_middleware, error_json
+from .registry import NodeRegistry
+from .run_ws import handle_run
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig) -> None:
+        if not cfg.token:
+            raise ConfigError("the controller needs an API token: set token in controller.toml "
+                              "or SHOAL_TOKEN (shoal up generates one)")
+        self.cfg = cfg
+        self.nc: bus.NatsClient = None  # type: ignore[assignment]
+        self.buckets: bus.Buckets | None = None
+        self.registry: NodeRegistry = None  # type: ignore[assignment]
+        self.runner: web.AppRunner | None = None
+        self.port = cfg.port
+
+    async def start(self) -> None:
+        self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl)
+        self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
+                                     self.cfg.node_ttl)
+        await self.registry.start()
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise ConfigError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {e.strerror};"
+                              " choose another --port") from e
+        addresses = self.runner.addresses  # learn the port when 0 was asked for
+        if addresses:
+            self.port = addresses[0][1]
+        log.info("controller listening on %s", self.url)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.registry is not None:
+            await self.registry.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[auth_middleware(self.cfg.token)],
+                              client_max_size=1 << 20)
+        app["controller"] = self
+        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/api/v1/nodes", self._list_nodes)
+        app.router.add_get("/api/v1/nodes/{name}", self._show_node)
+        app.router.add_get("/api/v1/run", handle_run)
+        return app
+
+    async def _list_nodes(self, request: web.Request) -> web.Response:
+        nodes = list(self.registry.snapshot().values())
+        return web.json_response(body=m.to_json(nodes))
+
+    async def _show_node(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        node = self.registry.snapshot().get(name)
+        if node is None:
+            return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
+        return web.json_response(body=m.to_json(node))
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def run_controller(cfg: ControllerConfig) -> None:
+    ctl = Controller(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    await ctl.start()
+    print(f"shoal controller on {ctl.url}", flush=True)
+    await stop.wait()
+    await ctl.stop()

@@ -1,0 +1,82 @@
+"""The shoal error tree. Every error says what went wrong and what to do about it.
+
+    ShoalError
+    ├── ConfigError          bad or missing configuration, bad flags
+    ├── ValidationError      a request that is malformed or out of bounds (HTTP 400/422)
+    ├── ConnectError         cannot reach NATS or the controller
+    │   └── AuthError        reached it, but the credentials were refused (HTTP 401/403)
+    ├── NotFoundError        no such node, session or service (HTTP 404)
+    ├── ConflictError        the request contradicts current state (HTTP 409)
+    ├── NoCapacityError      no node has room (HTTP 503)
+    ├── RemoteTimeout        the other side did not answer in time
+    └── ProtocolError        a peer sent something we cannot decode
+
+Errors of the libraries we use (nats-py, aiohttp) are translated at one boundary each:
+``shoal.bus`` for NATS and ``shoal.client`` for HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base of every error shoal raises on purpose."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(ShoalError):
+    status = 400
+
+
+class ValidationError(ShoalError):
+    status = 400
+
+
+class ConnectError(ShoalError):
+    status = 502
+
+
+class AuthError(ConnectError):
+    status = 401
+
+
+class NotFoundError(ShoalError):
+    status = 404
+
+
+class ConflictError(ShoalError):
+    status = 409
+
+
+class NoCapacityError(ShoalError):
+    status = 503
+
+
+class RemoteTimeout(ShoalError):
+    status = 504
+
+
+class ProtocolError(ShoalError):
+    status = 502
+
+
+_BY_STATUS: dict[int, type[ShoalError]] = {
+    400: ValidationError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: ValidationError,
+    422: ValidationError,
+    503: NoCapacityError,
+    504: RemoteTimeout,
+}
+
+
+def error_for_status(status: int, message: str) -> ShoalError:
+    """The error a client raises for an HTTP error answer."""
+    return _BY_STATUS.get(status, ShoalError)(message)

@@ -1,0 +1,263 @@
+"""Every message shoal sends, as typed structs, in one place.
+
+Messages travel as msgpack on NATS and on binary WebSocket frames, and as JSON on the HTTP
+API. Decoding validates types and the size caps given by ``Meta`` constraints, so a bad
+message is rejected at the edge with a clear error and never reaches the logic.
+
+Unions are tagged (``"t"`` field) so one decoder handles every frame of a stream.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Size caps for everything a client controls.
+NodeName = Annotated[
+    str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+LabelKey = Annotated[
+    str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+LabelValue = Annotated[str, Meta(max_length=253)]
+Arg = Annotated[str, Meta(max_length=65536)]
+Argv = Annotated[list[Arg], Meta(min_length=1, max_length=4096)]
+EnvName = Annotated[str, Meta(min_length=1, max_length=256)]
+EnvMap = Annotated[dict[EnvName, Arg], Meta(max_length=512)]
+Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=64)]
+Seconds = Annotated[float, Meta(gt=0, le=31_536_000)]
+TermSize = Annotated[int, Meta(ge=1, le=10000)]
+
+Stream = Literal["stdout", "stderr", "pty"]
+NodeState = Literal["ready", "draining", "down"]
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class Load(Struct, frozen=True):
+    load1: float = 0.0
+    cpu_percent: float = 0.0
+    mem_percent: float = 0.0
+
+
+class NodeInfo(Struct, frozen=True):
+    """What an agent publishes about its node on every heartbeat."""
+
+    name: str
+    labels: dict[str, str] = {}
+    capacity: int = 0
+    sessions: int = 0
+    load: Load = Load()
+    state: NodeState = "ready"
+    version: str = ""
+    address: str = ""
+    hostname: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    last_seen: float = 0.0
+
+
+# --------------------------------------------------------------------------- runs
+
+class Targets(Struct, frozen=True, forbid_unknown_fields=True):
+    """Which nodes a run goes to: the union of ``all``/``nodes``, less ``exclude``,
+    filtered by ``labels``."""
+
+    all: bool = False
+    nodes: Annotated[str, Meta(max_length=65536)] = ""
+    exclude: Annotated[str, Meta(max_length=65536)] = ""
+    labels: Labels = {}
+
+
+class RunSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """What to run: exactly one of ``argv`` (exec'd as is) or ``shell`` (``/bin/sh -c``)."""
+
+    argv: Argv | None = None
+    shell: Annotated[str, Meta(min_length=1, max_length=262144)] | None = None
+    env: EnvMap = {}
+    cwd: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    tty: bool = False
+    cols: TermSize = 80
+    rows: TermSize = 24
+    stdin: bool = False
+    timeout: Seconds | None = None
+
+
+class RunRequest(Struct, frozen=True):
+    """Controller -> agent (request on ``shoal.agent.<node>.run``)."""
+
+    run_id: str
+    spec: RunSpec
+    window: int = 4 << 20
+
+
+class RunAccepted(Struct, frozen=True, tag="accepted", tag_field="t"):
+    node: str
+    pid: int
+
+
+class RunRefused(Struct, frozen=True, tag="refused", tag_field="t"):
+    node: str
+    reason: str
+
+
+RunReply = RunAccepted | RunRefused
+
+
+class Output(Struct, frozen=True, tag="out", tag_field="t"):
+    """A chunk of a process's output at a byte offset of its stream."""
+
+    node: str
+    stream: Stream
+    offset: int
+    data: bytes
+
+
+class Exit(Struct, frozen=True, tag="exit", tag_field="t"):
+    """How a process ended. ``code`` for a normal exit, ``signal`` if killed by one;
+    ``reason`` explains anything unusual (timeout, not found, could not start)."""
+
+    node: str
+    code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    timed_out: bool = False
+    started: float = 0.0
+    ended: float = 0.0
+
+
+class Unreachable(Struct, frozen=True, tag="unreachable", tag_field="t"):
+    node: str
+    reason: str
+
+
+class Started(Struct, frozen=True, tag="started", tag_field="t"):
+    node: str
+    pid: int
+
+
+RunEvent = Output | Exit | Unreachable | Started
+
+
+# Control frames, controller -> agents of one run (``shoal.run.<id>.ctl``), and the
+# client -> controller WebSocket.
+
+class StdinData(Struct, frozen=True, tag="stdin", tag_field="t"):
+    offset: int
+    data: bytes
+    eof: bool = False
+
+
+class Resize(Struct, frozen=True, tag="resize", tag_field="t"):
+    cols: TermSize
+    rows: TermSize
+
+
+class SignalRun(Struct, frozen=True, tag="signal", tag_field="t"):
+    signum: Annotated[int, Meta(ge=1, le=64)]
+
+
+class Keepalive(Struct, frozen=True, tag="keepalive", tag_field="t"):
+    pass
+
+
+class Cancel(Struct, frozen=True, tag="cancel", tag_field="t"):
+    reason: str = "cancelled"
+
+
+RunControl = StdinData | Resize | SignalRun | Keepalive | Cancel
+
+
+class OutputAck(Struct, frozen=True):
+    """Controller -> agent: bytes of output consumed so far (flow control credit)."""
+
+    consumed: int
+
+
+class StdinAck(Struct, frozen=True):
+    """Agent -> controller: bytes of stdin written to the process so far."""
+
+    node: str
+    written: int
+
+
+# Client <-> controller over the run WebSocket.
+
+class RunStart(Struct, frozen=True, tag="start", tag_field="t", forbid_unknown_fields=True):
+    targets: Targets
+    spec: RunSpec
+    connect_timeout: Annotated[float, Meta(gt=0, le=300)] = 5.0
+
+
+class RunPlan(Struct, frozen=True, tag="plan", tag_field="t"):
+    run_id: str
+    nodes: list[str]
+
+
+class RunDone(Struct, frozen=True, tag="done", tag_field="t"):
+    pass
+
+
+class ErrorFrame(Struct, frozen=True, tag="error", tag_field="t"):
+    status: int
+    message: str
+
+
+ClientFrame = RunStart | StdinData | Resize | SignalRun | Cancel
+ServerFrame = RunPlan | Output | Exit | Unreachable | Started | RunDone | ErrorFrame
+
+
+# --------------------------------------------------------------------------- encoding
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def pack(msg: Any) -> bytes:
+    return _msgpack_encoder.encode(msg)
+
+
+def unpack(data: bytes, kind: type[T]) -> T:
+    return msgspec.msgpack.decode(data, type=kind)
+
+
+# Decoders for the tagged unions (one frame may be any member).
+_control = msgspec.msgpack.Decoder(RunControl)
+_client_frame = msgspec.msgpack.Decoder(ClientFrame)
+_server_frame = msgspec.msgpack.Decoder(ServerFrame)
+_run_reply = msgspec.msgpack.Decoder(RunAccepted | RunRefused | Exit)
+_agent_event = msgspec.msgpack.Decoder(Output | Exit)
+
+
+def unpack_control(data: bytes) -> RunControl:
+    return _control.decode(data)  # type: ignore[no-any-return]
+
+
+def unpack_client_frame(data: bytes) -> ClientFrame:
+    return _client_frame.decode(data)  # type: ignore[no-any-return]
+
+
+def unpack_server_frame(data: bytes) -> ServerFrame:
+    return _server_frame.decode(data)  # type: ignore[no-any-return]
+
+
+def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
+    return _run_reply.decode(data)  # type: ignore[no-any-return]
+
+
+def unpack_agent_event(data: bytes) -> Output | Exit:
+    return _agent_event.decode(data)  # type: ignore[no-any-return]
+
+
+def to_json(msg: Any) -> bytes:
+    return _json_encoder.encode(msg)
+
+
+def from_json(data: bytes | str, kind: type[T]) -> T:
+    return msgspec.json.decode(data, type=kind)
+
+
+def to_builtins(msg: Any) -> Any:
+    return msgspec.to_builtins(msg)

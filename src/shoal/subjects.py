@@ -1,0 +1,34 @@
+"""NATS subjects and JetStream names, in one place (docs/protocol.md lists them)."""
+
+from __future__ import annotations
+
+PREFIX = "shoal"
+
+# Key-value buckets.
+HEARTBEATS_BUCKET = "shoal-heartbeats"  # TTL'd: a key present = a node alive
+REGISTRY_BUCKET = "shoal-registry"  # every node ever seen, so a dead one shows as down
+
+
+def agent_run(node: str) -> str:
+    """Request: start a run on ``node``."""
+    return f"{PREFIX}.agent.{node}.run"
+
+
+def run_events(run_id: str, node: str = "*") -> str:
+    """Agent -> controller: output and exit events of a run."""
+    return f"{PREFIX}.run.{run_id}.out.{node}"
+
+
+def run_control(run_id: str) -> str:
+    """Controller -> agents: stdin, resize, signals, keepalive, cancel."""
+    return f"{PREFIX}.run.{run_id}.ctl"
+
+
+def run_output_ack(run_id: str, node: str) -> str:
+    """Controller -> one agent: output flow-control credit."""
+    return f"{PREFIX}.run.{run_id}.ack.{node}"
+
+
+def run_stdin_ack(run_id: str, node: str = "*") -> str:
+    """Agent -> controller: stdin bytes written."""
+    return f"{PREFIX}.run.{run_id}.inack.{node}"

@@ -1,0 +1,101 @@
+"""``shoal up``: a whole local fleet in one command.
+
+An embedded nats-server on 127.0.0.1 with generated credentials, a controller, and local
+agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME``:
+
+    up.toml          generated secrets, reused by the next ``shoal up`` (0600)
+    controller.toml  how a controller joins this fleet (0600)
+    agent.toml       how an agent joins this fleet: ``shoal agent`` reads it (0600)
+    client.toml      the URL and token every other ``shoal`` command uses (0600)
+    nats/            the server's config, log and JetStream store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as c
+from .agent.host import AgentHost, virtual_names
+from .controller.server import Controller
+from .natsd import NatsServer, NatsUsers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    agents: int = 2
+    capacity: int = 16
+    port: int = c.DEFAULT_HTTP_PORT
+    host: str = "127.0.0.1"
+    nats_url: str | None = None
+    nats_port: int = 0
+
+
+def _secrets(home: Path) -> tuple[str, NatsUsers]:
+    path = home / "up.toml"
+    if path.exists():
+        data = tomllib.loads(path.read_text())
+        return data["token"], NatsUsers(data["controller_password"], data["agent_password"])
+    token, users = c.new_secret(), NatsUsers.generate()
+    c.write_secret_file(path, c.to_toml({"token": token,
+                                         "controller_password": users.controller_password,
+                                         "agent_password": users.agent_password}))
+    return token, users
+
+
+async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
+    home = c.shoal_home()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token, users = _secrets(home)
+    server: NatsServer | None = None
+    if opts.nats_url is None:
+        server = NatsServer(home / "nats", users, port=opts.nats_port)
+        await asyncio.to_thread(server.start)
+        ctl_nats = c.NatsConfig(url=server.url, user="controller",
+                                password=users.controller_password)
+        agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password)
+    else:  # an existing NATS: credentials come from SHOAL_NATS_* for both
+        ctl_nats = c.load(c.ControllerConfig, None, {"nats": {"url": opts.nats_url}}).nats
+        agent_nats = ctl_nats
+
+    ctl_cfg = c.ControllerConfig(nats=ctl_nats, host=opts.host, port=opts.port, token=token)
+    controller = Controller(ctl_cfg)
+    agents: AgentHost | None = None
+    try:
+        await controller.start()
+        ctl_cfg.port = controller.port
+        c.save(home / "controller.toml", ctl_cfg)
+        agent_cfg = c.AgentConfig(nats=agent_nats, capacity=opts.capacity,
+                                  address="127.0.0.1", state_dir=str(home / "agent-state"))
+        c.save(home / "agent.toml", c.AgentConfig(nats=agent_nats, address="127.0.0.1"))
+        c.save(home / "client.toml", c.ClientConfig(url=controller.url, token=token))
+        if opts.agents > 0:
+            agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
+            await agents.start()
+        print(f"shoal is up: {opts.agents} agent(s), NATS at "
+              f"{server.url if server else opts.nats_url}", flush=True)
+        print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
+        print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
+              flush=True)
+        print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        if ready is not None:
+            ready.set()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("shoal: stopping", flush=True)
+    finally:
+        if agents is not None:
+            await agents.stop()
+        await controller.stop()
+        if server is not None:
+            await server.astop()

@@ -1,0 +1,79 @@
+"""Tests for shoal.lines."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal.lines import LineSplitter, prefix_lines, safe_text
+
+
+def split_all(data: bytes, cuts: list[int], max_line: int) -> list[bytes]:
+    """Feed ``data`` cut at the given offsets, then flush."""
+    sp = LineSplitter(max_line)
+    out: list[bytes] = []
+    prev = 0
+    for cut in [*sorted(cuts), len(data)]:
+        out += sp.feed(data[prev:cut])
+        prev = max(prev, cut)
+    tail = sp.flush()
+    if tail is not None:
+        out.append(tail)
+    return out
+
+
+def test_feed_and_flush() -> None:
+    sp = LineSplitter()
+    assert sp.feed(b"a\nb") == [b"a\n"]
+    assert sp.pending == 1
+    assert sp.feed(b"c\n\nd") == [b"bc\n", b"\n"]
+    assert sp.flush() == b"d"
+    assert sp.flush() is None
+    assert sp.feed(b"") == []
+
+
+def test_long_lines_are_cut() -> None:
+    sp = LineSplitter(max_line=4)
+    assert sp.feed(b"abc\n") == [b"abc\n"]  # exactly max_line with newline: whole
+    assert sp.feed(b"abcdefghij\nxy") == [b"abcd", b"efgh", b"ij\n"]
+    assert sp.feed(b"zzzz") == [b"xyzz"]
+    assert sp.flush() == b"zz"
+
+
+def test_byte_at_a_time_long_partial_line() -> None:
+    sp = LineSplitter(max_line=1000)
+    out: list[bytes] = []
+    for _ in range(999):
+        out += sp.feed(b"x")
+    assert out == [] and sp.pending == 999
+    assert sp.feed(b"\n") == [b"x" * 999 + b"\n"]
+
+
+def test_invalid_max_line() -> None:
+    with pytest.raises(ValueError):
+        LineSplitter(0)
+
+
+def test_prefix_lines() -> None:
+    assert prefix_lines("n1", [b"a\n", b"b"]) == b"n1: a\nn1: b\n"
+    assert prefix_lines("n1", []) == b""
+
+
+def test_safe_text() -> None:
+    assert safe_text(b"caf\xc3\xa9") == "café"
+    assert safe_text(b"\xff\xfe ok") == "\ufffd\ufffd ok"
+
+
+@given(
+    st.binary(max_size=200).map(lambda b: b.replace(b"a", b"\n")),
+    st.lists(st.integers(0, 200), max_size=20),
+    st.integers(1, 16),
+)
+def test_any_chunking_same_lines(data: bytes, cuts: list[int], max_line: int) -> None:
+    whole = split_all(data, [], max_line)
+    assert split_all(data, cuts, max_line) == whole
+    assert b"".join(whole) == data
+    assert all(len(piece) <= max_line for piece in whole)
+    # Only the final piece may lack a newline unless it was cut at max_line.
+    assert all(p.endswith(b"\n") or len(p) == max_line for p in whole[:-1])
