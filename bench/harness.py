@@ -332,16 +332,22 @@ def shoal_fleet(
 
 
 class Interrupted(Exception):
-    """Raised in the main thread on SIGTERM/SIGHUP so that `finally` blocks clean up."""
+    """Raised in the main thread on the first SIGINT/SIGTERM/SIGHUP so `finally` blocks clean up."""
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into an exception (Ctrl-C already raises KeyboardInterrupt)."""
+    """First Ctrl-C, SIGTERM or SIGHUP raises Interrupted; later ones are ignored during cleanup."""
+    fired: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if fired:
+            log(f"{name} again: still cleaning up")
+            return
+        fired.append(signum)
+        raise Interrupted(name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
 
 

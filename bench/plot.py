@@ -29,10 +29,13 @@ def plot_fanout(rows: Sequence[Row], path: Path, prefix: str = "fanout-") -> Pat
         return None
     try:
         plt = _pyplot()
+        from matplotlib import ticker
     except ImportError:
         log("matplotlib not installed: no fan-out plot")
         return None
-    workloads = sorted(series)
+    workloads = list(series)  # in the order they ran
+    tools = sorted({tool for per_tool in series.values() for tool in per_tool})
+    colour = {tool: f"C{i}" for i, tool in enumerate(tools)}
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
     for ax, workload in zip(axes[0], workloads, strict=True):
         for tool, points in sorted(series[workload].items()):
@@ -41,9 +44,17 @@ def plot_fanout(rows: Sequence[Row], path: Path, prefix: str = "fanout-") -> Pat
             med = [r.median_s or 0.0 for r in points]
             low = [(r.median_s or 0.0) - (r.min_s or 0.0) for r in points]
             high = [(r.max_s or 0.0) - (r.median_s or 0.0) for r in points]
-            ax.errorbar(ns, med, yerr=[low, high], marker="o", capsize=3, label=tool)
+            ax.errorbar(
+                ns, med, yerr=[low, high], marker="o", capsize=3, label=tool, color=colour[tool]
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        all_ns = sorted({r.n for points in series[workload].values() for r in points})
+        ax.set_xticks(all_ns, [str(n) for n in all_ns])
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("hosts (N)")
         ax.set_ylabel("median wall time, s (bars: min–max)")
         ax.set_title(workload)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -284,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bench(args, root, deadline, rows)
     except (KeyboardInterrupt, Interrupted) as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}); writing partial results")
+        log(f"interrupted ({exc or 'SIGINT'}); writing partial results")
         status = 130
+    except Exception:
+        log(f"bench failed; writing partial results:\n{traceback.format_exc()}")
+        status = 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
     add_ratios(rows)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 256 << 10
 KEEPALIVE_LAPSE = 20.0  # no control frame for this long: the controller is gone, stop
 STDIN_ACK_EVERY = 64 << 10
+LEFTOVER_GRACE = 1.0  # seconds background children may keep writing after the leader exits
 
 
 def command_argv(spec: m.RunSpec) -> list[str]:
@@ -106,8 +107,15 @@ class Run:
         watchdog = asyncio.create_task(self._watchdog())
         try:
             code, sig = await child.wait()
-            # The process is gone; drain what it wrote (the pty reports EIO once empty).
-            await asyncio.gather(*(e.wait() for e in self._eof.values()))
+            # The leader is gone; drain what was written (a pty reports EIO once empty).
+            # Children it left in the background may hold the pipes open: a run ends with
+            # its leader, so after a short grace they are killed and the drain completes.
+            eofs = asyncio.gather(*(e.wait() for e in self._eof.values()))
+            try:
+                await asyncio.wait_for(asyncio.shield(eofs), LEFTOVER_GRACE)
+            except TimeoutError:
+                child.signal_group(signal.SIGKILL)
+                await eofs
         finally:
             watchdog.cancel()
             if self._ending is not None:

@@ -23,7 +23,7 @@ STDIN_CHUNK = 256 << 10
 def raw_terminal(fd: int) -> Iterator[None]:
     old = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # keep what was typed ahead
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)

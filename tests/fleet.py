@@ -1,0 +1,136 @@
+"""A real local fleet for tests: ``shoal up`` (private nats-server, controller, agents) and
+extra ``shoal agent`` processes, all driven through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BIN = Path(sys.executable).parent
+SHOAL = str(BIN / "shoal")
+
+
+class Fleet:
+    def __init__(self, home: Path, agents: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        self.env["SHOAL_HOME"] = str(home)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.agents = agents
+        self.extra_args = extra_args
+        self.up: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.token = ""
+        self.procs: list[subprocess.Popen[str]] = []
+        self.log = home / "up.log"
+
+    def start(self, timeout: float = 30.0) -> Fleet:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log, "w")  # noqa: SIM115 - the child owns it
+        self.up = subprocess.Popen(
+            [SHOAL, "up", "--agents", str(self.agents), "--port", "0", *self.extra_args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            found = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", text)
+            if found:
+                self.url, self.token = found.group(1), found.group(2)
+                break
+            if self.up.poll() is not None:
+                raise RuntimeError(f"shoal up exited:\n{text}")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"shoal up did not come up:\n{self.log.read_text()}")
+        if self.agents:
+            self.wait_nodes([f"node-{i}" for i in range(1, self.agents + 1)])
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.up is not None and self.up.poll() is None:
+            self.up.send_signal(signal.SIGTERM)
+            try:
+                self.up.wait(30)
+            except subprocess.TimeoutExpired:
+                self.up.kill()
+                raise
+
+    def shoal(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        text = not isinstance(input, bytes)
+        return subprocess.run([SHOAL, *args], input=input, capture_output=True, text=text,
+                              env={**self.env, **(env or {})}, timeout=timeout)
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[str]:
+        p = subprocess.Popen([SHOAL, *args], env={**self.env, **(env or {})}, text=True,
+                             **kwargs)
+        self.procs.append(p)
+        return p
+
+    def agent(self, name: str, *args: str, env: dict[str, str] | None = None,
+              wait: bool = True) -> subprocess.Popen[str]:
+        log = open(self.home / f"agent-{name}.log", "w")  # noqa: SIM115
+        p = self.spawn("agent", "--name", name, *args, env=env, stdout=log,
+                       stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_nodes([name])
+        return p
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        r = self.shoal("nodes", "--json")
+        assert r.returncode == 0, r.stderr
+        return {n["name"]: n for n in json.loads(r.stdout)}
+
+    def wait_nodes(self, names: list[str], state: str = "ready", timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = self.nodes()
+            if all(nodes.get(n, {}).get("state") == state for n in names):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"nodes {names} not {state}: {self.nodes()}")
+
+
+def processes_with_env(key: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment has key=value (how we find a run's processes)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get(key) == value:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met in {timeout}s")

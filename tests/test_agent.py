@@ -1,0 +1,109 @@
+"""The agent's process discipline and the security baseline, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from fleet import Fleet, processes_with_env, wait_for
+
+
+def _stubborn_run(fleet: Fleet, node: str, marker: str) -> subprocess.Popen[str]:
+    """A run whose processes ignore SIGTERM, left running in the background."""
+    script = f"trap '' TERM; sleep {marker} & sleep {marker}; wait"
+    return fleet.spawn("run", "-n", node, "--shell", script,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _sleepers(node: str) -> list[object]:
+    return [p for p in processes_with_env("SHOAL_NODE", node) if p.name() in ("sleep", "sh")]
+
+
+def test_sigterm_ends_runs_that_ignore_sigterm(fleet: Fleet) -> None:
+    agent = fleet.agent("term-1", env={"SHOAL_GRACE": "1"})
+    run = _stubborn_run(fleet, "term-1", "301")
+    wait_for(lambda: len(_sleepers("term-1")) >= 3)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(20) == 0
+    assert not _sleepers("term-1")
+    # The run reports how it ended (SIGKILL after the grace period), not a hang.
+    out, err = run.communicate(timeout=20)
+    assert run.returncode == 128 + signal.SIGKILL, err
+    assert "the agent is stopping" in err
+    fleet.wait_nodes(["term-1"], state="down", timeout=10)
+
+
+def test_next_start_ends_what_a_killed_agent_left(fleet: Fleet) -> None:
+    agent = fleet.agent("kill-1")
+    run = _stubborn_run(fleet, "kill-1", "302")
+    wait_for(lambda: len(_sleepers("kill-1")) >= 3)
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait()
+    time.sleep(0.5)
+    assert _sleepers("kill-1"), "the processes outlive a SIGKILLed agent (as expected)"
+    again = fleet.agent("kill-1")
+    wait_for(lambda: not _sleepers("kill-1"))
+    run.kill()
+    run.communicate()
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(20) == 0
+
+
+def test_down_within_ten_seconds(fleet: Fleet) -> None:
+    agent = fleet.agent("gone-1")
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait()
+    start = time.monotonic()
+    fleet.wait_nodes(["gone-1"], state="down", timeout=10)
+    assert time.monotonic() - start <= 10
+
+
+def test_wrong_nats_credentials_fail_fast_and_clearly(fleet: Fleet) -> None:
+    start = time.monotonic()
+    p = fleet.spawn("agent", "--name", "intruder", env={"SHOAL_NATS_PASSWORD": "wrong"},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode != 0
+    assert "refused the credentials" in err
+    assert time.monotonic() - start < 15
+    assert "intruder" not in fleet.nodes()
+
+
+def test_no_nats_user_is_refused(fleet: Fleet) -> None:
+    p = fleet.spawn("agent", "--name", "anon", "--nats-user", "",
+                    env={"SHOAL_NATS_PASSWORD": ""},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode != 0 and "refused" in err
+
+
+def test_http_requires_the_token(fleet: Fleet) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        req = urllib.request.Request(fleet.url + "/api/v1/nodes", headers=headers)
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("served without a valid token")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+            assert "token" in json.loads(e.read())["error"]
+    r = fleet.shoal("--token", "wrong", "nodes")
+    assert r.returncode != 0 and "missing or wrong token" in r.stderr
+    req = urllib.request.Request(fleet.url + "/api/v1/nodes",
+                                 headers={"Authorization": f"Bearer {fleet.token}"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+
+
+def test_secrets_are_private(fleet: Fleet) -> None:
+    for name in ("up.toml", "client.toml", "agent.toml", "controller.toml", "nats/nats.conf"):
+        assert (fleet.home / name).stat().st_mode & 0o077 == 0, name
+    assert fleet.token not in (fleet.home / "up.log").read_text().split("token=", 1)[1][60:]
+
+
+def test_controller_unreachable_is_a_clear_error(fleet: Fleet) -> None:
+    r = fleet.shoal("--url", "http://127.0.0.1:9", "nodes")
+    assert r.returncode != 0 and "cannot reach the controller" in r.stderr

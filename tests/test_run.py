@@ -1,0 +1,219 @@
+"""``shoal run`` end to end: a real ``shoal up``, real agents, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+from fleet import Fleet, processes_with_env, wait_for
+
+
+def lines(text: str) -> list[str]:
+    return text.splitlines()
+
+
+def test_argv_is_passed_as_is(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--", "printf", "%s\\n", "a b", "c")
+    assert r.returncode == 0, r.stderr
+    for node in ("node-1", "node-2"):
+        mine = [ln for ln in lines(r.stdout) if ln.startswith(f"{node}: ")]
+        assert mine == [f"{node}: a b", f"{node}: c"]
+
+
+def test_shell_is_explicit(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "-n", "node-1", "--shell", "echo one two | wc -w")
+    assert (r.returncode, r.stdout.strip()) == (0, "node-1: 2")
+    # Without --shell, a pipe is just an argument.
+    r = fleet.shoal("run", "-n", "node-1", "--", "echo", "a", "|", "wc")
+    assert r.stdout.strip() == "node-1: a | wc"
+
+
+def test_stdout_and_stderr_are_separate(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "-n", "node-1", "--shell", "echo out; echo err >&2")
+    assert r.stdout == "node-1: out\n"
+    assert "node-1: err\n" in r.stderr
+
+
+@pytest.mark.parametrize(("argv", "status"), [
+    (["true"], 0),
+    (["sh", "-c", "exit 3"], 3),
+    (["no-such-command-xyz"], 127),
+])
+def test_exit_status(fleet: Fleet, argv: list[str], status: int) -> None:
+    r = fleet.shoal("run", "--all", "--", *argv)
+    assert r.returncode == status, r.stderr
+    if status:
+        assert f"exit {status}: node-[1-2]" in r.stderr
+    if status == 127:
+        assert "node-1: command not found: no-such-command-xyz" in r.stderr
+
+
+def test_largest_exit_code_wins(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--shell", 'case $SHOAL_NODE in node-1) exit 4;; esac; exit 9')
+    assert r.returncode == 9
+    assert "exit 4: node-1; exit 9: node-2" in r.stderr
+
+
+def test_stdin_reaches_every_node_with_its_end(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--stdin", "--", "sort", input="3\n1\n2\n")
+    assert r.returncode == 0, r.stderr
+    for node in ("node-1", "node-2"):
+        assert [ln for ln in lines(r.stdout) if ln.startswith(node)] == [
+            f"{node}: 1", f"{node}: 2", f"{node}: 3"]
+
+
+def test_large_stdin_is_byte_exact(fleet: Fleet) -> None:
+    data = os.urandom(3 << 20)
+    r = fleet.shoal("run", "--all", "--stdin", "--json", "--", "sha256sum", input=data)
+    assert r.returncode == 0, r.stderr
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    for row in map(json.loads, r.stdout.splitlines()):
+        assert row["stdout"].split()[0] == digest
+
+
+def test_gather_groups_identical_output(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--gather", "--", "echo", "same")
+    assert r.returncode == 0
+    assert "node-[1-2] (2)" in r.stdout
+    assert r.stdout.count("same") == 1
+    r = fleet.shoal("run", "--all", "--gather", "--shell", "echo $SHOAL_NODE")
+    assert "node-1 (1)" in r.stdout and "node-2 (1)" in r.stdout
+
+
+def test_json_one_object_per_node(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--json", "--shell", "echo hi; echo oops >&2; exit 2")
+    assert r.returncode == 2
+    rows = {row["node"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"node-1", "node-2"}
+    for row in rows.values():
+        assert (row["stdout"], row["stderr"], row["exit_code"], row["signal"]) == (
+            "hi\n", "oops\n", 2, None)
+        assert row["duration_s"] >= 0
+
+
+def test_timeout_ends_and_names_the_nodes(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--timeout", "0.5", "--", "sleep", "30", timeout=20)
+    assert r.returncode == 255
+    assert "timed out: node-[1-2]" in r.stderr
+
+
+def test_binary_output_never_crashes(fleet: Fleet) -> None:
+    for mode in ([], ["--gather"], ["--json"]):
+        r = fleet.shoal("run", "--all", *mode, "--shell",
+                        "head -c 20000 /dev/urandom; printf '\\377\\376\\n'", input=b"")
+        assert r.returncode == 0, r.stderr
+
+
+def test_lines_are_never_interleaved(fleet: Fleet) -> None:
+    script = "i=0; while [ $i -lt 2000 ]; do echo $SHOAL_NODE-line-$i-xxxxxxxxxxxxxxxxxxxx; " \
+             "i=$((i+1)); done"
+    r = fleet.shoal("run", "--all", "--shell", script)
+    assert r.returncode == 0
+    out = lines(r.stdout)
+    assert len(out) == 4000
+    for ln in out:
+        node, _, text = ln.partition(": ")
+        assert text.startswith(f"{node}-line-") and text.endswith("x" * 20)
+
+
+def test_selection_errors(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "-n", "nope-9", "--", "true")
+    assert r.returncode != 0 and "unknown node(s): nope-9" in r.stderr
+    r = fleet.shoal("run", "--all", "-x", "node-[1-2]", "--", "true")
+    assert r.returncode != 0 and "matched no node" in r.stderr
+    r = fleet.shoal("run", "--", "true")
+    assert r.returncode != 0 and "no targets" in r.stderr
+    r = fleet.shoal("run", "-n", "node[1-", "--", "true")
+    assert r.returncode != 0 and "bad node set" in r.stderr
+    r = fleet.shoal("run", "--all")
+    assert r.returncode == 2 and "give a command" in r.stderr
+
+
+def test_nodeset_and_exclusion(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "-n", "node-[1-2]", "-x", "node-2", "--", "echo", "x")
+    assert r.stdout == "node-1: x\n"
+
+
+def test_labels_and_unreachable_and_down(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1", "-l", "zone=edge")
+    r = fleet.shoal("run", "-l", "zone=edge", "--", "echo", "edge")
+    assert r.stdout == "edge-1: edge\n"
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
+    # Named explicitly while its agent is dead: unreachable, 255, named in the summary.
+    r = fleet.shoal("run", "-n", "edge-1,node-1", "--", "true")
+    assert r.returncode == 255
+    assert "unreachable: edge-1" in r.stderr
+    fleet.wait_nodes(["edge-1"], state="down", timeout=10)
+
+
+def test_tty_program(fleet: Fleet) -> None:
+    """An interactive terminal: stty sees the size, a resize reaches it, Ctrl-C too."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+
+    def ctty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(__import__("sys").executable), "shoal"), "run", "-t",
+         "-n", "node-1", "--", "bash", "--norc", "--noprofile", "-i"],
+        stdin=slave, stdout=slave, stderr=slave, env=fleet.env,
+        preexec_fn=ctty)
+    os.close(slave)
+    seen = bytearray()
+
+    def read_until(token: bytes, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while token not in seen:
+            assert time.monotonic() < deadline, f"never saw {token!r} in {bytes(seen)!r}"
+            import select
+
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    seen.extend(os.read(master, 4096))
+                except OSError:
+                    break
+
+    try:
+        read_until(b"bash")  # the remote prompt
+        os.write(master, b"stty size; tty\r")
+        read_until(b"30 100")
+        read_until(b"/dev/pts/")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        time.sleep(0.3)
+        os.write(master, b"stty size\r")
+        read_until(b"40 120")
+        os.write(master, b"sleep 100\r")
+        time.sleep(0.5)
+        os.write(master, b"\x03")
+        os.write(master, b"echo after-$?\r")
+        read_until(b"after-130")
+        os.write(master, b"exit 7\r")
+        assert proc.wait(15) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:
+    r = fleet.shoal("run", "--all", "--shell", "sleep 300 & echo started")
+    assert r.returncode == 0
+    # The agent ends the whole process group once the leader exits and output is done.
+    assert "started" in r.stdout
+    wait_for(lambda: not [p for p in processes_with_env("SHOAL_NODE", "node-1")
+                          if "sleep" in p.name()])
