@@ -22,6 +22,7 @@ from bench.harness import (
     FleetError,
     Interrupted,
     Row,
+    ShoalFleet,
     find_shoal,
     install_signal_handlers,
     log,
@@ -53,16 +54,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def case_for(n: int, fleet_env: dict[str, str] | None, shoal: Path, skip: str | None) -> Case:
+def case_for(n: int, fleet: ShoalFleet | None, shoal: Path) -> Case:
     """The timed command for a fleet of n."""
     return Case(
         WORKLOAD,
         peers.SHOAL,
         n,
         peers.shoal_all_argv(shoal, "true"),
-        env=fleet_env,
+        env=fleet.env if fleet else None,
         timeout_s=min(180.0, 30.0 + 0.3 * n),
-        skip=skip,
+        check=fleet.problem if fleet else None,
     )
 
 
@@ -75,11 +76,11 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
             rows.append(Row(WORKLOAD, peers.SHOAL, n, status="skipped", note=problem or ""))
             continue
         if deadline.near(45):
-            rows.extend(skipped_rows([case_for(n, None, shoal, None)], "overall deadline reached"))
+            rows.extend(skipped_rows([case_for(n, None, shoal)], "overall deadline reached"))
             continue
         try:
             with shoal_fleet(shoal, root, n, deadline) as fleet:
-                cases = [case_for(n, fleet.env, shoal, None)]
+                cases = [case_for(n, fleet, shoal)]
                 rows.extend(measure(cases, deadline, runs=args.runs, warmup=args.warmup))
         except FleetError as exc:
             log(f"fleet of {n} failed: {exc}")

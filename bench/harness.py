@@ -23,6 +23,7 @@ from bench.proc import stop_process, timed_run
 RESULTS_DIR = Path(__file__).with_name("results")
 MIB = 1 << 20
 READY_URL = re.compile(r"http://127\.0\.0\.1:\d+/\?token=")
+START_LOAD = os.getloadavg()  # other work on the machine skews timings: reported with results
 
 
 def log(message: str) -> None:
@@ -58,6 +59,8 @@ class Case:
     timeout_s: float = 60.0
     nbytes: int | None = None
     skip: str | None = None
+    # Called before each run: a reason the case cannot run any more (e.g. its daemon died).
+    check: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -130,6 +133,11 @@ def measure(
         for i, case in enumerate(cases):
             if case.skip or len(errors[i]) >= max_failures:
                 continue
+            broken = case.check() if case.check else None
+            if broken:
+                errors[i].extend([broken] * (max_failures - len(errors[i])))
+                log(f"{case.workload} {case.tool} n={case.n}: dropped: {broken[:200]}")
+                continue
             left = deadline.remaining() - reserve_s
             if left < 1.0:
                 cut_short = True
@@ -200,6 +208,15 @@ class ShoalFleet:
     home: Path
     env: dict[str, str]
     n: int
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def problem(self) -> str | None:
+        """Why the fleet is no longer usable (a daemon exited), or None."""
+        for proc, log_path in self.procs:
+            if proc.poll() is not None:
+                tail = _tail(log_path, 300).replace("\n", " / ")
+                return f"`shoal {list(proc.args)[1]}` exited {proc.returncode} mid-bench: {tail}"
+        return None
 
 
 def find_shoal() -> Path | None:
@@ -321,7 +338,7 @@ def shoal_fleet(
             agent_log,
         )
         log(f"shoal fleet of {n} ready in {time.monotonic() - started:.1f}s")
-        yield ShoalFleet(shoal=shoal, home=home, env=env, n=n)
+        yield ShoalFleet(shoal, home, env, n, list(zip(procs, (up_log, agent_log), strict=True)))
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -406,7 +423,8 @@ def write_results(
 
 def machine_summary() -> str:
     """A line about the machine the numbers come from."""
+    start, end = (", ".join(f"{x:.1f}" for x in load) for load in (START_LOAD, os.getloadavg()))
     return (
         f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}.\n"
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average {start} at start, {end} at end.\n"
     )

@@ -102,6 +102,7 @@ def fanout_cases(
             env=fleet.env if fleet else None,
             timeout_s=timeout,
             skip=None if fleet else shoal_skip or "shoal not available",
+            check=fleet.problem if fleet else None,
         )
     ]
     if ssh is not None:
@@ -128,6 +129,7 @@ def throughput_cases(
             timeout_s=timeout,
             nbytes=nbytes,
             skip=None if fleet else shoal_skip or "shoal not available",
+            check=fleet.problem if fleet else None,
         ),
         Case(
             workload, peers.SSH, 1, peers.ssh_argv(ssh, command), timeout_s=timeout, nbytes=nbytes

@@ -8,6 +8,7 @@ import signal
 import subprocess
 
 import pytest
+
 from fleet import Fleet, processes_with_env, wait_for
 
 

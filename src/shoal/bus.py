@@ -3,6 +3,7 @@ JetStream buckets shoal keeps its state in."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -21,7 +22,7 @@ from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NatsClient", "connect", "ensure_buckets", "open_buckets", "Buckets"]
+__all__ = ["NatsClient", "close", "connect", "ensure_buckets", "open_buckets", "Buckets"]
 
 
 async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0) -> NatsClient:
@@ -80,6 +81,18 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0) -
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+async def close(nc: NatsClient, timeout: float = 5.0) -> None:
+    """Flush and close; bounded, so a dead server cannot hold up a shutdown."""
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception:
+        pass
+    if not nc.is_closed:
+        await nc.close()
 
 
 def _is_auth(e: BaseException) -> bool:

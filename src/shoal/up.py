@@ -56,7 +56,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     server: NatsServer | None = None
     if opts.nats_url is None:
         server = NatsServer(home / "nats", users, port=opts.nats_port)
-        await asyncio.to_thread(server.start)
+        server.start()  # in this thread: the server's PDEATHSIG follows the starting thread
         ctl_nats = c.NatsConfig(url=server.url, user="controller",
                                 password=users.controller_password)
         agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password)

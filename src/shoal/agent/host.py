@@ -122,7 +122,7 @@ class AgentHost:
         if self.nc is not None and self.buckets is not None:
             await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(n))
                                    for n in self.nodes), return_exceptions=True)
-            await _quietly(self.nc.drain())
+            await bus.close(self.nc)
         for node in self.nodes.values():
             node.ledger.close()
         self._stopped.set()

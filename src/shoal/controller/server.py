@@ -62,8 +62,8 @@ class Controller:
             await self.runner.cleanup()
         if self.registry is not None:
             await self.registry.stop()
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+        if self.nc is not None:
+            await bus.close(self.nc)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[auth_middleware(self.cfg.token)],
