@@ -81,7 +81,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         try:
             with shoal_fleet(shoal, root, n, deadline) as fleet:
                 cases = [case_for(n, fleet, shoal)]
-                rows.extend(measure(cases, deadline, runs=args.runs, warmup=args.warmup))
+                measure(cases, deadline, rows, runs=args.runs, warmup=args.warmup)
         except FleetError as exc:
             log(f"fleet of {n} failed: {exc}")
             rows.append(Row(WORKLOAD, peers.SHOAL, n, status="failed", note=str(exc)[:400]))

@@ -76,7 +76,7 @@ class Row:
     max_s: float | None = None
     mib_per_s: float | None = None
     ratio_vs_shoal: float | None = None
-    status: str = "ok"  # ok | failed | skipped
+    status: str = "ok"  # ok | partial (fewer runs than asked) | failed | skipped
     note: str = ""
     samples_s: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +115,7 @@ def skipped_rows(cases: Sequence[Case], reason: str) -> list[Row]:
 def measure(
     cases: Sequence[Case],
     deadline: Deadline,
+    sink: list[Row],
     runs: int = 5,
     warmup: int = 1,
     max_failures: int = 2,
@@ -123,42 +124,48 @@ def measure(
     """Time the cases interleaved (A B C A B C ...): `warmup` rounds dropped, `runs` counted.
 
     A case that fails `max_failures` times is dropped from later rounds. Rounds stop early when
-    the deadline (less `reserve_s` kept for cleanup) runs out; rows then say so.
+    the deadline (less `reserve_s` kept for cleanup) runs out. The rows are appended to `sink`
+    even when interrupted, so partial results survive Ctrl-C.
     """
     samples: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     errors: dict[int, list[str]] = {i: [] for i in range(len(cases))}
-    cut_short = False
-    for round_no in range(warmup + runs):
-        counted = round_no >= warmup
-        for i, case in enumerate(cases):
-            if case.skip or len(errors[i]) >= max_failures:
-                continue
-            broken = case.check() if case.check else None
-            if broken:
-                errors[i].extend([broken] * (max_failures - len(errors[i])))
-                log(f"{case.workload} {case.tool} n={case.n}: dropped: {broken[:200]}")
-                continue
-            left = deadline.remaining() - reserve_s
-            if left < 1.0:
-                cut_short = True
+    stopped = ""
+    try:
+        for round_no in range(warmup + runs):
+            if stopped:
                 break
-            result = timed_run(case.argv, case.env, timeout=min(case.timeout_s, left))
-            tag = f"{case.workload} {case.tool} n={case.n} round {round_no + 1}"
-            if result.ok:
-                if counted:
-                    samples[i].append(result.seconds)
-                log(f"{tag}: {result.seconds:.3f}s{'' if counted else ' (warm-up)'}")
-            else:
-                errors[i].append(result.error)
-                log(f"{tag}: FAILED {result.error[:200]}")
-        if cut_short:
-            break
-    return [
-        _summarise(case, samples[i], errors[i], runs, cut_short) for i, case in enumerate(cases)
-    ]
+            counted = round_no >= warmup
+            for i, case in enumerate(cases):
+                if case.skip or len(errors[i]) >= max_failures:
+                    continue
+                broken = case.check() if case.check else None
+                if broken:
+                    errors[i].extend([broken] * (max_failures - len(errors[i])))
+                    log(f"{case.workload} {case.tool} n={case.n}: dropped: {broken[:200]}")
+                    continue
+                left = deadline.remaining() - reserve_s
+                if left < 1.0:
+                    stopped = "overall deadline reached"
+                    break
+                result = timed_run(case.argv, case.env, timeout=min(case.timeout_s, left))
+                tag = f"{case.workload} {case.tool} n={case.n} round {round_no + 1}"
+                if result.ok:
+                    if counted:
+                        samples[i].append(result.seconds)
+                    log(f"{tag}: {result.seconds:.3f}s{'' if counted else ' (warm-up)'}")
+                else:
+                    errors[i].append(result.error)
+                    log(f"{tag}: FAILED {result.error[:200]}")
+    except BaseException:
+        stopped = "interrupted"
+        raise
+    finally:
+        rows = [_summarise(c, samples[i], errors[i], runs, stopped) for i, c in enumerate(cases)]
+        sink.extend(rows)
+    return rows
 
 
-def _summarise(case: Case, times: list[float], errors: list[str], runs: int, cut: bool) -> Row:
+def _summarise(case: Case, times: list[float], errors: list[str], runs: int, stopped: str) -> Row:
     row = Row(
         case.workload, case.tool, case.n, runs=len(times), samples_s=[round(t, 4) for t in times]
     )
@@ -175,11 +182,14 @@ def _summarise(case: Case, times: list[float], errors: list[str], runs: int, cut
         if case.nbytes:
             row.mib_per_s = round(case.nbytes / MIB / statistics.median(times), 1)
         if len(times) < runs:
-            notes.append(f"only {len(times)} of {runs} runs" + (" (deadline)" if cut else ""))
+            row.status = "partial"
+            notes.insert(
+                0, f"only {len(times)} of {runs} runs" + (f" ({stopped})" if stopped else "")
+            )
     else:
         row.status = "failed" if errors else "skipped"
         if not errors:
-            notes.append("overall deadline reached")
+            notes.append(stopped or "not run")
     row.note = "; ".join(notes)
     return row
 
@@ -208,14 +218,14 @@ class ShoalFleet:
     home: Path
     env: dict[str, str]
     n: int
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    procs: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
 
     def problem(self) -> str | None:
         """Why the fleet is no longer usable (a daemon exited), or None."""
-        for proc, log_path in self.procs:
+        for name, proc, log_path in self.procs:
             if proc.poll() is not None:
                 tail = _tail(log_path, 300).replace("\n", " / ")
-                return f"`shoal {list(proc.args)[1]}` exited {proc.returncode} mid-bench: {tail}"
+                return f"`{name}` exited {proc.returncode} mid-bench: {tail}"
         return None
 
 
@@ -241,10 +251,12 @@ def shoal_problem(shoal: Path | None) -> str | None:
 
 
 def _tail(path: Path, limit: int = 600) -> str:
+    """The end of a log file, API tokens masked (the text may end up in the results)."""
     try:
-        return path.read_text(errors="replace")[-limit:]
+        text = path.read_text(errors="replace")[-limit:]
     except OSError:
         return ""
+    return re.sub(r"token=[\w-]+", "token=…", text)
 
 
 def _wait_for(
@@ -338,7 +350,13 @@ def shoal_fleet(
             agent_log,
         )
         log(f"shoal fleet of {n} ready in {time.monotonic() - started:.1f}s")
-        yield ShoalFleet(shoal, home, env, n, list(zip(procs, (up_log, agent_log), strict=True)))
+        yield ShoalFleet(
+            shoal,
+            home,
+            env,
+            n,
+            list(zip(("shoal up", "shoal agent"), procs, (up_log, agent_log), strict=True)),
+        )
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -394,6 +412,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def ratio_lines(rows: Sequence[Row]) -> list[str]:
     """One sentence per peer row that has a ratio to shoal."""
+    shoal_rate = {(r.workload, r.n): r.mib_per_s for r in rows if r.tool == "shoal"}
     out = []
     for r in rows:
         if r.ratio_vs_shoal is None:
@@ -402,7 +421,11 @@ def ratio_lines(rows: Sequence[Row]) -> list[str]:
             verdict = f"{r.ratio_vs_shoal:.1f}× faster than"
         else:
             verdict = f"{1 / r.ratio_vs_shoal:.1f}× slower than"
-        out.append(f"- {r.workload}, N={r.n}: shoal is {verdict} {r.tool}")
+        line = f"- {r.workload}, N={r.n}: shoal is {verdict} {r.tool}"
+        rate = shoal_rate.get((r.workload, r.n))
+        if rate is not None and r.mib_per_s is not None:
+            line += f" ({rate:.0f} vs {r.mib_per_s:.0f} MiB/s)"
+        out.append(line)
     return out
 
 

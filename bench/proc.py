@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,13 +51,22 @@ def timed_run(
             stderr=err,
             start_new_session=True,
         )
+        # A blocking wait is exact; Popen.wait(timeout=...) polls in steps of up to 50 ms.
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            _kill_group(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
         try:
-            try:
-                rc: int | None = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc: int | None = proc.wait()
             seconds = time.perf_counter() - start
+            if timed_out.is_set():
+                rc = None
         finally:
+            timer.cancel()
             # A timed-out run, and any leftover children of a finished one, must not linger.
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()

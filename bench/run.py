@@ -156,6 +156,8 @@ def start_fleet(
     """Enter a shoal fleet of n into stack; on failure return None and the reason."""
     if shoal is None or problem:
         return None, problem or "shoal not available"
+    if deadline.near(GROUP_MARGIN_S):
+        return None, "overall deadline reached"
     try:
         return stack.enter_context(shoal_fleet(shoal, root, n, deadline)), None
     except FleetError as exc:
@@ -201,7 +203,7 @@ def run_extras(deadline: Deadline, shoal: Path | None) -> list[Row]:
 
 
 def parse_rows(text: str) -> list[Row]:
-    """JSON rows from a script's stdout: a single list, or one object per line."""
+    """JSON rows from a script's stdout: one list, or one object (or list) per line."""
     text = text.strip()
     items: list[object] = []
     try:
@@ -210,9 +212,10 @@ def parse_rows(text: str) -> list[Row]:
     except ValueError:
         for line in text.splitlines():
             try:
-                items.append(json.loads(line))
+                loaded = json.loads(line)
             except ValueError:
                 continue
+            items.extend(loaded if isinstance(loaded, list) else [loaded])
     return [Row.from_json(item) for item in items if isinstance(item, dict) and "tool" in item]
 
 
@@ -230,30 +233,24 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
             log(f"skipping {label}: overall deadline near")
             rows.extend(skipped_rows(cases_of, "overall deadline reached"))
         else:
-            rows.extend(measure(cases_of, deadline, runs=args.runs, warmup=args.warmup))
+            measure(cases_of, deadline, rows, runs=args.runs, warmup=args.warmup)
 
     max_n = max(args.ns or [1])
     with private_sshd(root / "ssh", max_n) as ssh:
         if "fanout" in workloads:
             for n in args.ns:
                 with ExitStack() as stack:
-                    fleet, why = (None, "overall deadline reached")
-                    if not deadline.near(GROUP_MARGIN_S):
-                        fleet, why = start_fleet(stack, shoal, problem, root, n, deadline)
+                    fleet, why = start_fleet(stack, shoal, problem, root, n, deadline)
                     for command in FANOUT_COMMANDS:
                         group(fanout_cases(ssh, fleet, why, n, command), f"fan-out {command} N={n}")
         if "throughput" in workloads:
             with ExitStack() as stack:
-                fleet, why = (None, "overall deadline reached")
-                if not deadline.near(GROUP_MARGIN_S):
-                    fleet, why = start_fleet(stack, shoal, problem, root, 1, deadline)
+                fleet, why = start_fleet(stack, shoal, problem, root, 1, deadline)
                 group(throughput_cases(ssh, fleet, why, args.bytes), "throughput")
     if "big" in workloads:
         for n in args.shoal_ns:
             with ExitStack() as stack:
-                fleet, why = (None, "overall deadline reached")
-                if not deadline.near(GROUP_MARGIN_S):
-                    fleet, why = start_fleet(stack, shoal, problem, root, n, deadline)
+                fleet, why = start_fleet(stack, shoal, problem, root, n, deadline)
                 for command in FANOUT_COMMANDS:
                     group(fanout_cases(None, fleet, why, n, command), f"shoal fan-out N={n}")
     if "extra" in workloads:
@@ -296,7 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     add_ratios(rows)
     title = "shoal vs pssh, ClusterShell, parallel-ssh and ssh"
-    write_results(rows, "latest", title, preamble(args), args.out)
+    notes = preamble(args)
+    if status:
+        notes += "\n**This run stopped early: the results below are partial.**\n"
+    write_results(rows, "latest", title, notes, args.out)
     for path in plot_all(rows, args.out):
         log(f"wrote {path}")
     log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")

@@ -18,7 +18,8 @@ from nats.js.kv import KeyValue
 
 from .config import NatsConfig
 from .errors import AuthError, ConnectError
-from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET
+from .outputlog import ensure_stream
+from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ def _safe_url(url: str) -> str:
 class Buckets:
     """The key-value buckets, bound."""
 
-    def __init__(self, js: JetStreamContext, heartbeats: KeyValue, registry: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, heartbeats: KeyValue, registry: KeyValue,
+                 sessions: KeyValue) -> None:
         self.js = js
         self.heartbeats = heartbeats
         self.registry = registry
+        self.sessions = sessions
 
 
 async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
@@ -124,7 +127,10 @@ async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
                                              storage=StorageType.MEMORY))
     reg = await _ensure_kv(js, KeyValueConfig(bucket=REGISTRY_BUCKET, history=1,
                                               storage=StorageType.FILE))
-    return Buckets(js, hb, reg)
+    sessions = await _ensure_kv(js, KeyValueConfig(bucket=SESSIONS_BUCKET, history=1,
+                                                   storage=StorageType.FILE))
+    await ensure_stream(js)
+    return Buckets(js, hb, reg, sessions)
 
 
 async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -139,6 +145,6 @@ async def open_buckets(nc: NatsClient) -> Buckets:
     js = nc.jetstream()
     try:
         return Buckets(js, await js.key_value(HEARTBEATS_BUCKET),
-                       await js.key_value(REGISTRY_BUCKET))
+                       await js.key_value(REGISTRY_BUCKET), await js.key_value(SESSIONS_BUCKET))
     except nats.js.errors.BucketNotFoundError as e:
         raise ConnectError("the shoal buckets do not exist yet: start a controller first") from e

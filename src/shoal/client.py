@@ -11,6 +11,7 @@ translated to shoal's error tree here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -39,7 +40,7 @@ class Client:
         return cls(cfg.url, cfg.token)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
+    def http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {self.token}"},
@@ -66,7 +67,7 @@ class Client:
                       params: dict[str, str] | None = None) -> Any:
         """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
         try:
-            async with self.session.request(
+            async with self.http.request(
                 method, self.url + path, json=json, params=params,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
@@ -93,12 +94,168 @@ class Client:
     async def node(self, name: str) -> m.NodeInfo:
         return msgspec.convert(await self.request("GET", f"/api/v1/nodes/{name}"), m.NodeInfo)
 
+    async def drain(self, node: str, deadline: float | None = None,
+                    wait: bool = False) -> dict[str, Any]:
+        """Stop new placements on ``node``; at ``deadline`` seconds end what still runs."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/api/v1/nodes/{node}/drain", json={"deadline": deadline, "wait": wait})
+
+    async def undrain(self, node: str) -> None:
+        await self.request("POST", f"/api/v1/nodes/{node}/undrain")
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, spec: m.SessionSpec | dict[str, Any]) -> m.SessionRecord:
+        """Create a session (idempotent when the spec has an ``id``); returns its record."""
+        body = m.to_builtins(spec) if isinstance(spec, m.SessionSpec) else spec
+        return msgspec.convert(await self.request("POST", "/api/v1/sessions", json=body),
+                               m.SessionRecord)
+
+    async def sessions(self, state: str | None = None, node: str | None = None,
+                       name: str | None = None) -> list[m.SessionRecord]:
+        params = {k: v for k, v in (("state", state), ("node", node), ("name", name)) if v}
+        data = await self.request("GET", "/api/v1/sessions", params=params)
+        return msgspec.convert(data, list[m.SessionRecord])
+
+    async def session(self, session_id: str) -> m.SessionRecord:
+        return msgspec.convert(await self.request("GET", f"/api/v1/sessions/{session_id}"),
+                               m.SessionRecord)
+
+    async def signal(self, session_id: str, sig: str | int) -> m.SessionRecord:
+        data = await self.request("POST", f"/api/v1/sessions/{session_id}/signal",
+                                  json={"signal": sig})
+        return msgspec.convert(data, m.SessionRecord)
+
+    async def kill(self, session_id: str) -> m.SessionRecord:
+        data = await self.request("POST", f"/api/v1/sessions/{session_id}/kill")
+        return msgspec.convert(data, m.SessionRecord)
+
+    async def remove(self, session_id: str) -> None:
+        await self.request("DELETE", f"/api/v1/sessions/{session_id}")
+
+    async def wait(self, session_id: str, timeout: float = 60.0,
+                   poll: float = 0.1) -> m.SessionRecord:
+        """Until the session reaches a final state (or ``timeout`` passes)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.session(session_id)
+            if record.state in ("exited", "failed", "killed", "lost"):
+                return record
+            if time.monotonic() > deadline:
+                raise RemoteTimeout(f"session {session_id} still {record.state} after "
+                                    f"{timeout:g}s")
+            await asyncio.sleep(poll)
+
+    async def logs(self, session_id: str, start: int = 0,
+                   follow: bool = False) -> AsyncIterator[LogEvent]:
+        """Output events from byte ``start``: ``LogChunk``, ``LogTruncated``, then ``LogEnd``
+        when the session has ended (or ``LogEof`` without ``follow``)."""
+        params = {"from": str(start), "follow": "true" if follow else "false"}
+        url = f"{self.url}/api/v1/sessions/{session_id}/logs"
+        try:
+            async with self.http.get(url, params=params) as resp:
+                if resp.status >= 400:
+                    raise error_for_status(resp.status, _error_message(resp.status,
+                                                                       await resp.read()))
+                async for line in resp.content:
+                    if line.strip():
+                        yield _log_decoder.decode(line)
+        except aiohttp.ClientConnectionError as e:
+            raise ConnectError(f"lost the controller at {self.url}: {e}") from e
+
+    def attach(self, session_id: str, start: int = 0) -> Attachment:
+        return Attachment(self, session_id, start)
+
     # ------------------------------------------------------------------ runs
 
     def run(self, targets: m.Targets, spec: m.RunSpec, *,
             connect_timeout: float = 5.0) -> RunConnection:
         return RunConnection(self, m.RunStart(targets=targets, spec=spec,
                                               connect_timeout=connect_timeout))
+
+
+class LogChunk(msgspec.Struct, tag="out", tag_field="t"):
+    stream: str
+    offset: int
+    data: bytes
+
+
+class LogTruncated(msgspec.Struct, tag="truncated", tag_field="t", rename={"start": "from",
+                                                                              "end": "to"}):
+    start: int
+    end: int
+
+
+class LogEnd(msgspec.Struct, tag="end", tag_field="t"):
+    offset: int
+    state: str
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+
+
+class LogEof(msgspec.Struct, tag="eof", tag_field="t"):
+    offset: int
+
+
+LogEvent = LogChunk | LogTruncated | LogEnd | LogEof
+_log_decoder = msgspec.json.Decoder(LogEvent)
+
+
+class Attachment:
+    """An attached terminal: iterate output bytes and control dicts; send input."""
+
+    def __init__(self, client: Client, session_id: str, start: int) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.offset = start
+        self.exit: dict[str, Any] | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def __aenter__(self) -> Self:
+        url = f"{self.client.url}/api/v1/sessions/{self.session_id}/attach"
+        try:
+            self._ws = await self.client.http.ws_connect(url, params={"from": str(self.offset)},
+                                                            heartbeat=30)
+        except aiohttp.WSServerHandshakeError as e:
+            raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}") from e
+        except aiohttp.ClientConnectionError as e:
+            raise ConnectError(f"cannot reach the controller at {self.client.url}: {e}") from e
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def __aiter__(self) -> AsyncIterator[bytes | dict[str, Any]]:
+        assert self._ws is not None
+        async for msg in self._ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.offset += len(msg.data)
+                yield msg.data
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                frame = msgspec.json.decode(msg.data)
+                if frame.get("t") == "hello":
+                    self.offset = frame["offset"]
+                elif frame.get("t") == "truncated":
+                    self.offset = frame["to"]
+                elif frame.get("t") == "exit":
+                    self.exit = frame
+                yield frame
+                if frame.get("t") in ("exit", "error"):
+                    return
+
+    async def send(self, data: bytes) -> None:
+        assert self._ws is not None
+        await self._ws.send_bytes(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        assert self._ws is not None
+        await self._ws.send_str(msgspec.json.encode({"t": "resize", "cols": cols,
+                                                     "rows": rows}).decode())
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -124,7 +281,7 @@ class RunConnection:
     async def __aenter__(self) -> Self:
         url = self.client.url + "/api/v1/run"
         try:
-            self._ws = await self.client.session.ws_connect(url, max_msg_size=16 << 20,
+            self._ws = await self.client.http.ws_connect(url, max_msg_size=16 << 20,
                                                             heartbeat=30, compress=0)
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"run refused: HTTP {e.status} {e.message}") from e

@@ -39,6 +39,7 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     grace: float = 5.0  # seconds between SIGTERM and SIGKILL
     heartbeat: float = 2.0
     state_dir: str = ""
+    ports: str = "20000-29999"  # range for sessions that ask for ports
 
 
 class ControllerConfig(Struct, forbid_unknown_fields=True):
@@ -48,6 +49,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     token: str = ""
     node_ttl: float = 6.0  # a node with no heartbeat for this long is down
     origins: list[str] = []  # extra WebSocket origins to accept
+    retention: float = 86400.0  # seconds a finished session's record and output are kept
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

@@ -208,6 +208,116 @@ ClientFrame = RunStart | StdinData | Resize | SignalRun | Cancel
 ServerFrame = RunPlan | Output | Exit | Unreachable | Started | RunDone | ErrorFrame
 
 
+# --------------------------------------------------------------------------- sessions
+
+SessionId = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+SessionState = Literal[
+    "pending", "starting", "running", "exited", "failed", "killed", "lost"]
+RestartPolicy = Literal["never", "on-failure", "always"]
+UserName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$")]
+
+
+class Limits(Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-session resource limits (setrlimit)."""
+
+    cpu_seconds: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    memory_mb: Annotated[int, Meta(ge=16, le=4_000_000)] | None = None
+    processes: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    open_files: Annotated[int, Meta(ge=16, le=1_000_000)] | None = None
+
+
+class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a client asks for. Exactly one of ``command`` (argv) or ``shell``."""
+
+    id: SessionId | None = None
+    name: Annotated[str, Meta(max_length=128)] = ""
+    command: Argv | None = None
+    shell: Annotated[str, Meta(min_length=1, max_length=262144)] | None = None
+    env: EnvMap = {}
+    cwd: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    tty: bool = False
+    cols: TermSize = 80
+    rows: TermSize = 24
+    stdin: bool = False
+    user: Annotated[str, Meta(min_length=1, max_length=32)] = "agent"
+    restart: RestartPolicy = "never"
+    timeout: Seconds | None = None
+    idle_timeout: Seconds | None = None
+    detach_timeout: Seconds | None = None
+    ports: Annotated[int, Meta(ge=0, le=64)] = 0
+    limits: Limits = Limits()
+    node: NodeName | None = None
+    selector: Labels = {}
+    strategy: Literal["spread", "binpack"] = "spread"
+    service: Annotated[str, Meta(max_length=63)] = ""
+    labels: Labels = {}
+    output_cap: Annotated[int, Meta(ge=1024, le=1 << 40)] | None = None
+
+
+class SessionRecord(Struct, frozen=True):
+    """A session as stored in the sessions bucket and returned by the API."""
+
+    id: str
+    spec: SessionSpec
+    state: SessionState = "pending"
+    name: str = ""
+    node: str = ""
+    pid: int = 0
+    ports: list[int] = []
+    address: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    created: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
+    restarts: int = 0
+    output_bytes: int = 0
+    user: str = ""
+    draining: bool = False
+
+
+class SessionStart(Struct, frozen=True):
+    """Controller -> agent: run this session (its record is already in the bucket)."""
+
+    id: str
+
+
+class SessionStartReply(Struct, frozen=True):
+    ok: bool
+    reason: str = ""
+
+
+class SessionInput(Struct, frozen=True, tag="in", tag_field="t"):
+    """Attached client -> agent (``shoal.session.<id>.in``): keystrokes or pasted bytes."""
+
+    data: bytes
+    eof: bool = False
+
+
+class SessionResize(Struct, frozen=True, tag="resize", tag_field="t"):
+    cols: TermSize
+    rows: TermSize
+
+
+class SessionAttached(Struct, frozen=True, tag="attached", tag_field="t"):
+    """Sent every few seconds while a client is attached (drives ``detach_timeout``)."""
+
+
+SessionControl = SessionInput | SessionResize | SessionAttached
+
+
+class SessionSignal(Struct, frozen=True):
+    """Controller -> agent: signal a session, or end it (``kill``) with a reason."""
+
+    id: str
+    signum: int = 15
+    kill: bool = False
+    reason: str = ""
+    reschedule: bool = False  # a daemon with a restart policy starts again elsewhere
+
+
 # --------------------------------------------------------------------------- encoding
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -229,6 +339,11 @@ _client_frame = msgspec.msgpack.Decoder(ClientFrame)
 _server_frame = msgspec.msgpack.Decoder(ServerFrame)
 _run_reply = msgspec.msgpack.Decoder(RunAccepted | RunRefused | Exit)
 _agent_event = msgspec.msgpack.Decoder(Output | Exit)
+_session_control = msgspec.msgpack.Decoder(SessionControl)
+
+
+def unpack_session_control(data: bytes) -> SessionControl:
+    return _session_control.decode(data)  # type: ignore[no-any-return]
 
 
 def unpack_control(data: bytes) -> RunControl:

@@ -22,8 +22,9 @@ import msgspec
 
 from .config import new_secret, write_secret_file
 from .errors import ConfigError, ConnectError
+from .outputlog import STREAM as OUTPUT_STREAM
 from .procutil import die_with_parent
-from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET
+from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
 ACCOUNT = "SHOAL"
 
@@ -42,18 +43,27 @@ class NatsUsers:
 
 def agent_permissions() -> dict[str, object]:
     """What an agent credential may do; docs/security.md explains the consequences."""
-    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET]
+    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
     return {
         "publish": {
             "allow": [
                 "shoal.run.*.out.*",
                 "shoal.run.*.inack.*",
+                "shoal.out.*",
                 *[f"$KV.{b}.*" for b in kv],
                 *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
+                f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
+                f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.>",
+                f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}.>",
+                f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
+                f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
+                f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
+                f"$JS.API.STREAM.PURGE.{OUTPUT_STREAM}",
+                f"$JS.API.STREAM.INFO.{OUTPUT_STREAM}",
             ]
         },
         "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",
-                                "_INBOX.>"]},
+                                "shoal.session.*.ctl", "_INBOX.>"]},
         "allow_responses": True,
     }
 

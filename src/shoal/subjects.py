@@ -7,6 +7,8 @@ PREFIX = "shoal"
 # Key-value buckets.
 HEARTBEATS_BUCKET = "shoal-heartbeats"  # TTL'd: a key present = a node alive
 REGISTRY_BUCKET = "shoal-registry"  # every node ever seen, so a dead one shows as down
+SESSIONS_BUCKET = "shoal-sessions"  # session records
+CONTROLLERS_QUEUE = "shoal-controllers"  # queue group: one controller answers each API request
 
 
 def agent_run(node: str) -> str:
@@ -32,3 +34,18 @@ def run_output_ack(run_id: str, node: str) -> str:
 def run_stdin_ack(run_id: str, node: str = "*") -> str:
     """Agent -> controller: stdin bytes written."""
     return f"{PREFIX}.run.{run_id}.inack.{node}"
+
+
+def agent_session(node: str, op: str) -> str:
+    """Request to the agent of ``node``: ``start`` or ``signal`` a session."""
+    return f"{PREFIX}.agent.{node}.session.{op}"
+
+
+def session_control(session_id: str) -> str:
+    """Attached clients -> the agent running the session: input, resize, attached."""
+    return f"{PREFIX}.session.{session_id}.ctl"
+
+
+def api(op: str) -> str:
+    """The NATS JSON API, served by the controllers as a queue group."""
+    return f"{PREFIX}.api.{op}"

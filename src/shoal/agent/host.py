@@ -25,8 +25,12 @@ from .. import messages as m
 from ..config import AgentConfig, shoal_home
 from ..errors import ConnectError
 from ..loadinfo import LoadSampler
+from ..sessionstate import FINAL, LIVE
+from ..sessionstore import SessionCache, SessionStore
 from .ledger import Ledger, reap_leftovers
+from .ports import PortPool
 from .runs import Run
+from .sessions import SessionManager
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -42,7 +46,8 @@ class Node:
     ledger: Ledger
     runs: dict[str, Run] = field(default_factory=dict)
     state: m.NodeState = "ready"
-    sub: Subscription | None = None
+    subs: list[Subscription] = field(default_factory=list)
+    sessions: SessionManager | None = None
 
 
 @dataclass
@@ -70,6 +75,10 @@ class AgentHost:
         self._stopped = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._base_env = dict(os.environ)
+        first_port, _, last_port = cfg.ports.partition("-")
+        self.ports = PortPool(int(first_port), int(last_port or first_port))
+        self.store: SessionStore = None  # type: ignore[assignment]
+        self._beat_soon = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -81,10 +90,22 @@ class AgentHost:
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}")
         self.buckets = await self._open_buckets()
+        self.store = SessionStore(self.buckets.sessions)
+        address = self.cfg.address or socket.gethostname()
+        for node in self.nodes.values():
+            node.sessions = SessionManager(
+                node.name, self.nc, self.buckets.js, self.store, node.ledger,
+                self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
+                on_change=self._changed)
+        await self._reconcile_sessions()
         await self._heartbeat(register=True)
         for node in self.nodes.values():
-            node.sub = await self.nc.subscribe(subjects.agent_run(node.name),
-                                               cb=self._make_handler(node))
+            node.subs = [
+                await self.nc.subscribe(subjects.agent_run(node.name),
+                                        cb=self._make_handler(node)),
+                await self.nc.subscribe(subjects.agent_session(node.name, "*"),
+                                        cb=self._make_session_handler(node)),
+            ]
         await self.nc.flush()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         log.info("agent up: %d node(s), capacity %d each", len(self.nodes), self.cfg.capacity)
@@ -110,13 +131,14 @@ class AgentHost:
         log.info("agent stopping: ending %d run(s)", sum(len(n.runs) for n in self.nodes.values()))
         for node in self.nodes.values():
             node.state = "draining"
-            if node.sub is not None:
-                await _quietly(node.sub.unsubscribe())
+            for sub in node.subs:
+                await _quietly(sub.unsubscribe())
         runs = [r for n in self.nodes.values() for r in n.runs.values()]
         for r in runs:
             r.end("the agent is stopping")
-        if runs:
-            await asyncio.gather(*(r.done.wait() for r in runs))
+        await asyncio.gather(*(r.done.wait() for r in runs),
+                             *(n.sessions.stop("the agent is stopping")
+                               for n in self.nodes.values() if n.sessions is not None))
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.nc is not None and self.buckets is not None:
@@ -136,7 +158,9 @@ class AgentHost:
         load = self._last_load
         return m.NodeInfo(
             name=node.name, labels=self.cfg.labels, capacity=self.cfg.capacity,
-            sessions=0, load=load, state=node.state, version=__version__,
+            sessions=node.sessions.live if node.sessions else 0, load=load,
+            state="draining" if node.sessions and node.sessions.draining else node.state,
+            version=__version__,
             address=self.cfg.address or socket.gethostname(), hostname=socket.gethostname(),
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
         )
@@ -155,13 +179,70 @@ class AgentHost:
         if failed:
             log.warning("heartbeat: %d of %d puts failed: %s", len(failed), len(puts), failed[0])
 
+    def _changed(self) -> None:
+        """Session count changed: tell the schedulers soon, not at the next beat."""
+        self._beat_soon.set()
+
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
-            await asyncio.sleep(self.cfg.heartbeat)
+            self._beat_soon.clear()
+            try:
+                await asyncio.wait_for(self._beat_soon.wait(), self.cfg.heartbeat)
+                await asyncio.sleep(0.05)  # coalesce a burst of changes
+            except TimeoutError:
+                pass
+            beats += 1
             try:
                 await self._heartbeat()
+                if beats % 5 == 0:
+                    await self._verify_sessions()
             except Exception as e:  # keep beating through NATS outages
                 log.warning("heartbeat failed: %s", e)
+
+    # ------------------------------------------------------------------ sessions
+
+    def _make_session_handler(self, node: Node):  # type: ignore[no-untyped-def]
+        async def handle(msg: Msg) -> None:
+            op = msg.subject.rsplit(".", 1)[-1]
+            mgr = node.sessions
+            assert mgr is not None
+            try:
+                if op == "start":
+                    reply = await mgr.handle_start(m.unpack(msg.data, m.SessionStart))
+                    await msg.respond(m.pack(reply))
+                elif op == "signal":
+                    found = mgr.handle_signal(m.unpack(msg.data, m.SessionSignal))
+                    await msg.respond(m.pack(m.SessionStartReply(ok=found)))
+                elif op == "drain":
+                    mgr.draining = m.unpack(msg.data, m.SessionStartReply).ok
+                    self._changed()
+                    await msg.respond(m.pack(m.SessionStartReply(ok=True)))
+            except msgspec.DecodeError as e:
+                await msg.respond(m.pack(m.SessionStartReply(ok=False, reason=f"bad request: {e}")))
+
+        return handle
+
+    async def _reconcile_sessions(self) -> None:
+        """Records that say a session runs here, from before this start: their processes
+        were ended with the leftovers, so say so (the controller reschedules daemons)."""
+        cache = SessionCache(self.buckets.sessions)  # type: ignore[union-attr]
+        await cache.start()
+        await cache.stop()
+        for rec in cache.records.values():
+            if rec.node in self.nodes and rec.state in LIVE:
+                await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
+
+    async def _verify_sessions(self) -> None:
+        """After a partition the fleet may have given up on a session and moved it: a local
+        copy that the record no longer names is ended without touching the record."""
+        for node in self.nodes.values():
+            assert node.sessions is not None
+            for sid, session in list(node.sessions.sessions.items()):
+                found = await self.store.get(sid)
+                if found is None or found[0].node != node.name or found[0].state in FINAL:
+                    session.detached_from_record = True
+                    session.end("the fleet gave this session up (node was unreachable)")
 
     # ------------------------------------------------------------------ runs
 

@@ -49,13 +49,20 @@ class Ledger:
     def remove(self, pid: int) -> None:
         os.write(self._fd, f"- {pid}\n".encode())
 
-    def leftovers(self) -> dict[int, float]:
-        """Process groups listed by a previous run that did not end cleanly."""
+    def add_user(self, name: str) -> None:
+        os.write(self._fd, f"u+ {name}\n".encode())
+
+    def remove_user(self, name: str) -> None:
+        os.write(self._fd, f"u- {name}\n".encode())
+
+    def leftovers(self) -> tuple[dict[int, float], set[str]]:
+        """Process groups and throwaway users a previous run did not clean up."""
         live: dict[int, float] = {}
+        names: set[str] = set()
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return live
+            return live, names
         for line in text.splitlines():
             parts = line.split()
             try:
@@ -63,9 +70,13 @@ class Ledger:
                     live[int(parts[1])] = float(parts[2])
                 elif parts[0] == "-" and len(parts) == 2:
                     live.pop(int(parts[1]), None)
+                elif parts[0] == "u+" and len(parts) == 2:
+                    names.add(parts[1])
+                elif parts[0] == "u-" and len(parts) == 2:
+                    names.discard(parts[1])
             except (ValueError, IndexError):
                 continue  # a torn last line after a crash
-        return live
+        return live, names
 
 
 def _ours(pgid: int, created: float) -> bool:
@@ -83,10 +94,22 @@ def _ours(pgid: int, created: float) -> bool:
 
 
 async def reap_leftovers(ledger: Ledger, grace: float) -> int:
-    """End every process group a previous agent left; returns how many groups were found."""
-    groups = [pgid for pgid, created in ledger.leftovers().items() if _ours(pgid, created)]
+    """End every process group and remove every throwaway user a previous agent left;
+    returns how many groups were found."""
+    from . import users
+
+    listed, names = ledger.leftovers()
+    groups = [pgid for pgid, created in listed.items() if _ours(pgid, created)]
+    await _end_groups(groups, grace)
+    for name in names:
+        if name.startswith(users.PREFIX):
+            await users.remove(name)
+    return len(groups)
+
+
+async def _end_groups(groups: list[int], grace: float) -> None:
     if not groups:
-        return 0
+        return
     log.warning("ending %d process group(s) left by a previous agent", len(groups))
     for pgid in groups:
         kill_group(pgid, signal.SIGTERM)
@@ -95,4 +118,3 @@ async def reap_leftovers(ledger: Ledger, grace: float) -> int:
         await asyncio.sleep(0.05)
     for pgid in groups:
         kill_group(pgid, signal.SIGKILL)
-    return len(groups)

@@ -8,13 +8,15 @@ import asyncio
 import errno
 import fcntl
 import os
+import resource
 import signal
 import struct
 import subprocess
 import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..procutil import kill_group
 
@@ -99,6 +101,15 @@ class Child:
         self.stdin_fd = None
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """Who a child runs as, and what it may use (None: the agent's own user, no limits)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, value)
+
+
 def spawn(
     argv: list[str],
     env: Mapping[str, str],
@@ -108,16 +119,18 @@ def spawn(
     cols: int = 80,
     rows: int = 24,
     stdin: bool = False,
+    run_as: RunAs | None = None,
 ) -> Child:
     """Start ``argv`` as is (never through a shell) in a new session.
 
     Raises SpawnError with code 127 when the command does not exist and 126 when it cannot
     be executed, as a shell would report them.
     """
+    extra = _popen_extras(run_as, tty)
     try:
         if tty:
-            return _spawn_pty(argv, env, cwd, cols, rows)
-        return _spawn_pipes(argv, env, cwd, stdin)
+            return _spawn_pty(argv, env, cwd, cols, rows, extra)
+        return _spawn_pipes(argv, env, cwd, stdin, extra)
     except FileNotFoundError as e:
         if cwd is not None and e.filename == cwd:
             raise SpawnError(f"no such directory: {cwd}", 1) from e
@@ -132,8 +145,35 @@ def spawn(
         raise SpawnError(f"cannot start {argv[0]}: {e.strerror}", 126) from e
 
 
+def _popen_extras(run_as: RunAs | None, tty: bool) -> dict[str, Any]:
+    """Popen arguments for user switching and limits. Without a preexec function Popen can
+    use vfork, which matters when starting a thousand processes at once."""
+    extra: dict[str, Any] = {}
+    steps: list[Callable[[], None]] = []
+    if tty:
+        steps.append(_acquire_controlling_tty)
+    if run_as is not None:
+        if run_as.uid is not None:
+            extra.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
+        if run_as.rlimits:
+            limits = run_as.rlimits
+
+            def set_limits() -> None:
+                for res, value in limits:
+                    resource.setrlimit(res, (value, value))
+
+            steps.append(set_limits)
+    if steps:
+        def preexec() -> None:
+            for step in steps:
+                step()
+
+        extra["preexec_fn"] = preexec
+    return extra
+
+
 def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
-                 stdin: bool) -> Child:
+                 stdin: bool, extra: dict[str, Any]) -> Child:
     popen = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -141,8 +181,9 @@ def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
         stderr=subprocess.PIPE,
         env=dict(env),
         cwd=cwd,
-        start_new_session=True,  # own session and process group; vfork stays usable
+        start_new_session=True,  # own session and process group
         close_fds=True,
+        **extra,
     )
     assert popen.stdout is not None and popen.stderr is not None
     out = {"stdout": os.dup(popen.stdout.fileno()), "stderr": os.dup(popen.stderr.fileno())}
@@ -160,7 +201,7 @@ def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
 
 
 def _spawn_pty(argv: list[str], env: Mapping[str, str], cwd: str | None,
-               cols: int, rows: int) -> Child:
+               cols: int, rows: int, extra: dict[str, Any]) -> Child:
     master, slave = os.openpty()
     try:
         set_winsize(master, cols, rows)
@@ -172,8 +213,8 @@ def _spawn_pty(argv: list[str], env: Mapping[str, str], cwd: str | None,
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_acquire_controlling_tty,  # noqa: PLW1509 - needed for a ctty
             close_fds=True,
+            **extra,
         )
     except BaseException:
         os.close(master)

@@ -7,13 +7,16 @@ import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import msgspec
 
 from .. import config as c
 from ..errors import ConfigError, ShoalError
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 T = TypeVar("T")
 
@@ -50,7 +53,7 @@ def main(ctx: click.Context, url: str | None, token: str | None) -> None:
     ctx.obj = {"url": url, "token": token}
 
 
-def client_from(ctx: click.Context):  # type: ignore[no-untyped-def]
+def client_from(ctx: click.Context) -> Client:
     from ..client import Client
 
     try:
@@ -267,3 +270,35 @@ def _split_env(item: str) -> tuple[str, str]:
     if not sep or not name:
         raise ConfigError(f"--env {item!r} is not NAME=VALUE")
     return name, value
+
+
+@nodes.command("drain")
+@click.argument("name")
+@click.option("--deadline", type=click.FloatRange(0, 86400),
+              help="Seconds until what still runs there is ended (daemons move elsewhere).")
+@click.option("--wait", is_flag=True, help="Return only when the node has no sessions left.")
+@click.pass_context
+def nodes_drain(ctx: click.Context, name: str, deadline: float | None, wait: bool) -> None:
+    """Stop new sessions on a node; optionally end the rest at a deadline."""
+    async def go() -> None:
+        async with client_from(ctx) as client:
+            result = await client.drain(name, deadline, wait)
+            left = result.get("remaining", [])
+            click.echo(f"{name}: draining" + (f", {len(left)} session(s) left" if left else ""))
+
+    arun(go())
+
+
+@nodes.command("undrain")
+@click.argument("name")
+@click.pass_context
+def nodes_undrain(ctx: click.Context, name: str) -> None:
+    """Let a drained node take new sessions again."""
+    async def go() -> None:
+        async with client_from(ctx) as client:
+            await client.undrain(name)
+
+    arun(go())
+
+
+from . import session_cmds  # noqa: E402, F401  (registers its commands on `main`)

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .. import bus
-from .. import messages as m
 from ..config import ControllerConfig
 from ..errors import ConfigError
-from .auth import auth_middleware, error_json
+from ..sessionstore import SessionCache, SessionStore
+from .api import add_routes
+from .auth import auth_middleware
+from .nats_api import NatsApi
 from .registry import NodeRegistry
 from .run_ws import handle_run
+from .sessions import SessionService
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +39,26 @@ class Controller:
         self.registry: NodeRegistry = None  # type: ignore[assignment]
         self.runner: web.AppRunner | None = None
         self.port = cfg.port
+        self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
+        self.js: JetStreamContext = None  # type: ignore[assignment]
+        self.session_cache: SessionCache | None = None
+        self.sessions: SessionService = None  # type: ignore[assignment]
+        self.nats_api: NatsApi | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
         self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl)
+        self.js = self.buckets.js
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
         await self.registry.start()
+        self.session_cache = SessionCache(self.buckets.sessions)
+        await self.session_cache.start()
+        self.sessions = SessionService(self.nc, self.js, SessionStore(self.buckets.sessions),
+                                       self.session_cache, self.registry, self.cfg.retention)
+        self.sessions.start()
+        self.nats_api = NatsApi(self)
+        await self.nats_api.start()
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -60,6 +81,12 @@ class Controller:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.nats_api is not None:
+            await self.nats_api.stop()
+        if self.sessions is not None:
+            await self.sessions.stop()
+        if self.session_cache is not None:
+            await self.session_cache.stop()
         if self.registry is not None:
             await self.registry.stop()
         if self.nc is not None:
@@ -70,21 +97,9 @@ class Controller:
                               client_max_size=1 << 20)
         app["controller"] = self
         app.router.add_get("/healthz", _healthz)
-        app.router.add_get("/api/v1/nodes", self._list_nodes)
-        app.router.add_get("/api/v1/nodes/{name}", self._show_node)
         app.router.add_get("/api/v1/run", handle_run)
+        add_routes(app)
         return app
-
-    async def _list_nodes(self, request: web.Request) -> web.Response:
-        nodes = list(self.registry.snapshot().values())
-        return web.json_response(body=m.to_json(nodes))
-
-    async def _show_node(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        node = self.registry.snapshot().get(name)
-        if node is None:
-            return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
-        return web.json_response(body=m.to_json(node))
 
 
 async def _healthz(request: web.Request) -> web.Response:

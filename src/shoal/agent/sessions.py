@@ -1,0 +1,414 @@
+"""Sessions on one node: the agent side of the session lifecycle.
+
+The controller writes a ``pending`` record and asks a node to start it. The node says no
+when it is full, draining or out of ports (the scheduler then tries the next node); else it
+moves the record to ``starting`` by compare-and-set, starts the process and from then on owns
+the record: ``running``, restarts by policy, and exactly one final state.
+
+Output goes to the durable stream (``shoal.outputlog``) with bounded unacknowledged bytes:
+when JetStream lags, the node stops reading the pipe and the process blocks on write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from .. import messages as m
+from .. import subjects
+from ..outputlog import DEFAULT_CAP, OutputWriter
+from ..sessionstore import SessionStore
+from . import users
+from .ledger import Ledger
+from .ports import PortPool
+from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 << 10
+FAST_FAILURE = 10.0  # a run shorter than this counts towards giving up
+GIVE_UP_AFTER = 5
+MAX_BACKOFF = 30.0
+
+
+def _rlimits(limits: m.Limits) -> tuple[tuple[int, int], ...]:
+    out = []
+    if limits.cpu_seconds:
+        out.append((resource.RLIMIT_CPU, limits.cpu_seconds))
+    if limits.memory_mb:
+        out.append((resource.RLIMIT_AS, limits.memory_mb << 20))
+    if limits.processes:
+        out.append((resource.RLIMIT_NPROC, limits.processes))
+    if limits.open_files:
+        out.append((resource.RLIMIT_NOFILE, limits.open_files))
+    return tuple(out)
+
+
+def should_restart(policy: m.RestartPolicy, code: int | None, killed: bool) -> bool:
+    if killed or policy == "never":
+        return False
+    return policy == "always" or code != 0
+
+
+class Session:
+    """One session on this node, across its restarts."""
+
+    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int]) -> None:
+        self.mgr = mgr
+        self.id = record.id
+        self.spec = record.spec
+        self.record = record
+        self.ports = ports
+        self.child: Child | None = None
+        self.user: users.EphemeralUser | None = None
+        self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
+                                   start_offset=record.output_bytes)
+        self.writer.on_unblock = self._resume_reading
+        self.kill_reason = ""
+        self.restarts = record.restarts
+        self.fast_failures = 0
+        self.last_activity = time.monotonic()
+        self.last_attached = time.monotonic()
+        self.done = asyncio.Event()
+        self._paused: set[int] = set()
+        self._eofs: list[asyncio.Event] = []
+        self._ending: asyncio.Task[None] | None = None
+        self._sub: Subscription | None = None
+        self._wake = asyncio.Event()
+        self._paused_eofs: dict[int, tuple[str, asyncio.Event]] = {}
+        self.detached_from_record = False  # the fleet moved on: never write the record again
+        self.reschedule = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as e:  # never leave a record live behind us
+            log.exception("session %s failed in the agent", self.id)
+            await self._finish("failed", reason=f"agent error: {e}")
+        finally:
+            await self._cleanup()
+            self.done.set()
+
+    async def _run(self) -> None:
+        self._sub = await self.mgr.nc.subscribe(subjects.session_control(self.id),
+                                                cb=self._on_control)
+        if self.spec.user == "ephemeral":
+            try:
+                self.user = await asyncio.to_thread(users.create)
+                self.mgr.ledger.add_user(self.user.name)
+            except users.UserError as e:
+                await self._finish("failed", reason=str(e))
+                return
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    self._spawn()
+                except SpawnError as e:
+                    await self._finish("failed", reason=str(e), exit_code=e.code)
+                    return
+                assert self.child is not None
+                await self.mgr.store.move(self.id, "running", pid=self.child.pid,
+                                          started=time.time(), restarts=self.restarts)
+                code, sig = await self._wait_child()
+                killed = bool(self.kill_reason)
+                if not should_restart(self.spec.restart, code, killed):
+                    state: m.SessionState = "killed" if killed else "exited"
+                    await self._finish(state, exit_code=code, signal=sig,
+                                       reason=self.kill_reason)
+                    return
+                self.fast_failures = self.fast_failures + 1 \
+                    if time.monotonic() - started < FAST_FAILURE else 0
+                if self.fast_failures >= GIVE_UP_AFTER:
+                    await self._finish("failed", exit_code=code, signal=sig,
+                                       reason=f"gave up after {GIVE_UP_AFTER} quick failures "
+                                              f"in a row (last: {_describe(code, sig)})")
+                    return
+                self.restarts += 1
+                delay = min(MAX_BACKOFF, 0.5 * 2 ** max(0, self.fast_failures - 1))
+                await self.mgr.store.move(self.id, "starting", restarts=self.restarts,
+                                          exit_code=code, signal=sig,
+                                          reason=f"restarting in {delay:g}s after "
+                                                 f"{_describe(code, sig)}")
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                if self.kill_reason:
+                    await self._finish("killed", exit_code=code, signal=sig,
+                                       reason=self.kill_reason)
+                    return
+        finally:
+            watchdog.cancel()
+
+    def _spawn(self) -> None:
+        spec = self.spec
+        argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else list(spec.command or [])
+        env = {k: v for k, v in self.mgr.base_env.items() if not k.startswith("SHOAL_")}
+        run_as = RunAs(rlimits=_rlimits(spec.limits))
+        if self.user is not None:
+            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
+            run_as = RunAs(uid=self.user.uid, gid=self.user.gid, rlimits=run_as.rlimits)
+        if spec.tty:
+            env.setdefault("TERM", "xterm-256color")
+        env.update(spec.env)
+        env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
+        if self.ports:
+            env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
+        cwd = spec.cwd or (self.user.home if self.user is not None else None)
+        self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=spec.cols, rows=spec.rows,
+                           stdin=spec.stdin or spec.tty, run_as=run_as)
+        self.mgr.ledger.add(self.child.pid)
+        loop = asyncio.get_running_loop()
+        self._eofs = []
+        for stream, fd in self.child.out_fds.items():
+            eof = asyncio.Event()
+            self._eofs.append(eof)
+            loop.add_reader(fd, self._on_readable, stream, fd, eof)
+
+    async def _wait_child(self) -> tuple[int | None, int | None]:
+        child = self.child
+        assert child is not None
+        code, sig = await child.wait()
+        eofs = asyncio.gather(*(e.wait() for e in self._eofs))
+        try:
+            await asyncio.wait_for(asyncio.shield(eofs), 1.0)
+        except TimeoutError:
+            child.signal_group(signal.SIGKILL)
+            await eofs
+        child.signal_group(signal.SIGKILL)
+        self.mgr.ledger.remove(child.pid)
+        loop = asyncio.get_running_loop()
+        for fd in child.out_fds.values():
+            loop.remove_reader(fd)
+        child.close_fds()
+        await self.writer.flush()
+        return code, sig
+
+    async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
+                      signal: int | None = None, reason: str = "") -> None:
+        if self.detached_from_record:
+            return
+        if self.reschedule and state == "killed":
+            await self.writer.flush()
+            await self.mgr.store.move(self.id, "pending", node="", pid=0, ports=[],
+                                      reason=f"rescheduling: {self.kill_reason}",
+                                      output_bytes=self.writer.offset, restarts=self.restarts + 1)
+            return
+        await self.writer.close()
+        await self.mgr.store.move(self.id, state, exit_code=exit_code, signal=signal,
+                                  reason=reason, output_bytes=self.writer.offset,
+                                  restarts=self.restarts)
+
+    async def _cleanup(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+        if self.user is not None:
+            await users.remove(self.user.name)
+            self.mgr.ledger.remove_user(self.user.name)
+        self.mgr.ports.release(self.ports)
+
+    def end(self, reason: str, reschedule: bool = False) -> None:
+        """End the session on request: SIGTERM to its group, SIGKILL after the grace.
+        With ``reschedule``, a daemon with a restart policy goes back to pending for the
+        scheduler to start elsewhere, instead of ending as killed."""
+        if self.kill_reason:
+            return
+        self.kill_reason = reason
+        self.reschedule = reschedule and self.spec.restart != "never"
+        self._wake.set()
+        if self.child is not None and self.child.popen.returncode is None:
+            self._ending = asyncio.create_task(terminate(self.child, self.mgr.grace))
+
+    async def _watchdog(self) -> None:
+        spec = self.spec
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if spec.timeout is not None and now - start >= spec.timeout:
+                self.end(f"timed out after {spec.timeout:g}s")
+            elif spec.idle_timeout is not None and now - self.last_activity >= spec.idle_timeout:
+                self.end(f"idle timeout: no input or output for {spec.idle_timeout:g}s")
+            elif (spec.detach_timeout is not None
+                  and now - self.last_attached >= spec.detach_timeout):
+                self.end(f"no client attached for {spec.detach_timeout:g}s")
+
+    # ------------------------------------------------------------------ output
+
+    def _on_readable(self, stream: str, fd: int, eof: asyncio.Event) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(fd)
+            eof.set()
+            return
+        self.last_activity = time.monotonic()
+        self.writer.write(stream, data)
+        if self.writer.blocked:
+            asyncio.get_running_loop().remove_reader(fd)
+            self._paused.add(fd)
+            self._paused_eofs[fd] = (stream, eof)
+
+    def _resume_reading(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in list(self._paused):
+            stream, eof = self._paused_eofs.pop(fd)
+            if not eof.is_set():
+                loop.add_reader(fd, self._on_readable, stream, fd, eof)
+        self._paused.clear()
+
+    # ------------------------------------------------------------------ input
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            frame = m.unpack_session_control(msg.data)
+        except msgspec.DecodeError:
+            return
+        self.last_attached = time.monotonic()
+        child = self.child
+        if isinstance(frame, m.SessionAttached) or child is None:
+            return
+        if isinstance(frame, m.SessionResize):
+            if child.tty and child.stdin_fd is not None:
+                set_winsize(child.stdin_fd, frame.cols, frame.rows)
+                child.signal_group(signal.SIGWINCH)
+            return
+        self.last_activity = time.monotonic()
+        if child.stdin_fd is not None and frame.data:
+            try:
+                os.write(child.stdin_fd, frame.data)
+            except BlockingIOError:
+                log.warning("session %s: input dropped, the process is not reading", self.id)
+            except OSError:
+                pass
+        if frame.eof and child.stdin_fd is not None and not child.tty:
+            os.close(child.stdin_fd)
+            child.stdin_fd = None
+
+
+def _describe(code: int | None, sig: int | None) -> str:
+    if sig is not None:
+        try:
+            return f"signal {signal.Signals(sig).name}"
+        except ValueError:
+            return f"signal {sig}"
+    return f"exit code {code}"
+
+
+class SessionManager:
+    """The sessions of one node."""
+
+    def __init__(self, node: str, nc: NatsClient, js: JetStreamContext, store: SessionStore,
+                 ledger: Ledger, capacity: int, ports: PortPool, grace: float,
+                 base_env: Mapping[str, str], address: str,
+                 on_change: Callable[[], None]) -> None:
+        self.node = node
+        self.nc = nc
+        self.js = js
+        self.store = store
+        self.ledger = ledger
+        self.capacity = capacity
+        self.ports = ports
+        self.grace = grace
+        self.base_env = base_env
+        self.address = address
+        self.on_change = on_change
+        self.sessions: dict[str, Session] = {}
+        self.reserved = 0
+        self.draining = False
+        self.stopping = False
+
+    @property
+    def live(self) -> int:
+        return len(self.sessions) + self.reserved
+
+    async def handle_start(self, req: m.SessionStart) -> m.SessionStartReply:
+        """Take the session or say why not. Capacity is checked and reserved before any
+        await, so concurrent starts can never overfill the node."""
+        if self.stopping or self.draining:
+            return m.SessionStartReply(ok=False, reason=f"node {self.node} is draining")
+        if self.live >= self.capacity:
+            return m.SessionStartReply(ok=False, reason=f"node {self.node} is full")
+        self.reserved += 1
+        ports: list[int] = []
+        try:
+            found = await self.store.get(req.id)
+            if found is None or found[0].state != "pending":
+                return m.SessionStartReply(ok=False, reason="session is not pending")
+            spec = found[0].spec
+            if spec.user not in ("agent", "ephemeral"):
+                return m.SessionStartReply(ok=False, reason=f"user {spec.user!r} not allowed "
+                                           "on this node (use agent or ephemeral)")
+            if spec.user == "ephemeral" and not users.can_create_users():
+                spec = msgspec.structs.replace(spec, user="agent")
+            if spec.ports:
+                got = self.ports.allocate(spec.ports)
+                if got is None:
+                    return m.SessionStartReply(ok=False, reason=f"node {self.node} has no "
+                                               f"{spec.ports} free port(s)")
+                ports = got
+            record = await self.store.move(req.id, "starting", node=self.node, ports=ports,
+                                           address=self.address, spec=spec,
+                                           user=spec.user)
+            if record is None:
+                self.ports.release(ports)
+                return m.SessionStartReply(ok=False, reason="session changed meanwhile")
+            session = Session(self, record, ports)
+            self.sessions[req.id] = session
+            ports = []
+            asyncio.create_task(self._run(session))
+            return m.SessionStartReply(ok=True)
+        finally:
+            self.reserved -= 1
+            self.ports.release(ports)
+            self.on_change()
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.pop(session.id, None)
+            self.on_change()
+
+    def handle_signal(self, req: m.SessionSignal) -> bool:
+        session = self.sessions.get(req.id)
+        if session is None:
+            return False
+        if req.kill:
+            session.end(req.reason or "killed on request", reschedule=req.reschedule)
+        elif session.child is not None:
+            session.child.signal_group(req.signum)
+        return True
+
+    async def stop(self, reason: str) -> None:
+        """End every session (the agent is stopping)."""
+        self.stopping = True
+        for s in list(self.sessions.values()):
+            s.end(reason, reschedule=True)
+        await asyncio.gather(*(s.done.wait() for s in list(self.sessions.values())))

@@ -1,0 +1,324 @@
+"""HTTP API under ``/api/v1``: nodes and sessions (docs/api.md, and the OpenAPI document
+served at ``/api/v1/openapi.json``). Handlers are thin: they decode, call the session
+service, and encode; every error is JSON with a message a person can act on."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from .. import messages as m
+from .. import outputlog, subjects
+from ..errors import ShoalError, ValidationError
+from ..sessionstate import FINAL
+from .auth import error_json, origin_ok
+
+if TYPE_CHECKING:
+    from .server import Controller
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 1 << 20
+
+
+def api_errors(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ShoalError as e:
+            return error_json(e.status, e.message)
+        except msgspec.ValidationError as e:
+            return error_json(422, f"invalid request: {e}")
+        except msgspec.DecodeError as e:
+            return error_json(400, f"the body is not valid JSON: {e}")
+
+    return wrapped
+
+
+async def body(request: web.Request, kind: type[T]) -> T:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ValidationError(f"body too large (max {MAX_BODY} bytes)")
+    raw = await request.read()
+    if not raw:
+        raw = b"{}"
+    return msgspec.json.decode(raw, type=kind)
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=m.to_json(data), status=status, content_type="application/json")
+
+
+def _ctl(request: web.Request) -> Controller:
+    return request.app["controller"]  # type: ignore[no-any-return]
+
+
+def parse_signal(value: str | int) -> int:
+    if isinstance(value, int) or value.isdigit():
+        num = int(value)
+        if 1 <= num <= 64:
+            return num
+        raise ValidationError(f"signal {value} is out of range 1-64")
+    name = value.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError as e:
+        raise ValidationError(f"unknown signal {value!r}; use a name like TERM or a number") from e
+
+
+class SignalBody(msgspec.Struct, forbid_unknown_fields=True):
+    signal: str | int = "TERM"
+
+
+class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
+    deadline: float | None = msgspec.field(default=None)
+    wait: bool = False
+
+
+def _query_flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", ""):
+        raise ValidationError(f"query parameter {name} must be true or false")
+    return value in ("1", "true", "yes", "")
+
+
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValidationError(f"query parameter {name} must be an integer, not {raw!r}") from e
+    if value < 0:
+        raise ValidationError(f"query parameter {name} must be >= 0")
+    return value
+
+
+# ---------------------------------------------------------------------- nodes
+
+
+@api_errors
+async def list_nodes(request: web.Request) -> web.Response:
+    return ok(list(_ctl(request).registry.snapshot().values()))
+
+
+@api_errors
+async def show_node(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    node = _ctl(request).registry.snapshot().get(name)
+    if node is None:
+        return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
+    return ok(node)
+
+
+@api_errors
+async def drain_node(request: web.Request) -> web.Response:
+    spec = await body(request, DrainBody)
+    if spec.deadline is not None and not 0 <= spec.deadline <= 86400:
+        raise ValidationError("deadline must be between 0 and 86400 seconds")
+    name = request.match_info["name"]
+    remaining = await _ctl(request).sessions.drain(name, spec.deadline, spec.wait)
+    return ok({"node": name, "draining": True, "remaining": remaining})
+
+
+@api_errors
+async def undrain_node(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _ctl(request).sessions.set_draining(name, False)
+    return ok({"node": name, "draining": False})
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+@api_errors
+async def create_session(request: web.Request) -> web.Response:
+    spec = await body(request, m.SessionSpec)
+    record, created = await _ctl(request).sessions.create(spec)
+    return ok(record, 201 if created else 200)
+
+
+@api_errors
+async def list_sessions(request: web.Request) -> web.Response:
+    q = request.query
+    states = {"live", *m.SessionState.__args__}  # type: ignore[attr-defined]
+    if q.get("state") and q["state"] not in states:
+        raise ValidationError(f"state must be one of {', '.join(sorted(states))}")
+    labels = {}
+    for item in q.getall("label", []):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValidationError(f"label filter {item!r} is not key=value")
+        labels[k] = v
+    return ok(_ctl(request).sessions.find(q.get("state"), q.get("node"), q.get("name"), labels))
+
+
+@api_errors
+async def show_session(request: web.Request) -> web.Response:
+    return ok(await _ctl(request).sessions.get(request.match_info["id"]))
+
+
+@api_errors
+async def signal_session(request: web.Request) -> web.Response:
+    spec = await body(request, SignalBody)
+    signum = parse_signal(spec.signal)
+    return ok(await _ctl(request).sessions.signal(request.match_info["id"], signum))
+
+
+@api_errors
+async def kill_session(request: web.Request) -> web.Response:
+    return ok(await _ctl(request).sessions.kill(request.match_info["id"]))
+
+
+@api_errors
+async def remove_session(request: web.Request) -> web.Response:
+    await _ctl(request).sessions.remove(request.match_info["id"])
+    return web.Response(status=204)
+
+
+@api_errors
+async def session_logs(request: web.Request) -> web.StreamResponse:
+    """NDJSON: ``{"t":"out","stream":..,"offset":..,"data":base64}`` lines, a
+    ``{"t":"truncated","from":a,"to":b}`` line for bytes dropped by the cap, and a final
+    ``{"t":"end",...}`` (the session ended) or ``{"t":"eof","offset":n}`` (no follow)."""
+    ctl = _ctl(request)
+    sid = request.match_info["id"]
+    start = _query_int(request, "from", 0)
+    follow = _query_flag(request, "follow") if "follow" in request.query else False
+    record = await ctl.sessions.get(sid)
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                       "Cache-Control": "no-store"})
+    await resp.prepare(request)
+    position = start
+
+    async def is_over() -> bool:
+        found = await ctl.sessions.store.get(sid)
+        return found is None or found[0].state in FINAL
+
+    async for item in outputlog.read(ctl.js, sid, start, follow=follow, is_over=is_over):
+        if isinstance(item, outputlog.Truncated):
+            line: dict[str, Any] = {"t": "truncated", "from": item.start, "to": item.end}
+        else:
+            line = {"t": "out", "stream": item.stream, "offset": item.offset, "data": item.data}
+            position = item.offset + len(item.data)
+        await resp.write(msgspec.json.encode(line) + b"\n")
+    record = await ctl.sessions.get(sid)
+    if record.state in FINAL and (follow or position >= record.output_bytes):
+        end = {"t": "end", "offset": position, "state": record.state,
+               "exit_code": record.exit_code, "signal": record.signal, "reason": record.reason}
+        await resp.write(msgspec.json.encode(end) + b"\n")
+    else:
+        await resp.write(msgspec.json.encode({"t": "eof", "offset": position}) + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------------- attach
+
+
+ATTACHED_EVERY = 2.0
+
+
+async def attach_session(request: web.Request) -> web.StreamResponse:
+    """WebSocket: output replayed from ``?from=`` then live; input, resize from the client.
+
+    Text frames are JSON control messages (hello, truncated, exit, error; resize from the
+    client), binary frames are output (server -> client) or input (client -> server)."""
+    ctl = _ctl(request)
+    if not origin_ok(request, ctl.cfg.origins):
+        return error_json(403, "WebSocket origin not allowed")
+    sid = request.match_info["id"]
+    allowed = request.get("session_scope")
+    if allowed is not None and allowed != sid:
+        return error_json(403, "this terminal link is for another session")
+    try:
+        start = _query_int(request, "from", 0)
+        record = await ctl.sessions.get(sid)
+    except ShoalError as e:
+        return error_json(e.status, e.message)
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1 << 20)
+    await ws.prepare(request)
+    await ws.send_str(msgspec.json.encode({"t": "hello", "session": sid, "offset": start,
+                                           "state": record.state}).decode())
+    control = subjects.session_control(sid)
+    attached = m.pack(m.SessionAttached())
+
+    async def keep_attached() -> None:
+        while True:
+            await ctl.nc.publish(control, attached)
+            await asyncio.sleep(ATTACHED_EVERY)
+
+    async def pump_output() -> None:
+        async def is_over() -> bool:
+            found = await ctl.sessions.store.get(sid)
+            return found is None or found[0].state in FINAL
+
+        async for item in outputlog.read(ctl.js, sid, start, follow=True, is_over=is_over):
+            if isinstance(item, outputlog.Truncated):
+                await ws.send_str(msgspec.json.encode(
+                    {"t": "truncated", "from": item.start, "to": item.end}).decode())
+            else:
+                await ws.send_bytes(item.data)
+        final = await ctl.sessions.get(sid)
+        await ws.send_str(msgspec.json.encode(
+            {"t": "exit", "state": final.state, "code": final.exit_code,
+             "signal": final.signal, "reason": final.reason}).decode())
+
+    async def pump_input() -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await ctl.nc.publish(control, m.pack(m.SessionInput(data=msg.data)))
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                try:
+                    frame = msgspec.json.decode(msg.data, type=_ClientControl)
+                except msgspec.DecodeError:
+                    continue
+                if frame.t == "resize" and frame.cols and frame.rows:
+                    await ctl.nc.publish(control, m.pack(m.SessionResize(
+                        cols=max(1, min(frame.cols, 10000)), rows=max(1, min(frame.rows, 10000)))))
+                elif frame.t == "eof":
+                    await ctl.nc.publish(control, m.pack(m.SessionInput(data=b"", eof=True)))
+
+    tasks = [asyncio.create_task(t()) for t in (keep_attached, pump_output, pump_input)]
+    try:
+        await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ws.close()
+    return ws
+
+
+class _ClientControl(msgspec.Struct):
+    t: str
+    cols: int = 0
+    rows: int = 0
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/nodes", list_nodes)
+    r.add_get("/api/v1/nodes/{name}", show_node)
+    r.add_post("/api/v1/nodes/{name}/drain", drain_node)
+    r.add_post("/api/v1/nodes/{name}/undrain", undrain_node)
+    r.add_post("/api/v1/sessions", create_session)
+    r.add_get("/api/v1/sessions", list_sessions)
+    r.add_get("/api/v1/sessions/{id}", show_session)
+    r.add_delete("/api/v1/sessions/{id}", remove_session)
+    r.add_post("/api/v1/sessions/{id}/signal", signal_session)
+    r.add_post("/api/v1/sessions/{id}/kill", kill_session)
+    r.add_get("/api/v1/sessions/{id}/logs", session_logs)
+    r.add_get("/api/v1/sessions/{id}/attach", attach_session)

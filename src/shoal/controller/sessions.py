@@ -1,0 +1,247 @@
+"""The session service: what the HTTP and NATS APIs both call. No state of its own beyond
+caches of the buckets; every decision that matters is a compare-and-set on a record or an
+agent saying yes or no."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+
+from .. import messages as m
+from .. import outputlog, placement, subjects
+from ..errors import ConflictError, NotFoundError, RemoteTimeout, ValidationError
+from ..sessionstate import FINAL, LIVE
+from ..sessionstore import SessionCache, SessionStore
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+    from .registry import NodeRegistry
+
+log = logging.getLogger(__name__)
+
+AGENT_TIMEOUT = 5.0
+RECONCILE_EVERY = 2.0
+STALE_PENDING = 10.0  # a pending record nobody is placing after this long gets placed
+
+
+def validate(spec: m.SessionSpec) -> None:
+    if (spec.command is None) == (spec.shell is None):
+        raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
+    if spec.user not in ("agent", "ephemeral"):
+        raise ValidationError(f"user {spec.user!r}: use 'agent' or 'ephemeral'")
+
+
+class SessionService:
+    def __init__(self, nc: NatsClient, js: JetStreamContext, store: SessionStore,
+                 cache: SessionCache, registry: NodeRegistry, retention: float) -> None:
+        self.nc = nc
+        self.js = js
+        self.store = store
+        self.cache = cache
+        self.registry = registry
+        self.retention = retention
+        self._placing: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._reconcile_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, spec: m.SessionSpec) -> tuple[m.SessionRecord, bool]:
+        """Create and place a session; with a known ``id``, return the first one instead."""
+        validate(spec)
+        nodes = self.registry.snapshot()
+        if spec.node is not None and spec.node not in nodes:
+            raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
+        sid = spec.id or "s-" + secrets.token_hex(6)
+        record = m.SessionRecord(id=sid, spec=msgspec.structs.replace(spec, id=sid),
+                                 name=spec.name or sid, created=time.time())
+        record, created = await self.store.create(record)
+        if not created:
+            return record, False
+        return await self.place(record), True
+
+    async def place(self, record: m.SessionRecord) -> m.SessionRecord:
+        """Offer the session to candidate nodes until one takes it."""
+        self._placing.add(record.id)
+        try:
+            reasons: list[str] = []
+            for node in placement.candidates(record.spec, self.registry.snapshot()):
+                reply = await self._ask(node, "start", m.SessionStart(id=record.id))
+                if reply.ok:
+                    found = await self.store.get(record.id)
+                    return found[0] if found else record
+                reasons.append(reply.reason)
+                current = await self.store.get(record.id)
+                if current is None or current[0].state != "pending":
+                    return current[0] if current else record
+            why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
+            failed = await self.store.move(record.id, "failed",
+                                           reason=f"no node has room ({why})")
+            return failed or record
+        finally:
+            self._placing.discard(record.id)
+
+    async def _ask(self, node: str, op: str, msg: msgspec.Struct) -> m.SessionStartReply:
+        try:
+            reply = await self.nc.request(subjects.agent_session(node, op), m.pack(msg),
+                                          timeout=AGENT_TIMEOUT)
+            return m.unpack(reply.data, m.SessionStartReply)
+        except nats.errors.NoRespondersError:
+            return m.SessionStartReply(ok=False, reason=f"node {node} is not answering")
+        except nats.errors.TimeoutError:
+            return m.SessionStartReply(ok=False, reason=f"node {node} timed out")
+
+    # ------------------------------------------------------------------ read
+
+    async def get(self, sid: str) -> m.SessionRecord:
+        found = await self.store.get(sid)
+        if found is None:
+            raise NotFoundError(f"no session {sid!r}; `shoal session list` shows them")
+        return found[0]
+
+    def find(self, state: str | None = None, node: str | None = None, name: str | None = None,
+             labels: dict[str, str] | None = None) -> list[m.SessionRecord]:
+        out = []
+        for r in self.cache.records.values():
+            if state and r.state != state and not (state == "live" and r.state in LIVE):
+                continue
+            if node and r.node != node:
+                continue
+            if name and r.name != name:
+                continue
+            if labels and any(r.spec.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(r)
+        out.sort(key=lambda r: r.created)
+        return out
+
+    # ------------------------------------------------------------------ change
+
+    async def signal(self, sid: str, signum: int) -> m.SessionRecord:
+        record = await self.get(sid)
+        if record.state in FINAL:
+            raise ConflictError(f"session {sid} has already ended ({record.state})")
+        if not record.node:
+            raise ConflictError(f"session {sid} is {record.state}: not running on a node yet")
+        reply = await self._ask(record.node, "signal", m.SessionSignal(id=sid, signum=signum))
+        if not reply.ok:
+            raise ConflictError(f"session {sid} is not running on {record.node}")
+        return record
+
+    async def kill(self, sid: str, reason: str = "killed on request",
+                   reschedule: bool = False) -> m.SessionRecord:
+        record = await self.get(sid)
+        if record.state in FINAL:
+            return record
+        if record.node:
+            reply = await self._ask(record.node, "signal",
+                                    m.SessionSignal(id=sid, kill=True, reason=reason,
+                                                    reschedule=reschedule))
+            if reply.ok:
+                return await self.get(sid)
+        # Not placed yet, or its node does not know it: end the record directly.
+        moved = await self.store.move(sid, "killed", reason=reason)
+        return moved or await self.get(sid)
+
+    async def wait_final(self, sid: str, timeout: float) -> m.SessionRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.get(sid)
+            if record.state in FINAL or time.monotonic() > deadline:
+                return record
+            await asyncio.sleep(0.1)
+
+    async def remove(self, sid: str, grace: float = 15.0) -> None:
+        record = await self.get(sid)
+        if record.state not in FINAL:
+            await self.kill(sid, "removed")
+            record = await self.wait_final(sid, grace)
+            if record.state not in FINAL:
+                raise RemoteTimeout(f"session {sid} did not end within {grace:g}s; try again")
+        await self.store.delete(sid)
+        await outputlog.purge(self.js, sid)
+
+    # ------------------------------------------------------------------ nodes
+
+    async def set_draining(self, node: str, draining: bool) -> None:
+        if node not in self.registry.snapshot():
+            raise NotFoundError(f"no node named {node!r}; `shoal nodes` lists them")
+        reply = await self._ask(node, "drain", m.SessionStartReply(ok=draining))
+        if not reply.ok:
+            raise ConflictError(f"node {node} did not accept the drain: {reply.reason}")
+
+    async def drain(self, node: str, deadline: float | None, wait: bool) -> list[str]:
+        """Stop placements on ``node``; at the deadline end what still runs there (daemons
+        with a restart policy start again elsewhere). Returns the sessions left running."""
+        await self.set_draining(node, True)
+        if deadline is None and not wait:
+            return [r.id for r in self.find(node=node, state="live")]
+        task = asyncio.create_task(self._drain_until(node, deadline))
+        if wait:
+            await task
+        return [r.id for r in self.find(node=node, state="live")]
+
+    async def _drain_until(self, node: str, deadline: float | None) -> None:
+        end = time.monotonic() + deadline if deadline is not None else None
+        while self.find(node=node, state="live"):
+            if end is not None and time.monotonic() >= end:
+                for r in self.find(node=node, state="live"):
+                    await self.kill(r.id, f"node {node} drained", reschedule=True)
+                end = None
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ reconciler
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_EVERY)
+            try:
+                await self.reconcile()
+            except Exception as e:
+                log.warning("reconcile failed: %s", e)
+
+    async def reconcile(self) -> None:
+        """Sessions on nodes that went down become lost (daemons with a restart policy are
+        rescheduled); pending sessions nobody placed get placed; old records are purged."""
+        nodes = self.registry.snapshot()
+        now = time.time()
+        for r in list(self.cache.records.values()):
+            if r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
+                    and nodes[r.node].state == "down":
+                if r.spec.restart != "never":
+                    await self.store.move(r.id, "pending", node="", pid=0, ports=[],
+                                          restarts=r.restarts + 1,
+                                          reason=f"rescheduling: node {r.node} lost")
+                else:
+                    await self.store.move(r.id, "lost", reason=f"node {r.node} lost")
+            elif (r.state == "pending" and not r.node and r.id not in self._placing
+                  and now - max(r.created, r.ended) > STALE_PENDING
+                  or r.state == "pending" and r.reason.startswith("rescheduling")
+                  and r.id not in self._placing):
+                asyncio.create_task(self.place(r))
+            elif r.state in FINAL and r.ended and now - r.ended > self.retention:
+                await self.store.delete(r.id)
+                await outputlog.purge(self.js, r.id)
+
+
+def _no_candidates_reason(spec: m.SessionSpec) -> str:
+    if spec.node:
+        return f"node {spec.node} is not ready or is full"
+    if spec.selector:
+        return "no ready node with free capacity matches the selector"
+    return "every node is full, draining or down"

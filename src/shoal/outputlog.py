@@ -1,0 +1,210 @@
+"""Durable session output in a JetStream stream, addressable by byte offset.
+
+Every session has one subject, ``shoal.out.<id>``, holding msgpack ``OutputChunk``s whose
+offsets count the session's bytes across its streams. After the last chunk the agent writes
+an end marker (stream ``end``). A per-session cap keeps the newest bytes: when a session has
+written more than the cap, its oldest chunks are purged, and a reader that asks for them is
+told so (``Truncated``) before it gets what is still kept.
+
+Writers keep at most ``window`` bytes unacknowledged by JetStream: past that they report
+``blocked`` and the agent stops reading the process's pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+STREAM = "shoal-output"
+DEFAULT_CAP = 256 << 20
+END = "end"
+
+
+def subject(session_id: str) -> str:
+    return f"shoal.out.{session_id}"
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True):
+    stream: str  # stdout, stderr, pty, or "end"
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """Bytes ``start``..``end`` were dropped by the cap; reading resumes at ``end``."""
+
+    start: int
+    end: int
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Chunk).decode
+
+
+async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30) -> None:
+    config = StreamConfig(name=STREAM, subjects=["shoal.out.*"], storage=StorageType.FILE,
+                          max_bytes=max_bytes, discard=DiscardPolicy.OLD,
+                          max_msg_size=4 << 20)
+    try:
+        await js.stream_info(STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config=config)
+
+
+class OutputWriter:
+    """Appends a session's output to the stream with bounded unacknowledged bytes."""
+
+    def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
+                 window: int = 8 << 20, start_offset: int = 0) -> None:
+        self.js = js
+        self.subject = subject(session_id)
+        self.cap = cap
+        self.window = window
+        self.offset = start_offset  # next byte's offset
+        self.inflight = 0
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
+        self._kept: deque[tuple[int, int]] = deque()  # (end offset, stream seq) of chunks
+        self._pending: set[asyncio.Future[None]] = set()
+        self._purging = False
+        self.on_unblock: Callable[[], None] | None = None
+        self.failed: BaseException | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.inflight >= self.window
+
+    def write(self, stream: str, data: bytes) -> None:
+        """Queue a chunk (synchronous: called from a pipe's reader callback)."""
+        chunk = Chunk(stream, self.offset, data)
+        self.offset += len(data)
+        self.inflight += len(data)
+        task = asyncio.ensure_future(self._publish(chunk))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, chunk: Chunk) -> None:
+        size = len(chunk.data)
+        end = chunk.offset + size
+        for attempt in range(1, 60):
+            try:
+                fut = await self.js.publish_async(self.subject, _encode(chunk))
+                ack = await fut
+                break
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
+                    nats.js.errors.Error, nats.errors.NoRespondersError) as e:
+                # NATS restarting or a partition: retry, output stays in our bounded buffer.
+                log.warning("output publish failed (%s); retry %d", e, attempt)
+                await asyncio.sleep(min(2.0, 0.1 * attempt))
+        else:
+            self.failed = RuntimeError("could not store output")
+            return
+        self.inflight -= size
+        if size:
+            self._kept.append((end, ack.seq))
+        was_blocked = self.inflight + size >= self.window
+        if was_blocked and not self.blocked and self.on_unblock is not None:
+            self.on_unblock()
+        await self._enforce_cap()
+
+    async def _enforce_cap(self) -> None:
+        if self._purging or not self._kept:
+            return
+        oldest_allowed = self.offset - self.cap
+        drop_seq = 0
+        # Purge whole chunks that end before the newest ``cap`` bytes; batch by 10% of cap.
+        while self._kept and self._kept[0][0] <= oldest_allowed:
+            drop_seq = self._kept.popleft()[1]
+        if not drop_seq:
+            return
+        self._purging = True
+        try:
+            await self.js.purge_stream(STREAM, subject=self.subject, seq=drop_seq + 1)
+        except Exception as e:
+            log.warning("output purge failed: %s", e)
+        finally:
+            self._purging = False
+
+    async def flush(self) -> None:
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Flush and write the end marker."""
+        await self.flush()
+        self.write(END, b"")
+        await self.flush()
+
+
+async def purge(js: JetStreamContext, session_id: str) -> None:
+    try:
+        await js.purge_stream(STREAM, subject=subject(session_id))
+    except Exception as e:
+        log.warning("could not purge output of %s: %s", session_id, e)
+
+
+async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
+               is_over: Callable[[], Awaitable[bool]] | None = None,
+               batch: int = 32) -> AsyncIterator[Chunk | Truncated]:
+    """Chunks from byte ``start`` on (the first one sliced to begin exactly there).
+
+    Without ``follow`` it stops at what is stored now; with it, it waits for more until the
+    end marker, or until ``is_over()`` says the session ended without one (node lost).
+    """
+    sub = await js.pull_subscribe(
+        subject(session_id), stream=STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+                              inactive_threshold=60.0, mem_storage=True))
+    position = start
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
+            except nats.errors.TimeoutError:
+                msgs = []
+            for msg in msgs:
+                chunk = _decode(msg.data)
+                if chunk.stream == END:
+                    return
+                end = chunk.offset + len(chunk.data)
+                if end <= position:
+                    continue
+                if chunk.offset > position:  # purged by the cap before we got there
+                    yield Truncated(position, chunk.offset)
+                    position = chunk.offset
+                skip = position - chunk.offset
+                yield Chunk(chunk.stream, position, chunk.data[skip:] if skip else chunk.data)
+                position = end
+            if msgs:
+                continue
+            if not follow:
+                return
+            if is_over is not None and await is_over():
+                return
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass

@@ -1,0 +1,139 @@
+"""Session records in the JetStream key-value bucket, changed only by compare-and-set.
+
+Agents and controllers both write records; every write reads the current revision, checks
+the transition against ``shoal.sessionstate`` and updates only if nobody wrote in between
+(else it reads again). So two writers can never both win, and a final state never changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.js.errors
+
+from .messages import SessionRecord, SessionState
+from .sessionstate import can_move, is_final
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+_decode = msgspec.json.Decoder(SessionRecord).decode
+_encode = msgspec.json.Encoder().encode
+
+Change = Callable[[SessionRecord], SessionRecord | None]
+
+
+class SessionStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, session_id: str) -> tuple[SessionRecord, int] | None:
+        try:
+            entry = await self.kv.get(session_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return _decode(entry.value), entry.revision
+
+    async def create(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
+        """Store a new record; if the id exists, return the existing one (idempotency)."""
+        while True:
+            try:
+                await self.kv.create(record.id, _encode(record))
+                return record, True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                found = await self.get(record.id)
+                if found is not None:
+                    return found[0], False
+                # deleted in between: try again
+
+    async def update(self, session_id: str, change: Change) -> SessionRecord | None:
+        """Apply ``change`` with compare-and-set; ``change`` returns None to leave it be."""
+        for _ in range(100):
+            found = await self.get(session_id)
+            if found is None:
+                return None
+            current, rev = found
+            new = change(current)
+            if new is None:
+                return None
+            if new.state != current.state and not can_move(current.state, new.state):
+                return None
+            try:
+                await self.kv.update(session_id, _encode(new), last=rev)
+                return new
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise RuntimeError(f"session {session_id}: too many concurrent writers")
+
+    async def move(self, session_id: str, state: SessionState,
+                   **fields: Any) -> SessionRecord | None:
+        """Move to ``state`` (if legal from the current one) and set ``fields``."""
+        def change(r: SessionRecord) -> SessionRecord | None:
+            if is_final(r.state) or (r.state != state and not can_move(r.state, state)):
+                return None
+            if is_final(state):
+                fields.setdefault("ended", time.time())
+            return msgspec.structs.replace(r, state=state, **fields)
+
+        return await self.update(session_id, change)
+
+    async def delete(self, session_id: str) -> None:
+        try:
+            await self.kv.purge(session_id)
+        except nats.js.errors.KeyNotFoundError:
+            pass
+
+
+class SessionCache:
+    """Every record, kept current by watching the bucket (for lists and the reconciler)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.records: dict[str, SessionRecord] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.changed = asyncio.Condition()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+        try:
+            await asyncio.wait_for(self._ready.wait(), 10)
+        except TimeoutError:
+            log.warning("sessions bucket slow to load; continuing")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                watcher = await self.kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._ready.set()
+                        continue
+                    if entry.operation in (None, "PUT") and entry.value:
+                        try:
+                            self.records[entry.key] = _decode(entry.value)
+                        except msgspec.DecodeError:
+                            continue
+                    else:
+                        self.records.pop(entry.key, None)
+                    async with self.changed:
+                        self.changed.notify_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("sessions watch failed (%s); retrying", e)
+                await asyncio.sleep(1.0)

@@ -1,0 +1,313 @@
+// The dashboard, /: nodes (with a CPU chart) and sessions, polled every 2 s.
+// The page is cookie-authenticated, so plain fetch() calls suffice. The DOM is built with
+// textContent only (no innerHTML from data) and there are no inline handlers, for CSP.
+"use strict";
+
+(() => {
+  const POLL_MS = 2000;
+  const WINDOW_S = 300; // the chart shows the last 5 minutes
+  const GAP_S = 10;     // a longer pause between two samples breaks the line
+  const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f778ba", "#a371f7", "#ff7b72",
+                  "#39c5cf", "#e3b341", "#8b949e", "#56d364", "#79c0ff", "#ffa657"];
+
+  const $ = (id) => document.getElementById(id);
+  const nodesBody = document.querySelector("#nodes tbody");
+  const sessionsBody = document.querySelector("#sessions tbody");
+  const canvas = $("cpu-chart");
+  const stateFilter = $("f-state");
+  const textFilter = $("f-text");
+
+  const history = new Map(); // node name -> [[unix seconds, cpu %], ...]
+  const colors = new Map();  // node name -> color, stable while the page is open
+  let nodes = [];
+  let sessions = [];
+  let timer = null;
+  let generation = 0; // only the latest refresh() applies its results and re-arms the timer
+
+  // ---- helpers -------------------------------------------------------------------------
+
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else node[key] = value;
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) {
+        node.append(child instanceof Node ? child : String(child));
+      }
+    }
+    return node;
+  }
+
+  function td(content, className = "") {
+    return el("td", { className }, content);
+  }
+
+  function badge(state) {
+    return el("span", { className: `badge s-${state}` }, state);
+  }
+
+  function duration(seconds) {
+    if (!(seconds >= 0)) return "";
+    const s = Math.floor(seconds);
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+    return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
+  function ago(ts) {
+    return ts ? `${duration(Date.now() / 1000 - ts)} ago` : "";
+  }
+
+  function meter(percent) {
+    const p = Math.max(0, Math.min(100, Number(percent) || 0));
+    const fill = el("span", { className: `fill${p >= 90 ? " crit" : p >= 70 ? " hi" : ""}` });
+    fill.style.width = `${p}%`;
+    return el("span", { className: "meter" }, el("span", { className: "bar" }, fill), `${p.toFixed(0)}%`);
+  }
+
+  function colorOf(name) {
+    if (!colors.has(name)) colors.set(name, COLORS[colors.size % COLORS.length]);
+    return colors.get(name);
+  }
+
+  function showError(text) {
+    $("error").textContent = text || "";
+    $("error").hidden = !text;
+  }
+
+  async function getJSON(url, options) {
+    const resp = await fetch(url, { credentials: "same-origin", ...options });
+    if (!resp.ok) {
+      let message = resp.statusText;
+      try {
+        const body = await resp.json();
+        message = body.message || body.error || message;
+      } catch { /* not JSON */ }
+      const err = new Error(`${resp.status} ${message}`);
+      err.status = resp.status;
+      throw err;
+    }
+    return resp.status === 204 ? null : resp.json();
+  }
+
+  // ---- nodes ---------------------------------------------------------------------------
+
+  function renderNodes() {
+    $("node-count").textContent = nodes.length ? `(${nodes.length})` : "";
+    const rows = nodes.map((n) => {
+      const load = n.load || {};
+      const labels = Object.entries(n.labels || {}).map(([k, v]) => el("span", { className: "label" }, `${k}=${v}`));
+      const swatch = el("span", { className: "swatch" });
+      swatch.style.background = colorOf(n.name);
+      const name = el("td", { className: "mono" }, swatch, n.name);
+      name.title = n.hostname || "";
+      return el("tr", {},
+        name,
+        td(badge(n.state)),
+        td(n.capacity ? `${n.sessions} / ${n.capacity}` : String(n.sessions ?? ""), "num"),
+        td((load.load1 ?? 0).toFixed(2), "num"),
+        td(meter(load.cpu_percent)),
+        td(meter(load.mem_percent)),
+        td(n.address || "", "mono wide"),
+        td(n.version || "", "wide"),
+        el("td", { className: "wide" }, ...labels),
+        td(ago(n.last_seen), "muted"));
+    });
+    if (!rows.length) rows.push(el("tr", {}, el("td", { className: "empty", colSpan: 10 }, "no nodes")));
+    nodesBody.replaceChildren(...rows);
+  }
+
+  function recordCpu(now) {
+    for (const n of nodes) {
+      if (n.state === "down") continue;
+      if (!history.has(n.name)) history.set(n.name, []);
+      history.get(n.name).push([now, Number(n.load?.cpu_percent) || 0]);
+    }
+    for (const [name, points] of history) {
+      while (points.length && points[0][0] < now - WINDOW_S) points.shift();
+      if (!points.length) history.delete(name);
+    }
+  }
+
+  function drawChart() {
+    const dpr = window.devicePixelRatio || 1;
+    const w = canvas.clientWidth;
+    const h = canvas.clientHeight;
+    if (!w || !h) return;
+    canvas.width = Math.round(w * dpr);
+    canvas.height = Math.round(h * dpr);
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, w, h);
+
+    const left = 34, right = 6, top = 6, bottom = 18;
+    const pw = w - left - right, ph = h - top - bottom;
+    const now = Date.now() / 1000;
+    const x = (t) => left + ((t - (now - WINDOW_S)) / WINDOW_S) * pw;
+    const y = (v) => top + (1 - Math.max(0, Math.min(100, v)) / 100) * ph;
+
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.fillStyle = "#8b949e";
+    ctx.strokeStyle = "#30363d";
+    ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    for (const v of [0, 25, 50, 75, 100]) {
+      const yy = Math.round(y(v)) + 0.5;
+      ctx.beginPath();
+      ctx.moveTo(left, yy);
+      ctx.lineTo(w - right, yy);
+      ctx.stroke();
+      ctx.fillText(`${v}%`, left - 4, yy);
+    }
+    ctx.textBaseline = "top";
+    for (const m of [5, 4, 3, 2, 1, 0]) {
+      ctx.textAlign = m === 5 ? "left" : m === 0 ? "right" : "center";
+      ctx.fillText(m ? `-${m}m` : "now", x(now - m * 60), h - bottom + 4);
+    }
+
+    ctx.lineWidth = 1.5;
+    ctx.lineJoin = "round";
+    for (const [name, points] of history) {
+      ctx.strokeStyle = colorOf(name);
+      ctx.beginPath();
+      let prev = null;
+      for (const [t, v] of points) {
+        if (prev === null || t - prev > GAP_S) ctx.moveTo(x(t), y(v));
+        else ctx.lineTo(x(t), y(v));
+        prev = t;
+      }
+      ctx.stroke();
+      if (points.length === 1) { // a lone sample: draw a dot
+        ctx.fillStyle = colorOf(name);
+        ctx.fillRect(x(points[0][0]) - 1.5, y(points[0][1]) - 1.5, 3, 3);
+      }
+    }
+
+    const legend = [...history.keys()].sort().map((name) => {
+      const item = el("li", {}, name);
+      item.style.setProperty("--swatch", colorOf(name));
+      return item;
+    });
+    $("legend").replaceChildren(...legend);
+  }
+
+  // ---- sessions ------------------------------------------------------------------------
+
+  function exitText(s) {
+    const parts = [];
+    if (s.exit_code !== null && s.exit_code !== undefined) parts.push(`code ${s.exit_code}`);
+    if (s.signal) parts.push(`signal ${s.signal}`);
+    if (s.reason) parts.push(s.reason);
+    return parts.join(", ");
+  }
+
+  function renderSessions() {
+    const needle = textFilter.value.trim().toLowerCase();
+    const shown = sessions.filter((s) => !needle ||
+      [s.name, s.node, s.id].some((v) => (v || "").toLowerCase().includes(needle)));
+    $("session-count").textContent = sessions.length
+      ? `(${shown.length}${shown.length !== sessions.length ? ` of ${sessions.length}` : ""})` : "";
+    const now = Date.now() / 1000;
+    const rows = shown.map((s) => {
+      const actions = el("span", { className: "actions" });
+      if (s.state === "running") {
+        actions.append(
+          el("a", { href: `/t/${encodeURIComponent(s.id)}`, target: "_blank", rel: "noopener" },
+             "open terminal"),
+          el("button", { type: "button", className: "kill", dataset: { kill: s.id, name: s.name || s.id } },
+             "kill"));
+      }
+      const runtime = s.started ? duration((s.ended || now) - s.started) : "";
+      const idCell = td(String(s.id).slice(0, 12), "mono");
+      idCell.title = s.id;
+      return el("tr", {},
+        idCell,
+        td(s.name || ""),
+        td(badge(s.state)),
+        td(s.node || "", "mono"),
+        td(s.pid ?? "", "num wide"),
+        td(s.user || "", "wide"),
+        td(ago(s.started || s.created), "muted"),
+        td(runtime, "num"),
+        td(exitText(s)),
+        td(s.restarts || 0, "num wide"),
+        td((s.ports || []).join(", "), "mono wide"),
+        td(actions));
+    });
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { className: "empty", colSpan: 12 },
+                                sessions.length ? "no session matches the filter" : "no sessions")));
+    }
+    sessionsBody.replaceChildren(...rows);
+  }
+
+  // ---- polling -------------------------------------------------------------------------
+
+  async function refresh() {
+    clearTimeout(timer);
+    const mine = ++generation;
+    const query = stateFilter.value ? `?${new URLSearchParams({ state: stateFilter.value })}` : "";
+    try {
+      const [n, s] = await Promise.all([getJSON("/api/v1/nodes"), getJSON(`/api/v1/sessions${query}`)]);
+      if (mine !== generation) return;
+      nodes = [...n].sort((a, b) => a.name.localeCompare(b.name));
+      sessions = [...s].sort((a, b) => (b.created || 0) - (a.created || 0));
+      recordCpu(Date.now() / 1000);
+      renderNodes();
+      renderSessions();
+      showError("");
+      $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    } catch (err) {
+      if (mine !== generation) return;
+      showError(err.status === 401
+        ? "not signed in: open the login URL that `shoal up` printed (it has ?token=…)"
+        : `cannot reach the controller: ${err.message}`);
+    }
+    drawChart();
+    if (!document.hidden) timer = setTimeout(refresh, POLL_MS);
+  }
+
+  async function loadTerminalInfo() {
+    try {
+      const info = await getJSON("/api/v1/terminal/info");
+      if (info && info.warning) {
+        $("warning").textContent = `Terminals: ${info.warning}`;
+        $("warning").hidden = false;
+      }
+    } catch { /* older controller: no warning to show */ }
+  }
+
+  sessionsBody.addEventListener("click", async (ev) => {
+    const button = ev.target.closest("button[data-kill]");
+    if (!button) return;
+    const { kill: id, name } = button.dataset;
+    if (!confirm(`Kill session ${name}${name !== id ? ` (${id})` : ""}?`)) return;
+    button.disabled = true;
+    try {
+      await getJSON(`/api/v1/sessions/${encodeURIComponent(id)}/kill`, { method: "POST" });
+      showError("");
+    } catch (err) {
+      showError(`kill ${id} failed: ${err.message}`);
+    }
+    refresh();
+  });
+  stateFilter.addEventListener("change", refresh);
+  textFilter.addEventListener("input", renderSessions);
+  $("filters").addEventListener("submit", (ev) => ev.preventDefault());
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+  window.addEventListener("resize", drawChart);
+
+  window.shoalDashboard = {
+    refresh,
+    nodes: () => nodes,
+    sessions: () => sessions,
+    history: () => history,
+  };
+
+  loadTerminalInfo();
+  refresh();
+})();
