@@ -115,9 +115,9 @@ class Fleet:
 def processes_with_env(key: str, value: str) -> list[psutil.Process]:
     """Live processes whose environment has key=value (how we find a run's processes)."""
     found = []
-    for p in psutil.process_iter():
+    for p in psutil.process_iter(["cmdline", "name", "status"]):
         try:
-            if p.status() == psutil.STATUS_ZOMBIE:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             if p.environ().get(key) == value:
                 found.append(p)

@@ -10,6 +10,8 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
+
 from fleet import Fleet, processes_with_env, wait_for
 
 
@@ -21,7 +23,14 @@ def _stubborn_run(fleet: Fleet, node: str, marker: str) -> subprocess.Popen[str]
 
 
 def _sleepers(node: str) -> list[object]:
-    return [p for p in processes_with_env("SHOAL_NODE", node) if p.name() in ("sleep", "sh")]
+    found = []
+    for p in processes_with_env("SHOAL_NODE", node):
+        try:
+            if p.name() in ("sleep", "sh"):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_sigterm_ends_runs_that_ignore_sigterm(fleet: Fleet) -> None:

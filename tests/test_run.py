@@ -217,4 +217,4 @@ def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:
     # The agent ends the whole process group once the leader exits and output is done.
     assert "started" in r.stdout
     wait_for(lambda: not [p for p in processes_with_env("SHOAL_NODE", "node-1")
-                          if "sleep" in p.name()])
+                          if "sleep" in " ".join(p.info.get("cmdline") or [])])
