@@ -97,6 +97,22 @@ class Fleet:
             self.wait_nodes([name])
         return p
 
+    def controller(self, port: int = 0, timeout: float = 20) -> tuple[subprocess.Popen[str], str]:
+        """Start one more controller process; returns it and its URL."""
+        log_path = self.home / f"controller-{time.monotonic_ns()}.log"
+        log = open(log_path, "w")  # noqa: SIM115
+        p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"shoal controller on (http://\S+)", log_path.read_text())
+            if found:
+                return p, found.group(1)
+            if p.poll() is not None:
+                raise RuntimeError(f"controller exited: {log_path.read_text()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"controller did not start: {log_path.read_text()}")
+
     def nodes(self) -> dict[str, dict[str, Any]]:
         r = self.shoal("nodes", "--json")
         assert r.returncode == 0, r.stderr

@@ -13,9 +13,10 @@ import click
 import msgspec
 
 from .. import messages as m
-from ..client import Client, LogChunk, LogEnd, LogTruncated
+from ..client import Client, LogChunk, LogEnd, LogEof, LogTruncated
 from ..config import parse_labels
 from ..errors import ShoalError
+from ..lines import LineSplitter
 from .main import arun, client_from, fail, main
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
@@ -194,12 +195,13 @@ async def _logs(client: Client, sid: str, start: int, follow: bool, until: str |
     out, err = sys.stdout.buffer, sys.stderr.buffer
     tail = b""
     needle = until.encode() if until else None
+    splitters: dict[str, LineSplitter] = {}
     async for ev in client.logs(sid, start, follow):
         if isinstance(ev, LogChunk):
             data = ev.data
             if skip_empty:
-                data = b"\n".join(ln for ln in data.split(b"\n") if ln.strip()) + (
-                    b"\n" if data.endswith(b"\n") else b"")
+                lines = splitters.setdefault(ev.stream, LineSplitter()).feed(data)
+                data = b"".join(ln for ln in lines if ln.strip())
             (err if ev.stream == "stderr" else out).write(data)
             (err if ev.stream == "stderr" else out).flush()
             if needle is not None:
@@ -210,7 +212,12 @@ async def _logs(client: Client, sid: str, start: int, follow: bool, until: str |
         elif isinstance(ev, LogTruncated):
             err.write(f"shoal: bytes {ev.start}-{ev.end} were dropped by the output cap\n"
                       .encode())
-        elif isinstance(ev, LogEnd) and follow and ev.state != "exited":
+        elif isinstance(ev, LogEnd | LogEof):
+            for stream, splitter in splitters.items():
+                rest = splitter.flush()
+                if rest and rest.strip():
+                    (err if stream == "stderr" else out).write(rest)
+        if isinstance(ev, LogEnd) and follow and ev.state != "exited":
             err.write(f"shoal: session {ev.state}: {ev.reason}\n".encode())
     return 1 if needle is not None else 0
 
