@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from .config import NatsConfig
 from .errors import AuthError, ConnectError
 from .outputlog import ensure_stream
+from .servicetypes import SERVICES_BUCKET
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Buckets:
         self.heartbeats = heartbeats
         self.registry = registry
         self.sessions = sessions
+        self.services: KeyValue | None = None  # set by ensure_buckets
 
 
 async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
@@ -130,7 +132,11 @@ async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
     sessions = await _ensure_kv(js, KeyValueConfig(bucket=SESSIONS_BUCKET, history=1,
                                                    storage=StorageType.FILE))
     await ensure_stream(js)
-    return Buckets(js, hb, reg, sessions)
+    buckets = Buckets(js, hb, reg, sessions)
+    # Service records (controllers only; agents never open it).
+    buckets.services = await _ensure_kv(js, KeyValueConfig(bucket=SERVICES_BUCKET, history=1,
+                                                           storage=StorageType.FILE))
+    return buckets
 
 
 async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 
 from . import messages as m
+from . import servicetypes as st
 from .config import ClientConfig, load, shoal_home
 from .errors import ConnectError, ProtocolError, RemoteTimeout, ShoalError, error_for_status
 
@@ -174,6 +175,44 @@ class Client:
             connect_timeout: float = 5.0) -> RunConnection:
         return RunConnection(self, m.RunStart(targets=targets, spec=spec,
                                               connect_timeout=connect_timeout))
+
+    # ------------------------------------------------------------------ services
+
+    async def create_service(self, spec: st.ServiceSpec | dict[str, Any]) -> st.ServiceView:
+        """Create a service (the same spec again is a no-op); returns its view."""
+        body = m.to_builtins(spec) if isinstance(spec, st.ServiceSpec) else spec
+        return msgspec.convert(await self.request("POST", "/api/v1/services", json=body),
+                               st.ServiceView)
+
+    async def services(self) -> list[st.ServiceView]:
+        return msgspec.convert(await self.request("GET", "/api/v1/services"),
+                               list[st.ServiceView])
+
+    async def service(self, name: str) -> st.ServiceView:
+        return msgspec.convert(await self.request("GET", f"/api/v1/services/{name}"),
+                               st.ServiceView)
+
+    async def scale_service(self, name: str, replicas: int) -> st.ServiceView:
+        data = await self.request("POST", f"/api/v1/services/{name}/scale",
+                                  json={"replicas": replicas})
+        return msgspec.convert(data, st.ServiceView)
+
+    async def drain_service(self, name: str, replica: str | None = None,
+                            deadline: float | None = None, wait: bool = False,
+                            ) -> st.ServiceView:
+        """Stop new clients for one replica (replaced) or the whole service (stopped)."""
+        data = await self.request("POST", f"/api/v1/services/{name}/drain",
+                                  json={"replica": replica, "deadline": deadline, "wait": wait})
+        return msgspec.convert(data, st.ServiceView)
+
+    async def remove_service(self, name: str, deadline: float | None = None) -> None:
+        params = {"deadline": str(deadline)} if deadline is not None else None
+        await self.request("DELETE", f"/api/v1/services/{name}", params=params)
+
+    async def best(self, name: str) -> st.Best:
+        """The replica a new client of ``name`` should use now."""
+        return msgspec.convert(await self.request("GET", f"/api/v1/services/{name}/best"),
+                               st.Best)
 
 
 class LogChunk(msgspec.Struct, tag="out", tag_field="t"):

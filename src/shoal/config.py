@@ -50,6 +50,13 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     node_ttl: float = 6.0  # a node with no heartbeat for this long is down
     origins: list[str] = []  # extra WebSocket origins to accept
     retention: float = 86400.0  # seconds a finished session's record and output are kept
+    public_terminals: bool = False  # /terminal open to anyone (rate-limited), not only to you
+    terminal_parking_url: str = ""  # where to send visitors when full, instead of a queue
+    terminal_command: list[str] = msgspec.field(default_factory=lambda: ["/bin/bash", "-l"])
+    terminal_detach_timeout: float = 30.0
+    terminal_idle_timeout: float = 1800.0
+    terminal_lifetime: float = 14400.0
+    terminal_rate: int = 6  # new terminals per minute per client address
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):
@@ -112,6 +119,11 @@ def to_toml(data: dict[str, Any]) -> str:
 _TABLES = ("nats",)
 
 
+def to_builtins(cfg: Struct) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(cfg)
+    return out
+
+
 def save(path: Path, cfg: Struct) -> None:
     write_secret_file(path, to_toml(msgspec.to_builtins(cfg)))
 
@@ -137,7 +149,9 @@ def _env_overrides(kind: type[Struct]) -> dict[str, Any]:
 def _parse_env(name: str, value: str) -> Any:
     if name == "labels":
         return parse_labels(value.split(",") if value else [])
-    if name == "origins":
+    if name in ("public_terminals",):
+        return value.lower() in ("1", "true", "yes", "on")
+    if name in ("origins", "terminal_command"):
         return [v for v in value.split(",") if v]
     return value
 

@@ -56,6 +56,7 @@ class NodeInfo(Struct, frozen=True):
     pid: int = 0
     started_at: float = 0.0
     last_seen: float = 0.0
+    isolation: bool = False  # the agent can run sessions as throwaway users (it is root)
 
 
 # --------------------------------------------------------------------------- runs

@@ -35,6 +35,8 @@ class UpOptions:
     host: str = "127.0.0.1"
     nats_url: str | None = None
     nats_port: int = 0
+    public_terminals: bool = False
+    parking_url: str = ""
 
 
 def _secrets(home: Path) -> tuple[str, NatsUsers]:
@@ -64,7 +66,11 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         ctl_nats = c.load(c.ControllerConfig, None, {"nats": {"url": opts.nats_url}}).nats
         agent_nats = ctl_nats
 
-    ctl_cfg = c.ControllerConfig(nats=ctl_nats, host=opts.host, port=opts.port, token=token)
+    # SHOAL_* environment settings (terminal timeouts, retention...) apply here too.
+    ctl_cfg = c.load(c.ControllerConfig, None, {
+        "nats": c.to_builtins(ctl_nats), "host": opts.host, "port": opts.port, "token": token,
+        "public_terminals": opts.public_terminals or None,
+        "terminal_parking_url": opts.parking_url or None})
     controller = Controller(ctl_cfg)
     agents: AgentHost | None = None
     try:
@@ -81,6 +87,8 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         print(f"shoal is up: {opts.agents} agent(s), NATS at "
               f"{server.url if server else opts.nats_url}", flush=True)
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
+        if opts.public_terminals:
+            print(f"  public terminals:  {controller.url}/terminal", flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)

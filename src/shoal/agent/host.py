@@ -163,6 +163,7 @@ class AgentHost:
             version=__version__,
             address=self.cfg.address or socket.gethostname(), hostname=socket.gethostname(),
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
+            isolation=os.geteuid() == 0,
         )
 
     _last_load = m.Load()

@@ -92,6 +92,7 @@ class Session:
         self._paused_eofs: dict[int, tuple[str, asyncio.Event]] = {}
         self.detached_from_record = False  # the fleet moved on: never write the record again
         self.reschedule = False
+        self.size = (record.spec.cols, record.spec.rows)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,7 +175,7 @@ class Session:
         if self.ports:
             env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
         cwd = spec.cwd or (self.user.home if self.user is not None else None)
-        self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=spec.cols, rows=spec.rows,
+        self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=self.size[0], rows=self.size[1],
                            stdin=spec.stdin or spec.tty, run_as=run_as)
         self.mgr.ledger.add(self.child.pid)
         loop = asyncio.get_running_loop()
@@ -213,10 +214,13 @@ class Session:
                                       reason=f"rescheduling: {self.kill_reason}",
                                       output_bytes=self.writer.offset, restarts=self.restarts + 1)
             return
-        await self.writer.close()
+        # Output first, then the final record, then the end marker: a reader that sees the
+        # marker finds the record final, and one that sees the record final has all output.
+        await self.writer.flush()
         await self.mgr.store.move(self.id, state, exit_code=exit_code, signal=signal,
                                   reason=reason, output_bytes=self.writer.offset,
                                   restarts=self.restarts)
+        await self.writer.close()
 
     async def _cleanup(self) -> None:
         if self._sub is not None:
@@ -292,6 +296,8 @@ class Session:
             return
         self.last_attached = time.monotonic()
         child = self.child
+        if isinstance(frame, m.SessionResize):
+            self.size = (frame.cols, frame.rows)  # also for a process not started yet
         if isinstance(frame, m.SessionAttached) or child is None:
             return
         if isinstance(frame, m.SessionResize):

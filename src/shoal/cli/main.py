@@ -75,15 +75,19 @@ def client_from(ctx: click.Context) -> Client:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
+@click.option("--public-terminals", is_flag=True,
+              help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
+@click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, host: str, nats_url: str | None,
-       verbose: bool) -> None:
+       public_terminals: bool, parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
     setup_logging(verbose)
     arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port, host=host,
-                          nats_url=nats_url)))
+                          nats_url=nats_url, public_terminals=public_terminals,
+                          parking_url=parking_url)))
 
 
 # ---------------------------------------------------------------------- daemons
@@ -146,17 +150,22 @@ def _check_names(names: list[str]) -> None:
 @click.option("--nats-user", help="NATS user.")
 @click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
 @click.option("--nats-creds", type=click.Path(), help="NATS .creds file.")
+@click.option("--public-terminals", is_flag=True, default=None,
+              help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
+@click.option("--parking-url", default=None, help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def controller(config_path: Path | None, host: str | None, port: int | None,
                nats_url: str | None, nats_user: str | None, nats_password: str | None,
-               nats_creds: str | None, verbose: bool) -> None:
+               nats_creds: str | None, public_terminals: bool | None, parking_url: str | None,
+               verbose: bool) -> None:
     """Run a controller (HTTP API, web UI, scheduler). Stateless: run as many as you like."""
     from ..controller.server import run_controller
 
     setup_logging(verbose)
     try:
         flags: dict[str, Any] = {
-            "host": host, "port": port,
+            "host": host, "port": port, "public_terminals": public_terminals,
+            "terminal_parking_url": parking_url,
             "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
                      "creds": nats_creds},
         }
@@ -301,4 +310,5 @@ def nodes_undrain(ctx: click.Context, name: str) -> None:
     arun(go())
 
 
-from . import session_cmds  # noqa: E402, F401  (registers its commands on `main`)
+from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)

@@ -1,19 +1,32 @@
-"""HTTP authentication: a bearer token for the API, a cookie for the browser.
+"""HTTP authentication: a bearer token for the API, a cookie for the browser, and terminal
+capabilities that open one session's page and socket and nothing else.
 
 ``/?token=...`` (the login URL ``shoal up`` prints) sets an HttpOnly cookie and redirects to
 the same page without the token, so it does not linger in the address bar or in history.
-Tokens are compared in constant time and never logged.
+A terminal link (``/t/ID?token=LINK``) trades its short-lived token for a cookie scoped to that
+session. Tokens are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
+from .. import tokens
+
 COOKIE = "shoal_token"
-PUBLIC_PATHS = frozenset({"/healthz"})
+TERMINAL_COOKIE = "shoal_t_"  # + session id
+PUBLIC_PATHS = frozenset({"/healthz", "/robots.txt", "/favicon.ico"})
+# Static assets (the page code and xterm.js) hold nothing secret.
+# /s/NAME/... is a service's own public traffic (redirected or proxied to its replicas,
+# which do their own auth); the shoal token must not be needed for it, nor sent along.
+PUBLIC_PREFIXES = ("/static/", "/s/")
+_TERMINAL_PATHS = re.compile(r"^/(?:t/([A-Za-z0-9_-]{1,64})|"
+                             r"api/v1/sessions/([A-Za-z0-9_-]{1,64})/attach)$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -33,24 +46,55 @@ def error_json(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
 
-def auth_middleware(token: str):  # type: ignore[no-untyped-def]
+def terminal_scope(request: web.Request, key: bytes) -> str | None:
+    """The session a terminal credential on this request opens, if any and if valid."""
+    found = _TERMINAL_PATHS.match(request.path)
+    if found is None:
+        return None
+    sid = found.group(1) or found.group(2)
+    for candidate in (request.query.get("token", ""),
+                      request.cookies.get(TERMINAL_COOKIE + sid, "")):
+        claims = tokens.verify(key, candidate) if candidate else None
+        if claims is not None and claims[0] == sid:
+            return sid
+    return None
+
+
+def auth_middleware(token: str, public_terminals: bool = False,
+                    terminal_lifetime: float = 14400.0) -> Callable[..., Awaitable[Any]]:
+    key = tokens.derive_key(token)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        path = request.path
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
         login = request.query.get("token")
-        if login is not None and request.method == "GET" and not request.path.startswith("/api/"):
-            if not token_ok(login, token):
-                return error_json(401, "the login token is wrong; use the URL shoal up printed")
+        if token_ok(request_token(request), token):
+            return await handler(request)
+        if login is not None and request.method == "GET" and token_ok(login, token) \
+                and not path.startswith("/api/"):
             resp = web.HTTPFound(request.rel_url.with_query(
                 {k: v for k, v in request.query.items() if k != "token"}))
             resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
                             secure=request.secure, max_age=30 * 86400)
             raise resp
-        if not token_ok(request_token(request), token):
-            return error_json(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'"
-                                   " (the token is in $SHOAL_HOME/client.toml)")
-        return await handler(request)
+        if public_terminals and path == "/terminal":
+            return await handler(request)
+        sid = terminal_scope(request, key)
+        if sid is not None:
+            request["session_scope"] = sid
+            response = await handler(request)
+            if path.startswith("/t/") and not response.prepared:
+                cookie = tokens.issue(key, sid, terminal_lifetime, kind="cookie")
+                response.set_cookie(TERMINAL_COOKIE + sid, cookie, httponly=True,
+                                    samesite="Strict", secure=request.secure,
+                                    max_age=int(terminal_lifetime))
+            return response
+        if login is not None:
+            return error_json(401, "the token in this link is wrong or has expired")
+        return error_json(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'"
+                               " (the token is in $SHOAL_HOME/client.toml)")
 
     return middleware
 

@@ -134,6 +134,9 @@ class NatsApi:
             "sessions.show": show, "sessions.signal": signal, "sessions.kill": kill,
             "sessions.remove": remove, "sessions.logs": logs,
         }
+        from .services_api import service_ops
+
+        self.ops.update(service_ops(ctl))
 
     async def start(self) -> None:
         for op in self.ops:

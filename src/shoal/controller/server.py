@@ -15,12 +15,17 @@ from .. import bus
 from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..sessionstore import SessionCache, SessionStore
+from ..web import static_dir
 from .api import add_routes
 from .auth import auth_middleware
 from .nats_api import NatsApi
+from .openapi import openapi_handler
 from .registry import NodeRegistry
 from .run_ws import handle_run
+from .services import ServiceManager
+from .services_api import add_service_routes
 from .sessions import SessionService
+from .terminals import TerminalPool, add_terminal_routes
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -44,6 +49,12 @@ class Controller:
         self.session_cache: SessionCache | None = None
         self.sessions: SessionService = None  # type: ignore[assignment]
         self.nats_api: NatsApi | None = None
+        self.services: ServiceManager = None  # type: ignore[assignment]
+        self.terminals: TerminalPool | None = None
+        try:
+            static_dir()  # fail at start, clearly, if the web files were not built
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from e
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
@@ -57,8 +68,13 @@ class Controller:
         self.sessions = SessionService(self.nc, self.js, SessionStore(self.buckets.sessions),
                                        self.session_cache, self.registry, self.cfg.retention)
         self.sessions.start()
+        assert self.buckets.services is not None
+        self.services = ServiceManager(self, self.buckets.services)
+        await self.services.start()
         self.nats_api = NatsApi(self)
         await self.nats_api.start()
+        self.terminals = TerminalPool(self)
+        await self.terminals.start()
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -83,6 +99,10 @@ class Controller:
             await self.runner.cleanup()
         if self.nats_api is not None:
             await self.nats_api.stop()
+        if self.terminals is not None:
+            await self.terminals.stop()
+        if self.services is not None:
+            await self.services.stop()
         if self.sessions is not None:
             await self.sessions.stop()
         if self.session_cache is not None:
@@ -93,12 +113,16 @@ class Controller:
             await bus.close(self.nc)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[auth_middleware(self.cfg.token)],
-                              client_max_size=1 << 20)
+        app = web.Application(middlewares=[auth_middleware(
+            self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime)],
+            client_max_size=1 << 20)
         app["controller"] = self
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/api/v1/run", handle_run)
+        app.router.add_get("/api/v1/openapi.json", openapi_handler)
         add_routes(app)
+        add_service_routes(app)
+        add_terminal_routes(app)
         return app
 
 
