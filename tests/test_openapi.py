@@ -164,8 +164,9 @@ def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
         raise AssertionError(f"{where}: matches no option: {errors}")
     if "enum" in schema:
         assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
-    kinds = {"object": dict, "array": list, "string": str, "boolean": bool,
-             "integer": int, "number": (int, float), "null": type(None)}
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "object": dict, "array": list, "string": str, "boolean": bool, "integer": int,
+        "number": (int, float), "null": type(None)}
     if "type" in schema:
         expected = kinds[schema["type"]]
         assert isinstance(value, expected), f"{where}: {value!r} is not {schema['type']}"

@@ -104,7 +104,8 @@ def test_sync_session_lifecycle(sync: SyncClient) -> None:
            for s in ("stdout", "stderr")}
     assert out == {"stdout": b"hello\n", "stderr": b"oops\n"}
     assert isinstance(events[-1], LogEnd) and events[-1].exit_code == 3
-    assert [s.id for s in sync.sessions(state="exited") if s.spec.labels.get("suite") == "sync"] == [r.id]
+    ended = sync.sessions(state="exited")
+    assert [s.id for s in ended if s.spec.labels.get("suite") == "sync"] == [r.id]
     assert r.id in [s.id for s in sync.sessions(node=r.node)]
     sync.remove(r.id)
     with pytest.raises(NotFoundError, match=r.id):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_MAX_LINE", "LineSplitter", "prefix_lines", "safe_text"]
 
+Buffer = bytes | bytearray | memoryview
+
 DEFAULT_MAX_LINE = 64 * 1024
 
 
@@ -48,6 +50,53 @@ class LineSplitter:
         del buf[:start]
         self._scanned = len(buf)
         return lines
+
+    def render(self, data: bytes, prefix: bytes) -> bytes:
+        """Like ``feed``, but return what is now complete already rendered as
+        ``prefix + line`` (a newline added to cut pieces), in one buffer.
+
+        The same lines and pieces as ``feed``, found with a bulk search per ``max_line``
+        bytes rather than per line, and copied once: the printer's hot path.
+        """
+        buf = self._buf
+        limit = self.max_line
+        n = len(data)
+        out: list[Buffer] = []
+        pos = 0
+        if buf:
+            # Complete the partial line held back from the previous chunk.
+            need = limit - len(buf)
+            nl = data.find(b"\n", 0, need)
+            if nl >= 0:
+                pos = nl + 1
+            elif n >= need:
+                pos = need
+            else:
+                buf += data
+                self._scanned = len(buf)
+                return b""
+            buf += memoryview(data)[:pos]
+            out += (prefix, bytes(buf))
+            if nl < 0:
+                out.append(b"\n")
+            buf.clear()
+        view = memoryview(data)
+        nl_prefix = b"\n" + prefix
+        while pos < n:
+            # Every line in a run ending at the last newline within max_line bytes is whole.
+            nl = data.rfind(b"\n", pos, pos + limit)
+            if nl >= 0:
+                out += (prefix, data[pos:nl].replace(b"\n", nl_prefix), b"\n")
+                pos = nl + 1
+            elif n - pos >= limit:
+                out += (prefix, view[pos : pos + limit], b"\n")
+                pos += limit
+            else:
+                break
+        if pos < n:
+            buf += view[pos:]
+        self._scanned = len(buf)
+        return b"".join(out)
 
     def flush(self) -> bytes | None:
         """Return the unterminated tail at end of stream, or None if there is none."""

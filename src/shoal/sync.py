@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
 
 from . import messages as m
 from .client import Attachment, Client, RunConnection
@@ -50,13 +50,13 @@ class _Portal:
             future.cancel()
             raise
 
-    def iterate(self, items: AsyncIterator[R]) -> Iterator[R]:
+    def iterate(self, items: AsyncIterator[R]) -> Generator[R, None, None]:
         try:
             while True:
                 more, item = self.call(_next(items))
                 if not more:
                     return
-                yield item  # type: ignore[misc]
+                yield cast(R, item)
         finally:
             close = getattr(items, "aclose", None)
             if close is not None and not self.loop.is_closed():
@@ -99,10 +99,10 @@ def _blocking(method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]
 
 
 def _iterating(method: Callable[Concatenate[Any, P], AsyncIterator[R]]
-               ) -> Callable[Concatenate[_Bridge, P], Iterator[R]]:
+               ) -> Callable[Concatenate[_Bridge, P], Generator[R, None, None]]:
     """The blocking twin of an async generator method: a generator. Leaving its loop early
     (or ``close()``) closes the async one, which ends the HTTP response."""
-    def call(self: _Bridge, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+    def call(self: _Bridge, /, *args: P.args, **kwargs: P.kwargs) -> Generator[R, None, None]:
         return self._portal.iterate(method(self._target, *args, **kwargs))
     functools.update_wrapper(call, method)
     return call

@@ -127,7 +127,8 @@ class Session:
                     return
                 assert self.child is not None
                 await self.mgr.store.move(self.id, "running", pid=self.child.pid,
-                                          started=time.time(), restarts=self.restarts)
+                                          started=time.time(), restarts=self.restarts,
+                                          user=self.user.name if self.user else "agent")
                 code, sig = await self._wait_child()
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):

@@ -352,10 +352,10 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "shoal controller API",
             "version": __version__,
-            "description": "Nodes, sessions, services and fan-out runs. Every route needs the token "
-                           "(`Authorization: Bearer TOKEN`, or the browser cookie set by the "
-                           "login link). Errors are `{\"error\": message, \"status\": code}`. "
-                           "See docs/api.md.",
+            "description": "Nodes, sessions, services and fan-out runs. Every route needs "
+                           "the token (`Authorization: Bearer TOKEN`, or the browser cookie "
+                           "set by the login link). Errors are "
+                           "`{\"error\": message, \"status\": code}`. See docs/api.md.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"cookie": []}],

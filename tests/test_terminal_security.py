@@ -1,0 +1,87 @@
+"""Terminal capabilities open one session and nothing else; throwaway users are isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from fleet import Fleet
+from shoal import messages as m
+from shoal import tokens
+from shoal.client import Client, LogChunk
+
+
+@pytest.fixture
+async def client(fleet: Fleet) -> AsyncIterator[Client]:
+    async with Client(fleet.url, fleet.token) as c:
+        yield c
+
+
+async def _running(client: Client, sid: str) -> m.SessionRecord:
+    for _ in range(200):
+        r = await client.session(sid)
+        if r.state == "running":
+            return r
+        await asyncio.sleep(0.05)
+    raise AssertionError(r)
+
+
+async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Client) -> None:
+    a = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
+    b = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
+    key = tokens.derive_key(fleet.token)
+    link = tokens.issue(key, a.id, 60)
+    async with aiohttp.ClientSession() as http:
+        async def status(path: str, **kw: object) -> int:
+            async with http.get(fleet.url + path, allow_redirects=False, **kw) as r:  # type: ignore[arg-type]
+                return r.status
+
+        assert await status(f"/t/{a.id}?token={link}") == 200
+        assert await status(f"/t/{b.id}?token={link}") == 401
+        assert await status(f"/api/v1/sessions/{b.id}/attach?token={link}") == 401
+        assert await status(f"/api/v1/sessions?token={link}") == 401
+        assert await status(f"/api/v1/sessions/{a.id}?token={link}") == 401
+        expired = tokens.issue(key, a.id, -1)
+        assert await status(f"/t/{a.id}?token={expired}") == 401
+        forged = tokens.issue(tokens.derive_key("not the secret"), a.id, 60)
+        assert await status(f"/t/{a.id}?token={forged}") == 401
+        ws = await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?token={link}")
+        hello = json.loads((await ws.receive()).data)
+        assert hello["t"] == "hello" and hello["session"] == a.id
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?token={link}",
+                                  headers={"Origin": "http://evil.example"})
+        assert e.value.status == 403
+    for s in (a, b):
+        await client.remove(s.id)
+
+
+async def test_throwaway_users_cannot_touch_each_other(client: Client) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("throwaway users need an agent running as root")
+    victim = await _running(client, (await client.create_session(
+        m.SessionSpec(shell="touch ~/secret; sleep 60", user="ephemeral"))).id)
+    assert victim.user.startswith("shoal-")
+    home = f"/home/{victim.user}"
+    assert oct(os.stat(home).st_mode & 0o777) == "0o700"
+    attacker = await client.create_session(m.SessionSpec(
+        shell=f"ls {home} 2>&1; cat {home}/secret 2>&1; kill -9 {victim.pid} 2>&1; id",
+        user="ephemeral"))
+    done = await client.wait(attacker.id)
+    out = b"".join([e.data async for e in client.logs(done.id) if isinstance(e, LogChunk)])
+    assert b"Permission denied" in out and b"Operation not permitted" in out
+    assert b"groups=" in out and b"sudo" not in out and b"root" not in out
+    assert (await client.session(victim.id)).state == "running"
+    await client.remove(victim.id)
+    await client.remove(done.id)
+    for _ in range(100):
+        if not os.path.exists(home):
+            break
+        await asyncio.sleep(0.1)
+    assert not os.path.exists(home)
