@@ -77,3 +77,24 @@ def test_any_chunking_same_lines(data: bytes, cuts: list[int], max_line: int) ->
     assert all(len(piece) <= max_line for piece in whole)
     # Only the final piece may lack a newline unless it was cut at max_line.
     assert all(p.endswith(b"\n") or len(p) == max_line for p in whole[:-1])
+
+
+@given(st.binary(max_size=300).map(lambda b: b.replace(b"\x00", b"\n")),
+       st.lists(st.integers(0, 300), max_size=8), st.integers(1, 20))
+def test_render_matches_feed(data: bytes, cuts: list[int], max_line: int) -> None:
+    """``render`` gives exactly ``prefix_lines`` of what ``feed`` returns, for any chunking."""
+    a, b = LineSplitter(max_line), LineSplitter(max_line)
+    prev = 0
+    for cut in [*sorted(cuts), len(data)]:
+        chunk = data[prev:cut]
+        prev = max(prev, cut)
+        assert a.render(chunk, b"n1: ") == prefix_lines("n1", b.feed(chunk))
+        assert a.pending == b.pending
+    assert a.flush() == b.flush()
+
+
+def test_render_long_binary_chunk() -> None:
+    sp = LineSplitter(max_line=4)
+    assert sp.render(b"abcdefghij", b"n: ") == b"n: abcd\nn: efgh\n"
+    assert sp.render(b"k\nxy\nz", b"n: ") == b"n: ijk\nn: xy\n"
+    assert sp.flush() == b"z"

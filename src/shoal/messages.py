@@ -115,6 +115,26 @@ class Output(Struct, frozen=True, tag="out", tag_field="t"):
     data: bytes
 
 
+class OutputFrame(Struct, frozen=True, tag="out", tag_field="t"):
+    """An ``Output`` read without copying its data: ``data`` stays msgpack-encoded, so the
+    controller can check an agent's frame and pass it on to the client as it came."""
+
+    node: str
+    stream: Stream
+    offset: int
+    data: msgspec.Raw
+
+    @property
+    def size(self) -> int | None:
+        """Length of the encoded bytes, or None if ``data`` is not a msgpack bin."""
+        raw = memoryview(self.data)
+        head = _BIN_HEADER.get(raw[0]) if raw.nbytes else None
+        return None if head is None else raw.nbytes - head
+
+
+_BIN_HEADER = {0xC4: 2, 0xC5: 3, 0xC6: 5}  # msgpack bin 8/16/32: marker and length bytes
+
+
 class Exit(Struct, frozen=True, tag="exit", tag_field="t"):
     """How a process ended. ``code`` for a normal exit, ``signal`` if killed by one;
     ``reason`` explains anything unusual (timeout, not found, could not start)."""
@@ -340,6 +360,7 @@ _client_frame = msgspec.msgpack.Decoder(ClientFrame)
 _server_frame = msgspec.msgpack.Decoder(ServerFrame)
 _run_reply = msgspec.msgpack.Decoder(RunAccepted | RunRefused | Exit)
 _agent_event = msgspec.msgpack.Decoder(Output | Exit)
+_agent_event_frame = msgspec.msgpack.Decoder(OutputFrame | Exit)
 _session_control = msgspec.msgpack.Decoder(SessionControl)
 
 
@@ -365,6 +386,11 @@ def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
 
 def unpack_agent_event(data: bytes) -> Output | Exit:
     return _agent_event.decode(data)  # type: ignore[no-any-return]
+
+
+def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit:
+    """Like ``unpack_agent_event`` but leaves output data encoded (no copy)."""
+    return _agent_event_frame.decode(data)  # type: ignore[no-any-return]
 
 
 def to_json(msg: Any) -> bytes:

@@ -38,6 +38,7 @@ class Prefixed(Printer):
     def __init__(self, out: BinaryIO | None = None, err: BinaryIO | None = None) -> None:
         super().__init__(out, err)
         self._splitters: dict[tuple[str, str], LineSplitter] = {}
+        self._prefixes: dict[str, bytes] = {}
 
     def _stream(self, stream: str) -> BinaryIO:
         return self.err if stream == "stderr" else self.out
@@ -47,10 +48,13 @@ class Prefixed(Printer):
         splitter = self._splitters.get(key)
         if splitter is None:
             splitter = self._splitters[key] = LineSplitter()
-        lines = splitter.feed(ev.data)
-        if lines:
+        prefix = self._prefixes.get(ev.node)
+        if prefix is None:
+            prefix = self._prefixes[ev.node] = ev.node.encode("utf-8", errors="replace") + b": "
+        rendered = splitter.render(ev.data, prefix)
+        if rendered:
             f = self._stream(ev.stream)
-            f.write(prefix_lines(ev.node, lines))
+            f.write(rendered)
             f.flush()
 
     def exited(self, node: str, result: m.Exit | m.Unreachable) -> None:

@@ -57,7 +57,7 @@ def service() -> None:
     """Services: replicas behind one name, probed and balanced (create, list, show, ...)."""
 
 
-@service.command("create", context_settings={"allow_interspersed_args": False})
+@service.command("create")
 @click.argument("name")
 @click.option("-r", "--replicas", type=click.IntRange(0, 1000), default=1, show_default=True)
 @click.option("--check", default="tcp", show_default=True,
@@ -88,7 +88,8 @@ def create(ctx: click.Context, name: str, replicas: int, check: str, interval: f
            labels: tuple[str, ...], as_json: bool, argv: tuple[str, ...]) -> None:
     """Create a service: shoal service create web --replicas 3 -- python3 -m http.server
 
-    Each replica gets its port in $PORT and must listen on it."""
+    Options go before `--`, the command after it. Each replica gets its port in $PORT and
+    must listen on it."""
     if bool(argv) == bool(shell):
         fail("give a command after -- (argv) or --shell 'string', not both", 2)
     try:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -33,14 +34,25 @@ KEEPALIVE_EVERY = 3.0
 ACK_EVERY = 256 << 10
 STDIN_WINDOW = 1 << 20
 TOTAL_WINDOW = 64 << 20  # output in flight across all nodes of one run
+NODE_WINDOW = 16 << 20
 
 
 def window_for(n_nodes: int) -> int:
     """Per-node output credit: generous for one node, bounded in total for many."""
-    return max(64 << 10, min(8 << 20, TOTAL_WINDOW // max(1, n_nodes)))
+    return max(64 << 10, min(NODE_WINDOW, TOTAL_WINDOW // max(1, n_nodes)))
 
 
-EventSink = Callable[[m.RunEvent], Awaitable[None]]
+@dataclass(slots=True)
+class Forward:
+    """An agent's ``Output`` event, checked but kept as the msgpack frame it came in: the
+    WebSocket sends it on as is (the frames are the same struct), no decode and re-encode."""
+
+    node: str
+    size: int  # bytes of output data in it
+    frame: bytes
+
+
+EventSink = Callable[[m.RunEvent | Forward], Awaitable[None]]
 
 
 class FanoutRun:
@@ -66,7 +78,7 @@ class FanoutRun:
         self._stdin_progress = asyncio.Event()
         self._subs: list[Subscription] = []
         self._keepalive: asyncio.Task[None] | None = None
-        self._events: asyncio.Queue[m.RunEvent | None] = asyncio.Queue()
+        self._events: asyncio.Queue[m.RunEvent | Forward | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ start
@@ -118,16 +130,23 @@ class FanoutRun:
 
     # ------------------------------------------------------------------ events
 
-    def _emit(self, ev: m.RunEvent) -> None:
+    def _emit(self, ev: m.RunEvent | Forward) -> None:
         self._events.put_nowait(ev)
 
     async def _on_event_msg(self, msg: Msg) -> None:
         try:
-            ev = m.unpack_agent_event(msg.data)
+            ev = m.unpack_agent_event_frame(msg.data)
         except msgspec.DecodeError:
             log.warning("run %s: undecodable event on %s", self.run_id, msg.subject)
             return
-        self._emit(ev)
+        if isinstance(ev, m.Exit):
+            self._emit(ev)
+            return
+        size = ev.size
+        if size is None:
+            log.warning("run %s: output that is not bytes on %s", self.run_id, msg.subject)
+            return
+        self._emit(Forward(ev.node, size, msg.data))
 
     async def _pump_events(self) -> None:
         """Hand events to the sink in order; acknowledge output once the sink took it."""
@@ -136,8 +155,8 @@ class FanoutRun:
             if ev is None:
                 return
             await self.sink(ev)
-            if isinstance(ev, m.Output):
-                done = self._consumed.get(ev.node, 0) + len(ev.data)
+            if isinstance(ev, Forward):
+                done = self._consumed.get(ev.node, 0) + ev.size
                 self._consumed[ev.node] = done
                 if done - self._acked.get(ev.node, 0) >= min(ACK_EVERY, self.window // 2):
                     self._acked[ev.node] = done

@@ -19,7 +19,7 @@ from .. import messages as m
 from ..errors import ShoalError, ValidationError
 from ..targets import select
 from .auth import error_json, origin_ok
-from .fanout import FanoutRun
+from .fanout import FanoutRun, Forward
 
 if TYPE_CHECKING:
     from .server import Controller
@@ -77,9 +77,9 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
         await _fail(ws, e.status, e.message)
         return
 
-    async def sink(ev: m.RunEvent) -> None:
+    async def sink(ev: m.RunEvent | Forward) -> None:
         if not ws.closed:
-            await ws.send_bytes(m.pack(ev))
+            await ws.send_bytes(ev.frame if isinstance(ev, Forward) else m.pack(ev))
 
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
