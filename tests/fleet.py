@@ -150,3 +150,54 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> A
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met in {timeout}s")
+
+
+class Terminal:
+    """A command run on a real pseudo-terminal, as a person at a terminal would run it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], rows: int = 30,
+                 cols: int = 100) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self._fcntl, self._struct, self._termios = fcntl, struct, termios
+        self.master, slave = pty.openpty()
+        self.resize(rows, cols, fd=slave)
+
+        def ctty() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     preexec_fn=ctty)
+        os.close(slave)
+        self.seen = bytearray()
+
+    def resize(self, rows: int, cols: int, fd: int | None = None) -> None:
+        self._fcntl.ioctl(self.master if fd is None else fd, self._termios.TIOCSWINSZ,
+                          self._struct.pack("HHHH", rows, cols, 0, 0))
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def read_until(self, token: bytes, timeout: float = 15) -> bytes:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while token not in self.seen:
+            assert time.monotonic() < deadline, f"never saw {token!r} in {bytes(self.seen)!r}"
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen.extend(os.read(self.master, 4096))
+                except OSError:
+                    break
+        return bytes(self.seen)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
-from fleet import Fleet, processes_with_env, wait_for
+from fleet import SHOAL, Fleet, Terminal, processes_with_env, wait_for
 
 
 def lines(text: str) -> list[str]:
@@ -155,60 +154,28 @@ def test_labels_and_unreachable_and_down(fleet: Fleet) -> None:
 
 def test_tty_program(fleet: Fleet) -> None:
     """An interactive terminal: stty sees the size, a resize reaches it, Ctrl-C too."""
-    import fcntl
-    import pty
-    import struct
-    import termios
     import time
 
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-
-    def ctty() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(__import__("sys").executable), "shoal"), "run", "-t",
-         "-n", "node-1", "--", "bash", "--norc", "--noprofile", "-i"],
-        stdin=slave, stdout=slave, stderr=slave, env=fleet.env,
-        preexec_fn=ctty)
-    os.close(slave)
-    seen = bytearray()
-
-    def read_until(token: bytes, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while token not in seen:
-            assert time.monotonic() < deadline, f"never saw {token!r} in {bytes(seen)!r}"
-            import select
-
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    seen.extend(os.read(master, 4096))
-                except OSError:
-                    break
-
+    term = Terminal([SHOAL, "run", "-t", "-n", "node-1", "--", "bash", "--norc", "--noprofile",
+                     "-i"], fleet.env, rows=30, cols=100)
     try:
-        read_until(b"bash")  # the remote prompt
-        os.write(master, b"stty size; tty\r")
-        read_until(b"30 100")
-        read_until(b"/dev/pts/")
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        term.read_until(b"bash")  # the remote prompt
+        term.write(b"stty size; tty\r")
+        term.read_until(b"30 100")
+        term.read_until(b"/dev/pts/")
+        term.resize(40, 120)
         time.sleep(0.3)
-        os.write(master, b"stty size\r")
-        read_until(b"40 120")
-        os.write(master, b"sleep 100\r")
+        term.write(b"stty size\r")
+        term.read_until(b"40 120")
+        term.write(b"sleep 100\r")
         time.sleep(0.5)
-        os.write(master, b"\x03")
-        os.write(master, b"echo after-$?\r")
-        read_until(b"after-130")
-        os.write(master, b"exit 7\r")
-        assert proc.wait(15) == 7
+        term.write(b"\x03")
+        term.write(b"echo after-$?\r")
+        term.read_until(b"after-130")
+        term.write(b"exit 7\r")
+        assert term.proc.wait(15) == 7
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
+        term.close()
 
 
 def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:

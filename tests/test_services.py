@@ -110,6 +110,7 @@ async def test_dead_replica_is_replaced_and_scale(client: Client, fleet: Fleet) 
     view = await wait_up(client, "web", 3)
     victim = view.replicas[1].id
     await client.kill(victim)  # ends for good: the service starts another
+    await client.wait(victim)
     view = await wait_up(client, "web", 3)
     assert victim not in {r.id for r in view.replicas}
     await client.scale_service("web", 1)

@@ -442,3 +442,30 @@ def _free_port() -> int:
 
 def test_shoal_binary_is_the_venv_one() -> None:
     assert os.path.exists(SHOAL)
+
+
+def test_cli_attach_replays_and_detaches(fleet: Fleet) -> None:
+    from fleet import Terminal
+
+    sid = fleet.shoal("session", "create", "--tty", "--", "bash", "--norc", "--noprofile",
+                      "-i").stdout.strip()
+    term = Terminal([SHOAL, "session", "attach", sid], fleet.env, rows=20, cols=90)
+    try:
+        term.read_until(b"bash")
+        term.write(b"echo first-$((40+2)); stty size\r")
+        term.read_until(b"first-42")
+        term.read_until(b"20 90")
+        term.write(b"\x1d")  # Ctrl-]: detach, the session goes on
+        term.read_until(b"detached from " + sid.encode())
+        assert term.proc.wait(10) == 0
+    finally:
+        term.close()
+    again = Terminal([SHOAL, "session", "attach", sid], fleet.env)
+    try:
+        again.read_until(b"first-42")  # replayed
+        again.write(b"exit 5\r")
+        again.read_until(b"session exited")
+        assert again.proc.wait(10) == 5
+    finally:
+        again.close()
+    assert json.loads(fleet.shoal("session", "show", sid).stdout)["exit_code"] == 5

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import messages as m
 from .. import subjects
+from ..memtune import reuse_heap_for_bulk_io
 from .procs import Child, SpawnError, set_winsize, spawn, terminate
 
 if TYPE_CHECKING:
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 << 10
+READ_SIZE = 1 << 20  # per read of a pipe, and so per Output message (also < max_payload)
+FRAME_OVERHEAD = 1024  # an Output's fields besides data, with room to spare
 KEEPALIVE_LAPSE = 20.0  # no control frame for this long: the controller is gone, stop
 STDIN_ACK_EVERY = 64 << 10
 LEFTOVER_GRACE = 1.0  # seconds background children may keep writing after the leader exits
@@ -58,6 +60,7 @@ class Run:
         self.run_id = req.run_id
         self.spec = req.spec
         self.window = req.window
+        self.read_size = max(4096, min(READ_SIZE, nc.max_payload - FRAME_OVERHEAD))
         self.grace = grace
         self._on_spawn = on_spawn
         self._on_end = on_end
@@ -79,6 +82,7 @@ class Run:
         self._timed_out = False
         self._ending: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
+        reuse_heap_for_bulk_io()
 
     # ------------------------------------------------------------------ start and finish
 
@@ -163,7 +167,7 @@ class Run:
 
     def _on_readable(self, stream: str, fd: int) -> None:
         try:
-            data = os.read(fd, READ_SIZE)
+            data = os.read(fd, self.read_size)
         except BlockingIOError:
             return
         except OSError:  # EIO: the pty's other side closed

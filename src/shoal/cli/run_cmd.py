@@ -12,6 +12,7 @@ import tty
 from collections.abc import Iterator
 
 from .. import messages as m
+from ..memtune import reuse_heap_for_bulk_io
 from ..client import Client, RunConnection
 from ..outcome import summarize
 from .printers import Gathered, JsonLines, Prefixed, Printer, Raw
@@ -76,6 +77,7 @@ async def _pump_tty(run: RunConnection) -> None:
 async def run_command(client: Client, targets: m.Targets, spec: m.RunSpec, *, mode: str,
                       progress: bool, connect_timeout: float) -> int:
     """Run and print; returns the exit status for the CLI."""
+    reuse_heap_for_bulk_io()
     printer: Printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ import nats.errors
 
 from .. import messages as m
 from .. import subjects
+from ..memtune import reuse_heap_for_bulk_io
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -80,6 +81,7 @@ class FanoutRun:
         self._keepalive: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[m.RunEvent | Forward | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
+        reuse_heap_for_bulk_io()
 
     # ------------------------------------------------------------------ start
 

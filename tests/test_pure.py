@@ -1,0 +1,104 @@
+"""Pure logic of sessions, placement, tokens and rate limits, driven without sockets."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal import messages as m
+from shoal import placement, tokens
+from shoal.agent.ledger import Ledger
+from shoal.controller.terminals import RateLimiter
+from shoal.sessionstate import FINAL, TRANSITIONS, IllegalTransition, can_move, check, is_final
+
+STATES: list[m.SessionState] = list(TRANSITIONS)
+
+
+def test_every_transition_is_decided_by_the_table() -> None:
+    legal = {("pending", "starting"), ("pending", "failed"), ("pending", "killed"),
+             ("pending", "lost"),
+             ("starting", "running"), ("starting", "pending"), ("starting", "exited"),
+             ("starting", "failed"), ("starting", "killed"), ("starting", "lost"),
+             ("running", "starting"), ("running", "pending"), ("running", "exited"),
+             ("running", "failed"), ("running", "killed"), ("running", "lost")}
+    for old, new in itertools.product(STATES, STATES):
+        assert can_move(old, new) == ((old, new) in legal), (old, new)
+        if (old, new) in legal:
+            check(old, new)
+        else:
+            with pytest.raises(IllegalTransition):
+                check(old, new)
+
+
+def test_final_states_never_change() -> None:
+    assert FINAL == {"exited", "failed", "killed", "lost"}
+    for state in FINAL:
+        assert is_final(state) and not TRANSITIONS[state]
+
+
+def _node(name: str, sessions: int, capacity: int = 10, state: str = "ready",
+          cpu: float = 0.0, **labels: str) -> m.NodeInfo:
+    return m.NodeInfo(name=name, sessions=sessions, capacity=capacity, state=state,  # type: ignore[arg-type]
+                      load=m.Load(cpu_percent=cpu), labels=labels)
+
+
+NODES = {n.name: n for n in [_node("a", 0), _node("b", 5), _node("c", 10),
+                             _node("d", 0, state="draining"), _node("e", 2, zone="x")]}
+
+
+def test_placement_filters() -> None:
+    spec = m.SessionSpec(command=["x"])
+    assert set(placement.candidates(spec, NODES)) == {"a", "b", "e"}
+    assert placement.candidates(m.SessionSpec(command=["x"], node="b"), NODES) == ["b"]
+    assert placement.candidates(m.SessionSpec(command=["x"], node="c"), NODES) == []
+    assert placement.candidates(m.SessionSpec(command=["x"], selector={"zone": "x"}),
+                                NODES) == ["e"]
+
+
+def test_spread_prefers_the_idle_and_binpack_the_full() -> None:
+    rng = random.Random(1)
+    spread = [placement.candidates(m.SessionSpec(command=["x"]), NODES, rng)[0]
+              for _ in range(300)]
+    binpack = [placement.candidates(m.SessionSpec(command=["x"], strategy="binpack"), NODES, rng)[0]
+               for _ in range(300)]
+    assert spread.count("a") > spread.count("b")
+    assert binpack.count("b") > binpack.count("a")
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 20)), min_size=1, max_size=12))
+def test_candidates_are_each_eligible_node_once(loads: list[tuple[int, int]]) -> None:
+    nodes = {f"n{i}": _node(f"n{i}", s, c) for i, (s, c) in enumerate(loads)}
+    got = placement.candidates(m.SessionSpec(command=["x"]), nodes)
+    assert sorted(got) == sorted(n for n, info in nodes.items() if info.sessions < info.capacity)
+
+
+def test_tokens() -> None:
+    key = tokens.derive_key("secret")
+    t = tokens.issue(key, "s-1", 60, now=1000.0)
+    assert tokens.verify(key, t, now=1059.0) == ("s-1", "link")
+    assert tokens.verify(key, t, now=1061.0) is None
+    assert tokens.verify(tokens.derive_key("other"), t, now=1000.0) is None
+    body, sig = t.split(".")
+    assert tokens.verify(key, body + "." + sig[::-1], now=1000.0) is None
+    assert tokens.verify(key, "garbage", now=1000.0) is None
+    assert tokens.verify(key, "", now=1000.0) is None
+
+
+def test_rate_limiter() -> None:
+    limiter = RateLimiter(per_minute=3)
+    assert [limiter.allow("ip", now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("other", now=0.0)
+    assert limiter.allow("ip", now=20.0)  # one token back after 20 s
+    assert not limiter.allow("ip", now=20.5)
+
+
+def test_ledger_survives_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "n.ledger"
+    path.write_text("+ 100 12.5\n+ 200 13.0\n- 100\nu+ shoal-aa\nu+ shoal-bb\nu- shoal-aa\n+ 30")
+    groups, users = Ledger(path).leftovers()
+    assert groups == {200: 13.0} and users == {"shoal-bb"}
