@@ -115,17 +115,11 @@ def test_terminal_echo_resize_reload_and_close(pool: Fleet, browser: Browser) ->
     assert text.count("mark-23") == 1 and text.count("\n42") == 1
     type_line(page, "echo still-$((1+1))")
     wait_text(page, "still-2")
-    rec = record(pool, sid)
-    user = str(rec["user"])
-    home = None
-    for p in pwd.getpwall():
-        if p.pw_name.startswith("shoal-") and os.path.exists(p.pw_dir):
-            home = home or p.pw_dir
-    assert user == "ephemeral" and home is not None
-    type_line(page, "whoami; touch ~/made-by-test; pwd")
-    who = wait_text(page, "/home/shoal-").split("whoami; touch ~/made-by-test; pwd")[-1]
-    name = who.split()[0]
+    name = str(record(pool, sid)["user"])
     assert name.startswith("shoal-")
+    type_line(page, "whoami; touch ~/made-by-test; pwd")
+    who = wait_text(page, f"/home/{name}").split("whoami; touch ~/made-by-test; pwd")[-1]
+    assert who.split()[0] == name
     assert os.path.exists(f"/home/{name}/made-by-test")
     # Close the tab: after the detach timeout the session ends, its user and files go.
     page.close()

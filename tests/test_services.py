@@ -313,3 +313,39 @@ async def test_nats_api_services(fleet: Fleet) -> None:
         assert (await call("remove", {"name": "natsy", "deadline": 0}))["ok"]
     finally:
         await nc.close()
+
+
+async def test_probes_are_bounded_and_read_http_status() -> None:
+    """No fleet: a listener that accepts and never answers fails the HTTP probe at the
+    timeout; a refused port fails at once; a 500 fails; a 200 passes."""
+    from shoal.controller.probes import ProbeSpec, probe
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(2)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        status = b"200 OK" if b" /ok " in line else b"500 Oops"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    hung = await asyncio.start_server(mute, "127.0.0.1", 0)
+    good = await asyncio.start_server(answer, "127.0.0.1", 0)
+    hport = hung.sockets[0].getsockname()[1]
+    gport = good.sockets[0].getsockname()[1]
+    try:
+        start = time.monotonic()
+        r = await probe(ProbeSpec("127.0.0.1", hport, "http", "/", timeout=0.3))
+        assert not r.ok and "no answer within 0.3s" in r.error
+        assert time.monotonic() - start < 2
+        assert (await probe(ProbeSpec("127.0.0.1", hport, "tcp", timeout=0.3))).ok
+        assert (await probe(ProbeSpec("127.0.0.1", gport, "http", "/ok"))).ok
+        r = await probe(ProbeSpec("127.0.0.1", gport, "http", "/bad"))
+        assert not r.ok and "HTTP 500" in r.error
+        hung.close()
+        r = await probe(ProbeSpec("127.0.0.1", hport, "tcp", timeout=0.3))
+        assert not r.ok and r.error
+    finally:
+        hung.close()
+        good.close()

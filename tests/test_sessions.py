@@ -96,6 +96,8 @@ async def test_idempotent_create_under_concurrent_duplicates(client: Client) -> 
     assert len([r for r in await client.sessions(name="same-key")]) == 1
     live = await client.sessions(state="live")
     assert len([r for r in live if r.id == "same-key"]) == 1
+    with pytest.raises(ConflictError, match="different session already has id same-key"):
+        await client.create_session(spec(id="same-key", command=["sleep", "31"]))
     await client.remove("same-key")
     with pytest.raises(NotFoundError):
         await client.session("same-key")
@@ -143,6 +145,8 @@ async def test_bad_input_gets_4xx_json(fleet: Fleet) -> None:
         ("POST", "/api/v1/nodes/node-1/drain", {"deadline": -5}, 400),
         ("POST", "/api/v1/nodes/node-1/drain", {"bogus": 1}, 422),
         ("POST", "/api/v1/nodes/nope/undrain", None, 404),
+        ("GET", "/api/v1/no-such-thing", None, 404),
+        ("PUT", "/api/v1/sessions", None, 405),
     ]
     async with aiohttp.ClientSession(headers=headers) as http:
         sid = (await (await http.post(fleet.url + "/api/v1/sessions",

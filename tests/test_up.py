@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fleet import Fleet, processes_with_env, wait_for
+from fleet import Fleet, wait_for
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -18,14 +18,14 @@ def test_up_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
     fleet = Fleet(tmp_path / "home", agents=1).start()
     run = fleet.spawn("run", "-n", "node-1", "--", "sleep", "303",
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: processes_with_env("SHOAL_NODE", "node-1"))
     assert fleet.up is not None
-    children = psutil.Process(fleet.up.pid).children(recursive=True)
+    up = psutil.Process(fleet.up.pid)
+    children = wait_for(lambda: [p for p in up.children(recursive=True)
+                                 if "303" in " ".join(p.cmdline())] and up.children(recursive=True))
     assert any(p.name() == "nats-server" for p in children)
     port = int(fleet.url.rsplit(":", 1)[1])
     fleet.up.send_signal(sig)
     assert fleet.up.wait(30) == 0
-    assert not processes_with_env("SHOAL_NODE", "node-1")
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

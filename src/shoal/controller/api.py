@@ -31,6 +31,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1 << 20
 
 
+@web.middleware
+async def json_http_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path, wrong method, body too large) as JSON under /api."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if not request.path.startswith("/api/") or e.status < 400:
+            raise
+        hint = {404: "no such API path; see /api/v1/openapi.json",
+                405: f"method {request.method} is not allowed on {request.path}",
+                413: "the body is too large (max 1 MiB)"}.get(e.status, e.reason)
+        return error_json(e.status, hint)
+
+
 def api_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:

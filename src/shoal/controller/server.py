@@ -16,7 +16,7 @@ from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
-from .api import add_routes
+from .api import add_routes, json_http_errors
 from .auth import auth_middleware
 from .nats_api import NatsApi
 from .openapi import openapi_handler
@@ -113,7 +113,7 @@ class Controller:
             await bus.close(self.nc)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[auth_middleware(
+        app = web.Application(middlewares=[json_http_errors, auth_middleware(
             self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime)],
             client_max_size=1 << 20)
         app["controller"] = self

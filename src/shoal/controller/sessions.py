@@ -72,6 +72,9 @@ class SessionService:
                                  name=spec.name or sid, created=time.time())
         record, created = await self.store.create(record)
         if not created:
+            if _what_runs(record.spec) != _what_runs(spec):
+                raise ConflictError(f"a different session already has id {sid}; choose "
+                                    "another id (the same spec with the same id is fine)")
             return record, False
         return await self.place(record), True
 
@@ -237,6 +240,10 @@ class SessionService:
             elif r.state in FINAL and r.ended and now - r.ended > self.retention:
                 await self.store.delete(r.id)
                 await outputlog.purge(self.js, r.id)
+
+
+def _what_runs(spec: m.SessionSpec) -> tuple[object, ...]:
+    return (spec.command, spec.shell, spec.tty, spec.env, spec.cwd, spec.restart, spec.ports)
 
 
 def _no_candidates_reason(spec: m.SessionSpec) -> str:

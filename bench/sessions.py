@@ -1,0 +1,462 @@
+"""Session API speed: create latency, create rate with 50 concurrent clients, create -> running.
+
+Run from the repository root with `python -m bench.sessions` (bench.run runs it as one of its
+EXTRA_BENCHMARKS). It starts a private `shoal up --agents 2 --capacity C --port 0` in a temporary
+SHOAL_HOME, prints the rows as one JSON list on stdout and writes bench/results/sessions.md
+and sessions.json. Everything talks to 127.0.0.1 only, and the run stops itself within its
+budget (BENCH_DEADLINE_S when set, else --budget).
+
+Workloads (all sessions run as the agent's own user, no tty):
+
+- session-create: one client, one `POST /api/v1/sessions` at a time for `true`; the time until
+  the record comes back (the controller has stored it and an agent has taken it).
+- session-start: for the same sessions, create -> running: the client polls the record every
+  ~2 ms after the POST returns and times from the start of the POST until the record says the
+  process started (`started` set). `server_*` fields give `started - created` from the record
+  (controller and agent clocks: the same host here).
+- session-create-rate: 50 concurrent clients (asyncio tasks sharing one connection pool, so one
+  keep-alive connection each) create `sleep 5` sessions for a fixed window; creates/s is
+  successful creates over the window. Latency percentiles are per request under that load, and
+  create -> running is `started - created` of those sessions.
+
+The bench client, the controller, the agents and NATS share this machine's CPUs: the numbers
+are for everything on one host, and the machine's load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    READY_URL,
+    RESULTS_DIR,
+    Deadline,
+    FleetError,
+    Interrupted,
+    Row,
+    ShoalFleet,
+    _tail,
+    _wait_for,
+    find_shoal,
+    install_signal_handlers,
+    log,
+    machine_summary,
+    ready_nodes,
+    shoal_problem,
+)
+from bench.proc import stop_process
+from shoal.client import Client
+
+TOOL = "shoal"
+FINAL_STATES = ("exited", "failed", "killed", "lost")
+
+# ---------------------------------------------------------------- shared with bench.terminal
+
+
+def budget_from_env(default_s: float) -> float:
+    """Seconds this module may take: BENCH_DEADLINE_S (set by bench.run) less a margin."""
+    raw = os.environ.get("BENCH_DEADLINE_S")
+    if not raw:
+        return default_s
+    try:
+        return max(10.0, min(default_s, float(raw) - 20.0))
+    except ValueError:
+        return default_s
+
+
+def shoal_bin() -> Path | None:
+    """SHOAL_BIN (set by bench.run) else the `shoal` next to this interpreter."""
+    named = os.environ.get("SHOAL_BIN")
+    return Path(named) if named else find_shoal()
+
+
+@contextmanager
+def up_fleet(
+    shoal: Path, root: Path, agents: int, capacity: int, deadline: Deadline, timeout_s: float = 90
+) -> Iterator[ShoalFleet]:
+    """`shoal up --agents A --capacity C --port 0` in root/shoal (controller, NATS and A local
+    agents in one process tree); yields once the A nodes are ready, SIGTERMs it on exit.
+
+    harness.shoal_fleet starts `--agents 0` plus `shoal agent --virtual n` at the default
+    capacity; these benches need a capacity per agent, which only `shoal up` takes."""
+    home = root / "shoal"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = dict(os.environ, SHOAL_HOME=str(home))
+    env.pop("SHOAL_URL", None)
+    env.pop("SHOAL_TOKEN", None)
+    limit = min(timeout_s, max(5.0, deadline.remaining() - 15))
+    up_log = root / f"shoal-up-{agents}x{capacity}.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with up_log.open("wb") as out:
+            argv = [
+                str(shoal),
+                "up",
+                "--agents",
+                str(agents),
+                "--capacity",
+                str(capacity),
+                "--port",
+                "0",
+            ]
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started = time.monotonic()
+        _wait_for(
+            lambda: bool(READY_URL.search(_tail(up_log, 1 << 16))), limit, "shoal up", proc, up_log
+        )
+        _wait_for(
+            lambda: ready_nodes(shoal, env) >= agents,
+            limit,
+            f"{agents} nodes of shoal up",
+            proc,
+            up_log,
+        )
+        log(
+            f"shoal up: {agents} agents x capacity {capacity} ready in "
+            f"{time.monotonic() - started:.1f}s"
+        )
+        yield ShoalFleet(shoal, home, env, agents, [("shoal up", proc, up_log)])
+    finally:
+        stop_process(proc, grace=20.0)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def fleet_client(fleet: ShoalFleet, timeout: float = 30.0) -> Client:
+    """A shoal Client for the fleet's controller (URL and token from its client.toml)."""
+    cfg = tomllib.loads((fleet.home / "client.toml").read_text())
+    return Client(cfg["url"], cfg["token"], timeout=timeout)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def latency_row(workload: str, n: int, samples_s: Sequence[float], **extra: Any) -> Row:
+    """A row whose median/min/max are over latency samples, with p50/p90/p99/max in ms."""
+    row = Row(workload, TOOL, n, runs=len(samples_s))
+    if samples_s:
+        row.median_s = round(pct(samples_s, 50), 6)
+        row.min_s = round(min(samples_s), 6)
+        row.max_s = round(max(samples_s), 6)
+        row.extra.update(
+            p50_ms=ms(pct(samples_s, 50)),
+            p90_ms=ms(pct(samples_s, 90)),
+            p99_ms=ms(pct(samples_s, 99)),
+            max_ms=ms(max(samples_s)),
+        )
+    else:
+        row.status = "failed"
+    row.extra.update(extra)
+    return row
+
+
+def fmt(value: Any) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_report(
+    rows: Sequence[Row], stem: str, title: str, columns: Sequence[str], notes: str, out_dir: Path
+) -> Path:
+    """<stem>.json (the rows) and <stem>.md (a table of the chosen columns plus notes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = [r.to_json() for r in rows]
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    lines = [
+        f"# {title}\n",
+        machine_summary(),
+        notes,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for item in data:
+        cells = []
+        for col in columns:
+            value = item.get(col)
+            if col == "status" and item.get("note"):
+                value = f"{value}: {item['note'][:160]}"
+            cells.append(fmt(value).replace("|", "/").replace("\n", " "))
+        lines.append("| " + " | ".join(cells) + " |")
+    md = out_dir / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def run_main(
+    stem: str,
+    title: str,
+    columns: Sequence[str],
+    notes: str,
+    body: Any,
+    budget_s: float,
+    out_dir: Path,
+    prefix: str,
+) -> int:
+    """Common driver: signals, temp dir, partial results on failure, JSON rows on stdout."""
+    deadline = Deadline(budget_s)
+    install_signal_handlers()
+    rows: list[Row] = []
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    status = 0
+    try:
+        body(root, deadline, rows)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({exc or 'SIGINT'}); writing partial results")
+        status = 130
+    except Exception:
+        log(f"bench failed; writing partial results:\n{traceback.format_exc()}")
+        rows.append(
+            Row(stem, TOOL, 0, status="failed", note=traceback.format_exc(limit=2).strip()[-300:])
+        )
+        status = 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    md = write_report(rows, stem, title, columns, notes, out_dir)
+    log(f"wrote {md} and {md.with_suffix('.json')}")
+    print(json.dumps([r.to_json() for r in rows]))
+    return status
+
+
+# ---------------------------------------------------------------- this bench
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sessions", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--samples", type=int, default=300, help="sequential creates timed")
+    parser.add_argument("--warmup", type=int, default=20, help="uncounted creates first")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent creating clients")
+    parser.add_argument("--window", type=float, default=10.0, help="create-rate window, s")
+    parser.add_argument("--capacity", type=int, default=2000, help="sessions per agent")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=budget_from_env(170.0),
+        help="overall seconds (default: BENCH_DEADLINE_S less 20, max 170)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    return parser.parse_args(argv)
+
+
+async def sequential(
+    client: Client, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
+) -> None:
+    """session-create and session-start rows: one create at a time of `true`."""
+    create_s: list[float] = []
+    start_s: list[float] = []
+    server_s: list[float] = []
+    errors: list[str] = []
+    for i in range(args.warmup + args.samples):
+        if deadline.near(100):  # keep time for the rate test
+            break
+        t0 = time.perf_counter()
+        try:
+            record = await client.create_session({"command": ["true"]})
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            continue
+        t_created = time.perf_counter()
+        while not record.started and record.state not in FINAL_STATES:
+            await asyncio.sleep(0.002)
+            record = await client.session(record.id)
+            if time.perf_counter() - t0 > 10:
+                break
+        t_running = time.perf_counter()
+        if i < args.warmup:
+            continue
+        create_s.append(t_created - t0)
+        if record.started:
+            start_s.append(t_running - t0)
+            server_s.append(record.started - record.created)
+        else:
+            errors.append(f"{record.id} not started after 10s ({record.state}: {record.reason})")
+    note = f"{len(errors)} error(s): {errors[0][:200]}" if errors else ""
+    row = latency_row("session-create", 1, create_s, command="true", errors=len(errors))
+    row.note = note
+    rows.append(row)
+    row = latency_row(
+        "session-start",
+        1,
+        start_s,
+        command="true",
+        errors=len(errors),
+        server_p50_ms=ms(pct(server_s, 50)) if server_s else None,
+        server_p99_ms=ms(pct(server_s, 99)) if server_s else None,
+    )
+    row.note = note
+    rows.append(row)
+    log(
+        f"create p50 {row_ms(rows[-2], 'p50_ms')} p99 {row_ms(rows[-2], 'p99_ms')}; "
+        f"create->running p50 {row_ms(rows[-1], 'p50_ms')} p99 {row_ms(rows[-1], 'p99_ms')}"
+    )
+
+
+def row_ms(row: Row, key: str) -> str:
+    value = row.extra.get(key)
+    return "–" if value is None else f"{value} ms"
+
+
+async def rate(
+    client: Client, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
+) -> None:
+    """session-create-rate: `clients` tasks creating `sleep 5` for `window` seconds."""
+    window = min(args.window, max(2.0, deadline.remaining() - 40))
+    latencies: list[float] = []
+    ids: list[str] = []
+    errors: list[str] = []
+    end = time.perf_counter() + window
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            try:
+                record = await client.create_session({"command": ["sleep", "5"]})
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.05)
+                continue
+            if record.state == "failed":
+                errors.append(f"failed: {record.reason}")
+                continue
+            latencies.append(time.perf_counter() - t0)
+            ids.append(record.id)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.clients)))
+    elapsed = time.perf_counter() - started  # includes the creates still in flight at `end`
+    per_s = len(ids) / elapsed if elapsed else 0.0
+    log(
+        f"{len(ids)} creates by {args.clients} clients in {elapsed:.1f}s: {per_s:.1f}/s, "
+        f"{len(errors)} errors"
+    )
+    # create -> running from the records: give the last creates a moment to start.
+    await asyncio.sleep(1.0)
+    wanted = set(ids)
+    records = [r for r in await client.sessions() if r.id in wanted]
+    to_running = [r.started - r.created for r in records if r.started]
+    not_started = len(wanted) - len(to_running)
+    row = latency_row(
+        "session-create-rate",
+        args.clients,
+        latencies,
+        command="sleep 5",
+        per_s=round(per_s, 1),
+        sessions=len(ids),
+        window_s=round(elapsed, 2),
+        errors=len(errors),
+        not_started=not_started,
+        run_p50_ms=ms(pct(to_running, 50)) if to_running else None,
+        run_p99_ms=ms(pct(to_running, 99)) if to_running else None,
+    )
+    if errors:
+        row.note = f"{len(errors)} error(s): {errors[0][:200]}"
+    if not ids:
+        row.status = "failed"
+    rows.append(row)
+
+
+def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[Row]) -> None:
+    shoal = shoal_bin()
+    problem = shoal_problem(shoal)
+    if problem or shoal is None:
+        for workload in ("session-create", "session-start", "session-create-rate"):
+            rows.append(Row(workload, TOOL, 0, status="skipped", note=problem or ""))
+        return
+    try:
+        with up_fleet(shoal, root, 2, args.capacity, deadline) as fleet:
+
+            async def go() -> None:
+                async with fleet_client(fleet) as client:
+                    await sequential(client, args, deadline, rows)
+                    problem = fleet.problem()
+                    if problem:
+                        raise FleetError(problem)
+                    await rate(client, args, deadline, rows)
+
+            asyncio.run(go())
+    except FleetError as exc:
+        log(f"fleet failed: {exc}")
+        rows.append(Row("session-create", TOOL, 0, status="failed", note=str(exc)[:400]))
+
+
+COLUMNS = (
+    "workload",
+    "n",
+    "runs",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "per_s",
+    "sessions",
+    "server_p50_ms",
+    "server_p99_ms",
+    "run_p50_ms",
+    "run_p99_ms",
+    "status",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    notes = (
+        "Fleet: `shoal up --agents 2 --capacity "
+        f"{args.capacity} --port 0` in a temporary SHOAL_HOME; client: shoal.client.Client "
+        "(aiohttp) in one process on the same host.\n\n"
+        "- session-create: sequential `POST /api/v1/sessions` of `true` until the record "
+        f"returns ({args.warmup} warm-up creates dropped; `runs` = timed creates).\n"
+        "- session-start: from the start of the POST until a GET (polled every ~2 ms) shows the "
+        "process started; `server_*` = `started - created` in the record.\n"
+        f"- session-create-rate: {args.clients} concurrent clients creating `sleep 5` for "
+        f"{args.window:g} s; `per_s` = successful creates / s, `sessions` = how many; "
+        "p50..max = per-request latency under that load; `run_*` = `started - created`.\n"
+    )
+    return run_main(
+        "sessions",
+        "shoal session create latency and rate",
+        COLUMNS,
+        notes,
+        lambda root, deadline, rows: bench(args, root, deadline, rows),
+        args.budget,
+        args.out,
+        "shoal-sessions-",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
