@@ -15,8 +15,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 # Size caps for everything a client controls.
+# No '.' in node names: a name is one NATS subject token.
 NodeName = Annotated[
-    str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 LabelKey = Annotated[
     str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
 LabelValue = Annotated[str, Meta(max_length=253)]
@@ -297,12 +298,22 @@ class SessionRecord(Struct, frozen=True):
     output_bytes: int = 0
     user: str = ""
     draining: bool = False
+    seal: str = ""  # HMAC of the spec by the controllers' key: only they may launch it
+
+
+def spec_digest(spec: SessionSpec) -> str:
+    import hashlib
+
+    return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()
 
 
 class SessionStart(Struct, frozen=True):
-    """Controller -> agent: run this session (its record is already in the bucket)."""
+    """Controller -> agent: run this session (its record is already in the bucket). The
+    agent runs it only if the record's spec still has this digest, so a record altered by
+    anyone but a controller is never run."""
 
     id: str
+    digest: str = ""
 
 
 class SessionStartReply(Struct, frozen=True):

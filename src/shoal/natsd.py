@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from .bus import AGENT_INBOX
 from .config import new_secret, write_secret_file
 from .errors import ConfigError, ConnectError
 from .outputlog import STREAM as OUTPUT_STREAM
@@ -63,7 +64,7 @@ def agent_permissions() -> dict[str, object]:
             ]
         },
         "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",
-                                "shoal.session.*.ctl", "_INBOX.>"]},
+                                "shoal.session.*.ctl", f"{AGENT_INBOX}.>"]},
         "allow_responses": True,
     }
 

@@ -119,9 +119,15 @@ class OutputWriter:
                 log.warning("output publish failed (%s); retry %d", e, attempt)
                 await asyncio.sleep(min(2.0, 0.1 * attempt))
         else:
+            log.error("%s: dropped %d bytes of output that NATS would not take", self.subject,
+                      size)
             self.failed = RuntimeError("could not store output")
-            return
+            ack = None
         self.inflight -= size
+        if ack is None:
+            if self.on_unblock is not None and not self.blocked:
+                self.on_unblock()
+            return
         if size:
             self._kept.append((end, ack.seq))
         was_blocked = self.inflight + size >= self.window
@@ -156,6 +162,18 @@ class OutputWriter:
         await self.flush()
         self.write(END, b"")
         await self.flush()
+
+
+async def end_offset(js: JetStreamContext, session_id: str) -> int:
+    """The offset after the last stored byte of a session (0 if none)."""
+    try:
+        msg = await js.get_last_msg(STREAM, subject(session_id))
+    except nats.js.errors.NotFoundError:
+        return 0
+    if msg.data is None:
+        return 0
+    chunk = _decode(msg.data)
+    return chunk.offset + len(chunk.data)
 
 
 async def purge(js: JetStreamContext, session_id: str) -> None:

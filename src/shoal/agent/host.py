@@ -88,7 +88,8 @@ class AgentHost:
             node.ledger.open()
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
-        self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}")
+        self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
+                                    inbox_prefix=bus.AGENT_INBOX)
         self.buckets = await self._open_buckets()
         self.store = SessionStore(self.buckets.sessions)
         address = self.cfg.address or socket.gethostname()
@@ -231,7 +232,13 @@ class AgentHost:
         await cache.start()
         await cache.stop()
         for rec in cache.records.values():
-            if rec.node in self.nodes and rec.state in LIVE:
+            if rec.node not in self.nodes or rec.state not in LIVE:
+                continue
+            if rec.spec.restart != "never":  # a daemon: the scheduler starts it again
+                await self.store.move(rec.id, "pending", node="", pid=0, ports=[],
+                                      restarts=rec.restarts + 1,
+                                      reason=f"rescheduling: agent of {rec.node} restarted")
+            else:
                 await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
 
     async def _verify_sessions(self) -> None:

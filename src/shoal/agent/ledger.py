@@ -24,6 +24,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.parent.chmod(0o700)
         self._fd = -1
 
     def open(self) -> None:

@@ -369,6 +369,10 @@ class SessionManager:
             if found is None or found[0].state != "pending":
                 return m.SessionStartReply(ok=False, reason="session is not pending")
             spec = found[0].spec
+            if m.spec_digest(spec) != req.digest:
+                log.warning("session %s: the record's spec is not the one the controller "
+                            "placed; refusing it", req.id)
+                return m.SessionStartReply(ok=False, reason="session spec does not match")
             if spec.user not in ("agent", "ephemeral"):
                 return m.SessionStartReply(ok=False, reason=f"user {spec.user!r} not allowed "
                                            "on this node (use agent or ephemeral)")

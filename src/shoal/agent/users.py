@@ -68,6 +68,11 @@ async def remove(name: str) -> None:
         if not _kill_all(uid):
             break
         await asyncio.sleep(0.05)
+    # Files it left in the shared temporary directories go too (its home goes with userdel).
+    find = await asyncio.create_subprocess_exec(
+        "find", "/tmp", "/var/tmp", "/dev/shm", "-xdev", "-user", str(uid), "-delete",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await find.wait()
     proc = await asyncio.create_subprocess_exec("userdel", "--remove", "--force", name,
                                                 stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL)

@@ -138,7 +138,7 @@ def _check_names(names: list[str]) -> None:
         try:
             msgspec.convert(n, NodeName)
         except msgspec.ValidationError:
-            fail(f"bad node name {n!r}: use letters, digits, '.', '_' and '-' (at most 63)", 2)
+            fail(f"bad node name {n!r}: use letters, digits, '_' and '-' (at most 63)", 2)
 
 
 @main.command()

@@ -12,8 +12,8 @@ import tty
 from collections.abc import Iterator
 
 from .. import messages as m
-from ..memtune import reuse_heap_for_bulk_io
 from ..client import Client, RunConnection
+from ..memtune import reuse_heap_for_bulk_io
 from ..outcome import summarize
 from .printers import Gathered, JsonLines, Prefixed, Printer, Raw
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
@@ -56,7 +56,7 @@ class DrainRequest(DrainBody, forbid_unknown_fields=True):
 class LogsBody(msgspec.Struct, forbid_unknown_fields=True):
     id: str
     offset: int = 0
-    max_bytes: int = MAX_LOG_BYTES
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_LOG_BYTES)] = MAX_LOG_BYTES
 
 
 Op = Callable[[bytes], Awaitable[Any]]

@@ -79,11 +79,18 @@ class NodeRegistry:
         except msgspec.DecodeError:
             return None
 
+    _last_beat = 0.0
+
+    def fresh(self) -> bool:
+        """True while heartbeats are arriving at all (our view of the fleet is current)."""
+        return time.monotonic() - self._last_beat < self.node_ttl
+
     def _on_beat(self, key: str, value: bytes | None, op: str | None) -> None:
         info = self._decode(value) if op in (None, "PUT") else None
         if info is None:
             self._beats.pop(key, None)
             return
+        self._last_beat = time.monotonic()
         self._beats[key] = (info, time.monotonic())
         self._known[key] = info
 

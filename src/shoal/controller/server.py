@@ -66,7 +66,8 @@ class Controller:
         self.session_cache = SessionCache(self.buckets.sessions)
         await self.session_cache.start()
         self.sessions = SessionService(self.nc, self.js, SessionStore(self.buckets.sessions),
-                                       self.session_cache, self.registry, self.cfg.retention)
+                                       self.session_cache, self.registry, self.cfg.retention,
+                                       self.cfg.token)
         self.sessions.start()
         assert self.buckets.services is not None
         self.services = ServiceManager(self, self.buckets.services)

@@ -5,6 +5,8 @@ agent saying yes or no."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -41,7 +43,9 @@ def validate(spec: m.SessionSpec) -> None:
 
 class SessionService:
     def __init__(self, nc: NatsClient, js: JetStreamContext, store: SessionStore,
-                 cache: SessionCache, registry: NodeRegistry, retention: float) -> None:
+                 cache: SessionCache, registry: NodeRegistry, retention: float,
+                 secret: str) -> None:
+        self.key = hmac.new(secret.encode(), b"shoal session seal v1", hashlib.sha256).digest()
         self.nc = nc
         self.js = js
         self.store = store
@@ -68,8 +72,9 @@ class SessionService:
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
         sid = spec.id or "s-" + secrets.token_hex(6)
-        record = m.SessionRecord(id=sid, spec=msgspec.structs.replace(spec, id=sid),
-                                 name=spec.name or sid, created=time.time())
+        spec = msgspec.structs.replace(spec, id=sid)
+        record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
+                                 seal=self.seal(spec))
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
@@ -78,13 +83,28 @@ class SessionService:
             return record, False
         return await self.place(record), True
 
+    def seal(self, spec: m.SessionSpec) -> str:
+        return hmac.new(self.key, m.spec_digest(spec).encode(), hashlib.sha256).hexdigest()
+
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""
+        if not hmac.compare_digest(record.seal, self.seal(record.spec)):
+            # Agents may write records; only a controller's spec is ever launched.
+            log.warning("session %s has no valid seal; not placing it", record.id)
+            failed = await self.store.move(record.id, "failed",
+                                           reason="refused: the spec was not made by a controller")
+            return failed or record
         self._placing.add(record.id)
         try:
+            if record.restarts:  # rescheduled: go on from the last byte actually stored
+                end = await outputlog.end_offset(self.js, record.id)
+                if end != record.output_bytes:
+                    record = await self.store.move(record.id, "pending",
+                                                   output_bytes=end) or record
             reasons: list[str] = []
+            digest = m.spec_digest(record.spec)
             for node in placement.candidates(record.spec, self.registry.snapshot()):
-                reply = await self._ask(node, "start", m.SessionStart(id=record.id))
+                reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest))
                 if reply.ok:
                     found = await self.store.get(record.id)
                     return found[0] if found else record
@@ -223,8 +243,10 @@ class SessionService:
         rescheduled); pending sessions nobody placed get placed; old records are purged."""
         nodes = self.registry.snapshot()
         now = time.time()
+        # Heard from no node lately: more likely we are cut off than every node is dead.
+        fresh = self.registry.fresh() and self.nc.is_connected
         for r in list(self.cache.records.values()):
-            if r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
+            if fresh and r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
                     and nodes[r.node].state == "down":
                 if r.spec.restart != "never":
                     await self.store.move(r.id, "pending", node="", pid=0, ports=[],

@@ -1,0 +1,61 @@
+"""What an agent's NATS credential cannot do: read controllers' replies, or get a session it
+wrote into the bucket launched."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+
+from fleet import Fleet
+from shoal import messages as m
+from shoal.client import Client
+from shoal.config import AgentConfig, load
+from shoal.subjects import SESSIONS_BUCKET
+
+
+async def _agent_nc(fleet: Fleet, errors: list[str]) -> nats.aio.client.Client:
+    cfg = load(AgentConfig, fleet.home / "agent.toml")
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    return await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password,
+                              error_cb=on_error, inbox_prefix="_INBOX_AGENT")
+
+
+async def test_agents_cannot_read_controller_inboxes(fleet: Fleet) -> None:
+    errors: list[str] = []
+    nc = await _agent_nc(fleet, errors)
+    try:
+        async def ignore(msg: object) -> None:
+            pass
+
+        await nc.subscribe("_INBOX.>", cb=ignore)
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert any("permissions violation" in e.lower() for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_a_planted_session_is_never_launched(fleet: Fleet, tmp_path: Path) -> None:
+    marker = tmp_path / "planted-ran"
+    errors: list[str] = []
+    nc = await _agent_nc(fleet, errors)
+    try:
+        kv = await nc.jetstream().key_value(SESSIONS_BUCKET)
+        spec = m.SessionSpec(id="planted", command=["touch", str(marker)])
+        record = m.SessionRecord(id="planted", spec=spec, created=time.time() - 60,
+                                 seal="f" * 64)
+        await kv.put("planted", msgspec.json.encode(record))
+    finally:
+        await nc.close()
+    async with Client(fleet.url, fleet.token) as c:
+        done = await c.wait("planted", timeout=30)
+        assert done.state == "failed" and "not made by a controller" in done.reason
+        await c.remove("planted")
+    assert not marker.exists()
