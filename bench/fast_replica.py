@@ -12,10 +12,16 @@ import sys
 
 NAME = (os.environ.get("REPLICA_NAME") or os.environ.get("SHOAL_SESSION_ID", "replica")).encode()
 BODY = NAME + b"\n"
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
-            + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
-CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-         b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY
+)
+CLOSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+)
 
 
 class Http(asyncio.Protocol):
@@ -32,7 +38,7 @@ class Http(asyncio.Protocol):
                 if len(self.buffer) > 65536:
                     self.transport.close()
                 return
-            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             close = b"connection: close" in head.lower()
             self.transport.write(CLOSE if close else RESPONSE)
             if close:

@@ -78,8 +78,9 @@ def log(message: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--connections", default="8,32",
-                   help="comma list of connection counts for throughput")
+    p.add_argument(
+        "--connections", default="8,32", help="comma list of connection counts for throughput"
+    )
     p.add_argument("--rounds", type=int, default=2, help="rounds (the best of each is kept)")
     p.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_DEADLINE_S", 240)))
     return p.parse_args(argv)
@@ -92,8 +93,12 @@ def ensure_packages() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     log(f"installing Debian packages: {' '.join(missing)}")
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def free_port() -> int:
@@ -104,8 +109,12 @@ def free_port() -> int:
 
 def api(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         raw = resp.read()
         return json.loads(raw) if raw else None
@@ -117,9 +126,14 @@ def start_fleet(home: Path, deadline: float) -> tuple[subprocess.Popen[bytes], s
     env["SHOAL_HOME"] = str(home)
     log_path = home.parent / "up.log"
     with open(log_path, "wb") as out:
-        up = subprocess.Popen([shoal, "up", "--agents", "2", "--port", "0"], env=env,
-                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                              stdin=subprocess.DEVNULL)
+        up = subprocess.Popen(
+            [shoal, "up", "--agents", "2", "--port", "0"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
     while time.monotonic() < deadline:
         found = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", log_path.read_text())
         if found:
@@ -157,7 +171,10 @@ def _seconds(text: str) -> float:
 def wrk(url: str, connections: int, threads: int, duration: float) -> dict[str, float]:
     res = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", url],
-        capture_output=True, text=True, timeout=duration + 30)
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+    )
     out = res.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if res.returncode != 0 or rps is None:
@@ -165,9 +182,13 @@ def wrk(url: str, connections: int, threads: int, duration: float) -> dict[str, 
     pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": float(rps.group(1)), "p50": _seconds(pct["50"]), "p99": _seconds(pct["99"]),
-            "errors": float(errors.group(1)) if errors else 0.0,
-            "socket_errors": 1.0 if socket_errors else 0.0}
+    return {
+        "rps": float(rps.group(1)),
+        "p50": _seconds(pct["50"]),
+        "p99": _seconds(pct["99"]),
+        "errors": float(errors.group(1)) if errors else 0.0,
+        "socket_errors": 1.0 if socket_errors else 0.0,
+    }
 
 
 def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[str, Any]]:
@@ -175,9 +196,20 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
     up, url, token = start_fleet(root / "home", deadline)
     nginx: subprocess.Popen[bytes] | None = None
     try:
-        api(url, token, "POST", "/api/v1/services", {
-            "name": "bench", "command": [sys.executable, str(REPLICA)], "replicas": 2,
-            "proxy": True, "check": "tcp", "interval": 1.0})
+        api(
+            url,
+            token,
+            "POST",
+            "/api/v1/services",
+            {
+                "name": "bench",
+                "command": [sys.executable, str(REPLICA)],
+                "replicas": 2,
+                "proxy": True,
+                "check": "tcp",
+                "interval": 1.0,
+            },
+        )
         while True:
             view = api(url, token, "GET", "/api/v1/services/bench")
             if view["up"] == 2:
@@ -190,13 +222,19 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
         nginx_root = root / "nginx"
         nginx_root.mkdir()
         servers = "\n".join(f"        server {h}:{p};" for h, p in replicas)
-        (nginx_root / "nginx.conf").write_text(NGINX_CONF.format(root=nginx_root,
-                                                                servers=servers, port=port))
-        nginx = subprocess.Popen(["nginx", "-p", str(nginx_root), "-c",
-                                  str(nginx_root / "nginx.conf")], start_new_session=True,
-                                 stdin=subprocess.DEVNULL)
-        targets = {"direct": f"http://{replicas[0][0]}:{replicas[0][1]}/",
-                   "shoal-proxy": f"{url}/s/bench/", "nginx": f"http://127.0.0.1:{port}/"}
+        (nginx_root / "nginx.conf").write_text(
+            NGINX_CONF.format(root=nginx_root, servers=servers, port=port)
+        )
+        nginx = subprocess.Popen(
+            ["nginx", "-p", str(nginx_root), "-c", str(nginx_root / "nginx.conf")],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        targets = {
+            "direct": f"http://{replicas[0][0]}:{replicas[0][1]}/",
+            "shoal-proxy": f"{url}/s/bench/",
+            "nginx": f"http://127.0.0.1:{port}/",
+        }
         for name, target in targets.items():  # warm up: pools, caches; and check it answers
             for _ in range(50):
                 try:
@@ -212,7 +250,8 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
         for rnd in range(args.rounds):
             for name, target in targets.items():
                 loads = [("proxy-latency", 1, 1)] + [
-                    ("proxy-throughput", int(c), 2) for c in args.connections.split(",") if c]
+                    ("proxy-throughput", int(c), 2) for c in args.connections.split(",") if c
+                ]
                 for workload, conns, threads in loads:
                     if time.monotonic() + args.duration + 15 > deadline:
                         log("budget reached; stopping early")
@@ -221,9 +260,11 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
                     got = wrk(target, conns, threads, args.duration)
                     key = (workload, name, conns)
                     keep = best.get(key)
-                    if keep is None or (got["p50"] < keep["p50"]
-                                        if workload == "proxy-latency"
-                                        else got["rps"] > keep["rps"]):
+                    if keep is None or (
+                        got["p50"] < keep["p50"]
+                        if workload == "proxy-latency"
+                        else got["rps"] > keep["rps"]
+                    ):
                         best[key] = got
         return rows(best, args)
     finally:
@@ -235,17 +276,23 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
         stop(up)
 
 
-def rows(best: dict[tuple[str, str, int], dict[str, float]],
-         args: argparse.Namespace) -> list[dict[str, Any]]:
+def rows(
+    best: dict[tuple[str, str, int], dict[str, float]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     out = []
     direct = best.get(("proxy-latency", "direct", 1))
     for (workload, tool, conns), got in best.items():
         row: dict[str, Any] = {
-            "workload": workload, "tool": tool,
+            "workload": workload,
+            "tool": tool,
             "n": conns,
-            "runs": 1, "median_s": round(got["p50"], 7), "p99_s": round(got["p99"], 7),
-            "rps": round(got["rps"], 1), "duration_s": args.duration,
-            "non_2xx": int(got["errors"]), "cpus": os.cpu_count(),
+            "runs": 1,
+            "median_s": round(got["p50"], 7),
+            "p99_s": round(got["p99"], 7),
+            "rps": round(got["rps"], 1),
+            "duration_s": args.duration,
+            "non_2xx": int(got["errors"]),
+            "cpus": os.cpu_count(),
             "status": "ok" if not got["errors"] else "partial",
         }
         if workload == "proxy-latency" and direct is not None:

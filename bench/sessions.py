@@ -42,6 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.harness import (
     READY_URL,
     RESULTS_DIR,
@@ -142,6 +144,63 @@ def up_fleet(
     finally:
         stop_process(proc, grace=20.0)
         shutil.rmtree(home, ignore_errors=True)
+
+
+class Usage:
+    """CPU and RSS of the `shoal up` process and of its nats-server over a window; CPU of the
+    session processes (its other descendants) and of this bench client too."""
+
+    def __init__(self, fleet: ShoalFleet) -> None:
+        self.up = psutil.Process(fleet.procs[0][1].pid)
+        nats = [c for c in self.up.children(recursive=True) if "nats" in c.name()]
+        self.nats = nats[0] if nats else None
+        self.me = psutil.Process()
+
+    @staticmethod
+    def _cpu(proc: psutil.Process | None) -> float:
+        if proc is None:
+            return 0.0
+        try:
+            t = proc.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    @staticmethod
+    def _rss(proc: psutil.Process | None) -> float | None:
+        try:
+            return round(proc.memory_info().rss / (1 << 20), 1) if proc else None
+        except psutil.Error:
+            return None
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = [self._cpu(p) for p in (self.up, self.nats, self.me)]
+        nats_pid = self.nats.pid if self.nats else -1
+        try:
+            kids = [c for c in self.up.children(recursive=True) if c.pid != nats_pid]
+        except psutil.Error:
+            kids = []
+        self.kids = [(c, self._cpu(c)) for c in kids]
+        psutil.cpu_percent()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        cpu = [
+            (self._cpu(p) - c0) / wall * 100
+            for p, c0 in zip((self.up, self.nats, self.me), self.cpu0, strict=True)
+        ]
+        kids = sum(max(0.0, self._cpu(c) - c0) for c, c0 in self.kids) / wall * 100
+        return {
+            "ctl_cpu_pct": round(cpu[0], 1),
+            "ctl_rss_mib": self._rss(self.up),
+            "nats_cpu_pct": round(cpu[1], 1),
+            "nats_rss_mib": self._rss(self.nats),
+            "bench_cpu_pct": round(cpu[2], 1),
+            "sessions_cpu_pct": round(kids, 1),
+            "host_cpu_pct": round(psutil.cpu_percent(), 1),
+            "load_1m": round(os.getloadavg()[0], 2),
+        }
 
 
 def fleet_client(fleet: ShoalFleet, timeout: float = 30.0) -> Client:
@@ -332,7 +391,7 @@ def row_ms(row: Row, key: str) -> str:
 
 
 async def rate(
-    client: Client, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
+    client: Client, usage: Usage, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
 ) -> None:
     """session-create-rate: `clients` tasks creating `sleep 5` for `window` seconds."""
     window = min(args.window, max(2.0, deadline.remaining() - 40))
@@ -357,8 +416,10 @@ async def rate(
             ids.append(record.id)
 
     started = time.perf_counter()
+    usage.start()
     await asyncio.gather(*(worker() for _ in range(args.clients)))
     elapsed = time.perf_counter() - started  # includes the creates still in flight at `end`
+    stats = usage.stop()
     per_s = len(ids) / elapsed if elapsed else 0.0
     log(
         f"{len(ids)} creates by {args.clients} clients in {elapsed:.1f}s: {per_s:.1f}/s, "
@@ -382,6 +443,7 @@ async def rate(
         not_started=not_started,
         run_p50_ms=ms(pct(to_running, 50)) if to_running else None,
         run_p99_ms=ms(pct(to_running, 99)) if to_running else None,
+        **stats,
     )
     if errors:
         row.note = f"{len(errors)} error(s): {errors[0][:200]}"
@@ -406,7 +468,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
                     problem = fleet.problem()
                     if problem:
                         raise FleetError(problem)
-                    await rate(client, args, deadline, rows)
+                    await rate(client, Usage(fleet), args, deadline, rows)
 
             asyncio.run(go())
     except FleetError as exc:

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
 from bench.harness import RESULTS_DIR, Deadline, Row, ShoalFleet, log, shoal_problem
 from bench.sessions import (
@@ -54,6 +53,7 @@ from bench.sessions import (
     budget_from_env,
     fleet_client,
     latency_row,
+    Usage,
     ms,
     pct,
     run_main,
@@ -280,63 +280,6 @@ class Term:
         await self.ws.close()
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-
-
-class Usage:
-    """CPU and RSS of the `shoal up` process and of its nats-server over a window; CPU of the
-    session processes (its other descendants) and of this bench client too."""
-
-    def __init__(self, fleet: ShoalFleet) -> None:
-        self.up = psutil.Process(fleet.procs[0][1].pid)
-        nats = [c for c in self.up.children(recursive=True) if "nats" in c.name()]
-        self.nats = nats[0] if nats else None
-        self.me = psutil.Process()
-
-    @staticmethod
-    def _cpu(proc: psutil.Process | None) -> float:
-        if proc is None:
-            return 0.0
-        try:
-            t = proc.cpu_times()
-            return t.user + t.system
-        except psutil.Error:
-            return 0.0
-
-    @staticmethod
-    def _rss(proc: psutil.Process | None) -> float | None:
-        try:
-            return round(proc.memory_info().rss / (1 << 20), 1) if proc else None
-        except psutil.Error:
-            return None
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-        self.cpu0 = [self._cpu(p) for p in (self.up, self.nats, self.me)]
-        nats_pid = self.nats.pid if self.nats else -1
-        try:
-            kids = [c for c in self.up.children(recursive=True) if c.pid != nats_pid]
-        except psutil.Error:
-            kids = []
-        self.kids = [(c, self._cpu(c)) for c in kids]
-        psutil.cpu_percent()
-
-    def stop(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.t0
-        cpu = [
-            (self._cpu(p) - c0) / wall * 100
-            for p, c0 in zip((self.up, self.nats, self.me), self.cpu0, strict=True)
-        ]
-        kids = sum(max(0.0, self._cpu(c) - c0) for c, c0 in self.kids) / wall * 100
-        return {
-            "ctl_cpu_pct": round(cpu[0], 1),
-            "ctl_rss_mib": self._rss(self.up),
-            "nats_cpu_pct": round(cpu[1], 1),
-            "nats_rss_mib": self._rss(self.nats),
-            "bench_cpu_pct": round(cpu[2], 1),
-            "sessions_cpu_pct": round(kids, 1),
-            "host_cpu_pct": round(psutil.cpu_percent(), 1),
-            "load_1m": round(os.getloadavg()[0], 2),
-        }
 
 
 async def add_sessions(
