@@ -490,6 +490,10 @@ COLUMNS = (
     "server_p99_ms",
     "run_p50_ms",
     "run_p99_ms",
+    "ctl_cpu_pct",
+    "nats_cpu_pct",
+    "bench_cpu_pct",
+    "host_cpu_pct",
     "status",
 )
 
@@ -506,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process started; `server_*` = `started - created` in the record.\n"
         f"- session-create-rate: {args.clients} concurrent clients creating `sleep 5` for "
         f"{args.window:g} s; `per_s` = successful creates / s, `sessions` = how many; "
-        "p50..max = per-request latency under that load; `run_*` = `started - created`.\n"
+        "p50..max = per-request latency under that load; `run_*` = `started - created`; CPU "
+        "is % of one core over the window (`ctl` = the `shoal up` process: controller + "
+        "agents; `bench` = this client; `host` = all CPUs, other users included).\n"
     )
     return run_main(
         "sessions",

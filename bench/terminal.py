@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import socket
 import sys
@@ -50,10 +49,10 @@ import aiohttp
 from bench.harness import RESULTS_DIR, Deadline, Row, ShoalFleet, log, shoal_problem
 from bench.sessions import (
     TOOL,
+    Usage,
     budget_from_env,
     fleet_client,
     latency_row,
-    Usage,
     ms,
     pct,
     run_main,
