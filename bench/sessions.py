@@ -341,7 +341,8 @@ async def sequential(
     server_s: list[float] = []
     errors: list[str] = []
     for i in range(args.warmup + args.samples):
-        if deadline.near(100):  # keep time for the rate test
+        # Keep time for the rate test (its window, the fleet's shutdown), at most half the budget.
+        if deadline.near(min(args.window + 45.0, deadline.budget_s / 2)):
             break
         t0 = time.perf_counter()
         try:
@@ -394,7 +395,8 @@ async def rate(
     client: Client, usage: Usage, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
 ) -> None:
     """session-create-rate: `clients` tasks creating `sleep 5` for `window` seconds."""
-    window = min(args.window, max(2.0, deadline.remaining() - 40))
+    # Inside bench()'s overall timeout (remaining - 15 s), with ~8 s for the records after.
+    window = min(args.window, max(1.0, deadline.remaining() - 25))
     latencies: list[float] = []
     ids: list[str] = []
     errors: list[str] = []
@@ -463,14 +465,28 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         with up_fleet(shoal, root, 2, args.capacity, deadline) as fleet:
 
             async def go() -> None:
-                async with fleet_client(fleet) as client:
-                    await sequential(client, args, deadline, rows)
-                    problem = fleet.problem()
-                    if problem:
-                        raise FleetError(problem)
-                    await rate(client, Usage(fleet), args, deadline, rows)
+                # Whatever hangs, leave time to stop the fleet (it ends ~1500 sessions).
+                async with asyncio.timeout(max(5.0, deadline.remaining() - 15.0)):
+                    async with fleet_client(fleet) as client:
+                        await sequential(client, args, deadline, rows)
+                        problem = fleet.problem()
+                        if problem:
+                            raise FleetError(problem)
+                        await rate(client, Usage(fleet), args, deadline, rows)
 
-            asyncio.run(go())
+            try:
+                asyncio.run(go())
+            except TimeoutError:
+                log("time budget ran out; results so far are kept")
+                rows.append(
+                    Row(
+                        "session-create-rate",
+                        TOOL,
+                        args.clients,
+                        status="failed",
+                        note="time budget ran out",
+                    )
+                )
     except FleetError as exc:
         log(f"fleet failed: {exc}")
         rows.append(Row("session-create", TOOL, 0, status="failed", note=str(exc)[:400]))

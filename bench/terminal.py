@@ -179,7 +179,7 @@ async def echo_idle(
         line = bytearray()
         try:
             for i in range(args.warmup + args.samples):
-                if deadline.near(120):
+                if deadline.near(min(LEVEL_MARGIN_S + args.hold + 10, deadline.budget_s / 2)):
                     error = f"stopped after {len(samples)} samples: time budget"
                     break
                 key = letters[i % 26 : i % 26 + 1]

@@ -46,7 +46,8 @@ class Client:
             self._session = aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
-                connector=aiohttp.TCPConnector(family=socket.AF_INET),
+                # No pool limit: each attached terminal holds a connection open.
+                connector=aiohttp.TCPConnector(family=socket.AF_INET, limit=0),
             )
         return self._session
 
