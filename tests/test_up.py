@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +25,10 @@ def test_up_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
                                  if "303" in " ".join(p.cmdline())] and up.children(recursive=True))
     assert any(p.name() == "nats-server" for p in children)
     port = int(fleet.url.rsplit(":", 1)[1])
-    fleet.up.send_signal(sig)
+    if sig == signal.SIGINT:  # Ctrl-C at a terminal: the whole foreground group gets it
+        os.killpg(fleet.up.pid, sig)
+    else:
+        fleet.up.send_signal(sig)
     assert fleet.up.wait(30) == 0
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(OSError):
@@ -46,3 +50,17 @@ def test_every_command_finds_the_fleet_without_flags(fleet: Fleet) -> None:
     for p in (agent, virtual):
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
+
+
+def test_up_stops_even_when_nats_died_first(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "home", agents=1).start()
+    fleet.shoal("session", "create", "--", "sleep", "304")
+    assert fleet.up is not None
+    up = psutil.Process(fleet.up.pid)
+    sleeper = wait_for(lambda: [p for p in up.children(recursive=True)
+                                if "304" in " ".join(p.cmdline())])[0]
+    nats_server = [p for p in up.children() if p.name() == "nats-server"][0]
+    nats_server.kill()
+    fleet.up.send_signal(signal.SIGTERM)
+    assert fleet.up.wait(60) == 0
+    assert not sleeper.is_running() or sleeper.status() == psutil.STATUS_ZOMBIE

@@ -106,7 +106,10 @@ async def close(nc: NatsClient, timeout: float = 5.0) -> None:
     except Exception:
         pass
     if not nc.is_closed:
-        await nc.close()
+        try:
+            await nc.close()
+        except Exception as e:  # the server went first: nothing left to flush
+            log.debug("closing NATS: %s", e)
 
 
 def _is_auth(e: BaseException) -> bool:

@@ -137,6 +137,9 @@ class NatsServer:
         self.proc = subprocess.Popen(
             [server_binary(), "-c", str(conf)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C at the terminal reaches `shoal up`, which still needs
+            # the server to record final states, and stops it last.
+            start_new_session=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
         )
         log.close()

@@ -102,8 +102,13 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         print("shoal: stopping", flush=True)
     finally:
-        if agents is not None:
-            await agents.stop()
-        await controller.stop()
-        if server is not None:
-            await server.astop()
+        # Each step runs even if one before it failed: nothing may be left behind.
+        try:
+            if agents is not None:
+                await agents.stop()
+        finally:
+            try:
+                await controller.stop()
+            finally:
+                if server is not None:
+                    await server.astop()

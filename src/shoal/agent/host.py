@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STOP_REPORT_TIME = 10.0
+
 
 @dataclass
 class Node:
@@ -137,9 +139,17 @@ class AgentHost:
         runs = [r for n in self.nodes.values() for r in n.runs.values()]
         for r in runs:
             r.end("the agent is stopping")
-        await asyncio.gather(*(r.done.wait() for r in runs),
-                             *(n.sessions.stop("the agent is stopping")
-                               for n in self.nodes.values() if n.sessions is not None))
+        ending = asyncio.gather(*(r.done.wait() for r in runs),
+                                *(n.sessions.stop("the agent is stopping")
+                                  for n in self.nodes.values() if n.sessions is not None))
+        try:
+            # Processes are killed after the grace period whatever happens; the extra time
+            # is for recording final states, which needs NATS.
+            await asyncio.wait_for(ending, self.cfg.grace + STOP_REPORT_TIME)
+        except TimeoutError:
+            log.warning("could not record every final state (is NATS down?); leaving anyway")
+            for node in self.nodes.values():
+                await reap_leftovers(node.ledger, 0)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.nc is not None and self.buckets is not None:
