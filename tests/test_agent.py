@@ -116,3 +116,18 @@ def test_secrets_are_private(fleet: Fleet) -> None:
 def test_controller_unreachable_is_a_clear_error(fleet: Fleet) -> None:
     r = fleet.shoal("--url", "http://127.0.0.1:9", "nodes")
     assert r.returncode != 0 and "cannot reach the controller" in r.stderr
+
+
+def test_a_node_dying_mid_run_is_named_not_waited_for(fleet: Fleet) -> None:
+    agent = fleet.agent("mid-1")
+    run = fleet.spawn("run", "-n", "mid-1", "--", "sleep", "305",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: _sleepers("mid-1"))
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 255
+    assert "mid-1: unreachable: node went down during the run" in err
+    again = fleet.agent("mid-1")  # its next start ends the orphan
+    wait_for(lambda: not _sleepers("mid-1"))
+    again.send_signal(signal.SIGTERM)

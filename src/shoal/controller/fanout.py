@@ -59,7 +59,8 @@ EventSink = Callable[[m.RunEvent | Forward], Awaitable[None]]
 class FanoutRun:
     def __init__(self, nc: NatsClient, nodes: list[str], spec: m.RunSpec,
                  sink: EventSink, down: set[str] | None = None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0,
+                 node_down: Callable[[str], bool] | None = None) -> None:
         self.nc = nc
         self.run_id = secrets.token_hex(8)
         self.nodes = nodes
@@ -67,6 +68,7 @@ class FanoutRun:
         self.sink = sink
         self.down = down or set()
         self.connect_timeout = connect_timeout
+        self.node_down = node_down
         self.window = window_for(len(nodes))
         self.live: set[str] = set()  # accepted and not yet exited
         self.finished: set[str] = set()
@@ -183,6 +185,12 @@ class FanoutRun:
         while True:
             await asyncio.sleep(KEEPALIVE_EVERY)
             await self._control(m.Keepalive())
+            if self.node_down is None:
+                continue
+            # A node that dies mid-run sends no exit: name it rather than wait forever.
+            for node in [n for n in self.live if self.node_down(n)]:
+                self._emit(m.Unreachable(node=node, reason="node went down during the run"))
+                self._finish(node)
 
     async def _on_stdin_ack(self, msg: Msg) -> None:
         try:

@@ -101,6 +101,10 @@ class NodeRegistry:
         elif key not in self._beats:
             self._known[key] = info
 
+    def is_down(self, name: str) -> bool:
+        beat = self._beats.get(name)
+        return beat is None or time.monotonic() - beat[1] > self.node_ttl
+
     def snapshot(self) -> dict[str, NodeInfo]:
         """Every known node with its current state (``down`` when its heartbeat lapsed)."""
         now = time.monotonic()
