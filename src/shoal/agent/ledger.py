@@ -13,8 +13,6 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
-
 from ..procutil import group_alive, kill_group
 
 log = logging.getLogger(__name__)
@@ -41,11 +39,10 @@ class Ledger:
                 pass
 
     def add(self, pid: int) -> None:
-        try:
-            created = psutil.Process(pid).create_time()
-        except psutil.Error:
+        started = start_ticks(pid)
+        if started is None:
             return  # already gone
-        os.write(self._fd, f"+ {pid} {created:.3f}\n".encode())
+        os.write(self._fd, f"+ {pid} {started}\n".encode())
 
     def remove(self, pid: int) -> None:
         os.write(self._fd, f"- {pid}\n".encode())
@@ -80,15 +77,24 @@ class Ledger:
         return live, names
 
 
-def _ours(pgid: int, created: float) -> bool:
-    """Is process group ``pgid`` still the one we started?"""
+def start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (field 22 of /proc/PID/stat):
+    with the pid, it names one process for good. Read directly: it is on the path of every
+    process the agent starts."""
     try:
-        leader = psutil.Process(pgid)
-        return abs(leader.create_time() - created) < 0.01
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.Error:
-        return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _ours(pgid: int, started: float) -> bool:
+    """Is process group ``pgid`` still the one we started?"""
+    leader = start_ticks(pgid)
+    if leader is not None:
+        return leader == started
     # The leader is gone; members of its group may remain. A pid that was reused cannot
     # lead our old group id, so any member of group pgid is ours.
     return group_alive(pgid)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
@@ -28,6 +27,8 @@ def fail(message: str, status: int = 1) -> NoReturn:
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning shoal errors into one clear line and a non-zero exit."""
+    import asyncio
+
     try:
         return asyncio.run(coro)
     except ShoalError as e:
@@ -259,18 +260,26 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
     mode = "raw" if use_tty else "gather" if gather else "json" if as_json else "prefixed"
     progress = (gather or as_json) and sys.stderr.isatty()
 
-    async def go() -> int:
-        async with client_from(ctx) as client:
-            return await run_command(client, targets, spec, mode=mode, progress=progress,
-                                     connect_timeout=connect_timeout)
+    try:
+        cfg = c.load(c.ClientConfig, c.shoal_home() / "client.toml",
+                     {"url": ctx.obj["url"], "token": ctx.obj["token"]})
+    except ShoalError as e:
+        fail(e.message, 2)
+
+    def go() -> int:
+        try:
+            return run_command(cfg.url, cfg.token, targets, spec, mode=mode, progress=progress,
+                               connect_timeout=connect_timeout)
+        except ShoalError as e:
+            fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 
     if use_tty:
         if not sys.stdin.isatty():
             fail("--tty needs a terminal on standard input", 2)
         with raw_terminal(sys.stdin.fileno()):
-            status = arun(go())
+            status = go()
     else:
-        status = arun(go())
+        status = go()
     sys.exit(status)
 
 

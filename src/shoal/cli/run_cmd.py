@@ -1,20 +1,27 @@
-"""``shoal run``: drive one fan-out run from the terminal."""
+"""``shoal run``: drive one fan-out run from the terminal.
+
+This path is synchronous on purpose: a blocking WebSocket (``shoal.wsclient``), a thread for
+standard input, and signal handlers, without asyncio or aiohttp, because the whole command
+is timed by its users (a new process per run) and those imports cost more than the run.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Iterator
+from types import FrameType
 
 from .. import messages as m
-from ..client import Client, RunConnection
+from ..errors import ConnectError, ProtocolError, error_for_status
 from ..memtune import reuse_heap_for_bulk_io
 from ..outcome import summarize
+from ..wsclient import OP_BINARY, WebSocket
 from .printers import Gathered, JsonLines, Prefixed, Printer, Raw
 
 STDIN_CHUNK = 256 << 10
@@ -38,92 +45,117 @@ def terminal_size() -> tuple[int, int]:
         return 80, 24
 
 
-async def _pump_stdin(run: RunConnection) -> None:
+class _Sender:
+    """Frames to the controller from several threads (stdin, signal handlers), one at a time."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.lock = threading.Lock()
+        self.stdin_offset = 0
+
+    def send(self, frame: m.ClientFrame) -> None:
+        with self.lock:
+            try:
+                self.ws.send_binary(m.pack(frame))
+            except OSError:
+                pass  # the connection is gone; the reader reports it
+
+    def stdin(self, data: bytes, eof: bool = False) -> None:
+        self.send(m.StdinData(offset=self.stdin_offset, data=data, eof=eof))
+        self.stdin_offset += len(data)
+
+
+def _pump_stdin(sender: _Sender, chunk: int) -> None:
     """The CLI's stdin to every node; its end is passed on as EOF."""
-    loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
     while True:
-        data = await loop.run_in_executor(None, os.read, fd, STDIN_CHUNK)
-        if not data:
-            await run.send_stdin(b"", eof=True)
-            return
-        await run.send_stdin(data)
-
-
-async def _pump_tty(run: RunConnection) -> None:
-    """Keystrokes from the local terminal, read as they come (it is in raw mode)."""
-    loop = asyncio.get_running_loop()
-    fd = sys.stdin.fileno()
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def readable() -> None:
         try:
-            queue.put_nowait(os.read(fd, 4096))
+            data = os.read(fd, chunk)
         except OSError:
-            queue.put_nowait(b"")
-
-    loop.add_reader(fd, readable)
-    try:
-        while True:
-            data = await queue.get()
-            if not data:
-                await run.send_stdin(b"", eof=True)
-                return
-            await run.send_stdin(data)
-    finally:
-        loop.remove_reader(fd)
+            data = b""
+        if not data:
+            sender.stdin(b"", eof=True)
+            return
+        sender.stdin(data)
 
 
-async def run_command(client: Client, targets: m.Targets, spec: m.RunSpec, *, mode: str,
-                      progress: bool, connect_timeout: float) -> int:
+def _open(url: str, token: str, start: m.RunStart) -> tuple[WebSocket, m.RunPlan]:
+    ws_url = "ws" + url[4:] if url.startswith("http") else url
+    ws = WebSocket.connect(ws_url.rstrip("/") + "/api/v1/run",
+                           {"Authorization": f"Bearer {token}"})
+    ws.send_binary(m.pack(start))
+    first = _next(ws)
+    if isinstance(first, m.ErrorFrame):
+        ws.close()
+        raise error_for_status(first.status, first.message)
+    if not isinstance(first, m.RunPlan):
+        raise ProtocolError(f"expected a run plan, got {type(first).__name__}")
+    return ws, first
+
+
+def _next(ws: WebSocket) -> m.ServerFrame:
+    msg = ws.receive()
+    if msg is None:
+        raise ConnectError("the controller closed the connection before the run ended")
+    opcode, payload = msg
+    if opcode != OP_BINARY:
+        raise ProtocolError("expected a binary frame from the controller")
+    return m.unpack_server_frame(payload)
+
+
+def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mode: str,
+                progress: bool, connect_timeout: float) -> int:
     """Run and print; returns the exit status for the CLI."""
     reuse_heap_for_bulk_io()
     printer: Printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
-    loop = asyncio.get_running_loop()
-    async with client.run(targets, spec, connect_timeout=connect_timeout) as run:
-        assert run.plan is not None
-        total = len(run.plan.nodes)
-        interrupts = 0
+    ws, plan = _open(url, token, m.RunStart(targets=targets, spec=spec,
+                                            connect_timeout=connect_timeout))
+    sender = _Sender(ws)
+    interrupts = 0
 
-        def on_interrupt() -> None:
-            nonlocal interrupts
-            interrupts += 1
-            if interrupts == 1:
-                sys.stderr.write("\nshoal: sending SIGINT to every node; Ctrl-C again to kill\n")
-                asyncio.ensure_future(run.signal(signal.SIGINT))
-            else:
-                asyncio.ensure_future(run.signal(signal.SIGKILL))
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            sys.stderr.write("\nshoal: sending SIGINT to every node; Ctrl-C again to kill\n")
+        sender.send(m.SignalRun(signum=signal.SIGINT if interrupts == 1 else signal.SIGKILL))
 
-        if mode != "raw":
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)
-        else:
-            loop.add_signal_handler(signal.SIGWINCH,
-                                    lambda: asyncio.ensure_future(run.resize(*terminal_size())))
-        feeder: asyncio.Task[None] | None = None
-        if spec.tty:
-            feeder = asyncio.create_task(_pump_tty(run))
-        elif spec.stdin:
-            feeder = asyncio.create_task(_pump_stdin(run))
-        bar = _progress(total) if progress else None
-        try:
-            async for ev in run:
-                if isinstance(ev, m.Output):
-                    printer.output(ev)
-                elif isinstance(ev, m.Exit | m.Unreachable):
-                    results[ev.node] = ev
-                    printer.exited(ev.node, ev)
-                    if bar is not None:
-                        bar.advance()
-        finally:
-            if bar is not None:
-                bar.stop()
-            if feeder is not None:
-                feeder.cancel()
-            loop.remove_signal_handler(signal.SIGINT)
-            loop.remove_signal_handler(signal.SIGWINCH)
-            printer.close()
-        missing = [n for n in run.plan.nodes if n not in results]
+    def on_winch(signum: int, frame: FrameType | None) -> None:
+        cols, rows = terminal_size()
+        sender.send(m.Resize(cols=cols, rows=rows))
+
+    old_int = signal.signal(signal.SIGINT, on_interrupt) if mode != "raw" else None
+    old_winch = signal.signal(signal.SIGWINCH, on_winch) if mode == "raw" else None
+    if spec.tty or spec.stdin:
+        threading.Thread(target=_pump_stdin, args=(sender, 4096 if spec.tty else STDIN_CHUNK),
+                         daemon=True).start()
+    bar = _progress(len(plan.nodes)) if progress else None
+    try:
+        while True:
+            ev = _next(ws)
+            if isinstance(ev, m.Output):
+                printer.output(ev)
+            elif isinstance(ev, m.Exit | m.Unreachable):
+                results[ev.node] = ev
+                printer.exited(ev.node, ev)
+                if bar is not None:
+                    bar.advance()
+            elif isinstance(ev, m.RunDone):
+                break
+            elif isinstance(ev, m.ErrorFrame):
+                raise error_for_status(ev.status, ev.message)
+    finally:
+        if bar is not None:
+            bar.stop()
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+        printer.close()
+        with sender.lock:
+            ws.close()
+    missing = [n for n in plan.nodes if n not in results]
     outcome = summarize(results, missing)
     if outcome.summary and mode != "raw":
         sys.stderr.write(outcome.summary + "\n")

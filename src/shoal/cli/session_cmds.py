@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
 from .. import messages as m
-from ..client import Client, LogChunk, LogEnd, LogEof, LogTruncated
 from ..config import parse_labels
 from ..errors import ShoalError
 from ..lines import LineSplitter
 from .main import arun, client_from, fail, main
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
 
@@ -192,6 +193,8 @@ def rm(ctx: click.Context, sids: tuple[str, ...]) -> None:
 
 async def _logs(client: Client, sid: str, start: int, follow: bool, until: str | None,
                 skip_empty: bool) -> int:
+    from ..client import LogChunk, LogEnd, LogEof, LogTruncated
+
     out, err = sys.stdout.buffer, sys.stderr.buffer
     tail = b""
     needle = until.encode() if until else None
@@ -256,6 +259,8 @@ def attach(ctx: click.Context, sid: str, start: int) -> None:
         fail("attach needs a terminal on standard input", 2)
 
     async def go() -> int:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         async with client_from(ctx) as c, c.attach(sid, start) as att:
             await att.resize(*terminal_size())
@@ -318,6 +323,8 @@ def launch(ctx: click.Context, directory: Path, restart: str, as_json: bool) -> 
                                       "labels": {"launch": directory.name[:253]}},
                                      m.SessionSpec)
                      for f in files]
+            import asyncio
+
             return list(await asyncio.gather(*(c.create_session(s) for s in specs)))
 
     records = arun(go())
