@@ -393,13 +393,31 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _latency_table(rows: Sequence[Row]) -> str:
+    """Rows measured in milliseconds or requests per second (terminal, sessions, proxy)."""
+    lines = ["| workload | tool | N | samples | p50 ms | p99 ms | per s | added p50 ms | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        e = r.extra
+        p50 = e.get("p50_ms", e.get("p50_s", 0) * 1000 if "p50_s" in e else None)
+        p99 = e.get("p99_ms", e["p99_s"] * 1000 if "p99_s" in e else None)
+        if p50 is None and r.median_s is not None:
+            p50 = r.median_s * 1000
+        lines.append(f"| {r.workload} | {r.tool} | {r.n} | {r.runs} | {_fmt(p50, 2)} "
+                     f"| {_fmt(p99, 2)} | {_fmt(e.get('per_s', e.get('rps')), 0)} "
+                     f"| {_fmt(e.get('added_p50_ms'), 3)} | {r.status} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """All rows as one markdown table."""
+    """The timed-command rows as one table, latency-style rows as a second."""
+    timed = [r for r in rows if not any(k in r.extra for k in ("p50_ms", "p99_s", "rps"))]
+    other = [r for r in rows if r not in timed]
     lines = [
         "| workload | tool | N | runs | median s | min s | max s | MiB/s | peer/shoal | status |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
+    for r in timed:
         status = r.status if not r.note else f"{r.status}: {r.note[:120]}"
         status = status.replace("|", "/").replace("\n", " ")
         lines.append(
@@ -407,7 +425,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f" | {_fmt(r.max_s)} | {_fmt(r.mib_per_s, 1)} | {_fmt(r.ratio_vs_shoal, 2)}"
             f" | {status} |"
         )
-    return "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n"
+    return table + ("\n" + _latency_table(other) if other else "")
 
 
 def ratio_lines(rows: Sequence[Row]) -> list[str]:

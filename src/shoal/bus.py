@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -123,6 +124,30 @@ def _safe_url(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+Apply = Callable[[str, bytes | None], None]
+
+
+async def watch_bucket(kv: KeyValue, apply: Apply, ready: Callable[[], None] | None = None,
+                       what: str = "bucket") -> None:
+    """Feed every current and future entry of ``kv`` to ``apply(key, value)`` forever
+    (``value`` None for a delete or purge). ``ready`` is called once the current values are
+    in. After an outage the watch starts again, replaying the current values."""
+    while True:
+        try:
+            async for entry in await kv.watchall():
+                if entry is None:
+                    if ready is not None:
+                        ready()
+                    continue
+                put = entry.operation in (None, "PUT") and bool(entry.value)
+                apply(entry.key, entry.value if put else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("%s watch failed (%s); retrying", what, e)
+            await asyncio.sleep(1.0)
 
 
 class Buckets:

@@ -322,22 +322,17 @@ class SessionStartReply(Struct, frozen=True):
 
 
 class SessionInput(Struct, frozen=True, tag="in", tag_field="t"):
-    """Attached client -> agent (``shoal.session.<id>.in``): keystrokes or pasted bytes."""
+    """Attached client -> agent (``shoal.session.<id>.ctl``): keystrokes or pasted bytes."""
 
     data: bytes
     eof: bool = False
-
-
-class SessionResize(Struct, frozen=True, tag="resize", tag_field="t"):
-    cols: TermSize
-    rows: TermSize
 
 
 class SessionAttached(Struct, frozen=True, tag="attached", tag_field="t"):
     """Sent every few seconds while a client is attached (drives ``detach_timeout``)."""
 
 
-SessionControl = SessionInput | SessionResize | SessionAttached
+SessionControl = SessionInput | Resize | SessionAttached
 
 
 class SessionSignal(Struct, frozen=True):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
+from .bus import watch_bucket
 from .messages import SessionRecord, SessionState
 from .sessionstate import can_move, is_final
 
@@ -101,10 +102,11 @@ class SessionCache:
         self.records: dict[str, SessionRecord] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self.changed = asyncio.Condition()
+        self.changed = asyncio.Event()  # set on every change; a waiter clears it first
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch())
+        self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, self._ready.set,
+                                                      "sessions"))
         try:
             await asyncio.wait_for(self._ready.wait(), 10)
         except TimeoutError:
@@ -115,25 +117,15 @@ class SessionCache:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _watch(self) -> None:
-        while True:
+    def _apply(self, key: str, value: bytes | None) -> None:
+        record = None
+        if value is not None:
             try:
-                watcher = await self.kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    if entry.operation in (None, "PUT") and entry.value:
-                        try:
-                            self.records[entry.key] = _decode(entry.value)
-                        except msgspec.DecodeError:
-                            continue
-                    else:
-                        self.records.pop(entry.key, None)
-                    async with self.changed:
-                        self.changed.notify_all()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("sessions watch failed (%s); retrying", e)
-                await asyncio.sleep(1.0)
+                record = _decode(value)
+            except msgspec.DecodeError:
+                return
+        if record is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = record
+        self.changed.set()

@@ -297,11 +297,11 @@ class Session:
             return
         self.last_attached = time.monotonic()
         child = self.child
-        if isinstance(frame, m.SessionResize):
+        if isinstance(frame, m.Resize):
             self.size = (frame.cols, frame.rows)  # also for a process not started yet
         if isinstance(frame, m.SessionAttached) or child is None:
             return
-        if isinstance(frame, m.SessionResize):
+        if isinstance(frame, m.Resize):
             if child.tty and child.stdin_fd is not None:
                 set_winsize(child.stdin_fd, frame.cols, frame.rows)
                 child.signal_group(signal.SIGWINCH)

@@ -300,7 +300,7 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
                 except msgspec.DecodeError:
                     continue
                 if frame.t == "resize" and frame.cols and frame.rows:
-                    await ctl.nc.publish(control, m.pack(m.SessionResize(
+                    await ctl.nc.publish(control, m.pack(m.Resize(
                         cols=max(1, min(frame.cols, 10000)), rows=max(1, min(frame.rows, 10000)))))
                 elif frame.t == "eof":
                     await ctl.nc.publish(control, m.pack(m.SessionInput(data=b"", eof=True)))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..bus import watch_bucket
 from ..messages import NodeInfo
 from ..nodeset import natural_key
 
@@ -35,8 +36,11 @@ class NodeRegistry:
         self._pending_initial = 2
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._watch(self._hb_kv, self._on_beat)),
-                       asyncio.create_task(self._watch(self._reg_kv, self._on_register))]
+        self._tasks = [
+            asyncio.create_task(watch_bucket(self._hb_kv, self._on_beat, self._initial_loaded,
+                                             "heartbeats")),
+            asyncio.create_task(watch_bucket(self._reg_kv, self._on_register,
+                                             self._initial_loaded, "registry"))]
         try:
             await asyncio.wait_for(self._ready.wait(), 10)
         except TimeoutError:
@@ -47,25 +51,8 @@ class NodeRegistry:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _watch(self, kv: KeyValue, apply) -> None:  # type: ignore[no-untyped-def]
-        while True:
-            try:
-                watcher = await kv.watchall()
-                initial_done = False
-                async for entry in watcher:
-                    if entry is None:  # end of the initial values
-                        if not initial_done:
-                            initial_done = True
-                            self._initial_loaded()
-                        continue
-                    apply(entry.key, entry.value, entry.operation)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # NATS outage: re-watch, which replays current values
-                log.warning("node watch failed (%s); retrying", e)
-                await asyncio.sleep(1.0)
-
     def _initial_loaded(self) -> None:
+        # Called once per bucket, and again after a re-watch (then it changes nothing).
         self._pending_initial -= 1
         if self._pending_initial <= 0:
             self._ready.set()
@@ -85,8 +72,8 @@ class NodeRegistry:
         """True while heartbeats are arriving at all (our view of the fleet is current)."""
         return time.monotonic() - self._last_beat < self.node_ttl
 
-    def _on_beat(self, key: str, value: bytes | None, op: str | None) -> None:
-        info = self._decode(value) if op in (None, "PUT") else None
+    def _on_beat(self, key: str, value: bytes | None) -> None:
+        info = self._decode(value)
         if info is None:
             self._beats.pop(key, None)
             return
@@ -94,8 +81,8 @@ class NodeRegistry:
         self._beats[key] = (info, time.monotonic())
         self._known[key] = info
 
-    def _on_register(self, key: str, value: bytes | None, op: str | None) -> None:
-        info = self._decode(value) if op in (None, "PUT") else None
+    def _on_register(self, key: str, value: bytes | None) -> None:
+        info = self._decode(value)
         if info is None:
             self._known.pop(key, None)
         elif key not in self._beats:

@@ -26,6 +26,7 @@ import nats.js.errors
 from .. import balance, placement
 from .. import messages as m
 from .. import servicetypes as st
+from ..bus import watch_bucket
 from ..errors import ConflictError, NoCapacityError, NotFoundError, ShoalError, ValidationError
 from ..sessionstate import FINAL, LIVE
 from .probes import Prober, ProbeResult, ProbeSpec
@@ -76,7 +77,9 @@ class ServiceManager:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(t()) for t in
-                       (self._watch, self._sync_loop, self._lease_loop, self._reconcile_loop)]
+                       (self._sync_loop, self._lease_loop, self._reconcile_loop)]
+        self._tasks.append(asyncio.create_task(
+            watch_bucket(self.kv, self._apply, self._ready.set, "services")))
         try:
             await asyncio.wait_for(self._ready.wait(), 10)
         except TimeoutError:
@@ -96,29 +99,20 @@ class ServiceManager:
             except Exception:
                 pass
 
-    async def _watch(self) -> None:
-        while True:
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith("_"):
+            return  # the leader lease
+        record = None
+        if value is not None:
             try:
-                watcher = await self.kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    if entry.key.startswith("_"):
-                        continue
-                    if entry.operation in (None, "PUT") and entry.value:
-                        try:
-                            self.records[entry.key] = _decode(entry.value)
-                        except msgspec.DecodeError:
-                            continue
-                    else:
-                        self.records.pop(entry.key, None)
-                    self._changed.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("services watch failed (%s); retrying", e)
-                await asyncio.sleep(1.0)
+                record = _decode(value)
+            except msgspec.DecodeError:
+                return
+        if record is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = record
+        self._changed.set()
 
     # ------------------------------------------------------------------ records
 
@@ -308,8 +302,9 @@ class ServiceManager:
                 log.exception("services sync failed")
             self._changed.clear()
             cache = self.ctl.sessions.cache
+            cache.changed.clear()
             waits = [asyncio.ensure_future(self._changed.wait()),
-                     asyncio.ensure_future(_notified(cache.changed))]
+                     asyncio.ensure_future(cache.changed.wait())]
             await asyncio.wait(waits, timeout=SYNC_EVERY, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
@@ -516,9 +511,3 @@ class ServiceManager:
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _notified(cond: asyncio.Condition) -> None:
-    async with cond:
-        await cond.wait()
-

@@ -23,6 +23,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from .. import messages as m
 from .. import tokens
+from ..bus import watch_bucket
 from ..errors import NoCapacityError, ShoalError
 from ..web import STATIC_DIR
 from .auth import error_json
@@ -86,30 +87,19 @@ class TerminalPool:
         except nats.js.errors.BucketNotFoundError:
             self.kv = await js.create_key_value(config=KeyValueConfig(
                 bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY))
-        self._task = asyncio.create_task(self._watch())
+        self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, what="queue"))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _watch(self) -> None:
-        assert self.kv is not None
-        while True:
-            try:
-                async for entry in await self.kv.watchall():
-                    if entry is None:
-                        continue
-                    if entry.operation in (None, "PUT") and entry.value:
-                        t = msgspec.json.decode(entry.value, type=_Ticket)
-                        self.tickets[entry.key] = (t.created, time.monotonic())
-                    else:
-                        self.tickets.pop(entry.key, None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("queue watch failed (%s); retrying", e)
-                await asyncio.sleep(1.0)
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.tickets.pop(key, None)
+        else:
+            t = msgspec.json.decode(value, type=_Ticket)
+            self.tickets[key] = (t.created, time.monotonic())
 
     # ------------------------------------------------------------------ queue
 
