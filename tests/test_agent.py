@@ -131,3 +131,19 @@ def test_a_node_dying_mid_run_is_named_not_waited_for(fleet: Fleet) -> None:
     again = fleet.agent("mid-1")  # its next start ends the orphan
     wait_for(lambda: not _sleepers("mid-1"))
     again.send_signal(signal.SIGTERM)
+
+
+def test_metrics_need_the_token_and_describe_the_fleet(fleet: Fleet) -> None:
+    req = urllib.request.Request(fleet.url + "/metrics")
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("metrics served without a token")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+    req = urllib.request.Request(fleet.url + "/metrics",
+                                 headers={"Authorization": f"Bearer {fleet.token}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    ready = sum(1 for n in fleet.nodes().values() if n["state"] == "ready")
+    assert f'shoal_nodes{{state="ready"}} {float(ready)}' in text
+    assert 'shoal_node_capacity{node="node-1"} 16.0' in text
+    assert 'shoal_sessions{state="running"}' in text

@@ -18,6 +18,7 @@ from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
 from .auth import auth_middleware
+from .metrics import add_metrics_route
 from .nats_api import NatsApi
 from .openapi import openapi_handler
 from .registry import NodeRegistry
@@ -124,6 +125,7 @@ class Controller:
         add_routes(app)
         add_service_routes(app)
         add_terminal_routes(app)
+        add_metrics_route(app)
         return app
 
 
