@@ -80,7 +80,9 @@ def test_candidates_are_each_eligible_node_once(loads: list[tuple[int, int]]) ->
 def test_tokens() -> None:
     key = tokens.derive_key("secret")
     t = tokens.issue(key, "s-1", 60, now=1000.0)
-    assert tokens.verify(key, t, now=1059.0) == ("s-1", "link")
+    claims = tokens.verify(key, t, now=1059.0)
+    assert claims is not None and (claims.session, claims.kind) == ("s-1", "link")
+    assert len(claims.nonce) == 16 and tokens.verify(key, tokens.issue(key, "s-1", 60)) != claims
     assert tokens.verify(key, t, now=1061.0) is None
     assert tokens.verify(tokens.derive_key("other"), t, now=1000.0) is None
     body, sig = t.split(".")

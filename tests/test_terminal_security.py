@@ -36,26 +36,31 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
     b = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
     key = tokens.derive_key(fleet.token)
     link = tokens.issue(key, a.id, 60)
-    async with aiohttp.ClientSession() as http:
-        async def status(path: str, **kw: object) -> int:
-            async with http.get(fleet.url + path, allow_redirects=False, **kw) as r:  # type: ignore[arg-type]
+    jar = aiohttp.CookieJar(unsafe=True)  # keep cookies for 127.0.0.1, as a browser does
+    async with aiohttp.ClientSession(cookie_jar=jar) as http, aiohttp.ClientSession() as other:
+        async def status(path: str, client: aiohttp.ClientSession = http) -> int:
+            async with client.get(fleet.url + path, allow_redirects=False) as r:
                 return r.status
 
-        assert await status(f"/t/{a.id}?token={link}") == 200
+        # The link opens its own session's page once; the page then lives on a cookie.
         assert await status(f"/t/{b.id}?token={link}") == 401
-        assert await status(f"/api/v1/sessions/{b.id}/attach?token={link}") == 401
-        assert await status(f"/api/v1/sessions?token={link}") == 401
-        assert await status(f"/api/v1/sessions/{a.id}?token={link}") == 401
+        assert await status(f"/api/v1/sessions/{a.id}/attach?token={link}") == 401
+        assert await status(f"/t/{a.id}?token={link}") == 200
+        assert await status(f"/t/{a.id}?token={link}", other) == 401, "a link works once"
+        assert await status(f"/t/{a.id}") == 200, "the cookie carries on"
+        assert await status(f"/t/{b.id}") == 401, "the cookie is for one session"
+        assert await status("/api/v1/sessions") == 401
+        assert await status(f"/api/v1/sessions/{a.id}") == 401
         expired = tokens.issue(key, a.id, -1)
-        assert await status(f"/t/{a.id}?token={expired}") == 401
+        assert await status(f"/t/{a.id}?token={expired}", other) == 401
         forged = tokens.issue(tokens.derive_key("not the secret"), a.id, 60)
-        assert await status(f"/t/{a.id}?token={forged}") == 401
-        ws = await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?token={link}")
+        assert await status(f"/t/{a.id}?token={forged}", other) == 401
+        ws = await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach")
         hello = json.loads((await ws.receive()).data)
         assert hello["t"] == "hello" and hello["session"] == a.id
         await ws.close()
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:
-            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?token={link}",
+            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach",
                                   headers={"Origin": "http://evil.example"})
         assert e.value.status == 403
     for s in (a, b):

@@ -2,8 +2,8 @@
 
 A token names one session and an expiry, signed with HMAC-SHA256 under a key derived from
 the controller's secret, so any controller can check it without shared state. A link token
-is short-lived (until first use); the page then holds a cookie token that lasts as long as
-the session may.
+is good for one use within a short time (its nonce is recorded when used); the page then
+holds a cookie token that lasts as long as the session may.
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 import time
 
 import msgspec
 
 
-class _Claims(msgspec.Struct, array_like=True):
+class Claims(msgspec.Struct, array_like=True, frozen=True):
     session: str
     expires: float
-    kind: str  # "link" (in a URL, short) or "cookie" (long)
+    kind: str  # "link" (in a URL, short, used once) or "cookie" (long)
+    nonce: str = ""  # names a link, so that its first use can be recorded
 
 
 def _b64(data: bytes) -> str:
@@ -36,22 +38,23 @@ def derive_key(secret: str) -> bytes:
 
 def issue(key: bytes, session: str, ttl: float, kind: str = "link",
           now: float | None = None) -> str:
-    claims = msgspec.msgpack.encode(_Claims(session, (now or time.time()) + ttl, kind))
+    nonce = secrets.token_hex(8) if kind == "link" else ""
+    claims = msgspec.msgpack.encode(Claims(session, (now or time.time()) + ttl, kind, nonce))
     sig = hmac.new(key, claims, hashlib.sha256).digest()
     return f"{_b64(claims)}.{_b64(sig)}"
 
 
-def verify(key: bytes, token: str, now: float | None = None) -> tuple[str, str] | None:
-    """(session id, kind) if the token is genuine and unexpired, else None."""
+def verify(key: bytes, token: str, now: float | None = None) -> Claims | None:
+    """The claims if the token is genuine and unexpired, else None."""
     try:
         body, sig = token.split(".", 1)
         claims_raw = _unb64(body)
         good = hmac.new(key, claims_raw, hashlib.sha256).digest()
         if not hmac.compare_digest(good, _unb64(sig)):
             return None
-        claims = msgspec.msgpack.decode(claims_raw, type=_Claims)
+        claims = msgspec.msgpack.decode(claims_raw, type=Claims)
     except (ValueError, msgspec.DecodeError):
         return None
     if claims.expires < (now or time.time()):
         return None
-    return claims.session, claims.kind
+    return claims

@@ -46,22 +46,31 @@ def error_json(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
 
-def terminal_scope(request: web.Request, key: bytes) -> str | None:
-    """The session a terminal credential on this request opens, if any and if valid."""
+ConsumeLink = Callable[[str], Awaitable[bool]]
+
+
+async def terminal_scope(request: web.Request, key: bytes,
+                         consume_link: ConsumeLink | None) -> str | None:
+    """The session a terminal credential on this request opens, if any and if valid: the
+    session's cookie, or on its page a link token not used before."""
     found = _TERMINAL_PATHS.match(request.path)
     if found is None:
         return None
     sid = found.group(1) or found.group(2)
-    for candidate in (request.query.get("token", ""),
-                      request.cookies.get(TERMINAL_COOKIE + sid, "")):
-        claims = tokens.verify(key, candidate) if candidate else None
-        if claims is not None and claims[0] == sid:
-            return sid
-    return None
+    cookie = tokens.verify(key, request.cookies.get(TERMINAL_COOKIE + sid, ""))
+    if cookie is not None and cookie.kind == "cookie" and cookie.session == sid:
+        return sid
+    link = tokens.verify(key, request.query.get("token", ""))
+    if link is None or link.kind != "link" or link.session != sid or not found.group(1):
+        return None
+    if consume_link is not None and not await consume_link(link.nonce):
+        return None  # used before: a link opens a terminal once
+    return sid
 
 
 def auth_middleware(token: str, public_terminals: bool = False,
-                    terminal_lifetime: float = 14400.0) -> Callable[..., Awaitable[Any]]:
+                    terminal_lifetime: float = 14400.0,
+                    consume_link: ConsumeLink | None = None) -> Callable[..., Awaitable[Any]]:
     key = tokens.derive_key(token)
 
     @web.middleware
@@ -81,7 +90,7 @@ def auth_middleware(token: str, public_terminals: bool = False,
             raise resp
         if public_terminals and path == "/terminal":
             return await handler(request)
-        sid = terminal_scope(request, key)
+        sid = await terminal_scope(request, key, consume_link)
         if sid is not None:
             request["session_scope"] = sid
             response = await handler(request)
@@ -92,7 +101,8 @@ def auth_middleware(token: str, public_terminals: bool = False,
                                     max_age=int(terminal_lifetime))
             return response
         if login is not None:
-            return error_json(401, "the token in this link is wrong or has expired")
+            return error_json(401, "this link is wrong, expired or already used: open "
+                                   "/terminal for a new terminal")
         return error_json(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'"
                                " (the token is in $SHOAL_HOME/client.toml)")
 

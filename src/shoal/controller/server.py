@@ -115,8 +115,12 @@ class Controller:
             await bus.close(self.nc)
 
     def app(self) -> web.Application:
+        async def consume_link(nonce: str) -> bool:
+            return self.terminals is not None and await self.terminals.consume_link(nonce)
+
         app = web.Application(middlewares=[json_http_errors, auth_middleware(
-            self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime)],
+            self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime,
+            consume_link)],
             client_max_size=1 << 20)
         app["controller"] = self
         app.router.add_get("/healthz", _healthz)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_BUCKET = "shoal-queue"
+LINKS_BUCKET = "shoal-used-links"  # nonces of terminal links already used, for LINK_TTL
 TICKET_TTL = 15.0  # a waiting visitor who has not polled for this long has left
 POLL_EVERY = 2
 LINK_TTL = 120.0
@@ -77,6 +78,7 @@ class TerminalPool:
         self.key = tokens.derive_key(ctl.cfg.token)
         self.limiter = RateLimiter(ctl.cfg.terminal_rate)
         self.kv: KeyValue | None = None
+        self.used_links: KeyValue | None = None
         self.tickets: dict[str, tuple[float, float]] = {}  # id -> (created, seen monotonic)
         self._task: asyncio.Task[None] | None = None
 
@@ -87,12 +89,27 @@ class TerminalPool:
         except nats.js.errors.BucketNotFoundError:
             self.kv = await js.create_key_value(config=KeyValueConfig(
                 bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY))
+        try:
+            self.used_links = await js.key_value(LINKS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            self.used_links = await js.create_key_value(config=KeyValueConfig(
+                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY))
         self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, what="queue"))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def consume_link(self, nonce: str) -> bool:
+        """Record a link's first use; False if it was used before (on any controller)."""
+        if self.used_links is None or not nonce:
+            return False
+        try:
+            await self.used_links.create(nonce, b"1")
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
