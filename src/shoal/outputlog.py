@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 STREAM = "shoal-output"
 DEFAULT_CAP = 256 << 20
 END = "end"
+MERGE_UP_TO = 1 << 20  # bytes per stored chunk when several are waiting
+ACK_TIMEOUT = 5.0
+STORE_ATTEMPTS = 60  # about 100 s of retries before output is dropped
 
 
 def subject(session_id: str) -> str:
@@ -74,7 +77,13 @@ async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30) -> None:
 
 
 class OutputWriter:
-    """Appends a session's output to the stream with bounded unacknowledged bytes."""
+    """Appends a session's output to the stream, in order, with bounded buffered bytes.
+
+    One publisher task sends chunks one at a time and waits for each acknowledgement, so a
+    retry after a NATS outage can never store chunks out of order (a lost acknowledgement
+    may store one twice; readers skip what they have by offset). Chunks that pile up while
+    it waits are merged, so a fast writer costs few round trips.
+    """
 
     def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
                  window: int = 8 << 20, start_offset: int = 0) -> None:
@@ -83,11 +92,13 @@ class OutputWriter:
         self.cap = cap
         self.window = window
         self.offset = start_offset  # next byte's offset
-        self.inflight = 0
-        self._unblocked = asyncio.Event()
-        self._unblocked.set()
+        self.inflight = 0  # bytes written here and not yet stored
+        self._queue: deque[Chunk] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
         self._kept: deque[tuple[int, int]] = deque()  # (end offset, stream seq) of chunks
-        self._pending: set[asyncio.Future[None]] = set()
         self._purging = False
         self.on_unblock: Callable[[], None] | None = None
         self.failed: BaseException | None = None
@@ -98,49 +109,67 @@ class OutputWriter:
 
     def write(self, stream: str, data: bytes) -> None:
         """Queue a chunk (synchronous: called from a pipe's reader callback)."""
-        chunk = Chunk(stream, self.offset, data)
+        self._queue.append(Chunk(stream, self.offset, data))
         self.offset += len(data)
         self.inflight += len(data)
-        task = asyncio.ensure_future(self._publish(chunk))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
 
-    async def _publish(self, chunk: Chunk) -> None:
-        size = len(chunk.data)
-        end = chunk.offset + size
-        for attempt in range(1, 60):
+    def _next(self) -> Chunk:
+        """The first queued chunk, merged with those after it of the same stream."""
+        first = self._queue.popleft()
+        parts = [first.data]
+        size = len(first.data)
+        while (self._queue and self._queue[0].stream == first.stream != END
+               and size + len(self._queue[0].data) <= MERGE_UP_TO):
+            nxt = self._queue.popleft()
+            parts.append(nxt.data)
+            size += len(nxt.data)
+        return first if len(parts) == 1 else Chunk(first.stream, first.offset, b"".join(parts))
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._next()
+            seq = await self._store(chunk)
+            size = len(chunk.data)
+            was_blocked = self.blocked
+            self.inflight -= size
+            if seq is not None and size:
+                self._kept.append((chunk.offset + size, seq))
+                await self._enforce_cap()
+            if was_blocked and not self.blocked and self.on_unblock is not None:
+                self.on_unblock()
+
+    async def _store(self, chunk: Chunk) -> int | None:
+        """Publish until JetStream acknowledges; the stream sequence, or None if given up."""
+        data = _encode(chunk)
+        for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
-                fut = await self.js.publish_async(self.subject, _encode(chunk))
-                ack = await fut
-                break
+                ack = await self.js.publish(self.subject, data, timeout=ACK_TIMEOUT)
+                return int(ack.seq)
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-                    nats.js.errors.Error, nats.errors.NoRespondersError) as e:
-                # NATS restarting or a partition: retry, output stays in our bounded buffer.
+                    nats.errors.NoRespondersError, nats.js.errors.Error, TimeoutError) as e:
+                # NATS restarting or a partition: keep it, the process waits meanwhile.
                 log.warning("output publish failed (%s); retry %d", e, attempt)
                 await asyncio.sleep(min(2.0, 0.1 * attempt))
-        else:
-            log.error("%s: dropped %d bytes of output that NATS would not take", self.subject,
-                      size)
-            self.failed = RuntimeError("could not store output")
-            ack = None
-        self.inflight -= size
-        if ack is None:
-            if self.on_unblock is not None and not self.blocked:
-                self.on_unblock()
-            return
-        if size:
-            self._kept.append((end, ack.seq))
-        was_blocked = self.inflight + size >= self.window
-        if was_blocked and not self.blocked and self.on_unblock is not None:
-            self.on_unblock()
-        await self._enforce_cap()
+        log.error("%s: dropped %d bytes of output that NATS would not take", self.subject,
+                  len(chunk.data))
+        self.failed = RuntimeError("could not store output")
+        return None
 
     async def _enforce_cap(self) -> None:
         if self._purging or not self._kept:
             return
         oldest_allowed = self.offset - self.cap
         drop_seq = 0
-        # Purge whole chunks that end before the newest ``cap`` bytes; batch by 10% of cap.
+        # Purge whole chunks that end before the newest ``cap`` bytes.
         while self._kept and self._kept[0][0] <= oldest_allowed:
             drop_seq = self._kept.popleft()[1]
         if not drop_seq:
@@ -154,14 +183,17 @@ class OutputWriter:
             self._purging = False
 
     async def flush(self) -> None:
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await self._idle.wait()
 
-    async def close(self) -> None:
-        """Flush and write the end marker."""
+    async def close(self, end_marker: bool = True) -> None:
+        """Flush, write the end marker (unless the output goes on elsewhere), stop."""
+        if end_marker:
+            self.write(END, b"")
         await self.flush()
-        self.write(END, b"")
-        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
 
 async def end_offset(js: JetStreamContext, session_id: str) -> int:

@@ -208,9 +208,10 @@ class Session:
     async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
                       signal: int | None = None, reason: str = "") -> None:
         if self.detached_from_record:
+            await self.writer.close(end_marker=False)
             return
         if self.reschedule and state == "killed":
-            await self.writer.flush()
+            await self.writer.close(end_marker=False)  # its output goes on elsewhere
             await self.mgr.store.move(self.id, "pending", node="", pid=0, ports=[],
                                       reason=f"rescheduling: {self.kill_reason}",
                                       output_bytes=self.writer.offset, restarts=self.restarts + 1)
