@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from fleet import Fleet, wait_for
-
 from shoal.natsd import NatsServer, NatsUsers, free_port
 
 
