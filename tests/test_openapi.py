@@ -99,8 +99,8 @@ def test_query_parameters() -> None:
         return {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
 
     assert query("get", "/api/v1/sessions") == {"state", "node", "name", "label"}
-    assert query("get", "/api/v1/sessions/{id}/logs") == {"from", "follow"}
-    assert query("get", "/api/v1/sessions/{id}/attach") == {"from"}
+    assert query("get", "/api/v1/sessions/{id}/logs") == {"from", "tail", "follow"}
+    assert query("get", "/api/v1/sessions/{id}/attach") == {"from", "tail"}
     state = next(p for p in DOC["paths"]["/api/v1/sessions"]["get"]["parameters"]
                  if p["name"] == "state")
     assert {"live", "running", "exited"} <= set(state["schema"]["enum"])

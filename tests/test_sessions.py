@@ -184,6 +184,7 @@ def test_cli_session_commands(fleet: Fleet, tmp_path: Path) -> None:
     assert r.stdout == "hello\n\nworld\n"
     assert fleet.shoal("logs", "--skip-empty", sid).stdout == "hello\nworld\n"
     assert fleet.shoal("logs", "--from", "6", sid).stdout == "\nworld\n"
+    assert fleet.shoal("logs", "--tail", "6", sid).stdout == "world\n"
     r = fleet.shoal("session", "list", "--json")
     assert sid in {s["id"] for s in json.loads(r.stdout)}
     r = fleet.shoal("session", "create", "--", "sh", "-c", "echo ready; sleep 30")

@@ -150,11 +150,14 @@ class Client:
                                     f"{timeout:g}s")
             await asyncio.sleep(poll)
 
-    async def logs(self, session_id: str, start: int = 0,
-                   follow: bool = False) -> AsyncIterator[LogEvent]:
-        """Output events from byte ``start``: ``LogChunk``, ``LogTruncated``, then ``LogEnd``
-        when the session has ended (or ``LogEof`` without ``follow``)."""
+    async def logs(self, session_id: str, start: int = 0, follow: bool = False,
+                   tail: int | None = None) -> AsyncIterator[LogEvent]:
+        """Output events from byte ``start`` (or the last ``tail`` bytes): ``LogChunk``,
+        ``LogTruncated``, then ``LogEnd`` when the session has ended (or ``LogEof`` without
+        ``follow``)."""
         params = {"from": str(start), "follow": "true" if follow else "false"}
+        if tail is not None:
+            params = {"tail": str(tail), "follow": params["follow"]}
         url = f"{self.url}/api/v1/sessions/{session_id}/logs"
         try:
             async with self.http.get(url, params=params) as resp:
@@ -167,8 +170,10 @@ class Client:
         except aiohttp.ClientConnectionError as e:
             raise ConnectError(f"lost the controller at {self.url}: {e}") from e
 
-    def attach(self, session_id: str, start: int = 0) -> Attachment:
-        return Attachment(self, session_id, start)
+    def attach(self, session_id: str, start: int = 0, tail: int | None = None) -> Attachment:
+        """Attach to a session's terminal, replaying output from byte ``start`` (or the last
+        ``tail`` bytes)."""
+        return Attachment(self, session_id, start, tail)
 
     # ------------------------------------------------------------------ runs
 
@@ -247,17 +252,20 @@ _log_decoder = msgspec.json.Decoder(LogEvent)
 class Attachment:
     """An attached terminal: iterate output bytes and control dicts; send input."""
 
-    def __init__(self, client: Client, session_id: str, start: int) -> None:
+    def __init__(self, client: Client, session_id: str, start: int,
+                 tail: int | None = None) -> None:
         self.client = client
         self.session_id = session_id
         self.offset = start
+        self.tail = tail
         self.exit: dict[str, Any] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def __aenter__(self) -> Self:
         url = f"{self.client.url}/api/v1/sessions/{self.session_id}/attach"
         try:
-            self._ws = await self.client.http.ws_connect(url, params={"from": str(self.offset)},
+            params = {"from": str(self.offset)} if self.tail is None else {"tail": str(self.tail)}
+            self._ws = await self.client.http.ws_connect(url, params=params,
                                                             heartbeat=30)
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}") from e

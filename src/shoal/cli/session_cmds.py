@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..client import Client
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
+ATTACH_REPLAY = 64 << 10  # bytes of recent output shown on attach
 
 
 def _record_line(r: m.SessionRecord) -> str:
@@ -191,15 +192,15 @@ def rm(ctx: click.Context, sids: tuple[str, ...]) -> None:
     arun(go())
 
 
-async def _logs(client: Client, sid: str, start: int, follow: bool, until: str | None,
-                skip_empty: bool) -> int:
+async def _logs(client: Client, sid: str, start: int, tail: int | None, follow: bool,
+                until: str | None, skip_empty: bool) -> int:
     from ..client import LogChunk, LogEnd, LogEof, LogTruncated
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
-    tail = b""
+    seen = b""  # the end of the output so far, to find --until across chunks
     needle = until.encode() if until else None
     splitters: dict[str, LineSplitter] = {}
-    async for ev in client.logs(sid, start, follow):
+    async for ev in client.logs(sid, start, follow, tail):
         if isinstance(ev, LogChunk):
             data = ev.data
             if skip_empty:
@@ -208,10 +209,10 @@ async def _logs(client: Client, sid: str, start: int, follow: bool, until: str |
             (err if ev.stream == "stderr" else out).write(data)
             (err if ev.stream == "stderr" else out).flush()
             if needle is not None:
-                window = tail + ev.data
+                window = seen + ev.data
                 if needle in window:
                     return 0
-                tail = window[-len(needle):]
+                seen = window[-len(needle):]
         elif isinstance(ev, LogTruncated):
             err.write(f"shoal: bytes {ev.start}-{ev.end} were dropped by the output cap\n"
                       .encode())
@@ -230,15 +231,17 @@ async def _logs(client: Client, sid: str, start: int, follow: bool, until: str |
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until it ends.")
 @click.option("--from", "start", default=0, type=click.IntRange(min=0),
               help="Start at this byte offset.")
+@click.option("--tail", type=click.IntRange(min=0), default=None,
+              help="Start this many bytes before the end (instead of --from).")
 @click.option("--until", default=None, help="Stop (exit 0) once this text appears.")
 @click.option("--skip-empty", is_flag=True, help="Leave out blank lines.")
 @click.pass_context
-def logs(ctx: click.Context, sid: str, follow: bool, start: int, until: str | None,
-         skip_empty: bool) -> None:
+def logs(ctx: click.Context, sid: str, follow: bool, start: int, tail: int | None,
+         until: str | None, skip_empty: bool) -> None:
     """Print a session's output (stdout to stdout, stderr to stderr), from anywhere."""
     async def go() -> int:
         async with client_from(ctx) as c:
-            return await _logs(c, sid, start, follow, until, skip_empty)
+            return await _logs(c, sid, start, tail, follow, until, skip_empty)
 
     sys.exit(arun(go()))
 
@@ -248,10 +251,10 @@ session.add_command(logs)
 
 @session.command("attach")
 @click.argument("sid")
-@click.option("--from", "start", default=0, type=click.IntRange(min=0),
-              help="Replay output from this offset (default: all that is kept).")
+@click.option("--from", "start", default=None, type=click.IntRange(min=0),
+              help="Replay output from this offset (default: the last 64 KiB).")
 @click.pass_context
-def attach(ctx: click.Context, sid: str, start: int) -> None:
+def attach(ctx: click.Context, sid: str, start: int | None) -> None:
     """Attach this terminal to a session (like tmux attach); Ctrl-] detaches."""
     from .run_cmd import raw_terminal, terminal_size
 
@@ -262,7 +265,8 @@ def attach(ctx: click.Context, sid: str, start: int) -> None:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        async with client_from(ctx) as c, c.attach(sid, start) as att:
+        tail = ATTACH_REPLAY if start is None else None
+        async with client_from(ctx) as c, c.attach(sid, start or 0, tail) as att:
             await att.resize(*terminal_size())
             loop.add_signal_handler(signal.SIGWINCH,
                                     lambda: asyncio.ensure_future(att.resize(*terminal_size())))

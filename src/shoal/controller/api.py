@@ -108,6 +108,19 @@ def _query_flag(request: web.Request, name: str) -> bool:
     return value in ("1", "true", "yes", "")
 
 
+async def _start_offset(request: web.Request, sid: str, start: int, tail: int | None) -> int:
+    """``?from=N``, or ``?tail=N`` bytes before the end of what is stored."""
+    if tail is None:
+        return start
+    return max(0, await outputlog.end_offset(_ctl(request).js, sid) - tail)
+
+
+def _start_params(request: web.Request) -> tuple[int, int | None]:
+    start = _query_int(request, "from", 0)
+    tail = _query_int(request, "tail", 0) if "tail" in request.query else None
+    return start, tail
+
+
 def _query_int(request: web.Request, name: str, default: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -210,9 +223,10 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
     ``{"t":"end",...}`` (the session ended) or ``{"t":"eof","offset":n}`` (no follow)."""
     ctl = _ctl(request)
     sid = request.match_info["id"]
-    start = _query_int(request, "from", 0)
+    start, tail = _start_params(request)
     follow = _query_flag(request, "follow") if "follow" in request.query else False
     record = await ctl.sessions.get(sid)
+    start = await _start_offset(request, sid, start, tail)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                        "Cache-Control": "no-store"})
     await resp.prepare(request)
@@ -263,8 +277,9 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
     if allowed is not None and allowed != sid:
         return error_json(403, "this terminal link is for another session")
     try:
-        start = _query_int(request, "from", 0)
+        start, tail = _start_params(request)
         record = await ctl.sessions.get(sid)
+        start = await _start_offset(request, sid, start, tail)
     except ShoalError as e:
         return error_json(e.status, e.message)
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1 << 20)

@@ -120,6 +120,8 @@ _STATES = sorted({"live", *m.SessionState.__args__})  # type: ignore[attr-define
 QUERY: dict[str, dict[str, Any]] = {
     "from": _query("from", {"type": "integer", "minimum": 0, "default": 0},
                    "Byte offset in the session's output to start from."),
+    "tail": _query("tail", {"type": "integer", "minimum": 0},
+                   "Start this many bytes before the end of what is stored (instead of from)."),
     "follow": _query("follow", {**_FLAG, "default": "false"},
                      "Keep the response open and stream new output until the session ends. "
                      "`?follow` alone means true."),
@@ -224,10 +226,10 @@ ROUTES: dict[tuple[str, str], Route] = {
                     "has ended answers its record unchanged."),
     ("GET", "/api/v1/sessions/{id}/logs"): Route(
         "sessionLogs", "sessions", "Read a session's output", ok=LogLine,
-        media="application/x-ndjson", query=("from", "follow"), errors=(400, 404),
+        media="application/x-ndjson", query=("from", "tail", "follow"), errors=(400, 404),
         description=_LOGS),
     ("GET", "/api/v1/sessions/{id}/attach"): Route(
-        "attachSession", "sessions", "Attach a terminal (WebSocket)", query=("from",),
+        "attachSession", "sessions", "Attach a terminal (WebSocket)", query=("from", "tail"),
         ws=(AttachClientText, AttachServerText, "json text + binary"), errors=(400, 403, 404),
         description=_ATTACH),
     ("GET", "/api/v1/run"): Route(
