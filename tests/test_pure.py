@@ -104,3 +104,15 @@ def test_ledger_survives_a_torn_last_line(tmp_path: Path) -> None:
     path.write_text("+ 100 12.5\n+ 200 13.0\n- 100\nu+ shoal-aa\nu+ shoal-bb\nu- shoal-aa\n+ 30")
     groups, users = Ledger(path).leftovers()
     assert groups == {200: 13.0} and users == {"shoal-bb"}
+
+
+def test_client_address_behind_trusted_proxies() -> None:
+    from shoal.controller.auth import nearest_untrusted
+
+    proxies = ["10.0.0.1", "10.0.0.2"]
+    assert nearest_untrusted("203.0.113.9", "1.2.3.4", proxies) == "203.0.113.9"
+    assert nearest_untrusted("10.0.0.1", "198.51.100.7", proxies) == "198.51.100.7"
+    # A client's forged first hop is ignored: the proxies' own entries come last.
+    assert nearest_untrusted("10.0.0.1", "6.6.6.6, 198.51.100.7, 10.0.0.2", proxies) \
+        == "198.51.100.7"
+    assert nearest_untrusted("10.0.0.1", "", proxies) == "10.0.0.1"

@@ -162,21 +162,23 @@ class Buckets:
         self.services: KeyValue | None = None  # set by ensure_buckets
 
 
-async def ensure_buckets(nc: NatsClient, node_ttl: float) -> Buckets:
-    """Create the buckets if missing (controllers do this; it is idempotent)."""
+async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> Buckets:
+    """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
+    is how many servers of a NATS cluster keep each of them."""
     js = nc.jetstream()
-    # File storage: a restarted NATS server still has the buckets and the latest beats.
-    hb = await _ensure_kv(js, KeyValueConfig(bucket=HEARTBEATS_BUCKET, ttl=node_ttl, history=1,
-                                             storage=StorageType.FILE))
-    reg = await _ensure_kv(js, KeyValueConfig(bucket=REGISTRY_BUCKET, history=1,
-                                              storage=StorageType.FILE))
-    sessions = await _ensure_kv(js, KeyValueConfig(bucket=SESSIONS_BUCKET, history=1,
-                                                   storage=StorageType.FILE))
-    await ensure_stream(js)
+
+    def kv(bucket: str, ttl: float | None = None) -> KeyValueConfig:
+        # File storage: a restarted NATS server still has the buckets and the latest beats.
+        return KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE,
+                              replicas=replicas)
+
+    hb = await _ensure_kv(js, kv(HEARTBEATS_BUCKET, node_ttl))
+    reg = await _ensure_kv(js, kv(REGISTRY_BUCKET))
+    sessions = await _ensure_kv(js, kv(SESSIONS_BUCKET))
+    await ensure_stream(js, replicas=replicas)
     buckets = Buckets(js, hb, reg, sessions)
     # Service records (controllers only; agents never open it).
-    buckets.services = await _ensure_kv(js, KeyValueConfig(bucket=SERVICES_BUCKET, history=1,
-                                                           storage=StorageType.FILE))
+    buckets.services = await _ensure_kv(js, kv(SERVICES_BUCKET))
     return buckets
 
 

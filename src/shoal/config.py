@@ -57,6 +57,8 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
     terminal_rate: int = 6  # new terminals per minute per client address
+    replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
+    trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):
@@ -151,7 +153,7 @@ def _parse_env(name: str, value: str) -> Any:
         return parse_labels(value.split(",") if value else [])
     if name in ("public_terminals",):
         return value.lower() in ("1", "true", "yes", "on")
-    if name in ("origins", "terminal_command"):
+    if name in ("origins", "terminal_command", "trusted_proxies"):
         return [v for v in value.split(",") if v]
     return value
 

@@ -66,10 +66,11 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Chunk).decode
 
 
-async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30) -> None:
+async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30,
+                        replicas: int = 1) -> None:
     config = StreamConfig(name=STREAM, subjects=["shoal.out.*"], storage=StorageType.FILE,
                           max_bytes=max_bytes, discard=DiscardPolicy.OLD,
-                          max_msg_size=4 << 20)
+                          max_msg_size=4 << 20, num_replicas=replicas)
     try:
         await js.stream_info(STREAM)
     except nats.js.errors.NotFoundError:

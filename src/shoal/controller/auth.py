@@ -31,6 +31,31 @@ _TERMINAL_PATHS = re.compile(r"^/(?:t/([A-Za-z0-9_-]{1,64})|"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def nearest_untrusted(peer: str, forwarded_for: str, trusted: list[str]) -> str:
+    """The client's address: the peer, or behind a trusted proxy the nearest untrusted
+    address in X-Forwarded-For (a client can forge the rest of that header)."""
+    if peer not in trusted:
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if hop not in trusted:
+            return hop
+    return peer
+
+
+def client_address(request: web.Request, trusted: list[str]) -> str:
+    return nearest_untrusted(request.remote or "", request.headers.get("X-Forwarded-For", ""),
+                             trusted)
+
+
+def is_https(request: web.Request, trusted: list[str]) -> bool:
+    """TLS from the browser's view, also when a trusted proxy terminates it."""
+    if request.secure:
+        return True
+    return (request.remote or "") in trusted and \
+        request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
 def request_token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
@@ -70,8 +95,10 @@ async def terminal_scope(request: web.Request, key: bytes,
 
 def auth_middleware(token: str, public_terminals: bool = False,
                     terminal_lifetime: float = 14400.0,
-                    consume_link: ConsumeLink | None = None) -> Callable[..., Awaitable[Any]]:
+                    consume_link: ConsumeLink | None = None,
+                    trusted_proxies: list[str] | None = None) -> Callable[..., Awaitable[Any]]:
     key = tokens.derive_key(token)
+    trusted = trusted_proxies or []
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -86,7 +113,7 @@ def auth_middleware(token: str, public_terminals: bool = False,
             resp = web.HTTPFound(request.rel_url.with_query(
                 {k: v for k, v in request.query.items() if k != "token"}))
             resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
-                            secure=request.secure, max_age=30 * 86400)
+                            secure=is_https(request, trusted), max_age=30 * 86400)
             raise resp
         if public_terminals and path == "/terminal":
             return await handler(request)
@@ -97,7 +124,7 @@ def auth_middleware(token: str, public_terminals: bool = False,
             if path.startswith("/t/") and not response.prepared:
                 cookie = tokens.issue(key, sid, terminal_lifetime, kind="cookie")
                 response.set_cookie(TERMINAL_COOKIE + sid, cookie, httponly=True,
-                                    samesite="Strict", secure=request.secure,
+                                    samesite="Strict", secure=is_https(request, trusted),
                                     max_age=int(terminal_lifetime))
             return response
         if login is not None:

@@ -59,7 +59,7 @@ class Controller:
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl)
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas)
         self.js = self.buckets.js
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
@@ -120,7 +120,7 @@ class Controller:
 
         app = web.Application(middlewares=[json_http_errors, auth_middleware(
             self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime,
-            consume_link)],
+            consume_link, self.cfg.trusted_proxies)],
             client_max_size=1 << 20)
         app["controller"] = self
         app.router.add_get("/healthz", _healthz)

@@ -26,7 +26,7 @@ from .. import tokens
 from ..bus import watch_bucket
 from ..errors import NoCapacityError, ShoalError
 from ..web import STATIC_DIR
-from .auth import error_json
+from .auth import client_address, error_json
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -168,7 +168,7 @@ class TerminalPool:
         self.tickets[ticket] = (created, time.monotonic())
         place = self.position(ticket, created)
         if place <= self.free_slots():
-            peer = request.remote or "?"
+            peer = client_address(request, self.cfg.trusted_proxies) or "?"
             if not self.limiter.allow(peer):
                 return self._answer(form, 429, {"state": "limited", "retry_after": 20,
                                                 "message": "too many terminals from your "
