@@ -147,3 +147,17 @@ def test_metrics_need_the_token_and_describe_the_fleet(fleet: Fleet) -> None:
     assert f'shoal_nodes{{state="ready"}} {float(ready)}' in text
     assert 'shoal_node_capacity{node="node-1"} 16.0' in text
     assert 'shoal_sessions{state="running"}' in text
+
+
+def test_a_drained_node_stays_drained_across_agent_restarts(fleet: Fleet) -> None:
+    agent = fleet.agent("drain-1")
+    assert fleet.shoal("nodes", "drain", "drain-1").returncode == 0
+    fleet.wait_nodes(["drain-1"], state="draining")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(20) == 0
+    again = fleet.agent("drain-1", wait=False)
+    fleet.wait_nodes(["drain-1"], state="draining")
+    assert fleet.shoal("nodes", "undrain", "drain-1").returncode == 0
+    fleet.wait_nodes(["drain-1"], state="ready")
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(20) == 0

@@ -68,6 +68,8 @@ class AgentHost:
         self.cfg = cfg
         state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger")) for n in names}
+        # A drained node stays drained across restarts of its agent until undrained.
+        self.drained_dir = state_dir / "drained"
         self.nc: NatsClient | None = None
         self.buckets: bus.Buckets | None = None
         self._routes: dict[str, _RunRoute] = {}
@@ -100,6 +102,9 @@ class AgentHost:
                 node.name, self.nc, self.buckets.js, self.store, node.ledger,
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed)
+        for node in self.nodes.values():
+            assert node.sessions is not None
+            node.sessions.draining = (self.drained_dir / node.name).exists()
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
         for node in self.nodes.values():
@@ -228,12 +233,21 @@ class AgentHost:
                     await msg.respond(m.pack(m.SessionStartReply(ok=found)))
                 elif op == "drain":
                     mgr.draining = m.unpack(msg.data, m.SessionStartReply).ok
+                    self._remember_drain(node.name, mgr.draining)
                     self._changed()
                     await msg.respond(m.pack(m.SessionStartReply(ok=True)))
             except msgspec.DecodeError as e:
                 await msg.respond(m.pack(m.SessionStartReply(ok=False, reason=f"bad request: {e}")))
 
         return handle
+
+    def _remember_drain(self, name: str, draining: bool) -> None:
+        marker = self.drained_dir / name
+        if draining:
+            self.drained_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
 
     async def _reconcile_sessions(self) -> None:
         """Records that say a session runs here, from before this start: their processes
