@@ -104,7 +104,6 @@ class RunRefused(Struct, frozen=True, tag="refused", tag_field="t"):
     reason: str
 
 
-RunReply = RunAccepted | RunRefused
 
 
 class Output(Struct, frozen=True, tag="out", tag_field="t"):
@@ -237,7 +236,6 @@ SessionId = Annotated[
 SessionState = Literal[
     "pending", "starting", "running", "exited", "failed", "killed", "lost"]
 RestartPolicy = Literal["never", "on-failure", "always"]
-UserName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$")]
 
 
 class Limits(Struct, frozen=True, forbid_unknown_fields=True):
@@ -365,7 +363,6 @@ _control = msgspec.msgpack.Decoder(RunControl)
 _client_frame = msgspec.msgpack.Decoder(ClientFrame)
 _server_frame = msgspec.msgpack.Decoder(ServerFrame)
 _run_reply = msgspec.msgpack.Decoder(RunAccepted | RunRefused | Exit)
-_agent_event = msgspec.msgpack.Decoder(Output | Exit)
 _agent_event_frame = msgspec.msgpack.Decoder(OutputFrame | Exit)
 _session_control = msgspec.msgpack.Decoder(SessionControl)
 
@@ -390,21 +387,13 @@ def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
     return _run_reply.decode(data)  # type: ignore[no-any-return]
 
 
-def unpack_agent_event(data: bytes) -> Output | Exit:
-    return _agent_event.decode(data)  # type: ignore[no-any-return]
-
-
 def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit:
-    """Like ``unpack_agent_event`` but leaves output data encoded (no copy)."""
+    """An agent's output or exit event, leaving output data encoded (no copy)."""
     return _agent_event_frame.decode(data)  # type: ignore[no-any-return]
 
 
 def to_json(msg: Any) -> bytes:
     return _json_encoder.encode(msg)
-
-
-def from_json(data: bytes | str, kind: type[T]) -> T:
-    return msgspec.json.decode(data, type=kind)
 
 
 def to_builtins(msg: Any) -> Any:

@@ -157,12 +157,6 @@ class WebSocket:
     def send_binary(self, data: bytes) -> None:
         self.sock.sendall(encode_frame(OP_BINARY, data))
 
-    def send_text(self, text: str) -> None:
-        self.sock.sendall(encode_frame(OP_TEXT, text.encode()))
-
-    def pending(self) -> bool:
-        return bool(self._pending)
-
     def receive(self) -> tuple[int, bytes] | None:
         """The next data message (blocking); None once the connection is closed."""
         while True:

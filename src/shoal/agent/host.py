@@ -165,9 +165,6 @@ class AgentHost:
             node.ledger.close()
         self._stopped.set()
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
     # ------------------------------------------------------------------ heartbeats
 
     def node_info(self, node: Node) -> m.NodeInfo:
