@@ -8,8 +8,6 @@ the top-level ``capacity``; and so on (docs/configuration.md has the full list).
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +77,8 @@ def shoal_home() -> Path:
 
 
 def new_secret() -> str:
+    import secrets  # imported here: every command loads this module, few make secrets
+
     return secrets.token_urlsafe(32)
 
 
@@ -198,4 +198,6 @@ def load(kind: type[C], path: Path | None, flags: dict[str, Any] | None = None) 
 
 
 def default_node_name() -> str:
+    import socket
+
     return socket.gethostname().split(".")[0] or "node"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -38,6 +37,8 @@ def arun(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def setup_logging(verbose: bool) -> None:
+    import logging  # only the long-running commands log; `shoal run` starts faster without
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
