@@ -185,3 +185,13 @@ def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:
     assert "started" in r.stdout
     wait_for(lambda: not [p for p in processes_with_env("SHOAL_NODE", "node-1")
                           if "sleep" in " ".join(p.info.get("cmdline") or [])])
+
+
+def test_progress_bar_on_a_terminal(fleet: Fleet) -> None:
+    term = Terminal([SHOAL, "run", "--all", "--gather", "--", "sleep", "1"], fleet.env)
+    try:
+        term.read_until(b"gathering")
+        term.read_until(b"node-[1-2] (2)")
+        assert term.proc.wait(15) == 0
+    finally:
+        term.close()
