@@ -319,6 +319,15 @@ class SessionStartReply(Struct, frozen=True):
     reason: str = ""
 
 
+class NodeDrain(Struct, frozen=True):
+    """Controller -> agent: stop (or resume) taking sessions; at ``deadline`` (seconds from
+    now) end what still runs, daemons with a restart policy going elsewhere. The agent keeps
+    the deadline itself, so it holds even if the controller that asked goes away."""
+
+    draining: bool
+    deadline: float | None = None
+
+
 class SessionInput(Struct, frozen=True, tag="in", tag_field="t"):
     """Attached client -> agent (``shoal.session.<id>.ctl``): keystrokes or pasted bytes."""
 

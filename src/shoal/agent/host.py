@@ -50,6 +50,7 @@ class Node:
     state: m.NodeState = "ready"
     subs: list[Subscription] = field(default_factory=list)
     sessions: SessionManager | None = None
+    drain_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -103,8 +104,7 @@ class AgentHost:
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed)
         for node in self.nodes.values():
-            assert node.sessions is not None
-            node.sessions.draining = (self.drained_dir / node.name).exists()
+            self._load_drain(node)
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
         for node in self.nodes.values():
@@ -229,22 +229,46 @@ class AgentHost:
                     found = mgr.handle_signal(m.unpack(msg.data, m.SessionSignal))
                     await msg.respond(m.pack(m.SessionStartReply(ok=found)))
                 elif op == "drain":
-                    mgr.draining = m.unpack(msg.data, m.SessionStartReply).ok
-                    self._remember_drain(node.name, mgr.draining)
-                    self._changed()
+                    req = m.unpack(msg.data, m.NodeDrain)
+                    deadline = time.time() + req.deadline if req.deadline is not None else None
+                    self._set_drain(node, req.draining, deadline)
                     await msg.respond(m.pack(m.SessionStartReply(ok=True)))
             except msgspec.DecodeError as e:
                 await msg.respond(m.pack(m.SessionStartReply(ok=False, reason=f"bad request: {e}")))
 
         return handle
 
-    def _remember_drain(self, name: str, draining: bool) -> None:
-        marker = self.drained_dir / name
+    def _set_drain(self, node: Node, draining: bool, deadline: float | None) -> None:
+        """Drain or undrain ``node``, remembered on disk; at ``deadline`` (epoch seconds)
+        end its sessions, daemons going back to the scheduler."""
+        mgr = node.sessions
+        assert mgr is not None
+        mgr.draining = draining
+        marker = self.drained_dir / node.name
+        if node.drain_timer is not None:
+            node.drain_timer.cancel()
+            node.drain_timer = None
         if draining:
             self.drained_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            marker.touch()
+            marker.write_text("" if deadline is None else f"{deadline}\n")
+            if deadline is not None:
+                node.drain_timer = asyncio.get_running_loop().call_later(
+                    max(0.0, deadline - time.time()), mgr.end_all, f"node {node.name} drained")
         else:
             marker.unlink(missing_ok=True)
+        self._changed()
+
+    def _load_drain(self, node: Node) -> None:
+        marker = self.drained_dir / node.name
+        try:
+            text = marker.read_text().strip()
+        except FileNotFoundError:
+            return
+        try:
+            deadline = float(text) if text else None
+        except ValueError:
+            deadline = None
+        self._set_drain(node, True, deadline)
 
     async def _reconcile_sessions(self) -> None:
         """Records that say a session runs here, from before this start: their processes

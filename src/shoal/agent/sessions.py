@@ -418,9 +418,13 @@ class SessionManager:
             session.child.signal_group(req.signum)
         return True
 
+    def end_all(self, reason: str) -> None:
+        """End every session here; daemons with a restart policy go to another node."""
+        for s in list(self.sessions.values()):
+            s.end(reason, reschedule=True)
+
     async def stop(self, reason: str) -> None:
         """End every session (the agent is stopping)."""
         self.stopping = True
-        for s in list(self.sessions.values()):
-            s.end(reason, reschedule=True)
+        self.end_all(reason)
         await asyncio.gather(*(s.done.wait() for s in list(self.sessions.values())))

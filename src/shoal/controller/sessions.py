@@ -201,32 +201,22 @@ class SessionService:
 
     # ------------------------------------------------------------------ nodes
 
-    async def set_draining(self, node: str, draining: bool) -> None:
+    async def set_draining(self, node: str, draining: bool,
+                           deadline: float | None = None) -> None:
         if node not in self.registry.snapshot():
             raise NotFoundError(f"no node named {node!r}; `shoal nodes` lists them")
-        reply = await self._ask(node, "drain", m.SessionStartReply(ok=draining))
+        reply = await self._ask(node, "drain", m.NodeDrain(draining=draining, deadline=deadline))
         if not reply.ok:
             raise ConflictError(f"node {node} did not accept the drain: {reply.reason}")
 
     async def drain(self, node: str, deadline: float | None, wait: bool) -> list[str]:
-        """Stop placements on ``node``; at the deadline end what still runs there (daemons
-        with a restart policy start again elsewhere). Returns the sessions left running."""
-        await self.set_draining(node, True)
-        if deadline is None and not wait:
-            return [r.id for r in self.find(node=node, state="live")]
-        task = asyncio.create_task(self._drain_until(node, deadline))
-        if wait:
-            await task
-        return [r.id for r in self.find(node=node, state="live")]
-
-    async def _drain_until(self, node: str, deadline: float | None) -> None:
-        end = time.monotonic() + deadline if deadline is not None else None
-        while self.find(node=node, state="live"):
-            if end is not None and time.monotonic() >= end:
-                for r in self.find(node=node, state="live"):
-                    await self.kill(r.id, f"node {node} drained", reschedule=True)
-                end = None
+        """Stop placements on ``node``; at the deadline (kept by the agent) what still runs
+        there ends, daemons with a restart policy starting again elsewhere. With ``wait``,
+        return once nothing runs there. Returns the sessions left running."""
+        await self.set_draining(node, True, deadline)
+        while wait and self.find(node=node, state="live"):
             await asyncio.sleep(0.2)
+        return [r.id for r in self.find(node=node, state="live")]
 
     # ------------------------------------------------------------------ reconciler
 
