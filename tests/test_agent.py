@@ -161,3 +161,20 @@ def test_a_drained_node_stays_drained_across_agent_restarts(fleet: Fleet) -> Non
     fleet.wait_nodes(["drain-1"], state="ready")
     again.send_signal(signal.SIGTERM)
     assert again.wait(20) == 0
+
+
+def test_a_drain_deadline_holds_when_its_controller_dies(fleet: Fleet) -> None:
+    agent = fleet.agent("dl-1")
+    sid = fleet.shoal("session", "create", "--node", "dl-1", "--", "sleep", "60").stdout.strip()
+    other, url = fleet.controller()
+    assert fleet.shoal("--url", url, "nodes", "drain", "dl-1", "--deadline", "2").returncode == 0
+    other.kill()
+    other.wait()
+
+    def ended() -> bool:
+        record = json.loads(fleet.shoal("session", "show", sid).stdout)
+        return record["state"] == "killed" and "drained" in record["reason"]
+
+    wait_for(ended, timeout=20, interval=0.3)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(20) == 0
