@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from fleet import Fleet, wait_for
 from shoal.natsd import NatsServer, NatsUsers, free_port
+
+
+def _health(url: str) -> int:
+    try:
+        return int(urllib.request.urlopen(url + "/healthz", timeout=5).status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
 
 
 def test_a_nats_restart_loses_no_output(tmp_path: Path) -> None:
@@ -24,8 +33,10 @@ def test_a_nats_restart_loses_no_output(tmp_path: Path) -> None:
         sid = fleet.shoal("session", "create", "--shell", script).stdout.strip()
         wait_for(lambda: fleet.shoal("logs", sid).stdout.count("\n") >= 10)
         server.stop()
-        time.sleep(2.0)  # the session writes on while NATS is away
+        wait_for(lambda: _health(fleet.url) == 503, timeout=10)  # a balancer would notice
+        time.sleep(1.0)  # the session writes on while NATS is away
         server.start()
+        wait_for(lambda: _health(fleet.url) == 200, timeout=30)
 
         def finished() -> bool:
             r = fleet.shoal("session", "show", sid)

@@ -134,6 +134,10 @@ class Controller:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """For load balancers: 200 while this controller can reach NATS, 503 when it cannot."""
+    nc = request.app["controller"].nc
+    if nc is None or not nc.is_connected:
+        return web.Response(text="nats disconnected\n", status=503)
     return web.Response(text="ok\n")
 
 
