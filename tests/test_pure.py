@@ -101,9 +101,9 @@ def test_rate_limiter() -> None:
 
 def test_ledger_survives_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "n.ledger"
-    path.write_text("+ 100 12.5\n+ 200 13.0\n- 100\nu+ shoal-aa\nu+ shoal-bb\nu- shoal-aa\n+ 30")
-    groups, users = Ledger(path).leftovers()
-    assert groups == {200: 13.0} and users == {"shoal-bb"}
+    path.write_text("+ 100\n+ 200\n- 100\nu+ shoal-aa\nu+ shoal-bb\nu- shoal-aa\n+ 3x")
+    groups, users = Ledger(path, "n").leftovers()
+    assert groups == {200} and users == {"shoal-bb"}
 
 
 def test_client_address_behind_trusted_proxies() -> None:

@@ -68,7 +68,7 @@ class AgentHost:
             raise ValueError("an agent needs at least one node name")
         self.cfg = cfg
         state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
-        self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger")) for n in names}
+        self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.
         self.drained_dir = state_dir / "drained"
         self.nc: NatsClient | None = None

@@ -1,8 +1,11 @@
 """A per-node ledger of the process groups an agent started, so that the next start of an
 agent that was SIGKILLed (or crashed) can end what the last one left behind.
 
-The file is append-only (``+ pgid create_time`` / ``- pgid``); an entry is acted on only if
-a process with that pid *and* that creation time still exists, so a recycled pid is safe.
+The file is append-only (``+ pgid`` / ``- pgid``, ``u+ user`` / ``u- user``). A listed group
+is acted on only if its leader still carries this node's ``SHOAL_NODE`` in its environment
+(every child gets it), or, with the leader gone, if members of that group remain: a recycled
+pid is never taken for ours. (Checking a start time instead would cost a /proc read per
+spawn, as much as the spawn itself right after exec.)
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, node: str) -> None:
         self.path = path
+        self.node = node
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.parent.parent.chmod(0o700)
         self._fd = -1
@@ -39,10 +43,7 @@ class Ledger:
                 pass
 
     def add(self, pid: int) -> None:
-        started = start_ticks(pid)
-        if started is None:
-            return  # already gone
-        os.write(self._fd, f"+ {pid} {started}\n".encode())
+        os.write(self._fd, f"+ {pid}\n".encode())
 
     def remove(self, pid: int) -> None:
         os.write(self._fd, f"- {pid}\n".encode())
@@ -53,51 +54,42 @@ class Ledger:
     def remove_user(self, name: str) -> None:
         os.write(self._fd, f"u- {name}\n".encode())
 
-    def leftovers(self) -> tuple[dict[int, float], set[str]]:
+    def leftovers(self) -> tuple[set[int], set[str]]:
         """Process groups and throwaway users a previous run did not clean up."""
-        live: dict[int, float] = {}
+        groups: set[int] = set()
         names: set[str] = set()
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return live, names
+            return groups, names
         for line in text.splitlines():
             parts = line.split()
             try:
-                if parts[0] == "+" and len(parts) == 3:
-                    live[int(parts[1])] = float(parts[2])
-                elif parts[0] == "-" and len(parts) == 2:
-                    live.pop(int(parts[1]), None)
+                if parts[0] == "+":
+                    groups.add(int(parts[1]))
+                elif parts[0] == "-":
+                    groups.discard(int(parts[1]))
                 elif parts[0] == "u+" and len(parts) == 2:
                     names.add(parts[1])
                 elif parts[0] == "u-" and len(parts) == 2:
                     names.discard(parts[1])
             except (ValueError, IndexError):
                 continue  # a torn last line after a crash
-        return live, names
+        return groups, names
 
 
-def start_ticks(pid: int) -> int | None:
-    """When a process started, in clock ticks since boot (field 22 of /proc/PID/stat):
-    with the pid, it names one process for good. Read directly: it is on the path of every
-    process the agent starts."""
+def _ours(pgid: int, node: str) -> bool:
+    """Is process group ``pgid`` still one this node started?"""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        with open(f"/proc/{pgid}/environ", "rb") as f:
+            env = f.read()
+    except FileNotFoundError:
+        # The leader is gone; members of its group may remain. A pid that was reused cannot
+        # lead our old group id, so any member of group pgid is ours.
+        return group_alive(pgid)
     except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
-def _ours(pgid: int, started: float) -> bool:
-    """Is process group ``pgid`` still the one we started?"""
-    leader = start_ticks(pgid)
-    if leader is not None:
-        return leader == started
-    # The leader is gone; members of its group may remain. A pid that was reused cannot
-    # lead our old group id, so any member of group pgid is ours.
-    return group_alive(pgid)
+        return False
+    return f"SHOAL_NODE={node}".encode() in env.split(b"\0")
 
 
 async def reap_leftovers(ledger: Ledger, grace: float) -> int:
@@ -106,7 +98,7 @@ async def reap_leftovers(ledger: Ledger, grace: float) -> int:
     from . import users
 
     listed, names = ledger.leftovers()
-    groups = [pgid for pgid, created in listed.items() if _ours(pgid, created)]
+    groups = [pgid for pgid in listed if _ours(pgid, ledger.node)]
     await _end_groups(groups, grace)
     for name in names:
         if name.startswith(users.PREFIX):
