@@ -178,3 +178,16 @@ def test_a_drain_deadline_holds_when_its_controller_dies(fleet: Fleet) -> None:
     wait_for(ended, timeout=20, interval=0.3)
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(20) == 0
+
+
+def test_forget_a_node_that_is_gone(fleet: Fleet) -> None:
+    agent = fleet.agent("old-1")
+    r = fleet.shoal("nodes", "forget", "old-1")
+    assert r.returncode != 0 and "stop its agent first" in r.stderr
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(20) == 0
+    fleet.wait_nodes(["old-1"], state="down")
+    assert fleet.shoal("nodes", "forget", "old-1").returncode == 0
+    assert "old-1" not in fleet.nodes()
+    r = fleet.shoal("nodes", "forget", "old-1")
+    assert r.returncode != 0 and "no node named" in r.stderr

@@ -105,6 +105,10 @@ class Client:
     async def undrain(self, node: str) -> None:
         await self.request("POST", f"/api/v1/nodes/{node}/undrain")
 
+    async def forget(self, node: str) -> None:
+        """Remove a node that is down (decommissioned) from the registry."""
+        await self.request("DELETE", f"/api/v1/nodes/{node}")
+
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, spec: m.SessionSpec | dict[str, Any]) -> m.SessionRecord:

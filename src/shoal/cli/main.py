@@ -308,6 +308,19 @@ def nodes_drain(ctx: click.Context, name: str, deadline: float | None, wait: boo
     arun(go())
 
 
+@nodes.command("forget")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def nodes_forget(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Remove nodes that are down (decommissioned machines) from the list."""
+    async def go() -> None:
+        async with client_from(ctx) as client:
+            for name in names:
+                await client.forget(name)
+
+    arun(go())
+
+
 @nodes.command("undrain")
 @click.argument("name")
 @click.pass_context

@@ -162,6 +162,20 @@ async def drain_node(request: web.Request) -> web.Response:
 
 
 @api_errors
+async def forget_node(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    ctl = _ctl(request)
+    node = ctl.registry.snapshot().get(name)
+    if node is None:
+        return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
+    if node.state != "down":
+        return error_json(409, f"node {name} is {node.state}: stop its agent first, then "
+                               "forget it")
+    await ctl.registry.forget(name)
+    return web.Response(status=204)
+
+
+@api_errors
 async def undrain_node(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await _ctl(request).sessions.set_draining(name, False)
@@ -348,6 +362,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/nodes/{name}", show_node)
     r.add_post("/api/v1/nodes/{name}/drain", drain_node)
     r.add_post("/api/v1/nodes/{name}/undrain", undrain_node)
+    r.add_delete("/api/v1/nodes/{name}", forget_node)
     r.add_post("/api/v1/sessions", create_session)
     r.add_get("/api/v1/sessions", list_sessions)
     r.add_get("/api/v1/sessions/{id}", show_session)

@@ -200,6 +200,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/v1/nodes/{name}/undrain"): Route(
         "undrainNode", "nodes", "Accept placements again", ok=UndrainResult,
         errors=(404, 409)),
+    ("DELETE", "/api/v1/nodes/{name}"): Route(
+        "forgetNode", "nodes", "Forget a node that is down", status=204, errors=(404, 409),
+        description="Removes a decommissioned node from the registry. A node that is up "
+                    "cannot be forgotten (409); one that comes back registers again."),
     ("POST", "/api/v1/sessions"): Route(
         "createSession", "sessions", "Create a session", ok=m.SessionRecord, status=201,
         body=m.SessionSpec, errors=(400, 404, 422),

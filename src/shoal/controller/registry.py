@@ -88,6 +88,11 @@ class NodeRegistry:
         elif key not in self._beats:
             self._known[key] = info
 
+    async def forget(self, name: str) -> None:
+        """Drop a node from the registry bucket (every controller's cache follows)."""
+        await self._reg_kv.purge(name)
+        self._known.pop(name, None)
+
     def is_down(self, name: str) -> bool:
         beat = self._beats.get(name)
         return beat is None or time.monotonic() - beat[1] > self.node_ttl
