@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _decode = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -36,6 +38,8 @@ class SessionStore:
         self.kv = kv
 
     async def get(self, session_id: str) -> tuple[SessionRecord, int] | None:
+        if not _VALID_ID.fullmatch(session_id):
+            return None  # not a key this bucket can hold: no such session
         try:
             entry = await self.kv.get(session_id)
         except nats.js.errors.KeyNotFoundError:
