@@ -6,11 +6,26 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from fleet import Fleet
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Nodes with no capacity: every request is exercised, but no generated command ever
+    runs on this machine."""
+    f = Fleet(tmp_path_factory.mktemp("fuzz") / "home", agents=2,
+              extra_args=("--capacity", "0")).start()
+    try:
+        yield f
+    finally:
+        f.stop()
 
 
 def test_no_input_gets_a_server_error(fleet: Fleet, tmp_path: Path) -> None:

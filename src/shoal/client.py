@@ -170,7 +170,10 @@ class Client:
                                                                        await resp.read()))
                 async for line in resp.content:
                     if line.strip():
-                        yield _log_decoder.decode(line)
+                        event = _log_decoder.decode(line)
+                        if isinstance(event, LogError):
+                            raise ShoalError(f"{event.message}; resume from {event.offset}")
+                        yield event
         except aiohttp.ClientConnectionError as e:
             raise ConnectError(f"lost the controller at {self.url}: {e}") from e
 
@@ -249,7 +252,14 @@ class LogEof(msgspec.Struct, tag="eof", tag_field="t"):
     offset: int
 
 
-LogEvent = LogChunk | LogTruncated | LogEnd | LogEof
+class LogError(msgspec.Struct, tag="error", tag_field="t"):
+    """The controller could not read on (the output stream failed); resume from ``offset``."""
+
+    offset: int
+    message: str
+
+
+LogEvent = LogChunk | LogTruncated | LogEnd | LogEof | LogError
 _log_decoder = msgspec.json.Decoder(LogEvent)
 
 

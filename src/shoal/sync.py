@@ -202,6 +202,7 @@ class SyncClient(_Bridge):
     node = _blocking(Client.node)
     drain = _blocking(Client.drain)
     undrain = _blocking(Client.undrain)
+    forget = _blocking(Client.forget)
     create_session = _blocking(Client.create_session)
     sessions = _blocking(Client.sessions)
     session = _blocking(Client.session)

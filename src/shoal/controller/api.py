@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1 << 20
+MAX_OFFSET = 1 << 50  # far beyond any session's output, and within every JSON integer
 LOG_LINE_BYTES = 192 << 10
 
 
@@ -79,7 +80,7 @@ def _ctl(request: web.Request) -> Controller:
 
 
 def parse_signal(value: str | int) -> int:
-    if isinstance(value, int) or value.isdigit():
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
         num = int(value)
         if 1 <= num <= 64:
             return num
@@ -129,8 +130,8 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
         value = int(raw)
     except ValueError as e:
         raise ValidationError(f"query parameter {name} must be an integer, not {raw!r}") from e
-    if value < 0:
-        raise ValidationError(f"query parameter {name} must be >= 0")
+    if not 0 <= value <= MAX_OFFSET:
+        raise ValidationError(f"query parameter {name} must be between 0 and {MAX_OFFSET}")
     return value
 
 
@@ -239,17 +240,30 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
     sid = request.match_info["id"]
     start, tail = _start_params(request)
     follow = _query_flag(request, "follow") if "follow" in request.query else False
-    record = await ctl.sessions.get(sid)
+    await ctl.sessions.get(sid)  # 404 before the answer starts
     start = await _start_offset(request, sid, start, tail)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                        "Cache-Control": "no-store"})
     await resp.prepare(request)
-    position = start
 
     async def is_over() -> bool:
         found = await ctl.sessions.store.get(sid)
         return found is None or found[0].state in FINAL
 
+    try:
+        last = await _stream_logs(ctl, resp, sid, start, follow, is_over)
+    except Exception as e:  # the answer has started: end it with the error, never replace it
+        log.warning("logs of %s ended early: %s", sid, e)
+        last = {"t": "error", "offset": start, "message": f"reading the output failed: {e}"}
+    await resp.write(msgspec.json.encode(last) + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _stream_logs(ctl: Controller, resp: web.StreamResponse, sid: str, start: int,
+                       follow: bool, is_over: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
+    """Write the NDJSON output lines; returns the closing line to send."""
+    position = start
     async for item in outputlog.read(ctl.js, sid, start, follow=follow, is_over=is_over):
         if isinstance(item, outputlog.Truncated):
             line = {"t": "truncated", "from": item.start, "to": item.end}
@@ -261,15 +275,17 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
             line = {"t": "out", "stream": item.stream, "offset": item.offset + at, "data": piece}
             await resp.write(msgspec.json.encode(line) + b"\n")
         position = item.offset + len(item.data)
-    record = await ctl.sessions.get(sid)
-    if record.state in FINAL and (follow or position >= record.output_bytes):
-        end = {"t": "end", "offset": position, "state": record.state,
-               "exit_code": record.exit_code, "signal": record.signal, "reason": record.reason}
-        await resp.write(msgspec.json.encode(end) + b"\n")
+    found = await ctl.sessions.store.get(sid)
+    if found is None:  # removed while we read
+        last: dict[str, Any] = {"t": "end", "offset": position, "state": "removed",
+                                "exit_code": None, "signal": None, "reason": "removed"}
+    elif found[0].state in FINAL and (follow or position >= found[0].output_bytes):
+        record = found[0]
+        last = {"t": "end", "offset": position, "state": record.state,
+                "exit_code": record.exit_code, "signal": record.signal, "reason": record.reason}
     else:
-        await resp.write(msgspec.json.encode({"t": "eof", "offset": position}) + b"\n")
-    await resp.write_eof()
-    return resp
+        last = {"t": "eof", "offset": position}
+    return last
 
 
 # ---------------------------------------------------------------------- attach

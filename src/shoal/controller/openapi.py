@@ -22,7 +22,7 @@ from aiohttp import web
 from .. import __version__
 from .. import messages as m
 from .. import servicetypes as st
-from ..client import LogChunk, LogEnd, LogEof, LogTruncated
+from ..client import LogChunk, LogEnd, LogEof, LogError, LogTruncated
 from .api import DrainBody, SignalBody
 from .services_api import ScaleBody, ServiceDrainBody
 
@@ -98,7 +98,7 @@ class AttachEof(msgspec.Struct, tag="eof", tag_field="t"):
     """Client -> server: close the session's stdin."""
 
 
-LogLine = LogChunk | LogTruncated | LogEnd | LogEof
+LogLine = LogChunk | LogTruncated | LogEnd | LogEof | LogError
 AttachServerText = AttachHello | AttachTruncated | AttachExit
 AttachClientText = AttachResize | AttachEof
 

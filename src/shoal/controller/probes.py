@@ -81,7 +81,9 @@ async def _http(spec: ProbeSpec) -> str:
         if len(line) > MAX_STATUS_LINE:
             return "not an HTTP answer"
         parts = line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        ok = len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isascii() \
+            and parts[1].isdigit()
+        if not ok:
             return f"not an HTTP answer: {line[:60]!r}"
         status = int(parts[1])
         if not 200 <= status < 400:
