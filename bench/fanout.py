@@ -7,10 +7,7 @@ fanout.json: median and min–max wall time of at least 5 runs per fleet size.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,15 +17,14 @@ from bench.harness import (
     Case,
     Deadline,
     FleetError,
-    Interrupted,
     Row,
     ShoalFleet,
     find_shoal,
-    install_signal_handlers,
     log,
     machine_summary,
     markdown_table,
     measure,
+    run_guarded,
     shoal_fleet,
     shoal_problem,
     skipped_rows,
@@ -91,20 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run, write fanout.{md,json}, print the table; 130 when interrupted."""
     args = parse_args(argv)
     deadline = Deadline(args.budget)
-    install_signal_handlers()
-    rows: list[Row] = []
-    root = Path(tempfile.mkdtemp(prefix="shoal-fanout-"))
-    status = 0
-    try:
-        bench(args, root, deadline, rows)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        log(f"interrupted ({exc or 'SIGINT'}); writing partial results")
-        status = 130
-    except Exception:
-        log(f"bench failed; writing partial results:\n{traceback.format_exc()}")
-        status = 1
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows),
+                               "shoal-fanout-")
     preamble = (
         machine_summary()
         + f"\nThe whole `shoal run --all -- true` as a new process, against `shoal up` plus one "

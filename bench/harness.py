@@ -10,7 +10,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -470,3 +472,23 @@ def machine_summary() -> str:
         f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average {start} at start, {end} at end.\n"
     )
+
+
+def run_guarded(bench: Callable[[Path, list[Row]], None], prefix: str) -> tuple[list[Row], int]:
+    """Run ``bench(root, rows)`` in a fresh temporary directory, keeping whatever rows it got
+    when interrupted or failing; returns the rows and the exit status (0, 1 or 130)."""
+    install_signal_handlers()
+    rows: list[Row] = []
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    status = 0
+    try:
+        bench(root, rows)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({exc or 'SIGINT'}); writing partial results")
+        status = 130
+    except Exception:
+        log(f"bench failed; writing partial results:\n{traceback.format_exc()}")
+        status = 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows, status

@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import traceback
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,16 +22,15 @@ from bench.harness import (
     Case,
     Deadline,
     FleetError,
-    Interrupted,
     Row,
     ShoalFleet,
     add_ratios,
     find_shoal,
-    install_signal_handlers,
     log,
     machine_summary,
     markdown_table,
     measure,
+    run_guarded,
     shoal_fleet,
     shoal_problem,
     skipped_rows,
@@ -277,20 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench, write the result files, print the table; 130 when interrupted."""
     args = parse_args(argv)
     deadline = Deadline(args.budget)
-    install_signal_handlers()
-    rows: list[Row] = []
-    root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
-    status = 0
-    try:
-        bench(args, root, deadline, rows)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        log(f"interrupted ({exc or 'SIGINT'}); writing partial results")
-        status = 130
-    except Exception:
-        log(f"bench failed; writing partial results:\n{traceback.format_exc()}")
-        status = 1
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows),
+                               "shoal-bench-")
     add_ratios(rows)
     title = "shoal vs pssh, ClusterShell, parallel-ssh and ssh"
     notes = preamble(args)

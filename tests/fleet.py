@@ -201,3 +201,15 @@ class Terminal:
             self.proc.kill()
             self.proc.wait()
         os.close(self.master)
+
+
+async def wait_running(client: Any, sid: str) -> Any:
+    """Until the session runs (its record), via a ``shoal.client.Client``."""
+    import asyncio
+
+    for _ in range(200):
+        r = await client.session(sid)
+        if r.state == "running":
+            return r
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{sid} never ran: {r}")

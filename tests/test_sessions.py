@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from fleet import SHOAL, Fleet, wait_for
+from fleet import SHOAL, Fleet, wait_for, wait_running
 from shoal import messages as m
 from shoal.client import Client, LogChunk, LogEnd
 from shoal.errors import ConflictError, NotFoundError, ValidationError
@@ -208,15 +208,6 @@ def test_cli_session_commands(fleet: Fleet, tmp_path: Path) -> None:
     assert all(s["node"] in ("node-1", "node-2") for s in landed)
     for s in landed:
         fleet.shoal("session", "rm", s["id"])
-
-
-async def wait_running(client: Client, sid: str) -> m.SessionRecord:
-    for _ in range(200):
-        r = await client.session(sid)
-        if r.state == "running":
-            return r
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{sid} never ran: {r}")
 
 
 async def wait_output(client: Client, sid: str, needle: bytes, timeout: float = 15) -> bytes:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from fleet import Fleet
+from fleet import Fleet, wait_running
 from shoal import messages as m
 from shoal import tokens
 from shoal.client import Client, LogChunk
@@ -20,15 +20,6 @@ from shoal.client import Client, LogChunk
 async def client(fleet: Fleet) -> AsyncIterator[Client]:
     async with Client(fleet.url, fleet.token) as c:
         yield c
-
-
-async def _running(client: Client, sid: str) -> m.SessionRecord:
-    for _ in range(200):
-        r = await client.session(sid)
-        if r.state == "running":
-            return r
-        await asyncio.sleep(0.05)
-    raise AssertionError(r)
 
 
 async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Client) -> None:
@@ -70,7 +61,7 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
 async def test_throwaway_users_cannot_touch_each_other(client: Client) -> None:
     if os.geteuid() != 0:
         pytest.skip("throwaway users need an agent running as root")
-    victim = await _running(client, (await client.create_session(
+    victim = await wait_running(client, (await client.create_session(
         m.SessionSpec(shell="touch ~/secret; sleep 60", user="ephemeral"))).id)
     assert victim.user.startswith("shoal-")
     home = f"/home/{victim.user}"

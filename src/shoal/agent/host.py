@@ -75,6 +75,7 @@ class AgentHost:
         self.buckets: bus.Buckets | None = None
         self._routes: dict[str, _RunRoute] = {}
         self._sampler = LoadSampler()
+        self._last_load = m.Load()
         self._started_at = time.time()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -178,8 +179,6 @@ class AgentHost:
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
             isolation=os.geteuid() == 0,
         )
-
-    _last_load = m.Load()
 
     async def _heartbeat(self, register: bool = False) -> None:
         assert self.buckets is not None
