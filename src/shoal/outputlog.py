@@ -153,7 +153,10 @@ class OutputWriter:
         data = _encode(chunk)
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
-                ack = await self.js.publish(self.subject, data, timeout=ACK_TIMEOUT)
+                # publish_async costs less per message than publish (measured with 200
+                # terminals); waiting on it keeps the chunks strictly in order.
+                fut = await self.js.publish_async(self.subject, data)
+                ack = await asyncio.wait_for(fut, ACK_TIMEOUT)
                 return int(ack.seq)
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
                     nats.errors.NoRespondersError, nats.js.errors.Error, TimeoutError) as e:
