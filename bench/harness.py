@@ -300,16 +300,26 @@ def ready_nodes(shoal: Path, env: dict[str, str], prefix: str = "node-") -> int:
 
 @contextmanager
 def shoal_fleet(
-    shoal: Path, root: Path, n: int, deadline: Deadline | None = None, timeout_s: float = 120.0
+    shoal: Path,
+    root: Path,
+    n: int,
+    deadline: Deadline | None = None,
+    timeout_s: float = 120.0,
+    capacity: int | None = None,
 ) -> Iterator[ShoalFleet]:
-    """Start `shoal up --agents 0 --port 0` and `shoal agent --virtual n` under root/shoal.
+    """Start `shoal up --agents 0 --port 0` and `shoal agent --virtual n` under root/shoal, or
+    with `capacity`, `shoal up --agents n --capacity C` alone (controller, agents and their
+    sessions in one process tree, which the session and terminal benches measure).
 
-    Yields once all n nodes are ready; SIGTERMs both (agent first) and removes SHOAL_HOME on exit.
+    Yields once all n nodes are ready; SIGTERMs them (agent first) and removes SHOAL_HOME on exit.
     """
     home = root / "shoal"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     env = dict(os.environ, SHOAL_HOME=str(home))
+    env.pop("SHOAL_URL", None)
+    env.pop("SHOAL_TOKEN", None)
+    local = [] if capacity is None else ["--capacity", str(capacity)]
     limit = timeout_s if deadline is None else min(timeout_s, max(5.0, deadline.remaining() - 20))
     up_log, agent_log = root / f"shoal-up-{n}.log", root / f"shoal-agent-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
@@ -317,7 +327,8 @@ def shoal_fleet(
         with up_log.open("wb") as out:
             procs.append(
                 subprocess.Popen(
-                    [str(shoal), "up", "--agents", "0", "--port", "0"],
+                    [str(shoal), "up", "--agents", "0" if capacity is None else str(n),
+                     *local, "--port", "0"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -333,6 +344,13 @@ def shoal_fleet(
             procs[0],
             up_log,
         )
+        if capacity is not None:
+            _wait_for(lambda: ready_nodes(shoal, env) >= n, limit, f"{n} nodes of shoal up",
+                      procs[0], up_log)
+            log(f"shoal up: {n} agents x capacity {capacity} ready in "
+                f"{time.monotonic() - started:.1f}s")
+            yield ShoalFleet(shoal, home, env, n, [("shoal up", procs[0], up_log)])
+            return
         with agent_log.open("wb") as out:
             procs.append(
                 subprocess.Popen(

@@ -31,37 +31,31 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from bench.harness import (
-    READY_URL,
     RESULTS_DIR,
     Deadline,
     FleetError,
     Interrupted,
     Row,
     ShoalFleet,
-    _tail,
-    _wait_for,
     find_shoal,
     install_signal_handlers,
     log,
     machine_summary,
-    ready_nodes,
+    shoal_fleet,
     shoal_problem,
 )
-from bench.proc import stop_process
 from shoal.client import Client
 
 TOOL = "shoal"
@@ -85,65 +79,6 @@ def shoal_bin() -> Path | None:
     """SHOAL_BIN (set by bench.run) else the `shoal` next to this interpreter."""
     named = os.environ.get("SHOAL_BIN")
     return Path(named) if named else find_shoal()
-
-
-@contextmanager
-def up_fleet(
-    shoal: Path, root: Path, agents: int, capacity: int, deadline: Deadline, timeout_s: float = 90
-) -> Iterator[ShoalFleet]:
-    """`shoal up --agents A --capacity C --port 0` in root/shoal (controller, NATS and A local
-    agents in one process tree); yields once the A nodes are ready, SIGTERMs it on exit.
-
-    harness.shoal_fleet starts `--agents 0` plus `shoal agent --virtual n` at the default
-    capacity; these benches need a capacity per agent, which only `shoal up` takes."""
-    home = root / "shoal"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    env = dict(os.environ, SHOAL_HOME=str(home))
-    env.pop("SHOAL_URL", None)
-    env.pop("SHOAL_TOKEN", None)
-    limit = min(timeout_s, max(5.0, deadline.remaining() - 15))
-    up_log = root / f"shoal-up-{agents}x{capacity}.log"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        with up_log.open("wb") as out:
-            argv = [
-                str(shoal),
-                "up",
-                "--agents",
-                str(agents),
-                "--capacity",
-                str(capacity),
-                "--port",
-                "0",
-            ]
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started = time.monotonic()
-        _wait_for(
-            lambda: bool(READY_URL.search(_tail(up_log, 1 << 16))), limit, "shoal up", proc, up_log
-        )
-        _wait_for(
-            lambda: ready_nodes(shoal, env) >= agents,
-            limit,
-            f"{agents} nodes of shoal up",
-            proc,
-            up_log,
-        )
-        log(
-            f"shoal up: {agents} agents x capacity {capacity} ready in "
-            f"{time.monotonic() - started:.1f}s"
-        )
-        yield ShoalFleet(shoal, home, env, agents, [("shoal up", proc, up_log)])
-    finally:
-        stop_process(proc, grace=20.0)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 class Usage:
@@ -462,7 +397,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
             rows.append(Row(workload, TOOL, 0, status="skipped", note=problem or ""))
         return
     try:
-        with up_fleet(shoal, root, 2, args.capacity, deadline) as fleet:
+        with shoal_fleet(shoal, root, 2, deadline, capacity=args.capacity) as fleet:
 
             async def go() -> None:
                 # Whatever hangs, leave time to stop the fleet (it ends ~1500 sessions).

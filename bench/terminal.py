@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import RESULTS_DIR, Deadline, Row, ShoalFleet, log, shoal_problem
+from bench.harness import RESULTS_DIR, Deadline, Row, ShoalFleet, log, shoal_fleet, shoal_problem
 from bench.sessions import (
     TOOL,
     Usage,
@@ -57,7 +57,6 @@ from bench.sessions import (
     pct,
     run_main,
     shoal_bin,
-    up_fleet,
 )
 from shoal.client import Client
 
@@ -458,7 +457,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
     if problem or shoal is None:
         rows.append(Row("terminal-echo", TOOL, 1, status="skipped", note=problem or ""))
         return
-    with up_fleet(shoal, root, 2, args.capacity, deadline) as fleet:
+    with shoal_fleet(shoal, root, 2, deadline, capacity=args.capacity) as fleet:
 
         async def go() -> None:
             # Whatever hangs, leave time to close the WebSockets and stop the fleet.
