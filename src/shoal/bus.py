@@ -7,8 +7,9 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import nats
 import nats.aio.client
 import nats.errors
@@ -148,6 +149,23 @@ async def watch_bucket(kv: KeyValue, apply: Apply, ready: Callable[[], None] | N
         except Exception as e:
             log.warning("%s watch failed (%s); retrying", what, e)
             await asyncio.sleep(1.0)
+
+
+R = TypeVar("R")
+
+
+def mirror(records: dict[str, R], decode: Callable[[bytes], R], key: str,
+           value: bytes | None) -> bool:
+    """Apply one bucket entry (as ``watch_bucket`` gives it) to a dict that mirrors the
+    bucket; False, changing nothing, if the value does not decode."""
+    if value is None:
+        records.pop(key, None)
+        return True
+    try:
+        records[key] = decode(value)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 class Buckets:

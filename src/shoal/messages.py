@@ -28,6 +28,8 @@ EnvMap = Annotated[dict[EnvName, Arg], Meta(max_length=512)]
 Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=64)]
 Seconds = Annotated[float, Meta(gt=0, le=31_536_000)]
 TermSize = Annotated[int, Meta(ge=1, le=10000)]
+ShellText = Annotated[str, Meta(min_length=1, max_length=262144)]  # for /bin/sh -c
+Directory = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 Stream = Literal["stdout", "stderr", "pty"]
 NodeState = Literal["ready", "draining", "down"]
@@ -76,9 +78,9 @@ class RunSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """What to run: exactly one of ``argv`` (exec'd as is) or ``shell`` (``/bin/sh -c``)."""
 
     argv: Argv | None = None
-    shell: Annotated[str, Meta(min_length=1, max_length=262144)] | None = None
+    shell: ShellText | None = None
     env: EnvMap = {}
-    cwd: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    cwd: Directory | None = None
     tty: bool = False
     cols: TermSize = 80
     rows: TermSize = 24
@@ -253,9 +255,9 @@ class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
     id: SessionId | None = None
     name: Annotated[str, Meta(max_length=128)] = ""
     command: Argv | None = None
-    shell: Annotated[str, Meta(min_length=1, max_length=262144)] | None = None
+    shell: ShellText | None = None
     env: EnvMap = {}
-    cwd: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    cwd: Directory | None = None
     tty: bool = False
     cols: TermSize = 80
     rows: TermSize = 24

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
-from .bus import watch_bucket
+from .bus import mirror, watch_bucket
 from .messages import SessionRecord, SessionState
 from .sessionstate import can_move, is_final
 
@@ -122,14 +122,5 @@ class SessionCache:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def _apply(self, key: str, value: bytes | None) -> None:
-        record = None
-        if value is not None:
-            try:
-                record = _decode(value)
-            except msgspec.DecodeError:
-                return
-        if record is None:
-            self.records.pop(key, None)
-        else:
-            self.records[key] = record
-        self.changed.set()
+        if mirror(self.records, _decode, key, value):
+            self.changed.set()

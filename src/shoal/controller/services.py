@@ -26,7 +26,7 @@ import nats.js.errors
 from .. import balance, placement
 from .. import messages as m
 from .. import servicetypes as st
-from ..bus import watch_bucket
+from ..bus import mirror, watch_bucket
 from ..errors import ConflictError, NoCapacityError, NotFoundError, ShoalError, ValidationError
 from ..sessionstate import FINAL, LIVE
 from .probes import Prober, ProbeResult, ProbeSpec
@@ -102,17 +102,8 @@ class ServiceManager:
     def _apply(self, key: str, value: bytes | None) -> None:
         if key.startswith("_"):
             return  # the leader lease
-        record = None
-        if value is not None:
-            try:
-                record = _decode(value)
-            except msgspec.DecodeError:
-                return
-        if record is None:
-            self.records.pop(key, None)
-        else:
-            self.records[key] = record
-        self._changed.set()
+        if mirror(self.records, _decode, key, value):
+            self._changed.set()
 
     # ------------------------------------------------------------------ records
 
