@@ -140,13 +140,13 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
 
 @api_errors
 async def list_nodes(request: web.Request) -> web.Response:
-    return ok(list(_ctl(request).registry.snapshot().values()))
+    return ok(_ctl(request).registry.listing())
 
 
 @api_errors
 async def show_node(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    node = _ctl(request).registry.snapshot().get(name)
+    node = _ctl(request).registry.node(name)
     if node is None:
         return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
     return ok(node)
@@ -166,7 +166,7 @@ async def drain_node(request: web.Request) -> web.Response:
 async def forget_node(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     ctl = _ctl(request)
-    node = ctl.registry.snapshot().get(name)
+    node = ctl.registry.node(name)
     if node is None:
         return error_json(404, f"no node named {name!r}; `shoal nodes` lists them")
     if node.state != "down":

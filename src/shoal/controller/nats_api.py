@@ -74,7 +74,7 @@ class NatsApi:
 
         async def show_node(d: bytes) -> Any:
             name = decode(NameBody, d).name
-            node = reg.snapshot().get(name)
+            node = reg.node(name)
             if node is None:
                 raise NotFoundError(f"no node named {name!r}")
             return node
@@ -126,7 +126,7 @@ class NatsApi:
             return chunks
 
         async def nodes(d: bytes) -> Any:
-            return list(reg.snapshot().values())
+            return reg.listing()
 
         self.ops: dict[str, Op] = {
             "nodes.list": nodes, "nodes.show": show_node, "nodes.drain": drain,

@@ -97,14 +97,27 @@ class NodeRegistry:
         beat = self._beats.get(name)
         return beat is None or time.monotonic() - beat[1] > self.node_ttl
 
+    def node(self, name: str) -> NodeInfo | None:
+        """One node with its current state (``down`` when its heartbeat lapsed)."""
+        known = self._known.get(name)
+        if known is None:
+            return None
+        beat = self._beats.get(name)
+        if beat is not None and time.monotonic() - beat[1] <= self.node_ttl:
+            return beat[0]
+        return msgspec.structs.replace(known, state="down")
+
     def snapshot(self) -> dict[str, NodeInfo]:
-        """Every known node with its current state (``down`` when its heartbeat lapsed)."""
-        now = time.monotonic()
-        out: dict[str, NodeInfo] = {}
-        for name in sorted(self._known, key=natural_key):
-            beat = self._beats.get(name)
-            if beat is not None and now - beat[1] <= self.node_ttl:
-                out[name] = beat[0]
-            else:
-                out[name] = msgspec.structs.replace(self._known[name], state="down")
+        """Every known node with its current state, in no particular order (this is on the
+        path of every run and placement; ``listing`` sorts for people)."""
+        out = {}
+        for name in self._known:
+            info = self.node(name)
+            if info is not None:
+                out[name] = info
         return out
+
+    def listing(self) -> list[NodeInfo]:
+        """Every known node, in natural order of names."""
+        nodes = self.snapshot()
+        return [nodes[n] for n in sorted(nodes, key=natural_key)]

@@ -282,7 +282,7 @@ class ServiceManager:
     def _host(self, s: m.SessionRecord) -> str:
         if s.address:
             return s.address
-        node = self.ctl.registry.snapshot().get(s.node)
+        node = self.ctl.registry.node(s.node)
         return (node.address if node and node.address else s.node) or "127.0.0.1"
 
     async def _sync_loop(self) -> None:

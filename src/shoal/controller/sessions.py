@@ -203,7 +203,7 @@ class SessionService:
 
     async def set_draining(self, node: str, draining: bool,
                            deadline: float | None = None) -> None:
-        if node not in self.registry.snapshot():
+        if self.registry.node(node) is None:
             raise NotFoundError(f"no node named {node!r}; `shoal nodes` lists them")
         reply = await self._ask(node, "drain", m.NodeDrain(draining=draining, deadline=deadline))
         if not reply.ok:
