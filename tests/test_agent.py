@@ -142,9 +142,14 @@ def test_metrics_need_the_token_and_describe_the_fleet(fleet: Fleet) -> None:
         assert e.code == 401
     req = urllib.request.Request(fleet.url + "/metrics",
                                  headers={"Authorization": f"Bearer {fleet.token}"})
-    text = urllib.request.urlopen(req, timeout=10).read().decode()
-    ready = sum(1 for n in fleet.nodes().values() if n["state"] == "ready")
-    assert f'shoal_nodes{{state="ready"}} {float(ready)}' in text
+
+    def agreeing() -> str | None:
+        # Agents of earlier tests may still be going down: compare two reads of a still fleet.
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+        ready = sum(1 for n in fleet.nodes().values() if n["state"] == "ready")
+        return text if f'shoal_nodes{{state="ready"}} {float(ready)}' in text else None
+
+    text = wait_for(agreeing, timeout=20, interval=0.5)
     assert 'shoal_node_capacity{node="node-1"} 16.0' in text
     assert 'shoal_sessions{state="running"}' in text
 
