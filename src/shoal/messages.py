@@ -370,37 +370,41 @@ def unpack(data: bytes, kind: type[T]) -> T:
 
 
 # Decoders for the tagged unions (one frame may be any member).
-_control = msgspec.msgpack.Decoder(RunControl)
-_client_frame = msgspec.msgpack.Decoder(ClientFrame)
-_server_frame = msgspec.msgpack.Decoder(ServerFrame)
-_run_reply = msgspec.msgpack.Decoder(RunAccepted | RunRefused | Exit)
-_agent_event_frame = msgspec.msgpack.Decoder(OutputFrame | Exit)
-_session_control = msgspec.msgpack.Decoder(SessionControl)
+# Annotated, so that the return types hold whether or not msgspec infers a union's type.
+_control: msgspec.msgpack.Decoder[RunControl] = msgspec.msgpack.Decoder(RunControl)
+_client_frame: msgspec.msgpack.Decoder[ClientFrame] = msgspec.msgpack.Decoder(ClientFrame)
+_server_frame: msgspec.msgpack.Decoder[ServerFrame] = msgspec.msgpack.Decoder(ServerFrame)
+_run_reply: msgspec.msgpack.Decoder[RunAccepted | RunRefused | Exit] = msgspec.msgpack.Decoder(
+    RunAccepted | RunRefused | Exit)
+_agent_event_frame: msgspec.msgpack.Decoder[OutputFrame | Exit] = msgspec.msgpack.Decoder(
+    OutputFrame | Exit)
+_session_control: msgspec.msgpack.Decoder[SessionControl] = msgspec.msgpack.Decoder(
+    SessionControl)
 
 
 def unpack_session_control(data: bytes) -> SessionControl:
-    return _session_control.decode(data)  # type: ignore[no-any-return]
+    return _session_control.decode(data)
 
 
 def unpack_control(data: bytes) -> RunControl:
-    return _control.decode(data)  # type: ignore[no-any-return]
+    return _control.decode(data)
 
 
 def unpack_client_frame(data: bytes) -> ClientFrame:
-    return _client_frame.decode(data)  # type: ignore[no-any-return]
+    return _client_frame.decode(data)
 
 
 def unpack_server_frame(data: bytes) -> ServerFrame:
-    return _server_frame.decode(data)  # type: ignore[no-any-return]
+    return _server_frame.decode(data)
 
 
 def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
-    return _run_reply.decode(data)  # type: ignore[no-any-return]
+    return _run_reply.decode(data)
 
 
 def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit:
     """An agent's output or exit event, leaving output data encoded (no copy)."""
-    return _agent_event_frame.decode(data)  # type: ignore[no-any-return]
+    return _agent_event_frame.decode(data)
 
 
 def to_json(msg: Any) -> bytes:
