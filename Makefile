@@ -35,6 +35,8 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test-deps.sh
+	$(UV) lock --check --quiet || { echo "uv.lock is stale for pyproject.toml: run make lock" >&2; exit 1; }
+	$(UV) sync --frozen --all-extras --check --quiet
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
