@@ -1,8 +1,9 @@
 """The packaging of the web UI: xterm.js is fetched with npm by hatch_build.py at build time.
 
-Builds once per module (about 10 s, needs the PyPI and npm registries or warm caches):
-a wheel straight from the tree (what ``pip install .`` does), an sdist, and a wheel from that
-sdist (a clean tree without node_modules, what ``python -m build`` and PyPI users get).
+Builds once per module (about 10 s, needs the npm registry or a warm cache): a wheel straight
+from the tree (what ``pip install .`` does), an sdist, and a wheel from that sdist (a clean
+tree without node_modules, what ``python -m build`` and PyPI users get). pip and hatchling come
+from the locked environment (no build isolation), so the build uses the locked backend.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class Built:
     tree_wheel: Path
     sdist: Path
     sdist_wheel: Path
-    hatchling: Path  # a --target directory holding hatchling, for PYTHONPATH
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
@@ -51,19 +51,17 @@ def _one(directory: Path, pattern: str) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("webbuild")
-    pip = [sys.executable, "-m", "pip"]
-    # 1. pip install . builds the wheel from the tree (build isolation fetches hatchling)
-    _run([*pip, "wheel", "--no-deps", "-w", str(tmp / "tree"), str(ROOT)], cwd=tmp)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    # 1. pip install . builds the wheel from the tree
+    _run([*pip, "-w", str(tmp / "tree"), str(ROOT)], cwd=tmp)
     # 2. the sdist, built by hatchling itself
-    hatchling = tmp / "hatchling"
-    _run([*pip, "install", "--quiet", "--target", str(hatchling), "hatchling"], cwd=tmp)
     _run([sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d", str(tmp / "sdist")],
-         cwd=ROOT, env={"PYTHONPATH": str(hatchling)})
+         cwd=ROOT)
     sdist = _one(tmp / "sdist", "shoal-*.tar.gz")
     # 3. a wheel from the sdist: no node_modules there, so the hook runs npm ci
-    _run([*pip, "wheel", "--no-deps", "-w", str(tmp / "from-sdist"), str(sdist)], cwd=tmp)
+    _run([*pip, "-w", str(tmp / "from-sdist"), str(sdist)], cwd=tmp)
     return Built(tree_wheel=_one(tmp / "tree", "shoal-*.whl"), sdist=sdist,
-                 sdist_wheel=_one(tmp / "from-sdist", "shoal-*.whl"), hatchling=hatchling)
+                 sdist_wheel=_one(tmp / "from-sdist", "shoal-*.whl"))
 
 
 def _check_wheel(wheel: Path) -> None:
@@ -104,7 +102,7 @@ def test_build_without_npm_says_install_it(built: Built, tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "out")],
         cwd=src, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PATH": str(empty), "PYTHONPATH": str(built.hatchling)})
+        env={**os.environ, "PATH": str(empty)})
     assert proc.returncode != 0
     assert "install node.js and npm" in (proc.stderr + proc.stdout).lower()
 
