@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -131,8 +132,26 @@ async def for_agent(cfg: AgentConfig, state_dir: Path, node: str) -> Policy:
     if cfg.ephemeral_network == "outbound":
         deny += await asyncio.to_thread(nats_addresses, cfg.nats.url)
     return Policy(cfg.ephemeral_network, parse_uid_range(cfg.ephemeral_uids),
-                  table_name(state_dir, node), owner=f"agent {node}, state {state_dir}",
+                  table_name(state_dir, node), owner=owner(node, state_dir),
                   deny=tuple(dict.fromkeys(deny)))
+
+
+_STATE = re.compile(r'^table inet (shoal_\w+) \{\n\tcomment "[^"\n]*; state (/[^"\n]*)"$',
+                    re.MULTILINE)
+
+
+def owner(node: str, state_dir: Path) -> str:
+    """Who owns a table, for its comment. The state directory is named only when it can be
+    read back exactly (so :func:`orphans` never mistakes a live agent's table)."""
+    path = str(Path(state_dir).resolve())
+    exact = len(path) <= 140 and not re.search(r'["\\\n]', path)
+    return f"agent {node[:40]}" + (f"; state {path}" if exact else "")
+
+
+def orphans(listing: str, exists: Callable[[str], bool] = os.path.isdir) -> list[str]:
+    """Tables in ``nft list ruleset`` output left by agents whose state directory is gone
+    (killed and never started again): nothing will ever replace or remove them."""
+    return [m.group(1) for m in _STATE.finditer(listing) if not exists(m.group(2))]
 
 
 def _refuse(match: str) -> list[str]:
@@ -142,7 +161,7 @@ def _refuse(match: str) -> list[str]:
 
 
 def _quote(text: str) -> str:
-    return '"' + re.sub(r'["\\\n]', "_", text)[:120] + '"'
+    return '"' + re.sub(r'["\\\n]', "_", text)[:250] + '"'
 
 
 def rules(policy: Policy) -> list[str]:
@@ -243,6 +262,8 @@ async def apply(policy: Policy) -> Status:
             await _nft(ruleset(policy))
         except PolicyError as e:
             reason = str(e)
+        else:
+            await _remove_orphans()
     if reason is not None:
         log.warning("network policy NOT enforced (%s): throwaway users can reach this node's "
                     "NATS, controller and sessions' ports", reason)
@@ -250,6 +271,15 @@ async def apply(policy: Policy) -> Status:
     log.info("network policy: throwaway users (UIDs %d-%d) network=%s, table inet %s",
              *policy.uids, policy.mode, policy.table)
     return Status(policy.mode)
+
+
+async def _remove_orphans() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "nft", "list", "ruleset", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    for table in orphans(out.decode(errors="replace")):
+        log.info("network policy: removing table inet %s (its agent's state is gone)", table)
+        await remove(table)
 
 
 async def remove(table: str) -> None:
