@@ -22,7 +22,7 @@ from fleet import Fleet, wait_for, wait_running
 from shoal import messages as m
 from shoal.agent import netpolicy as np
 from shoal.client import Client, LogChunk
-from shoal.config import AgentConfig, load
+from shoal.config import AgentConfig, NatsConfig, load
 from shoal.errors import ConfigError
 
 UIDS = np.parse_uid_range(AgentConfig().ephemeral_uids)
@@ -117,6 +117,15 @@ def test_nats_addresses_are_resolved_from_the_url_list() -> None:
     assert {str(n) for n in got} >= {"127.0.0.1/32", "::1/128"}
 
 
+async def test_outbound_also_refuses_the_agents_nats_servers(tmp_path: Path) -> None:
+    cfg = AgentConfig(nats=NatsConfig(url="nats://192.0.2.50:4222,tls://[2001:db8::5]:4222"),
+                      ephemeral_network="outbound", ephemeral_deny=["10.0.0.0/8"])
+    p = await np.for_agent(cfg, tmp_path, "n")
+    assert p.mode == "outbound" and p.uids == UIDS
+    assert {str(n) for n in p.deny} == {"10.0.0.0/8", "192.0.2.50/32", "2001:db8::5/128"}
+    assert p.table == np.table_name(tmp_path, "n") and str(tmp_path) in p.owner
+
+
 @can_enforce
 @pytest.mark.parametrize("mode", ["none", "outbound", "open"])
 def test_nft_accepts_the_script(mode: np.Mode) -> None:
@@ -141,21 +150,31 @@ def _table_text(name: str) -> str:
 
 PROBE = textwrap.dedent("""
     import socket, sys
-    for port in sys.argv[1:]:
+    for where in sys.argv[1:]:
+        host, _, port = where.rpartition(":")
         try:
-            socket.create_connection(("127.0.0.1", int(port)), timeout=10).close()
-            print(port, "connected")
+            socket.create_connection((host, int(port)), timeout=10).close()
+            print(where, "connected")
         except OSError as e:
-            print(port, type(e).__name__)
+            print(where, type(e).__name__)
 """)
 
 
-def _connect_as(uid: int, *ports: int) -> dict[int, str]:
-    """Connect to each port on loopback from a process of ``uid``; what happened to each."""
-    r = subprocess.run([PY, "-c", PROBE, *map(str, ports)], user=uid, group=uid,
-                       extra_groups=[], cwd="/", capture_output=True, text=True, timeout=60)
+def _connect_as(uid: int, *targets: int | str, netns: str = "") -> dict[int | str, str]:
+    """Connect to each target (a port on 127.0.0.1, or "host:port") from a process of
+    ``uid`` (in network namespace ``netns``); what happened to each."""
+    where = [t if isinstance(t, str) else f"127.0.0.1:{t}" for t in targets]
+    argv = [PY, "-c", PROBE, *where]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, "setpriv", f"--reuid={uid}", f"--regid={uid}",
+                "--clear-groups", *argv]
+        r = subprocess.run(argv, cwd="/", capture_output=True, text=True, timeout=60)
+    else:
+        r = subprocess.run(argv, user=uid, group=uid, extra_groups=[], cwd="/",
+                           capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    return {int(p): what for p, what in (line.split() for line in r.stdout.splitlines())}
+    seen = dict(line.split() for line in r.stdout.splitlines())
+    return {t: seen[w] for t, w in zip(targets, where, strict=True)}
 
 
 def _nats_port(fleet: Fleet) -> int:
@@ -282,3 +301,73 @@ async def test_a_real_ephemeral_session_cannot_reach_nats(fleet: Fleet, client: 
     out = b"".join([e.data async for e in client.logs(done.id) if isinstance(e, LogChunk)])
     await client.remove(done.id)
     assert out.split() == [str(nats_port).encode(), b"ConnectionRefusedError"]
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+SERVE = ("import socket\n"
+         "s = socket.create_server(('0.0.0.0', 0)); print(s.getsockname()[1], flush=True)\n"
+         "while True: s.accept()[0].close()\n")
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str]]:
+    """Two network namespaces joined by a veth pair: "node" (10.213.0.1) and "remote"
+    (10.213.0.2 and 10.213.0.3), made and removed here; nothing leaves them."""
+    tag = os.urandom(3).hex()
+    node, remote = f"np-node-{tag}", f"np-remote-{tag}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", node)
+    try:
+        ip("netns", "add", remote)
+        ip("-n", node, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+           "netns", remote)
+        for ns, addrs in ((node, ["10.213.0.1/24"]), (remote, ["10.213.0.2/24",
+                                                              "10.213.0.3/24"])):
+            dev = "veth0" if ns == node else "veth1"
+            for a in addrs:
+                ip("-n", ns, "addr", "add", a, "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield node, remote
+    finally:
+        subprocess.run(["ip", "netns", "del", remote], capture_output=True)
+        subprocess.run(["ip", "netns", "del", node], capture_output=True)
+
+
+def _serve(netns: str) -> tuple[subprocess.Popen[str], int]:
+    p = subprocess.Popen(["ip", "netns", "exec", netns, PY, "-c", SERVE], cwd="/",
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    return p, int(p.stdout.readline())
+
+
+@can_enforce
+@pytest.mark.parametrize("mode", ["none", "outbound"])
+def test_outbound_reaches_other_hosts_but_not_this_node_or_the_deny_list(
+        two_hosts: tuple[str, str], mode: np.Mode) -> None:
+    node, remote = two_hosts
+    policy = np.Policy(mode, UIDS, "shoal_test_outbound", deny=np.parse_networks(["10.213.0.3"]))
+    subprocess.run(["ip", "netns", "exec", node, "nft", "-f", "-"], input=np.ruleset(policy),
+                   text=True, check=True)
+    here, here_port = _serve(node)
+    there, there_port = _serve(remote)
+    try:
+        local = (here_port, f"10.213.0.1:{here_port}")  # loopback, and the node's own address
+        remote_ok, denied = f"10.213.0.2:{there_port}", f"10.213.0.3:{there_port}"
+        got = _connect_as(THROWAWAY, *local, remote_ok, denied, netns=node)
+        assert got == {here_port: "ConnectionRefusedError",
+                       f"10.213.0.1:{here_port}": "ConnectionRefusedError",
+                       remote_ok: "connected" if mode == "outbound" else "ConnectionRefusedError",
+                       denied: "ConnectionRefusedError"}
+        everything = (*local, remote_ok, denied)
+        assert _connect_as(OTHER, *everything, netns=node) == dict.fromkeys(everything,
+                                                                            "connected")
+    finally:
+        for p in (here, there):
+            p.kill()
+            p.wait()
