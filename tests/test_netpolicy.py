@@ -192,11 +192,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop()
-        # Whatever a failed test left (an agent killed mid-way) goes with the fleet.
-        listing = subprocess.run(["nft", "list", "ruleset"], capture_output=True,
-                                 text=True).stdout
-        for table in np.orphans(listing, lambda d: not d.startswith(str(f.home))):
-            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 
 
 @pytest.fixture
@@ -269,6 +264,16 @@ def test_rules_leave_with_the_agent_and_come_back_once_after_sigkill(fleet: Flee
     assert table not in _tables()
     assert up_table in _tables(), "another agent's stop leaves this one's table alone"
     assert _connect_as(THROWAWAY, nats_port) == {nats_port: "ConnectionRefusedError"}
+
+
+@can_enforce
+def test_an_agent_that_fails_to_start_leaves_no_rules(fleet: Fleet) -> None:
+    name = "np-refused"
+    p = fleet.spawn("agent", "--name", name, env={"SHOAL_NATS_PASSWORD": "wrong"},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode != 0 and "refused the credentials" in err
+    assert np.table_name(fleet.home / "agent-state", name) not in _tables()
 
 
 @can_enforce

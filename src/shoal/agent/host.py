@@ -96,6 +96,13 @@ class AgentHost:
         # Before any session runs: throwaway users never see an open loopback.
         self.netpolicy = await netpolicy.for_agent(self.cfg, self.state_dir, next(iter(self.nodes)))
         self.network = await netpolicy.apply(self.netpolicy)
+        try:
+            await self._start()
+        except BaseException:  # an agent that never came up leaves no rules behind
+            await netpolicy.remove(self.netpolicy.table)
+            raise
+
+    async def _start(self) -> None:
         for node in self.nodes.values():
             await reap_leftovers(node.ledger, self.cfg.grace)
             node.ledger.open()
