@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import textwrap
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -290,6 +291,11 @@ def test_an_agent_that_cannot_enforce_says_so(fleet: Fleet) -> None:
         assert r.returncode == 0 and f"{name} (unenforced)" in r.stderr
         log = (fleet.home / f"agent-{name}.log").read_text()
         assert "network policy NOT enforced (nft is not installed" in log
+        req = urllib.request.Request(fleet.url + "/api/v1/terminal/info",
+                                     headers={"Authorization": f"Bearer {fleet.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            warning = json.load(r)["warning"]
+        assert name in warning and "NATS" in warning
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
