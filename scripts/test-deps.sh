@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# System packages the tests need (browser tests drive Debian's chromium). Idempotent.
+# System packages the tests need (browser tests drive Debian's chromium; the network policy
+# tests apply nftables rules). Idempotent.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
+command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || need+=(nftables)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing system packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2

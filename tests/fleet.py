@@ -73,6 +73,21 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 self.up.kill()
                 raise
+        self.drop_netpolicy_tables()
+
+    def drop_netpolicy_tables(self) -> None:
+        """Network-policy tables of this fleet's agents that a test SIGKILLed (a crashed
+        agent's rules stay until it starts again, and these never will)."""
+        import shutil
+
+        from shoal.agent.netpolicy import orphans
+
+        if os.geteuid() != 0 or shutil.which("nft") is None:
+            return
+        listing = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+        home = str(self.home.resolve())
+        for table in orphans(listing.stdout, lambda d: not d.startswith(home)):
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
 
     def shoal(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

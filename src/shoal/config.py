@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -38,6 +38,22 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     heartbeat: float = 2.0
     state_dir: str = ""
     ports: str = "20000-29999"  # range for sessions that ask for ports
+    # Network policy for throwaway users (agent/netpolicy.py, docs/security.md).
+    ephemeral_network: Literal["none", "outbound", "open"] = "none"
+    ephemeral_deny: list[str] = []  # networks refused even with "outbound"
+    ephemeral_uids: str = "1900000000-1999999999"  # the UIDs throwaway users get
+
+    def __post_init__(self) -> None:
+        from .agent.netpolicy import parse_networks, parse_uid_range
+
+        try:
+            parse_uid_range(self.ephemeral_uids)
+        except ValueError as e:
+            raise ValueError(f"ephemeral_uids: {e}") from None
+        try:
+            parse_networks(self.ephemeral_deny)
+        except ValueError as e:
+            raise ValueError(f"ephemeral_deny: {e}") from None
 
 
 class ControllerConfig(Struct, forbid_unknown_fields=True):
@@ -153,7 +169,7 @@ def _parse_env(name: str, value: str) -> Any:
         return parse_labels(value.split(",") if value else [])
     if name in ("public_terminals",):
         return value.lower() in ("1", "true", "yes", "on")
-    if name in ("origins", "terminal_command", "trusted_proxies"):
+    if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny"):
         return [v for v in value.split(",") if v]
     return value
 

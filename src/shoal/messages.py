@@ -60,6 +60,9 @@ class NodeInfo(Struct, frozen=True):
     started_at: float = 0.0
     last_seen: float = 0.0
     isolation: bool = False  # the agent can run sessions as throwaway users (it is root)
+    # Throwaway users' network policy in force: "none", "outbound", "open", or "unenforced"
+    # (asked for but the agent cannot install it; its log says why). "" from older agents.
+    network: str = ""
 
 
 # --------------------------------------------------------------------------- runs

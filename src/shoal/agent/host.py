@@ -27,6 +27,7 @@ from ..errors import ConnectError
 from ..loadinfo import LoadSampler
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
+from . import netpolicy
 from .ledger import Ledger, reap_leftovers
 from .ports import PortPool
 from .runs import Run
@@ -68,6 +69,7 @@ class AgentHost:
             raise ValueError("an agent needs at least one node name")
         self.cfg = cfg
         state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
+        self.state_dir = state_dir
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.
         self.drained_dir = state_dir / "drained"
@@ -85,10 +87,22 @@ class AgentHost:
         self.ports = PortPool(int(first_port), int(last_port or first_port))
         self.store: SessionStore = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
+        self.netpolicy: netpolicy.Policy | None = None
+        self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # Before any session runs: throwaway users never see an open loopback.
+        self.netpolicy = await netpolicy.for_agent(self.cfg, self.state_dir, next(iter(self.nodes)))
+        self.network = await netpolicy.apply(self.netpolicy)
+        try:
+            await self._start()
+        except BaseException:  # an agent that never came up leaves no rules behind
+            await netpolicy.remove(self.netpolicy.table)
+            raise
+
+    async def _start(self) -> None:
         for node in self.nodes.values():
             await reap_leftovers(node.ledger, self.cfg.grace)
             node.ledger.open()
@@ -156,6 +170,8 @@ class AgentHost:
             log.warning("could not record every final state (is NATS down?); leaving anyway")
             for node in self.nodes.values():
                 await reap_leftovers(node.ledger, 0)
+        if self.netpolicy is not None:  # every process is gone: nothing left to confine
+            await netpolicy.remove(self.netpolicy.table)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.nc is not None and self.buckets is not None:
@@ -177,7 +193,7 @@ class AgentHost:
             version=__version__,
             address=self.cfg.address or socket.gethostname(), hostname=socket.gethostname(),
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
-            isolation=os.geteuid() == 0,
+            isolation=os.geteuid() == 0, network=self.network.network,
         )
 
     async def _heartbeat(self, register: bool = False) -> None:

@@ -38,5 +38,10 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
             n.address or "-", _ago(n.last_seen),
         )
     Console().print(table)
+    loose = [f"{n.name} ({n.network})" for n in nodes
+             if n.state != "down" and n.network in ("unenforced", "open")]
+    if loose:
+        Console(stderr=True).print("throwaway users can reach the node's NATS, controller and "
+                                   "sessions' ports on: " + ", ".join(loose))
     if not nodes:
         Console(stderr=True).print("no nodes yet: start agents with `shoal agent` or `shoal up`")

@@ -137,6 +137,11 @@ class TerminalPool:
         if plain:
             return ("terminals on " + ", ".join(plain) + " run as the agent's own user (the "
                     "agent is not root, so it cannot make throwaway users)")
+        loose = [n.name for n in self.ctl.registry.snapshot().values()
+                 if n.state == "ready" and n.network in ("unenforced", "open")]
+        if loose:
+            return ("terminals on " + ", ".join(loose) + " can reach the node's NATS, "
+                    "controller and other sessions' ports (no network policy in force)")
         return None
 
     def spec(self) -> m.SessionSpec:
