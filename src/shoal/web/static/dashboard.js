@@ -1,6 +1,7 @@
 // The dashboard, /: nodes (with a CPU chart) and sessions, polled every 2 s.
-// The page is cookie-authenticated, so plain fetch() calls suffice. The DOM is built with
-// textContent only (no innerHTML from data) and there are no inline handlers, for CSP.
+// The page rides on the login cookie; every API call also carries the login's CSRF token
+// (login.js) and a state change sends a JSON body. The DOM is built with textContent only
+// (no innerHTML from data) and there are no inline handlers, for CSP.
 "use strict";
 
 (() => {
@@ -78,8 +79,14 @@
     $("error").hidden = !text;
   }
 
-  async function getJSON(url, options) {
-    const resp = await fetch(url, { credentials: "same-origin", ...options });
+  async function getJSON(url, options = {}) {
+    const withBody = options.method !== undefined && options.method !== "GET";
+    const resp = await fetch(url, {
+      credentials: "same-origin",
+      ...options,
+      headers: window.shoalLogin.headers(options.headers, withBody),
+      body: withBody ? (options.body ?? "{}") : undefined,
+    });
     if (!resp.ok) {
       let message = resp.statusText;
       try {
@@ -263,7 +270,7 @@
       $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (err) {
       if (mine !== generation) return;
-      showError(err.status === 401
+      showError(err.status === 401 || err.status === 403
         ? "not signed in: open the login URL that `shoal up` printed (it has ?token=…)"
         : `cannot reach the controller: ${err.message}`);
     }
@@ -294,6 +301,10 @@
       showError(`kill ${id} failed: ${err.message}`);
     }
     refresh();
+  });
+  $("logout").addEventListener("click", async () => {
+    await window.shoalLogin.logout();
+    location.reload();
   });
   stateFilter.addEventListener("change", refresh);
   textFilter.addEventListener("input", renderSessions);
