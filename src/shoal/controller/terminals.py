@@ -109,6 +109,12 @@ class RateLimiter:
             self.buckets.popitem(last=False)
         return ok
 
+    def refund(self, key: str, now: float | None = None) -> None:
+        """Give back a creation that did not happen (no node could take it)."""
+        now = time.monotonic() if now is None else now
+        if key in self.buckets:
+            self.buckets[key] = (min(self.capacity, self._level(key, now) + 1), now)
+
 
 class TerminalPool:
     def __init__(self, ctl: Controller) -> None:
@@ -254,8 +260,11 @@ class TerminalPool:
             try:
                 record, _ = await self.ctl.sessions.create(self.spec())
             except ShoalError as e:
+                self.limiter.refund(client)
                 return error_json(e.status, e.message)
-            if record.state != "failed":
+            if record.state == "failed":  # every node was full after all: keep the place
+                self.limiter.refund(client)
+            else:
                 await self._drop(ticket)
                 link = tokens.issue(self.key, record.id, LINK_TTL)
                 url = f"/t/{record.id}?token={link}"
