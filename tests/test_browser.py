@@ -280,3 +280,38 @@ def test_a_page_on_another_port_cannot_use_the_login(fleet: Fleet, browser: Brow
         assert api_status(f"{fleet.url}/api/v1/sessions", replay) == 403
     assert not marker.exists()
     context.close()
+
+
+def test_the_operator_opens_a_terminal_and_logs_out(fleet: Fleet, browser: Browser) -> None:
+    """The login's CSRF token reaches the terminal page's WebSocket (a cookie alone would be
+    refused), and the dashboard's logout ends the login for good."""
+    r = fleet.shoal("session", "create", "--name", "op-term", "--tty", "--", "cat")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    context = browser.new_context(bypass_csp=True)  # for the string predicates only
+    page = context.new_page()
+    page.goto(f"{fleet.url}/?token={fleet.token}")
+    page.wait_for_function("window.shoalDashboard && window.shoalDashboard.sessions().length",
+                           timeout=20000)
+    term = context.new_page()
+    term.goto(f"{fleet.url}/t/{sid}")
+    term.wait_for_function("window.shoalTerm && window.shoalTerm.state() === 'connected'",
+                           timeout=20000)
+    type_line(term, "hello-from-the-operator")
+    wait_text(term, "hello-from-the-operator\nhello-from-the-operator")
+    term.close()
+    cookie = next(c["value"] for c in context.cookies() if c["name"] == "shoal_login")
+    csrf = page.evaluate("window.shoalLogin.csrf()")
+    assert cookie and csrf
+    headers = {"Cookie": f"shoal_login={cookie}", "X-Shoal-CSRF": csrf}
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 200
+    page.click("#logout")
+    page.wait_for_selector("#error:not([hidden])", timeout=20000)
+    assert "logged out" in page.locator("#error").inner_text()
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 401
+    assert page.evaluate("window.shoalLogin.csrf()") == ""
+    assert not [c for c in context.cookies() if c["name"] == "shoal_login"]
+    resp = page.reload()
+    assert resp is not None and resp.status == 401
+    context.close()
+    fleet.shoal("session", "rm", sid)

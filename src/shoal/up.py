@@ -84,6 +84,11 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
             await agents.start()
+        # Handlers before the banner: whoever reads it may signal us at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
         print(f"shoal is up: {opts.agents} agent(s), NATS at "
               f"{server.url if server else opts.nats_url}", flush=True)
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
@@ -95,10 +100,6 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         print("Ctrl-C stops everything.", flush=True)
         if ready is not None:
             ready.set()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("shoal: stopping", flush=True)
     finally:

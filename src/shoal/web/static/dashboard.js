@@ -24,6 +24,7 @@
   let sessions = [];
   let timer = null;
   let generation = 0; // only the latest refresh() applies its results and re-arms the timer
+  let loggedOut = false;
 
   // ---- helpers -------------------------------------------------------------------------
 
@@ -256,6 +257,7 @@
 
   async function refresh() {
     clearTimeout(timer);
+    if (loggedOut) return;
     const mine = ++generation;
     const query = stateFilter.value ? `?${new URLSearchParams({ state: stateFilter.value })}` : "";
     try {
@@ -303,8 +305,11 @@
     refresh();
   });
   $("logout").addEventListener("click", async () => {
+    loggedOut = true;
+    generation++; // a refresh in flight neither applies nor re-arms
+    clearTimeout(timer);
     await window.shoalLogin.logout();
-    location.reload();
+    showError("logged out: open the login URL that `shoal up` printed to sign in again");
   });
   stateFilter.addEventListener("change", refresh);
   textFilter.addEventListener("input", renderSessions);
