@@ -112,13 +112,13 @@ def _is_websocket(request: web.Request) -> bool:
 def browser_refusal(request: web.Request, csrf_key: bytes, login_id: str,
                     extra_origins: list[str]) -> web.Response | None:
     """Why a request on the login cookie must be refused, or None. Pages (GET of HTML) need
-    only the cookie; everything under /api/ needs the CSRF token; state changes need our
-    own origin and a JSON body as well."""
+    only the cookie; everything under /api/ needs the CSRF token; state changes and
+    WebSockets need our own origin as well, and state changes a JSON body."""
     api = request.path.startswith("/api/")
     safe = request.method in SAFE_METHODS
     if safe and not api:
         return None
-    if not safe and not same_origin(request, extra_origins):
+    if (not safe or _is_websocket(request)) and not same_origin(request, extra_origins):
         return error_json(403, "refused: this request rides on the browser's login cookie "
                                "but does not come from the controller's own pages (Origin "
                                f"{request.headers.get('Origin', 'missing')!r})")
