@@ -1,7 +1,8 @@
 """``shoal up``: a whole local fleet in one command.
 
 An embedded nats-server on 127.0.0.1 with generated credentials, a controller, and local
-agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME``:
+agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME`` (created
+0700; refused if another user owns it or others can write to it):
 
     up.toml          generated secrets, reused by the next ``shoal up`` (0600)
     controller.toml  how a controller joins this fleet (0600)
@@ -52,8 +53,7 @@ def _secrets(home: Path) -> tuple[str, NatsUsers]:
 
 
 async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
-    home = c.shoal_home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home = c.ensure_home()
     token, users = _secrets(home)
     server: NatsServer | None = None
     if opts.nats_url is None:
@@ -84,6 +84,11 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
             await agents.start()
+        # Handlers before the banner: whoever reads it may signal us at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
         print(f"shoal is up: {opts.agents} agent(s), NATS at "
               f"{server.url if server else opts.nats_url}", flush=True)
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
@@ -95,10 +100,6 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         print("Ctrl-C stops everything.", flush=True)
         if ready is not None:
             ready.set()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("shoal: stopping", flush=True)
     finally:

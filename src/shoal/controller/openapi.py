@@ -264,6 +264,11 @@ ROUTES: dict[tuple[str, str], Route] = {
         errors=(400, 404, 503)),
     ("GET", "/api/v1/terminal/info"): Route(
         "terminalInfo", "terminals", "Browser terminal settings", ok=TerminalInfo),
+    ("POST", "/api/v1/logout"): Route(
+        "logout", "meta", "End this browser's login", status=204, errors=(403, 415),
+        description="Ends the login session the `shoal_login` cookie names, on every "
+                    "controller, and clears the cookie. With a bearer token it does nothing "
+                    "(the token stays valid)."),
     ("GET", "/api/v1/openapi.json"): Route(
         "openapi", "meta", "This document", ok=dict[str, Any]),
 }
@@ -271,10 +276,13 @@ ROUTES: dict[tuple[str, str], Route] = {
 ERRORS = {
     400: "The request is malformed (bad JSON, bad query parameter, bad signal).",
     401: "Missing or wrong token.",
-    403: "Refused: a WebSocket from a foreign Origin, or a terminal credential for another "
-         "session.",
+    403: "Refused: a browser request on the login cookie without the `X-Shoal-CSRF` header "
+         "or from a foreign Origin, a WebSocket from a foreign Origin, or a terminal "
+         "credential for another session.",
     404: "No such node, session or service.",
     409: "The request contradicts the current state (e.g. signalling an ended session).",
+    415: "A browser state change on the login cookie whose body is not "
+         "`Content-Type: application/json`.",
     422: "The body is JSON but does not match the schema (type, bounds, unknown field).",
     503: "No node has room, or no replica can take a client now.",
     504: "The other side did not answer in time.",
@@ -359,8 +367,8 @@ def document() -> dict[str, Any]:
             "title": "shoal controller API",
             "version": __version__,
             "description": "Nodes, sessions, services and fan-out runs. Every route needs "
-                           "the token (`Authorization: Bearer TOKEN`, or the browser cookie "
-                           "set by the login link). Errors are "
+                           "the token (`Authorization: Bearer TOKEN`, or the browser login "
+                           "cookie with its CSRF header). Errors are "
                            "`{\"error\": message, \"status\": code}`. See docs/api.md.",
         },
         "servers": [{"url": "/"}],
@@ -373,8 +381,13 @@ def document() -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "The token from `$SHOAL_HOME/client.toml`."},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "shoal_token",
-                           "description": "Set by the `/?token=...` login link."},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "shoal_login",
+                           "description": "A login session set by the `/?token=...` login "
+                                          "link; holds no token. Every API request on it "
+                                          "also needs the `X-Shoal-CSRF` header (the page "
+                                          "gets it from the login redirect), and a state "
+                                          "change needs the page's own `Origin` and a JSON "
+                                          "body (else 415)."},
             },
         },
     }

@@ -18,6 +18,9 @@ from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
 from .auth import auth_middleware
+from .headers import install as install_security_headers
+from .hosts import host_middleware
+from .logins import LoginStore, add_login_routes
 from .metrics import add_metrics_route
 from .nats_api import NatsApi
 from .openapi import openapi_handler
@@ -52,6 +55,7 @@ class Controller:
         self.nats_api: NatsApi | None = None
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
+        self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         try:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
@@ -61,6 +65,7 @@ class Controller:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
         self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas)
         self.js = self.buckets.js
+        await self.logins.start(self.js)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
         await self.registry.start()
@@ -118,17 +123,18 @@ class Controller:
         async def consume_link(nonce: str) -> bool:
             return self.terminals is not None and await self.terminals.consume_link(nonce)
 
-        app = web.Application(middlewares=[json_http_errors, auth_middleware(
-            self.cfg.token, self.cfg.public_terminals, self.cfg.terminal_lifetime,
-            consume_link, self.cfg.trusted_proxies)],
-            client_max_size=1 << 20)
+        app = web.Application(middlewares=[
+            host_middleware(self.cfg), json_http_errors,
+            auth_middleware(self.cfg, self.logins, consume_link)], client_max_size=1 << 20)
         app["controller"] = self
+        install_security_headers(app)
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/api/v1/run", handle_run)
         app.router.add_get("/api/v1/openapi.json", openapi_handler)
         add_routes(app)
         add_service_routes(app)
         add_terminal_routes(app)
+        add_login_routes(app)
         add_metrics_route(app)
         return app
 

@@ -1,6 +1,7 @@
 // The dashboard, /: nodes (with a CPU chart) and sessions, polled every 2 s.
-// The page is cookie-authenticated, so plain fetch() calls suffice. The DOM is built with
-// textContent only (no innerHTML from data) and there are no inline handlers, for CSP.
+// The page rides on the login cookie; every API call also carries the login's CSRF token
+// (login.js) and a state change sends a JSON body. The DOM is built with textContent only
+// (no innerHTML from data) and there are no inline handlers, for CSP.
 "use strict";
 
 (() => {
@@ -23,6 +24,7 @@
   let sessions = [];
   let timer = null;
   let generation = 0; // only the latest refresh() applies its results and re-arms the timer
+  let loggedOut = false;
 
   // ---- helpers -------------------------------------------------------------------------
 
@@ -78,8 +80,14 @@
     $("error").hidden = !text;
   }
 
-  async function getJSON(url, options) {
-    const resp = await fetch(url, { credentials: "same-origin", ...options });
+  async function getJSON(url, options = {}) {
+    const withBody = options.method !== undefined && options.method !== "GET";
+    const resp = await fetch(url, {
+      credentials: "same-origin",
+      ...options,
+      headers: window.shoalLogin.headers(options.headers, withBody),
+      body: withBody ? (options.body ?? "{}") : undefined,
+    });
     if (!resp.ok) {
       let message = resp.statusText;
       try {
@@ -249,6 +257,7 @@
 
   async function refresh() {
     clearTimeout(timer);
+    if (loggedOut) return;
     const mine = ++generation;
     const query = stateFilter.value ? `?${new URLSearchParams({ state: stateFilter.value })}` : "";
     try {
@@ -263,7 +272,7 @@
       $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (err) {
       if (mine !== generation) return;
-      showError(err.status === 401
+      showError(err.status === 401 || err.status === 403
         ? "not signed in: open the login URL that `shoal up` printed (it has ?token=…)"
         : `cannot reach the controller: ${err.message}`);
     }
@@ -294,6 +303,13 @@
       showError(`kill ${id} failed: ${err.message}`);
     }
     refresh();
+  });
+  $("logout").addEventListener("click", async () => {
+    loggedOut = true;
+    generation++; // a refresh in flight neither applies nor re-arms
+    clearTimeout(timer);
+    await window.shoalLogin.logout();
+    showError("logged out: open the login URL that `shoal up` printed to sign in again");
   });
   stateFilter.addEventListener("change", refresh);
   textFilter.addEventListener("input", renderSessions);

@@ -167,6 +167,8 @@
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({ from: String(offset) });
     if (token) query.set("token", token);
+    const csrf = window.shoalLogin.csrf(); // when this page rides on the operator's login
+    if (csrf) query.set("csrf", csrf);
     const url = `${proto}//${location.host}/api/v1/sessions/${encodeURIComponent(session)}/attach?${query}`;
     const sock = new WebSocket(url);
     sock.binaryType = "arraybuffer";
