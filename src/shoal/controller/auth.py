@@ -9,7 +9,11 @@ our own origin (``Origin``, else ``Sec-Fetch-Site``) with a JSON body (else 415)
 clients (CLI, Python client) send no cookie and none of this applies to them.
 
 A terminal link (``/t/ID?token=LINK``) trades its short-lived token for a cookie scoped to
-that session. Tokens are compared in constant time and never logged.
+that session and redirects to the page with the terminal's attach key in the URL fragment.
+The cookie opens the page; the socket needs the attach key as well (``?attach=``), because
+the browser sends the cookie to every port of this host, where another visitor's server may
+be listening, while the key lives only in this origin's storage. Tokens are compared in
+constant time and never logged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["COOKIE", "TERMINAL_COOKIE", "auth_middleware", "error_json", "origin_ok"]
 
 TERMINAL_COOKIE = "shoal_t_"  # + session id
+ATTACH_QUERY = "attach"
 PUBLIC_PATHS = frozenset({"/healthz", "/robots.txt", "/favicon.ico"})
 # Static assets (the page code and xterm.js) hold nothing secret.
 # /s/NAME/... is a service's own public traffic (redirected or proxied to its replicas,
@@ -86,23 +91,43 @@ def error_json(status: int, message: str) -> web.Response:
 ConsumeLink = Callable[[str], Awaitable[bool]]
 
 
+def attach_key(key: bytes, cookie: str) -> str:
+    """The terminal socket's second factor: bound to the cookie, known only to its page."""
+    return hmac.new(key, b"attach\0" + cookie.encode(), "sha256").hexdigest()
+
+
+class TerminalScope:
+    """The session a terminal credential opens, and whether it came from a link."""
+
+    def __init__(self, session: str, from_link: bool) -> None:
+        self.session = session
+        self.from_link = from_link
+
+
 async def terminal_scope(request: web.Request, key: bytes,
-                         consume_link: ConsumeLink | None) -> str | None:
-    """The session a terminal credential on this request opens, if any and if valid: the
-    session's cookie, or on its page a link token not used before."""
+                         consume_link: ConsumeLink | None) -> TerminalScope | None:
+    """The session a terminal credential on this request opens, if any and if valid: on the
+    page, the session's cookie or a link token not used before; on the socket, the cookie
+    and its attach key."""
     found = _TERMINAL_PATHS.match(request.path)
     if found is None:
         return None
     sid = found.group(1) or found.group(2)
-    cookie = tokens.verify(key, request.cookies.get(TERMINAL_COOKIE + sid, ""))
+    raw_cookie = request.cookies.get(TERMINAL_COOKIE + sid, "")
+    cookie = tokens.verify(key, raw_cookie)
     if cookie is not None and cookie.kind == "cookie" and cookie.session == sid:
-        return sid
+        if found.group(1):
+            return TerminalScope(sid, from_link=False)
+        if hmac.compare_digest(request.query.get(ATTACH_QUERY, ""),
+                               attach_key(key, raw_cookie)):
+            return TerminalScope(sid, from_link=False)
+        return None  # a cookie alone may have been received by another port of this host
     link = tokens.verify(key, request.query.get("token", ""))
     if link is None or link.kind != "link" or link.session != sid or not found.group(1):
         return None
     if consume_link is not None and not await consume_link(link.nonce):
         return None  # used before: a link opens a terminal once
-    return sid
+    return TerminalScope(sid, from_link=True)
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -161,16 +186,22 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
             if refused is None:
                 request["login"] = login_id
                 return await handler(request)
-        sid = await terminal_scope(request, key, consume_link)
-        if sid is not None:
-            request["session_scope"] = sid
-            response = await handler(request)
-            if path.startswith("/t/") and not response.prepared:
+        scope = await terminal_scope(request, key, consume_link)
+        if scope is not None:
+            sid = scope.session
+            if scope.from_link:
+                # The page without the link, the attach key in the fragment (never sent).
                 cookie = tokens.issue(key, sid, cfg.terminal_lifetime, kind="cookie")
-                response.set_cookie(TERMINAL_COOKIE + sid, cookie, httponly=True,
-                                    samesite="Strict", secure=is_https(request, trusted),
-                                    max_age=int(cfg.terminal_lifetime))
-            return response
+                target = request.rel_url.with_query(
+                    {k: v for k, v in request.query.items() if k != "token"}).with_fragment(
+                    f"{ATTACH_QUERY}={attach_key(key, cookie)}")
+                resp = web.HTTPSeeOther(target, headers={"Cache-Control": "no-store"})
+                resp.set_cookie(TERMINAL_COOKIE + sid, cookie, httponly=True,
+                                samesite="Strict", secure=is_https(request, trusted),
+                                max_age=int(cfg.terminal_lifetime))
+                raise resp
+            request["session_scope"] = sid
+            return await handler(request)
         if refused is not None:
             return refused
         if login is not None:
