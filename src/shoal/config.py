@@ -18,6 +18,7 @@ from msgspec import Struct
 from .errors import ConfigError
 
 DEFAULT_HTTP_PORT = 7470
+SERVICES_PORT_NEXT = -1  # services_port default: the controller's port + 1 (any if that is 0)
 
 
 class NatsConfig(Struct, forbid_unknown_fields=True):
@@ -57,6 +58,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_rate: int = 6  # new terminals per minute per client address
     replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
+    # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.
+    services_port: int = SERVICES_PORT_NEXT  # 0: any free port
+    services_url: str = ""  # its public base URL if not http://HOST:services_port
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

@@ -86,9 +86,14 @@ class SessionService:
     def seal(self, spec: m.SessionSpec) -> str:
         return hmac.new(self.key, m.spec_digest(spec).encode(), hashlib.sha256).hexdigest()
 
+    def sealed(self, record: m.SessionRecord) -> bool:
+        """Whether a controller made this record's spec. Agents may write records, so every
+        path that acts on one (placement, services, terminals) asks this first."""
+        return hmac.compare_digest(record.seal, self.seal(record.spec))
+
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""
-        if not hmac.compare_digest(record.seal, self.seal(record.spec)):
+        if not self.sealed(record):
             # Agents may write records; only a controller's spec is ever launched.
             log.warning("session %s has no valid seal; not placing it", record.id)
             failed = await self.store.move(record.id, "failed",
