@@ -56,6 +56,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
     terminal_rate: int = 6  # new terminals per minute per client address
+    # Pool terminals' output has a stream of its own (it never evicts other sessions' logs).
+    terminal_output_bytes: int = 1 << 30  # that stream's size, all terminals together
+    terminal_output_cap: int = 16 << 20  # newest bytes kept per terminal
     replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
     # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.

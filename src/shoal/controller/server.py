@@ -48,6 +48,7 @@ class Controller:
         self.services_runner: web.AppRunner | None = None
         self.port = cfg.port
         _check_services_settings(cfg)
+        _check_output_settings(cfg)
         self.services_port = _services_port(cfg)
         self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
         self.js: JetStreamContext = None  # type: ignore[assignment]
@@ -63,7 +64,8 @@ class Controller:
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas)
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas,
+                                                self.cfg.terminal_output_bytes)
         self.js = self.buckets.js
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
@@ -178,6 +180,15 @@ def _services_port(cfg: ControllerConfig) -> int:
     if cfg.services_port != -1:
         return cfg.services_port
     return 0 if cfg.port == 0 else -1
+
+
+def _check_output_settings(cfg: ControllerConfig) -> None:
+    if not 1 << 20 <= cfg.terminal_output_bytes <= 1 << 40:
+        raise ConfigError(f"terminal_output_bytes {cfg.terminal_output_bytes}: give a size "
+                          "between 1 MiB and 1 TiB (in bytes)")
+    if not 1024 <= cfg.terminal_output_cap <= cfg.terminal_output_bytes:
+        raise ConfigError(f"terminal_output_cap {cfg.terminal_output_cap}: give a size of at "
+                          "least 1024 bytes and at most terminal_output_bytes")
 
 
 def _check_services_settings(cfg: ControllerConfig) -> None:
