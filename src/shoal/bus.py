@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from .config import NatsConfig
 from .errors import AuthError, ConnectError
-from .outputlog import ensure_stream
+from .outputlog import DEFAULT_TERMINAL_BYTES, ensure_stream
 from .servicetypes import SERVICES_BUCKET
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
@@ -180,7 +180,8 @@ class Buckets:
         self.services: KeyValue | None = None  # set by ensure_buckets
 
 
-async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> Buckets:
+async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1,
+                         terminal_output_bytes: int = DEFAULT_TERMINAL_BYTES) -> Buckets:
     """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
     is how many servers of a NATS cluster keep each of them."""
     js = nc.jetstream()
@@ -193,7 +194,7 @@ async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> 
     hb = await _ensure_kv(js, kv(HEARTBEATS_BUCKET, node_ttl))
     reg = await _ensure_kv(js, kv(REGISTRY_BUCKET))
     sessions = await _ensure_kv(js, kv(SESSIONS_BUCKET))
-    await ensure_stream(js, replicas=replicas)
+    await ensure_stream(js, replicas=replicas, terminal_bytes=terminal_output_bytes)
     buckets = Buckets(js, hb, reg, sessions)
     # Service records (controllers only; agents never open it).
     buckets.services = await _ensure_kv(js, kv(SERVICES_BUCKET))

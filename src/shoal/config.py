@@ -19,6 +19,7 @@ from msgspec import Struct
 from .errors import ConfigError
 
 DEFAULT_HTTP_PORT = 7470
+SERVICES_PORT_NEXT = -1  # services_port default: the controller's port + 1 (any if that is 0)
 
 
 class NatsConfig(Struct, forbid_unknown_fields=True):
@@ -73,11 +74,17 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_lifetime: float = 14400.0
     terminal_rate: int = 6  # new terminals per minute per client (an IPv4 address or IPv6 /64)
     terminal_tickets: int = 4  # places in the waiting line one client may hold at once
+    # Pool terminals' output has a stream of its own (it never evicts other sessions' logs).
+    terminal_output_bytes: int = 1 << 30  # that stream's size, all terminals together
+    terminal_output_cap: int = 16 << 20  # newest bytes kept per terminal
     replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
     public_url: str = ""  # the URL people reach this controller at (its host is allowed)
     allowed_hosts: list[str] = []  # further Host names it answers for ("*": any; see docs)
     login_lifetime: float = 7 * 86400.0  # seconds a browser login lasts
+    # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.
+    services_port: int = SERVICES_PORT_NEXT  # 0: any free port
+    services_url: str = ""  # its public base URL if not http://HOST:services_port
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

@@ -24,6 +24,7 @@ from .bus import AGENT_INBOX
 from .config import new_secret, write_secret_file
 from .errors import ConfigError, ConnectError
 from .outputlog import STREAM as OUTPUT_STREAM
+from .outputlog import TERMINAL_STREAM
 from .procutil import die_with_parent
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
@@ -51,6 +52,7 @@ def agent_permissions() -> dict[str, object]:
                 "shoal.run.*.out.*",
                 "shoal.run.*.inack.*",
                 "shoal.out.*",
+                "shoal.tout.*",
                 *[f"$KV.{b}.*" for b in kv],
                 *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
                 f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
@@ -59,8 +61,8 @@ def agent_permissions() -> dict[str, object]:
                 f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
                 f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
                 f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
-                f"$JS.API.STREAM.PURGE.{OUTPUT_STREAM}",
-                f"$JS.API.STREAM.INFO.{OUTPUT_STREAM}",
+                *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
+                  for op in ("PURGE", "INFO")],
             ]
         },
         "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",

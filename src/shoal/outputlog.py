@@ -8,6 +8,11 @@ told so (``Truncated``) before it gets what is still kept.
 
 Writers keep at most ``window`` bytes unacknowledged by JetStream: past that they report
 ``blocked`` and the agent stops reading the process's pipe.
+
+Pool terminals (ids starting with ``t_``, given only by the terminal pool) write to a stream
+of their own, ``shoal-terminal-output`` on ``shoal.tout.<id>``, with its own byte limit:
+anonymous visitors filling it evict only each other's output, never other sessions' logs.
+The id alone says which stream, so agents and readers need nothing else to find it.
 """
 
 from __future__ import annotations
@@ -37,15 +42,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM = "shoal-output"
+TERMINAL_STREAM = "shoal-terminal-output"
+TERMINAL_PREFIX = "t_"  # session ids of pool terminals; no other session may use it
 DEFAULT_CAP = 256 << 20
+DEFAULT_BYTES = 8 << 30
+DEFAULT_TERMINAL_BYTES = 1 << 30
 END = "end"
 MERGE_UP_TO = 1 << 20  # bytes per stored chunk when several are waiting
 ACK_TIMEOUT = 5.0
 STORE_ATTEMPTS = 60  # about 100 s of retries before output is dropped
 
 
+def is_terminal(session_id: str) -> bool:
+    return session_id.startswith(TERMINAL_PREFIX)
+
+
+def stream_of(session_id: str) -> str:
+    return TERMINAL_STREAM if is_terminal(session_id) else STREAM
+
+
 def subject(session_id: str) -> str:
-    return f"shoal.out.{session_id}"
+    return f"shoal.{'tout' if is_terminal(session_id) else 'out'}.{session_id}"
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True):
@@ -66,15 +83,23 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Chunk).decode
 
 
-async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30,
-                        replicas: int = 1) -> None:
-    config = StreamConfig(name=STREAM, subjects=["shoal.out.*"], storage=StorageType.FILE,
-                          max_bytes=max_bytes, discard=DiscardPolicy.OLD,
-                          max_msg_size=4 << 20, num_replicas=replicas)
-    try:
-        await js.stream_info(STREAM)
-    except nats.js.errors.NotFoundError:
-        await js.add_stream(config=config)
+async def ensure_stream(js: JetStreamContext, max_bytes: int = DEFAULT_BYTES,
+                        replicas: int = 1,
+                        terminal_bytes: int = DEFAULT_TERMINAL_BYTES) -> None:
+    """Create the output streams if missing; the terminal stream's limit follows the
+    setting (a controller started with a new ``terminal_output_bytes`` applies it)."""
+    for name, subjects, limit in ((STREAM, ["shoal.out.*"], max_bytes),
+                                  (TERMINAL_STREAM, ["shoal.tout.*"], terminal_bytes)):
+        config = StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
+                              max_bytes=limit, discard=DiscardPolicy.OLD,
+                              max_msg_size=4 << 20, num_replicas=replicas)
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config=config)
+            continue
+        if name == TERMINAL_STREAM and info.config.max_bytes != limit:
+            await js.update_stream(config=config)
 
 
 class OutputWriter:
@@ -89,6 +114,7 @@ class OutputWriter:
     def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
                  window: int = 8 << 20, start_offset: int = 0) -> None:
         self.js = js
+        self.stream = stream_of(session_id)
         self.subject = subject(session_id)
         self.cap = cap
         self.window = window
@@ -180,7 +206,7 @@ class OutputWriter:
             return
         self._purging = True
         try:
-            await self.js.purge_stream(STREAM, subject=self.subject, seq=drop_seq + 1)
+            await self.js.purge_stream(self.stream, subject=self.subject, seq=drop_seq + 1)
         except Exception as e:
             log.warning("output purge failed: %s", e)
         finally:
@@ -203,7 +229,7 @@ class OutputWriter:
 async def end_offset(js: JetStreamContext, session_id: str) -> int:
     """The offset after the last stored byte of a session (0 if none)."""
     try:
-        msg = await js.get_last_msg(STREAM, subject(session_id))
+        msg = await js.get_last_msg(stream_of(session_id), subject(session_id))
     except nats.js.errors.NotFoundError:
         return 0
     if msg.data is None:
@@ -214,7 +240,7 @@ async def end_offset(js: JetStreamContext, session_id: str) -> int:
 
 async def purge(js: JetStreamContext, session_id: str) -> None:
     try:
-        await js.purge_stream(STREAM, subject=subject(session_id))
+        await js.purge_stream(stream_of(session_id), subject=subject(session_id))
     except Exception as e:
         log.warning("could not purge output of %s: %s", session_id, e)
 
@@ -228,7 +254,7 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     end marker, or until ``is_over()`` says the session ended without one (node lost).
     """
     sub = await js.pull_subscribe(
-        subject(session_id), stream=STREAM,
+        subject(session_id), stream=stream_of(session_id),
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                               inactive_threshold=60.0, mem_storage=True))
     position = start

@@ -33,6 +33,7 @@ class UpOptions:
     agents: int = 2
     capacity: int = 16
     port: int = c.DEFAULT_HTTP_PORT
+    services_port: int = c.SERVICES_PORT_NEXT
     host: str = "127.0.0.1"
     nats_url: str | None = None
     nats_port: int = 0
@@ -69,6 +70,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     # SHOAL_* environment settings (terminal timeouts, retention...) apply here too.
     ctl_cfg = c.load(c.ControllerConfig, None, {
         "nats": c.to_builtins(ctl_nats), "host": opts.host, "port": opts.port, "token": token,
+        "services_port": opts.services_port,
         "public_terminals": opts.public_terminals or None,
         "terminal_parking_url": opts.parking_url or None})
     controller = Controller(ctl_cfg)
@@ -94,6 +96,8 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
         if opts.public_terminals:
             print(f"  public terminals:  {controller.url}/terminal", flush=True)
+        print(f"  services:          {controller.services_url}/s/NAME/  (an origin of its own)",
+              flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)

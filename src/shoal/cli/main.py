@@ -74,6 +74,9 @@ def client_from(ctx: click.Context) -> Client:
               help="Sessions each agent takes.")
 @click.option("--port", default=c.DEFAULT_HTTP_PORT, show_default=True,
               type=click.IntRange(0, 65535), help="HTTP port of the controller (0: any free).")
+@click.option("--services-port", default=c.SERVICES_PORT_NEXT, type=click.IntRange(-1, 65535),
+              help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
+                   "free).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
@@ -81,13 +84,14 @@ def client_from(ctx: click.Context) -> Client:
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
-def up(agents: int, capacity: int, port: int, host: str, nats_url: str | None,
-       public_terminals: bool, parking_url: str, verbose: bool) -> None:
+def up(agents: int, capacity: int, port: int, services_port: int, host: str,
+       nats_url: str | None, public_terminals: bool, parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
     setup_logging(verbose)
-    arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port, host=host,
+    arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port,
+                          services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
                           parking_url=parking_url)))
 
@@ -148,6 +152,9 @@ def _check_names(names: list[str]) -> None:
               help="TOML config (default: $SHOAL_HOME/controller.toml).")
 @click.option("--host", help="HTTP address to bind (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="HTTP port.")
+@click.option("--services-port", type=click.IntRange(0, 65535),
+              help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
+                   "free).")
 @click.option("--nats", "nats_url", help="NATS URL.")
 @click.option("--nats-user", help="NATS user.")
 @click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
@@ -157,16 +164,17 @@ def _check_names(names: list[str]) -> None:
 @click.option("--parking-url", default=None, help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def controller(config_path: Path | None, host: str | None, port: int | None,
-               nats_url: str | None, nats_user: str | None, nats_password: str | None,
-               nats_creds: str | None, public_terminals: bool | None, parking_url: str | None,
-               verbose: bool) -> None:
+               services_port: int | None, nats_url: str | None, nats_user: str | None,
+               nats_password: str | None, nats_creds: str | None,
+               public_terminals: bool | None, parking_url: str | None, verbose: bool) -> None:
     """Run a controller (HTTP API, web UI, scheduler). Stateless: run as many as you like."""
     from ..controller.server import run_controller
 
     setup_logging(verbose)
     try:
         flags: dict[str, Any] = {
-            "host": host, "port": port, "public_terminals": public_terminals,
+            "host": host, "port": port, "services_port": services_port,
+            "public_terminals": public_terminals,
             "terminal_parking_url": parking_url,
             "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
                      "creds": nats_creds},

@@ -312,6 +312,9 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
         start = await _start_offset(request, sid, start, tail)
     except ShoalError as e:
         return error_json(e.status, e.message)
+    if not ctl.sessions.sealed(record):  # written by someone holding an agent credential
+        return error_json(409, f"session {sid} was not made by a controller (its record has "
+                               "no valid seal): not attaching")
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1 << 20)
     await ws.prepare(request)
     await ws.send_str(msgspec.json.encode({"t": "hello", "session": sid, "offset": start,

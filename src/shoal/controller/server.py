@@ -24,6 +24,7 @@ from .logins import LoginStore, add_login_routes
 from .metrics import add_metrics_route
 from .nats_api import NatsApi
 from .openapi import openapi_handler
+from .proxy import services_app
 from .registry import NodeRegistry
 from .run_ws import handle_run
 from .services import ServiceManager
@@ -47,7 +48,11 @@ class Controller:
         self.buckets: bus.Buckets | None = None
         self.registry: NodeRegistry = None  # type: ignore[assignment]
         self.runner: web.AppRunner | None = None
+        self.services_runner: web.AppRunner | None = None
         self.port = cfg.port
+        _check_services_settings(cfg)
+        _check_output_settings(cfg)
+        self.services_port = _services_port(cfg)
         self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
         self.js: JetStreamContext = None  # type: ignore[assignment]
         self.session_cache: SessionCache | None = None
@@ -63,7 +68,8 @@ class Controller:
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas)
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas,
+                                                self.cfg.terminal_output_bytes)
         self.js = self.buckets.js
         await self.logins.start(self.js)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
@@ -94,16 +100,52 @@ class Controller:
         addresses = self.runner.addresses  # learn the port when 0 was asked for
         if addresses:
             self.port = addresses[0][1]
-        log.info("controller listening on %s", self.url)
+        self.services_runner = web.AppRunner(services_app(self), access_log=None,
+                                             handle_signals=False)
+        await self.services_runner.setup()
+        if self.services_port == -1:
+            self.services_port = self.port + 1 if self.port < 65535 else 0
+        site = web.TCPSite(self.services_runner, self.cfg.host, self.services_port,
+                           reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise ConfigError(f"cannot listen for services on {self.cfg.host}:"
+                              f"{self.services_port}: {e.strerror}; choose another "
+                              "--services-port") from e
+        addresses = self.services_runner.addresses
+        if addresses:
+            self.services_port = addresses[0][1]
+        log.info("controller listening on %s, services on %s", self.url, self.services_url)
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def services_url(self) -> str:
+        """Where service NAME is reachable: this + ``/s/NAME/``."""
+        if self.cfg.services_url:
+            return self.cfg.services_url.rstrip("/")
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
+        return f"http://{host}:{self.services_port}"
+
+    def services_base(self, request: web.Request) -> str:
+        """The services origin as seen by the client of ``request`` (the same host name it
+        used for the controller, on the services port), unless ``services_url`` says."""
+        if self.cfg.services_url:
+            return self.cfg.services_url.rstrip("/")
+        host = request.url.raw_host or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{request.scheme}://{host}:{self.services_port}"
+
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.services_runner is not None:
+            await self.services_runner.cleanup()
         if self.nats_api is not None:
             await self.nats_api.stop()
         if self.terminals is not None:
@@ -139,6 +181,36 @@ class Controller:
         return app
 
 
+def _services_port(cfg: ControllerConfig) -> int:
+    """The services port to bind; -1 (the default) until the controller's port is known."""
+    if cfg.services_port != -1:
+        return cfg.services_port
+    return 0 if cfg.port == 0 else -1
+
+
+def _check_output_settings(cfg: ControllerConfig) -> None:
+    if not 1 << 20 <= cfg.terminal_output_bytes <= 1 << 40:
+        raise ConfigError(f"terminal_output_bytes {cfg.terminal_output_bytes}: give a size "
+                          "between 1 MiB and 1 TiB (in bytes)")
+    if not 1024 <= cfg.terminal_output_cap <= cfg.terminal_output_bytes:
+        raise ConfigError(f"terminal_output_cap {cfg.terminal_output_cap}: give a size of at "
+                          "least 1024 bytes and at most terminal_output_bytes")
+
+
+def _check_services_settings(cfg: ControllerConfig) -> None:
+    if not -1 <= cfg.services_port <= 65535:
+        raise ConfigError(f"services_port {cfg.services_port}: give a port (0 for any free "
+                          "one, -1 for the controller's port + 1)")
+    if cfg.services_port > 0 and cfg.services_port == cfg.port:
+        raise ConfigError(f"services_port {cfg.services_port} is the controller's port: service "
+                          "traffic needs an origin of its own; choose another services_port")
+    url = cfg.services_url
+    if url and (not url.startswith(("http://", "https://")) or "?" in url or "#" in url
+                or url.split("://", 1)[1].strip("/") == ""):
+        raise ConfigError(f"services_url {url!r}: give a base URL such as "
+                          "https://services.example.com (no query)")
+
+
 async def _healthz(request: web.Request) -> web.Response:
     """For load balancers: 200 while this controller can reach NATS, 503 when it cannot."""
     nc = request.app["controller"].nc
@@ -155,5 +227,6 @@ async def run_controller(cfg: ControllerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await ctl.start()
     print(f"shoal controller on {ctl.url}", flush=True)
+    print(f"services on {ctl.services_url}/s/NAME/", flush=True)
     await stop.wait()
     await ctl.stop()

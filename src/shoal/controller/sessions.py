@@ -34,7 +34,11 @@ RECONCILE_EVERY = 2.0
 STALE_PENDING = 10.0  # a pending record nobody is placing after this long gets placed
 
 
-def validate(spec: m.SessionSpec) -> None:
+def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
+    if spec.id and outputlog.is_terminal(spec.id) != terminal:
+        raise ValidationError(f"session ids starting with {outputlog.TERMINAL_PREFIX!r} are "
+                              "kept for the terminal pool (their output has a stream of its "
+                              "own); choose another id")
     if (spec.command is None) == (spec.shell is None):
         raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
     if spec.user not in ("agent", "ephemeral"):
@@ -65,9 +69,11 @@ class SessionService:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, spec: m.SessionSpec) -> tuple[m.SessionRecord, bool]:
-        """Create and place a session; with a known ``id``, return the first one instead."""
-        validate(spec)
+    async def create(self, spec: m.SessionSpec, terminal: bool = False,
+                     ) -> tuple[m.SessionRecord, bool]:
+        """Create and place a session; with a known ``id``, return the first one instead.
+        Only the terminal pool creates with ``terminal`` (and a ``t_`` id)."""
+        validate(spec, terminal)
         nodes = self.registry.snapshot()
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
@@ -86,9 +92,14 @@ class SessionService:
     def seal(self, spec: m.SessionSpec) -> str:
         return hmac.new(self.key, m.spec_digest(spec).encode(), hashlib.sha256).hexdigest()
 
+    def sealed(self, record: m.SessionRecord) -> bool:
+        """Whether a controller made this record's spec. Agents may write records, so every
+        path that acts on one (placement, services, terminals) asks this first."""
+        return hmac.compare_digest(record.seal, self.seal(record.spec))
+
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""
-        if not hmac.compare_digest(record.seal, self.seal(record.spec)):
+        if not self.sealed(record):
             # Agents may write records; only a controller's spec is ever launched.
             log.warning("session %s has no valid seal; not placing it", record.id)
             failed = await self.store.move(record.id, "failed",

@@ -31,7 +31,7 @@ from aiohttp import web
 from nats.js.api import KeyValueConfig, StorageType
 
 from .. import messages as m
-from .. import tokens
+from .. import outputlog, tokens
 from ..bus import watch_bucket
 from ..errors import NoCapacityError, ShoalError
 from ..web import STATIC_DIR
@@ -217,7 +217,9 @@ class TerminalPool:
 
     def spec(self) -> m.SessionSpec:
         c = self.cfg
+        # The id prefix sends the output to the terminals' own stream (outputlog.py).
         return m.SessionSpec(
+            id=outputlog.TERMINAL_PREFIX + secrets.token_hex(6), output_cap=c.terminal_output_cap,
             name="terminal", command=list(c.terminal_command), tty=True, user="ephemeral",
             detach_timeout=c.terminal_detach_timeout, idle_timeout=c.terminal_idle_timeout,
             timeout=c.terminal_lifetime, labels={"pool": "terminal"},
@@ -263,7 +265,7 @@ class TerminalPool:
                 return self._limited(form, "too many terminals from your address; wait a "
                                            "little")
             try:
-                record, _ = await self.ctl.sessions.create(self.spec())
+                record, _ = await self.ctl.sessions.create(self.spec(), terminal=True)
             except ShoalError as e:
                 self.limiter.refund(client)
                 return error_json(e.status, e.message)
