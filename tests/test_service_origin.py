@@ -115,9 +115,10 @@ def test_a_replica_page_cannot_read_the_api_with_the_operators_login(echo: Fleet
         try:
             page = browser.new_page()
             page.goto(f"{fleet.url}/?token={fleet.token}")  # the operator logs in
-            logged_in = page.goto(f"{fleet.url}/api/v1/nodes")
-            assert logged_in is not None and logged_in.status == 200
-            assert "node-1" in logged_in.text(), "the browser holds a working login"
+            page.wait_for_function("window.shoalLogin && window.shoalLogin.csrf() !== ''")
+            nodes = page.evaluate("fetch('/api/v1/nodes', {headers: shoalLogin.headers()})"
+                                  ".then(r => r.text())")
+            assert "node-1" in nodes, "the browser holds a working login"
             # The operator opens a service link on the controller; the replica's page runs.
             page.goto(f"{fleet.url}/s/echo/page?api={fleet.url}")
             page.wait_for_function("document.title === 'done'", timeout=20000)
@@ -139,6 +140,17 @@ async def test_the_controller_only_redirects_service_paths(echo: Fleet) -> None:
     status, _, body = await raw_get(fleet.services_url, "/api/v1/nodes",
                                     [("Authorization", f"Bearer {fleet.token}")])
     assert status == 404 and b"node-1" not in body
+
+
+async def test_the_services_listener_answers_only_for_its_names(echo: Fleet) -> None:
+    url = urlsplit(echo.services_url)
+    for host, expected in ((f"evil.example:{url.port}", 421), (url.netloc, 200)):
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(f"GET /s/echo/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert int(data.split(b" ", 2)[1]) == expected, data[:300]
 
 
 # ---------------------------------------------------------------------- what a replica sees

@@ -3,9 +3,9 @@
 A DNS-rebinding page (``evil.example`` resolving to 127.0.0.1) is same-origin with itself
 and reaches a loopback controller with ``Host: evil.example``; refusing names we were not
 told about (421, "misdirected request") closes that door. Allowed by default: ``localhost``,
-IP literals of this machine (an address cannot be rebound), the bound address, the host of
-``public_url``, and ``allowed_hosts`` (``"*"`` turns the check off, for a proxy in front that
-checks ``Host`` itself).
+IP literals of this machine (an address cannot be rebound), the bound address, the hosts of
+``public_url`` and ``services_url``, and ``allowed_hosts`` (``"*"`` turns the check off, for
+a proxy in front that checks ``Host`` itself). The services listener applies it too.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def local_addresses() -> set[str]:
 def policy(cfg: ControllerConfig) -> HostPolicy:
     names = {"localhost"}
     names.update(h.strip().lower().rstrip(".") for h in cfg.allowed_hosts if h.strip())
-    if cfg.public_url:
-        public = hostname(urlsplit(cfg.public_url).netloc)
+    for url in (cfg.public_url, cfg.services_url):  # both listeners answer for both names
+        public = hostname(urlsplit(url).netloc) if url else None
         if public:
             names.add(public)
     addresses: set[str] = set()

@@ -38,6 +38,7 @@ from .. import servicetypes as st
 from ..errors import ShoalError
 from .auth import error_json
 from .forwarding import WS_HANDSHAKE, answer_headers, split_target, upstream_headers
+from .hosts import host_middleware
 
 if TYPE_CHECKING:
     from .. import balance
@@ -257,8 +258,9 @@ def _url(replica: balance.Replica, path: str) -> URL:
 
 
 def services_app(ctl: Controller) -> web.Application:
-    """The services listener: only service traffic, no API, no shoal login."""
-    app = web.Application(client_max_size=1 << 20)
+    """The services listener: only service traffic, no API, no shoal login; the Host check
+    too, so that a DNS-rebinding page cannot reach services bound to loopback."""
+    app = web.Application(client_max_size=1 << 20, middlewares=[host_middleware(ctl.cfg)])
     proxy = Proxy(ctl)
     app[PROXY_KEY] = proxy
     app.on_cleanup.append(proxy.close)
