@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# System packages the tests need (browser tests drive Debian's chromium). Idempotent.
+# System packages the tests need (browser tests drive Debian's chromium; the PyCloud bridge's
+# tests run a private redis-server). Idempotent.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing system packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
