@@ -305,3 +305,36 @@ def test_run_argv_is_explicit() -> None:
         assert part in joined, part
     assert argv[-4:] == [IMAGE, "sh", "-c", "echo $X"]  # argv as is, after --
     assert argv[argv.index("--env") + 1] == "X=1 2"
+
+
+@needs_podman
+async def test_tty_gets_the_terminal_size_and_a_resize(podman: Podman) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    spec = ContainerSpec(image=IMAGE, tty=True, command=[
+        "sh", "-c", "stty size; trap 'stty size; exit 0' WINCH; echo ready; "
+                    "while :; do sleep 0.1; done"])
+    proc = await podman.start(spec, NODE, "tty", stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = bytearray()
+
+    async def until(token: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        while token not in seen:
+            seen.extend(await loop.run_in_executor(None, os.read, master, 4096))
+
+    try:
+        await asyncio.wait_for(until(b"ready"), 30)
+        assert b"33 111" in seen
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.killpg(proc.pid, signal.SIGWINCH)  # as the kernel does when it is the ctty
+        await asyncio.wait_for(until(b"40 120"), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        await podman.stop(container_name(NODE, "tty"), grace=1)
+        os.close(master)
