@@ -49,14 +49,20 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             return  # reported once, by the exception below
         log.warning("nats: %s", e)
 
+    client: list[NatsClient] = []  # set once connected: the callbacks ask it where it is
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not an outage
         log.warning("nats: disconnected from %s; reconnecting", _safe_url(cfg.url))
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected")
+        where = client[0].connected_url if client else None
+        log.info("nats: reconnected%s", f" to {where.netloc.rpartition('@')[2]}" if where else "")
 
     opts: dict[str, Any] = {
-        "servers": [u.strip() for u in cfg.url.split(",")],
+        "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
+        "dont_randomize": not cfg.randomize,
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": True,
@@ -93,6 +99,7 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; is nats-server "
             "running (shoal up starts one) and is the URL right?"
         ) from e
+    client.append(nc)
     # Now that we are in, keep trying forever through outages.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -26,6 +26,9 @@ class NatsConfig(Struct, forbid_unknown_fields=True):
     password: str | None = None
     creds: str | None = None  # a NATS .creds file (JWT deployments)
     ca: str | None = None  # CA bundle for TLS to NATS
+    # Try the servers of ``url`` in random order (spreads clients over a cluster); false: in
+    # the order given (``shoal up`` spreads its own processes so).
+    randomize: bool = True
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True):
@@ -55,7 +58,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
     terminal_rate: int = 6  # new terminals per minute per client address
-    replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
+    # Servers of a NATS cluster that keep each bucket and stream; 0: 3, or the cluster's size
+    # when smaller (1 on a lone server).
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
 
 

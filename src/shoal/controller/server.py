@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .. import bus
+from .. import bus, replicas
 from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..sessionstore import SessionCache, SessionStore
@@ -52,6 +52,8 @@ class Controller:
         self.nats_api: NatsApi | None = None
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
+        self.replicas = 1  # copies of each bucket and stream (decided at start)
+        self.replica_advice: str | None = None  # set when existing assets have fewer
         try:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
@@ -59,7 +61,9 @@ class Controller:
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas)
+        size = replicas.cluster_size(self.nc)
+        self.replicas = replicas.wanted(self.cfg.replicas, size)
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.replicas)
         self.js = self.buckets.js
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
@@ -77,6 +81,11 @@ class Controller:
         await self.nats_api.start()
         self.terminals = TerminalPool(self)
         await self.terminals.start()
+        # Buckets made before the cluster grew (or with replicas = 1) keep their count.
+        self.replica_advice = replicas.advice(await replicas.assets(self.nc), self.replicas,
+                                              size)
+        if self.replica_advice:
+            log.warning("%s", self.replica_advice)
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)
