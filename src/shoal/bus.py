@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -134,6 +134,35 @@ def _safe_url(url: str) -> str:
     return url
 
 
+# What a JetStream call raises while its stream has no leader (one was lost and the rest are
+# electing another, a few seconds on a cluster) or while the connection fails over.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
+ELECTION_PATIENCE = 20.0  # seconds: NATS elects a new stream leader well within this
+
+T = TypeVar("T")
+
+
+async def through_elections(op: Callable[[], Awaitable[T]], what: str,
+                            patience: float = ELECTION_PATIENCE) -> T:
+    """``op()``, tried again while it fails transiently (see TRANSIENT), for up to
+    ``patience`` seconds; then its last error. ``op`` must be safe to repeat: callers
+    pass compare-and-set writes, whose repeat is refused rather than applied twice."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pause = 0.1
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as e:
+            if loop.time() + pause > deadline:
+                raise
+            log.info("%s: %s; trying again", what, e or type(e).__name__)
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
 Apply = Callable[[str, bytes | None], None]
 
 
@@ -187,9 +216,29 @@ class Buckets:
         self.services: KeyValue | None = None  # set by ensure_buckets
 
 
+NO_PEERS = 10005  # JetStream's "no suitable peers for placement"
+CLUSTER_FORMING = 30.0  # seconds a fresh cluster may take until every peer can host
+
+
 async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> Buckets:
     """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
-    is how many servers of a NATS cluster keep each of them."""
+    is how many servers of a NATS cluster keep each of them. On a cluster that is still
+    forming (its meta leader has not heard from enough peers yet) it tries again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLUSTER_FORMING
+    while True:
+        try:
+            return await _ensure_buckets(nc, node_ttl, replicas)
+        except Exception as e:
+            forming = isinstance(e, TRANSIENT) or (
+                isinstance(e, nats.js.errors.BadRequestError) and e.err_code == NO_PEERS)
+            if not forming or loop.time() > deadline:
+                raise
+            log.info("JetStream cannot place %d replicas yet (%s); waiting", replicas, e)
+            await asyncio.sleep(0.5)
+
+
+async def _ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int) -> Buckets:
     js = nc.jetstream()
 
     def kv(bucket: str, ttl: float | None = None) -> KeyValueConfig:
