@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 import tomllib
@@ -22,6 +23,7 @@ import pytest
 from fleet import Fleet, wait_for
 from shoal import bus
 from shoal.config import NatsConfig
+from shoal.natsd import ClusterSpec, NatsCluster, NatsUsers
 from shoal.outputlog import STREAM as OUTPUT_STREAM
 from shoal.subjects import SESSIONS_BUCKET
 
@@ -272,3 +274,37 @@ def test_a_fleet_with_fewer_replicas_is_told_and_upgraded(tmp_path: Path) -> Non
         assert bad.returncode == 2 and "--replicas 3 or fewer" in bad.stderr
     finally:
         fleet.stop()
+
+
+def _route_handshake(port: int, user: str | None, password: str | None) -> bytes:
+    """Speak the route protocol to a server's cluster port as another server would."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.makefile("rb").readline()  # the server's INFO
+        hello: dict[str, Any] = {"verbose": False, "pedantic": False, "name": "rogue",
+                                 "cluster": "shoal", "headers": True}
+        if user is not None:
+            hello.update(user=user, **{"pass": password})
+        s.sendall(b"CONNECT " + json.dumps(hello).encode() + b"\r\nPING\r\n")
+        s.settimeout(5)
+        reply = b""
+        while b"\n" not in reply:
+            data = s.recv(4096)
+            if not data:
+                break
+            reply += data
+        return reply
+
+
+def test_cluster_routes_refuse_a_server_without_the_route_password(tmp_path: Path) -> None:
+    """A local user who reaches a route port cannot join the cluster (and so read every
+    account's messages and streams) without the generated route password."""
+    users = NatsUsers.generate()
+    cluster = NatsCluster(tmp_path / "nats", users, ClusterSpec.allocate(2))
+    cluster.start()
+    try:
+        port = cluster.spec.peers[0].route_port
+        assert b"Authorization Violation" in _route_handshake(port, None, None)
+        assert b"Authorization Violation" in _route_handshake(port, "route", "guess")
+        assert _route_handshake(port, "route", users.route_password).startswith(b"PONG")
+    finally:
+        cluster.stop()
