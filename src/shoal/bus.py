@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -49,14 +49,20 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             return  # reported once, by the exception below
         log.warning("nats: %s", e)
 
+    client: list[NatsClient] = []  # set once connected: the callbacks ask it where it is
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not an outage
         log.warning("nats: disconnected from %s; reconnecting", _safe_url(cfg.url))
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected")
+        where = client[0].connected_url if client else None
+        log.info("nats: reconnected%s", f" to {where.netloc.rpartition('@')[2]}" if where else "")
 
     opts: dict[str, Any] = {
-        "servers": [u.strip() for u in cfg.url.split(",")],
+        "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
+        "dont_randomize": not cfg.randomize,
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": True,
@@ -93,6 +99,7 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; is nats-server "
             "running (shoal up starts one) and is the URL right?"
         ) from e
+    client.append(nc)
     # Now that we are in, keep trying forever through outages.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
@@ -125,6 +132,35 @@ def _safe_url(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+# What a JetStream call raises while its stream has no leader (one was lost and the rest are
+# electing another, a few seconds on a cluster) or while the connection fails over.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
+ELECTION_PATIENCE = 20.0  # seconds: NATS elects a new stream leader well within this
+
+T = TypeVar("T")
+
+
+async def through_elections(op: Callable[[], Awaitable[T]], what: str,
+                            patience: float = ELECTION_PATIENCE) -> T:
+    """``op()``, tried again while it fails transiently (see TRANSIENT), for up to
+    ``patience`` seconds; then its last error. ``op`` must be safe to repeat: callers
+    pass compare-and-set writes, whose repeat is refused rather than applied twice."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pause = 0.1
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as e:
+            if loop.time() + pause > deadline:
+                raise
+            log.info("%s: %s; trying again", what, e or type(e).__name__)
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
 
 
 Apply = Callable[[str, bytes | None], None]
@@ -180,10 +216,31 @@ class Buckets:
         self.services: KeyValue | None = None  # set by ensure_buckets
 
 
+NO_PEERS = 10005  # JetStream's "no suitable peers for placement"
+CLUSTER_FORMING = 30.0  # seconds a fresh cluster may take until every peer can host
+
+
 async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1,
                          terminal_output_bytes: int = DEFAULT_TERMINAL_BYTES) -> Buckets:
     """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
-    is how many servers of a NATS cluster keep each of them."""
+    is how many servers of a NATS cluster keep each of them. On a cluster that is still
+    forming (its meta leader has not heard from enough peers yet) it tries again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLUSTER_FORMING
+    while True:
+        try:
+            return await _ensure_buckets(nc, node_ttl, replicas, terminal_output_bytes)
+        except Exception as e:
+            forming = isinstance(e, TRANSIENT) or (
+                isinstance(e, nats.js.errors.BadRequestError) and e.err_code == NO_PEERS)
+            if not forming or loop.time() > deadline:
+                raise
+            log.info("JetStream cannot place %d replicas yet (%s); waiting", replicas, e)
+            await asyncio.sleep(0.5)
+
+
+async def _ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int,
+                          terminal_output_bytes: int) -> Buckets:
     js = nc.jetstream()
 
     def kv(bucket: str, ttl: float | None = None) -> KeyValueConfig:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import msgspec
@@ -25,10 +25,38 @@ from . import servicetypes as st
 from .config import ClientConfig, load, shoal_home
 from .errors import ConnectError, ProtocolError, RemoteTimeout, ShoalError, error_for_status
 
+T = TypeVar("T")
+
+
+def controller_urls(url: str) -> list[str]:
+    """The controllers of a comma-separated ``url`` (client.toml lists every one of a
+    cluster's controllers), in order."""
+    return [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url.rstrip("/")]
+
+
+def first_reachable(url: str, timeout: float = 1.0) -> str:
+    """The first of the controllers in ``url`` that accepts a TCP connection, else the
+    first one (whose error then names it). For one-shot commands, before they connect."""
+    from urllib.parse import urlsplit
+
+    urls = controller_urls(url)
+    if len(urls) == 1:
+        return urls[0]
+    for u in urls:
+        parts = urlsplit(u)
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+        try:
+            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout).close()
+            return u
+        except OSError:
+            continue
+    return urls[0]
+
 
 class Client:
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+        self.urls = controller_urls(url)
+        self.url = self.urls[0]
         self.token = token
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -65,14 +93,27 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
+    async def connect_any(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``attempt(base_url)`` on the current controller, and on the next ones while each
+        refuses the connection (nothing was sent, so even a POST is safe to try again).
+        The one that answers stays current for the calls after."""
+        for i in range(len(self.urls)):
+            try:
+                return await attempt(self.url)
+            except aiohttp.ClientConnectorError:
+                if i == len(self.urls) - 1:
+                    raise
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        raise AssertionError("unreachable")
+
     async def request(self, method: str, path: str, json: Any = None,
                       params: dict[str, str] | None = None) -> Any:
         """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
         try:
-            async with self.http.request(
-                method, self.url + path, json=json, params=params,
+            async with await self.connect_any(lambda base: self.http.request(
+                method, base + path, json=json, params=params,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
+            )) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
                     raise error_for_status(resp.status, _error_message(resp.status, body))
@@ -162,9 +203,10 @@ class Client:
         params = {"from": str(start), "follow": "true" if follow else "false"}
         if tail is not None:
             params = {"tail": str(tail), "follow": params["follow"]}
-        url = f"{self.url}/api/v1/sessions/{session_id}/logs"
+        path = f"/api/v1/sessions/{session_id}/logs"
         try:
-            async with self.http.get(url, params=params) as resp:
+            async with await self.connect_any(
+                    lambda base: self.http.get(base + path, params=params)) as resp:
                 if resp.status >= 400:
                     raise error_for_status(resp.status, _error_message(resp.status,
                                                                        await resp.read()))
@@ -276,11 +318,11 @@ class Attachment:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def __aenter__(self) -> Self:
-        url = f"{self.client.url}/api/v1/sessions/{self.session_id}/attach"
+        path = f"/api/v1/sessions/{self.session_id}/attach"
         try:
             params = {"from": str(self.offset)} if self.tail is None else {"tail": str(self.tail)}
-            self._ws = await self.client.http.ws_connect(url, params=params,
-                                                            heartbeat=30)
+            self._ws = await self.client.connect_any(lambda base: self.client.http.ws_connect(
+                base + path, params=params, heartbeat=30))
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}") from e
         except aiohttp.ClientConnectionError as e:
@@ -341,10 +383,9 @@ class RunConnection:
         self._stdin_offset = 0
 
     async def __aenter__(self) -> Self:
-        url = self.client.url + "/api/v1/run"
         try:
-            self._ws = await self.client.http.ws_connect(url, max_msg_size=16 << 20,
-                                                            heartbeat=30, compress=0)
+            self._ws = await self.client.connect_any(lambda base: self.client.http.ws_connect(
+                base + "/api/v1/run", max_msg_size=16 << 20, heartbeat=30, compress=0))
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"run refused: HTTP {e.status} {e.message}") from e
         except aiohttp.ClientConnectionError as e:

@@ -11,7 +11,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -28,6 +28,9 @@ class NatsConfig(Struct, forbid_unknown_fields=True):
     password: str | None = None
     creds: str | None = None  # a NATS .creds file (JWT deployments)
     ca: str | None = None  # CA bundle for TLS to NATS
+    # Try the servers of ``url`` in random order (spreads clients over a cluster); false: in
+    # the order given (``shoal up`` spreads its own processes so).
+    randomize: bool = True
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True):
@@ -77,7 +80,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     # Pool terminals' output has a stream of its own (it never evicts other sessions' logs).
     terminal_output_bytes: int = 1 << 30  # that stream's size, all terminals together
     terminal_output_cap: int = 16 << 20  # newest bytes kept per terminal
-    replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
+    # Servers of a NATS cluster that keep each bucket and stream; 0: 3, or the cluster's size
+    # when smaller (1 on a lone server).
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
     public_url: str = ""  # the URL people reach this controller at (its host is allowed)
     allowed_hosts: list[str] = []  # further Host names it answers for ("*": any; see docs)

@@ -80,20 +80,27 @@ def client_from(ctx: click.Context) -> Client:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
+@click.option("--nats-cluster", "nats_cluster", type=click.IntRange(2, 9), default=None,
+              help="Start a local NATS cluster of N servers, a controller on each, and "
+                   "spread the agents over them.")
 @click.option("--public-terminals", is_flag=True,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, services_port: int, host: str,
-       nats_url: str | None, public_terminals: bool, parking_url: str, verbose: bool) -> None:
+       nats_url: str | None, nats_cluster: int | None, public_terminals: bool,
+       parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
     setup_logging(verbose)
+    if nats_cluster and nats_url:
+        fail("--nats-cluster starts its own servers: drop --nats, or drop --nats-cluster to "
+             "use the NATS at --nats", 2)
     arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port,
                           services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
-                          parking_url=parking_url)))
+                          parking_url=parking_url, nats_cluster=nats_cluster or 0)))
 
 
 # ---------------------------------------------------------------------- daemons
@@ -277,7 +284,10 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
 
     def go() -> int:
         try:
-            return run_command(cfg.url, cfg.token, targets, spec, mode=mode, progress=progress,
+            from ..client import first_reachable
+
+            return run_command(first_reachable(cfg.url), cfg.token, targets, spec, mode=mode,
+                               progress=progress,
                                connect_timeout=connect_timeout)
         except ShoalError as e:
             fail(e.message, 2 if isinstance(e, ConfigError) else 1)
@@ -344,3 +354,4 @@ def nodes_undrain(ctx: click.Context, name: str) -> None:
 from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import bridge_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)

@@ -76,12 +76,13 @@ class LoginStore:
         self.key = csrf_key(secret)
         self.kv: KeyValue | None = None
 
-    async def start(self, js: JetStreamContext) -> None:
+    async def start(self, js: JetStreamContext, replicas: int = 1) -> None:
         try:
             self.kv = await js.key_value(BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=BUCKET, ttl=self.lifetime, history=1, storage=StorageType.FILE))
+                bucket=BUCKET, ttl=self.lifetime, history=1, storage=StorageType.FILE,
+                replicas=replicas))
 
     async def create(self) -> tuple[str, str]:
         """A new login: its id (for the cookie) and its CSRF token (for the page)."""

@@ -67,17 +67,26 @@ class NodeRegistry:
             return None
 
     _last_beat = 0.0
+    _resumed = 0.0  # when beats came back after every node fell silent at once
 
     def fresh(self) -> bool:
-        """True while heartbeats are arriving at all (our view of the fleet is current)."""
-        return time.monotonic() - self._last_beat < self.node_ttl
+        """True while heartbeats are arriving at all (our view of the fleet is current),
+        and have been for a whole TTL since they last stopped all together. When every
+        node is silent at once, the bus paused (a NATS server lost, the heartbeat stream
+        electing a new leader, our own reconnect), not the fleet: after it, the first beats
+        back must not make the nodes whose beats are still on their way look down."""
+        now = time.monotonic()
+        return now - self._last_beat < self.node_ttl and now - self._resumed >= self.node_ttl
 
     def _on_beat(self, key: str, value: bytes | None) -> None:
         info = self._decode(value)
         if info is None:
             self._beats.pop(key, None)
             return
-        self._last_beat = time.monotonic()
+        now = time.monotonic()
+        if now - self._last_beat > self.node_ttl / 2:
+            self._resumed = now
+        self._last_beat = now
         self._beats[key] = (info, time.monotonic())
         self._known[key] = info
 
@@ -93,9 +102,14 @@ class NodeRegistry:
         await self._reg_kv.purge(name)
         self._known.pop(name, None)
 
+    def _silent_for(self, seen: float) -> float:
+        # Time the bus was paused for everyone does not count against a node: after a
+        # pause, each node has a whole TTL from the moment beats came back.
+        return time.monotonic() - max(seen, self._resumed)
+
     def is_down(self, name: str) -> bool:
         beat = self._beats.get(name)
-        return beat is None or time.monotonic() - beat[1] > self.node_ttl
+        return beat is None or self._silent_for(beat[1]) > self.node_ttl
 
     def node(self, name: str) -> NodeInfo | None:
         """One node with its current state (``down`` when its heartbeat lapsed)."""
@@ -103,7 +117,7 @@ class NodeRegistry:
         if known is None:
             return None
         beat = self._beats.get(name)
-        if beat is not None and time.monotonic() - beat[1] <= self.node_ttl:
+        if beat is not None and self._silent_for(beat[1]) <= self.node_ttl:
             return beat[0]
         return msgspec.structs.replace(known, state="down")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .. import bus
+from .. import bus, replicas
 from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..sessionstore import SessionCache, SessionStore
@@ -61,6 +61,8 @@ class Controller:
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
+        self.replicas = 1  # copies of each bucket and stream (decided at start)
+        self.replica_advice: str | None = None  # set when existing assets have fewer
         try:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
@@ -68,10 +70,12 @@ class Controller:
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.cfg.replicas,
+        size = replicas.cluster_size(self.nc)
+        self.replicas = replicas.wanted(self.cfg.replicas, size)
+        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.replicas,
                                                 self.cfg.terminal_output_bytes)
         self.js = self.buckets.js
-        await self.logins.start(self.js)
+        await self.logins.start(self.js, self.replicas)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
         await self.registry.start()
@@ -88,6 +92,11 @@ class Controller:
         await self.nats_api.start()
         self.terminals = TerminalPool(self)
         await self.terminals.start()
+        # Buckets made before the cluster grew (or with replicas = 1) keep their count.
+        self.replica_advice = replicas.advice(await replicas.assets(self.nc), self.replicas,
+                                              size)
+        if self.replica_advice:
+            log.warning("%s", self.replica_advice)
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)

@@ -134,12 +134,14 @@ class TerminalPool:
             self.kv = await js.key_value(QUEUE_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY))
+                bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY,
+                replicas=self.ctl.replicas))
         try:
             self.used_links = await js.key_value(LINKS_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.used_links = await js.create_key_value(config=KeyValueConfig(
-                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY))
+                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY,
+                replicas=self.ctl.replicas))
         self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, what="queue"))
 
     async def stop(self) -> None:
