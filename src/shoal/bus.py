@@ -21,7 +21,6 @@ from nats.js.kv import KeyValue
 
 from .config import NatsConfig
 from .errors import AuthError, ConnectError
-from .outputlog import ensure_stream
 from .servicetypes import SERVICES_BUCKET
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
@@ -32,7 +31,13 @@ log = logging.getLogger(__name__)
 # (measured: a fifth less CPU in the controller and in nats-server per GiB of output).
 READ_BUFFER = 1 << 20
 
-__all__ = ["NatsClient", "close", "connect", "ensure_buckets", "open_buckets", "Buckets"]
+__all__ = ["NATS_ERRORS", "NatsClient", "close", "connect", "ensure_buckets", "open_buckets",
+           "Buckets"]
+
+# What a NATS call can raise when the server is away, restarting or slow: nats-py's own
+# errors (JetStream's included), and the bare TimeoutError (asyncio's, in 3.11 the builtin)
+# that nats-py 2.16 lets out of fetch and request deadlines. Callers catch this tuple.
+NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 
 
 AGENT_INBOX = "_INBOX_AGENT"
@@ -183,6 +188,8 @@ class Buckets:
 async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> Buckets:
     """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
     is how many servers of a NATS cluster keep each of them."""
+    from .outputlog import ensure_stream  # outputlog uses this module's error tuple
+
     js = nc.jetstream()
 
     def kv(bucket: str, ttl: float | None = None) -> KeyValueConfig:

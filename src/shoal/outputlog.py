@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+
+from .bus import NATS_ERRORS
+from .errors import Unavailable
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -219,26 +223,69 @@ async def purge(js: JetStreamContext, session_id: str) -> None:
         log.warning("could not purge output of %s: %s", session_id, e)
 
 
+class OutputReadError(Unavailable):
+    """Reading a session's output stopped at byte ``offset`` (everything before it was
+    delivered): NATS did not answer for ``READ_GIVE_UP`` seconds. Resume from ``offset``."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+READ_GIVE_UP = 15.0  # seconds of NATS failing in a row before a reader gives up
+
+
 async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
                is_over: Callable[[], Awaitable[bool]] | None = None,
-               batch: int = 32) -> AsyncIterator[Chunk | Truncated]:
+               batch: int = 32, give_up: float = READ_GIVE_UP,
+               ) -> AsyncIterator[Chunk | Truncated]:
     """Chunks from byte ``start`` on (the first one sliced to begin exactly there).
 
-    Without ``follow`` it stops at what is stored now; with it, it waits for more until the
-    end marker, or until ``is_over()`` says the session ended without one (node lost).
+    Without ``follow`` it stops at the end of what is stored; with it, it waits for more
+    until the end marker, or until ``is_over()`` says the session ended without one (node
+    lost). Every NATS error is handled here: the reader subscribes again after the last
+    message it saw (its consumer lives in memory and does not survive a NATS restart) and
+    goes on; only after ``give_up`` seconds of failures in a row does it raise
+    ``OutputReadError`` with the offset it reached.
     """
-    sub = await js.pull_subscribe(
-        subject(session_id), stream=STREAM,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
-                              inactive_threshold=60.0, mem_storage=True))
+    nc = js._nc  # noqa: SLF001 - to see reconnects, after which the consumer may be gone
     position = start
+    seq = 0  # stream sequence of the last message seen
+    sub: JetStreamContext.PullSubscription | None = None
+    reconnects = -1
+    failing_since: float | None = None
     try:
         while True:
             try:
-                msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
-            except nats.errors.TimeoutError:
-                msgs = []
+                if sub is None or nc.stats["reconnects"] != reconnects:
+                    await _unsubscribe(sub)
+                    reconnects = nc.stats["reconnects"]
+                    sub = await _subscribe(js, session_id, seq)
+                try:
+                    msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
+                except TimeoutError:  # nats-py's and asyncio's: nothing new yet
+                    msgs = []
+                over = False
+                if not msgs:
+                    if not follow:
+                        over = position >= await end_offset(js, session_id)
+                    elif is_over is not None:
+                        over = await is_over()
+                failing_since = None
+            except NATS_ERRORS as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= give_up:
+                    raise OutputReadError(f"NATS did not answer for {give_up:g}s "
+                                          f"({_describe(e)})", position) from e
+                log.info("reading %s: %s; subscribing again after seq %d", session_id,
+                         _describe(e), seq)
+                await _unsubscribe(sub)
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
             for msg in msgs:
+                seq = max(seq, msg.metadata.sequence.stream)
                 chunk = _decode(msg.data)
                 if chunk.stream == END:
                     return
@@ -251,14 +298,36 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 skip = position - chunk.offset
                 yield Chunk(chunk.stream, position, chunk.data[skip:] if skip else chunk.data)
                 position = end
-            if msgs:
-                continue
-            if not follow:
-                return
-            if is_over is not None and await is_over():
+            if over:
                 return
     finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
+        await _unsubscribe(sub)
+
+
+async def _subscribe(js: JetStreamContext, session_id: str,
+                     after: int) -> JetStreamContext.PullSubscription:
+    """An ephemeral pull consumer of the session's subject from stream sequence
+    ``after`` + 1 (from the start when 0)."""
+    if after:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=after + 1)
+    else:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    config.ack_policy = AckPolicy.NONE
+    config.inactive_threshold = 60.0
+    config.mem_storage = True
+    return await js.pull_subscribe(subject(session_id), stream=STREAM, config=config)
+
+
+async def _unsubscribe(sub: JetStreamContext.PullSubscription | None) -> None:
+    if sub is None:
+        return
+    try:
+        await sub.unsubscribe()
+    except Exception:  # a connection already gone has nothing to unsubscribe
+        pass
+
+
+def _describe(e: BaseException) -> str:
+    """An error's text, never empty (nats-py's timeouts have none)."""
+    return str(e) or type(e).__name__
