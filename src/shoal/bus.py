@@ -135,25 +135,64 @@ def _safe_url(url: str) -> str:
 Apply = Callable[[str, bytes | None], None]
 
 
+def client_of(kv: KeyValue) -> NatsClient:
+    """The connection a bucket handle uses (nats-py keeps it private)."""
+    return kv._js._nc  # noqa: SLF001
+
+
 async def watch_bucket(kv: KeyValue, apply: Apply, ready: Callable[[], None] | None = None,
                        what: str = "bucket") -> None:
     """Feed every current and future entry of ``kv`` to ``apply(key, value)`` forever
     (``value`` None for a delete or purge). ``ready`` is called once the current values are
-    in. After an outage the watch starts again, replaying the current values."""
+    in, and again after every re-watch.
+
+    The watch is armed again as soon as the connection comes back from an outage (nats-py's
+    ordered consumer would take its own ~10 s to notice), and the re-watch replays the
+    current values: keys that went away meanwhile are applied as deletions, so a mirror of
+    the bucket is exact again once ``ready`` is called.
+    """
+    nc = client_of(kv)  # its reconnect count tells us when to watch again
+    known: set[str] = set()  # keys with a value, as last applied
     while True:
+        reconnects = nc.stats["reconnects"]
+        watcher = None
+        replayed: set[str] | None = set()  # keys seen before the initial values were in
         try:
-            async for entry in await kv.watchall():
-                if entry is None:
+            watcher = await kv.watchall()
+            while nc.stats["reconnects"] == reconnects:
+                try:
+                    entry = await watcher.updates(timeout=0.5)  # type: ignore[no-untyped-call]
+                except TimeoutError:
+                    continue
+                if entry is None:  # the current values are in
+                    if replayed is not None:
+                        for gone in known - replayed:
+                            known.discard(gone)
+                            apply(gone, None)
+                        replayed = None
                     if ready is not None:
                         ready()
                     continue
                 put = entry.operation in (None, "PUT") and bool(entry.value)
+                if put:
+                    known.add(entry.key)
+                    if replayed is not None:
+                        replayed.add(entry.key)
+                else:
+                    known.discard(entry.key)
                 apply(entry.key, entry.value if put else None)
+            log.info("%s watch: NATS reconnected; watching again", what)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("%s watch failed (%s); retrying", what, e)
-            await asyncio.sleep(1.0)
+            log.warning("%s watch failed (%s); retrying", what, str(e) or type(e).__name__)
+            await asyncio.sleep(0.5)
+        finally:
+            if watcher is not None:
+                try:
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+                except Exception:  # the old subscription may be gone with the connection
+                    pass
 
 
 R = TypeVar("R")

@@ -25,11 +25,18 @@ import msgspec
 from . import messages as m
 from . import servicetypes as st
 from .config import ClientConfig, load, shoal_home
-from .errors import ConnectError, ProtocolError, RemoteTimeout, ShoalError, error_for_status
+from .errors import (
+    ConfigError,
+    ConnectError,
+    ProtocolError,
+    RemoteTimeout,
+    ShoalError,
+    error_for_status,
+)
 
 log = logging.getLogger(__name__)
 
-RECONNECT_FOR = 60.0  # seconds a follower or an attachment tries to get its controller back
+RECONNECT_FOR = ClientConfig().reconnect_for  # seconds to get a lost controller back
 # Errors of an answer in flight that mean "the controller (or its NATS) went away", not "no".
 _LOST = (aiohttp.ClientError, TimeoutError, OSError)
 _RETRY_STATUS = (502, 503, 504)  # a proxy without a controller behind it, or NATS away
@@ -53,7 +60,10 @@ class Client:
         """URL and token from flags, else ``SHOAL_URL``/``SHOAL_TOKEN``, else
         ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
         cfg = load(ClientConfig, shoal_home() / "client.toml", {"url": url, "token": token})
-        return cls(cfg.url, cfg.token)
+        if not 0 <= cfg.reconnect_for <= 86400:
+            raise ConfigError(f"reconnect_for must be between 0 and 86400 seconds, not "
+                              f"{cfg.reconnect_for:g}")
+        return cls(cfg.url, cfg.token, reconnect_for=cfg.reconnect_for)
 
     @property
     def http(self) -> aiohttp.ClientSession:

@@ -175,7 +175,8 @@ class SyncClient(_Bridge):
         """URL and token from the arguments, else ``SHOAL_URL``/``SHOAL_TOKEN``, else
         ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
         found = Client.from_config(url, token)
-        return cls(found.url, found.token, timeout=found.timeout)
+        return cls(found.url, found.token, timeout=found.timeout,
+                   reconnect_for=found.reconnect_for)
 
     @property
     def client(self) -> Client:
