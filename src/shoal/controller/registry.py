@@ -4,9 +4,10 @@ It is only a cache of what NATS holds, rebuilt from the buckets on start, so the
 controller stays stateless. A node is up while its heartbeat key exists and was refreshed
 within the node TTL; a node in the registry bucket without a heartbeat is down.
 
-After a NATS outage the view is not *settled* until one node TTL after the watches are
-armed again: agents that could not beat meanwhile get that long to be heard, and until
-then "no node is up" is not an answer this controller may give (``settled``).
+After a NATS outage the view is not *settled* until every known node has beaten again, or
+one node TTL after the watches are armed again: agents that could not beat meanwhile get
+that long to be heard, and until then "no node is up" is not an answer this controller may
+give (``settled``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class NodeRegistry:
         self._nc = client_of(heartbeats)
         self._armed_at = -1  # reconnect count when the heartbeats watch last loaded
         self._settle_until = 0.0
+        self._heard: set[str] | None = None  # nodes that beat since the last re-watch
 
     async def start(self) -> None:
         self._tasks = [
@@ -62,14 +64,18 @@ class NodeRegistry:
         reconnects = self._nc.stats["reconnects"]
         if self._armed_at >= 0 and reconnects != self._armed_at:  # a re-watch after an outage
             self._settle_until = time.monotonic() + self.node_ttl
+            self._heard = set()
         self._armed_at = reconnects
         self._initial_loaded()
 
     def settled(self) -> bool:
         """True when this view may be trusted to say a node is down or that none has room:
         connected, watching since the last reconnect, and past the settle window."""
-        return (self._nc.is_connected and self._armed_at == self._nc.stats["reconnects"]
-                and time.monotonic() >= self._settle_until)
+        if not self._nc.is_connected or self._armed_at != self._nc.stats["reconnects"]:
+            return False
+        if self._heard is not None and self._heard >= self._known.keys():
+            self._settle_until = 0.0  # every node spoke up: no need to wait longer
+        return time.monotonic() >= self._settle_until
 
     def settles_in(self) -> float:
         """Seconds until ``settled`` may become true (a hint for Retry-After)."""
@@ -102,6 +108,8 @@ class NodeRegistry:
             self._beats.pop(key, None)
             return
         self._last_beat = time.monotonic()
+        if self._heard is not None:
+            self._heard.add(key)
         self._beats[key] = (info, time.monotonic())
         self._known[key] = info
 
