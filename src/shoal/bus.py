@@ -153,41 +153,50 @@ async def watch_bucket(kv: KeyValue, apply: Apply, ready: Callable[[], None] | N
     """
     nc = client_of(kv)  # its reconnect count tells us when to watch again
     known: set[str] = set()  # keys with a value, as last applied
+
+    async def consume(watcher: KeyValue.KeyWatcher) -> None:
+        replayed: set[str] | None = set()  # keys seen before the current values were in
+        async for entry in watcher:
+            if entry is None:  # the current values are in
+                if replayed is not None:
+                    for gone in known - replayed:
+                        known.discard(gone)
+                        apply(gone, None)
+                    replayed = None
+                if ready is not None:
+                    ready()
+                continue
+            put = entry.operation in (None, "PUT") and bool(entry.value)
+            if put:
+                known.add(entry.key)
+                if replayed is not None:
+                    replayed.add(entry.key)
+            else:
+                known.discard(entry.key)
+            apply(entry.key, entry.value if put else None)
+
     while True:
         reconnects = nc.stats["reconnects"]
         watcher = None
-        replayed: set[str] | None = set()  # keys seen before the initial values were in
+        reader: asyncio.Task[None] | None = None
         try:
             watcher = await kv.watchall()
-            while nc.stats["reconnects"] == reconnects:
-                try:
-                    entry = await watcher.updates(timeout=0.5)  # type: ignore[no-untyped-call]
-                except TimeoutError:
-                    continue
-                if entry is None:  # the current values are in
-                    if replayed is not None:
-                        for gone in known - replayed:
-                            known.discard(gone)
-                            apply(gone, None)
-                        replayed = None
-                    if ready is not None:
-                        ready()
-                    continue
-                put = entry.operation in (None, "PUT") and bool(entry.value)
-                if put:
-                    known.add(entry.key)
-                    if replayed is not None:
-                        replayed.add(entry.key)
-                else:
-                    known.discard(entry.key)
-                apply(entry.key, entry.value if put else None)
-            log.info("%s watch: NATS reconnected; watching again", what)
+            reader = asyncio.create_task(consume(watcher))
+            while not reader.done() and nc.stats["reconnects"] == reconnects:
+                await asyncio.wait({reader}, timeout=0.5)
+            if reader.done():
+                reader.result()  # its error, if any
+            else:
+                log.info("%s watch: NATS reconnected; watching again", what)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("%s watch failed (%s); retrying", what, str(e) or type(e).__name__)
             await asyncio.sleep(0.5)
         finally:
+            if reader is not None and not reader.done():
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
             if watcher is not None:
                 try:
                     await watcher.stop()  # type: ignore[no-untyped-call]
