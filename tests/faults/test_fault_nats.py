@@ -72,3 +72,30 @@ def test_nats_sigkill_restart_then_immediate_creates(tmp_path: Path) -> None:
         assert code == 0, err
         assert out.read_text() == truth.read_text()  # every byte once, across the restart
         assert wait_for(lambda: health(fleet.url) == 200, timeout=15)
+
+
+def test_nats_hang_makes_healthz_not_ready_and_errors_say_why(tmp_path: Path) -> None:
+    """The finding: during a NATS hang (SIGSTOP: the TCP connection stays up) /healthz said
+    200 and the API answered `HTTP 504: ` with an empty reason."""
+    import signal
+
+    with NatsFleet(tmp_path, agents=1) as nf:
+        fleet = nf.fleet
+        assert nf.server.proc is not None
+        nf.server.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: health(fleet.url) == 503, timeout=15)
+            req = urllib.request.Request(fleet.url + "/api/v1/sessions/s-none",
+                                         headers={"Authorization": f"Bearer {fleet.token}"})
+            try:
+                urllib.request.urlopen(req, timeout=30)
+                raise AssertionError("answered while NATS hangs")
+            except urllib.error.HTTPError as e:
+                body = json.loads(e.read())
+                assert e.code in (503, 504) and e.headers.get("Retry-After")
+                assert "NATS" in body["error"], body
+        finally:
+            nf.server.proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: health(fleet.url) == 200, timeout=30)
+        r = fleet.shoal("session", "create", "--", "echo", "after")
+        assert r.returncode == 0, r.stderr

@@ -406,7 +406,7 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
         except Exception as e:  # one boundary: the client hears why, and where to resume
             log.warning("attach to %s ended early at byte %d: %r", sid, progress.offset, e)
             reason = e.message if isinstance(e, ShoalError) else str(e) or type(e).__name__
-            frame = {"t": "error", "offset": progress.offset,
+            frame = {"t": "error", "status": 503, "offset": progress.offset,
                      "message": f"reading the output failed: {reason}"}
         if not ws.closed:
             await ws.send_str(msgspec.json.encode(frame).decode())
