@@ -95,6 +95,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
 class ClientConfig(Struct, forbid_unknown_fields=True):
     url: str = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
     token: str = ""
+    reconnect_for: float = 60.0  # seconds `logs -f` and `attach` try to get a lost controller back
 
 
 C = TypeVar("C", bound=Struct)

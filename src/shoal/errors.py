@@ -8,6 +8,8 @@
     ├── NotFoundError        no such node, session or service (HTTP 404)
     ├── ConflictError        the request contradicts current state (HTTP 409)
     ├── NoCapacityError      no node has room (HTTP 503)
+    ├── Unavailable          not now: NATS is away or the view is stale; retry (HTTP 503 with
+    │                        Retry-After)
     ├── RemoteTimeout        the other side did not answer in time
     └── ProtocolError        a peer sent something we cannot decode
 
@@ -56,6 +58,17 @@ class NoCapacityError(ShoalError):
     status = 503
 
 
+class Unavailable(ShoalError):
+    """Not now, but soon: the fleet's NATS is away or this controller's view of the fleet
+    is not current. Nothing was changed; try again after ``retry_after`` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RemoteTimeout(ShoalError):
     status = 504
 
@@ -77,6 +90,10 @@ _BY_STATUS: dict[int, type[ShoalError]] = {
 }
 
 
-def error_for_status(status: int, message: str) -> ShoalError:
-    """The error a client raises for an HTTP error answer."""
+def error_for_status(status: int, message: str,
+                     retry_after: float | None = None) -> ShoalError:
+    """The error a client raises for an HTTP error answer (a 503 with ``Retry-After`` is
+    ``Unavailable``: retry later)."""
+    if status == 503 and retry_after is not None:
+        return Unavailable(message, retry_after)
     return _BY_STATUS.get(status, ShoalError)(message)

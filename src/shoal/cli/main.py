@@ -45,6 +45,21 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def client_messages(raw_terminal: bool = False) -> None:
+    """Show the client's own notices (lost the controller, reconnecting...) on stderr as
+    ``shoal: ...`` lines; ``raw_terminal`` ends them with CR LF (the terminal is raw)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("shoal: %(message)s"))
+    if raw_terminal:
+        handler.terminator = "\r\n"
+    logger = logging.getLogger("shoal.client")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", envvar="SHOAL_URL", help="Controller URL (default: from client.toml).")
 @click.option("--token", envvar="SHOAL_TOKEN", help="API token (default: from client.toml).")

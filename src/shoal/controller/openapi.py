@@ -87,6 +87,15 @@ class AttachExit(msgspec.Struct, tag="exit", tag_field="t"):
     reason: str
 
 
+class AttachError(msgspec.Struct, tag="error", tag_field="t"):
+    """Server -> client, last instead of exit: the output could not be read on; reconnect
+    with ``from=offset`` (the offset after the last byte sent)."""
+
+    status: int
+    offset: int
+    message: str
+
+
 class AttachResize(msgspec.Struct, tag="resize", tag_field="t"):
     """Client -> server: the terminal size changed."""
 
@@ -99,7 +108,7 @@ class AttachEof(msgspec.Struct, tag="eof", tag_field="t"):
 
 
 LogLine = LogChunk | LogTruncated | LogEnd | LogEof | LogError
-AttachServerText = AttachHello | AttachTruncated | AttachExit
+AttachServerText = AttachHello | AttachTruncated | AttachExit | AttachError
 AttachClientText = AttachResize | AttachEof
 
 
@@ -206,7 +215,7 @@ ROUTES: dict[tuple[str, str], Route] = {
                     "cannot be forgotten (409); one that comes back registers again."),
     ("POST", "/api/v1/sessions"): Route(
         "createSession", "sessions", "Create a session", ok=m.SessionRecord, status=201,
-        body=m.SessionSpec, errors=(400, 404, 422),
+        body=m.SessionSpec, errors=(400, 404, 422, 503, 504),
         also={200: "A session with this `id` already exists; this is its record."},
         description="Give exactly one of `command` (argv) or `shell`. With an `id`, creating "
                     "is idempotent. A session no node can take is answered with state "
@@ -284,8 +293,9 @@ ERRORS = {
     415: "A browser state change on the login cookie whose body is not "
          "`Content-Type: application/json`.",
     422: "The body is JSON but does not match the schema (type, bounds, unknown field).",
-    503: "No node has room, or no replica can take a client now.",
-    504: "The other side did not answer in time.",
+    503: "No node has room, or no replica can take a client now; with Retry-After: NATS is "
+         "unreachable or the controller is catching up after a NATS outage (nothing changed).",
+    504: "NATS or an agent did not answer in time (the message says which); Retry-After.",
 }
 
 

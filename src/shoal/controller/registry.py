@@ -3,6 +3,11 @@
 It is only a cache of what NATS holds, rebuilt from the buckets on start, so the
 controller stays stateless. A node is up while its heartbeat key exists and was refreshed
 within the node TTL; a node in the registry bucket without a heartbeat is down.
+
+After a NATS outage the view is not *settled* until every known node has beaten again, or
+one node TTL after the watches are armed again: agents that could not beat meanwhile get
+that long to be heard, and until then "no node is up" is not an answer this controller may
+give (``settled``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ..bus import watch_bucket
+from ..bus import client_of, watch_bucket
 from ..messages import NodeInfo
 from ..nodeset import natural_key
 
@@ -34,10 +39,14 @@ class NodeRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._pending_initial = 2
+        self._nc = client_of(heartbeats)
+        self._armed_at = -1  # reconnect count when the heartbeats watch last loaded
+        self._settle_until = 0.0
+        self._heard: set[str] | None = None  # nodes that beat since the last re-watch
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(watch_bucket(self._hb_kv, self._on_beat, self._initial_loaded,
+            asyncio.create_task(watch_bucket(self._hb_kv, self._on_beat, self._beats_loaded,
                                              "heartbeats")),
             asyncio.create_task(watch_bucket(self._reg_kv, self._on_register,
                                              self._initial_loaded, "registry"))]
@@ -50,6 +59,27 @@ class NodeRegistry:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _beats_loaded(self) -> None:
+        reconnects = self._nc.stats["reconnects"]
+        if self._armed_at >= 0 and reconnects != self._armed_at:  # a re-watch after an outage
+            self._settle_until = time.monotonic() + self.node_ttl
+            self._heard = set()
+        self._armed_at = reconnects
+        self._initial_loaded()
+
+    def settled(self) -> bool:
+        """True when this view may be trusted to say a node is down or that none has room:
+        connected, watching since the last reconnect, and past the settle window."""
+        if not self._nc.is_connected or self._armed_at != self._nc.stats["reconnects"]:
+            return False
+        if self._heard is not None and self._heard >= self._known.keys():
+            self._settle_until = 0.0  # every node spoke up: no need to wait longer
+        return time.monotonic() >= self._settle_until
+
+    def settles_in(self) -> float:
+        """Seconds until ``settled`` may become true (a hint for Retry-After)."""
+        return max(1.0, self._settle_until - time.monotonic())
 
     def _initial_loaded(self) -> None:
         # Called once per bucket, and again after a re-watch (then it changes nothing).
@@ -87,6 +117,8 @@ class NodeRegistry:
         if now - self._last_beat > self.node_ttl / 2:
             self._resumed = now
         self._last_beat = now
+        if self._heard is not None:
+            self._heard.add(key)
         self._beats[key] = (info, time.monotonic())
         self._known[key] = info
 

@@ -190,6 +190,9 @@ class Controller:
         return app
 
 
+HEALTH_TIMEOUT = 2.0  # a NATS that takes longer than this to answer is not serving
+
+
 def _services_port(cfg: ControllerConfig) -> int:
     """The services port to bind; -1 (the default) until the controller's port is known."""
     if cfg.services_port != -1:
@@ -221,10 +224,21 @@ def _check_services_settings(cfg: ControllerConfig) -> None:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    """For load balancers: 200 while this controller can reach NATS, 503 when it cannot."""
-    nc = request.app["controller"].nc
+    """For load balancers: 200 while this controller can reach NATS and JetStream answers,
+    503 when it cannot (disconnected, or connected to a server that does not answer: a hung
+    or overloaded NATS keeps the TCP connection up)."""
+    ctl: Controller = request.app["controller"]
+    nc = ctl.nc
     if nc is None or not nc.is_connected:
-        return web.Response(text="nats disconnected\n", status=503)
+        return web.Response(text="nats disconnected\n", status=503,
+                            headers={"Retry-After": "2"})
+    try:
+        await asyncio.wait_for(ctl.js.account_info(), HEALTH_TIMEOUT)
+    except bus.NATS_ERRORS as e:
+        return web.Response(text=f"nats not answering: {str(e) or type(e).__name__}\n",
+                            status=503, headers={"Retry-After": "2"})
+    if not ctl.registry.settled():
+        return web.Response(text="ok (catching up with the nodes after a NATS outage)\n")
     return web.Response(text="ok\n")
 
 

@@ -17,7 +17,7 @@ import nats.errors
 
 from .. import messages as m
 from .. import outputlog, placement, subjects
-from ..errors import ConflictError, NotFoundError, RemoteTimeout, ValidationError
+from ..errors import ConflictError, NotFoundError, RemoteTimeout, Unavailable, ValidationError
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 AGENT_TIMEOUT = 5.0
 RECONCILE_EVERY = 2.0
 STALE_PENDING = 10.0  # a pending record nobody is placing after this long gets placed
+WAITING = "waiting for the nodes"  # reason of a session kept pending while the view settles
 
 
 def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
@@ -75,6 +76,12 @@ class SessionService:
         Only the terminal pool creates with ``terminal`` (and a ``t_`` id)."""
         validate(spec, terminal)
         nodes = self.registry.snapshot()
+        if not self.registry.settled() and not placement.eligible(spec, nodes):
+            # Just back from a NATS outage: the nodes may be up and not heard from yet.
+            # Saying "no node has room" now would be a guess; nothing is created.
+            wait = self.registry.settles_in()
+            raise Unavailable(f"this controller is catching up with the nodes after a NATS "
+                              f"outage; nothing was created: retry in {wait:.0f} s", wait)
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
         sid = spec.id or "s-" + secrets.token_hex(6)
@@ -124,6 +131,9 @@ class SessionService:
                 if current is None or current[0].state != "pending":
                     return current[0] if current else record
             why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
+            if not self.registry.settled():  # not a verdict yet: the reconciler tries again
+                waiting = await self.store.move(record.id, "pending", reason=f"{WAITING} ({why})")
+                return waiting or record
             failed = await self.store.move(record.id, "failed",
                                            reason=f"no node has room ({why})")
             return failed or record
@@ -244,8 +254,9 @@ class SessionService:
         rescheduled); pending sessions nobody placed get placed; old records are purged."""
         nodes = self.registry.snapshot()
         now = time.time()
-        # Heard from no node lately: more likely we are cut off than every node is dead.
-        fresh = self.registry.fresh() and self.nc.is_connected
+        # Heard from no node lately, or just back from an outage: more likely we are cut off
+        # (or the agents have not caught up yet) than the nodes are dead.
+        fresh = self.registry.fresh() and self.registry.settled()
         for r in list(self.cache.records.values()):
             if fresh and r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
                     and nodes[r.node].state == "down":
@@ -257,7 +268,7 @@ class SessionService:
                     await self.store.move(r.id, "lost", reason=f"node {r.node} lost")
             elif (r.state == "pending" and not r.node and r.id not in self._placing
                   and now - max(r.created, r.ended) > STALE_PENDING
-                  or r.state == "pending" and r.reason.startswith("rescheduling")
+                  or r.state == "pending" and r.reason.startswith(("rescheduling", WAITING))
                   and r.id not in self._placing):
                 asyncio.create_task(self.place(r))
             elif r.state in FINAL and r.ended and now - r.ended > self.retention:
