@@ -73,9 +73,11 @@ async def test_public_terminal_output_cannot_evict_other_sessions_output(pool: F
                 async with http.post(pool.url + "/terminal", json={}) as r:
                     assert r.status == 201, await r.text()
                     sid, url = (await r.json())["session"], (await r.json())["url"]
-                async with http.get(pool.url + url) as r:
-                    assert r.status == 200
-                async with http.ws_connect(f"{pool.url}/api/v1/sessions/{sid}/attach") as ws:
+                async with http.get(pool.url + url, allow_redirects=False) as r:
+                    assert r.status == 303  # to the page, the attach key in the fragment
+                    key = r.headers["Location"].split("#attach=", 1)[1]
+                async with http.ws_connect(
+                        f"{pool.url}/api/v1/sessions/{sid}/attach?attach={key}") as ws:
                     sent = False
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.BINARY and not sent:  # the prompt
