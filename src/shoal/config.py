@@ -57,6 +57,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_rate: int = 6  # new terminals per minute per client address
     replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
+    groups: str = ""  # node groups: a ClusterShell groups.conf, groups.d dir, YAML or flat file
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

@@ -104,13 +104,17 @@ def _next(ws: WebSocket) -> m.ServerFrame:
 
 
 def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mode: str,
-                progress: bool, connect_timeout: float) -> int:
+                progress: bool, connect_timeout: float, batch: int = 0, batch_percent: int = 0,
+                fanout: int = 0, keep_going: bool = False) -> int:
     """Run and print; returns the exit status for the CLI."""
     reuse_heap_for_bulk_io()
     printer: Printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
-    ws, plan = _open(url, token, m.RunStart(targets=targets, spec=spec,
-                                            connect_timeout=connect_timeout))
+    skipped: dict[str, str] = {}
+    start = m.RunStart(targets=targets, spec=spec, connect_timeout=connect_timeout,
+                       batch=batch, batch_percent=batch_percent, fanout=fanout,
+                       keep_going=keep_going)
+    ws, plan = _open(url, token, start)
     sender = _Sender(ws)
     interrupts = 0
 
@@ -141,6 +145,10 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
                 printer.exited(ev.node, ev)
                 if bar is not None:
                     bar.advance()
+            elif isinstance(ev, m.Skipped):
+                skipped[ev.node] = ev.reason
+                if bar is not None:
+                    bar.advance()
             elif isinstance(ev, m.RunDone):
                 break
             elif isinstance(ev, m.ErrorFrame):
@@ -155,8 +163,8 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
         printer.close()
         with sender.lock:
             ws.close()
-    missing = [n for n in plan.nodes if n not in results]
-    outcome = summarize(results, missing)
+    missing = [n for n in plan.nodes if n not in results and n not in skipped]
+    outcome = summarize(results, missing, skipped)
     if outcome.summary and mode != "raw":
         sys.stderr.write(outcome.summary + "\n")
     return outcome.status

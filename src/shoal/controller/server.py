@@ -14,6 +14,7 @@ from aiohttp import web
 from .. import bus
 from ..config import ControllerConfig
 from ..errors import ConfigError
+from ..nodegroups import GroupsError, GroupsFile
 from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
@@ -52,6 +53,11 @@ class Controller:
         self.nats_api: NatsApi | None = None
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
+        self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.nodegroups)
+        try:
+            self.groups.get()  # a broken groups file stops the start, clearly
+        except GroupsError as e:
+            raise ConfigError(f"groups = {cfg.groups!r}: {e}") from e
         try:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
