@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +132,103 @@ def test_nodeset_command(tmp_path: Path) -> None:
     assert nodeset("--groups", str(groups), "-l").stdout.split() == ["@all", "@even", "@odd"]
     assert nodeset("--groups", str(groups), "@all!@odd").stdout == "node-[2,4]\n"
     assert "@odd node-[1,3]" in nodeset("--groups", str(groups), "-ll").stdout
+
+
+# --- shoal copy / rcopy ------------------------------------------------------------------
+
+NODES = ["node-1", "node-2", "node-3", "node-4"]
+
+
+def sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_copy_to_many_nodes_keeps_bytes_mode_and_mtime(fleet4: Fleet, tmp_path: Path) -> None:
+    src = tmp_path / "payload.bin"
+    src.write_bytes(os.urandom(5 << 20))
+    src.chmod(0o640)
+    os.utime(src, (1_600_000_000, 1_600_000_000))
+    for n in NODES:
+        (tmp_path / n).mkdir()
+    r = fleet4.shoal("cp", "-n", "node-[1-4]", str(src), f"{tmp_path}/{{node}}/copy.bin")
+    assert r.returncode == 0, r.stderr
+    for n in NODES:
+        got = tmp_path / n / "copy.bin"
+        assert sha(got) == sha(src)
+        assert stat.S_IMODE(got.stat().st_mode) == 0o640
+        assert int(got.stat().st_mtime) == 1_600_000_000
+    # A directory as destination: the file keeps its name; an old file is replaced whole.
+    r = fleet4.shoal("copy", "-n", "node-[1-2]", str(src), f"{tmp_path}/{{node}}")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "node-1" / "payload.bin") == sha(src)
+    assert not list(tmp_path.glob("*/.shoal-copy.*"))
+    # The destination is data, never shell text.
+    odd = "a b;$(touch pwned)`touch pwned2`"
+    r = fleet4.shoal("copy", "-n", "node-1", str(src), f"{tmp_path}/node-1/{odd}")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "node-1" / odd) == sha(src)
+    assert not list(tmp_path.rglob("pwned*")) and not Path("pwned").exists()
+
+
+def test_copy_failures_are_named_and_the_others_done(fleet4: Fleet, tmp_path: Path) -> None:
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(1 << 20))
+    for n in ("node-1", "node-2", "node-4"):
+        (tmp_path / n).mkdir()
+    full = tmp_path / "node-2"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        r = fleet4.shoal("copy", "-n", "node-[1-4]", str(src), f"{tmp_path}/{{node}}/f")
+        assert r.returncode != 0
+        assert "No space left on device" in r.stderr and "node-2:" in r.stderr
+        assert f"node-3: no such directory: {tmp_path}/node-3" in r.stderr
+        assert "2 ok" in r.stderr, r.stderr
+        assert sha(tmp_path / "node-1" / "f") == sha(src) == sha(tmp_path / "node-4" / "f")
+        assert list(full.iterdir()) == []  # the partial temporary file was removed
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_copy_bad_input_is_refused_before_anything_runs(fleet4: Fleet, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 2000)
+    for args, fragment in [
+        (["-n", "node-1", str(tmp_path / "missing"), "/tmp/x"], "cannot read"),
+        (["-n", "node-1", str(tmp_path), "/tmp/x"], "not a regular file"),
+        (["-n", "node-1", "--max-size", "1K", str(small), str(tmp_path / "d")], "over --max-size"),
+        (["-n", "node-1", "--max-size", "lots", str(small), str(tmp_path / "d")], "--max-size"),
+        (["-n", "nope-9", str(small), str(tmp_path / "d")], "unknown node"),
+    ]:
+        r = fleet4.shoal("copy", *args)
+        assert r.returncode != 0 and fragment in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "d").exists()
+
+
+def test_rcopy_gathers_one_file_per_node(fleet4: Fleet, tmp_path: Path) -> None:
+    for i, n in enumerate(NODES):
+        (tmp_path / n).mkdir()
+        if n != "node-3":
+            f = tmp_path / n / "app.log"
+            f.write_bytes(os.urandom(100_000 * (i + 1)))
+            f.chmod(0o600 + i)
+    (tmp_path / "node-4" / "app.log").write_bytes(b"")  # empty files arrive too
+    out = tmp_path / "gathered"
+    out.mkdir()
+    r = fleet4.shoal("rcopy", "-n", "node-[1-4]", f"{tmp_path}/{{node}}/app.log", str(out))
+    assert r.returncode == 2, r.stderr
+    assert f"node-3: not a regular file: {tmp_path}/node-3/app.log" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "app.log.node-1", "app.log.node-2", "app.log.node-4"]
+    for n in NODES:
+        if n == "node-3":
+            continue
+        got, orig = out / f"app.log.{n}", tmp_path / n / "app.log"
+        assert got.read_bytes() == orig.read_bytes()
+        assert got.stat().st_mode == orig.stat().st_mode
+    r = fleet4.shoal("rcp", "-n", "node-1", "--max-size", "1K", f"{tmp_path}/node-1/app.log",
+                     str(tmp_path / "gathered"))
+    assert r.returncode != 0 and "over the --max-size" in r.stderr
+    r = fleet4.shoal("rcopy", "-n", "node-1", "/etc/hostname", str(tmp_path / "no-dir"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr

@@ -365,3 +365,4 @@ def nodes_undrain(ctx: click.Context, name: str) -> None:
 from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
