@@ -29,7 +29,7 @@ def select(targets: Targets, nodes: Mapping[str, NodeInfo],
     if not (targets.all or targets.nodes or targets.labels):
         raise ValidationError("no targets: give --all, -n NODESET, -g GROUP or -l key=value")
     resolver = (groups or Groups()).with_labels({n: info.labels for n, info in nodes.items()})
-    known = NodeSet(nodes)
+    known = NodeSet(nodes) if targets.nodes or targets.exclude else NodeSet()
     chosen: set[str] = set()
     if targets.all or (targets.labels and not targets.nodes):
         chosen |= {n for n, info in nodes.items() if info.state != "down"}
