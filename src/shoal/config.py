@@ -90,6 +90,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.
     services_port: int = SERVICES_PORT_NEXT  # 0: any free port
     services_url: str = ""  # its public base URL if not http://HOST:services_port
+    groups: str = ""  # node groups: a ClusterShell groups.conf, groups.d dir, YAML or flat file
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

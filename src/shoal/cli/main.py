@@ -247,7 +247,15 @@ def nodes_show(ctx: click.Context, name: str) -> None:
 @click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up.")
 @click.option("-n", "--nodes", "nodeset", default="", help="Node set: node[1-8,12],web3.")
 @click.option("-x", "--exclude", default="", help="Node set to leave out.")
+@click.option("-g", "--group", "groups", multiple=True,
+              help="Node group (@GROUP; from the groups file or labels), repeatable.")
+@click.option("-X", "--exclude-group", "xgroups", multiple=True, help="Node group to leave out.")
 @click.option("-l", "--label", "labels", multiple=True, help="key=value selector (repeatable).")
+@click.option("--batch", default=None, metavar="N|N%",
+              help="Roll through the nodes N (or N%) at a time, each slice done before the next.")
+@click.option("--fanout", "-f", type=click.IntRange(min=1), default=None,
+              help="At most N nodes running at once (like clush -f).")
+@click.option("--keep-going", is_flag=True, help="With --batch: roll on after a failed slice.")
 @click.option("--shell", "shell", default=None, help="Run this string with /bin/sh -c.")
 @click.option("-b", "--gather", is_flag=True, help="Group identical outputs (like clush -b).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
@@ -261,10 +269,11 @@ def nodes_show(ctx: click.Context, name: str) -> None:
               help="Seconds to wait for each agent to answer.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tuple[str, ...],
-        shell: str | None, gather: bool, as_json: bool, use_stdin: bool, use_tty: bool,
-        timeout: float | None, env: tuple[str, ...], cwd: str | None, connect_timeout: float,
-        argv: tuple[str, ...]) -> None:
+def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+        xgroups: tuple[str, ...], labels: tuple[str, ...], batch: str | None,
+        fanout: int | None, keep_going: bool, shell: str | None, gather: bool, as_json: bool,
+        use_stdin: bool, use_tty: bool, timeout: float | None, env: tuple[str, ...],
+        cwd: str | None, connect_timeout: float, argv: tuple[str, ...]) -> None:
     """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c"""
     from .. import messages as m
     from .run_cmd import raw_terminal, run_command, terminal_size
@@ -278,6 +287,11 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
         label_map = c.parse_labels(labels)
     except ShoalError as e:
         fail(e.message, 2)
+    size, percent = _batch(batch) if batch is not None else (0, 0)
+    if keep_going and batch is None:
+        fail("--keep-going goes with --batch", 2)
+    nodeset = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
+    exclude = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
     cols, rows = terminal_size()
     try:
         spec = msgspec.convert({"argv": list(argv) or None, "shell": shell, "env": env_map,
@@ -299,11 +313,10 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
 
     def go() -> int:
         try:
-            from ..client import first_reachable
-
-            return run_command(first_reachable(cfg.url), cfg.token, targets, spec, mode=mode,
-                               progress=progress,
-                               connect_timeout=connect_timeout)
+            return run_command(cfg.url, cfg.token, targets, spec, mode=mode,
+                               progress=progress, connect_timeout=connect_timeout, batch=size,
+                               batch_percent=percent, fanout=fanout or 0,
+                               keep_going=keep_going)
         except ShoalError as e:
             fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 
@@ -315,6 +328,19 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
     else:
         status = go()
     sys.exit(status)
+
+
+def _batch(text: str) -> tuple[int, int]:
+    """``--batch 10`` (nodes) or ``--batch 25%`` (of the selection)."""
+    digits = text.strip().removesuffix("%")
+    if not digits.isdigit() or int(digits) < 1 or (text.strip().endswith("%")
+                                                   and int(digits) > 100):
+        fail(f"--batch {text!r}: give a number of nodes (10) or a percentage (25%)", 2)
+    return (0, int(digits)) if text.strip().endswith("%") else (int(digits), 0)
+
+
+def _group_ref(name: str) -> str:
+    return name if name.startswith("@") else "@" + name
 
 
 def _split_env(item: str) -> tuple[str, str]:
@@ -370,3 +396,5 @@ from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on
 from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import bridge_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)

@@ -23,6 +23,7 @@ import nats.errors
 from .. import messages as m
 from .. import subjects
 from ..memtune import reuse_heap_for_bulk_io
+from ..nodeset import NodeSet
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -56,11 +57,36 @@ class Forward:
 EventSink = Callable[[m.RunEvent | Forward], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Roll:
+    """How a run goes through its nodes: all at once (the default), or in slices of
+    ``batch`` nodes (``percent`` of them), with at most ``fanout`` running at a time."""
+
+    batch: int = 0
+    percent: int = 0
+    fanout: int = 0
+    keep_going: bool = False
+
+    @property
+    def rolling(self) -> bool:
+        return bool(self.batch or self.percent or self.fanout)
+
+    def slices(self, nodes: list[str]) -> list[list[str]]:
+        size = self.batch or (-(-len(nodes) * self.percent // 100) if self.percent else 0)
+        size = max(1, size) if size else len(nodes) or 1
+        return [nodes[i:i + size] for i in range(0, len(nodes), size)]
+
+
+def _failed(ev: m.Exit) -> bool:
+    return ev.code != 0 or ev.signal is not None or ev.timed_out
+
+
 class FanoutRun:
     def __init__(self, nc: NatsClient, nodes: list[str], spec: m.RunSpec,
                  sink: EventSink, down: set[str] | None = None,
                  connect_timeout: float = 5.0,
-                 node_down: Callable[[str], bool] | None = None) -> None:
+                 node_down: Callable[[str], bool] | None = None,
+                 roll: Roll | None = None) -> None:
         self.nc = nc
         self.run_id = secrets.token_hex(8)
         self.nodes = nodes
@@ -70,6 +96,10 @@ class FanoutRun:
         self.connect_timeout = connect_timeout
         self.node_down = node_down
         self.window = window_for(len(nodes))
+        self.roll = roll or Roll()
+        self.failed: set[str] = set()
+        self._done: dict[str, asyncio.Event] = {}
+        self._halt = ""  # why a rolling run starts no more nodes
         self.live: set[str] = set()  # accepted and not yet exited
         self.finished: set[str] = set()
         self.all_finished = asyncio.Event()
@@ -83,6 +113,7 @@ class FanoutRun:
         self._keepalive: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[m.RunEvent | Forward | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
+        self._asker: asyncio.Task[None] | None = None
         reuse_heap_for_bulk_io()
 
     # ------------------------------------------------------------------ start
@@ -100,12 +131,49 @@ class FanoutRun:
             if node in self.down:
                 self._emit(m.Unreachable(node=node, reason="node is down (no heartbeat)"))
                 self._finish(node)
-        asyncio.create_task(self._ask_all(request))
+        self._asker = asyncio.create_task(self._ask_all(request))
 
     async def _ask_all(self, request: bytes) -> None:
-        asks = [self._ask(n, request) for n in self.nodes if n not in self.down]
-        await asyncio.gather(*asks)
-        self.all_replied.set()
+        todo = [n for n in self.nodes if n not in self.down]
+        try:
+            if not self.roll.rolling:
+                await asyncio.gather(*(self._ask(n, request) for n in todo))
+            else:
+                await self._roll(todo, request)
+        finally:
+            self.all_replied.set()
+
+    async def _roll(self, todo: list[str], request: bytes) -> None:
+        """Slices one after another (each finished before the next), at most ``fanout``
+        nodes running at once; after a slice with a failure the rest is skipped."""
+        for node in todo:
+            self._done[node] = asyncio.Event()
+        width = self.roll.fanout or len(todo)
+        gate = asyncio.Semaphore(width)
+
+        async def one(node: str) -> None:
+            async with gate:
+                if self._halt:
+                    self._skip(node, self._halt)
+                    return
+                await self._ask(node, request)
+                await self._done[node].wait()
+
+        slices = self.roll.slices(todo)
+        for i, chunk in enumerate(slices):
+            if self._halt:
+                for node in chunk:
+                    self._skip(node, self._halt)
+                continue
+            await asyncio.gather(*(one(n) for n in chunk))
+            bad = self.failed.intersection(chunk)
+            if bad and not self.roll.keep_going and i + 1 < len(slices) and not self._halt:
+                self._halt = (f"not run (slice {i + 1} of {len(slices)} failed on"
+                              f" {NodeSet(bad)}; --keep-going rolls on)")
+
+    def _skip(self, node: str, reason: str) -> None:
+        self._emit(m.Skipped(node=node, reason=reason))
+        self._finish(node)
 
     async def _ask(self, node: str, request: bytes) -> None:
         reply: m.RunAccepted | m.RunRefused | m.Exit | m.Unreachable
@@ -127,10 +195,10 @@ class FanoutRun:
             self._emit(m.Started(node=node, pid=reply.pid))
         elif isinstance(reply, m.RunRefused):
             self._emit(m.Unreachable(node=node, reason=reply.reason))
-            self._finish(node)
+            self._finish(node, failed=True)
         else:
             self._emit(reply)
-            self._finish(node)
+            self._finish(node, failed=isinstance(reply, m.Unreachable) or _failed(reply))
 
     # ------------------------------------------------------------------ events
 
@@ -167,11 +235,16 @@ class FanoutRun:
                     await self.nc.publish(subjects.run_output_ack(self.run_id, ev.node),
                                           m.pack(m.OutputAck(consumed=done)))
             elif isinstance(ev, m.Exit):
-                self._finish(ev.node)
+                self._finish(ev.node, failed=_failed(ev))
 
-    def _finish(self, node: str) -> None:
+    def _finish(self, node: str, failed: bool = False) -> None:
         self.live.discard(node)
         self.finished.add(node)
+        if failed:
+            self.failed.add(node)
+        done = self._done.get(node)
+        if done is not None:
+            done.set()
         self._stdin_progress.set()
         if len(self.finished) == len(self.nodes):
             self.all_finished.set()
@@ -190,7 +263,7 @@ class FanoutRun:
             # A node that dies mid-run sends no exit: name it rather than wait forever.
             for node in [n for n in self.live if self.node_down(n)]:
                 self._emit(m.Unreachable(node=node, reason="node went down during the run"))
-                self._finish(node)
+                self._finish(node, failed=True)
 
     async def _on_stdin_ack(self, msg: Msg) -> None:
         try:
@@ -218,9 +291,11 @@ class FanoutRun:
         await self._control(m.Resize(cols=cols, rows=rows))
 
     async def signal(self, signum: int) -> None:
+        self._halt = self._halt or f"not run (interrupted by signal {signum})"
         await self._control(m.SignalRun(signum=signum))
 
     async def cancel(self, reason: str = "cancelled by the client") -> None:
+        self._halt = self._halt or f"not run ({reason})"
         await self._control(m.Cancel(reason=reason))
 
     async def wait(self) -> None:
@@ -234,6 +309,8 @@ class FanoutRun:
     async def close(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
+        if self._asker is not None and not self._asker.done():
+            self._asker.cancel()  # a rolling run still waiting on a slice
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         for sub in self._subs:

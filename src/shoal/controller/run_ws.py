@@ -17,9 +17,10 @@ from aiohttp import web
 
 from .. import messages as m
 from ..errors import ShoalError, ValidationError
+from ..nodegroups import GroupsError
 from ..targets import select
 from .auth import error_json, origin_ok
-from .fanout import FanoutRun, Forward
+from .fanout import FanoutRun, Forward, Roll
 
 if TYPE_CHECKING:
     from .server import Controller
@@ -64,9 +65,13 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
         start = m.unpack(first.data, m.RunStart)
         _check_spec(start.spec)
         snapshot = ctl.registry.snapshot()
-        nodes = select(start.targets, snapshot)
+        nodes = select(start.targets, snapshot, ctl.groups.get())
         if start.spec.tty and len(nodes) != 1:
             raise ValidationError(f"--tty needs exactly one node; the selection has {len(nodes)}")
+        roll = Roll(start.batch, start.batch_percent, start.fanout, start.keep_going)
+        if roll.rolling and start.spec.stdin:
+            raise ValidationError("--stdin does not combine with --batch or --fanout: the"
+                                  " nodes of a later slice would miss what was sent")
     except msgspec.ValidationError as e:
         await _fail(ws, 400, f"invalid run request: {e}")
         return
@@ -76,6 +81,9 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
     except ShoalError as e:
         await _fail(ws, e.status, e.message)
         return
+    except GroupsError as e:
+        await _fail(ws, 500, f"the controller's groups file: {e}")
+        return
 
     async def sink(ev: m.RunEvent | Forward) -> None:
         if not ws.closed:
@@ -83,7 +91,8 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
 
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
-                    connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down)
+                    connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down,
+                    roll=roll)
     await _send(ws, m.RunPlan(run_id=run.run_id, nodes=nodes))
     await run.start()
     reader = asyncio.create_task(_read_client(ws, run))

@@ -14,6 +14,7 @@ from aiohttp import web
 from .. import bus, replicas
 from ..config import ControllerConfig
 from ..errors import ConfigError
+from ..nodegroups import GroupsError, GroupsFile
 from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
@@ -63,6 +64,11 @@ class Controller:
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
+        self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.nodegroups)
+        try:
+            self.groups.get()  # a broken groups file stops the start, clearly
+        except GroupsError as e:
+            raise ConfigError(f"groups = {cfg.groups!r}: {e}") from e
         try:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
