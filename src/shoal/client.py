@@ -121,7 +121,7 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def connect_any(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+    async def _connect_any(self, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``attempt(base_url)`` on the current controller, and on the next ones while each
         refuses the connection (nothing was sent, so even a POST is safe to try again).
         The one that answers stays current for the calls after."""
@@ -142,7 +142,7 @@ class Client:
                       params: dict[str, str] | None = None) -> Any:
         """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
         try:
-            async with await self.connect_any(lambda base: self.http.request(
+            async with await self._connect_any(lambda base: self.http.request(
                 method, base + path, json=json, params=params,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             )) as resp:
@@ -246,7 +246,7 @@ class Client:
                 params = {"from": str(position)}
             params["follow"] = "true" if follow else "false"
             try:
-                async with await self.connect_any(functools.partial(
+                async with await self._connect_any(functools.partial(
                         self._get, path, dict(params))) as resp:
                     if resp.status >= 400:
                         err = error_for_status(resp.status, _error_message(
@@ -392,7 +392,7 @@ class Attachment:
     async def _connect(self, params: dict[str, str]) -> None:
         path = f"/api/v1/sessions/{self.session_id}/attach"
         try:
-            self._ws = await self.client.connect_any(lambda base: self.client.http.ws_connect(
+            self._ws = await self.client._connect_any(lambda base: self.client.http.ws_connect(
                 base + path, params=params, heartbeat=30))
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}",
@@ -555,7 +555,7 @@ class RunConnection:
 
     async def __aenter__(self) -> Self:
         try:
-            self._ws = await self.client.connect_any(lambda base: self.client.http.ws_connect(
+            self._ws = await self.client._connect_any(lambda base: self.client.http.ws_connect(
                 base + "/api/v1/run", max_msg_size=16 << 20, heartbeat=30, compress=0))
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"run refused: HTTP {e.status} {e.message}") from e
