@@ -370,3 +370,4 @@ from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on
 from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import bridge_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)

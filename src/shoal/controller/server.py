@@ -17,6 +17,8 @@ from ..errors import ConfigError
 from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
+from .apitokens import TokenStore
+from .audit import AuditLog
 from .auth import auth_middleware
 from .headers import install as install_security_headers
 from .hosts import host_middleware
@@ -31,6 +33,7 @@ from .services import ServiceManager
 from .services_api import add_service_routes
 from .sessions import SessionService
 from .terminals import TerminalPool, add_terminal_routes
+from .tokens_api import add_token_routes
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -61,6 +64,8 @@ class Controller:
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
+        self.api_tokens = TokenStore(cfg.token)
+        self.audit = AuditLog(self.instance)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
         try:
@@ -76,6 +81,8 @@ class Controller:
                                                 self.cfg.terminal_output_bytes)
         self.js = self.buckets.js
         await self.logins.start(self.js, self.replicas)
+        await self.api_tokens.start(self.js, self.replicas)
+        await self.audit.start(self.js, self.replicas, self.cfg.audit_retention)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
         await self.registry.start()
@@ -167,6 +174,7 @@ class Controller:
             await self.session_cache.stop()
         if self.registry is not None:
             await self.registry.stop()
+        await self.api_tokens.stop()
         if self.nc is not None:
             await bus.close(self.nc)
 
@@ -186,6 +194,7 @@ class Controller:
         add_service_routes(app)
         add_terminal_routes(app)
         add_login_routes(app)
+        add_token_routes(app)
         add_metrics_route(app)
         return app
 
