@@ -133,6 +133,13 @@ def test_grants_parse_and_refuse_nonsense() -> None:
             scopes.parse_grant(bad)
 
 
+def test_beyond_loopback_is_told() -> None:
+    from shoal.controller.server import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("") and not _loopback("10.0.0.5")
+
+
 # ---------------------------------------------------------------------- read only
 
 

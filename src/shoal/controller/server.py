@@ -134,6 +134,11 @@ class Controller:
         if addresses:
             self.services_port = addresses[0][1]
         log.info("controller listening on %s, services on %s", self.url, self.services_url)
+        if not _loopback(self.cfg.host) and not self.cfg.trusted_proxies:
+            log.warning("the controller listens on %s without TLS: tokens and terminal "
+                        "keystrokes cross the network in clear. Put a TLS terminator in front "
+                        "and list it in trusted_proxies (docs/operations.md), or bind to "
+                        "127.0.0.1", self.cfg.host or "every address")
 
     @property
     def url(self) -> str:
@@ -197,6 +202,17 @@ class Controller:
         add_token_routes(app)
         add_metrics_route(app)
         return app
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every address)
 
 
 HEALTH_TIMEOUT = 2.0  # a NATS that takes longer than this to answer is not serving
