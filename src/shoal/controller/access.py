@@ -44,7 +44,10 @@ async def authorize(ctl: Controller, principal: Principal, op: str, reach: Reach
             info = ctl.registry.node(reach.node)
             scopes.check_nodes(principal, op, {reach.node: info.labels if info else {}})
         return [reach.node]
+    restricted = any(g.restricted for g in held)
     if rule.target is Target.SESSION and reach.session:
+        if not restricted and not rule.audit:
+            return [reach.session]  # nothing to check, nothing to record: no lookup
         found = await ctl.sessions.store.get(reach.session)
         if found is None:
             return [reach.session]  # the handler answers 404
