@@ -180,6 +180,26 @@ def test_dashboard_shows_nodes_and_sessions(pool: Fleet, browser: Browser,
     phone.close()
 
 
+def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> None:
+    """The dashboard shows who is logged in, and hides the kill buttons from a read-only
+    user (the API would refuse them: test_scopes.py)."""
+    made = pool.shoal("token", "create", "--user", "rita", "--scope", "read")
+    assert made.returncode == 0, made.stderr
+    r = pool.shoal("session", "create", "--name", "not-yours", "--", "sleep", "30")
+    sid = r.stdout.strip()
+    page = new_page(browser, viewport={"width": 1200, "height": 800})
+    page.goto(f"{pool.url}/?token={made.stdout.strip()}")
+    assert "token" not in page.url
+    page.wait_for_function("document.getElementById('who').textContent.includes('rita')",
+                           timeout=20000)
+    assert page.locator("#who").inner_text() == "rita (read)"
+    page.wait_for_function(
+        f"window.shoalDashboard.sessions().some(s => s.id === '{sid}')", timeout=20000)
+    assert not page.locator(f"button[data-kill='{sid}']").is_visible()
+    pool.shoal("session", "rm", sid)
+    page.close()
+
+
 def test_pages_need_a_login_when_terminals_are_private(fleet: Fleet, browser: Browser) -> None:
     page = new_page(browser)
     resp = page.goto(fleet.url + "/")

@@ -183,6 +183,35 @@ class Client:
         """Remove a node that is down (decommissioned) from the registry."""
         await self.request("DELETE", f"/api/v1/nodes/{node}")
 
+    # ------------------------------------------------------------------ tokens, audit
+
+    async def whoami(self) -> dict[str, Any]:
+        """The user and scopes of this client's token."""
+        return await self.request("GET", "/api/v1/whoami")  # type: ignore[no-any-return]
+
+    async def tokens(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/api/v1/tokens")  # type: ignore[no-any-return]
+
+    async def create_token(self, user: str, scopes: list[str],
+                           expires: float | None = None) -> dict[str, Any]:
+        """A new token for ``user``; the answer's ``token`` is shown only this once."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/api/v1/tokens", json={"user": user, "scopes": scopes, "expires": expires})
+
+    async def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "DELETE", f"/api/v1/tokens/{token_id}")
+
+    async def audit(self, user: str | None = None, since: float | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]:
+        params = {"limit": str(limit), **({"user": user} if user else {}),
+                  **({"since": repr(since)} if since is not None else {})}
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", "/api/v1/audit", params=params)
+
+    async def verify_audit(self) -> dict[str, Any]:
+        return await self.request("GET", "/api/v1/audit/verify")  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, spec: m.SessionSpec | dict[str, Any]) -> m.SessionRecord:

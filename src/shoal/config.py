@@ -87,6 +87,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     public_url: str = ""  # the URL people reach this controller at (its host is allowed)
     allowed_hosts: list[str] = []  # further Host names it answers for ("*": any; see docs)
     login_lifetime: float = 7 * 86400.0  # seconds a browser login lasts
+    audit_retention: float = 365 * 86400.0  # seconds the audit trail keeps an entry
     # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.
     services_port: int = SERVICES_PORT_NEXT  # 0: any free port
     services_url: str = ""  # its public base URL if not http://HOST:services_port

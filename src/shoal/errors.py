@@ -4,7 +4,8 @@
     ├── ConfigError          bad or missing configuration, bad flags
     ├── ValidationError      a request that is malformed or out of bounds (HTTP 400/422)
     ├── ConnectError         cannot reach NATS or the controller
-    │   └── AuthError        reached it, but the credentials were refused (HTTP 401/403)
+    │   └── AuthError        reached it, but the credentials were refused (HTTP 401)
+    │       └── Forbidden    the credentials are good but lack a scope (HTTP 403)
     ├── NotFoundError        no such node, session or service (HTTP 404)
     ├── ConflictError        the request contradicts current state (HTTP 409)
     ├── NoCapacityError      no node has room (HTTP 503)
@@ -46,6 +47,10 @@ class AuthError(ConnectError):
     status = 401
 
 
+class Forbidden(AuthError):
+    status = 403
+
+
 class NotFoundError(ShoalError):
     status = 404
 
@@ -80,7 +85,7 @@ class ProtocolError(ShoalError):
 _BY_STATUS: dict[int, type[ShoalError]] = {
     400: ValidationError,
     401: AuthError,
-    403: AuthError,
+    403: Forbidden,
     404: NotFoundError,
     409: ConflictError,
     413: ValidationError,

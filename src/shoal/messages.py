@@ -318,6 +318,7 @@ class SessionRecord(Struct, frozen=True):
     user: str = ""
     draining: bool = False
     seal: str = ""  # HMAC of the spec by the controllers' key: only they may launch it
+    owner: str = ""  # the API user who created it (scopes limited to one's own sessions)
 
 
 def spec_digest(spec: SessionSpec) -> str:

@@ -221,6 +221,12 @@ class SyncClient(_Bridge):
     drain_service = _blocking(Client.drain_service)
     remove_service = _blocking(Client.remove_service)
     best = _blocking(Client.best)
+    whoami = _blocking(Client.whoami)
+    tokens = _blocking(Client.tokens)
+    create_token = _blocking(Client.create_token)
+    revoke_token = _blocking(Client.revoke_token)
+    audit = _blocking(Client.audit)
+    verify_audit = _blocking(Client.verify_audit)
 
     def run(self, targets: m.Targets, spec: m.RunSpec, *,
             connect_timeout: float = 5.0) -> SyncRun:

@@ -398,3 +398,4 @@ from . import bridge_cmds  # noqa: E402, F401, I001  (registers its commands on 
 from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)

@@ -217,7 +217,9 @@ async def undrain_node(request: web.Request) -> web.Response:
 @api_errors
 async def create_session(request: web.Request) -> web.Response:
     spec = await body(request, m.SessionSpec)
-    record, created = await _ctl(request).sessions.create(spec)
+    principal = request.get("principal")
+    record, created = await _ctl(request).sessions.create(
+        spec, owner=principal.user if principal is not None else "")
     return ok(record, 201 if created else 200)
 
 

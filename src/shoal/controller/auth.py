@@ -1,6 +1,10 @@
 """HTTP authentication: a bearer token for the API, a login session for the browser, and
 terminal capabilities that open one session's page and socket and nothing else.
 
+A bearer token (or the token a login was made with) names a user and grants scopes
+(apitokens.py); ``guarded`` is the one place the HTTP API checks them, against the
+operation table (scopes.py), and writes the audit trail (audit.py).
+
 ``/?token=...`` (the login URL ``shoal up`` prints) starts a login (logins.py): the cookie
 holds the login's random id, never the token, and the redirect hands the page the login's
 CSRF token in the URL fragment. A request that rides on the login cookie is trusted only
@@ -23,14 +27,19 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 
 from .. import tokens
+from ..errors import Forbidden
+from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
+from .scopes import Principal, Target
 
 if TYPE_CHECKING:
     from ..config import ControllerConfig
     from .logins import LoginStore
+    from .server import Controller
 
 __all__ = ["COOKIE", "TERMINAL_COOKIE", "auth_middleware", "error_json", "origin_ok"]
 
@@ -171,21 +180,26 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
         path = request.path
         if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
+        store = _ctl(request).api_tokens
         login = request.query.get("token")
-        if token_ok(bearer_token(request), token):
-            return await handler(request)
-        if login is not None and request.method == "GET" and token_ok(login, token) \
-                and not path.startswith("/api/"):
-            raise await _log_in(request)
+        principal = await store.authenticate(bearer_token(request))
+        if principal is not None:
+            return await guarded(request, handler, principal)
+        if login is not None and request.method == "GET" and not path.startswith("/api/"):
+            who = await store.authenticate(login)
+            if who is not None:
+                raise await _log_in(request, who)
         if cfg.public_terminals and path == "/terminal":
             return await handler(request)  # anyone may: no cookie is trusted here
         login_id = request.cookies.get(COOKIE, "")
         refused: web.Response | None = None
-        if login_id and await logins.valid(login_id):
+        found = await logins.get(login_id) if login_id else None
+        principal = store.by_id(found.token_id) if found is not None else None
+        if principal is not None:  # a login whose token was revoked or expired is over
             refused = browser_refusal(request, logins.key, login_id, cfg.origins)
             if refused is None:
                 request["login"] = login_id
-                return await handler(request)
+                return await guarded(request, handler, principal)
         scope = await terminal_scope(request, key, consume_link)
         if scope is not None:
             sid = scope.session
@@ -201,6 +215,10 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
                                 max_age=int(cfg.terminal_lifetime))
                 raise resp
             request["session_scope"] = sid
+            if path.endswith("/attach"):  # a terminal capability: its own, narrow grant
+                await _ctl(request).audit.record(access.entry(
+                    None, client_address(request, trusted), "sessions.attach", [sid], 101,
+                    "opened with a terminal link"))
             return await handler(request)
         if refused is not None:
             return refused
@@ -210,13 +228,56 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
         return error_json(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'"
                                " (the token is in $SHOAL_HOME/client.toml)")
 
-    async def _log_in(request: web.Request) -> web.HTTPFound:
+    async def guarded(request: web.Request, handler: Handler,
+                      principal: Principal) -> web.StreamResponse:
+        """The one scope check of the HTTP API: the route's operation in the operation
+        table, what it reaches, then the handler; state changes go to the audit trail."""
+        request["principal"] = principal
+        route = request.match_info.route
+        template = route.resource.canonical if route.resource is not None else ""
+        op = scopes.http_op(request.method, template)
+        if op is None:  # no such route: aiohttp answers 404/405
+            return await handler(request)
+        rule = scopes.OPS[op]
+        ctl = _ctl(request)
+        source = client_address(request, trusted)
+        reach = await _reach(request, op)
+        try:
+            targets = await access.authorize(ctl, principal, op, reach)
+        except Forbidden as e:
+            if not rule.reads:
+                await ctl.audit.record(access.entry(principal, source, op, [], 403,
+                                                    f"refused: {e.message}", reach))
+            return error_json(403, e.message)
+        if not rule.audit or rule.target is Target.RUN:  # a run is recorded by run_ws
+            return await handler(request)
+        if _is_websocket(request):  # recorded when it opens: it may stay open for hours
+            await ctl.audit.record(access.entry(principal, source, op, targets, 101, "opened"))
+            return await handler(request)
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            if rule.target is Target.SPEC and isinstance(resp, web.Response) and resp.body:
+                targets = access.created(msgspec.json.decode(resp.body), targets)  # type: ignore[arg-type]
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            result = "ok" if status < 400 else "failed"
+            await ctl.audit.record(access.entry(principal, source, op, targets, status,
+                                                result, reach))
+
+    async def _log_in(request: web.Request, who: Principal) -> web.HTTPFound:
         """Start a login and go to the same page without the token; the page learns the
         login's CSRF token from the fragment, which the browser never sends anywhere."""
         old = request.cookies.get(COOKIE, "")
         if old:
             await logins.end(old)  # logging in again replaces the login, never adds one
-        login_id, csrf = await logins.create()
+        login_id, csrf = await logins.create(who.token_id, who.user)
+        await _ctl(request).audit.record(access.entry(
+            who, client_address(request, trusted), "login", [], 302, "ok"))
         target = request.rel_url.with_query(
             {k: v for k, v in request.query.items() if k != "token"}).with_fragment(
             f"csrf={csrf}")
@@ -227,6 +288,26 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
         return resp
 
     return middleware
+
+
+async def _reach(request: web.Request, op: str) -> access.Reach:
+    """What the request names, for the scope check: a path's id or name, or the body."""
+    target = scopes.OPS[op].target
+    if target is Target.SESSION:
+        return access.Reach(session=request.match_info.get("id"))
+    if target is Target.NODE:
+        return access.Reach(node=request.match_info.get("name"))
+    if target in (Target.SPEC, Target.GRANTS) and request.can_read_body:
+        try:
+            data = msgspec.json.decode(await request.read())
+        except (msgspec.DecodeError, web.HTTPException):
+            return access.Reach()  # the handler refuses it, creating nothing
+        return access.reach_of_body(op, data)
+    return access.Reach()
+
+
+def _ctl(request: web.Request) -> Controller:
+    return request.app["controller"]  # type: ignore[no-any-return]
 
 
 def same_origin(request: web.Request, extra: list[str]) -> bool:

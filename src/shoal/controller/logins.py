@@ -46,6 +46,11 @@ _ID_BYTES = 32
 class Login(msgspec.Struct, frozen=True):
     created: float
     expires: float
+    # The token the login was made with (its id, never the token) and its user. Each
+    # request looks the token up again, so revoking it ends its logins too. Logins from
+    # before users existed were all made with the admin token.
+    token_id: str = "admin"
+    user: str = "admin"
 
 
 def csrf_key(secret: str) -> bytes:
@@ -84,30 +89,31 @@ class LoginStore:
                 bucket=BUCKET, ttl=self.lifetime, history=1, storage=StorageType.FILE,
                 replicas=replicas))
 
-    async def create(self) -> tuple[str, str]:
+    async def create(self, token_id: str = "admin", user: str = "admin") -> tuple[str, str]:
         """A new login: its id (for the cookie) and its CSRF token (for the page)."""
         if self.kv is None:
             raise web.HTTPServiceUnavailable(text="the controller is starting; try again")
         login_id = secrets.token_urlsafe(_ID_BYTES)
         now = time.time()
         await self.kv.put(_stored_key(login_id),
-                          msgspec.json.encode(Login(now, now + self.lifetime)))
+                          msgspec.json.encode(Login(now, now + self.lifetime, token_id, user)))
         return login_id, csrf_token(self.key, login_id)
 
-    async def valid(self, login_id: str) -> bool:
+    async def get(self, login_id: str) -> Login | None:
+        """The login, if it exists and has not expired."""
         if self.kv is None or not plausible_id(login_id):
-            return False
+            return None
         try:
             entry = await self.kv.get(_stored_key(login_id))
         except nats.js.errors.NotFoundError:  # never made, expired, or ended (deleted)
-            return False
+            return None
         if entry.value is None:
-            return False
+            return None
         try:
             login = msgspec.json.decode(entry.value, type=Login)
         except msgspec.DecodeError:
-            return False
-        return login.expires > time.time()
+            return None
+        return login if login.expires > time.time() else None
 
     async def end(self, login_id: str) -> None:
         if self.kv is None or not plausible_id(login_id):

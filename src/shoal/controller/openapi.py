@@ -24,6 +24,8 @@ from .. import messages as m
 from .. import servicetypes as st
 from ..client import LogChunk, LogEnd, LogEof, LogError, LogTruncated
 from .api import DrainBody, SignalBody
+from .apitokens import NewToken
+from .audit import Entry as AuditEntry
 from .services_api import ScaleBody, ServiceDrainBody
 
 PREFIX = "/api/v1"
@@ -140,13 +142,17 @@ QUERY: dict[str, dict[str, Any]] = {
     "name": _query("name", {"type": "string"}, "Only sessions with this name."),
     "deadline": _query("deadline", {"type": "number", "minimum": 0, "maximum": 86400},
                        "Seconds the replicas get to finish before they are killed."),
+    "user": _query("user", {"type": "string"}, "Only entries of this user."),
+    "since": _query("since", {"type": "number"}, "Only entries from this Unix time on."),
+    "limit": _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
+                              "default": 1000}, "At most this many (the newest)."),
     "label": _query("label", {"type": "string", "pattern": "^[^=]+=.*$"},
                     "`key=value`; repeat for several labels (all must match).", array=True),
 }
 
 PATH_PARAMS: dict[str, str] = {
     "name": "A node name (`/nodes`) or a service name (`/services`).",
-    "id": "A session id (`s-...` unless the creator chose one).",
+    "id": "A session id (`s-...` unless the creator chose one), or a token id (`/tokens`).",
 }
 
 
@@ -280,12 +286,34 @@ ROUTES: dict[tuple[str, str], Route] = {
                     "(the token stays valid)."),
     ("GET", "/api/v1/openapi.json"): Route(
         "openapi", "meta", "This document", ok=dict[str, Any]),
+    ("GET", "/api/v1/whoami"): Route(
+        "whoami", "meta", "The user and scopes of the credential used", ok=dict[str, Any]),
+    ("GET", "/api/v1/tokens"): Route(
+        "listTokens", "tokens", "List API tokens (never the tokens themselves)",
+        ok=list[dict[str, Any]], errors=(403,)),
+    ("POST", "/api/v1/tokens"): Route(
+        "createToken", "tokens", "Create a token for a user; the answer holds it, once",
+        ok=dict[str, Any], status=201, body=NewToken, errors=(400, 403, 422),
+        description="`scopes` are grants such as `read`, `run:env=dev`, `run:web-[1-4]`, "
+                    "`sessions:own`; `expires` is seconds from now (none: never). A token "
+                    "can only grant what it holds itself (docs/security.md)."),
+    ("DELETE", "/api/v1/tokens/{id}"): Route(
+        "revokeToken", "tokens", "Revoke a token, on every controller within a second",
+        ok=dict[str, Any], errors=(400, 403, 404)),
+    ("GET", "/api/v1/audit"): Route(
+        "listAudit", "audit", "Audit entries, oldest first", ok=list[AuditEntry],
+        query=("user", "since", "limit"), errors=(400, 403)),
+    ("GET", "/api/v1/audit/verify"): Route(
+        "verifyAudit", "audit", "Check the audit trail's hash chain", ok=dict[str, Any],
+        errors=(403,)),
 }
 
 ERRORS = {
     400: "The request is malformed (bad JSON, bad query parameter, bad signal).",
     401: "Missing or wrong token.",
-    403: "Refused: a browser request on the login cookie without the `X-Shoal-CSRF` header "
+    403: "Refused: the token lacks the scope the operation needs or may not reach its "
+         "nodes or session (the message names the scope and what is outside), a browser "
+         "request on the login cookie without the `X-Shoal-CSRF` header "
          "or from a foreign Origin, a WebSocket from a foreign Origin, or a terminal "
          "credential for another session.",
     404: "No such node, session or service.",

@@ -18,6 +18,8 @@ from ..nodegroups import GroupsError, GroupsFile
 from ..sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
+from .apitokens import TokenStore
+from .audit import AuditLog
 from .auth import auth_middleware
 from .headers import install as install_security_headers
 from .hosts import host_middleware
@@ -32,6 +34,7 @@ from .services import ServiceManager
 from .services_api import add_service_routes
 from .sessions import SessionService
 from .terminals import TerminalPool, add_terminal_routes
+from .tokens_api import add_token_routes
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -62,6 +65,8 @@ class Controller:
         self.services: ServiceManager = None  # type: ignore[assignment]
         self.terminals: TerminalPool | None = None
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
+        self.api_tokens = TokenStore(cfg.token)
+        self.audit = AuditLog(self.instance)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
         self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.nodegroups)
@@ -82,6 +87,8 @@ class Controller:
                                                 self.cfg.terminal_output_bytes)
         self.js = self.buckets.js
         await self.logins.start(self.js, self.replicas)
+        await self.api_tokens.start(self.js, self.replicas)
+        await self.audit.start(self.js, self.replicas, self.cfg.audit_retention)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
         await self.registry.start()
@@ -133,6 +140,11 @@ class Controller:
         if addresses:
             self.services_port = addresses[0][1]
         log.info("controller listening on %s, services on %s", self.url, self.services_url)
+        if not _loopback(self.cfg.host) and not self.cfg.trusted_proxies:
+            log.warning("the controller listens on %s without TLS: tokens and terminal "
+                        "keystrokes cross the network in clear. Put a TLS terminator in front "
+                        "and list it in trusted_proxies (docs/operations.md), or bind to "
+                        "127.0.0.1", self.cfg.host or "every address")
 
     @property
     def url(self) -> str:
@@ -173,6 +185,7 @@ class Controller:
             await self.session_cache.stop()
         if self.registry is not None:
             await self.registry.stop()
+        await self.api_tokens.stop()
         if self.nc is not None:
             await bus.close(self.nc)
 
@@ -192,8 +205,20 @@ class Controller:
         add_service_routes(app)
         add_terminal_routes(app)
         add_login_routes(app)
+        add_token_routes(app)
         add_metrics_route(app)
         return app
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every address)
 
 
 HEALTH_TIMEOUT = 2.0  # a NATS that takes longer than this to answer is not serving

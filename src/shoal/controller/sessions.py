@@ -70,10 +70,11 @@ class SessionService:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, spec: m.SessionSpec, terminal: bool = False,
+    async def create(self, spec: m.SessionSpec, terminal: bool = False, owner: str = "",
                      ) -> tuple[m.SessionRecord, bool]:
         """Create and place a session; with a known ``id``, return the first one instead.
-        Only the terminal pool creates with ``terminal`` (and a ``t_`` id)."""
+        Only the terminal pool creates with ``terminal`` (and a ``t_`` id). ``owner`` is
+        the API user asking (sealed with the spec: agents cannot change it)."""
         validate(spec, terminal)
         nodes = self.registry.snapshot()
         if not self.registry.settled() and not placement.eligible(spec, nodes):
@@ -87,7 +88,7 @@ class SessionService:
         sid = spec.id or "s-" + secrets.token_hex(6)
         spec = msgspec.structs.replace(spec, id=sid)
         record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
-                                 seal=self.seal(spec))
+                                 seal=self.seal(spec, owner), owner=owner)
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
@@ -96,13 +97,15 @@ class SessionService:
             return record, False
         return await self.place(record), True
 
-    def seal(self, spec: m.SessionSpec) -> str:
-        return hmac.new(self.key, m.spec_digest(spec).encode(), hashlib.sha256).hexdigest()
+    def seal(self, spec: m.SessionSpec, owner: str = "") -> str:
+        text = m.spec_digest(spec) + (f"\0{owner}" if owner else "")
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
 
     def sealed(self, record: m.SessionRecord) -> bool:
-        """Whether a controller made this record's spec. Agents may write records, so every
-        path that acts on one (placement, services, terminals) asks this first."""
-        return hmac.compare_digest(record.seal, self.seal(record.spec))
+        """Whether a controller made this record's spec (and gave it this owner). Agents
+        may write records, so every path that acts on one (placement, services, terminals,
+        scope checks) asks this first."""
+        return hmac.compare_digest(record.seal, self.seal(record.spec, record.owner))
 
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""

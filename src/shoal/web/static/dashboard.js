@@ -324,6 +324,19 @@
     history: () => history,
   };
 
+  // Who is logged in, and what their scopes do not allow is hidden (the API refuses it
+  // anyway: this only spares a click that would fail).
+  async function loadWhoami() {
+    try {
+      const me = await getJSON("/api/v1/whoami");
+      $("who").textContent = `${me.user} (${me.scopes.join(" ")})`;
+      const holds = (scope) => me.scopes.some((s) => s === "admin" || s.split(":")[0] === scope);
+      document.body.classList.toggle("no-sessions", !holds("sessions"));
+      document.body.classList.toggle("no-terminals", !holds("terminals"));
+    } catch { /* the refresh shows the error */ }
+  }
+
+  loadWhoami();
   loadTerminalInfo();
   refresh();
 })();
