@@ -60,6 +60,7 @@ class NodeInfo(Struct, frozen=True):
     started_at: float = 0.0
     last_seen: float = 0.0
     isolation: bool = False  # the agent can run sessions as throwaway users (it is root)
+    cgroups: str = ""  # how sessions are contained ("v2+v1(cpu,memory,pids)"); "" = not at all
 
 
 # --------------------------------------------------------------------------- runs
@@ -241,12 +242,15 @@ RestartPolicy = Literal["never", "on-failure", "always"]
 
 
 class Limits(Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-session resource limits (setrlimit)."""
+    """Per-session resource limits: memory, processes and CPU weight through the session's
+    cgroup (setrlimit where the node has no cgroups), the rest through setrlimit."""
 
     cpu_seconds: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
     memory_mb: Annotated[int, Meta(ge=16, le=4_000_000)] | None = None
     processes: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     open_files: Annotated[int, Meta(ge=16, le=1_000_000)] | None = None
+    cpu_weight: Annotated[int, Meta(ge=1, le=10_000)] | None = None  # cgroup v2 scale, 100 = fair
+    file_size_mb: Annotated[int, Meta(ge=1, le=4_000_000)] | None = None  # largest file written
 
 
 class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
