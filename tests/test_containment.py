@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -290,24 +291,58 @@ async def test_a_pids_limit_bites_and_says_so(client: Client) -> None:
     await client.remove(rec.id)
 
 
-@root_only
-async def test_a_sigkilled_agent_leaves_no_session_process_after_its_next_start(
-        fleet: Fleet, client: Client) -> None:
-    agent = fleet.agent("doomed")
+def _keeper_of(agent_pid: int) -> psutil.Process:
+    for child in psutil.Process(agent_pid).children():
+        if "shoal.agent.keeper" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("the agent has no keeper")
+
+
+async def _doomed_session(fleet: Fleet, client: Client, name: str) -> tuple[Any, m.SessionRecord]:
+    agent = fleet.agent(name)
     rec = await wait_running(client, (await client.create_session(m.SessionSpec(
         shell="(setsid sleep 300 &); (setsid sh -c '(sleep 302 &)' &); sleep 300",
-        node="doomed"))).id)
+        node=name))).id)
     for _ in range(100):
         if len(_left(rec.id)) >= 3:
             break
         await asyncio.sleep(0.05)
+    assert len(_left(rec.id)) >= 3
+    return agent, rec
+
+
+async def _until_gone(sid: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _left(sid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert _left(sid) == []
+
+
+@root_only
+async def test_a_sigkilled_agent_leaves_no_session_process_running(
+        fleet: Fleet, client: Client) -> None:
+    agent, rec = await _doomed_session(fleet, client, "doomed")
     agent.send_signal(signal.SIGKILL)
     agent.wait(10)
+    await _until_gone(rec.id, GRACE + 15)  # its keeper ended them, no restart needed
     again = fleet.agent("doomed")
-    deadline = time.monotonic() + 20
-    while _left(rec.id) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert _left(rec.id) == []
+    again.send_signal(signal.SIGTERM)
+    again.wait(30)
+    await client.remove(rec.id)
+
+
+@root_only
+async def test_the_next_start_ends_what_an_agent_and_its_keeper_left(
+        fleet: Fleet, client: Client) -> None:
+    agent, rec = await _doomed_session(fleet, client, "doomed2")
+    keeper = _keeper_of(agent.pid)
+    keeper.kill()  # as if the machine's OOM killer took both
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    await asyncio.sleep(1.0)
+    assert _left(rec.id), "nothing was left to clean up: the test shows nothing"
+    again = fleet.agent("doomed2")
+    await _until_gone(rec.id, 20)
     again.send_signal(signal.SIGTERM)
     again.wait(30)
     await client.remove(rec.id)

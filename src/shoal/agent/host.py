@@ -5,8 +5,9 @@ bucket, and keeps a ledger of its cgroups and process groups. Every run and sess
 a cgroup of its own (agent/cgroups.py) where the node has them; the agent says at start when
 it has none, and its heartbeats say which it has. On SIGTERM, SIGINT or SIGHUP the agent
 stops taking work, ends every run and session (SIGTERM to each process, then SIGKILL of the
-whole cgroup after the grace period), reports every exit, and leaves. After a SIGKILL, the
-next start ends every cgroup of its nodes the last one left (see ledger.py).
+whole cgroup after the grace period), reports every exit, and leaves. If it is SIGKILLed, its
+keeper (keeper.py) ends its cgroups at once, and the next start ends whatever is still
+listed in the ledger (see ledger.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from ..errors import ConnectError
 from ..loadinfo import LoadSampler
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
-from . import cgroups, procs
+from . import cgroups, keeper, procs
 from .ledger import Ledger, reap_leftovers
 from .ports import PortPool
 from .runs import Run
@@ -76,6 +78,7 @@ class AgentHost:
         # Units of this state directory's agents go under shoal.<tag>, apart from any other.
         self.cgroup_tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
         self.layout: cgroups.Layout | None = None
+        self._keeper: subprocess.Popen[bytes] | None = None
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.
         self.drained_dir = state_dir / "drained"
@@ -110,6 +113,9 @@ class AgentHost:
         for node in self.nodes.values():
             await reap_leftovers(node.ledger, self.cfg.grace, self.layout)
             node.ledger.open()
+        if self.layout is not None:  # ends our cgroups at once if we die without stopping
+            self._keeper = keeper.start(self.cfg.grace, list(self.nodes),
+                                        self.layout.base_dirs())
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
@@ -182,6 +188,8 @@ class AgentHost:
             await bus.close(self.nc)
         for node in self.nodes.values():
             node.ledger.close()
+        if self._keeper is not None:
+            await asyncio.to_thread(keeper.release, self._keeper)
         if self.layout is not None:
             for d in self.layout.base_dirs():
                 cgroups.remove_dir(d)  # only if empty: other agents may share the state dir
