@@ -266,6 +266,17 @@ async def test_a_memory_limit_bites_and_says_so(client: Client) -> None:
     await client.remove(rec.id)
 
 
+@root_only
+async def test_a_file_size_limit_bites(client: Client) -> None:
+    rec = await client.create_session(m.SessionSpec(
+        shell="head -c 3000000 /dev/zero > /tmp/big; echo rc=$?; wc -c < /tmp/big",
+        user="ephemeral", limits=m.Limits(file_size_mb=1)))
+    done = await client.wait(rec.id, timeout=30)
+    out = (await _output(client, done.id)).decode()
+    assert f"rc={128 + signal.SIGXFSZ}" in out and "1048576" in out, out
+    await client.remove(rec.id)
+
+
 FORKER = ("import os, sys, time\n"
           "for i in range(40):\n"
           "    try:\n"
