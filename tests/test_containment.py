@@ -18,7 +18,8 @@ import pytest
 
 from fleet import Fleet, processes_with_env, wait_running
 from shoal import messages as m
-from shoal.agent import cgroups, users
+from shoal.agent import cgroup_layout as cgroups
+from shoal.agent import users
 from shoal.client import Client, LogChunk
 
 GRACE = 5.0  # the agent's default grace period between SIGTERM and SIGKILL
@@ -357,3 +358,23 @@ async def test_the_next_start_ends_what_an_agent_and_its_keeper_left(
     again.send_signal(signal.SIGTERM)
     again.wait(30)
     await client.remove(rec.id)
+
+
+def test_nodes_without_cgroups_say_so() -> None:
+    from shoal.cli.tables import _isolation
+
+    assert _isolation(m.NodeInfo(name="a", isolation=True, cgroups="v2")) == "users,cgroups"
+    assert _isolation(m.NodeInfo(name="a", isolation=True)) == "users"
+    assert "none" in _isolation(m.NodeInfo(name="a"))
+
+
+@root_only
+def test_an_agent_that_is_not_root_has_no_cgroups() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        sys.executable, "-c",
+                        "from shoal.agent import cgroups; print(cgroups.detect('x'))"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "the agent is not root", r

@@ -34,6 +34,7 @@ from ..loadinfo import LoadSampler
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
 from . import cgroups, keeper, procs
+from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .ports import PortPool
 from .runs import Run
@@ -77,7 +78,7 @@ class AgentHost:
         state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
         # Units of this state directory's agents go under shoal.<tag>, apart from any other.
         self.cgroup_tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
-        self.layout: cgroups.Layout | None = None
+        self.layout: Layout | None = None
         self._keeper: subprocess.Popen[bytes] | None = None
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.

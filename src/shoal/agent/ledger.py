@@ -23,7 +23,7 @@ from pathlib import Path
 from ..procutil import group_alive, kill_group
 from . import cgroups as cgroups_mod
 from . import procs
-from .cgroups import Layout
+from .cgroup_layout import Layout
 
 log = logging.getLogger(__name__)
 

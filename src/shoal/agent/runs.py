@@ -21,7 +21,8 @@ from .. import messages as m
 from .. import subjects
 from ..memtune import reuse_heap_for_bulk_io
 from . import procs
-from .cgroups import Layout, Unit, unit_name
+from .cgroup_layout import Layout, unit_name
+from .cgroups import Unit
 from .ledger import Ledger
 from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
 

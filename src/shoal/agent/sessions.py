@@ -7,6 +7,9 @@ the record: ``running``, restarts by policy, and exactly one final state.
 
 Output goes to the durable stream (``shoal.outputlog``) with bounded unacknowledged bytes:
 when JetStream lags, the node stops reading the pipe and the process blocks on write.
+
+(Over 400 lines: output reading, input and the process's end are still written here and in
+runs.py both; they move into one process owner with issue 10, and this file shrinks.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from .. import subjects
 from ..outputlog import DEFAULT_CAP, OutputWriter
 from ..sessionstore import SessionStore
 from . import procs, users
-from .cgroups import Layout, Unit, unit_name
+from .cgroup_layout import Layout, unit_name
+from .cgroups import Unit
 from .ledger import Ledger
 from .ports import PortPool
 from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
