@@ -166,6 +166,8 @@ def spawn(
             child = _spawn_pipes(argv, env, cwd, stdin, extra)
         child.unit = run_as.unit if run_as is not None else None
         _leaders.add(child.pid)
+        if run_as is not None and run_as.unit is not None and _joins_after_exec(run_as, tty):
+            _adopt(child.pid, run_as.unit)
         return child
     except subprocess.SubprocessError as e:  # a confinement step failed in the child
         raise SpawnError(f"cannot confine {argv[0]}: {e}", 126) from e
@@ -212,7 +214,7 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
         steps.append(_acquire_controlling_tty)
     if run_as is None:
         return steps
-    if run_as.unit is not None:
+    if run_as.unit is not None and not _joins_after_exec(run_as, tty):
         procs = run_as.unit.procs_files
 
         def join_cgroup() -> None:
@@ -247,9 +249,50 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
                 os.chdir(cwd)  # again: a tmpfs may now be mounted over it
 
         steps.append(drop_privileges)
-    elif run_as.unit is not None:
+    elif run_as.unit is not None and not _joins_after_exec(run_as, tty):
         steps.append(die_with_parent)
     return steps
+
+
+def _joins_after_exec(run_as: RunAs, tty: bool) -> bool:
+    """The fast path: a process of the agent's own user with nothing else to do between
+    fork and exec is started with vfork (a preexec step would cost a full fork of the agent,
+    several times the spawn itself: what a fan-out to many virtual nodes pays) and moved into
+    its unit right after exec, with whatever it started meanwhile (``_adopt``)."""
+    return not (tty or run_as.uid is not None or run_as.rlimits or run_as.sandbox is not None)
+
+
+def _adopt(pid: int, unit: Unit) -> None:
+    """Move ``pid`` and its descendants into ``unit``, until none is outside: once a process
+    is in, what it forks is in. Only a process that double-forks and exits within the
+    fraction of a millisecond after exec could escape (its orphan comes to us, the
+    subreaper, and is reaped); such a process runs as the agent's own user, who may leave
+    any cgroup anyway. Throwaway users always join before exec."""
+    moved: set[int] = set()
+    todo = [pid]
+    while todo:
+        for p in todo:
+            try:
+                unit.join(p)
+            except ProcessLookupError:
+                pass  # already gone
+            moved.add(p)
+        todo = [d for p in list(moved) for d in _children(p) if d not in moved]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
