@@ -68,6 +68,7 @@ class Child:
     out_fds: dict[str, int]  # stream name -> read end
     tty: bool
     unit: Unit | None = None  # its cgroup, if the node has cgroups
+    left_orphans: bool = False  # processes outlived the leader
     started: float = field(default_factory=time.time)
 
     @property
@@ -109,8 +110,10 @@ class Child:
         """The leader has exited: give what it left in the background ``leftover`` seconds,
         then kill it all. Returns when nothing of the child is left (with a cgroup)."""
         if self.unit is not None:
-            if not await self.unit.wait_empty(leftover):
-                await self.unit.kill_all()
+            if self.unit.populated():
+                self.left_orphans = True  # their zombies come to us: reap_orphans
+                if not await self.unit.wait_empty(leftover):
+                    await self.unit.kill_all()
             return
         deadline = time.monotonic() + leftover
         while group_alive(self.pid) and time.monotonic() < deadline:

@@ -137,7 +137,7 @@ class Run:
             if self._ending is not None:
                 await asyncio.gather(self._ending, return_exceptions=True)
         self._close()
-        self._drop_unit(child.unit)
+        self._drop_unit(child.unit, child.left_orphans)
         reason = self._end_reason
         exit_ = m.Exit(node=self.node, code=code, signal=sig, reason=reason,
                        timed_out=self._timed_out, started=child.started, ended=time.time())
@@ -161,9 +161,10 @@ class Run:
                     eofs.cancel()
                     return
 
-    def _drop_unit(self, unit: Unit | None) -> None:
+    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
         if unit is not None:
-            procs.reap_orphans(unit.layout.base)
+            if orphans:
+                procs.reap_orphans(unit.layout.base)
             if unit.remove():
                 self.ledger.remove_cgroup(unit.dirs)
 

@@ -234,9 +234,10 @@ class Session:
                      rlimits=_rlimits(limits, bounded), unit=unit,
                      sandbox=Sandbox(user.uid, user.gid, user.home) if user else None)
 
-    def _drop_unit(self, unit: Unit | None) -> None:
+    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
         if unit is not None:
-            procs.reap_orphans(unit.layout.base)
+            if orphans:
+                procs.reap_orphans(unit.layout.base)
             if unit.remove():
                 self.mgr.ledger.remove_cgroup(unit.dirs)
 
@@ -257,7 +258,7 @@ class Session:
             loop.remove_reader(fd)
         child.close_fds()
         limit = child.unit.limit_reason() if child.unit is not None else ""
-        self._drop_unit(child.unit)
+        self._drop_unit(child.unit, child.left_orphans)
         await self.writer.flush()
         return code, sig, limit
 
