@@ -239,17 +239,6 @@ class Unit:
         """What a child writes "0" into, before exec, to join the unit."""
         return tuple(os.path.join(d, "cgroup.procs") for d in self.dirs)
 
-    def join(self, pid: int) -> None:
-        """Move a running process in (what a child does itself, before exec, on the slow
-        path). Raises ProcessLookupError if it is gone."""
-        for path in self.procs_files:
-            try:
-                _write(path, str(pid))
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    raise ProcessLookupError(pid) from e
-                raise
-
     def pids(self) -> list[int]:
         return _pids(self.tracker)
 

@@ -161,6 +161,9 @@ def spawn(
     Raises SpawnError with code 127 when the command does not exist and 126 when it cannot
     be executed, as a shell would report them.
     """
+    if run_as is not None and run_as.unit is not None and _joined_by_shell(run_as, tty):
+        _check_executable(argv[0], env, cwd)
+        argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
     extra = _popen_extras(run_as, tty, cwd)
     try:
         if tty:
@@ -169,8 +172,6 @@ def spawn(
             child = _spawn_pipes(argv, env, cwd, stdin, extra)
         child.unit = run_as.unit if run_as is not None else None
         _leaders.add(child.pid)
-        if run_as is not None and run_as.unit is not None and _joins_after_exec(run_as, tty):
-            _adopt(child.pid, run_as.unit)
         return child
     except subprocess.SubprocessError as e:  # a confinement step failed in the child
         raise SpawnError(f"cannot confine {argv[0]}: {e}", 126) from e
@@ -217,7 +218,7 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
         steps.append(_acquire_controlling_tty)
     if run_as is None:
         return steps
-    if run_as.unit is not None and not _joins_after_exec(run_as, tty):
+    if run_as.unit is not None and not _joined_by_shell(run_as, tty):
         procs = run_as.unit.procs_files
 
         def join_cgroup() -> None:
@@ -252,51 +253,50 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
                 os.chdir(cwd)  # again: a tmpfs may now be mounted over it
 
         steps.append(drop_privileges)
-    elif run_as.unit is not None and not _joins_after_exec(run_as, tty):
+    elif run_as.unit is not None and not _joined_by_shell(run_as, tty):
         steps.append(die_with_parent)
     return steps
 
 
-def _joins_after_exec(run_as: RunAs, tty: bool) -> bool:
-    """The fast path: a process of the agent's own user with nothing else to do between
-    fork and exec is started with vfork (a preexec step would cost a full fork of the agent,
-    several times the spawn itself: what a fan-out to many virtual nodes pays) and moved into
-    its unit right after exec, with whatever it started meanwhile (``_adopt``)."""
+# Joins the cgroup files given before "--", then becomes the command after it.
+_JOIN = 'for f do shift; [ "$f" = -- ] && break; echo 0 >"$f" || exit 126; done; exec "$@"'
+
+
+def _joined_by_shell(run_as: RunAs, tty: bool) -> bool:
+    """The fast path, for a process of the agent's own user with nothing else to do before
+    exec: Popen can vfork (a preexec step forks the whole agent, and joining a cgroup may
+    wait for an RCU grace period, both on the event loop), and a tiny /bin/sh joins the
+    cgroup and execs the command, so the command and all it starts are inside from their
+    first instruction. Its failure to start is checked here first, to report it as
+    before."""
     return not (tty or run_as.uid is not None or run_as.rlimits or run_as.sandbox is not None)
 
 
-def _adopt(pid: int, unit: Unit) -> None:
-    """Move ``pid`` and its descendants into ``unit``, until none is outside: once a process
-    is in, what it forks is in. Only a process that double-forks and exits within the
-    fraction of a millisecond after exec could escape (its orphan comes to us, the
-    subreaper, and is reaped); such a process runs as the agent's own user, who may leave
-    any cgroup anyway. Throwaway users always join before exec."""
-    moved: set[int] = set()
-    todo = [pid]
-    while todo:
-        for p in todo:
+def _check_executable(cmd: str, env: Mapping[str, str], cwd: str | None) -> None:
+    """Raise the SpawnError that exec would give (as execvp searches PATH)."""
+    if "/" in cmd:
+        candidates = [cmd if os.path.isabs(cmd) or cwd is None else os.path.join(cwd, cmd)]
+    else:
+        candidates = [os.path.join(d or ".", cmd) for d in os.get_exec_path(dict(env))]
+        if cwd is not None:
+            candidates = [c if os.path.isabs(c) else os.path.join(cwd, c) for c in candidates]
+    denied = False
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
             try:
-                unit.join(p)
-            except ProcessLookupError:
-                pass  # already gone
-            moved.add(p)
-        todo = [d for p in list(moved) for d in _children(p) if d not in moved]
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
-            continue
-    return out
-
+                with open(path, "rb") as f:
+                    magic = f.read(4)
+            except OSError:
+                return
+            if magic.startswith(b"#!") or magic == b"\x7fELF":
+                return
+            raise SpawnError(f"cannot execute {cmd}: exec format error", 126)
+        denied = denied or os.path.exists(path)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(f"no such directory: {cwd}", 1)
+    if denied:
+        raise SpawnError(f"permission denied: {cmd}", 126)
+    raise SpawnError(f"command not found: {cmd}", 127)
 
 def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
                  stdin: bool, extra: dict[str, Any]) -> Child:

@@ -258,7 +258,7 @@ class Session:
             loop.remove_reader(fd)
         child.close_fds()
         limit = child.unit.limit_reason() if child.unit is not None else ""
-        self._drop_unit(child.unit, child.left_orphans)
+        self._drop_unit(child.unit, orphans=True)  # rare enough to always look
         await self.writer.flush()
         return code, sig, limit
 

@@ -101,9 +101,11 @@ def create() -> EphemeralUser:
 
 
 def _has_processes(uid: int) -> bool:
-    for p in psutil.process_iter(["uids"]):
+    # Zombies do not count: they run nothing, and their reaper (the agent) is not the uid.
+    for p in psutil.process_iter(["uids", "status"]):
         with contextlib.suppress(psutil.Error):
-            if p.info["uids"] and uid in (p.info["uids"].real, p.info["uids"].effective):
+            if p.info["uids"] and uid in (p.info["uids"].real, p.info["uids"].effective) \
+                    and p.info["status"] != psutil.STATUS_ZOMBIE:
                 return True
     return False
 
