@@ -106,6 +106,29 @@ class Child:
             return True
         return kill_group(self.pid, sig)
 
+    async def until_running(self, timeout: float = 10.0) -> None:
+        """Until the command itself runs: on the fast path a tiny shell first joins the
+        cgroup (which may wait for the kernel), and a signal sent meanwhile would reach
+        that shell, not the command."""
+        if self.unit is None:
+            return
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while not self._in_unit() and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(0.02, delay * 2)
+
+    def _in_unit(self) -> bool:
+        assert self.unit is not None
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return True  # it has already ended
+            with open(f"/proc/{self.pid}/cgroup") as f:
+                return f"/{self.unit.name}\n" in f.read()
+        except (OSError, IndexError):
+            return True
+
     async def end_rest(self, leftover: float) -> None:
         """The leader has exited: give what it left in the background ``leftover`` seconds,
         then kill it all. Returns when nothing of the child is left (with a cgroup)."""

@@ -148,6 +148,7 @@ class Session:
                     await self._finish("failed", reason=str(e), exit_code=e.code)
                     return
                 assert self.child is not None
+                await self.child.until_running()
                 await self.mgr.store.move(self.id, "running", pid=self.child.pid,
                                           started=time.time(), restarts=self.restarts,
                                           user=self.user.name if self.user else "agent")
