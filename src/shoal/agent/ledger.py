@@ -67,7 +67,12 @@ class Ledger:
     def remove_cgroup(self, dirs: list[str]) -> None:
         os.write(self._fd, "".join(f"c- {d}\n" for d in dirs).encode())
 
-    def leftovers(self) -> tuple[set[int], set[str], set[str]]:
+    def leftovers(self) -> tuple[set[int], set[str]]:
+        """Process groups and throwaway users a previous run did not clean up."""
+        groups, names, _ = self.entries()
+        return groups, names
+
+    def entries(self) -> tuple[set[int], set[str], set[str]]:
         """Process groups, throwaway users and cgroups a previous run did not clean up."""
         groups: set[int] = set()
         names: set[str] = set()
@@ -116,7 +121,7 @@ async def reap_leftovers(ledger: Ledger, grace: float, layout: Layout | None = N
     sessions started, and users are deleted only once nothing of theirs runs."""
     from . import users
 
-    listed, names, cgroups = ledger.leftovers()
+    listed, names, cgroups = ledger.entries()
     dirs = {d for d in cgroups if _below_shoal(d)}
     if layout is not None:  # also what a lost or truncated ledger does not name
         for base in layout.base_dirs():
