@@ -378,3 +378,35 @@ def test_an_agent_that_is_not_root_has_no_cgroups() -> None:
                         "from shoal.agent import cgroups; print(cgroups.detect('x'))"],
                        capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "the agent is not root", r
+
+
+@root_only
+async def test_a_process_stopped_as_soon_as_it_is_spawned_is_stopped(tmp_path: Path) -> None:
+    # On the fast path a shell joins the cgroup first (which may wait for the kernel): a
+    # stop that comes before must still reach the command, never find an "empty" unit.
+    from shoal.agent import cgroups as cg
+    from shoal.agent import procs
+
+    layout = cg.detect("test" + os.urandom(4).hex())
+    assert not isinstance(layout, str), layout
+    units: list[cg.Unit] = []
+    try:
+        for i in range(5):
+            unit = cg.Unit(layout, f"t.r.{i}")
+            unit.create()
+            units.append(unit)
+            child = procs.spawn(["sh", "-c", "(setsid sleep 300 &); exec sleep 301"],
+                                dict(os.environ), run_as=procs.RunAs(unit=unit))
+            await procs.terminate(child, 1.0)
+            code, sig = await asyncio.wait_for(child.wait(), 10)
+            assert sig in (signal.SIGTERM, signal.SIGKILL), (code, sig)
+            await child.end_rest(0)
+            assert unit.pids() == []
+            child.close_fds()
+            assert unit.remove()
+    finally:  # a failure leaves nothing running either
+        for unit in units:
+            await unit.kill_all()
+            unit.remove()
+        for d in layout.base_dirs():
+            cg.remove_dir(d)

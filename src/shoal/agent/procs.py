@@ -133,6 +133,7 @@ class Child:
         """The leader has exited: give what it left in the background ``leftover`` seconds,
         then kill it all. Returns when nothing of the child is left (with a cgroup)."""
         if self.unit is not None:
+            await self.until_running()
             if self.unit.populated():
                 self.left_orphans = True  # their zombies come to us: reap_orphans
                 if not await self.unit.wait_empty(leftover):
@@ -378,6 +379,7 @@ async def terminate(child: Child, grace: float) -> None:
     """SIGTERM every process of the child, then SIGKILL whatever is left after ``grace``.
     With a cgroup, returns when nothing of the child is left."""
     if child.unit is not None:
+        await child.until_running()  # an empty unit may only mean "not joined yet"
         await child.unit.stop(grace)
         return
     if not child.signal_group(signal.SIGTERM):

@@ -307,9 +307,11 @@ class Session:
             except Exception:
                 pass
         unit = self.child.unit if self.child is not None else None
-        if unit is not None and unit.populated():  # only after an error in the agent
-            await unit.kill_all()
-            self._drop_unit(unit)
+        if self.child is not None and unit is not None:
+            await self.child.until_running()
+            if unit.populated():  # only after an error in the agent
+                await unit.kill_all()
+                self._drop_unit(unit, orphans=True)
         if self.user is not None:
             # Its processes ended with the cgroup; users.remove checks, and keeps the user
             # (for the next start to retry) rather than free a UID something still runs as.
