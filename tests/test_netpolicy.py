@@ -302,8 +302,6 @@ def test_an_agent_that_cannot_enforce_says_so(fleet: Fleet) -> None:
 
 
 @can_enforce
-@pytest.mark.xfail(strict=True, reason="users.create does not yet allocate UIDs from "
-                                       "ephemeral_uids (the throwaway-user rewrite does)")
 async def test_a_real_ephemeral_session_cannot_reach_nats(fleet: Fleet, client: Client) -> None:
     nats_port = _nats_port(fleet)
     s = await client.create_session(m.SessionSpec(

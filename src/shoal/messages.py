@@ -63,6 +63,7 @@ class NodeInfo(Struct, frozen=True):
     # Throwaway users' network policy in force: "none", "outbound", "open", or "unenforced"
     # (asked for but the agent cannot install it; its log says why). "" from older agents.
     network: str = ""
+    cgroups: str = ""  # how sessions are contained ("v2+v1(cpu,memory,pids)"); "" = not at all
 
 
 # --------------------------------------------------------------------------- runs
@@ -260,12 +261,15 @@ RestartPolicy = Literal["never", "on-failure", "always"]
 
 
 class Limits(Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-session resource limits (setrlimit)."""
+    """Per-session resource limits: memory, processes and CPU weight through the session's
+    cgroup (setrlimit where the node has no cgroups), the rest through setrlimit."""
 
     cpu_seconds: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
     memory_mb: Annotated[int, Meta(ge=16, le=4_000_000)] | None = None
     processes: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     open_files: Annotated[int, Meta(ge=16, le=1_000_000)] | None = None
+    cpu_weight: Annotated[int, Meta(ge=1, le=10_000)] | None = None  # cgroup v2 scale, 100 = fair
+    file_size_mb: Annotated[int, Meta(ge=1, le=4_000_000)] | None = None  # largest file written
 
 
 class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):

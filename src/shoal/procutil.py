@@ -8,12 +8,19 @@ import os
 import signal
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def die_with_parent() -> None:
     """In a child between fork and exec: receive SIGKILL when the parent thread dies."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def no_new_privileges() -> None:
+    """In a child between fork and exec: setuid programs run with the caller's rights only
+    (a throwaway user's sockets stay its own, so the network policy's UID match holds)."""
+    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def kill_group(pgid: int, sig: int) -> bool:

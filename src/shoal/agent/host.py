@@ -1,18 +1,24 @@
 """The agent process: one or more logical nodes (``--virtual N``) on one NATS connection.
 
 Each node answers run requests on its own subject, heartbeats its load into the heartbeat
-bucket, and keeps a ledger of its process groups. On SIGTERM, SIGINT or SIGHUP the agent
-stops taking work, ends every process group (SIGTERM, then SIGKILL after the grace period),
-reports every exit, and leaves.
+bucket, and keeps a ledger of its cgroups and process groups. Every run and session lives in
+a cgroup of its own (agent/cgroups.py) where the node has them; the agent says at start when
+it has none, and its heartbeats say which it has. On SIGTERM, SIGINT or SIGHUP the agent
+stops taking work, ends every run and session (SIGTERM to each process, then SIGKILL of the
+whole cgroup after the grace period), reports every exit, and leaves. If it is SIGKILLed, its
+keeper (keeper.py) ends its cgroups at once, and the next start ends whatever is still
+listed in the ledger (see ledger.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,8 @@ from ..errors import ConnectError
 from ..loadinfo import LoadSampler
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
-from . import netpolicy
+from . import cgroups, keeper, netpolicy, procs
+from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .ports import PortPool
 from .runs import Run
@@ -70,6 +77,10 @@ class AgentHost:
         self.cfg = cfg
         state_dir = Path(cfg.state_dir) if cfg.state_dir else shoal_home() / "agent-state"
         self.state_dir = state_dir
+        # Units of this state directory's agents go under shoal.<tag>, apart from any other.
+        self.cgroup_tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+        self.layout: Layout | None = None
+        self._keeper: subprocess.Popen[bytes] | None = None
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.
         self.drained_dir = state_dir / "drained"
@@ -93,6 +104,16 @@ class AgentHost:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        found = cgroups.detect(self.cgroup_tag)
+        if isinstance(found, str):
+            log.warning("no cgroups (%s): sessions are contained by process group only, and "
+                        "limits by setrlimit; a setsid'd or double-forked process can outlive "
+                        "its session", found)
+        else:
+            self.layout = found
+            procs.become_subreaper()  # orphans of sessions come to us, and we reap them
+            log.info("cgroups: %s, units under %s", found.describe(),
+                     ", ".join(found.base_dirs()))
         # Before any session runs: throwaway users never see an open loopback.
         self.netpolicy = await netpolicy.for_agent(self.cfg, self.state_dir, next(iter(self.nodes)))
         self.network = await netpolicy.apply(self.netpolicy)
@@ -104,8 +125,11 @@ class AgentHost:
 
     async def _start(self) -> None:
         for node in self.nodes.values():
-            await reap_leftovers(node.ledger, self.cfg.grace)
+            await reap_leftovers(node.ledger, self.cfg.grace, self.layout)
             node.ledger.open()
+        if self.layout is not None:  # ends our cgroups at once if we die without stopping
+            self._keeper = keeper.start(self.cfg.grace, list(self.nodes),
+                                        self.layout.base_dirs())
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
@@ -117,7 +141,8 @@ class AgentHost:
             node.sessions = SessionManager(
                 node.name, self.nc, self.buckets.js, self.store, node.ledger,
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
-                on_change=self._changed)
+                on_change=self._changed, layout=self.layout,
+                ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids))
         for node in self.nodes.values():
             self._load_drain(node)
         await self._reconcile_sessions()
@@ -169,7 +194,7 @@ class AgentHost:
         except TimeoutError:
             log.warning("could not record every final state (is NATS down?); leaving anyway")
             for node in self.nodes.values():
-                await reap_leftovers(node.ledger, 0)
+                await reap_leftovers(node.ledger, 0, self.layout)
         if self.netpolicy is not None:  # every process is gone: nothing left to confine
             await netpolicy.remove(self.netpolicy.table)
         if self._heartbeat_task is not None:
@@ -180,6 +205,11 @@ class AgentHost:
             await bus.close(self.nc)
         for node in self.nodes.values():
             node.ledger.close()
+        if self._keeper is not None:
+            await asyncio.to_thread(keeper.release, self._keeper)
+        if self.layout is not None:
+            for d in self.layout.base_dirs():
+                cgroups.remove_dir(d)  # only if empty: other agents may share the state dir
         self._stopped.set()
 
     # ------------------------------------------------------------------ heartbeats
@@ -194,6 +224,7 @@ class AgentHost:
             address=self.cfg.address or socket.gethostname(), hostname=socket.gethostname(),
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
             isolation=os.geteuid() == 0, network=self.network.network,
+            cgroups=self.layout.describe() if self.layout is not None else "",
         )
 
     async def _heartbeat(self, register: bool = False) -> None:
@@ -223,6 +254,8 @@ class AgentHost:
             except TimeoutError:
                 pass
             beats += 1
+            if self.layout is not None:
+                procs.reap_orphans(self.layout.base)  # orphans that died meanwhile
             try:
                 await self._heartbeat()
             except Exception as e:  # keep beating through NATS outages
@@ -340,7 +373,7 @@ class AgentHost:
             return
         route = await self._route(req.run_id)
         run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
-                  on_spawn=node.ledger.add, on_end=node.ledger.remove)
+                  node.ledger, self.layout)
         reply = run.start(self._base_env)
         if isinstance(reply, m.RunAccepted):
             node.runs[req.run_id] = run

@@ -1,7 +1,10 @@
 """A per-node ledger of the process groups an agent started, so that the next start of an
 agent that was SIGKILLed (or crashed) can end what the last one left behind.
 
-The file is append-only (``+ pgid`` / ``- pgid``, ``u+ user`` / ``u- user``). A listed group
+The file is append-only (``+ pgid`` / ``- pgid``, ``u+ user`` / ``u- user``, ``c+ dir`` /
+``c- dir`` for cgroups). A listed cgroup is ours by construction (its directory is below
+this agent's ``shoal.<tag>``) and is ended whole: this is what catches setsid'd and
+double-forked leftovers, which no process group holds. A listed group
 is acted on only if its leader still carries this node's ``SHOAL_NODE`` in its environment
 (every child gets it), or, with the leader gone, if members of that group remain: a recycled
 pid is never taken for ours. (Checking a start time instead would cost a /proc read per
@@ -11,12 +14,16 @@ spawn, as much as the spawn itself right after exec.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
 
 from ..procutil import group_alive, kill_group
+from . import cgroups as cgroups_mod
+from . import procs
+from .cgroup_layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +61,32 @@ class Ledger:
     def remove_user(self, name: str) -> None:
         os.write(self._fd, f"u- {name}\n".encode())
 
+    def add_cgroup(self, dirs: list[str]) -> None:
+        os.write(self._fd, "".join(f"c+ {d}\n" for d in dirs).encode())
+
+    def remove_cgroup(self, dirs: list[str]) -> None:
+        os.write(self._fd, "".join(f"c- {d}\n" for d in dirs).encode())
+
     def leftovers(self) -> tuple[set[int], set[str]]:
         """Process groups and throwaway users a previous run did not clean up."""
+        groups, names, _ = self.entries()
+        return groups, names
+
+    def entries(self) -> tuple[set[int], set[str], set[str]]:
+        """Process groups, throwaway users and cgroups a previous run did not clean up."""
         groups: set[int] = set()
         names: set[str] = set()
+        cgroups: set[str] = set()
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return groups, names
-        for line in text.splitlines():
+            return groups, names, cgroups
+        lines = text.split("\n")[:-1]  # a torn last line (no newline) after a crash: skip
+        for line in lines:
             parts = line.split()
+            if line.startswith(("c+ ", "c- ")):
+                (cgroups.add if line[1] == "+" else cgroups.discard)(line[3:])
+                continue
             try:
                 if parts[0] == "+":
                     groups.add(int(parts[1]))
@@ -74,8 +97,8 @@ class Ledger:
                 elif parts[0] == "u-" and len(parts) == 2:
                     names.discard(parts[1])
             except (ValueError, IndexError):
-                continue  # a torn last line after a crash
-        return groups, names
+                continue
+        return groups, names, cgroups
 
 
 def _ours(pgid: int, node: str) -> bool:
@@ -92,18 +115,37 @@ def _ours(pgid: int, node: str) -> bool:
     return f"SHOAL_NODE={node}".encode() in env.split(b"\0")
 
 
-async def reap_leftovers(ledger: Ledger, grace: float) -> int:
-    """End every process group and remove every throwaway user a previous agent left;
-    returns how many groups were found."""
+async def reap_leftovers(ledger: Ledger, grace: float, layout: Layout | None = None) -> int:
+    """End every cgroup, process group and throwaway user a previous agent left; returns
+    how many cgroups and groups were found. Cgroups first: they hold everything the
+    sessions started, and users are deleted only once nothing of theirs runs."""
     from . import users
 
-    listed, names = ledger.leftovers()
+    listed, names, cgroups = ledger.entries()
+    dirs = {d for d in cgroups if _below_shoal(d)}
+    if layout is not None:  # also what a lost or truncated ledger does not name
+        for base in layout.base_dirs():
+            with contextlib.suppress(OSError):
+                dirs.update(os.path.join(base, e) for e in os.listdir(base)
+                            if e.startswith(ledger.node + "."))
+    found = [d for d in dirs if os.path.isdir(d)]
+    if found:
+        log.warning("ending %d cgroup(s) left by a previous agent", len(found))
+        await cgroups_mod.end_dirs(sorted(found), grace)
+        if layout is not None:
+            procs.reap_orphans(layout.base)
     groups = [pgid for pgid in listed if _ours(pgid, ledger.node)]
     await _end_groups(groups, grace)
     for name in names:
         if name.startswith(users.PREFIX):
             await users.remove(name)
-    return len(groups)
+    return len(groups) + len(found)
+
+
+def _below_shoal(d: str) -> bool:
+    # Only ever a unit directory of ours: /sys/fs/cgroup/.../shoal.<tag>/<unit>
+    parent = os.path.basename(os.path.dirname(d))
+    return d.startswith("/sys/fs/cgroup/") and parent.startswith("shoal.") and ".." not in d
 
 
 async def _end_groups(groups: list[int], grace: float) -> None:

@@ -1,10 +1,18 @@
-"""Starting and ending processes: each in its own session and process group, with pipes or
-a pseudo-terminal, waited on through a pidfd (no threads, no SIGCHLD handler, no zombies).
+"""Starting and ending processes: each in its own session and process group (and, where the
+node has cgroups, its own cgroup), with pipes or a pseudo-terminal, waited on through a pidfd
+(no threads, no SIGCHLD handler).
+
+The end of a process is the end of everything it started: with a cgroup, the cgroup being
+empty (nothing forked, setsid'd or double-forked survives ``terminate`` or the leader's
+exit); without one, its process group. Never "EOF on the pipe": a background process that
+holds the pipe or pty open does not keep it alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -18,8 +26,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..procutil import kill_group
+from ..procutil import die_with_parent, group_alive, kill_group, no_new_privileges
+from . import sandbox
+from .cgroups import Unit
 
+_leaders: set[int] = set()  # children we spawned and wait on ourselves (never reaped for us)
 PIPE_SIZE = 1 << 20  # a bigger pipe means fewer, larger reads under heavy output
 _F_SETPIPE_SZ = 1031
 
@@ -56,6 +67,8 @@ class Child:
     stdin_fd: int | None  # write end of stdin (the pty master when tty)
     out_fds: dict[str, int]  # stream name -> read end
     tty: bool
+    unit: Unit | None = None  # its cgroup, if the node has cgroups
+    left_orphans: bool = False  # processes outlived the leader
     started: float = field(default_factory=time.time)
 
     @property
@@ -81,12 +94,55 @@ class Child:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
             self.popen.wait()
+            _leaders.discard(self.pid)
         rc = self.popen.returncode
         assert rc is not None
         return (rc, None) if rc >= 0 else (None, -rc)
 
     def signal_group(self, sig: int) -> bool:
+        """Signal every process of the child: its cgroup, else its process group."""
+        if self.unit is not None:
+            self.unit.signal(sig)
+            return True
         return kill_group(self.pid, sig)
+
+    async def until_running(self, timeout: float = 10.0) -> None:
+        """Until the command itself runs: on the fast path a tiny shell first joins the
+        cgroup (which may wait for the kernel), and a signal sent meanwhile would reach
+        that shell, not the command."""
+        if self.unit is None:
+            return
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while not self._in_unit() and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(0.02, delay * 2)
+
+    def _in_unit(self) -> bool:
+        assert self.unit is not None
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return True  # it has already ended
+            with open(f"/proc/{self.pid}/cgroup") as f:
+                return f"/{self.unit.name}\n" in f.read()
+        except (OSError, IndexError):
+            return True
+
+    async def end_rest(self, leftover: float) -> None:
+        """The leader has exited: give what it left in the background ``leftover`` seconds,
+        then kill it all. Returns when nothing of the child is left (with a cgroup)."""
+        if self.unit is not None:
+            await self.until_running()
+            if self.unit.populated():
+                self.left_orphans = True  # their zombies come to us: reap_orphans
+                if not await self.unit.wait_empty(leftover):
+                    await self.unit.kill_all()
+            return
+        deadline = time.monotonic() + leftover
+        while group_alive(self.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        kill_group(self.pid, signal.SIGKILL)
 
     def close_fds(self) -> None:
         fds = set(self.out_fds.values())
@@ -103,11 +159,14 @@ class Child:
 
 @dataclass(frozen=True)
 class RunAs:
-    """Who a child runs as, and what it may use (None: the agent's own user, no limits)."""
+    """Who a child runs as, where, and what it may use (defaults: the agent's own user, no
+    cgroup, no limits)."""
 
     uid: int | None = None
     gid: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, value)
+    unit: Unit | None = None  # the cgroup it joins before exec (created by the caller)
+    sandbox: sandbox.Sandbox | None = None  # private mounts and IPC (throwaway users)
 
 
 def spawn(
@@ -126,11 +185,20 @@ def spawn(
     Raises SpawnError with code 127 when the command does not exist and 126 when it cannot
     be executed, as a shell would report them.
     """
-    extra = _popen_extras(run_as, tty)
+    if run_as is not None and run_as.unit is not None and _joined_by_shell(run_as, tty):
+        _check_executable(argv[0], env, cwd)
+        argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
+    extra = _popen_extras(run_as, tty, cwd)
     try:
         if tty:
-            return _spawn_pty(argv, env, cwd, cols, rows, extra)
-        return _spawn_pipes(argv, env, cwd, stdin, extra)
+            child = _spawn_pty(argv, env, cwd, cols, rows, extra)
+        else:
+            child = _spawn_pipes(argv, env, cwd, stdin, extra)
+        child.unit = run_as.unit if run_as is not None else None
+        _leaders.add(child.pid)
+        return child
+    except subprocess.SubprocessError as e:  # a confinement step failed in the child
+        raise SpawnError(f"cannot confine {argv[0]}: {e}", 126) from e
     except FileNotFoundError as e:
         if cwd is not None and e.filename == cwd:
             raise SpawnError(f"no such directory: {cwd}", 1) from e
@@ -145,24 +213,13 @@ def spawn(
         raise SpawnError(f"cannot start {argv[0]}: {e.strerror}", 126) from e
 
 
-def _popen_extras(run_as: RunAs | None, tty: bool) -> dict[str, Any]:
-    """Popen arguments for user switching and limits. Without a preexec function Popen can
-    use vfork, which matters when starting a thousand processes at once."""
+def _popen_extras(run_as: RunAs | None, tty: bool, cwd: str | None) -> dict[str, Any]:
+    """Popen arguments for confinement. Without a preexec function Popen can use vfork,
+    which matters when starting a thousand processes at once; a cgroup needs one."""
     extra: dict[str, Any] = {}
-    steps: list[Callable[[], None]] = []
-    if tty:
-        steps.append(_acquire_controlling_tty)
-    if run_as is not None:
-        if run_as.uid is not None:
-            extra.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
-        if run_as.rlimits:
-            limits = run_as.rlimits
-
-            def set_limits() -> None:
-                for res, value in limits:
-                    resource.setrlimit(res, (value, value))
-
-            steps.append(set_limits)
+    steps = _child_steps(run_as, tty, cwd)
+    if run_as is not None and run_as.uid is not None and not _needs_root(run_as):
+        extra.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
     if steps:
         def preexec() -> None:
             for step in steps:
@@ -171,6 +228,102 @@ def _popen_extras(run_as: RunAs | None, tty: bool) -> dict[str, Any]:
         extra["preexec_fn"] = preexec
     return extra
 
+
+def _needs_root(run_as: RunAs) -> bool:
+    return run_as.unit is not None or run_as.sandbox is not None
+
+
+def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Callable[[], None]]:
+    """What the child does between fork and exec, in order. Steps that need root (joining
+    the cgroup, mounting) come before the switch to the session's user, and the switch
+    itself is the last but one; a new step (e.g. a network policy) goes where it needs."""
+    steps: list[Callable[[], None]] = []
+    if tty:
+        steps.append(_acquire_controlling_tty)
+    if run_as is None:
+        return steps
+    if run_as.unit is not None and not _joined_by_shell(run_as, tty):
+        procs = run_as.unit.procs_files
+
+        def join_cgroup() -> None:
+            for path in procs:  # before exec: nothing it starts is ever outside
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+
+        steps.append(join_cgroup)
+    if run_as.sandbox is not None:
+        box = run_as.sandbox
+        steps.append(lambda: sandbox.enter(box))
+    if run_as.rlimits:
+        limits = run_as.rlimits
+
+        def set_limits() -> None:
+            for res, value in limits:
+                resource.setrlimit(res, (value, value))
+
+        steps.append(set_limits)
+    if run_as.uid is not None and _needs_root(run_as):
+        uid, gid = run_as.uid, run_as.gid if run_as.gid is not None else run_as.uid
+
+        def drop_privileges() -> None:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            die_with_parent()  # a change of credentials cleared it
+            if cwd is not None:
+                os.chdir(cwd)  # again: a tmpfs may now be mounted over it
+            if throwaway:
+                no_new_privileges()
+
+        throwaway = run_as.sandbox is not None
+        steps.append(drop_privileges)
+    elif run_as.unit is not None and not _joined_by_shell(run_as, tty):
+        steps.append(die_with_parent)
+    return steps
+
+
+# Joins the cgroup files given before "--", then becomes the command after it.
+_JOIN = 'for f do shift; [ "$f" = -- ] && break; echo 0 >"$f" || exit 126; done; exec "$@"'
+
+
+def _joined_by_shell(run_as: RunAs, tty: bool) -> bool:
+    """The fast path, for a process of the agent's own user with nothing else to do before
+    exec: Popen can vfork (a preexec step forks the whole agent, and joining a cgroup may
+    wait for an RCU grace period, both on the event loop), and a tiny /bin/sh joins the
+    cgroup and execs the command, so the command and all it starts are inside from their
+    first instruction. Its failure to start is checked here first, to report it as
+    before."""
+    return not (tty or run_as.uid is not None or run_as.rlimits or run_as.sandbox is not None)
+
+
+def _check_executable(cmd: str, env: Mapping[str, str], cwd: str | None) -> None:
+    """Raise the SpawnError that exec would give (as execvp searches PATH)."""
+    if "/" in cmd:
+        candidates = [cmd if os.path.isabs(cmd) or cwd is None else os.path.join(cwd, cmd)]
+    else:
+        candidates = [os.path.join(d or ".", cmd) for d in os.get_exec_path(dict(env))]
+        if cwd is not None:
+            candidates = [c if os.path.isabs(c) else os.path.join(cwd, c) for c in candidates]
+    denied = False
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            try:
+                with open(path, "rb") as f:
+                    magic = f.read(4)
+            except OSError:
+                return
+            if magic.startswith(b"#!") or magic == b"\x7fELF":
+                return
+            raise SpawnError(f"cannot execute {cmd}: exec format error", 126)
+        denied = denied or os.path.exists(path)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(f"no such directory: {cwd}", 1)
+    if denied:
+        raise SpawnError(f"permission denied: {cmd}", 126)
+    raise SpawnError(f"command not found: {cmd}", 127)
 
 def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
                  stdin: bool, extra: dict[str, Any]) -> Child:
@@ -226,7 +379,12 @@ def _spawn_pty(argv: list[str], env: Mapping[str, str], cwd: str | None,
 
 
 async def terminate(child: Child, grace: float) -> None:
-    """SIGTERM the child's whole group, then SIGKILL whatever is left after ``grace``."""
+    """SIGTERM every process of the child, then SIGKILL whatever is left after ``grace``.
+    With a cgroup, returns when nothing of the child is left."""
+    if child.unit is not None:
+        await child.until_running()  # an empty unit may only mean "not joined yet"
+        await child.unit.stop(grace)
+        return
     if not child.signal_group(signal.SIGTERM):
         return
     try:
@@ -235,3 +393,46 @@ async def terminate(child: Child, grace: float) -> None:
         pass
     # Members of the group may outlive the leader (or ignore SIGTERM): end them all.
     child.signal_group(signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- orphans
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Orphans of our children are re-parented to us rather than to PID 1 (which may not
+    reap them): they stay ours to reap."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def reap_orphans(marker: str) -> int:
+    """Reap zombies re-parented to us whose cgroup path holds ``marker`` (our units): never
+    a child someone else waits on (our leaders, asyncio's, the embedded nats-server)."""
+    me = os.getpid()
+    n = 0
+    try:
+        tasks = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state != "Z" or pid in _leaders:
+                    continue
+                with open(f"/proc/{pid}/cgroup") as f:
+                    if marker not in f.read():
+                        continue
+                os.waitpid(pid, os.WNOHANG)
+                n += 1
+            except (OSError, IndexError):
+                continue
+    return n

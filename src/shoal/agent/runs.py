@@ -14,13 +14,17 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .. import messages as m
 from .. import subjects
 from ..memtune import reuse_heap_for_bulk_io
-from .procs import Child, SpawnError, set_winsize, spawn, terminate
+from . import procs
+from .cgroup_layout import Layout, unit_name
+from .cgroups import Unit
+from .ledger import Ledger
+from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -32,6 +36,7 @@ FRAME_OVERHEAD = 1024  # an Output's fields besides data, with room to spare
 KEEPALIVE_LAPSE = 20.0  # no control frame for this long: the controller is gone, stop
 STDIN_ACK_EVERY = 64 << 10
 LEFTOVER_GRACE = 1.0  # seconds background children may keep writing after the leader exits
+DRAIN_LIMIT = 5.0  # reading what the pipes hold once nothing of the run is left
 
 
 def command_argv(spec: m.RunSpec) -> list[str]:
@@ -54,7 +59,7 @@ def child_env(base: Mapping[str, str], spec: m.RunSpec, node: str, run_id: str) 
 
 class Run:
     def __init__(self, nc: NatsClient, node: str, req: m.RunRequest, grace: float,
-                 on_spawn: Callable[[int], None], on_end: Callable[[int], None]) -> None:
+                 ledger: Ledger, layout: Layout | None = None) -> None:
         self.nc = nc
         self.node = node
         self.run_id = req.run_id
@@ -62,8 +67,8 @@ class Run:
         self.window = req.window
         self.read_size = max(4096, min(READ_SIZE, nc.max_payload - FRAME_OVERHEAD))
         self.grace = grace
-        self._on_spawn = on_spawn
-        self._on_end = on_end
+        self.ledger = ledger
+        self.layout = layout
         self.events_subject = subjects.run_events(req.run_id, node)
         self.child: Child | None = None
         self.sent = 0  # output bytes published, all streams
@@ -88,15 +93,25 @@ class Run:
 
     def start(self, base_env: Mapping[str, str]) -> m.RunAccepted | m.Exit:
         spec = self.spec
+        unit = None
         try:
             env = child_env(base_env, spec, self.node, self.run_id)
+            if self.layout is not None:
+                unit = Unit(self.layout, unit_name(self.node, "r", self.run_id))
+                self.ledger.add_cgroup(unit.dirs)
+                try:
+                    unit.create()
+                except OSError as e:
+                    raise SpawnError(f"cannot create the run's cgroup: {e}", 126) from e
             self.child = spawn(command_argv(spec), env, cwd=spec.cwd, tty=spec.tty,
-                               cols=spec.cols, rows=spec.rows, stdin=spec.stdin)
+                               cols=spec.cols, rows=spec.rows, stdin=spec.stdin,
+                               run_as=RunAs(unit=unit) if unit is not None else None)
         except SpawnError as e:
+            self._drop_unit(unit)
             now = time.time()
             self.done.set()
             return m.Exit(node=self.node, code=e.code, reason=str(e), started=now, ended=now)
-        self._on_spawn(self.child.pid)
+        self.ledger.add(self.child.pid)
         loop = asyncio.get_running_loop()
         for stream, fd in self.child.out_fds.items():
             self.offsets[stream] = 0
@@ -111,27 +126,47 @@ class Run:
         watchdog = asyncio.create_task(self._watchdog())
         try:
             code, sig = await child.wait()
-            # The leader is gone; drain what was written (a pty reports EIO once empty).
-            # Children it left in the background may hold the pipes open: a run ends with
-            # its leader, so after a short grace they are killed and the drain completes.
-            eofs = asyncio.gather(*(e.wait() for e in self._eof.values()))
-            try:
-                await asyncio.wait_for(asyncio.shield(eofs), LEFTOVER_GRACE)
-            except TimeoutError:
-                child.signal_group(signal.SIGKILL)
-                await eofs
+            if self._ending is not None:  # a stop in progress owns the grace period
+                await asyncio.gather(self._ending, return_exceptions=True)
+            # A run ends with its leader: what it left in the background (setsid'd or not)
+            # gets a short grace, then is killed; then the pipes hold only what was written.
+            await child.end_rest(LEFTOVER_GRACE)
+            await self._drain()
         finally:
             watchdog.cancel()
             if self._ending is not None:
                 await asyncio.gather(self._ending, return_exceptions=True)
-        child.signal_group(signal.SIGKILL)  # leftovers in the group (backgrounded jobs)
         self._close()
+        self._drop_unit(child.unit, child.left_orphans)
         reason = self._end_reason
         exit_ = m.Exit(node=self.node, code=code, signal=sig, reason=reason,
                        timed_out=self._timed_out, started=child.started, ended=time.time())
         await self._publish(exit_)
-        self._on_end(child.pid)
+        self.ledger.remove(child.pid)
         self.done.set()
+
+    async def _drain(self) -> None:
+        # Nothing of the run is left, so EOF comes once the pipes are empty, unless a
+        # descriptor lives on elsewhere (no cgroup): bounded, longer while flow control
+        # holds output back.
+        eofs = asyncio.gather(*(e.wait() for e in self._eof.values()))
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while not eofs.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(eofs), 0.5)
+            except TimeoutError:
+                if self._paused:
+                    deadline = time.monotonic() + DRAIN_LIMIT
+                elif time.monotonic() > deadline:
+                    eofs.cancel()
+                    return
+
+    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
+        if unit is not None:
+            if orphans:
+                procs.reap_orphans(unit.layout.base)
+            if unit.remove():
+                self.ledger.remove_cgroup(unit.dirs)
 
     async def _watchdog(self) -> None:
         start = time.monotonic()

@@ -7,6 +7,9 @@ the record: ``running``, restarts by policy, and exactly one final state.
 
 Output goes to the durable stream (``shoal.outputlog``) with bounded unacknowledged bytes:
 when JetStream lags, the node stops reading the pipe and the process blocks on write.
+
+(Over 400 lines: output reading, input and the process's end are still written here and in
+runs.py both; they move into one process owner with issue 10, and this file shrinks.)
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from .. import messages as m
 from .. import subjects
 from ..outputlog import DEFAULT_CAP, OutputWriter
 from ..sessionstore import SessionStore
-from . import users
+from . import procs, users
+from .cgroup_layout import Layout, unit_name
+from .cgroups import Unit
 from .ledger import Ledger
 from .ports import PortPool
 from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
+from .sandbox import Sandbox
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -43,18 +49,34 @@ READ_SIZE = 256 << 10
 FAST_FAILURE = 10.0  # a run shorter than this counts towards giving up
 GIVE_UP_AFTER = 5
 MAX_BACKOFF = 30.0
+LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
+DRAIN_LIMIT = 5.0  # reading what is left in the pipes, once nothing of the session runs
+# What a throwaway user gets unless the spec says otherwise.
+EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, open_files=4096)
 
 
-def _rlimits(limits: m.Limits) -> tuple[tuple[int, int], ...]:
+def effective_limits(limits: m.Limits, ephemeral: bool) -> m.Limits:
+    if not ephemeral:
+        return limits
+    fields = {f: getattr(limits, f) if getattr(limits, f) is not None
+              else getattr(EPHEMERAL_LIMITS, f) for f in m.Limits.__struct_fields__}
+    return m.Limits(**fields)
+
+
+def _rlimits(limits: m.Limits, cgroup: frozenset[str] = frozenset()) -> tuple[tuple[int, int], ...]:
+    """setrlimit for what the session's cgroup (controllers in ``cgroup``) does not bound:
+    a cgroup memory limit ends in the OOM killer, RLIMIT_AS in failed allocations."""
     out = []
     if limits.cpu_seconds:
         out.append((resource.RLIMIT_CPU, limits.cpu_seconds))
-    if limits.memory_mb:
+    if limits.memory_mb and "memory" not in cgroup:
         out.append((resource.RLIMIT_AS, limits.memory_mb << 20))
-    if limits.processes:
+    if limits.processes and "pids" not in cgroup:
         out.append((resource.RLIMIT_NPROC, limits.processes))
     if limits.open_files:
         out.append((resource.RLIMIT_NOFILE, limits.open_files))
+    if limits.file_size_mb:
+        out.append((resource.RLIMIT_FSIZE, limits.file_size_mb << 20))
     return tuple(out)
 
 
@@ -111,7 +133,7 @@ class Session:
                                                 cb=self._on_control)
         if self.spec.user == "ephemeral":
             try:
-                self.user = await asyncio.to_thread(users.create)
+                self.user = await asyncio.to_thread(users.create, self.mgr.ephemeral_uids)
                 self.mgr.ledger.add_user(self.user.name)
             except users.UserError as e:
                 await self._finish("failed", reason=str(e))
@@ -126,15 +148,18 @@ class Session:
                     await self._finish("failed", reason=str(e), exit_code=e.code)
                     return
                 assert self.child is not None
+                await self.child.until_running()
                 await self.mgr.store.move(self.id, "running", pid=self.child.pid,
                                           started=time.time(), restarts=self.restarts,
                                           user=self.user.name if self.user else "agent")
-                code, sig = await self._wait_child()
+                code, sig, limit = await self._wait_child()
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):
-                    state: m.SessionState = "killed" if killed else "exited"
+                    # A limit that bit (the OOM killer) ends it as killed, with the reason.
+                    by_limit = bool(limit) and sig == signal.SIGKILL
+                    state: m.SessionState = "killed" if killed or by_limit else "exited"
                     await self._finish(state, exit_code=code, signal=sig,
-                                       reason=self.kill_reason)
+                                       reason=self.kill_reason or limit)
                     return
                 self.fast_failures = self.fast_failures + 1 \
                     if time.monotonic() - started < FAST_FAILURE else 0
@@ -148,7 +173,8 @@ class Session:
                 await self.mgr.store.move(self.id, "starting", restarts=self.restarts,
                                           exit_code=code, signal=sig,
                                           reason=f"restarting in {delay:g}s after "
-                                                 f"{_describe(code, sig)}")
+                                                 f"{_describe(code, sig)}"
+                                                 + (f" ({limit})" if limit else ""))
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -165,10 +191,9 @@ class Session:
         spec = self.spec
         argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else list(spec.command or [])
         env = {k: v for k, v in self.mgr.base_env.items() if not k.startswith("SHOAL_")}
-        run_as = RunAs(rlimits=_rlimits(spec.limits))
+        run_as = self._confinement()
         if self.user is not None:
             env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-            run_as = RunAs(uid=self.user.uid, gid=self.user.gid, rlimits=run_as.rlimits)
         if spec.tty:
             env.setdefault("TERM", "xterm-256color")
         env.update(spec.env)
@@ -176,8 +201,13 @@ class Session:
         if self.ports:
             env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
         cwd = spec.cwd or (self.user.home if self.user is not None else None)
-        self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=self.size[0], rows=self.size[1],
-                           stdin=spec.stdin or spec.tty, run_as=run_as)
+        self._ending = None
+        try:
+            self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=self.size[0],
+                               rows=self.size[1], stdin=spec.stdin or spec.tty, run_as=run_as)
+        except SpawnError:
+            self._drop_unit(run_as.unit)
+            raise
         self.mgr.ledger.add(self.child.pid)
         loop = asyncio.get_running_loop()
         self._eofs = []
@@ -186,24 +216,70 @@ class Session:
             self._eofs.append(eof)
             loop.add_reader(fd, self._on_readable, stream, fd, eof)
 
-    async def _wait_child(self) -> tuple[int | None, int | None]:
+    def _confinement(self) -> RunAs:
+        """Who the process runs as, its cgroup (created here) and its limits."""
+        user = self.user
+        limits = effective_limits(self.spec.limits, user is not None)
+        unit = None
+        if self.mgr.layout is not None:
+            unit = Unit(self.mgr.layout, unit_name(self.mgr.node, "s",
+                                                   f"{self.id}-{self.restarts}"), limits)
+            self.mgr.ledger.add_cgroup(unit.dirs)
+            try:
+                unit.create()
+            except OSError as e:
+                self.mgr.ledger.remove_cgroup(unit.dirs)
+                raise SpawnError(f"cannot create the session's cgroup: {e}", 126) from e
+        bounded = frozenset(self.mgr.layout.limits) if self.mgr.layout is not None else frozenset()
+        return RunAs(uid=user.uid if user else None, gid=user.gid if user else None,
+                     rlimits=_rlimits(limits, bounded), unit=unit,
+                     sandbox=Sandbox(user.uid, user.gid, user.home) if user else None)
+
+    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
+        if unit is not None:
+            if orphans:
+                procs.reap_orphans(unit.layout.base)
+            if unit.remove():
+                self.mgr.ledger.remove_cgroup(unit.dirs)
+
+    async def _wait_child(self) -> tuple[int | None, int | None, str]:
+        """Wait for the end of the process: its leader's exit, then nothing of it left
+        (what it left in the background is killed after LEFTOVER_GRACE), then its output
+        read. Returns (exit code, signal, the limit that bit or "")."""
         child = self.child
         assert child is not None
         code, sig = await child.wait()
-        eofs = asyncio.gather(*(e.wait() for e in self._eofs))
-        try:
-            await asyncio.wait_for(asyncio.shield(eofs), 1.0)
-        except TimeoutError:
-            child.signal_group(signal.SIGKILL)
-            await eofs
-        child.signal_group(signal.SIGKILL)
+        if self._ending is not None:  # a stop in progress: it owns the grace period
+            await asyncio.gather(self._ending, return_exceptions=True)
+        await child.end_rest(LEFTOVER_GRACE)
+        await self._drain()
         self.mgr.ledger.remove(child.pid)
         loop = asyncio.get_running_loop()
         for fd in child.out_fds.values():
             loop.remove_reader(fd)
         child.close_fds()
+        limit = child.unit.limit_reason() if child.unit is not None else ""
+        self._drop_unit(child.unit, orphans=True)  # rare enough to always look
         await self.writer.flush()
-        return code, sig
+        return code, sig, limit
+
+    async def _drain(self) -> None:
+        """Read what the pipes still hold. Nothing of the session runs any more, so EOF
+        comes once they are empty; a descriptor held elsewhere (no cgroup, or passed to
+        another process) is given DRAIN_LIMIT seconds, longer while output is held back."""
+        eofs = asyncio.gather(*(e.wait() for e in self._eofs))
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while not eofs.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(eofs), 0.5)
+            except TimeoutError:
+                if self._paused:
+                    deadline = time.monotonic() + DRAIN_LIMIT
+                elif time.monotonic() > deadline:
+                    eofs.cancel()
+                    log.warning("session %s: output still open after its processes ended; "
+                                "closing it", self.id)
+                    return
 
     async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
                       signal: int | None = None, reason: str = "") -> None:
@@ -230,9 +306,20 @@ class Session:
                 await self._sub.unsubscribe()
             except Exception:
                 pass
+        unit = self.child.unit if self.child is not None else None
+        if self.child is not None and unit is not None:
+            await self.child.until_running()
+            if unit.populated():  # only after an error in the agent
+                await unit.kill_all()
+                self._drop_unit(unit, orphans=True)
         if self.user is not None:
-            await users.remove(self.user.name)
-            self.mgr.ledger.remove_user(self.user.name)
+            # Its processes ended with the cgroup; users.remove checks, and keeps the user
+            # (for the next start to retry) rather than free a UID something still runs as.
+            if await users.remove(self.user.name):
+                self.mgr.ledger.remove_user(self.user.name)
+            else:
+                log.error("session %s: processes of %s survived; user kept", self.id,
+                          self.user.name)
         self.mgr.ports.release(self.ports)
 
     def end(self, reason: str, reschedule: bool = False) -> None:
@@ -335,7 +422,8 @@ class SessionManager:
     def __init__(self, node: str, nc: NatsClient, js: JetStreamContext, store: SessionStore,
                  ledger: Ledger, capacity: int, ports: PortPool, grace: float,
                  base_env: Mapping[str, str], address: str,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], layout: Layout | None = None,
+                 ephemeral_uids: tuple[int, int] = (users.UID_FIRST, users.UID_LAST)) -> None:
         self.node = node
         self.nc = nc
         self.js = js
@@ -347,6 +435,8 @@ class SessionManager:
         self.base_env = base_env
         self.address = address
         self.on_change = on_change
+        self.layout = layout  # cgroups, if the node has them
+        self.ephemeral_uids = ephemeral_uids  # what the network policy confines
         self.sessions: dict[str, Session] = {}
         self.reserved = 0
         self.draining = False

@@ -18,6 +18,12 @@ def _ago(ts: float) -> str:
     return f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
 
 
+def _isolation(n: NodeInfo) -> str:
+    """Throwaway users and cgroups, or a warning that sessions are not contained."""
+    parts = (["users"] if n.isolation else []) + (["cgroups"] if n.cgroups else [])
+    return ",".join(parts) if parts else "[red]none[/]"
+
+
 def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
     if as_json:
         print(msgspec.json.encode(nodes).decode())
@@ -27,7 +33,7 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
 
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "STATE", "SESSIONS", "LOAD", "CPU%", "MEM%", "LABELS", "ADDRESS",
-                "SEEN"):
+                "ISOLATION", "SEEN"):
         table.add_column(col)
     colors = {"ready": "green", "draining": "yellow", "down": "red"}
     for n in nodes:
@@ -35,7 +41,7 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
             n.name, f"[{colors[n.state]}]{n.state}[/]", f"{n.sessions}/{n.capacity}",
             f"{n.load.load1:.2f}", f"{n.load.cpu_percent:.0f}", f"{n.load.mem_percent:.0f}",
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-",
-            n.address or "-", _ago(n.last_seen),
+            n.address or "-", _isolation(n), _ago(n.last_seen),
         )
     Console().print(table)
     loose = [f"{n.name} ({n.network})" for n in nodes
