@@ -305,11 +305,11 @@ def test_an_agent_that_cannot_enforce_says_so(fleet: Fleet) -> None:
 async def test_a_real_ephemeral_session_cannot_reach_nats(fleet: Fleet, client: Client) -> None:
     nats_port = _nats_port(fleet)
     s = await client.create_session(m.SessionSpec(
-        command=[PY, "-c", PROBE, str(nats_port)], user="ephemeral", cwd="/"))
+        command=[PY, "-c", PROBE, f"127.0.0.1:{nats_port}"], user="ephemeral", cwd="/"))
     done = await client.wait(s.id, timeout=60)
     out = b"".join([e.data async for e in client.logs(done.id) if isinstance(e, LogChunk)])
     await client.remove(done.id)
-    assert out.split() == [str(nats_port).encode(), b"ConnectionRefusedError"]
+    assert out.split() == [f"127.0.0.1:{nats_port}".encode(), b"ConnectionRefusedError"]
 
 
 # --------------------------------------------------------------------------- outbound
@@ -380,3 +380,13 @@ def test_outbound_reaches_other_hosts_but_not_this_node_or_the_deny_list(
         for p in (here, there):
             p.kill()
             p.wait()
+
+
+async def test_throwaway_users_cannot_gain_privileges(fleet: Fleet, client: Client) -> None:
+    # A setuid program would open its sockets as its owner, outside the UID match.
+    s = await client.create_session(m.SessionSpec(
+        shell="grep NoNewPrivs /proc/self/status", user="ephemeral", cwd="/"))
+    done = await client.wait(s.id, timeout=60)
+    out = b"".join([e.data async for e in client.logs(done.id) if isinstance(e, LogChunk)])
+    await client.remove(done.id)
+    assert out.split() == [b"NoNewPrivs:", b"1"], (done.state, done.reason)

@@ -221,7 +221,13 @@ class Unit:
         made: list[str] = []
         try:
             for d in self.dirs:
-                os.mkdir(d)
+                try:
+                    os.mkdir(d)
+                except FileNotFoundError:
+                    # Another agent of this state directory stopped and removed the base it
+                    # found empty: make it again (with its v2 controllers), once.
+                    detect(self.layout.base.removeprefix("shoal."))
+                    os.mkdir(d)
                 made.append(d)
             for path, value in self._writes:
                 try:
