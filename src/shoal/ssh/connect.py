@@ -99,6 +99,8 @@ class Connector:
         except asyncssh.Error as e:
             raise HostUnreachable(f"ssh: {e.reason}") from None
         except OSError as e:
+            if e.filename:  # an identity or config file
+                raise HostUnreachable(f"cannot read {e.filename}: {e.strerror}") from None
             raise HostUnreachable(f"cannot connect to {t.where}: "
                                   f"{e.strerror or e}") from None
         except ValueError as e:  # asyncssh: bad options or config
