@@ -206,3 +206,45 @@ def test_inventory_names_in_node_sets(net: Env, tmp_path: Path) -> None:
     assert [ln.split(":")[0] for ln in lines(r.stdout)] == ["db", "node-2", "web1"]
     r = net.shoal("run", "--inventory", str(tmp_path / "nope.toml"), "-H", "x", "--", "true")
     assert r.returncode == 2 and "no inventory at" in r.stderr
+
+
+# ------------------------------------------------------------------ copy over SFTP
+
+
+def test_copy_and_rcopy_over_sftp_beside_agents(net: Env, tmp_path: Path) -> None:
+    import hashlib
+
+    src = tmp_path / "app conf.bin"
+    data = os.urandom(300_000) + "é\n".encode()
+    src.write_bytes(data)
+    src.chmod(0o640)
+    os.utime(src, (1_600_000_000, 1_600_000_000))
+    # every host here shares this machine's file system: one directory per node
+    dest = tmp_path / "dest-{node}"
+    for n in ["node-1", *GOOD]:
+        Path(str(dest).replace("{node}", n)).mkdir()
+    r = net.shoal("cp", "-n", "node-1", "-H", "s[1-3]", "--", str(src), str(dest))
+    assert r.returncode == 0, r.stderr
+    for n in ["node-1", *GOOD]:
+        got = Path(str(dest).replace("{node}", n)) / src.name
+        assert got.read_bytes() == data
+        assert got.stat().st_mode & 0o777 == 0o640 and got.stat().st_mtime == 1_600_000_000
+        assert [p.name for p in got.parent.iterdir()] == [src.name]  # no temporary left
+    r = net.shoal("cp", "-H", "s1,down", "--", str(src), str(tmp_path / "no-such" / "x"))
+    assert r.returncode == 255
+    assert "s1: no such directory:" in r.stderr and "down: unreachable" in r.stderr
+
+    out = tmp_path / "gathered"
+    out.mkdir()
+    source = str(dest / src.name)
+    r = net.shoal("rcp", "-n", "node-1", "-H", "s[1-2]", "--", source, str(out))
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{src.name}.{n}" for n in ["node-1", "s1", "s2"])
+    for name in names:
+        got = out / name
+        assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert got.stat().st_mode & 0o777 == 0o640 and got.stat().st_mtime == 1_600_000_000
+    r = net.shoal("rcp", "--max-size", "1K", "-H", "s3", "--", source, str(out))
+    assert r.returncode == 3 and "over the --max-size" in r.stderr
+    assert not (out / f"{src.name}.s3").exists()

@@ -53,7 +53,7 @@ class SshLeg:
     def __init__(self, targets: list[SshTarget], work: Work, *, inventory: Inventory,
                  connect_timeout: float, known_hosts: Path | None = None,
                  accept_new: bool = False, batch: int = 0, batch_percent: int = 0,
-                 fanout: int = 0, keep_going: bool = False) -> None:
+                 fanout: int = 0, keep_going: bool = False, takes_stdin: bool = True) -> None:
         from ..controller.fanout import Roll  # the same slicing as agent runs
 
         self.targets = targets
@@ -64,6 +64,7 @@ class SshLeg:
         self.loop = asyncio.new_event_loop()
         self.stdin_chunks: list[bytes] = []  # kept: a host that starts later gets all of it
         self.stdin_eof = False
+        self.takes_stdin = takes_stdin  # a copy's hosts read the file, not the stdin pipe
         self.stdin_changed = asyncio.Event()
         self.hosts: dict[str, HostIO] = {}
         self.interrupts: list[int] = []
@@ -84,6 +85,9 @@ class SshLeg:
             self.loop.call_soon_threadsafe(fn)
 
     def stdin(self, data: bytes, eof: bool = False) -> None:
+        if not self.takes_stdin:
+            return
+
         def feed() -> None:
             if data:
                 self.stdin_chunks.append(data)
