@@ -89,6 +89,16 @@ def test_hosts_specs_and_inventory() -> None:
         parse_hosts("a:99999", Inventory())
 
 
+def test_ssh_slices_are_the_controllers() -> None:
+    from shoal.controller.fanout import Roll
+    from shoal.ssh.fanout import roll_slices
+
+    for n in (0, 1, 7, 100):
+        nodes = [f"h{i}" for i in range(n)]
+        for batch, percent in ((0, 0), (1, 0), (3, 0), (0, 25), (0, 100), (200, 0)):
+            assert roll_slices(nodes, batch, percent) == Roll(batch, percent).slices(nodes)
+
+
 # ------------------------------------------------------------------ real hosts
 
 

@@ -28,6 +28,14 @@ Emit = Callable[[m.RunEvent], None]
 READ_CHUNK = 64 << 10
 
 
+def roll_slices(nodes: list[str], batch: int, percent: int) -> list[list[str]]:
+    """``controller.fanout.Roll.slices`` (a test keeps them equal), without importing the
+    controller's NATS stack into the CLI."""
+    size = batch or (-(-len(nodes) * percent // 100) if percent else 0)
+    size = max(1, size) if size else len(nodes) or 1
+    return [nodes[i:i + size] for i in range(0, len(nodes), size)]
+
+
 class HostIO:
     """What one host's work sees: the leg's stdin, signals and sizes, and its output."""
 
@@ -54,13 +62,12 @@ class SshLeg:
                  connect_timeout: float, known_hosts: Path | None = None,
                  accept_new: bool = False, batch: int = 0, batch_percent: int = 0,
                  fanout: int = 0, keep_going: bool = False, takes_stdin: bool = True) -> None:
-        from ..controller.fanout import Roll  # the same slicing as agent runs
-
         self.targets = targets
         self.work = work
         self.connector = Connector(inventory, connect_timeout, known_hosts=known_hosts,
                                    accept_new=accept_new)
-        self.roll = Roll(batch, batch_percent, fanout, keep_going)
+        self.batch, self.percent = batch, batch_percent
+        self.fanout, self.keep_going = fanout, keep_going
         self.loop = asyncio.new_event_loop()
         self.stdin_chunks: list[bytes] = []  # kept: a host that starts later gets all of it
         self.stdin_eof = False
@@ -129,7 +136,7 @@ class SshLeg:
             self.loop.close()
 
     async def _run_all(self) -> None:
-        width = self.roll.fanout or len(self.targets) or 1
+        width = self.fanout or len(self.targets) or 1
         gate = asyncio.Semaphore(width)
         failed: set[str] = set()
         halt = ""
@@ -142,11 +149,11 @@ class SshLeg:
                     failed.add(t.name)
 
         by_name = {t.name: t for t in self.targets}
-        slices = self.roll.slices(self.nodes) if self.roll.rolling else [self.nodes]
+        slices = roll_slices(self.nodes, self.batch, self.percent)
         for i, chunk in enumerate(slices):
             await asyncio.gather(*(one(by_name[n]) for n in chunk))
             bad = failed.intersection(chunk)
-            if bad and not self.roll.keep_going and i + 1 < len(slices) and not halt:
+            if bad and not self.keep_going and i + 1 < len(slices) and not halt:
                 halt = (f"not run (slice {i + 1} of {len(slices)} failed on"
                         f" {NodeSet(bad)}; --keep-going rolls on)")
 
