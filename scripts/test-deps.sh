@@ -2,7 +2,8 @@
 # System packages the tests need (browser tests drive Debian's chromium; the network policy
 # tests apply nftables rules; the PyCloud bridge's tests run a private redis-server; the
 # container driver's tests run podman with runc on an image made from busybox-static's
-# static /bin/busybox). Idempotent.
+# static /bin/busybox; the ssh target tests run Debian's OpenSSH server in network
+# namespaces and the bench compares against pssh). Idempotent.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
@@ -10,6 +11,9 @@ command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || need+=(nftables)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v parallel-ssh >/dev/null || need+=(pssh)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
     || need+=(busybox-static)
 if ((${#need[@]})); then

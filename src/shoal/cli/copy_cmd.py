@@ -27,6 +27,7 @@ from ..errors import ConfigError, ShoalError
 from ..lines import prefix_lines
 from .main import _group_ref, fail, main
 from .printers import Prefixed
+from .ssh_opts import SshChoice, choose, ssh_options
 
 DEFAULT_MAX = "4G"
 _SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
@@ -68,7 +69,13 @@ def parse_size(text: str) -> int:
 
 
 def _targets(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
-             xgroups: tuple[str, ...], labels: tuple[str, ...]) -> m.Targets:
+             xgroups: tuple[str, ...], labels: tuple[str, ...],
+             ssh: SshChoice | None = None) -> m.Targets | None:
+    """The agent side (None: only ssh hosts)."""
+    if ssh is not None:
+        nodeset = ssh.nodes
+        if ssh.targets and not (all_ or nodeset or groups or labels):
+            return None
     nodes = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
     excl = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
     try:
@@ -97,7 +104,7 @@ def _target_options(f: Any) -> Any:
                      help="Seconds to wait for each agent to answer."),
     ]):
         f = opt(f)
-    return f
+    return ssh_options(f)
 
 
 def _client_cfg(ctx: click.Context) -> c.ClientConfig:
@@ -108,19 +115,26 @@ def _client_cfg(ctx: click.Context) -> c.ClientConfig:
         fail(e.message, 2)
 
 
-def _run(ctx: click.Context, targets: m.Targets, spec: dict[str, Any], fanout: int | None,
-         connect_timeout: float, **kwargs: Any) -> int:
+def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
+         fanout: int | None, connect_timeout: float, ssh: SshChoice, work: Any,
+         **kwargs: Any) -> int:
+    """``work``: the ssh hosts' part (``shoal.ssh.sftp``)."""
     from .run_cmd import run_command
 
-    cfg = _client_cfg(ctx)
+    url, token = ("", "")
+    if targets is not None:
+        cfg = _client_cfg(ctx)
+        url, token = cfg.url, cfg.token
     try:
         run_spec = msgspec.convert(spec, m.RunSpec)
     except msgspec.ValidationError as e:
         fail(f"bad copy request: {e}", 2)
+    leg = ssh.leg(work(), connect_timeout, fanout=fanout or 0,
+                  takes_stdin=False) if ssh.targets else None
     try:
-        return run_command(cfg.url, cfg.token, targets, run_spec, mode="prefixed",
+        return run_command(url, token, targets, run_spec, mode="prefixed",
                            progress=False, connect_timeout=connect_timeout,
-                           fanout=fanout or 0, **kwargs)
+                           fanout=fanout or 0, ssh=leg, **kwargs)
     except ShoalError as e:
         fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 
@@ -132,15 +146,19 @@ def _run(ctx: click.Context, targets: m.Targets, spec: dict[str, Any], fanout: i
 @click.pass_context
 def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
          xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
-         max_size: str, connect_timeout: float, source: Path, dest: str) -> None:
+         max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
+         inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
+         source: Path, dest: str) -> None:
     """Copy a file to many nodes: shoal copy -n 'web[1-8]' app.conf /etc/app/
 
     DEST may name a directory (the file keeps its name) and may contain {node}, each node's
     own name. Mode and mtime are kept; each node checks the sha256 before it renames the
     file into place, so a destination is either the old file or the whole new one.
+    -H hosts get it over SFTP, with the same checks.
     """
     limit = parse_size(max_size)
-    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels)
+    ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
+    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels, ssh)
     try:
         fd = os.open(source, os.O_RDONLY)
     except OSError as e:
@@ -157,8 +175,14 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
         os.lseek(fd, 0, os.SEEK_SET)
         argv = ["sh", "-c", PUSH, "shoal-copy", dest, digest,
                 f"{stat.S_IMODE(st.st_mode):o}", str(int(st.st_mtime)), source.name]
-        status = _run(ctx, targets, {"argv": argv, "stdin": True}, fanout, connect_timeout,
-                      stdin_fd=fd)
+
+        def work() -> Any:
+            from ..ssh.sftp import push_work
+
+            return push_work(source, dest, digest, stat.S_IMODE(st.st_mode), int(st.st_mtime))
+
+        status = _run(ctx, targets, {"argv": argv, "stdin": targets is not None}, fanout,
+                      connect_timeout, ssh, work, stdin_fd=fd)
     finally:
         os.close(fd)
     sys.exit(status)
@@ -242,14 +266,17 @@ class _ToFiles(Prefixed):
 @click.pass_context
 def rcopy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
           xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
-          max_size: str, connect_timeout: float, source: str, directory: Path) -> None:
+          max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
+          inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
+          source: str, directory: Path) -> None:
     """Gather a file from many nodes: shoal rcopy --all /var/log/syslog ./logs
 
     Each node's copy lands in DIRECTORY as NAME.node (like clush --rcopy), mode and mtime
-    kept, sha256 checked; SOURCE may contain {node}.
+    kept, sha256 checked; SOURCE may contain {node}. -H hosts send it over SFTP.
     """
     limit = parse_size(max_size)
-    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels)
+    ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
+    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels, ssh)
     if not directory.is_dir():
         fail(f"{directory} is not a directory: rcopy writes one file per node into it", 2)
     if not os.access(directory, os.W_OK):
@@ -259,7 +286,14 @@ def rcopy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tu
         fail(f"{source!r} does not name a file", 2)
     argv = ["sh", "-c", PULL, "shoal-rcopy", source, str(limit)]
     printer = _ToFiles(directory, name)
-    sys.exit(_run(ctx, targets, {"argv": argv}, fanout, connect_timeout, printer=printer))
+
+    def work() -> Any:
+        from ..ssh.sftp import pull_work
+
+        return pull_work(source, directory, name, limit)
+
+    sys.exit(_run(ctx, targets, {"argv": argv}, fanout, connect_timeout, ssh, work,
+                  printer=printer))
 
 
 main.add_command(copy, "cp")

@@ -12,6 +12,7 @@ import msgspec
 
 from .. import config as c
 from ..errors import ConfigError, ShoalError
+from .ssh_opts import ssh_options
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -267,16 +268,22 @@ def nodes_show(ctx: click.Context, name: str) -> None:
 @click.option("--cwd", default=None, help="Working directory on the nodes.")
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float,
               help="Seconds to wait for each agent to answer.")
+@ssh_options
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
         xgroups: tuple[str, ...], labels: tuple[str, ...], batch: str | None,
         fanout: int | None, keep_going: bool, shell: str | None, gather: bool, as_json: bool,
         use_stdin: bool, use_tty: bool, timeout: float | None, env: tuple[str, ...],
-        cwd: str | None, connect_timeout: float, argv: tuple[str, ...]) -> None:
-    """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c"""
+        cwd: str | None, connect_timeout: float, ssh_hosts: tuple[str, ...],
+        inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
+        argv: tuple[str, ...]) -> None:
+    """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c
+
+    -H names hosts without an agent, reached over ssh from this machine (docs/cli.md)."""
     from .. import messages as m
     from .run_cmd import raw_terminal, run_command, terminal_size
+    from .ssh_opts import choose
 
     if bool(argv) == bool(shell):
         fail("give a command after -- (argv, passed as is) or --shell 'string', not both", 2)
@@ -290,8 +297,10 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
     size, percent = _batch(batch) if batch is not None else (0, 0)
     if keep_going and batch is None:
         fail("--keep-going goes with --batch", 2)
-    nodeset = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
+    ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
+    nodeset = ",".join(x for x in (ssh.nodes, *(_group_ref(g) for g in groups)) if x)
     exclude = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
+    agents = all_ or bool(nodeset or label_map) or not ssh.targets
     cols, rows = terminal_size()
     try:
         spec = msgspec.convert({"argv": list(argv) or None, "shell": shell, "env": env_map,
@@ -304,19 +313,25 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
         fail(f"bad run request: {e}", 2)
     mode = "raw" if use_tty else "gather" if gather else "json" if as_json else "prefixed"
     progress = (gather or as_json) and sys.stderr.isatty()
-
+    roll: dict[str, Any] = {"batch": size, "batch_percent": percent,
+                            "fanout": fanout or 0, "keep_going": keep_going}
     try:
+        ssh_leg = None
+        if ssh.targets:
+            from ..ssh.fanout import command_work
+
+            ssh_leg = ssh.leg(command_work(spec), connect_timeout, **roll)
         cfg = c.load(c.ClientConfig, c.shoal_home() / "client.toml",
-                     {"url": ctx.obj["url"], "token": ctx.obj["token"]})
+                     {"url": ctx.obj["url"], "token": ctx.obj["token"]}) if agents else None
     except ShoalError as e:
         fail(e.message, 2)
 
     def go() -> int:
         try:
-            return run_command(cfg.url, cfg.token, targets, spec, mode=mode,
-                               progress=progress, connect_timeout=connect_timeout, batch=size,
-                               batch_percent=percent, fanout=fanout or 0,
-                               keep_going=keep_going)
+            return run_command(cfg.url if cfg else "", cfg.token if cfg else "",
+                               targets if agents else None, spec, mode=mode,
+                               progress=progress, connect_timeout=connect_timeout,
+                               ssh=ssh_leg, **roll)
         except ShoalError as e:
             fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 

@@ -14,8 +14,9 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Protocol
 
 from .. import messages as m
 from ..errors import ConnectError, ProtocolError, error_for_status
@@ -65,7 +66,25 @@ class _Sender:
         self.stdin_offset += len(data)
 
 
-def _pump_stdin(sender: _Sender, chunk: int, fd: int | None = None) -> None:
+class Leg(Protocol):
+    """One part of a run with its own transport: the controller's agents (``_AgentLeg``)
+    or the CLI's own ssh connections (``shoal.ssh.fanout.SshLeg``). All methods but
+    ``run`` are called from other threads."""
+
+    @property
+    def nodes(self) -> list[str]: ...
+
+    def stdin(self, data: bytes, eof: bool = False) -> None: ...
+
+    def signal(self, signum: int) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def run(self, emit: Callable[[m.RunEvent], None]) -> None:
+        """Blocks until every node of the leg has ended, passing on its events."""
+
+
+def _pump_stdin(legs: list[Leg], chunk: int, fd: int | None = None) -> None:
     """The CLI's stdin (or ``fd``) to every node; its end is passed on as EOF."""
     fd = sys.stdin.fileno() if fd is None else fd
     while True:
@@ -73,10 +92,10 @@ def _pump_stdin(sender: _Sender, chunk: int, fd: int | None = None) -> None:
             data = os.read(fd, chunk)
         except OSError:
             data = b""
+        for leg in legs:
+            leg.stdin(data, eof=not data)
         if not data:
-            sender.stdin(b"", eof=True)
             return
-        sender.stdin(data)
 
 
 def _open(url: str, token: str, start: m.RunStart) -> tuple[WebSocket, m.RunPlan]:
@@ -103,24 +122,64 @@ def _next(ws: WebSocket) -> m.ServerFrame:
     return m.unpack_server_frame(payload)
 
 
-def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mode: str,
-                progress: bool, connect_timeout: float, batch: int = 0, batch_percent: int = 0,
-                fanout: int = 0, keep_going: bool = False, stdin_fd: int | None = None,
-                printer: Printer | None = None) -> int:
+class _AgentLeg:
+    """The agent nodes of a run, through the controller's WebSocket."""
+
+    def __init__(self, url: str, token: str, start: m.RunStart) -> None:
+        from ..client import first_reachable  # url may list a cluster's controllers
+
+        self.ws, self.plan = _open(first_reachable(url), token, start)
+        self.sender = _Sender(self.ws)
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.plan.nodes
+
+    def stdin(self, data: bytes, eof: bool = False) -> None:
+        self.sender.stdin(data, eof)
+
+    def signal(self, signum: int) -> None:
+        self.sender.send(m.SignalRun(signum=signum))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.sender.send(m.Resize(cols=cols, rows=rows))
+
+    def run(self, emit: Callable[[m.RunEvent], None]) -> None:
+        try:
+            while True:
+                ev = _next(self.ws)
+                if isinstance(ev, m.RunDone):
+                    return
+                if isinstance(ev, m.ErrorFrame):
+                    raise error_for_status(ev.status, ev.message)
+                if isinstance(ev, m.Output | m.Exit | m.Unreachable | m.Skipped):
+                    emit(ev)
+        finally:
+            with self.sender.lock:
+                self.ws.close()
+
+
+def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec, *,
+                mode: str, progress: bool, connect_timeout: float, batch: int = 0,
+                batch_percent: int = 0, fanout: int = 0, keep_going: bool = False,
+                stdin_fd: int | None = None, printer: Printer | None = None,
+                ssh: Leg | None = None) -> int:
     """Run and print; returns the exit status for the CLI. ``stdin_fd`` feeds the nodes'
-    stdin from that file instead of the terminal's (``shoal copy``)."""
+    stdin from that file instead of the terminal's (``shoal copy``). ``ssh`` is the run's
+    ssh hosts, run beside the agent nodes (``targets``; None: no agent nodes)."""
     reuse_heap_for_bulk_io()
     if printer is None:
         printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
     skipped: dict[str, str] = {}
-    start = m.RunStart(targets=targets, spec=spec, connect_timeout=connect_timeout,
-                       batch=batch, batch_percent=batch_percent, fanout=fanout,
-                       keep_going=keep_going)
-    from ..client import first_reachable  # url may list a cluster's controllers
-
-    ws, plan = _open(first_reachable(url), token, start)
-    sender = _Sender(ws)
+    legs: list[Leg] = []
+    if targets is not None:
+        legs.append(_AgentLeg(url, token, m.RunStart(
+            targets=targets, spec=spec, connect_timeout=connect_timeout, batch=batch,
+            batch_percent=batch_percent, fanout=fanout, keep_going=keep_going)))
+    if ssh is not None:
+        legs.append(ssh)
+    planned = [n for leg in legs for n in leg.nodes]
     interrupts = 0
 
     def on_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -128,21 +187,19 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
         interrupts += 1
         if interrupts == 1:
             sys.stderr.write("\nshoal: sending SIGINT to every node; Ctrl-C again to kill\n")
-        sender.send(m.SignalRun(signum=signal.SIGINT if interrupts == 1 else signal.SIGKILL))
+        for leg in legs:
+            leg.signal(signal.SIGINT if interrupts == 1 else signal.SIGKILL)
 
     def on_winch(signum: int, frame: FrameType | None) -> None:
         cols, rows = terminal_size()
-        sender.send(m.Resize(cols=cols, rows=rows))
+        for leg in legs:
+            leg.resize(cols, rows)
 
-    old_int = signal.signal(signal.SIGINT, on_interrupt) if mode != "raw" else None
-    old_winch = signal.signal(signal.SIGWINCH, on_winch) if mode == "raw" else None
-    if spec.tty or spec.stdin:
-        threading.Thread(target=_pump_stdin, daemon=True,
-                         args=(sender, 4096 if spec.tty else STDIN_CHUNK, stdin_fd)).start()
-    bar = _progress(len(plan.nodes)) if progress else None
-    try:
-        while True:
-            ev = _next(ws)
+    bar = _progress(len(planned)) if progress else None
+    lock = threading.Lock()  # the legs' threads share one printer
+
+    def emit(ev: m.RunEvent) -> None:
+        with lock:
             if isinstance(ev, m.Output):
                 printer.output(ev)
             elif isinstance(ev, m.Exit | m.Unreachable):
@@ -154,10 +211,30 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
                 skipped[ev.node] = ev.reason
                 if bar is not None:
                     bar.advance()
-            elif isinstance(ev, m.RunDone):
-                break
-            elif isinstance(ev, m.ErrorFrame):
-                raise error_for_status(ev.status, ev.message)
+
+    old_int = signal.signal(signal.SIGINT, on_interrupt) if mode != "raw" else None
+    old_winch = signal.signal(signal.SIGWINCH, on_winch) if mode == "raw" else None
+    if spec.tty or spec.stdin:
+        threading.Thread(target=_pump_stdin, daemon=True,
+                         args=(legs, 4096 if spec.tty else STDIN_CHUNK, stdin_fd)).start()
+    errors: list[BaseException] = []
+
+    def run_leg(leg: Leg) -> None:
+        try:
+            leg.run(emit)
+        except BaseException as e:  # raised again in the main thread
+            errors.append(e)
+
+    others = [threading.Thread(target=run_leg, args=(leg,), daemon=True) for leg in legs[1:]]
+    try:
+        for t in others:
+            t.start()
+        if legs:
+            legs[0].run(emit)
+        for t in others:
+            t.join()
+        if errors:
+            raise errors[0]
     finally:
         if bar is not None:
             bar.stop()
@@ -166,9 +243,7 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
         if old_winch is not None:
             signal.signal(signal.SIGWINCH, old_winch)
         printer.close()
-        with sender.lock:
-            ws.close()
-    missing = [n for n in plan.nodes if n not in results and n not in skipped]
+    missing = [n for n in planned if n not in results and n not in skipped]
     outcome = summarize(results, missing, skipped)
     if outcome.summary and mode != "raw":
         sys.stderr.write(outcome.summary + "\n")

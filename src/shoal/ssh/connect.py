@@ -1,0 +1,124 @@
+"""Open ssh connections with the host key policy; asyncssh's and the OS's errors become
+one ``Unreachable`` reason each, here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .hostkeys import HostKeyPolicy, PolicyClient
+from .targets import Inventory, SshTarget, parse_hosts
+
+
+class HostUnreachable(Exception):
+    """A host shoal could not reach or log in to (exit status 255)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def default_known_hosts() -> list[Path]:
+    return [Path("~/.ssh/known_hosts").expanduser()]
+
+
+class Connector:
+    """Connections of one command: the same policy, one connection per jump host."""
+
+    def __init__(self, inventory: Inventory, timeout: float, *,
+                 known_hosts: Path | None = None, accept_new: bool = False) -> None:
+        self.known_hosts = known_hosts
+        self.accept_new = accept_new
+        self.inventory = inventory
+        self.timeout = timeout
+        self._jumps: dict[str, asyncio.Task[asyncssh.SSHClientConnection]] = {}
+        self._policies: dict[tuple[Path, ...], HostKeyPolicy] = {}
+
+    def _policy_for(self, opts: asyncssh.SSHClientConnectionOptions) -> HostKeyPolicy:
+        """``--known-hosts``, else the files ~/.ssh/config names for this host
+        (UserKnownHostsFile), else ~/.ssh/known_hosts; one policy (one read) per list."""
+        if self.known_hosts is not None:
+            files = [self.known_hosts]
+        else:
+            named = opts.known_hosts if isinstance(opts.known_hosts, list) else []
+            files = [Path(f).expanduser() for f in named
+                     if isinstance(f, str)] or default_known_hosts()
+        key = tuple(files)
+        if key not in self._policies:
+            self._policies[key] = HostKeyPolicy(files, self.accept_new)
+        return self._policies[key]
+
+    async def open(self, t: SshTarget) -> asyncssh.SSHClientConnection:
+        """A logged-in connection to ``t``, or ``HostUnreachable`` saying why not."""
+        kwargs: dict[str, Any] = {"password_auth": False, "kbdint_auth": False}
+        if t.user:
+            kwargs["username"] = t.user
+        if t.port:
+            kwargs["port"] = t.port
+        if t.identity:
+            kwargs["client_keys"] = [os.path.expanduser(t.identity)]
+        client: PolicyClient | None = None
+        try:
+            if t.jump:
+                kwargs["tunnel"] = await self._jump(t.jump)
+            opts = await asyncssh.SSHClientConnectionOptions.construct(host=t.address,
+                                                                       **kwargs)
+            policy = self._policy_for(opts)
+
+            def factory() -> PolicyClient:
+                nonlocal client
+                client = PolicyClient(policy)
+                return client
+
+            async with asyncio.timeout(self.timeout):
+                return await asyncssh.connect(
+                    t.address, options=opts, known_hosts=policy.readable() or b"",
+                    client_factory=factory, connect_timeout=self.timeout)
+        except HostUnreachable:
+            raise
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise HostUnreachable(client.refusal if client and client.refusal
+                                  else f"host key not verifiable: {e.reason}") from None
+        except asyncssh.PermissionDenied:
+            user = t.user or "the default user"
+            raise HostUnreachable(f"permission denied (publickey) for {user} on "
+                                  f"{t.where}") from None
+        except TimeoutError:
+            raise HostUnreachable(f"no answer within {self.timeout:g}s") from None
+        except ConnectionRefusedError:
+            raise HostUnreachable(f"connection refused by {t.where}") from None
+        except socket.gaierror as e:
+            raise HostUnreachable(f"unknown host {t.address}: {e.strerror}") from None
+        except asyncssh.KeyImportError as e:
+            raise HostUnreachable(f"cannot read identity {t.identity}: {e}") from None
+        except asyncssh.Error as e:
+            raise HostUnreachable(f"ssh: {e.reason}") from None
+        except OSError as e:
+            if e.filename:  # an identity or config file
+                raise HostUnreachable(f"cannot read {e.filename}: {e.strerror}") from None
+            raise HostUnreachable(f"cannot connect to {t.where}: "
+                                  f"{e.strerror or e}") from None
+        except ValueError as e:  # asyncssh: bad options or config
+            raise HostUnreachable(f"ssh: {e}") from None
+
+    async def _jump(self, spec: str) -> asyncssh.SSHClientConnection:
+        if spec not in self._jumps:
+            jump = self.inventory.target(spec) if spec in self.inventory.hosts \
+                else parse_hosts(spec, self.inventory)[0]
+            self._jumps[spec] = asyncio.ensure_future(self.open(jump))
+        try:
+            return await asyncio.shield(self._jumps[spec])
+        except HostUnreachable as e:
+            raise HostUnreachable(f"jump host {spec}: {e.reason}") from None
+
+    def close(self) -> None:
+        for task in self._jumps.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+            else:
+                task.cancel()
