@@ -7,22 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 
-from fleet import Fleet, wait_for
+from fleet import Fleet, wait_for, wait_running
 from shoal import bus
+from shoal import messages as m
+from shoal import servicetypes as st
+from shoal.client import Client, LogChunk, controller_urls
 from shoal.config import NatsConfig
+from shoal.errors import ConnectError
 from shoal.natsd import ClusterSpec, NatsCluster, NatsUsers
 from shoal.outputlog import STREAM as OUTPUT_STREAM
 from shoal.subjects import SESSIONS_BUCKET
@@ -308,3 +315,174 @@ def test_cluster_routes_refuse_a_server_without_the_route_password(tmp_path: Pat
         assert _route_handshake(port, "route", users.route_password).startswith(b"PONG")
     finally:
         cluster.stop()
+
+
+REPLICA = [sys.executable, str(Path(__file__).with_name("replica_server.py"))]
+
+
+def services_urls(fleet: Fleet) -> list[str]:
+    """Every controller's services listener, in the order `shoal up` printed them."""
+    return re.findall(r"services (http://\S+) ", fleet.log.read_text())
+
+
+class Traffic:
+    """Service requests one after another, each through the first services listener that
+    answers (as a client that lists every controller would); when each succeeded or failed."""
+
+    def __init__(self, bases: list[str], name: str) -> None:
+        self.bases = bases
+        self.name = name
+        self.ok: list[float] = []
+        self.failed: list[tuple[float, str]] = []  # when, and each listener's answer
+        self.answered_by: set[str] = set()
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=3)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                why: list[str] = []
+                for base in self.bases:
+                    try:
+                        async with http.get(f"{base}/s/{self.name}/") as resp:
+                            body = (await resp.text()).strip()
+                            if resp.status == 200:
+                                self.ok.append(time.monotonic())
+                                self.answered_by.add(body)
+                                break
+                            why.append(f"{base}: HTTP {resp.status} {body[:80]}")
+                    except (aiohttp.ClientError, TimeoutError) as e:
+                        why.append(f"{base}: {type(e).__name__} {e}")
+                else:
+                    self.failed.append((time.monotonic(), "; ".join(why)))
+                await asyncio.sleep(0.05)
+
+    def longest_gap(self, after: float) -> float:
+        times = [after, *[t for t in self.ok if t >= after]]
+        return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else -1.0
+
+
+async def _echoed(att: Any, out: bytearray, token: bytes, timeout: float = 30) -> None:
+    """Read the attachment until ``token`` is in ``out`` (it reconnects by itself)."""
+    async def read() -> None:
+        async for item in att:
+            if isinstance(item, bytes):
+                out.extend(item)
+                if token in out:
+                    return
+            elif item.get("t") == "exit":
+                raise AssertionError(f"the terminal ended: {item}")
+
+    await asyncio.wait_for(read(), timeout)
+
+
+async def _send_until_echoed(att: Any, out: bytearray, text: bytes, timeout: float) -> float:
+    """Type ``text`` + Enter until cat's echo of it comes back: input sent while the client
+    reconnects is refused (ConnectError), never lost quietly. Returns when it came back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await att.send(text + b"\r")
+        except ConnectError:
+            pass  # reading on is what reconnects
+        try:
+            await _echoed(att, out, text + b"\r\n" + text, timeout=5)
+            return time.monotonic()
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"{text!r} never echoed: {bytes(out)!r}"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("with_controller", [False, True], ids=["server", "server+controller"])
+def test_terminals_and_service_traffic_ride_out_losing_the_leading_server(
+        tmp_path: Path, with_controller: bool) -> None:
+    """A tty session attached through the Python client and requests to a 2-replica service
+    are in flight when the leading server is SIGKILLed (and, in the second variant, the
+    controller the terminal and the traffic go through, at the same moment)."""
+    home = tmp_path / "home"
+    fleet = Fleet(home, agents=3, extra_args=("--nats-cluster", "3"))
+    try:
+        fleet.start(timeout=60)
+        jet = Jet(home)
+        victim = meta_leader(home)
+        jet.move_leader(OUTPUT_STREAM, victim)
+        jet.move_leader(SESSIONS_STREAM, victim)
+        controllers = controller_urls(tomllib.loads((home / "client.toml").read_text())["url"])
+        services = services_urls(fleet)
+        assert len(controllers) == len(services) == 3
+        extra: subprocess.Popen[str] | None = None
+        if with_controller:
+            # A controller process of its own (those of `shoal up` share one process): the
+            # one every client tries first, killed with the server.
+            extra, url = fleet.controller()
+            log = max(home.glob("controller-*.log"), key=lambda p: p.stat().st_mtime)
+            found = re.search(r"services on (http://\S+)/s/NAME/", log.read_text())
+            assert found, log.read_text()
+            controllers, services = [url, *controllers], [found.group(1), *services]
+        server = server_process(home, victim)
+        result = asyncio.run(_ride_out(fleet, controllers, services, server, extra))
+        print(f"killed {victim}{' and a controller' if extra else ''}: {result}")
+    finally:
+        fleet.stop()
+
+
+async def _ride_out(fleet: Fleet, controllers: list[str], services: list[str],
+                    server: psutil.Process, controller: subprocess.Popen[str] | None) -> str:
+    async with Client(",".join(controllers), fleet.token, reconnect_for=60) as c:
+        await c.create_service(st.ServiceSpec(name="web", command=REPLICA, replicas=2,
+                                              check="http:/health", interval=0.2,
+                                              timeout=0.5))
+        deadline = time.monotonic() + 30
+        while (view := await c.service("web")).up != 2:
+            assert time.monotonic() < deadline, f"service not up: {view}"
+            await asyncio.sleep(0.1)
+        term = await c.create_session(m.SessionSpec(command=["cat"], tty=True))
+        await wait_running(c, term.id)
+        traffic = Traffic(services, "web")
+        requests = asyncio.create_task(traffic.run())
+        out = bytearray()
+        try:
+            async with c.attach(term.id) as att:
+                await att.send(b"before\r")
+                await _echoed(att, out, b"before\r\nbefore")
+                await asyncio.sleep(1)
+                assert traffic.ok and not traffic.failed, traffic.failed
+
+                server.send_signal(signal.SIGKILL)
+                if controller is not None:
+                    controller.kill()
+                killed_at = time.monotonic()
+
+                # The terminal works on: a keystroke after the fault is echoed.
+                echoed_at = await _send_until_echoed(att, out, b"after", timeout=45)
+                # Service requests succeed again, and go on succeeding.
+                deadline = killed_at + 45
+                while len([t for t in traffic.ok if t > echoed_at]) < 20:
+                    assert time.monotonic() < deadline, (
+                        f"service traffic did not come back: {traffic.failed[-3:]}")
+                    await asyncio.sleep(0.1)
+                await att.send(b"last\r")
+                await _echoed(att, out, b"last\r\nlast")
+        finally:
+            requests.cancel()
+            await asyncio.gather(requests, return_exceptions=True)
+        gap = traffic.longest_gap(killed_at - 1)
+        assert traffic.answered_by == {r.id for r in (await c.service("web")).replicas}, \
+            traffic.answered_by
+        # Replay is byte-exact: what the terminal showed is what the output log holds.
+        stored = b"".join([e.data async for e in c.logs(term.id) if isinstance(e, LogChunk)])
+        assert stored.startswith(bytes(out)), (bytes(out), stored)
+        # Each line typed is echoed once by the tty and once by cat: none lost or doubled
+        # ("after" may have been typed again while its first echo was on its way).
+        assert out.count(b"before") == 2 and out.count(b"last") == 2
+        assert out.count(b"after") % 2 == 0 and out.count(b"after") >= 2
+        async with c.attach(term.id) as again:  # a fresh attach replays the same bytes
+            replay = bytearray()
+            await _echoed(again, replay, b"last\r\nlast")
+            assert bytes(replay) == stored[:len(replay)]
+        if controller is not None:
+            assert c.url != controllers[0]  # failed over to a controller that lives
+        await c.kill(term.id)
+        return (f"terminal echoed {echoed_at - killed_at:.1f}s after; longest service gap "
+                f"{gap:.1f}s; {len(traffic.failed)} failed requests of "
+                f"{len(traffic.failed) + len(traffic.ok)}"
+                f"{': ' + traffic.failed[0][1] if traffic.failed else ''}")

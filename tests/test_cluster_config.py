@@ -14,7 +14,16 @@ from shoal import replicas
 from shoal.client import controller_urls
 from shoal.config import ControllerConfig, NatsConfig, load
 from shoal.errors import ConfigError
-from shoal.natsd import ClusterPeer, ClusterSpec, NatsUsers, server_config
+from shoal.natsd import (
+    ACCOUNT,
+    ClusterPeer,
+    ClusterSpec,
+    LeafListen,
+    NatsUsers,
+    agent_permissions,
+    leaf_server_config,
+    server_config,
+)
 from shoal.up import rotate, split_ports, spread
 
 USERS = NatsUsers("ctl-pw", "agent-pw", "route-pw")
@@ -126,3 +135,57 @@ def test_nats_servers_are_tried_in_random_order_unless_told() -> None:
     assert NatsConfig().randomize is True
     cfg = load(ControllerConfig, None, {"nats": {"randomize": "false"}})
     assert cfg.nats.randomize is False
+
+
+LEAF_USERS = NatsUsers("ctl-pw", "agent-pw", "route-pw", "leaf-pw")
+
+
+def test_a_hub_accepts_leaf_nodes_only_with_the_leaf_password() -> None:
+    conf = json.loads(server_config(4222, Path("/s"), LEAF_USERS,
+                                    leafnodes=LeafListen("10.71.0.1", 7422)))
+    leaf = conf["leafnodes"]
+    assert leaf["host"] == "10.71.0.1" and leaf["port"] == 7422
+    # Bound to shoal's account: a leaf connection sees the fleet's subjects and streams.
+    assert leaf["authorization"] == {"users": [{"user": "leaf", "password": "leaf-pw",
+                                                "account": ACCOUNT}]}
+    assert conf["jetstream"]["domain"] == "hub"  # what a site's leaf server maps onto
+    assert "leafnodes" not in json.loads(server_config(4222, Path("/s"), LEAF_USERS))
+    with pytest.raises(ConfigError, match="leaf password"):
+        server_config(4222, Path("/s"), USERS, leafnodes=LeafListen("127.0.0.1", 7422))
+
+
+def test_a_leaf_server_dials_every_hub_and_serves_agents_only() -> None:
+    hubs = [LeafListen("10.71.0.1", 7422), LeafListen("10.71.0.1", 7423)]
+    conf = json.loads(leaf_server_config(4300, LEAF_USERS, hubs, server_name="site-1"))
+    assert conf["port"] == 4300 and conf["host"] == "127.0.0.1"
+    assert conf["server_name"] == "site-1"
+    assert conf["leafnodes"]["remotes"] == [{
+        "urls": ["nats-leaf://leaf:leaf-pw@10.71.0.1:7422",
+                 "nats-leaf://leaf:leaf-pw@10.71.0.1:7423"],
+        "account": ACCOUNT}]
+    # No JetStream of its own (the hub's serves the site), no listener for other servers,
+    # and only the agent user, with the agent's permissions: a site holds no controller
+    # credential.
+    assert "jetstream" not in conf and "cluster" not in conf
+    users = conf["accounts"][ACCOUNT]["users"]
+    assert [u["user"] for u in users] == ["agent"]
+    assert users[0]["password"] == "agent-pw"
+    perms = users[0]["permissions"]
+    assert perms["subscribe"] == agent_permissions()["subscribe"]
+    allowed = perms["publish"]["allow"]
+    # The agent's own names, and the hub domain's that the site maps them to (permissions
+    # are checked after the mapping), and nothing else.
+    assert set(agent_permissions()["publish"]["allow"]) <= set(allowed)
+    extra = set(allowed) - set(agent_permissions()["publish"]["allow"])
+    assert extra and all(x.startswith("$JS.hub.API.") for x in extra)
+    assert "$JS.hub.API.$KV.shoal-heartbeats.*" in extra
+    assert conf["accounts"][ACCOUNT]["mappings"] == {"$JS.API.>": "$JS.hub.API.>",
+                                                     "$KV.>": "$JS.hub.API.$KV.>"}
+    assert conf["ping_interval"] and conf["ping_max"] >= 2  # a cut link is noticed soon
+
+
+def test_a_leaf_server_without_hub_or_password_is_refused() -> None:
+    with pytest.raises(ConfigError, match="hub's leafnodes address"):
+        leaf_server_config(4300, LEAF_USERS, [])
+    with pytest.raises(ConfigError, match="leaf password"):
+        leaf_server_config(4300, USERS, [LeafListen("127.0.0.1", 7422)])

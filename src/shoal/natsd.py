@@ -37,20 +37,42 @@ ACCOUNT = "SHOAL"
 
 
 ROUTE_USER = "route"
+LEAF_USER = "leaf"
+# A site's leaf server pings its hub this often and gives up after LEAF_PING_MAX unanswered
+# pings: a cut link is noticed (and redialled) in seconds, not after the default 2 minutes.
+LEAF_PING_INTERVAL = "2s"
+LEAF_PING_MAX = 3
+# The hub's JetStream domain. A leaf server without JetStream does not pass the plain
+# ``$JS.API.>`` to its hub; it passes a domain's, so the site maps one onto the other.
+HUB_DOMAIN = "hub"
 
 
 @dataclass(frozen=True)
 class NatsUsers:
-    """Generated credentials: one user for controllers, one for agents, and the password
-    the servers of a cluster give each other on their routes."""
+    """Generated credentials: one user for controllers, one for agents, the password the
+    servers of a cluster give each other on their routes, and the one sites' leaf servers
+    give the hub."""
 
     controller_password: str
     agent_password: str
     route_password: str = ""
+    leaf_password: str = ""
 
     @classmethod
     def generate(cls) -> NatsUsers:
-        return cls(new_secret(), new_secret(), new_secret())
+        return cls(new_secret(), new_secret(), new_secret(), new_secret())
+
+
+@dataclass(frozen=True)
+class LeafListen:
+    """Where a hub server accepts the leaf connections of remote sites."""
+
+    host: str
+    port: int
+
+    def url(self, users: NatsUsers) -> str:
+        """The URL a site's leaf server dials, with the leaf credentials in it."""
+        return f"nats-leaf://{LEAF_USER}:{users.leaf_password}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -118,30 +140,45 @@ def agent_permissions() -> dict[str, object]:
     }
 
 
+def _agent_user(users: NatsUsers) -> dict[str, object]:
+    return {"user": "agent", "password": users.agent_password,
+            "permissions": agent_permissions()}
+
+
+def _common(host: str, port: int) -> dict[str, object]:
+    return {"host": host, "port": port, "max_payload": 8 << 20, "max_pending": 256 << 20,
+            "write_deadline": "30s"}
+
+
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
-                  cluster: ClusterSpec | None = None, server_name: str = "") -> str:
+                  cluster: ClusterSpec | None = None, server_name: str = "",
+                  leafnodes: LeafListen | None = None) -> str:
     """A nats-server configuration: JetStream on, one account, two users, nothing anonymous.
     With ``cluster``, this server (``server_name``, one of its peers) routes to the others
     with a password of its own: an unauthenticated route would let anyone on the host join
-    the cluster and read every account."""
+    the cluster and read every account. With ``leafnodes``, it is a hub: sites' leaf servers
+    connect there with the leaf password, bound to shoal's account."""
     account = {
         "jetstream": "enabled",
-        "users": [
-            {"user": "controller", "password": users.controller_password},
-            {"user": "agent", "password": users.agent_password,
-             "permissions": agent_permissions()},
-        ],
+        "users": [{"user": "controller", "password": users.controller_password},
+                  _agent_user(users)],
     }
     # nats-server's config format accepts JSON.
     conf = {
-        "host": host,
-        "port": port,
-        "max_payload": 8 << 20,
-        "max_pending": 256 << 20,
-        "write_deadline": "30s",
+        **_common(host, port),
         "jetstream": {"store_dir": str(store_dir), "max_memory_store": 256 << 20},
         "accounts": {ACCOUNT: account},
     }
+    if leafnodes is not None:
+        if not users.leaf_password:
+            raise ConfigError("a hub that accepts leaf nodes needs a leaf password")
+        conf["jetstream"]["domain"] = HUB_DOMAIN  # type: ignore[index]
+        conf["leafnodes"] = {
+            "host": leafnodes.host, "port": leafnodes.port,
+            # Without authorization any host that reaches the port would join the account.
+            "authorization": {"users": [{"user": LEAF_USER, "password": users.leaf_password,
+                                         "account": ACCOUNT}]},
+        }
     if cluster is not None:
         if not users.route_password:
             raise ConfigError("a clustered nats-server needs a route password")
@@ -156,6 +193,46 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
             "routes": [f"nats-route://{auth}@{host}:{p.route_port}"
                        for p in cluster.peers if p.name != server_name],
         }
+    return msgspec.json.encode(conf).decode()
+
+
+def _to_hub(subject: str) -> str:
+    """A JetStream subject as a site sends it to the hub's domain: the API under
+    ``$JS.hub.API.``, and a key-value put as ``$JS.hub.API.$KV.`` (what the hub maps back)."""
+    if subject.startswith("$JS.API."):
+        return f"$JS.{HUB_DOMAIN}.API.{subject.removeprefix('$JS.API.')}"
+    if subject.startswith("$KV."):
+        return f"$JS.{HUB_DOMAIN}.API.{subject}"
+    return subject
+
+
+def leaf_server_config(port: int, users: NatsUsers, hubs: list[LeafListen],
+                       host: str = "127.0.0.1", server_name: str = "") -> str:
+    """A site's nats-server in leaf mode: its agents connect to it locally with the agent
+    credentials (and permissions), and it dials the hub's leafnodes listeners (every one
+    given, in order) with the leaf password, binding the site to shoal's account. It has no
+    JetStream of its own: the agents' bucket and stream calls travel to the hub's."""
+    if not hubs:
+        raise ConfigError("a leaf server needs the hub's leafnodes address (host:port)")
+    if not users.leaf_password:
+        raise ConfigError("a leaf server needs the leaf password (up.toml: leaf_password)")
+    agent = _agent_user(users)
+    # Permissions are checked on the mapped subject: allow the hub domain's names too.
+    perms = agent_permissions()
+    pub = perms["publish"]["allow"]  # type: ignore[index]
+    pub += [_to_hub(p) for p in pub if _to_hub(p) != p]
+    agent["permissions"] = perms
+    conf: dict[str, object] = {
+        **_common(host, port),
+        "ping_interval": LEAF_PING_INTERVAL,
+        "ping_max": LEAF_PING_MAX,
+        "accounts": {ACCOUNT: {"users": [agent],
+                               "mappings": {s: _to_hub(s) for s in ("$JS.API.>", "$KV.>")}}},
+        "leafnodes": {"remotes": [{"urls": [h.url(users) for h in hubs],
+                                   "account": ACCOUNT}]},
+    }
+    if server_name:
+        conf["server_name"] = server_name
     return msgspec.json.encode(conf).decode()
 
 
@@ -183,20 +260,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 class NatsServer:
     """A nats-server child process. It dies with us (PR_SET_PDEATHSIG) even after a SIGKILL.
 
-    With ``cluster``, it is the peer ``server_name`` of that cluster."""
+    With ``cluster``, it is the peer ``server_name`` of that cluster; with ``leafnodes``, a
+    hub that sites' leaf servers connect to."""
+
+    netns = ""  # a network namespace to run in (``ip netns exec``), for LeafServer
 
     def __init__(self, directory: Path, users: NatsUsers, port: int = 0,
                  host: str = "127.0.0.1", cluster: ClusterSpec | None = None,
-                 server_name: str = "") -> None:
+                 server_name: str = "", leafnodes: LeafListen | None = None) -> None:
         self.directory = directory
         self.users = users
         self.host = host
         self.cluster = cluster
         self.name = server_name
+        self.leafnodes = leafnodes
         if cluster is not None:
             port = cluster.peer(server_name).port
         self.port = port or free_port(host)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    def config(self) -> str:
+        return server_config(self.port, self.directory / "jetstream", self.users, self.host,
+                             self.cluster, self.name, self.leafnodes)
 
     @property
     def url(self) -> str:
@@ -227,11 +313,13 @@ class NatsServer:
     def spawn(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         conf = self.directory / "nats.conf"
-        write_secret_file(conf, server_config(self.port, self.directory / "jetstream",
-                                              self.users, self.host, self.cluster, self.name))
+        write_secret_file(conf, self.config())
         log = open(self.directory / "nats.log", "ab")  # noqa: SIM115 - owned by the child
+        self._log_start = log.tell()
+        # `ip netns exec` execs the server: the child is the server itself, PDEATHSIG kept.
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [server_binary(), "-c", str(conf)],
+            [*wrap, server_binary(), "-c", str(conf)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             # Its own session: a Ctrl-C at the terminal reaches `shoal up`, which still needs
             # the server to record final states, and stops it last.
@@ -245,11 +333,19 @@ class NatsServer:
         if self.proc.poll() is not None:
             raise ConnectError(f"nats-server exited with {self.proc.returncode}; "
                                f"see {self.directory}/nats.log")
+        if self.netns:  # its port is in another namespace: ask its log
+            return self.logged(b"Server is ready")
         try:
             with socket.create_connection((self.host, self.port), timeout=0.2):
                 return True
         except OSError:
             return False
+
+    def logged(self, text: bytes) -> bool:
+        """Whether this run of the server has written ``text`` to its log yet."""
+        with open(self.directory / "nats.log", "rb") as f:
+            f.seek(self._log_start)
+            return text in f.read()
 
     @property
     def alive(self) -> bool:
@@ -267,6 +363,27 @@ class NatsServer:
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class LeafServer(NatsServer):
+    """A site's leaf nats-server (``leaf_server_config``), dialling ``hubs``; with
+    ``netns``, inside that network namespace (tests put a whole site in one)."""
+
+    def __init__(self, directory: Path, users: NatsUsers, hubs: list[LeafListen],
+                 port: int = 0, host: str = "127.0.0.1", server_name: str = "",
+                 netns: str = "") -> None:
+        # A port free here may be taken there; a fresh namespace has every port free.
+        super().__init__(directory, users, port=port or free_port(), host=host,
+                         server_name=server_name)
+        self.hubs = hubs
+        self.netns = netns
+
+    def config(self) -> str:
+        return leaf_server_config(self.port, self.users, self.hubs, self.host, self.name)
+
+    def _listening(self) -> bool:
+        # Ready once joined to the hub: before that its agents find no buckets.
+        return super()._listening() and self.logged(b"Leafnode connection created")
 
 
 class NatsCluster:

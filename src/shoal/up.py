@@ -10,10 +10,16 @@ agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME
     client.toml      the URL and token every other ``shoal`` command uses (0600)
     nats/            the server's config, log and JetStream store
     nats-cluster/    with ``--nats-cluster N``: n1/ .. nN/, one such directory per server
+    leaf-sites/      with ``--leaf-sites N``: site-1/ .. site-N/, each a leaf server's config
+                     and log, and agent.toml for more agents of that site
 
 With ``--nats-cluster N`` it starts N clustered servers (routes on loopback), one controller
 per server and the agents spread over them (each process prefers its own server and fails over
 to the others); a server that dies is started again, as a service manager would.
+
+With ``--leaf-sites N`` the embedded server is also a hub for leaf nodes: N more servers in
+leaf mode (as a remote site's would be), each dialling the hub with the leaf password and
+serving one agent, ``site-K-node-1``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ from . import config as c
 from .agent.host import AgentHost, virtual_names
 from .controller.server import Controller
 from .errors import ConfigError
-from .natsd import ClusterSpec, NatsCluster, NatsServer, NatsUsers
+from .natsd import (
+    ClusterSpec,
+    LeafListen,
+    LeafServer,
+    NatsCluster,
+    NatsServer,
+    NatsUsers,
+    free_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,7 @@ class UpOptions:
     public_terminals: bool = False
     parking_url: str = ""
     nats_cluster: int = 0  # > 0: a local cluster of this many servers
+    leaf_sites: int = 0  # > 0: this many sites, each a leaf server with one agent
 
 
 def _secrets(home: Path) -> tuple[str, NatsUsers]:
@@ -55,18 +70,21 @@ def _secrets(home: Path) -> tuple[str, NatsUsers]:
     if path.exists():
         data = tomllib.loads(path.read_text())
         users = NatsUsers(data["controller_password"], data["agent_password"],
-                          data.get("route_password", ""))
-        if users.route_password:
+                          data.get("route_password", ""), data.get("leaf_password", ""))
+        if users.route_password and users.leaf_password:
             return data["token"], users
-        # Written before clusters: keep its secrets, add the route password.
+        # Written before clusters or leaf nodes: keep its secrets, add the missing ones.
         token = data["token"]
-        users = NatsUsers(users.controller_password, users.agent_password, c.new_secret())
+        users = NatsUsers(users.controller_password, users.agent_password,
+                          users.route_password or c.new_secret(),
+                          users.leaf_password or c.new_secret())
     else:
         token, users = c.new_secret(), NatsUsers.generate()
     c.write_secret_file(path, c.to_toml({"token": token,
                                          "controller_password": users.controller_password,
                                          "agent_password": users.agent_password,
-                                         "route_password": users.route_password}))
+                                         "route_password": users.route_password,
+                                         "leaf_password": users.leaf_password}))
     return token, users
 
 
@@ -98,14 +116,23 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         if opts.nats_url is not None:
             raise ConfigError("--nats-cluster starts its own servers: drop --nats, or drop "
                                 "--nats-cluster to use the NATS at --nats")
+        if opts.leaf_sites:
+            raise ConfigError("--leaf-sites works with the one embedded server for now: drop "
+                              "--nats-cluster, or drop --leaf-sites")
         await _run_cluster(opts, ready)
         return
+    if opts.leaf_sites and opts.nats_url is not None:
+        raise ConfigError("--leaf-sites needs the embedded server as the hub: drop --nats")
     home = c.ensure_home()
     token, users = _secrets(home)
     server: NatsServer | None = None
+    leaves: list[LeafServer] = []
     if opts.nats_url is None:
-        server = NatsServer(home / "nats", users, port=opts.nats_port)
+        hub = LeafListen("127.0.0.1", free_port()) if opts.leaf_sites else None
+        server = NatsServer(home / "nats", users, port=opts.nats_port, leafnodes=hub)
         server.start()  # in this thread: the server's PDEATHSIG follows the starting thread
+        if hub is not None:
+            leaves = _start_leaves(home, users, hub, opts.leaf_sites)
         ctl_nats = c.NatsConfig(url=server.url, user="controller",
                                 password=users.controller_password)
         agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password)
@@ -121,6 +148,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         "terminal_parking_url": opts.parking_url or None})
     controller = Controller(ctl_cfg)
     agents: AgentHost | None = None
+    site_hosts: list[AgentHost] = []
     try:
         await controller.start()
         ctl_cfg.port = controller.port
@@ -132,6 +160,16 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
             await agents.start()
+        for leaf in leaves:  # each site's agent, on its own leaf server
+            site_cfg = c.AgentConfig(
+                nats=c.NatsConfig(url=leaf.url, user="agent", password=users.agent_password),
+                capacity=opts.capacity, address="127.0.0.1",
+                state_dir=str(leaf.directory / "agent-state"))
+            c.save(leaf.directory / "agent.toml", msgspec.structs.replace(
+                site_cfg, capacity=c.AgentConfig().capacity, state_dir=""))
+            site = AgentHost(site_cfg, [f"{leaf.name}-node-1"])
+            site_hosts.append(site)
+            await site.start()
         # Handlers before the banner: whoever reads it may signal us at once.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -144,6 +182,10 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
             print(f"  public terminals:  {controller.url}/terminal", flush=True)
         print(f"  services:          {controller.services_url}/s/NAME/  (an origin of its own)",
               flush=True)
+        for leaf in leaves:
+            print(f"  site {leaf.name}: leaf NATS {leaf.url} -> hub {leaf.hubs[0].host}:"
+                  f"{leaf.hubs[0].port}  agent {leaf.name}-node-1  (agent config "
+                  f"{leaf.directory / 'agent.toml'})", flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
@@ -155,14 +197,34 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     finally:
         # Each step runs even if one before it failed: nothing may be left behind.
         try:
+            await asyncio.gather(*(h.stop() for h in site_hosts), return_exceptions=True)
             if agents is not None:
                 await agents.stop()
         finally:
             try:
                 await controller.stop()
             finally:
+                await asyncio.gather(*(leaf.astop() for leaf in leaves))
                 if server is not None:
                     await server.astop()
+
+
+def _start_leaves(home: Path, users: NatsUsers, hub: LeafListen, sites: int,
+                  ) -> list[LeafServer]:
+    """``--leaf-sites N``: site-1..site-N, each a leaf server on loopback dialling ``hub``,
+    under ``$SHOAL_HOME/leaf-sites/``. Started in this thread (PDEATHSIG)."""
+    leaves: list[LeafServer] = []
+    try:
+        for k in range(1, sites + 1):
+            name = f"site-{k}"
+            leaf = LeafServer(home / "leaf-sites" / name, users, [hub], server_name=name)
+            leaves.append(leaf)
+            leaf.start()
+    except BaseException:
+        for leaf in leaves:
+            leaf.stop()
+        raise
+    return leaves
 
 
 async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:

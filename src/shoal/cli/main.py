@@ -99,13 +99,16 @@ def client_from(ctx: click.Context) -> Client:
 @click.option("--nats-cluster", "nats_cluster", type=click.IntRange(2, 9), default=None,
               help="Start a local NATS cluster of N servers, a controller on each, and "
                    "spread the agents over them.")
+@click.option("--leaf-sites", "leaf_sites", type=click.IntRange(0, 9), default=0,
+              help="Also start N sites, each a nats-server in leaf mode dialling the "
+                   "embedded one, with one agent (site-K-node-1).")
 @click.option("--public-terminals", is_flag=True,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, services_port: int, host: str,
-       nats_url: str | None, nats_cluster: int | None, public_terminals: bool,
-       parking_url: str, verbose: bool) -> None:
+       nats_url: str | None, nats_cluster: int | None, leaf_sites: int,
+       public_terminals: bool, parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
@@ -116,7 +119,8 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str,
     arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port,
                           services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
-                          parking_url=parking_url, nats_cluster=nats_cluster or 0)))
+                          parking_url=parking_url, nats_cluster=nats_cluster or 0,
+                          leaf_sites=leaf_sites)))
 
 
 # ---------------------------------------------------------------------- daemons
