@@ -242,6 +242,17 @@ def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
+def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``-e NAME=VALUE`` options; a bare ``NAME`` is an error, never silently dropped."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--env {item!r} is not NAME=VALUE")
+        env[name] = value
+    return env
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

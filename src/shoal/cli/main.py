@@ -294,7 +294,7 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
     if gather and as_json:
         fail("--gather and --json do not combine; pick one", 2)
     try:
-        env_map = dict(_split_env(e) for e in env)
+        env_map = c.parse_env(env)
         label_map = c.parse_labels(labels)
     except ShoalError as e:
         fail(e.message, 2)
@@ -360,13 +360,6 @@ def _batch(text: str) -> tuple[int, int]:
 
 def _group_ref(name: str) -> str:
     return name if name.startswith("@") else "@" + name
-
-
-def _split_env(item: str) -> tuple[str, str]:
-    name, sep, value = item.partition("=")
-    if not sep or not name:
-        raise ConfigError(f"--env {item!r} is not NAME=VALUE")
-    return name, value
 
 
 @nodes.command("drain")

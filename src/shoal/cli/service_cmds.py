@@ -10,7 +10,7 @@ import msgspec
 
 from .. import messages as m
 from .. import servicetypes as st
-from ..config import parse_labels
+from ..config import parse_env, parse_labels
 from ..errors import ShoalError
 from .main import arun, client_from, fail, main
 
@@ -99,7 +99,7 @@ def create(ctx: click.Context, name: str, replicas: int, check: str, interval: f
             "name": name, "command": list(argv) or None, "shell": shell, "replicas": replicas,
             "check": check, "interval": interval, "timeout": check_timeout, "rise": rise,
             "fall": fall, "proxy": proxy, "drain_deadline": drain_deadline,
-            "env": dict(e.split("=", 1) for e in env if "=" in e), "cwd": cwd,
+            "env": parse_env(env), "cwd": cwd,
             "selector": parse_labels(selector), "labels": parse_labels(labels),
         }
         spec = msgspec.convert(body, st.ServiceSpec)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +14,14 @@ import click
 import msgspec
 
 from .. import messages as m
-from ..config import parse_labels
-from ..errors import ShoalError
+from ..config import parse_env, parse_labels
+from ..errors import ShoalError, Unavailable
 from ..lines import LineSplitter
 from .main import arun, client_from, client_messages, fail, main
+
+# A controller that answers 503 (its view of the fleet is catching up after a NATS fault)
+# created nothing: `session create` asks again for this long before it gives up.
+CREATE_RETRY_FOR = 30.0
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -96,7 +102,7 @@ def create(ctx: click.Context, sid: str | None, name: str, shell: str | None, tt
             "idle_timeout": idle_timeout, "detach_timeout": detach_timeout, "ports": ports,
             "node": node, "selector": parse_labels(selector),
             "strategy": "binpack" if binpack else "spread",
-            "env": dict(e.split("=", 1) for e in env if "=" in e), "cwd": cwd, "user": user,
+            "env": parse_env(env), "cwd": cwd, "user": user,
             "labels": parse_labels(labels),
             "limits": {"cpu_seconds": cpu_seconds, "memory_mb": memory_mb,
                        "processes": max_procs, "open_files": max_files},
@@ -109,7 +115,15 @@ def create(ctx: click.Context, sid: str | None, name: str, shell: str | None, tt
 
     async def go() -> m.SessionRecord:
         async with client_from(ctx) as c:
-            return await c.create_session(spec)
+            deadline = time.monotonic() + CREATE_RETRY_FOR
+            while True:
+                try:
+                    return await c.create_session(spec)
+                except Unavailable as e:  # nothing was created: safe to ask again
+                    if time.monotonic() + e.retry_after > deadline:
+                        raise
+                    click.echo(f"shoal: {e.message}", err=True)
+                    await asyncio.sleep(e.retry_after)
 
     record = arun(go())
     if as_json:

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Every node silent at once for between half a TTL and this many TTLs is a paused bus, not a
+# dead fleet: no verdict ("down", "no node has room") until beats come back or it lasts.
+PAUSE_VERDICT = 3
+
 
 class NodeRegistry:
     def __init__(self, heartbeats: KeyValue, registry: KeyValue, node_ttl: float) -> None:
@@ -73,6 +77,9 @@ class NodeRegistry:
         connected, watching since the last reconnect, and past the settle window."""
         if not self._nc.is_connected or self._armed_at != self._nc.stats["reconnects"]:
             return False
+        if self._known and self.node_ttl / 2 < time.monotonic() - self._last_beat \
+                < PAUSE_VERDICT * self.node_ttl:
+            return False  # no node beats at all: the bus paused (a stream electing a leader)
         if self._heard is not None and self._heard >= self._known.keys():
             self._settle_until = 0.0  # every node spoke up: no need to wait longer
         return time.monotonic() >= self._settle_until
