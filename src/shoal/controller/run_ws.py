@@ -83,7 +83,8 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
 
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
-                    connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down)
+                    connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down,
+                    groups=ctl.registry.groups(nodes))
     await _send(ws, m.RunPlan(run_id=run.run_id, nodes=nodes))
     await run.start()
     reader = asyncio.create_task(_read_client(ws, run))

@@ -1,0 +1,418 @@
+"""Issue 15, item 5: shoal with 1,000 / 5,000 / 10,000 virtual nodes on this machine.
+
+Run from the repository root with `python -m bench.scale` (bench.run runs it as one of its
+EXTRA_BENCHMARKS). For each fleet size N it starts a private `shoal up --agents 0 --port 0`
+and agent processes of virtual nodes (`b-1..b-1000` in one process and, past 1,000, the other
+N - 1,000 as `a-1..` in a second one, as the issue measured), waits until all N are ready, and
+measures:
+
+- spawn-floor: this machine alone spawning N `/bin/true` and reaping them, from as many
+  worker processes as there are CPUs (os.posix_spawn, no shoal, no NATS): the floor a fan-out
+  of N `true` cannot beat;
+- run-all: `shoal run --all -- true` (CLI to exit), with the count of nodes it reported
+  unreachable (must be 0) and its ratio to the floor (goal: at most 2);
+- run-subset: `shoal run -n b-[1-1000] -- true`, the same 1,000 nodes at every N (goal: no
+  slower at N = 10,000 than at N = 1,000);
+- nodes: `shoal nodes` and `shoal nodes --json` (goal: under 1 s);
+- idle-cpu: the controller's (and nats-server's) CPU over a quiet window, in % of one core
+  (goal: controller under 5 %);
+- agent-mem: each agent process's resident memory per virtual node.
+
+Everything talks to 127.0.0.1 only; each run is bounded and the whole bench stops itself within
+its budget (BENCH_DEADLINE_S when set, else --budget). Results: bench/results/scale.{json,md}
+and scale.png; the rows are printed as one JSON list on stdout. The machine's load average is
+written with the figures: the CPUs are shared with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.harness import (
+    READY_URL,
+    RESULTS_DIR,
+    Deadline,
+    FleetError,
+    Row,
+    find_shoal,
+    log,
+    machine_summary,
+    run_guarded,
+    shoal_problem,
+)
+from bench.proc import stop_process
+
+SUBSET = 1000  # nodes of the "b-" agent process, the run-subset target at every size
+SUBSET_SET = f"b-[1-{SUBSET}]"
+UNREACHABLE = re.compile(rb"unreachable", re.IGNORECASE)
+IDLE_WINDOW_S = 10.0
+
+
+@dataclass
+class ScaleFleet:
+    shoal: Path
+    env: dict[str, str]
+    n: int
+    controller: psutil.Process
+    nats: psutil.Process | None
+    agents: list[tuple[str, int, subprocess.Popen[bytes]]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def problem(self) -> str | None:
+        for prefix, _, proc in self.agents:
+            if proc.poll() is not None:
+                return f"agent {prefix} exited {proc.returncode}"
+        return None
+
+
+def agent_layout(n: int) -> list[tuple[str, int]]:
+    """(prefix, count) per agent process: b- always holds the subset."""
+    if n <= SUBSET:
+        return [("b-", n)]
+    return [("a-", n - SUBSET), ("b-", SUBSET)]
+
+
+def _shoal(fleet: ScaleFleet, args: Sequence[str], timeout: float) -> tuple[float, int, bytes,
+                                                                             bytes]:
+    start = time.monotonic()
+    try:
+        res = subprocess.run([str(fleet.shoal), *args], env=fleet.env, capture_output=True,
+                             timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        return time.monotonic() - start, -1, e.stdout or b"", e.stderr or b""
+    return time.monotonic() - start, res.returncode, res.stdout, res.stderr
+
+
+def ready_count(fleet_env: dict[str, str], shoal: Path) -> int:
+    try:
+        res = subprocess.run([str(shoal), "nodes", "--summary", "--json"], env=fleet_env,
+                             capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:  # a shoal without --summary
+            res = subprocess.run([str(shoal), "nodes", "--json"], env=fleet_env,
+                                 capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        data = json.loads(res.stdout) if res.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return 0
+    if isinstance(data, list):
+        return sum(1 for node in data if node.get("state") == "ready")
+    return int(data.get("states", {}).get("ready", 0)) if isinstance(data, dict) else 0
+
+
+@contextmanager
+def scale_fleet(shoal: Path, root: Path, n: int, deadline: Deadline) -> Iterator[ScaleFleet]:
+    home = root / f"shoal-{n}"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = dict(os.environ, SHOAL_HOME=str(home))
+    env.pop("SHOAL_URL", None)
+    env.pop("SHOAL_TOKEN", None)
+    up_log = root / f"up-{n}.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    limit = min(300.0, max(10.0, deadline.remaining() - 30))
+    try:
+        with up_log.open("wb") as out:
+            up = subprocess.Popen([str(shoal), "up", "--agents", "0", "--port", "0"], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(up)
+        end = time.monotonic() + limit
+        while not READY_URL.search(up_log.read_bytes()[-65536:].decode(errors="replace")):
+            if up.poll() is not None or time.monotonic() > end:
+                raise FleetError(f"shoal up did not come up: {up_log.read_text()[-500:]}")
+            time.sleep(0.25)
+        controller = psutil.Process(up.pid)
+        nats = next((c for c in controller.children() if "nats-server" in c.name()), None)
+        fleet = ScaleFleet(shoal, env, n, controller, nats, logs=[up_log])
+        started = time.monotonic()
+        for prefix, count in agent_layout(n):
+            alog = root / f"agent-{prefix}{n}.log"
+            fleet.logs.append(alog)
+            with alog.open("wb") as out:
+                p = subprocess.Popen([str(shoal), "agent", "--virtual", str(count),
+                                      "--prefix", prefix], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            procs.append(p)
+            fleet.agents.append((prefix, count, p))
+        while ready_count(env, shoal) < n:
+            if fleet.problem() or time.monotonic() > end:
+                tail = " / ".join(p.read_text()[-300:] for p in fleet.logs[1:])
+                raise FleetError(f"{n} nodes not ready: {fleet.problem() or 'timeout'}: {tail}")
+            time.sleep(1.0)
+        log(f"{n} nodes ready in {time.monotonic() - started:.1f}s")
+        yield fleet
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc, grace=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def _spawn_true(k: int) -> None:
+    pids = [os.posix_spawn("/bin/true", ["true"], {}) for _ in range(k)]
+    for pid in pids:
+        os.waitpid(pid, 0)
+
+
+def spawn_floor(n: int) -> float:
+    """Seconds for this machine to spawn and reap n /bin/true, one worker per CPU."""
+    from multiprocessing import get_context
+
+    workers = os.cpu_count() or 1
+    shares = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+    with get_context("fork").Pool(workers) as pool:
+        pool.map(_spawn_true, [1] * workers)  # workers up before the clock starts
+        start = time.monotonic()
+        pool.map(_spawn_true, shares)
+        return time.monotonic() - start
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def _row(workload: str, n: int, times: list[float], **extra: object) -> Row:
+    row = Row(workload, "shoal" if not workload.startswith("spawn") else "posix_spawn", n,
+              runs=len(times), samples_s=[round(t, 3) for t in times])
+    if times:
+        row.median_s = round(statistics.median(times), 3)
+        row.min_s = round(min(times), 3)
+        row.max_s = round(max(times), 3)
+    else:
+        row.status = "failed"
+    row.extra.update(extra)
+    return row
+
+
+def measure_runs(fleet: ScaleFleet, workload: str, args: list[str], runs: int,
+                 timeout: float) -> Row:
+    times: list[float] = []
+    unreachable: list[int] = []
+    errors: list[str] = []
+    for i in range(runs + 1):  # the first is a warm-up
+        took, rc, out, err = _shoal(fleet, ["run", *args], timeout)
+        bad = len(UNREACHABLE.findall(out + err))
+        log(f"{workload} n={fleet.n}: {took:.2f}s rc={rc} unreachable={bad}"
+            f"{' (warm-up)' if i == 0 else ''}")
+        if rc != 0:
+            errors.append(f"rc={rc}: {err.decode(errors='replace')[-300:]}")
+        if i:
+            times.append(took)
+            unreachable.append(bad)
+    row = _row(workload, fleet.n, times, unreachable=max(unreachable, default=0))
+    if errors:
+        row.status = "failed" if not times else row.status
+        row.note = f"{len(errors)} run(s) failed: {errors[0]}"
+    return row
+
+
+def idle_cpu(fleet: ScaleFleet, window: float = IDLE_WINDOW_S) -> dict[str, float]:
+    """% of one core used by the controller (shoal up without its children) and nats-server."""
+    time.sleep(3.0)  # let the last run's aftermath settle
+    procs = {"controller": fleet.controller, "nats": fleet.nats}
+    procs.update({f"agent_{p}": psutil.Process(proc.pid) for p, _, proc in fleet.agents})
+    before = {k: p.cpu_times() for k, p in procs.items() if p is not None}
+    time.sleep(window)
+    out = {}
+    for k, p in procs.items():
+        if p is None:
+            continue
+        a, b = before[k], p.cpu_times()
+        out[k] = round(100 * ((b.user - a.user) + (b.system - a.system)) / window, 1)
+    return out
+
+
+def agent_memory(fleet: ScaleFleet) -> dict[str, float]:
+    out = {}
+    for prefix, count, proc in fleet.agents:
+        rss = psutil.Process(proc.pid).memory_info().rss
+        out[f"{prefix}nodes"] = count
+        out[f"{prefix}rss_mib"] = round(rss / (1 << 20), 1)
+        out[f"{prefix}kib_per_node"] = round(rss / 1024 / count, 1)
+    return out
+
+
+def bench_size(shoal: Path, root: Path, n: int, runs: int, deadline: Deadline,
+               rows: list[Row]) -> None:
+    floor = [spawn_floor(n) for _ in range(runs)]
+    rows.append(_row("spawn-floor", n, floor))
+    log(f"spawn floor n={n}: {statistics.median(floor):.2f}s")
+    with scale_fleet(shoal, root, n, deadline) as fleet:
+        timeout = 60 + n / 100
+        idle = idle_cpu(fleet)
+        log(f"idle CPU n={n}: {idle}")
+        rows.append(Row("idle-cpu", "shoal", n, runs=1, extra={"cpu_percent": idle}))
+        mem = agent_memory(fleet)
+        rows.append(Row("agent-mem", "shoal", n, runs=1, extra=mem))
+        run_all = measure_runs(fleet, "run-all", ["--all", "--", "true"], runs, timeout)
+        if run_all.median_s:
+            run_all.extra["ratio_to_floor"] = round(run_all.median_s / statistics.median(floor),
+                                                    2)
+        rows.append(run_all)
+        rows.append(measure_runs(fleet, "run-subset", ["-n", SUBSET_SET, "--", "true"], runs,
+                                 timeout))
+        for workload, args in (("nodes", ["nodes"]), ("nodes-json", ["nodes", "--json"])):
+            times, sizes = [], []
+            for _ in range(runs):
+                took, rc, out, _err = _shoal(fleet, args, 60)
+                if rc == 0:
+                    times.append(took)
+                    sizes.append(len(out))
+            log(f"{workload} n={n}: {times}")
+            rows.append(_row(workload, n, times, output_bytes=max(sizes, default=0)))
+        rows.append(Row("idle-cpu-after", "shoal", n, runs=1,
+                        extra={"cpu_percent": idle_cpu(fleet)}))
+        rows[-1].extra["memory"] = agent_memory(fleet)
+
+
+# ---------------------------------------------------------------- results
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    sizes = sorted({r.n for r in rows})
+    by = {(r.workload, r.n): r for r in rows}
+
+    def med(w: str, n: int) -> str:
+        r = by.get((w, n))
+        return "–" if r is None or r.median_s is None else f"{r.median_s:.2f}"
+
+    head = "| figure | " + " | ".join(f"N={n:,}" for n in sizes) + " | goal |"
+    lines = [head, "|---|" + "---:|" * len(sizes) + "---|"]
+    goals = {"spawn-floor": "(the floor)", "run-all": "≤ 2× floor, 0 unreachable",
+             "run-subset": "no slower than at N=1,000", "nodes": "< 1 s",
+             "nodes-json": "< 1 s"}
+    for w in ("spawn-floor", "run-all", "run-subset", "nodes", "nodes-json"):
+        lines.append(f"| {w} s | " + " | ".join(med(w, n) for n in sizes) + f" | {goals[w]} |")
+
+    def extra(w: str, n: int, key: str) -> str:
+        r = by.get((w, n))
+        v = None if r is None else r.extra.get(key)
+        return "–" if v is None else str(v)
+
+    lines.append("| run-all / floor | " + " | ".join(extra("run-all", n, "ratio_to_floor")
+                                                     for n in sizes) + " | ≤ 2 |")
+    lines.append("| run-all unreachable | " + " | ".join(extra("run-all", n, "unreachable")
+                                                         for n in sizes) + " | 0 |")
+    base = by.get(("run-subset", min(sizes)))
+    if base is not None and base.median_s:
+        lines.append("| run-subset / at N=1,000 | " + " | ".join(
+            "–" if (r := by.get(("run-subset", n))) is None or not r.median_s
+            else f"{r.median_s / base.median_s:.2f}" for n in sizes) + " | ≤ 1 (noise aside) |")
+
+    def cpu(n: int, who: str) -> str:
+        r = by.get(("idle-cpu", n))
+        v = None if r is None else r.extra.get("cpu_percent", {}).get(who)
+        return "–" if v is None else f"{v}"
+
+    lines.append("| idle controller % core | " + " | ".join(cpu(n, "controller") for n in sizes)
+                 + " | < 5 |")
+    lines.append("| idle nats-server % core | " + " | ".join(cpu(n, "nats") for n in sizes)
+                 + " | |")
+    for prefix in ("a-", "b-"):
+        lines.append(f"| agent {prefix} KiB per node | " + " | ".join(
+            extra("agent-mem", n, f"{prefix}kib_per_node") for n in sizes) + " | (stated) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no scale plot")
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for w, style in (("spawn-floor", "k--"), ("run-all", "C0-"), ("run-subset", "C1-"),
+                     ("nodes", "C2-"), ("nodes-json", "C3:")):
+        pts = sorted((r.n, r.median_s) for r in rows if r.workload == w and r.median_s)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=w)
+    ax.set_xlabel("virtual nodes registered")
+    ax.set_ylabel("median wall time, s")
+    ax.set_title("shoal at scale (2 CPUs, shared)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    pts = sorted((r.n, r.extra.get("cpu_percent", {})) for r in rows if r.workload == "idle-cpu")
+    if pts:
+        for who, colour in (("controller", "C0"), ("nats", "C1")):
+            bx.plot([p[0] for p in pts], [p[1].get(who, 0) for p in pts], color=colour,
+                    marker="o", label=f"idle {who}")
+        bx.axhline(5, color="grey", linestyle="--", label="controller goal")
+        bx.set_xlabel("virtual nodes registered")
+        bx.set_ylabel("% of one core")
+        bx.legend()
+        bx.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(rows: Sequence[Row], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scale.json").write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+    text = ["# shoal at 1,000 / 5,000 / 10,000 virtual nodes\n", machine_summary(),
+            "Agents: `b-1..b-1000` in one process, the rest (`a-…`) in a second; the floor is "
+            "this machine spawning N `/bin/true` with nothing else (see bench/scale.py).\n",
+            markdown(rows)]
+    (out_dir / "scale.md").write_text("\n".join(text))
+    plot(rows, out_dir / "scale.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser = argparse.ArgumentParser(prog="python -m bench.scale",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=ints, default=[1000, 5000, 10000])
+    parser.add_argument("--runs", type=int, default=3, help="counted runs per figure")
+    parser.add_argument("--budget", type=float,
+                        default=float(os.environ.get("BENCH_DEADLINE_S", 1500)))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    shoal = find_shoal()
+    problem = shoal_problem(shoal)
+    if problem or shoal is None:
+        log(f"cannot benchmark: {problem}")
+        print(json.dumps([Row("run-all", "shoal", 0, status="skipped",
+                              note=problem or "").to_json()]))
+        return 1
+    deadline = Deadline(args.budget)
+
+    def bench(root: Path, rows: list[Row]) -> None:
+        for n in args.sizes:
+            if deadline.near(60 + n / 50):
+                log(f"n={n}: skipped, not enough time left")
+                rows.append(Row("run-all", "shoal", n, status="skipped", note="budget"))
+                continue
+            try:
+                bench_size(shoal, root, n, args.runs, deadline, rows)
+            except FleetError as e:
+                log(f"n={n}: {e}")
+                rows.append(Row("run-all", "shoal", n, status="failed", note=str(e)[:500]))
+
+    rows, status = run_guarded(bench, "shoal-scale-")
+    write(rows, args.out)
+    print(json.dumps([r.to_json() for r in rows]))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
