@@ -2,11 +2,10 @@
 
 An agent process serving many nodes (``shoal agent --virtual N``) writes what its nodes share
 (labels, capacity, load, version, address, ...) once, and per node only what differs (name,
-live sessions, state), in chunks of ``CHUNK`` nodes under ``_h-<host>-<chunk>`` (one token,
-as agents may
-only write ``$KV.<bucket>.<one token>``) in the
-heartbeats bucket: 10 puts per beat for 10,000 nodes instead of 10,000. Controllers expand a
-chunk back into one ``NodeInfo`` per node, so the node record the API serves is unchanged.
+live sessions, state), in chunks of ``CHUNK`` nodes under ``_h-<host>-<chunk>`` in the
+heartbeats bucket (one subject token: agents may only write ``$KV.<bucket>.<token>``): 10 puts
+per beat for 10,000 nodes instead of 10,000. Controllers expand a chunk back into one
+``NodeInfo`` per node, so the node record the API serves is unchanged.
 
 Node names start with a letter or digit, so no node key can look like a host key; keys
 without the prefix are a per-node ``NodeInfo`` (as older agents write them), still read.

@@ -65,6 +65,22 @@ class NodeInfo(Struct, frozen=True):
     network: str = ""
 
 
+class FleetSummary(Struct, frozen=True):
+    """``GET /api/v1/fleet``: the nodes counted, for a fleet too big for a table.
+    ``sessions``, ``capacity``, ``network``, ``agents`` and ``hosts`` count nodes that are
+    up; ``labels`` gives per key the 20 commonest values (the rest as ``…others``)."""
+
+    nodes: int
+    states: dict[str, int]
+    sessions: int
+    capacity: int
+    versions: dict[str, int]
+    network: dict[str, int]
+    labels: dict[str, dict[str, int]]
+    agents: int  # agent processes (hostname, pid)
+    hosts: int
+
+
 # --------------------------------------------------------------------------- runs
 
 class Targets(Struct, frozen=True, forbid_unknown_fields=True):

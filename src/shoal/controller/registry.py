@@ -20,7 +20,7 @@ import msgspec
 from .. import hostbeat
 from ..bus import watch_bucket
 from ..messages import NodeInfo
-from ..nodeset import natural_key
+from ..nodeset import NaturalKey, natural_key
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -38,6 +38,7 @@ class NodeRegistry:
         self._lead: dict[str, tuple[str, str]] = {}  # node -> (host key, its process's lead)
         self._chunks: dict[str, list[str]] = {}  # host key -> its nodes
         self._sorted: list[str] | None = None  # names in natural order, while none came or went
+        self._keys: list[NaturalKey] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._pending_initial = 2
@@ -135,6 +136,9 @@ class NodeRegistry:
         self._known.pop(name, None)
         self._sorted = None
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._known
+
     def is_down(self, name: str) -> bool:
         beat = self._beats.get(name)
         return beat is None or time.monotonic() - beat[1] > self.node_ttl
@@ -161,9 +165,15 @@ class NodeRegistry:
 
     def names(self) -> list[str]:
         """Every known node's name in natural order (sorted once per change of membership)."""
+        return self.ordered()[0]
+
+    def ordered(self) -> tuple[list[str], list[NaturalKey]]:
+        """``names()`` and their natural sort keys (for paging with bisect)."""
         if self._sorted is None or len(self._sorted) != len(self._known):
-            self._sorted = sorted(self._known, key=natural_key)
-        return self._sorted
+            keyed = sorted((natural_key(n), n) for n in self._known)
+            self._sorted = [n for _, n in keyed]
+            self._keys = [k for k, _ in keyed]
+        return self._sorted, self._keys
 
     def listing(self, names: list[str] | None = None) -> list[NodeInfo]:
         """Every known node (or those of ``names`` still known), in natural order of names."""
