@@ -30,12 +30,14 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,20 @@ class ScaleFleet:
     agents: list[tuple[str, int, subprocess.Popen[bytes]]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the controller, nats-server and the agents, with the
+        processes the agents ran (as the floor counts its `true`s)."""
+        total = 0.0
+        for p in [self.controller, self.nats, *(psutil.Process(a.pid) for _, _, a in
+                                                self.agents)]:
+            if p is None:
+                continue
+            t = p.cpu_times()
+            total += t.user + t.system
+            if p is not self.controller:  # its child is nats-server, counted on its own
+                total += t.children_user + t.children_system
+        return total
+
     def problem(self) -> str | None:
         for prefix, _, proc in self.agents:
             if proc.poll() is not None:
@@ -79,22 +95,44 @@ class ScaleFleet:
         return None
 
 
-def agent_layout(n: int) -> list[tuple[str, int]]:
-    """(prefix, count) per agent process: b- always holds the subset."""
+def agent_layout(n: int, processes: int) -> list[tuple[str, int]]:
+    """(prefix, count) per agent process: ``b-`` holds the subset, the other nodes are
+    shared out over ``processes`` more (an agent process uses one core)."""
     if n <= SUBSET:
         return [("b-", n)]
-    return [("a-", n - SUBSET), ("b-", SUBSET)]
+    rest = n - SUBSET
+    shares = [rest // processes + (1 if i < rest % processes else 0) for i in range(processes)]
+    names = ["a-"] if processes == 1 else [f"a{i + 1}-" for i in range(processes)]
+    return [*zip(names, shares, strict=True), ("b-", SUBSET)]
 
 
-def _shoal(fleet: ScaleFleet, args: Sequence[str], timeout: float) -> tuple[float, int, bytes,
-                                                                             bytes]:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class Timed:
+    wall: float
+    cpu: float  # CPU seconds of every process involved (shoal: CLI, controller, NATS, agents)
+    rc: int
+    out: bytes
+    err: bytes
+
+
+def _shoal(fleet: ScaleFleet, args: Sequence[str], timeout: float) -> Timed:
+    cpu0, child0 = fleet.cpu(), _children_cpu()
     start = time.monotonic()
     try:
         res = subprocess.run([str(fleet.shoal), *args], env=fleet.env, capture_output=True,
                              timeout=timeout, stdin=subprocess.DEVNULL)
+        rc, out, err = res.returncode, res.stdout, res.stderr
     except subprocess.TimeoutExpired as e:
-        return time.monotonic() - start, -1, e.stdout or b"", e.stderr or b""
-    return time.monotonic() - start, res.returncode, res.stdout, res.stderr
+        rc, out, err = -1, e.stdout or b"", e.stderr or b""
+    wall = time.monotonic() - start
+    time.sleep(0.5)  # the agents' last exits and reaping
+    cpu = fleet.cpu() - cpu0 + _children_cpu() - child0
+    return Timed(wall, cpu, rc, out, err)
 
 
 def ready_count(fleet_env: dict[str, str], shoal: Path) -> int:
@@ -113,13 +151,17 @@ def ready_count(fleet_env: dict[str, str], shoal: Path) -> int:
 
 
 @contextmanager
-def scale_fleet(shoal: Path, root: Path, n: int, deadline: Deadline) -> Iterator[ScaleFleet]:
+def scale_fleet(shoal: Path, root: Path, n: int, deadline: Deadline,
+                processes: int) -> Iterator[ScaleFleet]:
     home = root / f"shoal-{n}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     env = dict(os.environ, SHOAL_HOME=str(home))
     env.pop("SHOAL_URL", None)
     env.pop("SHOAL_TOKEN", None)
+    # Every `shoal` command is a new process: let it keep its bytecode, as an installed one
+    # does (without, each compiles aiohttp and friends again: half a second).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     up_log = root / f"up-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
     limit = min(300.0, max(10.0, deadline.remaining() - 30))
@@ -138,7 +180,7 @@ def scale_fleet(shoal: Path, root: Path, n: int, deadline: Deadline) -> Iterator
         nats = next((c for c in controller.children() if "nats-server" in c.name()), None)
         fleet = ScaleFleet(shoal, env, n, controller, nats, logs=[up_log])
         started = time.monotonic()
-        for prefix, count in agent_layout(n):
+        for prefix, count in agent_layout(n, processes):
             alog = root / f"agent-{prefix}{n}.log"
             fleet.logs.append(alog)
             with alog.open("wb") as out:
@@ -170,55 +212,119 @@ def _spawn_true(k: int) -> None:
         os.waitpid(pid, 0)
 
 
-def spawn_floor(n: int) -> float:
-    """Seconds for this machine to spawn and reap n /bin/true, one worker per CPU."""
+def _popen_true(k: int) -> None:
+    # What the agent's spawn does per process: pipes for stdout and stderr, its own session.
+    live: list[subprocess.Popen[bytes]] = []
+    for _ in range(k):
+        live.append(subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True, close_fds=True))
+        if len(live) >= 256:
+            for p in live:
+                p.communicate()
+            live = []
+    for p in live:
+        p.communicate()
+
+
+def _worker_init() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def spawn_floor(n: int, how: Callable[[int], None] = _spawn_true) -> Timed:
+    """This machine spawning and reaping n /bin/true, one worker per CPU: wall seconds, and
+    CPU seconds of the workers and their `true`s."""
     from multiprocessing import get_context
 
     workers = os.cpu_count() or 1
     shares = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
-    with get_context("fork").Pool(workers) as pool:
-        pool.map(_spawn_true, [1] * workers)  # workers up before the clock starts
+    pool = get_context("fork").Pool(workers, initializer=_worker_init)
+    try:
+        pool.map(how, [1] * workers)  # workers up before the clock starts
         start = time.monotonic()
-        pool.map(_spawn_true, shares)
-        return time.monotonic() - start
+        pool.map(how, shares)
+        wall = time.monotonic() - start
+    finally:
+        pool.close()
+        pool.join()
+    return Timed(wall, 0.0, 0, b"", b"")
+
+
+def floor_cpu(n: int, how: Callable[[int], None] = _spawn_true) -> Timed:
+    before = _children_cpu()
+    t = spawn_floor(n, how)
+    t.cpu = _children_cpu() - before  # the workers, reaped, with the `true`s they reaped
+    return t
 
 
 # ---------------------------------------------------------------- measurements
 
 
-def _row(workload: str, n: int, times: list[float], **extra: object) -> Row:
-    row = Row(workload, "shoal" if not workload.startswith("spawn") else "posix_spawn", n,
-              runs=len(times), samples_s=[round(t, 3) for t in times])
+def _row(workload: str, n: int, samples: list[Timed], **extra: object) -> Row:
+    tool = "posix_spawn" if workload == "spawn-floor" else (
+        "subprocess.Popen" if workload == "spawn-popen" else "shoal")
+    times = [t.wall for t in samples]
+    row = Row(workload, tool, n, runs=len(times), samples_s=[round(t, 3) for t in times])
     if times:
         row.median_s = round(statistics.median(times), 3)
         row.min_s = round(min(times), 3)
         row.max_s = round(max(times), 3)
+        row.extra["cpu_s"] = round(statistics.median(t.cpu for t in samples), 3)
     else:
         row.status = "failed"
     row.extra.update(extra)
     return row
 
 
-def measure_runs(fleet: ScaleFleet, workload: str, args: list[str], runs: int,
-                 timeout: float) -> Row:
-    times: list[float] = []
-    unreachable: list[int] = []
-    errors: list[str] = []
-    for i in range(runs + 1):  # the first is a warm-up
-        took, rc, out, err = _shoal(fleet, ["run", *args], timeout)
-        bad = len(UNREACHABLE.findall(out + err))
-        log(f"{workload} n={fleet.n}: {took:.2f}s rc={rc} unreachable={bad}"
+def _ratio(a: list[Timed], b: list[Timed], what: str) -> float | None:
+    """Median of the per-round ratios a/b (each pair measured back to back)."""
+    pairs = [getattr(x, what) / getattr(y, what) for x, y in zip(a, b, strict=False)
+             if getattr(y, what) > 0]
+    return round(statistics.median(pairs), 2) if pairs else None
+
+
+def measure_rounds(fleet: ScaleFleet, runs: int, timeout: float, rows: list[Row]) -> None:
+    """Rounds of floor, run-all, run-subset back to back (a warm-up round first), so each
+    ratio compares figures taken under the same load from the rest of the machine."""
+    n = fleet.n
+    cases = {"run-all": ["--all", "--", "true"], "run-subset": ["-n", SUBSET_SET, "--", "true"]}
+    floors: list[Timed] = []
+    got: dict[str, list[Timed]] = {w: [] for w in cases}
+    unreachable: dict[str, int] = dict.fromkeys(cases, 0)
+    errors: dict[str, list[str]] = {w: [] for w in cases}
+    for i in range(runs + 1):
+        floor = floor_cpu(n)
+        log(f"spawn-floor n={n}: {floor.wall:.2f}s, {floor.cpu:.2f} CPU s"
             f"{' (warm-up)' if i == 0 else ''}")
-        if rc != 0:
-            errors.append(f"rc={rc}: {err.decode(errors='replace')[-300:]}")
+        done = {}
+        for workload, args in cases.items():
+            t = _shoal(fleet, ["run", *args], timeout)
+            bad = len(UNREACHABLE.findall(t.out + t.err))
+            log(f"{workload} n={n}: {t.wall:.2f}s, {t.cpu:.2f} CPU s, rc={t.rc}, "
+                f"unreachable={bad}{' (warm-up)' if i == 0 else ''}")
+            if t.rc != 0:
+                errors[workload].append(f"rc={t.rc}: {t.err.decode(errors='replace')[-300:]}")
+            done[workload] = t
+            if i:
+                unreachable[workload] = max(unreachable[workload], bad)
         if i:
-            times.append(took)
-            unreachable.append(bad)
-    row = _row(workload, fleet.n, times, unreachable=max(unreachable, default=0))
-    if errors:
-        row.status = "failed" if not times else row.status
-        row.note = f"{len(errors)} run(s) failed: {errors[0]}"
-    return row
+            floors.append(floor)
+            for workload, t in done.items():
+                if t.rc == 0:
+                    got[workload].append(t)
+    rows.append(_row("spawn-floor", n, floors))
+    for workload in cases:
+        row = _row(workload, n, got[workload], unreachable=unreachable[workload],
+                   failed_runs=len(errors[workload]))
+        if workload == "run-all":
+            row.extra["ratio_to_floor"] = _ratio(got[workload], floors, "wall")
+            row.extra["cpu_ratio_to_floor"] = _ratio(got[workload], floors, "cpu")
+        if errors[workload]:
+            row.note = f"{len(errors[workload])} run(s) failed: {errors[workload][0]}"
+            if not got[workload]:
+                row.status = "failed"
+        rows.append(row)
 
 
 def idle_cpu(fleet: ScaleFleet, window: float = IDLE_WINDOW_S) -> dict[str, float]:
@@ -238,43 +344,44 @@ def idle_cpu(fleet: ScaleFleet, window: float = IDLE_WINDOW_S) -> dict[str, floa
 
 
 def agent_memory(fleet: ScaleFleet) -> dict[str, float]:
-    out = {}
+    """Each agent process's RSS, per node; and, from the biggest and smallest process, what
+    one more node costs (the process's own baseline cancels out)."""
+    out: dict[str, float] = {}
+    sizes = []
     for prefix, count, proc in fleet.agents:
         rss = psutil.Process(proc.pid).memory_info().rss
+        sizes.append((count, rss))
         out[f"{prefix}nodes"] = count
         out[f"{prefix}rss_mib"] = round(rss / (1 << 20), 1)
         out[f"{prefix}kib_per_node"] = round(rss / 1024 / count, 1)
+    (small, small_rss), (big, big_rss) = min(sizes), max(sizes)
+    if big > small:
+        out["marginal_kib_per_node"] = round((big_rss - small_rss) / 1024 / (big - small), 1)
     return out
 
 
 def bench_size(shoal: Path, root: Path, n: int, runs: int, deadline: Deadline,
-               rows: list[Row]) -> None:
-    floor = [spawn_floor(n) for _ in range(runs)]
-    rows.append(_row("spawn-floor", n, floor))
-    log(f"spawn floor n={n}: {statistics.median(floor):.2f}s")
-    with scale_fleet(shoal, root, n, deadline) as fleet:
+               rows: list[Row], processes: int) -> None:
+    popen = [floor_cpu(n, _popen_true)]
+    rows.append(_row("spawn-popen", n, popen))
+    log(f"spawn with Popen and pipes n={n}: {popen[0].wall:.2f}s, {popen[0].cpu:.2f} CPU s")
+    with scale_fleet(shoal, root, n, deadline, processes) as fleet:
         timeout = 60 + n / 100
         idle = idle_cpu(fleet)
         log(f"idle CPU n={n}: {idle}")
         rows.append(Row("idle-cpu", "shoal", n, runs=1, extra={"cpu_percent": idle}))
         mem = agent_memory(fleet)
         rows.append(Row("agent-mem", "shoal", n, runs=1, extra=mem))
-        run_all = measure_runs(fleet, "run-all", ["--all", "--", "true"], runs, timeout)
-        if run_all.median_s:
-            run_all.extra["ratio_to_floor"] = round(run_all.median_s / statistics.median(floor),
-                                                    2)
-        rows.append(run_all)
-        rows.append(measure_runs(fleet, "run-subset", ["-n", SUBSET_SET, "--", "true"], runs,
-                                 timeout))
+        measure_rounds(fleet, runs, timeout, rows)
         for workload, args in (("nodes", ["nodes"]), ("nodes-json", ["nodes", "--json"])):
-            times, sizes = [], []
+            samples = []
             for _ in range(runs):
-                took, rc, out, _err = _shoal(fleet, args, 60)
-                if rc == 0:
-                    times.append(took)
-                    sizes.append(len(out))
-            log(f"{workload} n={n}: {times}")
-            rows.append(_row(workload, n, times, output_bytes=max(sizes, default=0)))
+                t = _shoal(fleet, args, 60)
+                if t.rc == 0:
+                    samples.append(t)
+            log(f"{workload} n={n}: " + ", ".join(f"{t.wall:.2f}s" for t in samples))
+            rows.append(_row(workload, n, samples,
+                             output_bytes=max((len(t.out) for t in samples), default=0)))
         rows.append(Row("idle-cpu-after", "shoal", n, runs=1,
                         extra={"cpu_percent": idle_cpu(fleet)}))
         rows[-1].extra["memory"] = agent_memory(fleet)
@@ -293,10 +400,11 @@ def markdown(rows: Sequence[Row]) -> str:
 
     head = "| figure | " + " | ".join(f"N={n:,}" for n in sizes) + " | goal |"
     lines = [head, "|---|" + "---:|" * len(sizes) + "---|"]
-    goals = {"spawn-floor": "(the floor)", "run-all": "≤ 2× floor, 0 unreachable",
+    goals = {"spawn-floor": "(the floor)", "spawn-popen": "(what the agent's spawn costs)",
+             "run-all": "≤ 2× floor, 0 unreachable",
              "run-subset": "no slower than at N=1,000", "nodes": "< 1 s",
              "nodes-json": "< 1 s"}
-    for w in ("spawn-floor", "run-all", "run-subset", "nodes", "nodes-json"):
+    for w in ("spawn-floor", "spawn-popen", "run-all", "run-subset", "nodes", "nodes-json"):
         lines.append(f"| {w} s | " + " | ".join(med(w, n) for n in sizes) + f" | {goals[w]} |")
 
     def extra(w: str, n: int, key: str) -> str:
@@ -304,8 +412,13 @@ def markdown(rows: Sequence[Row]) -> str:
         v = None if r is None else r.extra.get(key)
         return "–" if v is None else str(v)
 
-    lines.append("| run-all / floor | " + " | ".join(extra("run-all", n, "ratio_to_floor")
-                                                     for n in sizes) + " | ≤ 2 |")
+    lines.append("| run-all / floor, wall | " + " | ".join(extra("run-all", n, "ratio_to_floor")
+                                                           for n in sizes) + " | ≤ 2 |")
+    lines.append("| run-all / floor, CPU s | " + " | ".join(
+        extra("run-all", n, "cpu_ratio_to_floor") for n in sizes) + " | |")
+    for w in ("spawn-floor", "spawn-popen", "run-all", "run-subset"):
+        lines.append(f"| {w} CPU s | " + " | ".join(extra(w, n, "cpu_s") for n in sizes)
+                     + " | |")
     lines.append("| run-all unreachable | " + " | ".join(extra("run-all", n, "unreachable")
                                                          for n in sizes) + " | 0 |")
     base = by.get(("run-subset", min(sizes)))
@@ -323,9 +436,13 @@ def markdown(rows: Sequence[Row]) -> str:
                  + " | < 5 |")
     lines.append("| idle nats-server % core | " + " | ".join(cpu(n, "nats") for n in sizes)
                  + " | |")
-    for prefix in ("a-", "b-"):
+    prefixes = sorted({k[:-len("kib_per_node")] for r in rows if r.workload == "agent-mem"
+                       for k in r.extra if k.endswith("kib_per_node")})
+    for prefix in prefixes:
         lines.append(f"| agent {prefix} KiB per node | " + " | ".join(
             extra("agent-mem", n, f"{prefix}kib_per_node") for n in sizes) + " | (stated) |")
+    lines.append("| agent KiB per extra node | " + " | ".join(
+        extra("agent-mem", n, "marginal_kib_per_node") for n in sizes) + " | (stated) |")
     return "\n".join(lines) + "\n"
 
 
@@ -370,8 +487,9 @@ def write(rows: Sequence[Row], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scale.json").write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
     text = ["# shoal at 1,000 / 5,000 / 10,000 virtual nodes\n", machine_summary(),
-            "Agents: `b-1..b-1000` in one process, the rest (`a-…`) in a second; the floor is "
-            "this machine spawning N `/bin/true` with nothing else (see bench/scale.py).\n",
+            "Agents: `b-1..b-1000` in one process, the rest (`a…-`) shared out over one more "
+            "process per CPU; the floor is this machine spawning N `/bin/true` with nothing "
+            "else, one worker per CPU (see bench/scale.py).\n",
             markdown(rows)]
     (out_dir / "scale.md").write_text("\n".join(text))
     plot(rows, out_dir / "scale.png")
@@ -386,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float,
                         default=float(os.environ.get("BENCH_DEADLINE_S", 1500)))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="agent processes for the nodes beyond b-1..b-1000")
     args = parser.parse_args(argv)
     shoal = find_shoal()
     problem = shoal_problem(shoal)
@@ -403,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(Row("run-all", "shoal", n, status="skipped", note="budget"))
                 continue
             try:
-                bench_size(shoal, root, n, args.runs, deadline, rows)
+                bench_size(shoal, root, n, args.runs, deadline, rows, args.processes)
             except FleetError as e:
                 log(f"n={n}: {e}")
                 rows.append(Row("run-all", "shoal", n, status="failed", note=str(e)[:500]))

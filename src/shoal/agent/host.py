@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_REPORT_TIME = 10.0
-BATCH_REPORT = 256  # nodes per RunBatchStarted message
+BATCH_REPORT = 256  # nodes per RunBatchStarted message, at most
+BATCH_SLICE = 0.01  # seconds of spawning between two turns of the event loop
 
 
 @dataclass
@@ -361,7 +362,8 @@ class AgentHost:
         one = m.RunRequest(run_id=req.run_id, spec=req.spec, window=req.window)
         started: list[tuple[str, int]] = []
         events = subjects.run_events(req.run_id, self.lead)
-        for i, name in enumerate(mine):
+        slice_end = time.monotonic() + BATCH_SLICE
+        for name in mine:
             if self._stopping:  # stop() ends what started; the rest never starts
                 await self._publish(subjects.run_events(req.run_id, name), m.Exit(
                     node=name, code=None, reason="the agent is stopping"))
@@ -372,11 +374,15 @@ class AgentHost:
                 started.append((name, reply.pid))
             else:
                 await self._publish(subjects.run_events(req.run_id, name), reply)
-            if started and (len(started) >= BATCH_REPORT or i == len(mine) - 1):
+            if len(started) >= BATCH_REPORT or time.monotonic() >= slice_end:
                 # Queued before any exit of these: their supervisors run only once we yield.
-                await self._publish(events, m.RunBatchStarted(started=started))
-                started = []
-                await asyncio.sleep(0)  # let exits and output of the started ones flow
+                if started:
+                    await self._publish(events, m.RunBatchStarted(started=started))
+                    started = []
+                # Let heartbeats, exits and output through: a loop busy spawning for seconds
+                # would miss beats and its nodes would look down.
+                await asyncio.sleep(0)
+                slice_end = time.monotonic() + BATCH_SLICE
         if started:
             await self._publish(events, m.RunBatchStarted(started=started))
         await self._maybe_drop_route(req.run_id)

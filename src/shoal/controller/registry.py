@@ -100,6 +100,7 @@ class NodeRegistry:
                 beat = hostbeat.decode(value)
             except msgspec.DecodeError:
                 log.warning("undecodable heartbeat under %s", key)
+                return
         if beat is None:  # the process stopped (or the key was purged)
             for name in self._chunks.pop(key, []):
                 if self._lead.get(name, ("",))[0] == key:
