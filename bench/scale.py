@@ -437,7 +437,8 @@ def markdown(rows: Sequence[Row]) -> str:
     lines.append("| idle nats-server % core | " + " | ".join(cpu(n, "nats") for n in sizes)
                  + " | |")
     prefixes = sorted({k[:-len("kib_per_node")] for r in rows if r.workload == "agent-mem"
-                       for k in r.extra if k.endswith("kib_per_node")})
+                       for k in r.extra if k.endswith("kib_per_node")
+                       and not k.startswith("marginal")})
     for prefix in prefixes:
         lines.append(f"| agent {prefix} KiB per node | " + " | ".join(
             extra("agent-mem", n, f"{prefix}kib_per_node") for n in sizes) + " | (stated) |")
@@ -495,6 +496,20 @@ def write(rows: Sequence[Row], out_dir: Path) -> None:
     plot(rows, out_dir / "scale.png")
 
 
+def size_cost_s(n: int, runs: int) -> float:
+    """A generous guess at one size's seconds on a busy 2-CPU machine: fleet start and
+    stop, the idle window, and per round a floor, two runs and the listings."""
+    return 60 + n / 250 + (runs + 1) * (6 + n / 400) + runs * 3
+
+
+def rounds_within(sizes: Sequence[int], wanted: int, budget: float) -> int:
+    """The most rounds (at least 1) for which every size fits the budget."""
+    for runs in range(wanted, 0, -1):
+        if sum(size_cost_s(n, runs) for n in sizes) <= budget:
+            return runs
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     parser = argparse.ArgumentParser(prog="python -m bench.scale",
@@ -515,15 +530,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                               note=problem or "").to_json()]))
         return 1
     deadline = Deadline(args.budget)
+    runs = rounds_within(args.sizes, args.runs, args.budget)
+    if runs < args.runs:
+        log(f"{args.budget:.0f}s of budget: {runs} round(s) per size instead of {args.runs}")
 
     def bench(root: Path, rows: list[Row]) -> None:
         for n in args.sizes:
-            if deadline.near(60 + n / 50):
+            if deadline.near(size_cost_s(n, 1) / 2):
                 log(f"n={n}: skipped, not enough time left")
                 rows.append(Row("run-all", "shoal", n, status="skipped", note="budget"))
                 continue
             try:
-                bench_size(shoal, root, n, args.runs, deadline, rows, args.processes)
+                bench_size(shoal, root, n, runs, deadline, rows, args.processes)
             except FleetError as e:
                 log(f"n={n}: {e}")
                 rows.append(Row("run-all", "shoal", n, status="failed", note=str(e)[:500]))
