@@ -145,8 +145,17 @@ def test_the_listing_filters_by_state_text_and_node_set() -> None:
     assert pick(names=nodelist.parse_nodeset("web[1-2],db2"), state="ready") == ["web1", "db2"]
     with pytest.raises(ValidationError, match="state must be one of"):
         nodelist.matcher(state="up")
-    with pytest.raises(ValidationError, match="bad node set"):
-        nodelist.parse_nodeset("web[1-")
+    for bad in ("web[1-", "a,,b", "web[1-2]]"):
+        with pytest.raises(ValidationError, match="bad node set"):
+            nodelist.parse_nodeset(bad)
+    assert sorted(nodelist.parse_nodeset("w[1-2],x[01-02]")) == ["w1", "w2", "x01", "x02"]
+
+
+def test_a_node_set_that_would_fill_memory_is_refused_early() -> None:
+    # Each element is within the node set's own cap; together they are 10 million names.
+    text = ",".join(f"x{i}-[1-99999]" for i in range(100))
+    with pytest.raises(ValidationError, match="more than 100,000"):
+        nodelist.parse_nodeset(text)
 
 
 def test_pages_follow_natural_order_from_any_name() -> None:

@@ -89,6 +89,7 @@ class AgentHost:
         self._stopped = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.host_id = secrets.token_hex(6)  # names this process's heartbeat keys
+        self._batches: set[asyncio.Task[None]] = set()  # run batches still spawning
         self.lead = names[0]
         self._base_env = dict(os.environ)
         first_port, _, last_port = cfg.ports.partition("-")
@@ -359,6 +360,13 @@ class AgentHost:
         mine, refused = split_batch(req.nodes, self.nodes)
         route = await self._route(req.run_id)
         await msg.respond(m.pack(m.RunBatchAck(refused=refused)))
+        # Spawn in a task of its own: this subscription's next message (another run's batch,
+        # a session request for the lead) must not wait seconds for these spawns.
+        task = asyncio.create_task(self._start_batch(req, mine, route))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _start_batch(self, req: m.RunBatch, mine: list[str], route: _RunRoute) -> None:
         one = m.RunRequest(run_id=req.run_id, spec=req.spec, window=req.window)
         started: list[tuple[str, int]] = []
         events = subjects.run_events(req.run_id, self.lead)

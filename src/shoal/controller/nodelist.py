@@ -15,11 +15,38 @@ MAX_LABEL_VALUES = 20  # per label key in a summary; the rest are counted as "ot
 NODE_STATES = ("ready", "draining", "down")
 
 
+MAX_NAMES = 100_000  # a listing's node set names at most this many
+
+
 def parse_nodeset(text: str) -> NodeSet:
+    """A node set of at most ``MAX_NAMES`` names, parsed a top-level element at a time so
+    that many large ranges (``a[1-99999],b[1-99999],...``) fail before they fill memory."""
+    names: set[str] = set()
     try:
-        return NodeSet.parse(text)
+        for elem in _top_level(text):
+            if not elem.strip():
+                raise NodeSetError(f"empty element in {text[:200]!r}")
+            names.update(NodeSet.parse(elem))
+            if len(names) > MAX_NAMES:
+                raise ValidationError(f"the node set names more than {MAX_NAMES:,} nodes")
+        return NodeSet(names)
     except NodeSetError as e:
-        raise ValidationError(f"bad node set {text!r}: {e}") from e
+        raise ValidationError(f"bad node set {text[:200]!r}: {e}") from e
+
+
+def _top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def matcher(state: str = "", text: str = "",
