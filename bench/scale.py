@@ -467,6 +467,10 @@ def plot(rows: Sequence[Row], path: Path) -> Path | None:
         pts = sorted((r.n, r.median_s) for r in rows if r.workload == w and r.median_s)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=w)
+    floor = sorted((r.n, r.median_s) for r in rows if r.workload == "spawn-floor" and r.median_s)
+    if floor:
+        ax.plot([p[0] for p in floor], [2 * p[1] for p in floor], color="grey", linestyle=":",
+                label="2 × floor (the run-all goal)")
     ax.set_xlabel("virtual nodes registered")
     ax.set_ylabel("median wall time, s")
     ax.set_title("shoal at scale (2 CPUs, shared)")
