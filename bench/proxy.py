@@ -1,5 +1,6 @@
-"""Service proxy speed: requests/s and added latency through ``/s/NAME/`` (proxy mode),
-against direct requests to a replica, with Debian's nginx proxying the same replicas.
+"""Service proxy speed: requests/s and added latency through ``/s/NAME/`` on the services
+listener (proxy mode), against direct requests to a replica, with Debian's nginx proxying the
+same replicas.
 
 Run from the repository root with `python -m bench.proxy` (bench.run runs it as one of its
 EXTRA_BENCHMARKS). It starts a private `shoal up --agents 2 --port 0` in a temporary
@@ -232,7 +233,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: float) -> list[dict[st
         )
         targets = {
             "direct": f"http://{replicas[0][0]}:{replicas[0][1]}/",
-            "shoal-proxy": f"{url}/s/bench/",
+            "shoal-proxy": view["url"],  # the services listener's /s/bench/
             "nginx": f"http://127.0.0.1:{port}/",
         }
         for name, target in targets.items():  # warm up: pools, caches; and check it answers

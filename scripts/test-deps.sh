@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # System packages the tests need (browser tests drive Debian's chromium; the network policy
-# tests apply nftables rules). Idempotent.
+# tests apply nftables rules; the PyCloud bridge's tests run a private redis-server; the
+# container driver's tests run podman with runc on an image made from busybox-static's
+# static /bin/busybox). Idempotent.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || need+=(nftables)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
+    || need+=(busybox-static)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing system packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2

@@ -29,6 +29,7 @@ class Fleet:
         self.extra_args = extra_args
         self.up: subprocess.Popen[str] | None = None
         self.url = ""
+        self.services_url = ""  # the services listener: service NAME is at /s/NAME/
         self.token = ""
         self.procs: list[subprocess.Popen[str]] = []
         self.log = home / "up.log"
@@ -45,8 +46,10 @@ class Fleet:
         while time.monotonic() < deadline:
             text = self.log.read_text()
             found = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", text)
-            if found:
+            if found and "Ctrl-C stops everything." in text:  # the last line printed
                 self.url, self.token = found.group(1), found.group(2)
+                services = re.search(r"services: +(http://\S+)/s/NAME/", text)
+                self.services_url = services.group(1) if services else self.url
                 break
             if self.up.poll() is not None:
                 raise RuntimeError(f"shoal up exited:\n{text}")

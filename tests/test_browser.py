@@ -7,8 +7,12 @@ import json
 import os
 import pwd
 import shutil
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -197,6 +201,26 @@ def test_dashboard_summarises_the_fleet_and_searches_nodes(pool: Fleet,
     page.close()
 
 
+def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> None:
+    """The dashboard shows who is logged in, and hides the kill buttons from a read-only
+    user (the API would refuse them: test_scopes.py)."""
+    made = pool.shoal("token", "create", "--user", "rita", "--scope", "read")
+    assert made.returncode == 0, made.stderr
+    r = pool.shoal("session", "create", "--name", "not-yours", "--", "sleep", "30")
+    sid = r.stdout.strip()
+    page = new_page(browser, viewport={"width": 1200, "height": 800})
+    page.goto(f"{pool.url}/?token={made.stdout.strip()}")
+    assert "token" not in page.url
+    page.wait_for_function("document.getElementById('who').textContent.includes('rita')",
+                           timeout=20000)
+    assert page.locator("#who").inner_text() == "rita (read)"
+    page.wait_for_function(
+        f"window.shoalDashboard.sessions().some(s => s.id === '{sid}')", timeout=20000)
+    assert not page.locator(f"button[data-kill='{sid}']").is_visible()
+    pool.shoal("session", "rm", sid)
+    page.close()
+
+
 def test_pages_need_a_login_when_terminals_are_private(fleet: Fleet, browser: Browser) -> None:
     page = new_page(browser)
     resp = page.goto(fleet.url + "/")
@@ -204,3 +228,131 @@ def test_pages_need_a_login_when_terminals_are_private(fleet: Fleet, browser: Br
     resp = page.goto(fleet.url + "/terminal")
     assert resp is not None and resp.status == 401
     page.close()
+
+
+ATTACK = """<!doctype html><title>cat pictures</title><script>
+const api = "API";
+Promise.allSettled([
+  fetch(api + "/api/v1/sessions", {method: "POST", mode: "no-cors", credentials: "include",
+        body: JSON.stringify({name: "pwned", shell: "touch MARKER"})}),
+  fetch(api + "/api/v1/sessions", {method: "POST", mode: "no-cors", credentials: "include",
+        headers: {"Content-Type": "text/plain"},
+        body: JSON.stringify({name: "pwned-2", shell: "touch MARKER"})}),
+  fetch(api + "/terminal", {method: "POST", mode: "no-cors", credentials: "include",
+        body: "{}"}),
+]).then(() => { document.title = "sent"; });
+</script>"""
+
+
+class AttackSite:
+    """A terminal user's web server on another port of the same host: serves the page and
+    keeps the Cookie headers browsers send it (cookies do not tell ports apart)."""
+
+    def __init__(self, api: str, marker: Path) -> None:
+        page = ATTACK.replace("API", api).replace("MARKER", str(marker)).encode()
+        self.cookies: list[str] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                site.cookies += self.headers.get_all("Cookie") or []
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> AttackSite:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def api_status(url: str, headers: dict[str, str], method: str = "GET",
+               body: bytes | None = None) -> int:
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_a_page_on_another_port_cannot_use_the_login(fleet: Fleet, browser: Browser,
+                                                     tmp_path: Path) -> None:
+    """The cross-port attack: a logged-in operator visits a page that a terminal user serves
+    on another loopback port. Its requests carry the login cookie (same host), yet create
+    nothing; and the cookie that reached the attacker's server opens nothing either."""
+    marker = tmp_path / "pwned"
+    context = browser.new_context(bypass_csp=True)  # for the string predicates only
+    page = context.new_page()
+    page.goto(f"{fleet.url}/?token={fleet.token}")
+    assert "token" not in page.url and "csrf" not in page.url
+    page.wait_for_function("window.shoalDashboard && window.shoalDashboard.nodes().length >= 2",
+                           timeout=20000)  # logged in: the dashboard reads the API
+    with AttackSite(fleet.url, marker) as site:
+        attack = context.new_page()
+        attack.goto(site.url + "/cats")
+        attack.wait_for_function("document.title === 'sent'", timeout=20000)
+        sessions = json.loads(fleet.shoal("session", "list", "--json").stdout)
+        assert not [s for s in sessions if str(s["name"]).startswith("pwned")], sessions
+        assert not marker.exists()
+        stolen = [c.split("=", 1) for header in site.cookies for c in header.split("; ")]
+    assert stolen, "the browser sent the login cookie to the other port, as browsers do"
+    spec = json.dumps({"name": "pwned-3", "shell": f"touch {marker}"}).encode()
+    for name, value in stolen:
+        assert value != fleet.token
+        assert api_status(f"{fleet.url}/api/v1/nodes", {"Authorization": f"Bearer {value}"}) \
+            == 401
+        # Replayed by hand with every header a browser would send, but no CSRF token:
+        replay = {"Cookie": f"{name}={value}", "Origin": fleet.url,
+                  "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"}
+        assert api_status(f"{fleet.url}/api/v1/sessions", replay, "POST", spec) == 403
+        assert api_status(f"{fleet.url}/api/v1/sessions", replay) == 403
+    assert not marker.exists()
+    context.close()
+
+
+def test_the_operator_opens_a_terminal_and_logs_out(fleet: Fleet, browser: Browser) -> None:
+    """The login's CSRF token reaches the terminal page's WebSocket (a cookie alone would be
+    refused), and the dashboard's logout ends the login for good."""
+    r = fleet.shoal("session", "create", "--name", "op-term", "--tty", "--", "cat")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    context = browser.new_context(bypass_csp=True)  # for the string predicates only
+    page = context.new_page()
+    page.goto(f"{fleet.url}/?token={fleet.token}")
+    page.wait_for_function("window.shoalDashboard && window.shoalDashboard.sessions().length",
+                           timeout=20000)
+    term = context.new_page()
+    term.goto(f"{fleet.url}/t/{sid}")
+    term.wait_for_function("window.shoalTerm && window.shoalTerm.state() === 'connected'",
+                           timeout=20000)
+    type_line(term, "hello-from-the-operator")
+    wait_text(term, "hello-from-the-operator\nhello-from-the-operator")
+    term.close()
+    cookie = next(c["value"] for c in context.cookies() if c["name"] == "shoal_login")
+    csrf = page.evaluate("window.shoalLogin.csrf()")
+    assert cookie and csrf
+    headers = {"Cookie": f"shoal_login={cookie}", "X-Shoal-CSRF": csrf}
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 200
+    page.click("#logout")
+    page.wait_for_selector("#error:not([hidden])", timeout=20000)
+    assert "logged out" in page.locator("#error").inner_text()
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 401
+    assert page.evaluate("window.shoalLogin.csrf()") == ""
+    assert not [c for c in context.cookies() if c["name"] == "shoal_login"]
+    resp = page.reload()
+    assert resp is not None and resp.status == 401
+    context.close()
+    fleet.shoal("session", "rm", sid)

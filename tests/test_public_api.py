@@ -56,7 +56,7 @@ def test_names_are_the_real_objects() -> None:
     assert shoal.NodeSet is nodeset.NodeSet and shoal.SessionSpec is m.SessionSpec
     for name in ("ShoalError", "ConfigError", "ValidationError", "ConnectError", "AuthError",
                  "NotFoundError", "ConflictError", "NoCapacityError", "RemoteTimeout",
-                 "ProtocolError"):
+                 "ProtocolError", "Unavailable"):
         assert getattr(shoal, name) is getattr(errors, name)
         assert issubclass(getattr(shoal, name), shoal.ShoalError)
     assert isinstance(shoal.__version__, str) and shoal.__version__[0].isdigit()

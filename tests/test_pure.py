@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from shoal import messages as m
 from shoal import placement, tokens
 from shoal.agent.ledger import Ledger
-from shoal.controller.terminals import RateLimiter
+from shoal.config import ControllerConfig
+from shoal.controller import hosts
+from shoal.controller.terminals import RateLimiter, client_key
 from shoal.sessionstate import FINAL, TRANSITIONS, IllegalTransition, can_move, check, is_final
 
 STATES: list[m.SessionState] = list(TRANSITIONS)
@@ -97,6 +99,59 @@ def test_rate_limiter() -> None:
     assert limiter.allow("other", now=0.0)
     assert limiter.allow("ip", now=20.0)  # one token back after 20 s
     assert not limiter.allow("ip", now=20.5)
+
+
+def test_rate_limiter_never_forgets_everyone_at_once() -> None:
+    """Past the key bound the least recently seen go, never a busy client's bucket (the old
+    limiter cleared every bucket at 100 000 keys: a flood of addresses reset it)."""
+    limiter = RateLimiter(per_minute=1)
+    assert limiter.allow("busy", now=0.0) and not limiter.allow("busy", now=0.0)
+    for i in range(99_990):
+        limiter.allow(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now=1.0)
+    assert not limiter.ready("busy", now=2.0) and not limiter.allow("busy", now=2.0)
+    for i in range(50):
+        limiter.allow(f"flood-{i}", now=3.0)
+    assert len(limiter.buckets) <= 100_000
+    assert not limiter.ready("busy", now=4.0), "the busy client's bucket survived the flood"
+
+
+def test_rate_limiter_ready_spends_nothing() -> None:
+    limiter = RateLimiter(per_minute=1)
+    assert all(limiter.ready("ip", now=0.0) for _ in range(5))
+    assert limiter.allow("ip", now=0.0) and not limiter.ready("ip", now=0.0)
+    limiter.refund("ip", now=0.0)
+    assert limiter.ready("ip", now=0.0)
+
+
+def test_client_keys_group_an_ipv6_64() -> None:
+    assert client_key("2001:db8:1:2::10") == client_key("2001:db8:1:2:ffff:1:2:3") \
+        == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::10") != client_key("2001:db8:1:2::10")
+    assert client_key("::ffff:192.0.2.7") == client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("192.0.2.7") != client_key("192.0.2.8")
+    assert client_key("not an address") == "not an address"
+
+
+@pytest.mark.parametrize(("bound", "allowed", "public", "host", "ok"), [
+    ("127.0.0.1", [], "", "127.0.0.1:7470", True),
+    ("127.0.0.1", [], "", "localhost:7470", True),
+    ("127.0.0.1", [], "", "localhost.", True),
+    ("127.0.0.1", [], "", "[::1]:7470", True),
+    ("127.0.0.1", [], "", "evil.example:7470", False),
+    ("127.0.0.1", [], "", "localhost.evil.example", False),
+    ("127.0.0.1", [], "", "", False),
+    ("127.0.0.1", [], "", "[bad", False),
+    ("127.0.0.1", [], "", "192.0.2.10", False),
+    ("192.0.2.10", [], "", "192.0.2.10:7470", True),
+    ("127.0.0.1", ["Shoal.Example.org"], "", "shoal.example.org", True),
+    ("127.0.0.1", [], "https://pool.example.org/", "pool.example.org:443", True),
+    ("127.0.0.1", [], "https://pool.example.org/", "other.example.org", False),
+    ("127.0.0.1", ["*"], "", "anything.example", True),
+])
+def test_host_policy(bound: str, allowed: list[str], public: str, host: str, ok: bool) -> None:
+    rules = hosts.policy(ControllerConfig(host=bound, allowed_hosts=allowed, public_url=public))
+    assert hosts.host_ok(host, rules) is ok
 
 
 def test_ledger_survives_a_torn_last_line(tmp_path: Path) -> None:

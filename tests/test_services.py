@@ -69,11 +69,11 @@ async def test_redirect_every_replica_gets_traffic(client: Client, http: aiohttp
                                                check="http:/health", **FAST))
     view = await wait_up(client, "web", 3)
     assert {r.node for r in view.replicas} == {"node-1", "node-2"}, "replicas spread"
-    counts = collections.Counter([await get_name(http, f"{fleet.url}/s/web/")
+    counts = collections.Counter([await get_name(http, f"{fleet.services_url}/s/web/")
                                   for _ in range(90)])
     assert set(counts) == {r.id for r in view.replicas}, counts
     # The redirect itself: 307 to the replica, path and query kept.
-    async with http.get(f"{fleet.url}/s/web/a/b?c=d", allow_redirects=False) as resp:
+    async with http.get(f"{fleet.services_url}/s/web/a/b?c=d", allow_redirects=False) as resp:
         assert resp.status == 307
         location = resp.headers["Location"]
         assert location.endswith("/a/b?c=d")
@@ -141,7 +141,7 @@ async def test_slow_replica_gets_fewer_requests(client: Client, http: aiohttp.Cl
 
     async def worker(n: int) -> None:
         for _ in range(n):
-            counts[await get_name(http, f"{fleet.url}/s/api/")] += 1
+            counts[await get_name(http, f"{fleet.services_url}/s/api/")] += 1
 
     await asyncio.gather(*(worker(75) for _ in range(4)))
     await get_name(http, f"http://{slow.host}:{slow.port}/delay?ms=0")
@@ -153,11 +153,11 @@ async def test_slow_replica_gets_fewer_requests(client: Client, http: aiohttp.Cl
 async def test_drain_lets_in_flight_finish_and_sends_no_new(
         client: Client, http: aiohttp.ClientSession, fleet: Fleet) -> None:
     await wait_up(client, "api", 3)
-    async with http.get(f"{fleet.url}/s/api/slow?ms=2000") as slow:
+    async with http.get(f"{fleet.services_url}/s/api/slow?ms=2000") as slow:
         assert slow.status == 200
         target = (await slow.content.readline()).decode().strip()
         await client.drain_service("api", replica=target, deadline=30)
-        names = collections.Counter([await get_name(http, f"{fleet.url}/s/api/")
+        names = collections.Counter([await get_name(http, f"{fleet.services_url}/s/api/")
                                      for _ in range(40)])
         assert target not in names, names
         assert (await slow.content.read()) == b"done\n"
@@ -181,7 +181,7 @@ async def test_proxy_1000_requests_with_a_replica_killed(
             done += 1
             if done == 300:
                 os.kill(pid, signal.SIGKILL)
-            async with http.get(f"{fleet.url}/s/api/x") as resp:
+            async with http.get(f"{fleet.services_url}/s/api/x") as resp:
                 await resp.read()
                 statuses[resp.status] += 1
 
@@ -195,16 +195,16 @@ async def test_proxy_websocket_and_post(client: Client, http: aiohttp.ClientSess
                                         fleet: Fleet) -> None:
     view = await wait_up(client, "api", 3)
     ids = {r.id for r in view.replicas}
-    async with http.ws_connect(f"{fleet.url}/s/api/ws") as ws:
+    async with http.ws_connect(f"{fleet.services_url}/s/api/ws") as ws:
         await ws.send_str("hello")
         reply = await ws.receive_str()
         who, _, text = reply.partition(": ")
         assert who in ids and text == "hello"
-    async with http.post(f"{fleet.url}/s/api/upload", data=b"x" * 5000) as resp:
+    async with http.post(f"{fleet.services_url}/s/api/upload", data=b"x" * 5000) as resp:
         assert resp.status == 200 and (await resp.text()).endswith(" got 5000\n")
         assert resp.headers["X-Shoal-Replica"] in ids
-    # The shoal cookie never reaches a replica; the proxy needs no token.
-    async with http.get(f"{fleet.url}/s/api/", headers={"Cookie": "shoal_token=secret"}) as resp:
+    # The proxy needs no token (test_service_origin.py shows what reaches a replica).
+    async with http.get(f"{fleet.services_url}/s/api/") as resp:
         assert resp.status == 200
     await client.remove_service("api", deadline=5)
 
@@ -222,7 +222,7 @@ async def test_no_healthy_replica_is_503_at_once(client: Client, http: aiohttp.C
         await client.best("mute")
     assert time.monotonic() - start < 5
     await client.drain_service("mute")
-    async with http.get(fleet.url + "/s/mute/") as resp:
+    async with http.get(fleet.services_url + "/s/mute/") as resp:
         assert resp.status == 503 and "drained" in (await resp.json())["error"]
     await client.remove_service("mute", deadline=0)
 

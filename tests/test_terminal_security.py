@@ -36,7 +36,11 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
         # The link opens its own session's page once; the page then lives on a cookie.
         assert await status(f"/t/{b.id}?token={link}") == 401
         assert await status(f"/api/v1/sessions/{a.id}/attach?token={link}") == 401
-        assert await status(f"/t/{a.id}?token={link}") == 200
+        async with http.get(f"{fleet.url}/t/{a.id}?token={link}", allow_redirects=False) as r:
+            assert r.status == 303, "the link trades itself for a cookie and an attach key"
+            location = r.headers["Location"]
+        assert location.startswith(f"/t/{a.id}#attach=") and "token" not in location
+        attach = location.split("#attach=", 1)[1]
         assert await status(f"/t/{a.id}?token={link}", other) == 401, "a link works once"
         assert await status(f"/t/{a.id}") == 200, "the cookie carries on"
         assert await status(f"/t/{b.id}") == 401, "the cookie is for one session"
@@ -46,12 +50,19 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
         assert await status(f"/t/{a.id}?token={expired}", other) == 401
         forged = tokens.issue(tokens.derive_key("not the secret"), a.id, 60)
         assert await status(f"/t/{a.id}?token={forged}", other) == 401
-        ws = await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach")
+        # The cookie alone does not open the socket: another port of this host receives it.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach")
+        assert e.value.status == 401
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?attach={'0' * 64}")
+        assert e.value.status == 401
+        ws = await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?attach={attach}")
         hello = json.loads((await ws.receive()).data)
         assert hello["t"] == "hello" and hello["session"] == a.id
         await ws.close()
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:
-            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach",
+            await http.ws_connect(f"{fleet.url}/api/v1/sessions/{a.id}/attach?attach={attach}",
                                   headers={"Origin": "http://evil.example"})
         assert e.value.status == 403
     for s in (a, b):

@@ -22,7 +22,7 @@ from shoal import web
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ["xterm.js", "xterm.css", "addon-fit.js"]
-PAGES = ["terminal.html", "terminal.js", "terminal.css",
+PAGES = ["terminal.html", "terminal.js", "terminal.css", "login.js",
          "dashboard.html", "dashboard.js", "dashboard.css"]
 WHEEL_FILES = [f"shoal/web/static/vendor/{name}" for name in VENDOR] + \
               [f"shoal/web/static/{name}" for name in PAGES] + ["shoal/web/__init__.py"]

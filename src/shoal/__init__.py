@@ -40,6 +40,7 @@ _EXPORTS = {
     "ProtocolError": "errors",
     "RemoteTimeout": "errors",
     "ShoalError": "errors",
+    "Unavailable": "errors",
     "ValidationError": "errors",
 }
 
@@ -66,6 +67,7 @@ __all__ = [
     "ShoalError",
     "SyncClient",
     "Targets",
+    "Unavailable",
     "ValidationError",
     "__version__",
 ]
@@ -82,6 +84,7 @@ if _typing.TYPE_CHECKING:
         ProtocolError,
         RemoteTimeout,
         ShoalError,
+        Unavailable,
         ValidationError,
     )
     from .messages import Limits, NodeInfo, RunSpec, SessionRecord, SessionSpec, Targets

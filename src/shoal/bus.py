@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,7 +21,6 @@ from nats.js.kv import KeyValue
 
 from .config import NatsConfig
 from .errors import AuthError, ConnectError
-from .outputlog import ensure_stream
 from .servicetypes import SERVICES_BUCKET
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
@@ -32,7 +31,13 @@ log = logging.getLogger(__name__)
 # (measured: a fifth less CPU in the controller and in nats-server per GiB of output).
 READ_BUFFER = 1 << 20
 
-__all__ = ["NatsClient", "close", "connect", "ensure_buckets", "open_buckets", "Buckets"]
+__all__ = ["NATS_ERRORS", "NatsClient", "close", "connect", "ensure_buckets", "open_buckets",
+           "Buckets"]
+
+# What a NATS call can raise when the server is away, restarting or slow: nats-py's own
+# errors (JetStream's included), and the bare TimeoutError (asyncio's, in 3.11 the builtin)
+# that nats-py 2.16 lets out of fetch and request deadlines. Callers catch this tuple.
+NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 
 
 AGENT_INBOX = "_INBOX_AGENT"
@@ -49,14 +54,20 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             return  # reported once, by the exception below
         log.warning("nats: %s", e)
 
+    client: list[NatsClient] = []  # set once connected: the callbacks ask it where it is
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not an outage
         log.warning("nats: disconnected from %s; reconnecting", _safe_url(cfg.url))
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected")
+        where = client[0].connected_url if client else None
+        log.info("nats: reconnected%s", f" to {where.netloc.rpartition('@')[2]}" if where else "")
 
     opts: dict[str, Any] = {
-        "servers": [u.strip() for u in cfg.url.split(",")],
+        "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
+        "dont_randomize": not cfg.randomize,
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": True,
@@ -93,6 +104,7 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
             f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; is nats-server "
             "running (shoal up starts one) and is the URL right?"
         ) from e
+    client.append(nc)
     # Now that we are in, keep trying forever through outages.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
@@ -127,28 +139,105 @@ def _safe_url(url: str) -> str:
     return url
 
 
+# What a JetStream call raises while its stream has no leader (one was lost and the rest are
+# electing another, a few seconds on a cluster) or while the connection fails over.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
+ELECTION_PATIENCE = 20.0  # seconds: NATS elects a new stream leader well within this
+
+T = TypeVar("T")
+
+
+async def through_elections(op: Callable[[], Awaitable[T]], what: str,
+                            patience: float = ELECTION_PATIENCE) -> T:
+    """``op()``, tried again while it fails transiently (see TRANSIENT), for up to
+    ``patience`` seconds; then its last error. ``op`` must be safe to repeat: callers
+    pass compare-and-set writes, whose repeat is refused rather than applied twice."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pause = 0.1
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as e:
+            if loop.time() + pause > deadline:
+                raise
+            log.info("%s: %s; trying again", what, e or type(e).__name__)
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
 Apply = Callable[[str, bytes | None], None]
+
+
+def client_of(kv: KeyValue) -> NatsClient:
+    """The connection a bucket handle uses (nats-py keeps it private)."""
+    return kv._js._nc  # noqa: SLF001
 
 
 async def watch_bucket(kv: KeyValue, apply: Apply, ready: Callable[[], None] | None = None,
                        what: str = "bucket") -> None:
     """Feed every current and future entry of ``kv`` to ``apply(key, value)`` forever
     (``value`` None for a delete or purge). ``ready`` is called once the current values are
-    in. After an outage the watch starts again, replaying the current values."""
+    in, and again after every re-watch.
+
+    The watch is armed again as soon as the connection comes back from an outage (nats-py's
+    ordered consumer would take its own ~10 s to notice), and the re-watch replays the
+    current values: keys that went away meanwhile are applied as deletions, so a mirror of
+    the bucket is exact again once ``ready`` is called.
+    """
+    nc = client_of(kv)  # its reconnect count tells us when to watch again
+    known: set[str] = set()  # keys with a value, as last applied
+
+    async def consume(watcher: KeyValue.KeyWatcher) -> None:
+        replayed: set[str] | None = set()  # keys seen before the current values were in
+        async for entry in watcher:
+            if entry is None:  # the current values are in
+                if replayed is not None:
+                    for gone in known - replayed:
+                        known.discard(gone)
+                        apply(gone, None)
+                    replayed = None
+                if ready is not None:
+                    ready()
+                continue
+            put = entry.operation in (None, "PUT") and bool(entry.value)
+            if put:
+                known.add(entry.key)
+                if replayed is not None:
+                    replayed.add(entry.key)
+            else:
+                known.discard(entry.key)
+            apply(entry.key, entry.value if put else None)
+
     while True:
+        reconnects = nc.stats["reconnects"]
+        watcher = None
+        reader: asyncio.Task[None] | None = None
         try:
-            async for entry in await kv.watchall():
-                if entry is None:
-                    if ready is not None:
-                        ready()
-                    continue
-                put = entry.operation in (None, "PUT") and bool(entry.value)
-                apply(entry.key, entry.value if put else None)
+            watcher = await kv.watchall()
+            reader = asyncio.create_task(consume(watcher))
+            while not reader.done() and nc.stats["reconnects"] == reconnects:
+                await asyncio.wait({reader}, timeout=0.5)
+            if reader.done():
+                reader.result()  # its error, if any
+            else:
+                log.info("%s watch: NATS reconnected; watching again", what)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("%s watch failed (%s); retrying", what, e)
-            await asyncio.sleep(1.0)
+            log.warning("%s watch failed (%s); retrying", what, str(e) or type(e).__name__)
+            await asyncio.sleep(0.5)
+        finally:
+            if reader is not None and not reader.done():
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            if watcher is not None:
+                try:
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+                except Exception:  # the old subscription may be gone with the connection
+                    pass
 
 
 R = TypeVar("R")
@@ -180,9 +269,33 @@ class Buckets:
         self.services: KeyValue | None = None  # set by ensure_buckets
 
 
-async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> Buckets:
+NO_PEERS = 10005  # JetStream's "no suitable peers for placement"
+CLUSTER_FORMING = 30.0  # seconds a fresh cluster may take until every peer can host
+
+
+async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1,
+                         terminal_output_bytes: int = 1 << 30) -> Buckets:
     """Create the buckets if missing (controllers do this; it is idempotent). ``replicas``
-    is how many servers of a NATS cluster keep each of them."""
+    is how many servers of a NATS cluster keep each of them. On a cluster that is still
+    forming (its meta leader has not heard from enough peers yet) it tries again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLUSTER_FORMING
+    while True:
+        try:
+            return await _ensure_buckets(nc, node_ttl, replicas, terminal_output_bytes)
+        except Exception as e:
+            forming = isinstance(e, TRANSIENT) or (
+                isinstance(e, nats.js.errors.BadRequestError) and e.err_code == NO_PEERS)
+            if not forming or loop.time() > deadline:
+                raise
+            log.info("JetStream cannot place %d replicas yet (%s); waiting", replicas, e)
+            await asyncio.sleep(0.5)
+
+
+async def _ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int,
+                          terminal_output_bytes: int) -> Buckets:
+    from .outputlog import ensure_stream  # outputlog uses this module's error tuple
+
     js = nc.jetstream()
 
     def kv(bucket: str, ttl: float | None = None) -> KeyValueConfig:
@@ -193,7 +306,7 @@ async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1) -> 
     hb = await _ensure_kv(js, kv(HEARTBEATS_BUCKET, node_ttl))
     reg = await _ensure_kv(js, kv(REGISTRY_BUCKET))
     sessions = await _ensure_kv(js, kv(SESSIONS_BUCKET))
-    await ensure_stream(js, replicas=replicas)
+    await ensure_stream(js, replicas=replicas, terminal_bytes=terminal_output_bytes)
     buckets = Buckets(js, hb, reg, sessions)
     # Service records (controllers only; agents never open it).
     buckets.services = await _ensure_kv(js, kv(SERVICES_BUCKET))

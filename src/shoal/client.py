@@ -12,10 +12,13 @@ translated to shoal's error tree here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import msgspec
@@ -23,14 +26,64 @@ import msgspec
 from . import messages as m
 from . import servicetypes as st
 from .config import ClientConfig, load, shoal_home
-from .errors import ConnectError, ProtocolError, RemoteTimeout, ShoalError, error_for_status
+from .errors import (
+    ConfigError,
+    ConnectError,
+    ProtocolError,
+    RemoteTimeout,
+    ShoalError,
+    error_for_status,
+)
+
+log = logging.getLogger(__name__)
+
+RECONNECT_FOR = ClientConfig().reconnect_for  # seconds to get a lost controller back
+# Errors of an answer in flight that mean "the controller (or its NATS) went away", not "no".
+_LOST = (aiohttp.ClientError, TimeoutError, OSError)
+_RETRY_STATUS = (502, 503, 504)  # a proxy without a controller behind it, or NATS away
+
+T = TypeVar("T")
+
+
+def controller_urls(url: str) -> list[str]:
+    """The controllers of a comma-separated ``url`` (client.toml lists every one of a
+    cluster's controllers), in order."""
+    return [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url.rstrip("/")]
+
+
+def first_reachable(url: str, timeout: float = 1.0) -> str:
+    """The first of the controllers in ``url`` that accepts a TCP connection, else the
+    first one (whose error then names it). For one-shot commands, before they connect."""
+    from urllib.parse import urlsplit
+
+    urls = controller_urls(url)
+    if len(urls) == 1:
+        return urls[0]
+    for u in urls:
+        parts = urlsplit(u)
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+        try:
+            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout).close()
+            return u
+        except OSError:
+            continue
+    return urls[0]
 
 
 class Client:
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+    """``reconnect_for``: how long ``logs(follow=...)`` and an ``attach`` go on trying to
+    reach the controller again after losing it (0: not at all); they resume from the last
+    byte they delivered, and log a warning on ``shoal.client`` while they wait. ``url`` may
+    list several controllers (comma-separated): a call moves on to the next one while one
+    refuses connections."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0,
+                 reconnect_for: float = RECONNECT_FOR) -> None:
+        self.urls = controller_urls(url)
+        self.url = self.urls[0]
         self.token = token
         self.timeout = timeout
+        self.reconnect_for = reconnect_for
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -38,7 +91,10 @@ class Client:
         """URL and token from flags, else ``SHOAL_URL``/``SHOAL_TOKEN``, else
         ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
         cfg = load(ClientConfig, shoal_home() / "client.toml", {"url": url, "token": token})
-        return cls(cfg.url, cfg.token)
+        if not 0 <= cfg.reconnect_for <= 86400:
+            raise ConfigError(f"reconnect_for must be between 0 and 86400 seconds, not "
+                              f"{cfg.reconnect_for:g}")
+        return cls(cfg.url, cfg.token, reconnect_for=cfg.reconnect_for)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -65,6 +121,23 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
+    async def _connect_any(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``attempt(base_url)`` on the current controller, and on the next ones while each
+        refuses the connection (nothing was sent, so even a POST is safe to try again).
+        The one that answers stays current for the calls after."""
+        for i in range(len(self.urls)):
+            try:
+                return await attempt(self.url)
+            except aiohttp.ClientConnectorError:
+                if i == len(self.urls) - 1:
+                    raise
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        raise AssertionError("unreachable")
+
+    def _get(self, path: str, params: dict[str, str], base: str,
+             ) -> aiohttp.client._RequestContextManager:
+        return self.http.get(base + path, params=params)
+
     async def request(self, method: str, path: str, json: Any = None,
                       params: dict[str, str] | None = None) -> Any:
         """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
@@ -78,13 +151,14 @@ class Client:
                           params: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
         """One API call; the body as it came, and the response headers."""
         try:
-            async with self.http.request(
-                method, self.url + path, json=json, params=params,
+            async with await self._connect_any(lambda base: self.http.request(
+                method, base + path, json=json, params=params,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
+            )) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
-                    raise error_for_status(resp.status, _error_message(resp.status, body))
+                    raise error_for_status(resp.status, _error_message(resp.status, body),
+                                           _retry_after(resp))
                 return body, dict(resp.headers)
         except ShoalError:
             raise
@@ -150,6 +224,35 @@ class Client:
         """Remove a node that is down (decommissioned) from the registry."""
         await self.request("DELETE", f"/api/v1/nodes/{node}")
 
+    # ------------------------------------------------------------------ tokens, audit
+
+    async def whoami(self) -> dict[str, Any]:
+        """The user and scopes of this client's token."""
+        return await self.request("GET", "/api/v1/whoami")  # type: ignore[no-any-return]
+
+    async def tokens(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/api/v1/tokens")  # type: ignore[no-any-return]
+
+    async def create_token(self, user: str, scopes: list[str],
+                           expires: float | None = None) -> dict[str, Any]:
+        """A new token for ``user``; the answer's ``token`` is shown only this once."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/api/v1/tokens", json={"user": user, "scopes": scopes, "expires": expires})
+
+    async def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "DELETE", f"/api/v1/tokens/{token_id}")
+
+    async def audit(self, user: str | None = None, since: float | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]:
+        params = {"limit": str(limit), **({"user": user} if user else {}),
+                  **({"since": repr(since)} if since is not None else {})}
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", "/api/v1/audit", params=params)
+
+    async def verify_audit(self) -> dict[str, Any]:
+        return await self.request("GET", "/api/v1/audit/verify")  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, spec: m.SessionSpec | dict[str, Any]) -> m.SessionRecord:
@@ -199,24 +302,59 @@ class Client:
                    tail: int | None = None) -> AsyncIterator[LogEvent]:
         """Output events from byte ``start`` (or the last ``tail`` bytes): ``LogChunk``,
         ``LogTruncated``, then ``LogEnd`` when the session has ended (or ``LogEof`` without
-        ``follow``)."""
-        params = {"from": str(start), "follow": "true" if follow else "false"}
-        if tail is not None:
-            params = {"tail": str(tail), "follow": params["follow"]}
-        url = f"{self.url}/api/v1/sessions/{session_id}/logs"
-        try:
-            async with self.http.get(url, params=params) as resp:
-                if resp.status >= 400:
-                    raise error_for_status(resp.status, _error_message(resp.status,
-                                                                       await resp.read()))
-                async for line in resp.content:
-                    if line.strip():
+        ``follow``). If the controller goes away meanwhile, it reconnects (for up to
+        ``reconnect_for`` seconds) and goes on from the last byte it yielded: no byte is
+        yielded twice or skipped."""
+        path = f"/api/v1/sessions/{session_id}/logs"
+        retry = _Retry(self, f"output of {session_id}")
+        position = start  # the offset after the last byte yielded
+        started = False  # anything received yet (then resume by offset, not by tail)
+        while True:
+            if tail is not None and not started:
+                params = {"tail": str(tail)}
+            else:
+                params = {"from": str(position)}
+            params["follow"] = "true" if follow else "false"
+            try:
+                async with await self._connect_any(functools.partial(
+                        self._get, path, dict(params))) as resp:
+                    if resp.status >= 400:
+                        err = error_for_status(resp.status, _error_message(
+                            resp.status, await resp.read()), _retry_after(resp))
+                        if resp.status not in _RETRY_STATUS or not retry.armed:
+                            raise err
+                        raise _Lost(err.message, answered=False)
+                    retry.connected()
+                    async for line in resp.content:
+                        if not line.strip():
+                            continue
                         event = _log_decoder.decode(line)
                         if isinstance(event, LogError):
-                            raise ShoalError(f"{event.message}; resume from {event.offset}")
+                            raise _Lost(event.message, answered=False)
+                        started = True
+                        if isinstance(event, LogChunk):
+                            end = event.offset + len(event.data)
+                            if end <= position and event.data:
+                                continue  # delivered before a reconnect
+                            if event.offset < position:
+                                event = LogChunk(event.stream, position,
+                                                 event.data[position - event.offset:])
+                            position = end
+                        elif isinstance(event, LogTruncated):
+                            position = max(position, event.end)
+                        retry.progress()
                         yield event
-        except aiohttp.ClientConnectionError as e:
-            raise ConnectError(f"lost the controller at {self.url}: {e}") from e
+                        if isinstance(event, LogEnd | LogEof):
+                            return
+                    raise _Lost("the controller ended the answer before the output's end")
+            except _Lost as e:
+                await retry.wait(e.why, position, e.answered)
+            except _LOST as e:
+                if not retry.armed:
+                    raise ConnectError(f"cannot reach the controller at {self.url}: "
+                                       f"{_describe(e)}; is `shoal up` (or `shoal controller`)"
+                                       " running?") from e
+                await retry.wait(_describe(e), position)
 
     def attach(self, session_id: str, start: int = 0, tail: int | None = None) -> Attachment:
         """Attach to a session's terminal, replaying output from byte ``start`` (or the last
@@ -305,7 +443,12 @@ _log_decoder = msgspec.json.Decoder(LogEvent)
 
 
 class Attachment:
-    """An attached terminal: iterate output bytes and control dicts; send input."""
+    """An attached terminal: iterate output bytes and control dicts; send input.
+
+    If the controller goes away, iterating reconnects (for up to the client's
+    ``reconnect_for`` seconds) and replays from the last byte it yielded (a new ``hello``
+    frame marks the reconnect); input sent meanwhile raises ``ConnectError``. When it cannot
+    get back, iterating raises ``ConnectError``: it never just ends without an ``exit``."""
 
     def __init__(self, client: Client, session_id: str, start: int,
                  tail: int | None = None) -> None:
@@ -316,16 +459,21 @@ class Attachment:
         self.exit: dict[str, Any] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
-    async def __aenter__(self) -> Self:
-        url = f"{self.client.url}/api/v1/sessions/{self.session_id}/attach"
+    async def _connect(self, params: dict[str, str]) -> None:
+        path = f"/api/v1/sessions/{self.session_id}/attach"
         try:
-            params = {"from": str(self.offset)} if self.tail is None else {"tail": str(self.tail)}
-            self._ws = await self.client.http.ws_connect(url, params=params,
-                                                            heartbeat=30)
+            self._ws = await self.client._connect_any(lambda base: self.client.http.ws_connect(
+                base + path, params=params, heartbeat=30))
         except aiohttp.WSServerHandshakeError as e:
-            raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}") from e
-        except aiohttp.ClientConnectionError as e:
-            raise ConnectError(f"cannot reach the controller at {self.client.url}: {e}") from e
+            raise error_for_status(e.status, f"attach refused: HTTP {e.status} {e.message}",
+                                   ) from e
+        except _LOST as e:
+            raise ConnectError(f"cannot reach the controller at {self.client.url}: "
+                               f"{_describe(e)}") from e
+
+    async def __aenter__(self) -> Self:
+        await self._connect({"from": str(self.offset)} if self.tail is None
+                            else {"tail": str(self.tail)})
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -335,30 +483,124 @@ class Attachment:
 
     async def __aiter__(self) -> AsyncIterator[bytes | dict[str, Any]]:
         assert self._ws is not None
-        async for msg in self._ws:
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                self.offset += len(msg.data)
-                yield msg.data
-            elif msg.type == aiohttp.WSMsgType.TEXT:
-                frame = msgspec.json.decode(msg.data)
-                if frame.get("t") == "hello":
-                    self.offset = frame["offset"]
-                elif frame.get("t") == "truncated":
-                    self.offset = frame["to"]
-                elif frame.get("t") == "exit":
-                    self.exit = frame
-                yield frame
-                if frame.get("t") in ("exit", "error"):
-                    return
+        retry = _Retry(self.client, f"terminal of {self.session_id}")
+        retry.connected()
+        while True:
+            why = "the controller closed the connection"
+            answered = True
+            try:
+                async for msg in self._ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        self.offset += len(msg.data)
+                        retry.progress()
+                        yield msg.data
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        frame = msgspec.json.decode(msg.data)
+                        kind = frame.get("t")
+                        if kind == "error":
+                            why, answered = str(frame.get("message")), False
+                            break
+                        if kind == "hello":
+                            self.offset = frame["offset"]
+                        elif kind == "truncated":
+                            self.offset = frame["to"]
+                        elif kind == "exit":
+                            self.exit = frame
+                        yield frame
+                        if kind == "exit":
+                            return
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        why = _describe(self._ws.exception() or ConnectionError("error"))
+            except _LOST as e:
+                why = _describe(e)
+            await self._ws.close()
+            while True:  # the socket is gone without an exit: get it back, or say so
+                await retry.wait(why, self.offset, answered)
+                try:
+                    await self._connect({"from": str(self.offset)})
+                    retry.connected()
+                    break
+                except ShoalError as e:
+                    if e.status not in _RETRY_STATUS:
+                        raise
+                    why, answered = e.message, False
 
     async def send(self, data: bytes) -> None:
-        assert self._ws is not None
-        await self._ws.send_bytes(data)
+        await self._open().send_bytes(data)
 
     async def resize(self, cols: int, rows: int) -> None:
-        assert self._ws is not None
-        await self._ws.send_str(msgspec.json.encode({"t": "resize", "cols": cols,
-                                                     "rows": rows}).decode())
+        await self._open().send_str(msgspec.json.encode({"t": "resize", "cols": cols,
+                                                         "rows": rows}).decode())
+
+    def _open(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is None or self._ws.closed:
+            raise ConnectError(f"not connected to the controller at {self.client.url} "
+                               "(reconnecting); the input was not sent")
+        return self._ws
+
+
+class _Lost(Exception):
+    """The answer ended early: the controller (or its NATS) went away. ``answered``: the
+    controller was reached and the connection was lost afterwards (not a refusal)."""
+
+    def __init__(self, why: str, answered: bool = True) -> None:
+        super().__init__(why)
+        self.why = why
+        self.answered = answered
+
+
+class _Retry:
+    """Bounded reconnecting for one follower: it gives up ``client.reconnect_for`` seconds
+    after the controller stopped answering (a connection that was answered and then lost
+    starts the count again; refusals and error frames do not)."""
+
+    def __init__(self, client: Client, what: str) -> None:
+        self.client = client
+        self.what = what
+        self.armed = False  # reconnect only once a first connection worked
+        self.attempt = 0
+        self.since: float | None = None
+        self.fresh = False  # connected, and nothing failed since
+
+    def connected(self) -> None:
+        if self.attempt:
+            log.info("%s: reconnected to %s", self.what, self.client.url)
+        self.armed = True
+        self.fresh = True
+        self.attempt = 0
+
+    def progress(self) -> None:
+        self.since = None
+
+    async def wait(self, why: str, offset: int, answered: bool = True) -> None:
+        now = time.monotonic()
+        if self.since is None or (answered and self.fresh):
+            self.since = now
+        self.fresh = False
+        budget = self.client.reconnect_for
+        if not self.armed or now - self.since >= budget:
+            raise ConnectError(f"lost the controller at {self.client.url} ({why}) and could "
+                               f"not get it back in {budget:g}s; resume from byte {offset} "
+                               "(--from)")
+        self.attempt += 1
+        if self.attempt == 1 or self.attempt % 5 == 0:
+            log.warning("%s: lost the controller at %s (%s); reconnecting to resume at byte "
+                        "%d (gives up in %.0fs)", self.what, self.client.url, why, offset,
+                        budget - (now - self.since))
+        await asyncio.sleep(min(2.0, 0.2 * 2 ** min(self.attempt - 1, 4)))
+
+
+def _describe(e: BaseException) -> str:
+    """A library error as one line, never empty (aiohttp and asyncio errors often are)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    try:
+        return float(resp.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -382,10 +624,9 @@ class RunConnection:
         self._stdin_offset = 0
 
     async def __aenter__(self) -> Self:
-        url = self.client.url + "/api/v1/run"
         try:
-            self._ws = await self.client.http.ws_connect(url, max_msg_size=16 << 20,
-                                                            heartbeat=30, compress=0)
+            self._ws = await self.client._connect_any(lambda base: self.client.http.ws_connect(
+                base + "/api/v1/run", max_msg_size=16 << 20, heartbeat=30, compress=0))
         except aiohttp.WSServerHandshakeError as e:
             raise error_for_status(e.status, f"run refused: HTTP {e.status} {e.message}") from e
         except aiohttp.ClientConnectionError as e:

@@ -8,9 +8,10 @@ the top-level ``capacity``; and so on (docs/configuration.md has the full list).
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -18,6 +19,7 @@ from msgspec import Struct
 from .errors import ConfigError
 
 DEFAULT_HTTP_PORT = 7470
+SERVICES_PORT_NEXT = -1  # services_port default: the controller's port + 1 (any if that is 0)
 
 
 class NatsConfig(Struct, forbid_unknown_fields=True):
@@ -26,6 +28,9 @@ class NatsConfig(Struct, forbid_unknown_fields=True):
     password: str | None = None
     creds: str | None = None  # a NATS .creds file (JWT deployments)
     ca: str | None = None  # CA bundle for TLS to NATS
+    # Try the servers of ``url`` in random order (spreads clients over a cluster); false: in
+    # the order given (``shoal up`` spreads its own processes so).
+    randomize: bool = True
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True):
@@ -70,14 +75,29 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     terminal_detach_timeout: float = 30.0
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
-    terminal_rate: int = 6  # new terminals per minute per client address
-    replicas: int = 1  # servers of a NATS cluster that keep each bucket and the output stream
+    terminal_rate: int = 6  # new terminals per minute per client (an IPv4 address or IPv6 /64)
+    terminal_tickets: int = 4  # places in the waiting line one client may hold at once
+    # Pool terminals' output has a stream of its own (it never evicts other sessions' logs).
+    terminal_output_bytes: int = 1 << 30  # that stream's size, all terminals together
+    terminal_output_cap: int = 16 << 20  # newest bytes kept per terminal
+    # Servers of a NATS cluster that keep each bucket and stream; 0: 3, or the cluster's size
+    # when smaller (1 on a lone server).
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
+    public_url: str = ""  # the URL people reach this controller at (its host is allowed)
+    allowed_hosts: list[str] = []  # further Host names it answers for ("*": any; see docs)
+    login_lifetime: float = 7 * 86400.0  # seconds a browser login lasts
+    audit_retention: float = 365 * 86400.0  # seconds the audit trail keeps an entry
+    # Service traffic (/s/NAME/) has a listener of its own: never the controller's origin.
+    services_port: int = SERVICES_PORT_NEXT  # 0: any free port
+    services_url: str = ""  # its public base URL if not http://HOST:services_port
+    groups: str = ""  # node groups: a ClusterShell groups.conf, groups.d dir, YAML or flat file
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):
     url: str = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
     token: str = ""
+    reconnect_for: float = 60.0  # seconds `logs -f` and `attach` try to get a lost controller back
 
 
 C = TypeVar("C", bound=Struct)
@@ -98,15 +118,52 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` 0700 if it is missing; refuse one that another user owns or that
+    others may write to (they could read or swap the secrets shoal keeps there)."""
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"cannot use {path} for shoal's files: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a directory: point SHOAL_HOME at a directory")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}):"
+                          " shoal keeps secrets there, so it must be yours; choose another "
+                          "SHOAL_HOME or chown the directory")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{path} can be written by other users (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): shoal keeps secrets there; "
+                          f"run chmod go-w {path} (chmod 700 is best)")
+    return path
+
+
+def ensure_home() -> Path:
+    return ensure_private_dir(shoal_home())
+
+
 def write_secret_file(path: Path, text: str) -> None:
-    """Write a file readable by its owner only, created so from the start (no window)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Write a file readable by its owner only: created 0600 under a fresh name (O_EXCL and
+    O_NOFOLLOW, so a planted file or symlink is never written through), then renamed."""
+    import secrets
+
+    ensure_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_toml(data: dict[str, Any]) -> str:
@@ -169,7 +226,8 @@ def _parse_env(name: str, value: str) -> Any:
         return parse_labels(value.split(",") if value else [])
     if name in ("public_terminals",):
         return value.lower() in ("1", "true", "yes", "on")
-    if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny"):
+    if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny",
+                "allowed_hosts"):
         return [v for v in value.split(",") if v]
     return value
 

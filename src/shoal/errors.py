@@ -4,10 +4,13 @@
     ├── ConfigError          bad or missing configuration, bad flags
     ├── ValidationError      a request that is malformed or out of bounds (HTTP 400/422)
     ├── ConnectError         cannot reach NATS or the controller
-    │   └── AuthError        reached it, but the credentials were refused (HTTP 401/403)
+    │   └── AuthError        reached it, but the credentials were refused (HTTP 401)
+    │       └── Forbidden    the credentials are good but lack a scope (HTTP 403)
     ├── NotFoundError        no such node, session or service (HTTP 404)
     ├── ConflictError        the request contradicts current state (HTTP 409)
     ├── NoCapacityError      no node has room (HTTP 503)
+    ├── Unavailable          not now: NATS is away or the view is stale; retry (HTTP 503 with
+    │                        Retry-After)
     ├── RemoteTimeout        the other side did not answer in time
     └── ProtocolError        a peer sent something we cannot decode
 
@@ -44,6 +47,10 @@ class AuthError(ConnectError):
     status = 401
 
 
+class Forbidden(AuthError):
+    status = 403
+
+
 class NotFoundError(ShoalError):
     status = 404
 
@@ -54,6 +61,17 @@ class ConflictError(ShoalError):
 
 class NoCapacityError(ShoalError):
     status = 503
+
+
+class Unavailable(ShoalError):
+    """Not now, but soon: the fleet's NATS is away or this controller's view of the fleet
+    is not current. Nothing was changed; try again after ``retry_after`` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RemoteTimeout(ShoalError):
@@ -67,7 +85,7 @@ class ProtocolError(ShoalError):
 _BY_STATUS: dict[int, type[ShoalError]] = {
     400: ValidationError,
     401: AuthError,
-    403: AuthError,
+    403: Forbidden,
     404: NotFoundError,
     409: ConflictError,
     413: ValidationError,
@@ -77,6 +95,10 @@ _BY_STATUS: dict[int, type[ShoalError]] = {
 }
 
 
-def error_for_status(status: int, message: str) -> ShoalError:
-    """The error a client raises for an HTTP error answer."""
+def error_for_status(status: int, message: str,
+                     retry_after: float | None = None) -> ShoalError:
+    """The error a client raises for an HTTP error answer (a 503 with ``Retry-After`` is
+    ``Unavailable``: retry later)."""
+    if status == 503 and retry_after is not None:
+        return Unavailable(message, retry_after)
     return _BY_STATUS.get(status, ShoalError)(message)

@@ -205,7 +205,15 @@ class Started(Struct, frozen=True, tag="started", tag_field="t"):
     pid: int
 
 
-RunEvent = Output | Exit | Unreachable | Started
+class Skipped(Struct, frozen=True, tag="skipped", tag_field="t"):
+    """A node a rolling run (``batch``) did not start, and why (an earlier slice failed,
+    or the run was interrupted)."""
+
+    node: str
+    reason: str
+
+
+RunEvent = Output | Exit | Unreachable | Started | Skipped
 
 
 # Control frames, controller -> agents of one run (``shoal.run.<id>.ctl``), and the
@@ -256,6 +264,13 @@ class RunStart(Struct, frozen=True, tag="start", tag_field="t", forbid_unknown_f
     targets: Targets
     spec: RunSpec
     connect_timeout: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    # Rolling runs: ``batch`` nodes (or ``batch_percent`` of them) at a time, each slice
+    # finished before the next starts, stopping after a slice with a failure unless
+    # ``keep_going``; ``fanout`` bounds how many run at once (0: all).
+    batch: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    batch_percent: Annotated[int, Meta(ge=0, le=100)] = 0
+    fanout: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    keep_going: bool = False
 
 
 class RunPlan(Struct, frozen=True, tag="plan", tag_field="t"):
@@ -273,7 +288,8 @@ class ErrorFrame(Struct, frozen=True, tag="error", tag_field="t"):
 
 
 ClientFrame = RunStart | StdinData | Resize | SignalRun | Cancel
-ServerFrame = RunPlan | Output | Exit | Unreachable | Started | RunDone | ErrorFrame
+ServerFrame = (RunPlan | Output | Exit | Unreachable | Started | Skipped | RunDone
+               | ErrorFrame)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -344,6 +360,7 @@ class SessionRecord(Struct, frozen=True):
     user: str = ""
     draining: bool = False
     seal: str = ""  # HMAC of the spec by the controllers' key: only they may launch it
+    owner: str = ""  # the API user who created it (scopes limited to one's own sessions)
 
 
 def spec_digest(spec: SessionSpec) -> str:

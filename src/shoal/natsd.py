@@ -7,6 +7,7 @@ Python interpreter. Tests use the same code to start a private server on a free 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -20,26 +21,73 @@ from pathlib import Path
 
 import msgspec
 
+from . import bus
 from .bus import AGENT_INBOX
-from .config import new_secret, write_secret_file
+from .config import NatsConfig, new_secret, write_secret_file
 from .errors import ConfigError, ConnectError
 from .outputlog import STREAM as OUTPUT_STREAM
+from .outputlog import TERMINAL_STREAM
 from .procutil import die_with_parent
+from .replicas import cluster_size
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
+
+log = logging.getLogger(__name__)
 
 ACCOUNT = "SHOAL"
 
 
+ROUTE_USER = "route"
+
+
 @dataclass(frozen=True)
 class NatsUsers:
-    """Generated credentials: one user for controllers, one for agents."""
+    """Generated credentials: one user for controllers, one for agents, and the password
+    the servers of a cluster give each other on their routes."""
 
     controller_password: str
     agent_password: str
+    route_password: str = ""
 
     @classmethod
     def generate(cls) -> NatsUsers:
-        return cls(new_secret(), new_secret())
+        return cls(new_secret(), new_secret(), new_secret())
+
+
+@dataclass(frozen=True)
+class ClusterPeer:
+    """One server's place in a local cluster: its name and its client and route ports."""
+
+    name: str
+    port: int
+    route_port: int
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The servers of a local cluster (``shoal up --nats-cluster N``), all on one host."""
+
+    name: str
+    peers: tuple[ClusterPeer, ...]
+
+    @classmethod
+    def allocate(cls, size: int, host: str = "127.0.0.1", name: str = "shoal",
+                 first_port: int = 0) -> ClusterSpec:
+        """``size`` servers named n1..nN on free ports (or from ``first_port`` up: client
+        ports first_port.., route ports after them)."""
+        if not 1 <= size <= 9:
+            raise ConfigError(f"a local NATS cluster has 1 to 9 servers, not {size}")
+        if first_port:
+            ports = list(range(first_port, first_port + 2 * size))
+        else:
+            found: set[int] = set()
+            while len(found) < 2 * size:
+                found.add(free_port(host))
+            ports = list(found)
+        return cls(name, tuple(ClusterPeer(f"n{i + 1}", ports[i], ports[size + i])
+                               for i in range(size)))
+
+    def peer(self, name: str) -> ClusterPeer:
+        return next(p for p in self.peers if p.name == name)
 
 
 def agent_permissions() -> dict[str, object]:
@@ -51,6 +99,7 @@ def agent_permissions() -> dict[str, object]:
                 "shoal.run.*.out.*",
                 "shoal.run.*.inack.*",
                 "shoal.out.*",
+                "shoal.tout.*",
                 *[f"$KV.{b}.*" for b in kv],
                 *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
                 f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
@@ -59,8 +108,8 @@ def agent_permissions() -> dict[str, object]:
                 f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
                 f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
                 f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
-                f"$JS.API.STREAM.PURGE.{OUTPUT_STREAM}",
-                f"$JS.API.STREAM.INFO.{OUTPUT_STREAM}",
+                *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
+                  for op in ("PURGE", "INFO")],
             ]
         },
         "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",
@@ -69,8 +118,12 @@ def agent_permissions() -> dict[str, object]:
     }
 
 
-def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1") -> str:
-    """A nats-server configuration: JetStream on, one account, two users, nothing anonymous."""
+def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
+                  cluster: ClusterSpec | None = None, server_name: str = "") -> str:
+    """A nats-server configuration: JetStream on, one account, two users, nothing anonymous.
+    With ``cluster``, this server (``server_name``, one of its peers) routes to the others
+    with a password of its own: an unauthenticated route would let anyone on the host join
+    the cluster and read every account."""
     account = {
         "jetstream": "enabled",
         "users": [
@@ -89,6 +142,20 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
         "jetstream": {"store_dir": str(store_dir), "max_memory_store": 256 << 20},
         "accounts": {ACCOUNT: account},
     }
+    if cluster is not None:
+        if not users.route_password:
+            raise ConfigError("a clustered nats-server needs a route password")
+        me = cluster.peer(server_name)
+        auth = f"{ROUTE_USER}:{users.route_password}"
+        conf["server_name"] = server_name
+        conf["cluster"] = {
+            "name": cluster.name,
+            "host": host,
+            "port": me.route_port,
+            "authorization": {"user": ROUTE_USER, "password": users.route_password},
+            "routes": [f"nats-route://{auth}@{host}:{p.route_port}"
+                       for p in cluster.peers if p.name != server_name],
+        }
     return msgspec.json.encode(conf).decode()
 
 
@@ -114,13 +181,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class NatsServer:
-    """A nats-server child process. It dies with us (PR_SET_PDEATHSIG) even after a SIGKILL."""
+    """A nats-server child process. It dies with us (PR_SET_PDEATHSIG) even after a SIGKILL.
+
+    With ``cluster``, it is the peer ``server_name`` of that cluster."""
 
     def __init__(self, directory: Path, users: NatsUsers, port: int = 0,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", cluster: ClusterSpec | None = None,
+                 server_name: str = "") -> None:
         self.directory = directory
         self.users = users
         self.host = host
+        self.cluster = cluster
+        self.name = server_name
+        if cluster is not None:
+            port = cluster.peer(server_name).port
         self.port = port or free_port(host)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -129,10 +203,32 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._listening():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise ConnectError(f"nats-server did not start listening on {self.url} in {timeout}s")
+
+    async def astart(self, timeout: float = 15.0) -> None:
+        """``start`` without blocking the event loop. The process is spawned in the calling
+        thread (its PDEATHSIG follows that thread), so call it from the main thread's loop."""
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._listening():
+                return
+            await asyncio.sleep(0.05)
+        await self.astop()
+        raise ConnectError(f"nats-server did not start listening on {self.url} in {timeout}s")
+
+    def spawn(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         conf = self.directory / "nats.conf"
         write_secret_file(conf, server_config(self.port, self.directory / "jetstream",
-                                              self.users, self.host))
+                                              self.users, self.host, self.cluster, self.name))
         log = open(self.directory / "nats.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [server_binary(), "-c", str(conf)],
@@ -143,18 +239,21 @@ class NatsServer:
             preexec_fn=die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ConnectError(f"nats-server exited with {self.proc.returncode}; "
-                                   f"see {self.directory}/nats.log")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise ConnectError(f"nats-server did not start listening on {self.url} in {timeout}s")
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise ConnectError(f"nats-server exited with {self.proc.returncode}; "
+                               f"see {self.directory}/nats.log")
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -168,3 +267,94 @@ class NatsServer:
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class NatsCluster:
+    """The servers of a local cluster, one directory each (``directory``/n1, n2, ...)."""
+
+    def __init__(self, directory: Path, users: NatsUsers, spec: ClusterSpec,
+                 host: str = "127.0.0.1") -> None:
+        self.spec = spec
+        self.servers = [NatsServer(directory / p.name, users, host=host, cluster=spec,
+                                   server_name=p.name) for p in spec.peers]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        """Every server's URL, comma-separated, as NatsConfig.url takes them."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 15.0) -> None:
+        try:
+            for s in self.servers:  # each one waits for nothing but its own port
+                s.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    async def astop(self) -> None:
+        await asyncio.gather(*(s.astop() for s in self.servers))
+
+    async def wait_formed(self, cfg: NatsConfig, timeout: float = 30.0) -> None:
+        """Until every server sees all the others and JetStream has a meta leader: before
+        that, creating a replicated bucket fails, and a client that connects sees too few
+        servers to choose the replica count."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            formed = 0
+            for url in self.urls:
+                one = NatsConfig(url=url, user=cfg.user, password=cfg.password)
+                try:
+                    nc = await bus.connect(one, "shoal-up", connect_timeout=2.0)
+                except ConnectError as e:
+                    last = str(e)
+                    break
+                try:
+                    if cluster_size(nc) < len(self.servers):
+                        last = f"{url} sees {cluster_size(nc)} of {len(self.servers)} servers"
+                        break
+                    reply = await nc.request("$JS.API.INFO", b"", timeout=2.0)
+                    if b'"error"' in reply.data:
+                        last = f"JetStream: {reply.data[:200]!r}"
+                        break
+                    formed += 1
+                except Exception as e:  # a timeout while the meta leader is elected
+                    last = repr(e)
+                    break
+                finally:
+                    await bus.close(nc)
+            if formed == len(self.servers):
+                return
+            await asyncio.sleep(0.2)
+        raise ConnectError(f"the NATS cluster did not form in {timeout:g}s ({last}); see the "
+                           f"nats.log files under {self.servers[0].directory.parent}")
+
+    async def supervise(self, interval: float = 0.5) -> None:
+        """Start again any server that dies (as systemd would with Restart=always), with a
+        growing pause if it keeps dying. Runs until cancelled."""
+        pauses = {s.name: 0.0 for s in self.servers}
+        while True:
+            await asyncio.sleep(interval)
+            for s in self.servers:
+                if s.proc is None or s.alive:
+                    continue
+                code = s.proc.returncode
+                how = f"signal {-code}" if code < 0 else f"status {code}"
+                print(f"shoal: nats-server {s.name} exited ({how}); starting it again",
+                      flush=True)
+                await asyncio.sleep(pauses[s.name])
+                try:
+                    await s.astart()
+                    pauses[s.name] = 0.0
+                    print(f"shoal: nats-server {s.name} is back on {s.url}", flush=True)
+                except ConnectError as e:
+                    pauses[s.name] = min(10.0, pauses[s.name] * 2 or 1.0)
+                    log.warning("restarting nats-server %s: %s", s.name, e)

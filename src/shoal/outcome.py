@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .messages import Exit, Unreachable
@@ -26,10 +26,12 @@ class Outcome:
     summary: str  # empty when every node exited 0
 
 
-def summarize(results: dict[str, Exit | Unreachable], missing: Iterable[str] = ()) -> Outcome:
+def summarize(results: dict[str, Exit | Unreachable], missing: Iterable[str] = (),
+              skipped: Mapping[str, str] | None = None) -> Outcome:
     """0 if every node exited 0, else the largest node status; the summary names every node
-    that failed, timed out or was unreachable."""
+    that failed, timed out or was unreachable, and those a rolling run did not start."""
     missing = list(missing)
+    skipped = skipped or {}
     failed: dict[int, list[str]] = {}
     timed_out: list[str] = []
     unreachable: list[str] = list(missing)
@@ -47,6 +49,12 @@ def summarize(results: dict[str, Exit | Unreachable], missing: Iterable[str] = (
         parts.append(f"timed out: {NodeSet(timed_out)}")
     if unreachable:
         parts.append(f"unreachable: {NodeSet(unreachable)}")
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(node)
+    parts.extend(f"{reason}: {NodeSet(nodes)}" for reason, nodes in sorted(by_reason.items()))
+    if skipped and not status:
+        status = UNREACHABLE  # nodes were left out: never report success
     ok = len(results) - sum(len(v) for v in failed.values()) - len(timed_out) \
         - (len(unreachable) - len(missing))
     summary = ""

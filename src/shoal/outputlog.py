@@ -6,14 +6,23 @@ an end marker (stream ``end``). A per-session cap keeps the newest bytes: when a
 written more than the cap, its oldest chunks are purged, and a reader that asks for them is
 told so (``Truncated``) before it gets what is still kept.
 
-Writers keep at most ``window`` bytes unacknowledged by JetStream: past that they report
-``blocked`` and the agent stops reading the process's pipe.
+Writers keep at most ``window`` bytes unacknowledged by JetStream, and all the writers of a
+process together at most their ``OutputBudget``: past either they report ``blocked`` and the
+agent stops reading the process's pipe. Output is never handed to nats-py while the
+connection is down or not answering (its reconnect buffer would keep a copy per retry), so
+an outage of any length costs at most the budget.
+
+Pool terminals (ids starting with ``t_``, given only by the terminal pool) write to a stream
+of their own, ``shoal-terminal-output`` on ``shoal.tout.<id>``, with its own byte limit:
+anonymous visitors filling it evict only each other's output, never other sessions' logs.
+The id alone says which stream, so agents and readers need nothing else to find it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,21 +40,39 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from .bus import NATS_ERRORS
+from .errors import Unavailable
+
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
 STREAM = "shoal-output"
+TERMINAL_STREAM = "shoal-terminal-output"
+TERMINAL_PREFIX = "t_"  # session ids of pool terminals; no other session may use it
 DEFAULT_CAP = 256 << 20
+DEFAULT_BYTES = 8 << 30
+DEFAULT_TERMINAL_BYTES = 1 << 30
 END = "end"
 MERGE_UP_TO = 1 << 20  # bytes per stored chunk when several are waiting
 ACK_TIMEOUT = 5.0
-STORE_ATTEMPTS = 60  # about 100 s of retries before output is dropped
+# While NATS answers but will not store a chunk (errors, no acknowledgement), it is retried
+# for this long, then dropped; while NATS is away a writer waits for it without limit.
+STORE_GIVE_UP = 120.0
+OUTPUT_BUDGET = 64 << 20  # output held unstored by one process (all its sessions)
+
+
+def is_terminal(session_id: str) -> bool:
+    return session_id.startswith(TERMINAL_PREFIX)
+
+
+def stream_of(session_id: str) -> str:
+    return TERMINAL_STREAM if is_terminal(session_id) else STREAM
 
 
 def subject(session_id: str) -> str:
-    return f"shoal.out.{session_id}"
+    return f"shoal.{'tout' if is_terminal(session_id) else 'out'}.{session_id}"
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True):
@@ -66,15 +93,52 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Chunk).decode
 
 
-async def ensure_stream(js: JetStreamContext, max_bytes: int = 8 << 30,
-                        replicas: int = 1) -> None:
-    config = StreamConfig(name=STREAM, subjects=["shoal.out.*"], storage=StorageType.FILE,
-                          max_bytes=max_bytes, discard=DiscardPolicy.OLD,
-                          max_msg_size=4 << 20, num_replicas=replicas)
-    try:
-        await js.stream_info(STREAM)
-    except nats.js.errors.NotFoundError:
-        await js.add_stream(config=config)
+async def ensure_stream(js: JetStreamContext, max_bytes: int = DEFAULT_BYTES,
+                        replicas: int = 1,
+                        terminal_bytes: int = DEFAULT_TERMINAL_BYTES) -> None:
+    """Create the output streams if missing; the terminal stream's limit follows the
+    setting (a controller started with a new ``terminal_output_bytes`` applies it)."""
+    for name, subjects, limit in ((STREAM, ["shoal.out.*"], max_bytes),
+                                  (TERMINAL_STREAM, ["shoal.tout.*"], terminal_bytes)):
+        config = StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
+                              max_bytes=limit, discard=DiscardPolicy.OLD,
+                              max_msg_size=4 << 20, num_replicas=replicas)
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config=config)
+            continue
+        if name == TERMINAL_STREAM and info.config.max_bytes != limit:
+            await js.update_stream(config=config)
+
+
+class OutputBudget:
+    """Bytes of output a process holds unstored, across all its writers; writers block while
+    it is spent and are woken (``on_unblock``) when storing gives some back."""
+
+    def __init__(self, limit: int = OUTPUT_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: set[OutputWriter] = set()
+
+    @property
+    def spent(self) -> bool:
+        return self.held >= self.limit
+
+    def take(self, writer: OutputWriter, size: int) -> None:
+        self.held += size
+        if self.spent:
+            self._waiting.add(writer)
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        if not self.spent and self._waiting:
+            waiting, self._waiting = self._waiting, set()
+            for w in waiting:
+                w.check_unblocked()
+
+
+PROCESS_BUDGET = OutputBudget()  # the default: one budget for every writer of this process
 
 
 class OutputWriter:
@@ -83,15 +147,19 @@ class OutputWriter:
     One publisher task sends chunks one at a time and waits for each acknowledgement, so a
     retry after a NATS outage can never store chunks out of order (a lost acknowledgement
     may store one twice; readers skip what they have by offset). Chunks that pile up while
-    it waits are merged, so a fast writer costs few round trips.
+    it waits are merged, so a fast writer costs few round trips. No NATS error ends the
+    task: it waits for NATS to come back (``flush`` returns once it has stored everything).
     """
 
     def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
-                 window: int = 8 << 20, start_offset: int = 0) -> None:
+                 window: int = 8 << 20, start_offset: int = 0,
+                 budget: OutputBudget = PROCESS_BUDGET) -> None:
         self.js = js
+        self.stream = stream_of(session_id)
         self.subject = subject(session_id)
         self.cap = cap
         self.window = window
+        self.budget = budget
         self.offset = start_offset  # next byte's offset
         self.inflight = 0  # bytes written here and not yet stored
         self._queue: deque[Chunk] = deque()
@@ -101,22 +169,36 @@ class OutputWriter:
         self._task: asyncio.Task[None] | None = None
         self._kept: deque[tuple[int, int]] = deque()  # (end offset, stream seq) of chunks
         self._purging = False
+        self._was_blocked = False
         self.on_unblock: Callable[[], None] | None = None
         self.failed: BaseException | None = None
 
     @property
     def blocked(self) -> bool:
-        return self.inflight >= self.window
+        return self.inflight >= self.window or self.budget.spent
 
     def write(self, stream: str, data: bytes) -> None:
         """Queue a chunk (synchronous: called from a pipe's reader callback)."""
         self._queue.append(Chunk(stream, self.offset, data))
         self.offset += len(data)
         self.inflight += len(data)
+        self.budget.take(self, len(data))
+        if self.blocked:
+            self._was_blocked = True
         self._idle.clear()
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run())
+
+    def check_unblocked(self) -> None:
+        """Tell the owner (``on_unblock``) once a blocked writer may take output again."""
+        if self.blocked:
+            self.budget.take(self, 0)  # wait for the budget again
+            return
+        if self._was_blocked:
+            self._was_blocked = False
+            if self.on_unblock is not None:
+                self.on_unblock()
 
     def _next(self) -> Chunk:
         """The first queued chunk, merged with those after it of the same stream."""
@@ -138,35 +220,77 @@ class OutputWriter:
                 await self._wake.wait()
                 continue
             chunk = self._next()
-            seq = await self._store(chunk)
+            try:
+                seq = await self._store(chunk)
+            except Exception as e:  # never let the publisher die: flush() would hang for ever
+                log.exception("%s: storing output failed: %s", self.subject, e)
+                seq = None
+                self.failed = e
             size = len(chunk.data)
-            was_blocked = self.blocked
             self.inflight -= size
+            self.budget.give(size)
             if seq is not None and size:
                 self._kept.append((chunk.offset + size, seq))
                 await self._enforce_cap()
-            if was_blocked and not self.blocked and self.on_unblock is not None:
-                self.on_unblock()
+            self.check_unblocked()
 
     async def _store(self, chunk: Chunk) -> int | None:
-        """Publish until JetStream acknowledges; the stream sequence, or None if given up."""
+        """Publish until JetStream acknowledges; the stream sequence, or None if given up.
+
+        A retry (or a first attempt while disconnected) first waits until NATS answers a
+        ping, so a retry never queues another copy of the chunk in nats-py's reconnect
+        buffer; only the time NATS answers and still refuses the chunk counts towards
+        ``STORE_GIVE_UP``.
+        """
         data = _encode(chunk)
-        for attempt in range(1, STORE_ATTEMPTS + 1):
+        refused_for = 0.0
+        attempt = 0
+        while True:
+            if attempt or not self.js._nc.is_connected:  # noqa: SLF001
+                await self._wait_for_nats()
+            attempt += 1
+            began = time.monotonic()
             try:
                 # publish_async costs less per message than publish (measured with 200
                 # terminals); waiting on it keeps the chunks strictly in order.
                 fut = await self.js.publish_async(self.subject, data)
                 ack = await asyncio.wait_for(fut, ACK_TIMEOUT)
                 return int(ack.seq)
-            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-                    nats.errors.NoRespondersError, nats.js.errors.Error, TimeoutError) as e:
-                # NATS restarting or a partition: keep it, the process waits meanwhile.
-                log.warning("output publish failed (%s); retry %d", e, attempt)
+            except NATS_ERRORS as e:
+                if isinstance(e, nats.errors.OutboundBufferLimitError):
+                    _forget_failed_publish(self.js)
+                why = str(e) or type(e).__name__
+                refused_for += time.monotonic() - began
+                if refused_for >= STORE_GIVE_UP:
+                    break
+                log.warning("%s: output publish failed (%s); retry %d", self.subject, why,
+                            attempt)
                 await asyncio.sleep(min(2.0, 0.1 * attempt))
-        log.error("%s: dropped %d bytes of output that NATS would not take", self.subject,
-                  len(chunk.data))
-        self.failed = RuntimeError("could not store output")
+        log.error("%s: dropped %d bytes of output (offset %d) that NATS would not store for "
+                  "%gs: %s", self.subject, len(chunk.data), chunk.offset, STORE_GIVE_UP, why)
+        self.failed = RuntimeError(f"could not store output: {why}")
         return None
+
+    async def _wait_for_nats(self) -> None:
+        """Return once the connection is up and the server answers a ping."""
+        nc = self.js._nc  # noqa: SLF001
+        waited = False
+        while True:
+            if nc.is_closed:
+                raise nats.errors.ConnectionClosedError
+            if nc.is_connected:
+                try:
+                    await nc.flush(timeout=int(ACK_TIMEOUT))
+                    if waited:
+                        log.info("%s: NATS is back; storing output again", self.subject)
+                    return
+                except NATS_ERRORS:
+                    pass
+            if not waited:
+                log.warning("%s: NATS is away; holding %d bytes of output until it is back",
+                            self.subject, self.inflight)
+                waited = True
+            await asyncio.sleep(0.25)
 
     async def _enforce_cap(self) -> None:
         if self._purging or not self._kept:
@@ -180,7 +304,7 @@ class OutputWriter:
             return
         self._purging = True
         try:
-            await self.js.purge_stream(STREAM, subject=self.subject, seq=drop_seq + 1)
+            await self.js.purge_stream(self.stream, subject=self.subject, seq=drop_seq + 1)
         except Exception as e:
             log.warning("output purge failed: %s", e)
         finally:
@@ -200,10 +324,21 @@ class OutputWriter:
             self._task = None
 
 
+def _forget_failed_publish(js: JetStreamContext) -> None:
+    """nats-py 2.16's publish_async registers its future and takes a slot of its pending
+    semaphore before publishing, and leaks both when the publish raises: after 4000 such
+    failures every publish_async waits for ever. The failed one is the newest entry."""
+    futures = js._publish_async_futures  # noqa: SLF001
+    if futures:
+        newest = next(reversed(futures.values()))
+        if not newest.done():
+            newest.cancel()  # its done-callback releases the slot and forgets it
+
+
 async def end_offset(js: JetStreamContext, session_id: str) -> int:
     """The offset after the last stored byte of a session (0 if none)."""
     try:
-        msg = await js.get_last_msg(STREAM, subject(session_id))
+        msg = await js.get_last_msg(stream_of(session_id), subject(session_id))
     except nats.js.errors.NotFoundError:
         return 0
     if msg.data is None:
@@ -214,31 +349,74 @@ async def end_offset(js: JetStreamContext, session_id: str) -> int:
 
 async def purge(js: JetStreamContext, session_id: str) -> None:
     try:
-        await js.purge_stream(STREAM, subject=subject(session_id))
+        await js.purge_stream(stream_of(session_id), subject=subject(session_id))
     except Exception as e:
         log.warning("could not purge output of %s: %s", session_id, e)
 
 
+class OutputReadError(Unavailable):
+    """Reading a session's output stopped at byte ``offset`` (everything before it was
+    delivered): NATS did not answer for ``READ_GIVE_UP`` seconds. Resume from ``offset``."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+READ_GIVE_UP = 15.0  # seconds of NATS failing in a row before a reader gives up
+
+
 async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
                is_over: Callable[[], Awaitable[bool]] | None = None,
-               batch: int = 32) -> AsyncIterator[Chunk | Truncated]:
+               batch: int = 32, give_up: float = READ_GIVE_UP,
+               ) -> AsyncIterator[Chunk | Truncated]:
     """Chunks from byte ``start`` on (the first one sliced to begin exactly there).
 
-    Without ``follow`` it stops at what is stored now; with it, it waits for more until the
-    end marker, or until ``is_over()`` says the session ended without one (node lost).
+    Without ``follow`` it stops at the end of what is stored; with it, it waits for more
+    until the end marker, or until ``is_over()`` says the session ended without one (node
+    lost). Every NATS error is handled here: the reader subscribes again after the last
+    message it saw (its consumer lives in memory and does not survive a NATS restart) and
+    goes on; only after ``give_up`` seconds of failures in a row does it raise
+    ``OutputReadError`` with the offset it reached.
     """
-    sub = await js.pull_subscribe(
-        subject(session_id), stream=STREAM,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
-                              inactive_threshold=60.0, mem_storage=True))
+    nc = js._nc  # noqa: SLF001 - to see reconnects, after which the consumer may be gone
     position = start
+    seq = 0  # stream sequence of the last message seen
+    sub: JetStreamContext.PullSubscription | None = None
+    reconnects = -1
+    failing_since: float | None = None
     try:
         while True:
             try:
-                msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
-            except nats.errors.TimeoutError:
-                msgs = []
+                if sub is None or nc.stats["reconnects"] != reconnects:
+                    await _unsubscribe(sub)
+                    reconnects = nc.stats["reconnects"]
+                    sub = await _subscribe(js, session_id, seq)
+                try:
+                    msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
+                except TimeoutError:  # nats-py's and asyncio's: nothing new yet
+                    msgs = []
+                over = False
+                if not msgs:
+                    if not follow:
+                        over = position >= await end_offset(js, session_id)
+                    elif is_over is not None:
+                        over = await is_over()
+                failing_since = None
+            except NATS_ERRORS as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= give_up:
+                    raise OutputReadError(f"NATS did not answer for {give_up:g}s "
+                                          f"({_describe(e)})", position) from e
+                log.info("reading %s: %s; subscribing again after seq %d", session_id,
+                         _describe(e), seq)
+                await _unsubscribe(sub)
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
             for msg in msgs:
+                seq = max(seq, msg.metadata.sequence.stream)
                 chunk = _decode(msg.data)
                 if chunk.stream == END:
                     return
@@ -251,14 +429,37 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 skip = position - chunk.offset
                 yield Chunk(chunk.stream, position, chunk.data[skip:] if skip else chunk.data)
                 position = end
-            if msgs:
-                continue
-            if not follow:
-                return
-            if is_over is not None and await is_over():
+            if over:
                 return
     finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
+        await _unsubscribe(sub)
+
+
+async def _subscribe(js: JetStreamContext, session_id: str,
+                     after: int) -> JetStreamContext.PullSubscription:
+    """An ephemeral pull consumer of the session's subject from stream sequence
+    ``after`` + 1 (from the start when 0)."""
+    if after:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=after + 1)
+    else:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    config.ack_policy = AckPolicy.NONE
+    config.inactive_threshold = 60.0
+    config.mem_storage = True
+    return await js.pull_subscribe(subject(session_id), stream=stream_of(session_id),
+                                  config=config)
+
+
+async def _unsubscribe(sub: JetStreamContext.PullSubscription | None) -> None:
+    if sub is None:
+        return
+    try:
+        await sub.unsubscribe()
+    except Exception:  # a connection already gone has nothing to unsubscribe
+        pass
+
+
+def _describe(e: BaseException) -> str:
+    """An error's text, never empty (nats-py's timeouts have none)."""
+    return str(e) or type(e).__name__

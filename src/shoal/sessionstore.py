@@ -8,6 +8,7 @@ the transition against ``shoal.sessionstate`` and updates only if nobody wrote i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
-from .bus import mirror, watch_bucket
+from .bus import mirror, through_elections, watch_bucket
 from .messages import SessionRecord, SessionState
 from .sessionstate import can_move, is_final
 
@@ -41,7 +42,8 @@ class SessionStore:
         if not _VALID_ID.fullmatch(session_id):
             return None  # not a key this bucket can hold: no such session
         try:
-            entry = await self.kv.get(session_id)
+            entry = await through_elections(lambda: self.kv.get(session_id),
+                                            f"reading session {session_id}")
         except nats.js.errors.KeyNotFoundError:
             return None
         if entry.value is None or entry.revision is None:
@@ -50,14 +52,24 @@ class SessionStore:
 
     async def create(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
         """Store a new record; if the id exists, return the existing one (idempotency)."""
+        data = _encode(record)
+        attempts = 0
+
+        async def once() -> None:
+            nonlocal attempts
+            attempts += 1
+            await self.kv.create(record.id, data)
+
         while True:
+            attempts = 0
             try:
-                await self.kv.create(record.id, _encode(record))
+                await through_elections(once, f"creating session {record.id}")
                 return record, True
             except nats.js.errors.KeyWrongLastSequenceError:
                 found = await self.get(record.id)
                 if found is not None:
-                    return found[0], False
+                    # An earlier try of ours, stored though its answer was lost in a failover.
+                    return found[0], attempts > 1 and found[0] == record
                 # deleted in between: try again
 
     async def update(self, session_id: str, change: Change) -> SessionRecord | None:
@@ -73,7 +85,9 @@ class SessionStore:
             if new.state != current.state and not can_move(current.state, new.state):
                 return None
             try:
-                await self.kv.update(session_id, _encode(new), last=rev)
+                await through_elections(
+                    functools.partial(self.kv.update, session_id, _encode(new), last=rev),
+                    f"writing session {session_id}")
                 return new
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
 
 from . import messages as m
-from .client import Attachment, Client, RunConnection
+from .client import RECONNECT_FOR, Attachment, Client, RunConnection
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -165,15 +165,18 @@ class SyncClient(_Bridge):
 
     _target: Client
 
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        super().__init__(_Portal(), Client(url, token, timeout=timeout))
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0,
+                 reconnect_for: float = RECONNECT_FOR) -> None:
+        super().__init__(_Portal(), Client(url, token, timeout=timeout,
+                                           reconnect_for=reconnect_for))
 
     @classmethod
     def from_config(cls, url: str | None = None, token: str | None = None) -> SyncClient:
         """URL and token from the arguments, else ``SHOAL_URL``/``SHOAL_TOKEN``, else
         ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
         found = Client.from_config(url, token)
-        return cls(found.url, found.token, timeout=found.timeout)
+        return cls(found.url, found.token, timeout=found.timeout,
+                   reconnect_for=found.reconnect_for)
 
     @property
     def client(self) -> Client:
@@ -222,6 +225,12 @@ class SyncClient(_Bridge):
     drain_service = _blocking(Client.drain_service)
     remove_service = _blocking(Client.remove_service)
     best = _blocking(Client.best)
+    whoami = _blocking(Client.whoami)
+    tokens = _blocking(Client.tokens)
+    create_token = _blocking(Client.create_token)
+    revoke_token = _blocking(Client.revoke_token)
+    audit = _blocking(Client.audit)
+    verify_audit = _blocking(Client.verify_audit)
 
     def run(self, targets: m.Targets, spec: m.RunSpec, *,
             connect_timeout: float = 5.0) -> SyncRun:

@@ -1,13 +1,19 @@
 """``shoal up``: a whole local fleet in one command.
 
 An embedded nats-server on 127.0.0.1 with generated credentials, a controller, and local
-agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME``:
+agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME`` (created
+0700; refused if another user owns it or others can write to it):
 
     up.toml          generated secrets, reused by the next ``shoal up`` (0600)
     controller.toml  how a controller joins this fleet (0600)
     agent.toml       how an agent joins this fleet: ``shoal agent`` reads it (0600)
     client.toml      the URL and token every other ``shoal`` command uses (0600)
     nats/            the server's config, log and JetStream store
+    nats-cluster/    with ``--nats-cluster N``: n1/ .. nN/, one such directory per server
+
+With ``--nats-cluster N`` it starts N clustered servers (routes on loopback), one controller
+per server and the agents spread over them (each process prefers its own server and fails over
+to the others); a server that dies is started again, as a service manager would.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from . import config as c
 from .agent.host import AgentHost, virtual_names
 from .controller.server import Controller
-from .natsd import NatsServer, NatsUsers
+from .errors import ConfigError
+from .natsd import ClusterSpec, NatsCluster, NatsServer, NatsUsers
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +41,66 @@ class UpOptions:
     agents: int = 2
     capacity: int = 16
     port: int = c.DEFAULT_HTTP_PORT
+    services_port: int = c.SERVICES_PORT_NEXT
     host: str = "127.0.0.1"
     nats_url: str | None = None
     nats_port: int = 0
     public_terminals: bool = False
     parking_url: str = ""
+    nats_cluster: int = 0  # > 0: a local cluster of this many servers
 
 
 def _secrets(home: Path) -> tuple[str, NatsUsers]:
     path = home / "up.toml"
     if path.exists():
         data = tomllib.loads(path.read_text())
-        return data["token"], NatsUsers(data["controller_password"], data["agent_password"])
-    token, users = c.new_secret(), NatsUsers.generate()
+        users = NatsUsers(data["controller_password"], data["agent_password"],
+                          data.get("route_password", ""))
+        if users.route_password:
+            return data["token"], users
+        # Written before clusters: keep its secrets, add the route password.
+        token = data["token"]
+        users = NatsUsers(users.controller_password, users.agent_password, c.new_secret())
+    else:
+        token, users = c.new_secret(), NatsUsers.generate()
     c.write_secret_file(path, c.to_toml({"token": token,
                                          "controller_password": users.controller_password,
-                                         "agent_password": users.agent_password}))
+                                         "agent_password": users.agent_password,
+                                         "route_password": users.route_password}))
     return token, users
 
 
+def rotate(urls: list[str], i: int) -> str:
+    """Every URL, the ``i``-th first: a process that prefers that server, then the rest."""
+    k = i % len(urls)
+    return ",".join(urls[k:] + urls[:k])
+
+
+def spread(names: list[str], groups: int) -> list[list[str]]:
+    """Deal ``names`` round-robin into at most ``groups`` non-empty groups."""
+    dealt = [names[i::groups] for i in range(max(1, groups))]
+    return [g for g in dealt if g]
+
+
+def split_ports(ports: str, parts: int) -> list[str]:
+    """Cut a ``first-last`` port range into ``parts`` ranges, one per agent process, so
+    that processes sharing a host never hand out the same port."""
+    first_s, _, last_s = ports.partition("-")
+    first, last = int(first_s), int(last_s or first_s)
+    size = (last - first + 1) // parts
+    if size < 1:
+        raise ConfigError(f"port range {ports} is too small for {parts} agent processes")
+    return [f"{first + i * size}-{first + (i + 1) * size - 1}" for i in range(parts)]
+
+
 async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
-    home = c.shoal_home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if opts.nats_cluster:
+        if opts.nats_url is not None:
+            raise ConfigError("--nats-cluster starts its own servers: drop --nats, or drop "
+                                "--nats-cluster to use the NATS at --nats")
+        await _run_cluster(opts, ready)
+        return
+    home = c.ensure_home()
     token, users = _secrets(home)
     server: NatsServer | None = None
     if opts.nats_url is None:
@@ -69,6 +116,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     # SHOAL_* environment settings (terminal timeouts, retention...) apply here too.
     ctl_cfg = c.load(c.ControllerConfig, None, {
         "nats": c.to_builtins(ctl_nats), "host": opts.host, "port": opts.port, "token": token,
+        "services_port": opts.services_port,
         "public_terminals": opts.public_terminals or None,
         "terminal_parking_url": opts.parking_url or None})
     controller = Controller(ctl_cfg)
@@ -84,21 +132,24 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
             await agents.start()
+        # Handlers before the banner: whoever reads it may signal us at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
         print(f"shoal is up: {opts.agents} agent(s), NATS at "
               f"{server.url if server else opts.nats_url}", flush=True)
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
         if opts.public_terminals:
             print(f"  public terminals:  {controller.url}/terminal", flush=True)
+        print(f"  services:          {controller.services_url}/s/NAME/  (an origin of its own)",
+              flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         if ready is not None:
             ready.set()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("shoal: stopping", flush=True)
     finally:
@@ -112,3 +163,93 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
             finally:
                 if server is not None:
                     await server.astop()
+
+
+async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:
+    """``shoal up --nats-cluster N``: N servers, N controllers, agents spread over them."""
+    home = c.ensure_home()
+    token, users = _secrets(home)
+    spec = ClusterSpec.allocate(opts.nats_cluster, first_port=opts.nats_port)
+    cluster = NatsCluster(home / "nats-cluster", users, spec)
+    cluster.start()  # in this thread: the servers' PDEATHSIG follows the starting thread
+    controllers: list[Controller] = []
+    hosts: list[AgentHost] = []
+    supervisor: asyncio.Task[None] | None = None
+    try:
+        await cluster.wait_formed(c.NatsConfig(url=cluster.url, user="controller",
+                                               password=users.controller_password))
+        supervisor = asyncio.create_task(cluster.supervise())
+        urls = cluster.urls
+        for i in range(len(urls)):
+            # Each controller prefers its own server; with --port P they take P, P+1, ...
+            # and their services listeners P+N, P+N+1, ... (never another one's port).
+            ctl_nats = c.NatsConfig(url=rotate(urls, i), user="controller",
+                                    password=users.controller_password, randomize=False)
+            cfg = c.load(c.ControllerConfig, None, {
+                "nats": c.to_builtins(ctl_nats), "host": opts.host,
+                "port": opts.port + i if opts.port else 0,
+                "services_port": opts.port + len(urls) + i if opts.port else 0, "token": token,
+                "public_terminals": opts.public_terminals or None,
+                "terminal_parking_url": opts.parking_url or None})
+            ctl = Controller(cfg)
+            controllers.append(ctl)
+            await ctl.start()
+            cfg.port = ctl.port
+        first = controllers[0].cfg
+        every = c.NatsConfig(url=cluster.url, user="controller",
+                             password=users.controller_password)
+        c.save(home / "controller.toml", msgspec.structs.replace(first, nats=every))
+        agent_every = c.NatsConfig(url=cluster.url, user="agent", password=users.agent_password)
+        c.save(home / "agent.toml", c.AgentConfig(nats=agent_every, address="127.0.0.1"))
+        c.save(home / "client.toml", c.ClientConfig(
+            url=",".join(ctl.url for ctl in controllers), token=token))
+        groups = spread(virtual_names("node-", opts.agents), len(urls)) if opts.agents else []
+        port_ranges = split_ports(c.AgentConfig().ports, max(1, len(groups)))
+        where: dict[int, list[str]] = {}
+        for i, names in enumerate(groups):
+            agent_cfg = c.AgentConfig(
+                nats=c.NatsConfig(url=rotate(urls, i), user="agent",
+                                  password=users.agent_password, randomize=False),
+                capacity=opts.capacity, address="127.0.0.1",
+                state_dir=str(home / "agent-state"), ports=port_ranges[i])
+            host = AgentHost(agent_cfg, names)
+            hosts.append(host)
+            await host.start()
+            where[i] = names
+        print(f"shoal is up: {opts.agents} agent(s), NATS cluster {spec.name!r} of "
+              f"{len(urls)} servers, {controllers[0].replicas} replicas per bucket and stream",
+              flush=True)
+        print(f"  dashboard and API: {controllers[0].url}/?token={token}", flush=True)
+        for i, server in enumerate(cluster.servers):
+            agents = ", ".join(where.get(i, [])) or "none"
+            print(f"  {server.name}: NATS {server.url}  controller {controllers[i].url}  "
+                  f"services {controllers[i].services_url}  agents {agents}  "
+                  f"(store {server.directory})", flush=True)
+        for ctl in controllers:
+            if ctl.replica_advice:
+                print(f"  note: {ctl.replica_advice}", flush=True)
+                break
+        if opts.public_terminals:
+            print(f"  public terminals:  {controllers[0].url}/terminal", flush=True)
+        print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
+              flush=True)
+        print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        if ready is not None:
+            ready.set()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("shoal: stopping", flush=True)
+    finally:
+        # Agents first (they record final states through NATS), the servers last.
+        try:
+            await asyncio.gather(*(h.stop() for h in hosts), return_exceptions=True)
+            await asyncio.gather(*(ctl.stop() for ctl in controllers), return_exceptions=True)
+        finally:
+            if supervisor is not None:
+                supervisor.cancel()
+                await asyncio.gather(supervisor, return_exceptions=True)
+            await cluster.astop()

@@ -230,6 +230,7 @@ class AgentHost:
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
+        verifying: asyncio.Task[None] | None = None
         while True:
             self._beat_soon.clear()
             try:
@@ -240,10 +241,12 @@ class AgentHost:
             beats += 1
             try:
                 await self._heartbeat()
-                if beats % 5 == 0:
-                    await self._verify_sessions()
             except Exception as e:  # keep beating through NATS outages
                 log.warning("heartbeat failed: %s", e)
+            # Beside the beats, never in their way: reads wait out a stream's leader
+            # election, and a node that stops beating that long looks lost.
+            if beats % 5 == 0 and (verifying is None or verifying.done()):
+                verifying = asyncio.create_task(self._verify_quietly())
 
     # ------------------------------------------------------------------ sessions
 
@@ -316,6 +319,12 @@ class AgentHost:
                                       reason=f"rescheduling: agent of {rec.node} restarted")
             else:
                 await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
+
+    async def _verify_quietly(self) -> None:
+        try:
+            await self._verify_sessions()
+        except Exception as e:
+            log.warning("checking sessions against their records failed: %s", e)
 
     async def _verify_sessions(self) -> None:
         """After a partition the fleet may have given up on a session and moved it: a local

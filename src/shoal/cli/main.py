@@ -45,6 +45,21 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def client_messages(raw_terminal: bool = False) -> None:
+    """Show the client's own notices (lost the controller, reconnecting...) on stderr as
+    ``shoal: ...`` lines; ``raw_terminal`` ends them with CR LF (the terminal is raw)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("shoal: %(message)s"))
+    if raw_terminal:
+        handler.terminator = "\r\n"
+    logger = logging.getLogger("shoal.client")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", envvar="SHOAL_URL", help="Controller URL (default: from client.toml).")
 @click.option("--token", envvar="SHOAL_TOKEN", help="API token (default: from client.toml).")
@@ -74,22 +89,33 @@ def client_from(ctx: click.Context) -> Client:
               help="Sessions each agent takes.")
 @click.option("--port", default=c.DEFAULT_HTTP_PORT, show_default=True,
               type=click.IntRange(0, 65535), help="HTTP port of the controller (0: any free).")
+@click.option("--services-port", default=c.SERVICES_PORT_NEXT, type=click.IntRange(-1, 65535),
+              help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
+                   "free).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
+@click.option("--nats-cluster", "nats_cluster", type=click.IntRange(2, 9), default=None,
+              help="Start a local NATS cluster of N servers, a controller on each, and "
+                   "spread the agents over them.")
 @click.option("--public-terminals", is_flag=True,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
-def up(agents: int, capacity: int, port: int, host: str, nats_url: str | None,
-       public_terminals: bool, parking_url: str, verbose: bool) -> None:
+def up(agents: int, capacity: int, port: int, services_port: int, host: str,
+       nats_url: str | None, nats_cluster: int | None, public_terminals: bool,
+       parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
     setup_logging(verbose)
-    arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port, host=host,
+    if nats_cluster and nats_url:
+        fail("--nats-cluster starts its own servers: drop --nats, or drop --nats-cluster to "
+             "use the NATS at --nats", 2)
+    arun(run_up(UpOptions(agents=agents, capacity=capacity, port=port,
+                          services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
-                          parking_url=parking_url)))
+                          parking_url=parking_url, nats_cluster=nats_cluster or 0)))
 
 
 # ---------------------------------------------------------------------- daemons
@@ -148,6 +174,9 @@ def _check_names(names: list[str]) -> None:
               help="TOML config (default: $SHOAL_HOME/controller.toml).")
 @click.option("--host", help="HTTP address to bind (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="HTTP port.")
+@click.option("--services-port", type=click.IntRange(0, 65535),
+              help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
+                   "free).")
 @click.option("--nats", "nats_url", help="NATS URL.")
 @click.option("--nats-user", help="NATS user.")
 @click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
@@ -157,16 +186,17 @@ def _check_names(names: list[str]) -> None:
 @click.option("--parking-url", default=None, help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def controller(config_path: Path | None, host: str | None, port: int | None,
-               nats_url: str | None, nats_user: str | None, nats_password: str | None,
-               nats_creds: str | None, public_terminals: bool | None, parking_url: str | None,
-               verbose: bool) -> None:
+               services_port: int | None, nats_url: str | None, nats_user: str | None,
+               nats_password: str | None, nats_creds: str | None,
+               public_terminals: bool | None, parking_url: str | None, verbose: bool) -> None:
     """Run a controller (HTTP API, web UI, scheduler). Stateless: run as many as you like."""
     from ..controller.server import run_controller
 
     setup_logging(verbose)
     try:
         flags: dict[str, Any] = {
-            "host": host, "port": port, "public_terminals": public_terminals,
+            "host": host, "port": port, "services_port": services_port,
+            "public_terminals": public_terminals,
             "terminal_parking_url": parking_url,
             "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
                      "creds": nats_creds},
@@ -250,7 +280,15 @@ def nodes_show(ctx: click.Context, name: str) -> None:
 @click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up.")
 @click.option("-n", "--nodes", "nodeset", default="", help="Node set: node[1-8,12],web3.")
 @click.option("-x", "--exclude", default="", help="Node set to leave out.")
+@click.option("-g", "--group", "groups", multiple=True,
+              help="Node group (@GROUP; from the groups file or labels), repeatable.")
+@click.option("-X", "--exclude-group", "xgroups", multiple=True, help="Node group to leave out.")
 @click.option("-l", "--label", "labels", multiple=True, help="key=value selector (repeatable).")
+@click.option("--batch", default=None, metavar="N|N%",
+              help="Roll through the nodes N (or N%) at a time, each slice done before the next.")
+@click.option("--fanout", "-f", type=click.IntRange(min=1), default=None,
+              help="At most N nodes running at once (like clush -f).")
+@click.option("--keep-going", is_flag=True, help="With --batch: roll on after a failed slice.")
 @click.option("--shell", "shell", default=None, help="Run this string with /bin/sh -c.")
 @click.option("-b", "--gather", is_flag=True, help="Group identical outputs (like clush -b).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
@@ -264,10 +302,11 @@ def nodes_show(ctx: click.Context, name: str) -> None:
               help="Seconds to wait for each agent to answer.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tuple[str, ...],
-        shell: str | None, gather: bool, as_json: bool, use_stdin: bool, use_tty: bool,
-        timeout: float | None, env: tuple[str, ...], cwd: str | None, connect_timeout: float,
-        argv: tuple[str, ...]) -> None:
+def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+        xgroups: tuple[str, ...], labels: tuple[str, ...], batch: str | None,
+        fanout: int | None, keep_going: bool, shell: str | None, gather: bool, as_json: bool,
+        use_stdin: bool, use_tty: bool, timeout: float | None, env: tuple[str, ...],
+        cwd: str | None, connect_timeout: float, argv: tuple[str, ...]) -> None:
     """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c"""
     from .. import messages as m
     from .run_cmd import raw_terminal, run_command, terminal_size
@@ -281,6 +320,11 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
         label_map = c.parse_labels(labels)
     except ShoalError as e:
         fail(e.message, 2)
+    size, percent = _batch(batch) if batch is not None else (0, 0)
+    if keep_going and batch is None:
+        fail("--keep-going goes with --batch", 2)
+    nodeset = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
+    exclude = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
     cols, rows = terminal_size()
     try:
         spec = msgspec.convert({"argv": list(argv) or None, "shell": shell, "env": env_map,
@@ -302,8 +346,10 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
 
     def go() -> int:
         try:
-            return run_command(cfg.url, cfg.token, targets, spec, mode=mode, progress=progress,
-                               connect_timeout=connect_timeout)
+            return run_command(cfg.url, cfg.token, targets, spec, mode=mode,
+                               progress=progress, connect_timeout=connect_timeout, batch=size,
+                               batch_percent=percent, fanout=fanout or 0,
+                               keep_going=keep_going)
         except ShoalError as e:
             fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 
@@ -315,6 +361,19 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, labels: tupl
     else:
         status = go()
     sys.exit(status)
+
+
+def _batch(text: str) -> tuple[int, int]:
+    """``--batch 10`` (nodes) or ``--batch 25%`` (of the selection)."""
+    digits = text.strip().removesuffix("%")
+    if not digits.isdigit() or int(digits) < 1 or (text.strip().endswith("%")
+                                                   and int(digits) > 100):
+        fail(f"--batch {text!r}: give a number of nodes (10) or a percentage (25%)", 2)
+    return (0, int(digits)) if text.strip().endswith("%") else (int(digits), 0)
+
+
+def _group_ref(name: str) -> str:
+    return name if name.startswith("@") else "@" + name
 
 
 def _split_env(item: str) -> tuple[str, str]:
@@ -368,3 +427,8 @@ def nodes_undrain(ctx: click.Context, name: str) -> None:
 
 from . import session_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import service_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import bridge_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)

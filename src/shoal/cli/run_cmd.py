@@ -65,9 +65,9 @@ class _Sender:
         self.stdin_offset += len(data)
 
 
-def _pump_stdin(sender: _Sender, chunk: int) -> None:
-    """The CLI's stdin to every node; its end is passed on as EOF."""
-    fd = sys.stdin.fileno()
+def _pump_stdin(sender: _Sender, chunk: int, fd: int | None = None) -> None:
+    """The CLI's stdin (or ``fd``) to every node; its end is passed on as EOF."""
+    fd = sys.stdin.fileno() if fd is None else fd
     while True:
         try:
             data = os.read(fd, chunk)
@@ -104,13 +104,22 @@ def _next(ws: WebSocket) -> m.ServerFrame:
 
 
 def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mode: str,
-                progress: bool, connect_timeout: float) -> int:
-    """Run and print; returns the exit status for the CLI."""
+                progress: bool, connect_timeout: float, batch: int = 0, batch_percent: int = 0,
+                fanout: int = 0, keep_going: bool = False, stdin_fd: int | None = None,
+                printer: Printer | None = None) -> int:
+    """Run and print; returns the exit status for the CLI. ``stdin_fd`` feeds the nodes'
+    stdin from that file instead of the terminal's (``shoal copy``)."""
     reuse_heap_for_bulk_io()
-    printer: Printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
+    if printer is None:
+        printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
-    ws, plan = _open(url, token, m.RunStart(targets=targets, spec=spec,
-                                            connect_timeout=connect_timeout))
+    skipped: dict[str, str] = {}
+    start = m.RunStart(targets=targets, spec=spec, connect_timeout=connect_timeout,
+                       batch=batch, batch_percent=batch_percent, fanout=fanout,
+                       keep_going=keep_going)
+    from ..client import first_reachable  # url may list a cluster's controllers
+
+    ws, plan = _open(first_reachable(url), token, start)
     sender = _Sender(ws)
     interrupts = 0
 
@@ -128,8 +137,8 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
     old_int = signal.signal(signal.SIGINT, on_interrupt) if mode != "raw" else None
     old_winch = signal.signal(signal.SIGWINCH, on_winch) if mode == "raw" else None
     if spec.tty or spec.stdin:
-        threading.Thread(target=_pump_stdin, args=(sender, 4096 if spec.tty else STDIN_CHUNK),
-                         daemon=True).start()
+        threading.Thread(target=_pump_stdin, daemon=True,
+                         args=(sender, 4096 if spec.tty else STDIN_CHUNK, stdin_fd)).start()
     bar = _progress(len(plan.nodes)) if progress else None
     try:
         while True:
@@ -139,6 +148,10 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
             elif isinstance(ev, m.Exit | m.Unreachable):
                 results[ev.node] = ev
                 printer.exited(ev.node, ev)
+                if bar is not None:
+                    bar.advance()
+            elif isinstance(ev, m.Skipped):
+                skipped[ev.node] = ev.reason
                 if bar is not None:
                     bar.advance()
             elif isinstance(ev, m.RunDone):
@@ -155,8 +168,8 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
         printer.close()
         with sender.lock:
             ws.close()
-    missing = [n for n in plan.nodes if n not in results]
-    outcome = summarize(results, missing)
+    missing = [n for n in plan.nodes if n not in results and n not in skipped]
+    outcome = summarize(results, missing, skipped)
     if outcome.summary and mode != "raw":
         sys.stderr.write(outcome.summary + "\n")
     return outcome.status

@@ -15,7 +15,7 @@ from .. import messages as m
 from ..config import parse_labels
 from ..errors import ShoalError
 from ..lines import LineSplitter
-from .main import arun, client_from, fail, main
+from .main import arun, client_from, client_messages, fail, main
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -238,7 +238,12 @@ async def _logs(client: Client, sid: str, start: int, tail: int | None, follow: 
 @click.pass_context
 def logs(ctx: click.Context, sid: str, follow: bool, start: int, tail: int | None,
          until: str | None, skip_empty: bool) -> None:
-    """Print a session's output (stdout to stdout, stderr to stderr), from anywhere."""
+    """Print a session's output (stdout to stdout, stderr to stderr), from anywhere.
+
+    If the controller goes away, it reconnects by itself and goes on from the last byte it
+    printed (for up to a minute; then it exits 1 saying where to resume with --from)."""
+    client_messages()
+
     async def go() -> int:
         async with client_from(ctx) as c:
             return await _logs(c, sid, start, tail, follow, until, skip_empty)
@@ -264,12 +269,25 @@ def attach(ctx: click.Context, sid: str, start: int | None) -> None:
     async def go() -> int:
         import asyncio
 
+        from ..errors import ConnectError
+
         loop = asyncio.get_running_loop()
         tail = ATTACH_REPLAY if start is None else None
         async with client_from(ctx) as c, c.attach(sid, start or 0, tail) as att:
-            await att.resize(*terminal_size())
-            loop.add_signal_handler(signal.SIGWINCH,
-                                    lambda: asyncio.ensure_future(att.resize(*terminal_size())))
+            async def send(data: bytes) -> None:
+                try:
+                    await att.send(data)
+                except ConnectError as e:
+                    sys.stderr.write(f"\r\nshoal: {e.message}\r\n")
+
+            async def resize() -> None:
+                try:
+                    await att.resize(*terminal_size())
+                except ConnectError:
+                    pass  # sent again after the reconnect
+
+            await resize()
+            loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(resize()))
             detached = asyncio.Event()
 
             def on_key() -> None:
@@ -277,7 +295,7 @@ def attach(ctx: click.Context, sid: str, start: int | None) -> None:
                 if DETACH_KEY in data:
                     detached.set()
                     return
-                asyncio.ensure_future(att.send(data))
+                asyncio.ensure_future(send(data))
 
             loop.add_reader(sys.stdin.fileno(), on_key)
 
@@ -286,24 +304,39 @@ def attach(ctx: click.Context, sid: str, start: int | None) -> None:
                     if isinstance(item, bytes):
                         sys.stdout.buffer.write(item)
                         sys.stdout.buffer.flush()
+                    elif item.get("t") == "hello":
+                        await resize()  # after a reconnect: the new socket needs the size
 
             out = asyncio.create_task(output())
             waiter = asyncio.create_task(detached.wait())
             await asyncio.wait([out, waiter], return_when=asyncio.FIRST_COMPLETED)
             loop.remove_reader(sys.stdin.fileno())
-            out.cancel()
             waiter.cancel()
             if detached.is_set():
+                out.cancel()
                 sys.stderr.write(f"\r\nshoal: detached from {sid}\r\n")
                 return 0
-            ex = att.exit or {}
-            sys.stderr.write(f"\r\nshoal: session {ex.get('state')}"
-                             f"{': ' + ex['reason'] if ex.get('reason') else ''}\r\n")
-            return int(ex.get("code") or 0)
+            out.result()  # the reconnecting gave up: its error, and exit 1
+            return _attach_status(att.exit)
 
+    client_messages(raw_terminal=True)
     with raw_terminal(sys.stdin.fileno()):
         status = arun(go())
     sys.exit(status)
+
+
+def _attach_status(ex: dict[str, Any] | None) -> int:
+    """Say how the session ended; the exit status mirrors it (never 0 unless it exited 0)."""
+    if ex is None:  # cannot happen: the attachment raises instead of ending without an exit
+        sys.stderr.write("\r\nshoal: the attachment ended without the session's end\r\n")
+        return 1
+    state, reason = ex.get("state"), ex.get("reason")
+    sys.stderr.write(f"\r\nshoal: session {state}{': ' + reason if reason else ''}\r\n")
+    if state == "exited" and ex.get("code") is not None:
+        return int(ex["code"])
+    if ex.get("signal"):
+        return 128 + int(ex["signal"])
+    return 1
 
 
 @main.command("launch")

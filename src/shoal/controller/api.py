@@ -17,7 +17,8 @@ from aiohttp import web
 
 from .. import messages as m
 from .. import outputlog, subjects
-from ..errors import ShoalError, ValidationError
+from ..bus import NATS_ERRORS
+from ..errors import ShoalError, Unavailable, ValidationError
 from ..nodeset import natural_key
 from ..sessionstate import FINAL
 from . import nodelist
@@ -49,13 +50,40 @@ async def json_http_errors(request: web.Request, handler: Handler) -> web.Stream
         return error_json(e.status, hint)
 
 
+RETRY_AFTER = 2  # seconds a client waits before asking again while NATS is away
+
+
+def unavailable(e: Unavailable) -> web.Response:
+    resp = error_json(503, e.message)
+    resp.headers["Retry-After"] = str(max(1, round(e.retry_after)))
+    return resp
+
+
+def nats_failure(e: BaseException) -> web.Response:
+    """The answer when NATS fails under a request: a reason and when to retry, never an
+    empty 504 (what aiohttp makes of an unhandled TimeoutError)."""
+    what = str(e) or type(e).__name__
+    if isinstance(e, TimeoutError):
+        resp = error_json(504, f"NATS did not answer in time ({what}): the message bus is slow"
+                               f" or restarting; retry in {RETRY_AFTER} s")
+        resp.headers["Retry-After"] = str(RETRY_AFTER)
+        return resp
+    return unavailable(Unavailable(f"NATS is not reachable ({what}); retry in {RETRY_AFTER} s",
+                                   RETRY_AFTER))
+
+
 def api_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except Unavailable as e:
+            return unavailable(e)
         except ShoalError as e:
             return error_json(e.status, e.message)
+        except NATS_ERRORS as e:
+            log.warning("%s %s: NATS failed: %r", request.method, request.path, e)
+            return nats_failure(e)
         except msgspec.ValidationError as e:
             return error_json(422, f"invalid request: {e}")
         except msgspec.DecodeError as e:
@@ -236,7 +264,9 @@ async def undrain_node(request: web.Request) -> web.Response:
 @api_errors
 async def create_session(request: web.Request) -> web.Response:
     spec = await body(request, m.SessionSpec)
-    record, created = await _ctl(request).sessions.create(spec)
+    principal = request.get("principal")
+    record, created = await _ctl(request).sessions.create(
+        spec, owner=principal.user if principal is not None else "")
     return ok(record, 201 if created else 200)
 
 
@@ -293,35 +323,57 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
                                        "Cache-Control": "no-store"})
     await resp.prepare(request)
 
-    async def is_over() -> bool:
-        found = await ctl.sessions.store.get(sid)
-        return found is None or found[0].state in FINAL
-
+    progress = _Progress(start)
     try:
-        last = await _stream_logs(ctl, resp, sid, start, follow, is_over)
+        last = await _stream_logs(ctl, resp, sid, progress, follow)
+    except ConnectionResetError:  # the client went away: nobody to tell
+        return resp
     except Exception as e:  # the answer has started: end it with the error, never replace it
-        log.warning("logs of %s ended early: %s", sid, e)
-        last = {"t": "error", "offset": start, "message": f"reading the output failed: {e}"}
-    await resp.write(msgspec.json.encode(last) + b"\n")
-    await resp.write_eof()
+        log.warning("logs of %s ended early at byte %d: %r", sid, progress.offset, e)
+        reason = e.message if isinstance(e, ShoalError) else str(e) or type(e).__name__
+        last = {"t": "error", "offset": progress.offset,
+                "message": f"reading the output failed: {reason}"}
+    try:
+        await resp.write(msgspec.json.encode(last) + b"\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
     return resp
 
 
-async def _stream_logs(ctl: Controller, resp: web.StreamResponse, sid: str, start: int,
-                       follow: bool, is_over: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
-    """Write the NDJSON output lines; returns the closing line to send."""
-    position = start
-    async for item in outputlog.read(ctl.js, sid, start, follow=follow, is_over=is_over):
+class _Progress:
+    """How far an answer got: the offset after the last byte sent to the client."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def session_over(ctl: Controller, sid: str) -> Callable[[], Awaitable[bool]]:
+    """For ``outputlog.read``: has the session ended (or been removed)?"""
+    async def is_over() -> bool:
+        found = await ctl.sessions.store.get(sid)
+        return found is None or found[0].state in FINAL
+    return is_over
+
+
+async def _stream_logs(ctl: Controller, resp: web.StreamResponse, sid: str,
+                       progress: _Progress, follow: bool) -> dict[str, Any]:
+    """Write the NDJSON output lines, keeping ``progress`` at the last byte written;
+    returns the closing line to send."""
+    async for item in outputlog.read(ctl.js, sid, progress.offset, follow=follow,
+                                     is_over=session_over(ctl, sid)):
         if isinstance(item, outputlog.Truncated):
             line = {"t": "truncated", "from": item.start, "to": item.end}
             await resp.write(msgspec.json.encode(line) + b"\n")
+            progress.offset = item.end
             continue
         # Lines stay short enough for line-oriented readers (base64 grows data by a third).
         for at in range(0, len(item.data), LOG_LINE_BYTES):
             piece = item.data[at:at + LOG_LINE_BYTES]
             line = {"t": "out", "stream": item.stream, "offset": item.offset + at, "data": piece}
             await resp.write(msgspec.json.encode(line) + b"\n")
-        position = item.offset + len(item.data)
+            progress.offset = item.offset + at + len(piece)
+    position = progress.offset
     found = await ctl.sessions.store.get(sid)
     if found is None:  # removed while we read
         last: dict[str, Any] = {"t": "end", "offset": position, "state": "removed",
@@ -357,8 +409,15 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
         start, tail = _start_params(request)
         record = await ctl.sessions.get(sid)
         start = await _start_offset(request, sid, start, tail)
+    except Unavailable as e:
+        return unavailable(e)
     except ShoalError as e:
         return error_json(e.status, e.message)
+    except NATS_ERRORS as e:
+        return nats_failure(e)
+    if not ctl.sessions.sealed(record):  # written by someone holding an agent credential
+        return error_json(409, f"session {sid} was not made by a controller (its record has "
+                               "no valid seal): not attaching")
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1 << 20)
     await ws.prepare(request)
     await ws.send_str(msgspec.json.encode({"t": "hello", "session": sid, "offset": start,
@@ -366,41 +425,58 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
     control = subjects.session_control(sid)
     attached = m.pack(m.SessionAttached())
 
+    async def publish(payload: bytes) -> None:
+        try:
+            await ctl.nc.publish(control, payload)
+        except NATS_ERRORS as e:  # NATS away: this keystroke (or beat) is lost, not the socket
+            log.info("attach to %s: input not sent: %r", sid, e)
+
     async def keep_attached() -> None:
         while True:
-            await ctl.nc.publish(control, attached)
+            await publish(attached)
             await asyncio.sleep(ATTACHED_EVERY)
 
-    async def pump_output() -> None:
-        async def is_over() -> bool:
-            found = await ctl.sessions.store.get(sid)
-            return found is None or found[0].state in FINAL
+    progress = _Progress(start)
 
-        async for item in outputlog.read(ctl.js, sid, start, follow=True, is_over=is_over):
-            if isinstance(item, outputlog.Truncated):
-                await ws.send_str(msgspec.json.encode(
-                    {"t": "truncated", "from": item.start, "to": item.end}).decode())
-            else:
-                await ws.send_bytes(item.data)
-        final = await ctl.sessions.get(sid)
-        await ws.send_str(msgspec.json.encode(
-            {"t": "exit", "state": final.state, "code": final.exit_code,
-             "signal": final.signal, "reason": final.reason}).decode())
+    async def pump_output() -> None:
+        try:
+            async for item in outputlog.read(ctl.js, sid, start, follow=True,
+                                             is_over=session_over(ctl, sid)):
+                if isinstance(item, outputlog.Truncated):
+                    await ws.send_str(msgspec.json.encode(
+                        {"t": "truncated", "from": item.start, "to": item.end}).decode())
+                    progress.offset = item.end
+                else:
+                    await ws.send_bytes(item.data)
+                    progress.offset = item.offset + len(item.data)
+            final = await ctl.sessions.get(sid)
+            frame: dict[str, Any] = {"t": "exit", "state": final.state,
+                                     "code": final.exit_code, "signal": final.signal,
+                                     "reason": final.reason}
+        except ConnectionResetError:  # the client went away
+            return
+        except Exception as e:  # one boundary: the client hears why, and where to resume
+            log.warning("attach to %s ended early at byte %d: %r", sid, progress.offset, e)
+            reason = e.message if isinstance(e, ShoalError) else str(e) or type(e).__name__
+            frame = {"t": "error", "status": 503, "offset": progress.offset,
+                     "message": f"reading the output failed: {reason}"}
+        if not ws.closed:
+            await ws.send_str(msgspec.json.encode(frame).decode())
 
     async def pump_input() -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
-                await ctl.nc.publish(control, m.pack(m.SessionInput(data=msg.data)))
+                await publish(m.pack(m.SessionInput(data=msg.data)))
             elif msg.type == aiohttp.WSMsgType.TEXT:
                 try:
                     frame = msgspec.json.decode(msg.data, type=_ClientControl)
                 except msgspec.DecodeError:
                     continue
                 if frame.t == "resize" and frame.cols and frame.rows:
-                    await ctl.nc.publish(control, m.pack(m.Resize(
+                    await publish(m.pack(m.Resize(
                         cols=max(1, min(frame.cols, 10000)), rows=max(1, min(frame.rows, 10000)))))
                 elif frame.t == "eof":
-                    await ctl.nc.publish(control, m.pack(m.SessionInput(data=b"", eof=True)))
+                    await publish(m.pack(m.SessionInput(data=b"", eof=True)))
 
     tasks = [asyncio.create_task(t()) for t in (keep_attached, pump_output, pump_input)]
     try:

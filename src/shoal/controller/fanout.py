@@ -3,11 +3,11 @@
 A run has an id. The engine subscribes to the run's event subject first, then sends one
 request per agent process that serves several of the nodes (``RunBatch`` to its lead node:
 acknowledged at once, then the pids come in groups as ``RunBatchStarted``), and one request
-per node otherwise; each agent answers at once (accepted, refused, or already exited, e.g.
-command not found) and then publishes output and exit events. Output is acknowledged after
-the consumer has taken it, which is the credit that lets the agent read more (see
-``shoal.agent.runs``). Stdin is broadcast with offsets and sent only while every live node
-has written all but ``STDIN_WINDOW`` bytes of it.
+per node otherwise (and in rolling runs); each agent answers at once (accepted, refused, or
+already exited, e.g. command not found) and then publishes output and exit events. Output
+is acknowledged after the consumer has taken it, which is the credit that lets the agent
+read more (see ``shoal.agent.runs``). Stdin is broadcast with offsets and sent only while
+every live node has written all but ``STDIN_WINDOW`` bytes of it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import nats.errors
 from .. import messages as m
 from .. import subjects
 from ..memtune import reuse_heap_for_bulk_io
+from ..nodeset import NodeSet
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -58,11 +59,36 @@ class Forward:
 EventSink = Callable[[m.RunEvent | Forward], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Roll:
+    """How a run goes through its nodes: all at once (the default), or in slices of
+    ``batch`` nodes (``percent`` of them), with at most ``fanout`` running at a time."""
+
+    batch: int = 0
+    percent: int = 0
+    fanout: int = 0
+    keep_going: bool = False
+
+    @property
+    def rolling(self) -> bool:
+        return bool(self.batch or self.percent or self.fanout)
+
+    def slices(self, nodes: list[str]) -> list[list[str]]:
+        size = self.batch or (-(-len(nodes) * self.percent // 100) if self.percent else 0)
+        size = max(1, size) if size else len(nodes) or 1
+        return [nodes[i:i + size] for i in range(0, len(nodes), size)]
+
+
+def _failed(ev: m.Exit) -> bool:
+    return ev.code != 0 or ev.signal is not None or ev.timed_out
+
+
 class FanoutRun:
     def __init__(self, nc: NatsClient, nodes: list[str], spec: m.RunSpec,
                  sink: EventSink, down: set[str] | None = None,
                  connect_timeout: float = 5.0,
                  node_down: Callable[[str], bool] | None = None,
+                 roll: Roll | None = None,
                  groups: list[tuple[str | None, list[str]]] | None = None) -> None:
         self.nc = nc
         self.run_id = secrets.token_hex(8)
@@ -77,6 +103,10 @@ class FanoutRun:
         self._unanswered = {n for n in nodes if n not in self.down}
         self._batched: set[str] = set()  # nodes asked through a batch
         self.window = window_for(len(nodes))
+        self.roll = roll or Roll()
+        self.failed: set[str] = set()
+        self._done: dict[str, asyncio.Event] = {}
+        self._halt = ""  # why a rolling run starts no more nodes
         self.live: set[str] = set()  # accepted and not yet exited
         self.finished: set[str] = set()
         self.all_finished = asyncio.Event()
@@ -90,6 +120,7 @@ class FanoutRun:
         self._keepalive: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[m.RunEvent | Forward | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
+        self._asker: asyncio.Task[None] | None = None
         reuse_heap_for_bulk_io()
 
     # ------------------------------------------------------------------ start
@@ -107,19 +138,29 @@ class FanoutRun:
             if node in self.down:
                 self._emit(m.Unreachable(node=node, reason="node is down (no heartbeat)"))
                 self._finish(node)
-        if not self._unanswered:
-            self.all_replied.set()
-        asyncio.create_task(self._ask_all(request))
+        self._asker = asyncio.create_task(self._ask_all(request))
 
     async def _ask_all(self, request: bytes) -> None:
-        asks = []
+        todo = [n for n in self.nodes if n not in self.down]
+        try:
+            if not self.roll.rolling:
+                await asyncio.gather(*self._grouped_asks(request))
+            else:  # slice by slice, node by node
+                await self._roll(todo, request)
+        finally:
+            # A batch's nodes answer later, by their events (``_answered``).
+            if not self._batched or not self._unanswered:
+                self.all_replied.set()
+
+    def _grouped_asks(self, request: bytes) -> list[Awaitable[None]]:
+        asks: list[Awaitable[None]] = []
         for lead, members in self.groups:
             up = [n for n in members if n not in self.down]
             if lead is not None and len(up) > 1:
                 asks.append(self._ask_batch(lead, up))
             else:
                 asks += [self._ask(n, request) for n in up]
-        await asyncio.gather(*asks)
+        return asks
 
     def _answered(self, node: str) -> None:
         """``node`` has said accepted, refused or exited (or was given up on)."""
@@ -149,10 +190,42 @@ class FanoutRun:
             if node in refused:
                 self._emit(m.Unreachable(node=node, reason=reason or
                                          f"the agent of {lead} does not serve it (any more)"))
-                self._finish(node)
+                self._finish(node, failed=True)
                 self._answered(node)
             elif node not in self.finished:  # started or not, it is the agent's now
                 self.live.add(node)
+
+    async def _roll(self, todo: list[str], request: bytes) -> None:
+        """Slices one after another (each finished before the next), at most ``fanout``
+        nodes running at once; after a slice with a failure the rest is skipped."""
+        for node in todo:
+            self._done[node] = asyncio.Event()
+        width = self.roll.fanout or len(todo)
+        gate = asyncio.Semaphore(width)
+
+        async def one(node: str) -> None:
+            async with gate:
+                if self._halt:
+                    self._skip(node, self._halt)
+                    return
+                await self._ask(node, request)
+                await self._done[node].wait()
+
+        slices = self.roll.slices(todo)
+        for i, chunk in enumerate(slices):
+            if self._halt:
+                for node in chunk:
+                    self._skip(node, self._halt)
+                continue
+            await asyncio.gather(*(one(n) for n in chunk))
+            bad = self.failed.intersection(chunk)
+            if bad and not self.roll.keep_going and i + 1 < len(slices) and not self._halt:
+                self._halt = (f"not run (slice {i + 1} of {len(slices)} failed on"
+                              f" {NodeSet(bad)}; --keep-going rolls on)")
+
+    def _skip(self, node: str, reason: str) -> None:
+        self._emit(m.Skipped(node=node, reason=reason))
+        self._finish(node)
 
     async def _ask(self, node: str, request: bytes) -> None:
         reply: m.RunAccepted | m.RunRefused | m.Exit | m.Unreachable
@@ -174,10 +247,10 @@ class FanoutRun:
             self._emit(m.Started(node=node, pid=reply.pid))
         elif isinstance(reply, m.RunRefused):
             self._emit(m.Unreachable(node=node, reason=reply.reason))
-            self._finish(node)
+            self._finish(node, failed=True)
         else:
             self._emit(reply)
-            self._finish(node)
+            self._finish(node, failed=isinstance(reply, m.Unreachable) or _failed(reply))
         self._answered(node)
 
     # ------------------------------------------------------------------ events
@@ -223,11 +296,16 @@ class FanoutRun:
                     await self.nc.publish(subjects.run_output_ack(self.run_id, ev.node),
                                           m.pack(m.OutputAck(consumed=done)))
             elif isinstance(ev, m.Exit):
-                self._finish(ev.node)
+                self._finish(ev.node, failed=_failed(ev))
 
-    def _finish(self, node: str) -> None:
+    def _finish(self, node: str, failed: bool = False) -> None:
         self.live.discard(node)
         self.finished.add(node)
+        if failed:
+            self.failed.add(node)
+        done = self._done.get(node)
+        if done is not None:
+            done.set()
         self._stdin_progress.set()
         if len(self.finished) == len(self.nodes):
             self.all_finished.set()
@@ -246,7 +324,7 @@ class FanoutRun:
             # A node that dies mid-run sends no exit: name it rather than wait forever.
             for node in [n for n in self.live if self.node_down(n)]:
                 self._emit(m.Unreachable(node=node, reason="node went down during the run"))
-                self._finish(node)
+                self._finish(node, failed=True)
                 self._answered(node)
 
     async def _on_stdin_ack(self, msg: Msg) -> None:
@@ -275,9 +353,11 @@ class FanoutRun:
         await self._control(m.Resize(cols=cols, rows=rows))
 
     async def signal(self, signum: int) -> None:
+        self._halt = self._halt or f"not run (interrupted by signal {signum})"
         await self._control(m.SignalRun(signum=signum))
 
     async def cancel(self, reason: str = "cancelled by the client") -> None:
+        self._halt = self._halt or f"not run ({reason})"
         await self._control(m.Cancel(reason=reason))
 
     async def wait(self) -> None:
@@ -291,6 +371,8 @@ class FanoutRun:
     async def close(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
+        if self._asker is not None and not self._asker.done():
+            self._asker.cancel()  # a rolling run still waiting on a slice
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         for sub in self._subs:

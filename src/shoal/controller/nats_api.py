@@ -3,6 +3,12 @@
 Controllers subscribe as one queue group, so exactly one of them answers each request.
 Subjects are ``shoal.api.<op>`` (docs/protocol.md lists them); a request is a JSON object,
 a reply is ``{"ok": true, "result": ...}`` or ``{"ok": false, "status": N, "error": "..."}``.
+
+Who asks: a request may carry an API token (header ``Authorization: Bearer TOKEN``); its
+user and scopes then apply, checked here against the operation table (scopes.py) exactly
+as the HTTP API checks them. Without one, the asker holds the controller's NATS credential
+(agents may not publish here), which can read and write every bucket anyway: it is the
+``nats`` user with the admin scope. State changes are audited either way.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import msgspec
 
 from .. import messages as m
 from .. import outputlog, subjects
-from ..errors import NotFoundError, ShoalError, ValidationError
+from ..errors import AuthError, Forbidden, NotFoundError, ShoalError, ValidationError
+from . import access, scopes
 from .api import DrainBody, parse_signal
+from .scopes import Principal
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -59,7 +67,14 @@ class LogsBody(msgspec.Struct, forbid_unknown_fields=True):
     max_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_LOG_BYTES)] = MAX_LOG_BYTES
 
 
-Op = Callable[[bytes], Awaitable[Any]]
+Op = Callable[[bytes, Principal], Awaitable[Any]]
+NATS_CREDENTIAL = scopes.admin("nats", "nats-credential")
+
+
+def _ignoring_caller(f: Callable[[bytes], Awaitable[Any]]) -> Op:
+    async def op(data: bytes, principal: Principal) -> Any:
+        return await f(data)
+    return op
 
 
 class NatsApi:
@@ -87,8 +102,8 @@ class NatsApi:
             await s.set_draining(decode(NameBody, d).name, False)
             return {"draining": False}
 
-        async def create(d: bytes) -> Any:
-            record, created = await s.create(decode(m.SessionSpec, d))
+        async def create(d: bytes, p: Principal) -> Any:
+            record, created = await s.create(decode(m.SessionSpec, d), owner=p.user)
             return {"session": record, "created": created}
 
         async def list_(d: bytes) -> Any:
@@ -128,15 +143,19 @@ class NatsApi:
         async def nodes(d: bytes) -> Any:
             return reg.listing()
 
-        self.ops: dict[str, Op] = {
+        plain: dict[str, Callable[[bytes], Awaitable[Any]]] = {
             "nodes.list": nodes, "nodes.show": show_node, "nodes.drain": drain,
-            "nodes.undrain": undrain, "sessions.create": create, "sessions.list": list_,
+            "nodes.undrain": undrain, "sessions.list": list_,
             "sessions.show": show, "sessions.signal": signal, "sessions.kill": kill,
             "sessions.remove": remove, "sessions.logs": logs,
         }
         from .services_api import service_ops
+        from .tokens_api import token_ops
 
-        self.ops.update(service_ops(ctl))
+        plain.update(service_ops(ctl))
+        self.ops: dict[str, Op] = {name: _ignoring_caller(f) for name, f in plain.items()}
+        self.ops["sessions.create"] = create
+        self.ops.update(token_ops(ctl))
 
     async def start(self) -> None:
         for op in self.ops:
@@ -150,12 +169,61 @@ class NatsApi:
             except Exception:
                 pass
 
+    async def _caller(self, msg: Msg) -> Principal:
+        header = (msg.headers or {}).get("Authorization", "")
+        if not header:
+            return NATS_CREDENTIAL
+        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        principal = await self.ctl.api_tokens.authenticate(token)
+        if principal is None:
+            raise AuthError("the token in the Authorization header is wrong, expired or "
+                            "revoked (send 'Authorization: Bearer TOKEN', or no header to act "
+                            "with the controller's NATS credential)")
+        return principal
+
+    async def _authorized(self, op: str, data: bytes, principal: Principal) -> Any:
+        """The scope check, the operation, and its audit entry: the dispatcher's one path."""
+        rule = scopes.OPS[op]
+        try:
+            body: Any = msgspec.json.decode(data or b"{}")
+        except msgspec.DecodeError:
+            body = None  # the operation says why
+        reach = access.reach_of_body(op, body)
+        try:
+            targets = await access.authorize(self.ctl, principal, op, reach)
+        except Forbidden as e:
+            if not rule.reads:
+                await self.ctl.audit.record(access.entry(principal, "nats", op, [], 403,
+                                                         f"refused: {e.message}", reach))
+            raise
+        if not rule.audit:
+            return await self.ops[op](data, principal)
+        status, result = 500, "failed"
+        try:
+            answer = await self.ops[op](data, principal)
+            status, result = 200, "ok"
+            if rule.target is scopes.Target.SPEC:
+                targets = access.created(msgspec.to_builtins(answer), targets)
+            return answer
+        except ShoalError as e:
+            status = e.status
+            raise
+        except msgspec.ValidationError:
+            status = 422
+            raise
+        except msgspec.DecodeError:
+            status = 400
+            raise
+        finally:
+            await self.ctl.audit.record(access.entry(principal, "nats", op, targets, status,
+                                                     result, reach))
+
     async def _handle(self, msg: Msg) -> None:
         op = msg.subject[len(subjects.api("")):]
         try:
             if len(msg.data) > 1 << 20:
                 raise ValidationError("request too large (max 1 MiB)")
-            result = await self.ops[op](msg.data)
+            result = await self._authorized(op, msg.data, await self._caller(msg))
             reply: dict[str, Any] = {"ok": True, "result": result,
                                      "controller": self.ctl.instance}
         except ShoalError as e:

@@ -24,6 +24,8 @@ from .. import messages as m
 from .. import servicetypes as st
 from ..client import LogChunk, LogEnd, LogEof, LogError, LogTruncated
 from .api import DrainBody, SignalBody
+from .apitokens import NewToken
+from .audit import Entry as AuditEntry
 from .services_api import ScaleBody, ServiceDrainBody
 
 PREFIX = "/api/v1"
@@ -87,6 +89,15 @@ class AttachExit(msgspec.Struct, tag="exit", tag_field="t"):
     reason: str
 
 
+class AttachError(msgspec.Struct, tag="error", tag_field="t"):
+    """Server -> client, last instead of exit: the output could not be read on; reconnect
+    with ``from=offset`` (the offset after the last byte sent)."""
+
+    status: int
+    offset: int
+    message: str
+
+
 class AttachResize(msgspec.Struct, tag="resize", tag_field="t"):
     """Client -> server: the terminal size changed."""
 
@@ -99,7 +110,7 @@ class AttachEof(msgspec.Struct, tag="eof", tag_field="t"):
 
 
 LogLine = LogChunk | LogTruncated | LogEnd | LogEof | LogError
-AttachServerText = AttachHello | AttachTruncated | AttachExit
+AttachServerText = AttachHello | AttachTruncated | AttachExit | AttachError
 AttachClientText = AttachResize | AttachEof
 
 
@@ -138,18 +149,22 @@ QUERY: dict[str, dict[str, Any]] = {
     "q": _query("q", {"type": "string", "maxLength": 256},
                 "Only nodes with this text (any case) in the name, address, hostname or a "
                 "`key=value` label."),
-    "limit": _query("limit", {"type": "integer", "minimum": 0, "maximum": 100000},
-                    "At most this many nodes (0: no limit up to 100,000)."),
+    "node_limit": _query("limit", {"type": "integer", "minimum": 0, "maximum": 100000},
+                         "At most this many nodes (0: no limit up to 100,000)."),
     "after": _query("after", {"type": "string"},
                     "Start after this name (natural order): the last name of the previous "
                     "page."),
+    "user": _query("user", {"type": "string"}, "Only entries of this user."),
+    "since": _query("since", {"type": "number"}, "Only entries from this Unix time on."),
+    "limit": _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
+                              "default": 1000}, "At most this many (the newest)."),
     "label": _query("label", {"type": "string", "pattern": "^[^=]+=.*$"},
                     "`key=value`; repeat for several labels (all must match).", array=True),
 }
 
 PATH_PARAMS: dict[str, str] = {
     "name": "A node name (`/nodes`) or a service name (`/services`).",
-    "id": "A session id (`s-...` unless the creator chose one).",
+    "id": "A session id (`s-...` unless the creator chose one), or a token id (`/tokens`).",
 }
 
 
@@ -201,7 +216,7 @@ the socket cancels the run on every node."""
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/nodes"): Route(
         "listNodes", "nodes", "List the nodes", ok=list[m.NodeInfo],
-        query=("nodes", "node_state", "q", "limit", "after"), errors=(400,),
+        query=("nodes", "node_state", "q", "node_limit", "after"), errors=(400,),
         description="In natural order of names. The `X-Total-Count` header says how many "
                     "nodes match the filters; page with `limit` and `after` (the last name "
                     "of the previous page)."),
@@ -225,7 +240,7 @@ ROUTES: dict[tuple[str, str], Route] = {
                     "cannot be forgotten (409); one that comes back registers again."),
     ("POST", "/api/v1/sessions"): Route(
         "createSession", "sessions", "Create a session", ok=m.SessionRecord, status=201,
-        body=m.SessionSpec, errors=(400, 404, 422),
+        body=m.SessionSpec, errors=(400, 404, 422, 503, 504),
         also={200: "A session with this `id` already exists; this is its record."},
         description="Give exactly one of `command` (argv) or `shell`. With an `id`, creating "
                     "is idempotent. A session no node can take is answered with state "
@@ -283,20 +298,51 @@ ROUTES: dict[tuple[str, str], Route] = {
         errors=(400, 404, 503)),
     ("GET", "/api/v1/terminal/info"): Route(
         "terminalInfo", "terminals", "Browser terminal settings", ok=TerminalInfo),
+    ("POST", "/api/v1/logout"): Route(
+        "logout", "meta", "End this browser's login", status=204, errors=(403, 415),
+        description="Ends the login session the `shoal_login` cookie names, on every "
+                    "controller, and clears the cookie. With a bearer token it does nothing "
+                    "(the token stays valid)."),
     ("GET", "/api/v1/openapi.json"): Route(
         "openapi", "meta", "This document", ok=dict[str, Any]),
+    ("GET", "/api/v1/whoami"): Route(
+        "whoami", "meta", "The user and scopes of the credential used", ok=dict[str, Any]),
+    ("GET", "/api/v1/tokens"): Route(
+        "listTokens", "tokens", "List API tokens (never the tokens themselves)",
+        ok=list[dict[str, Any]], errors=(403,)),
+    ("POST", "/api/v1/tokens"): Route(
+        "createToken", "tokens", "Create a token for a user; the answer holds it, once",
+        ok=dict[str, Any], status=201, body=NewToken, errors=(400, 403, 422),
+        description="`scopes` are grants such as `read`, `run:env=dev`, `run:web-[1-4]`, "
+                    "`sessions:own`; `expires` is seconds from now (none: never). A token "
+                    "can only grant what it holds itself (docs/security.md)."),
+    ("DELETE", "/api/v1/tokens/{id}"): Route(
+        "revokeToken", "tokens", "Revoke a token, on every controller within a second",
+        ok=dict[str, Any], errors=(400, 403, 404)),
+    ("GET", "/api/v1/audit"): Route(
+        "listAudit", "audit", "Audit entries, oldest first", ok=list[AuditEntry],
+        query=("user", "since", "limit"), errors=(400, 403)),
+    ("GET", "/api/v1/audit/verify"): Route(
+        "verifyAudit", "audit", "Check the audit trail's hash chain", ok=dict[str, Any],
+        errors=(403,)),
 }
 
 ERRORS = {
     400: "The request is malformed (bad JSON, bad query parameter, bad signal).",
     401: "Missing or wrong token.",
-    403: "Refused: a WebSocket from a foreign Origin, or a terminal credential for another "
-         "session.",
+    403: "Refused: the token lacks the scope the operation needs or may not reach its "
+         "nodes or session (the message names the scope and what is outside), a browser "
+         "request on the login cookie without the `X-Shoal-CSRF` header "
+         "or from a foreign Origin, a WebSocket from a foreign Origin, or a terminal "
+         "credential for another session.",
     404: "No such node, session or service.",
     409: "The request contradicts the current state (e.g. signalling an ended session).",
+    415: "A browser state change on the login cookie whose body is not "
+         "`Content-Type: application/json`.",
     422: "The body is JSON but does not match the schema (type, bounds, unknown field).",
-    503: "No node has room, or no replica can take a client now.",
-    504: "The other side did not answer in time.",
+    503: "No node has room, or no replica can take a client now; with Retry-After: NATS is "
+         "unreachable or the controller is catching up after a NATS outage (nothing changed).",
+    504: "NATS or an agent did not answer in time (the message says which); Retry-After.",
 }
 
 
@@ -378,8 +424,8 @@ def document() -> dict[str, Any]:
             "title": "shoal controller API",
             "version": __version__,
             "description": "Nodes, sessions, services and fan-out runs. Every route needs "
-                           "the token (`Authorization: Bearer TOKEN`, or the browser cookie "
-                           "set by the login link). Errors are "
+                           "the token (`Authorization: Bearer TOKEN`, or the browser login "
+                           "cookie with its CSRF header). Errors are "
                            "`{\"error\": message, \"status\": code}`. See docs/api.md.",
         },
         "servers": [{"url": "/"}],
@@ -392,8 +438,13 @@ def document() -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "The token from `$SHOAL_HOME/client.toml`."},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "shoal_token",
-                           "description": "Set by the `/?token=...` login link."},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "shoal_login",
+                           "description": "A login session set by the `/?token=...` login "
+                                          "link; holds no token. Every API request on it "
+                                          "also needs the `X-Shoal-CSRF` header (the page "
+                                          "gets it from the login redirect), and a state "
+                                          "change needs the page's own `Origin` and a JSON "
+                                          "body (else 415)."},
             },
         },
     }

@@ -1,4 +1,10 @@
-"""``/s/NAME/...``: a service's public traffic, sent to its best replica.
+"""``/s/NAME/...`` on the services listener: a service's public traffic, sent to its best
+replica.
+
+The services listener is an origin of its own (another port, or the host name in
+``services_url``), never the controller's: a replica's pages run script, and on the
+controller's origin that script could read ``/api/v1/*`` with the operator's login. On the
+controller, ``/s/NAME/...`` only redirects there (``redirect_to_services``).
 
 Without ``proxy`` in the service's spec the answer is a 307 redirect to the chosen replica
 (the method and body are kept by the client). With it the controller forwards the request
@@ -10,8 +16,9 @@ replica (up to ``MAX_ATTEMPTS``): always when the connection could not be opened
 was sent), and for idempotent methods also when it broke after sending. When no replica is
 up the answer is 503 with a JSON message at once, never a wait.
 
-These paths need no shoal token (it is the service's traffic, see auth.py); the shoal
-cookie is removed from what is forwarded, so a service never sees the controller's token.
+These paths need no shoal token (it is the service's traffic). What is forwarded, and how,
+is in forwarding.py: the raw target byte for byte, no shoal credentials, no hop-by-hop
+headers, ``X-Forwarded-For`` believed only from trusted proxies.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
+from .. import servicetypes as st
 from ..errors import ShoalError
-from .auth import COOKIE, error_json
+from .auth import error_json
+from .forwarding import WS_HANDSHAKE, answer_headers, split_target, upstream_headers
+from .hosts import host_middleware
 
 if TYPE_CHECKING:
     from .. import balance
@@ -39,14 +50,6 @@ MAX_ATTEMPTS = 3
 BUFFER_LIMIT = 1 << 20  # answers up to this size (with a Content-Length) are sent in one go
 CONNECT_TIMEOUT = 3.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "content-length", "host",
-})
-WS_HANDSHAKE = frozenset({
-    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-protocol", "sec-websocket-accept",
-})
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("shoal.proxy")
 
 
@@ -73,14 +76,17 @@ class Proxy:
     # ------------------------------------------------------------------ entry
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        tail = request.match_info.get("tail", "")
+        target = split_target(request.raw_path)
+        if target is None:
+            return error_json(404, "this is the services listener: service NAME is at "
+                                   "/s/NAME/ (`shoal service list` shows them)")
+        name, path = target
         services = self.ctl.services
         try:
+            st.check_name(name)
             record, replica = services.choose(name)
         except ShoalError as e:
             return error_json(e.status, e.message)
-        path = "/" + tail + (f"?{request.query_string}" if request.query_string else "")
         if not record.spec.proxy:
             replica.assign(time.monotonic())
             return web.Response(status=307, headers={
@@ -95,23 +101,9 @@ class Proxy:
 
     def _headers(self, request: web.Request, name: str, drop: frozenset[str] = frozenset(),
                  ) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        for k, v in request.headers.items():
-            lk = k.lower()
-            if lk in HOP_BY_HOP or lk in drop:
-                continue
-            if lk == "cookie":
-                v = _without_cookie(v, COOKIE)
-                if not v:
-                    continue
-            out.add(k, v)
-        peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        out["X-Forwarded-Host"] = request.host
-        out["X-Forwarded-Proto"] = request.scheme
-        out["X-Forwarded-Prefix"] = f"/s/{name}"
-        return out
+        return upstream_headers(request.headers, peer=request.remote or "",
+                                trusted=self.ctl.cfg.trusted_proxies, host=request.host,
+                                scheme=request.scheme, prefix=f"/s/{name}", drop=drop)
 
     async def _http_request(self, request: web.Request, name: str,
                             replica: balance.Replica, path: str) -> web.StreamResponse:
@@ -128,7 +120,7 @@ class Proxy:
             try:
                 try:
                     resp = await self.http.request(
-                        method, f"http://{_hostport(replica)}{path}", headers=headers,
+                        method, _url(replica, path), headers=headers,
                         data=body, allow_redirects=False)
                 except aiohttp.ClientConnectorError as e:
                     self._failed(replica, f"connect: {e.os_error.strerror or e}")
@@ -162,8 +154,7 @@ class Proxy:
     async def _answer(self, request: web.Request, resp: aiohttp.ClientResponse,
                       replica: balance.Replica) -> web.StreamResponse:
         async with resp:
-            headers: CIMultiDict[str] = CIMultiDict(
-                (k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
+            headers = answer_headers(resp.headers)
             headers["X-Shoal-Replica"] = replica.key
             length = resp.content_length
             if length is not None and length <= BUFFER_LIMIT or request.method == "HEAD":
@@ -197,7 +188,7 @@ class Proxy:
             start = time.monotonic()
             try:
                 upstream = await self.http.ws_connect(
-                    f"http://{_hostport(replica)}{path}", headers=headers,
+                    _url(replica, path), headers=headers,
                     protocols=protocols, autoping=False, max_msg_size=0)
                 now = time.monotonic()
                 replica.sample(now - start, now)
@@ -261,14 +252,31 @@ def _hostport(replica: balance.Replica) -> str:
     return f"[{host}]:{replica.port}" if ":" in host else f"{host}:{replica.port}"
 
 
-def _without_cookie(header: str, name: str) -> str:
-    parts = [p.strip() for p in header.split(";")]
-    return "; ".join(p for p in parts if p and p.split("=", 1)[0].strip() != name)
+def _url(replica: balance.Replica, path: str) -> URL:
+    # encoded=True: the raw target goes out exactly as it came in.
+    return URL(f"http://{_hostport(replica)}{path}", encoded=True)
 
 
-def add_proxy_routes(app: web.Application, ctl: Controller) -> None:
+def services_app(ctl: Controller) -> web.Application:
+    """The services listener: only service traffic, no API, no shoal login; the Host check
+    too, so that a DNS-rebinding page cannot reach services bound to loopback."""
+    app = web.Application(client_max_size=1 << 20, middlewares=[host_middleware(ctl.cfg)])
     proxy = Proxy(ctl)
     app[PROXY_KEY] = proxy
     app.on_cleanup.append(proxy.close)
-    app.router.add_route("*", "/s/{name}", proxy.handle)
-    app.router.add_route("*", "/s/{name}/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+async def redirect_to_services(request: web.Request) -> web.StreamResponse:
+    """``/s/NAME/...`` on the controller's origin: 307 to the same raw target on the services
+    origin (method and body kept); nothing of a service is ever served here."""
+    ctl: Controller = request.app["controller"]
+    return web.Response(status=307, headers={
+        "Location": ctl.services_base(request) + request.raw_path,
+        "Cache-Control": "no-store"})
+
+
+def add_redirect_routes(app: web.Application) -> None:
+    app.router.add_route("*", "/s/{name}", redirect_to_services)
+    app.router.add_route("*", "/s/{name}/{tail:.*}", redirect_to_services)

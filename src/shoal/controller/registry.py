@@ -6,6 +6,11 @@ within the node TTL; a node in the registry bucket without a heartbeat is down. 
 come per agent process (``shoal.hostbeat``), one key per chunk of its nodes, or per node from
 older agents; the cache also remembers which nodes share a process, so that a run reaches
 them with one request (``groups``).
+
+After a NATS outage the view is not *settled* until every known node has beaten again, or
+one node TTL after the watches are armed again: agents that could not beat meanwhile get
+that long to be heard, and until then "no node is up" is not an answer this controller may
+give (``settled``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .. import hostbeat
-from ..bus import watch_bucket
+from ..bus import client_of, watch_bucket
 from ..messages import NodeInfo
 from ..nodeset import NaturalKey, natural_key
 
@@ -42,10 +47,14 @@ class NodeRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._pending_initial = 2
+        self._nc = client_of(heartbeats)
+        self._armed_at = -1  # reconnect count when the heartbeats watch last loaded
+        self._settle_until = 0.0
+        self._heard: set[str] | None = None  # nodes that beat since the last re-watch
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(watch_bucket(self._hb_kv, self._on_beat, self._initial_loaded,
+            asyncio.create_task(watch_bucket(self._hb_kv, self._on_beat, self._beats_loaded,
                                              "heartbeats")),
             asyncio.create_task(watch_bucket(self._reg_kv, self._on_register,
                                              self._initial_loaded, "registry"))]
@@ -58,6 +67,27 @@ class NodeRegistry:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _beats_loaded(self) -> None:
+        reconnects = self._nc.stats["reconnects"]
+        if self._armed_at >= 0 and reconnects != self._armed_at:  # a re-watch after an outage
+            self._settle_until = time.monotonic() + self.node_ttl
+            self._heard = set()
+        self._armed_at = reconnects
+        self._initial_loaded()
+
+    def settled(self) -> bool:
+        """True when this view may be trusted to say a node is down or that none has room:
+        connected, watching since the last reconnect, and past the settle window."""
+        if not self._nc.is_connected or self._armed_at != self._nc.stats["reconnects"]:
+            return False
+        if self._heard is not None and self._heard >= self._known.keys():
+            self._settle_until = 0.0  # every node spoke up: no need to wait longer
+        return time.monotonic() >= self._settle_until
+
+    def settles_in(self) -> float:
+        """Seconds until ``settled`` may become true (a hint for Retry-After)."""
+        return max(1.0, self._settle_until - time.monotonic())
 
     def _initial_loaded(self) -> None:
         # Called once per bucket, and again after a re-watch (then it changes nothing).
@@ -75,10 +105,16 @@ class NodeRegistry:
             return None
 
     _last_beat = 0.0
+    _resumed = 0.0  # when beats came back after every node fell silent at once
 
     def fresh(self) -> bool:
-        """True while heartbeats are arriving at all (our view of the fleet is current)."""
-        return time.monotonic() - self._last_beat < self.node_ttl
+        """True while heartbeats are arriving at all (our view of the fleet is current),
+        and have been for a whole TTL since they last stopped all together. When every
+        node is silent at once, the bus paused (a NATS server lost, the heartbeat stream
+        electing a new leader, our own reconnect), not the fleet: after it, the first beats
+        back must not make the nodes whose beats are still on their way look down."""
+        now = time.monotonic()
+        return now - self._last_beat < self.node_ttl and now - self._resumed >= self.node_ttl
 
     def _on_beat(self, key: str, value: bytes | None) -> None:
         if hostbeat.is_host_key(key):
@@ -88,10 +124,19 @@ class NodeRegistry:
         if info is None:
             self._beats.pop(key, None)
             return
-        self._last_beat = time.monotonic()
-        self._beats[key] = (info, time.monotonic())
+        now = self._beat_arrived()
+        if self._heard is not None:
+            self._heard.add(key)
+        self._beats[key] = (info, now)
         self._learn(key, info)
         self._lead.pop(key, None)
+
+    def _beat_arrived(self) -> float:
+        now = time.monotonic()
+        if now - self._last_beat > self.node_ttl / 2:
+            self._resumed = now
+        self._last_beat = now
+        return now
 
     def _on_host_beat(self, key: str, value: bytes | None) -> None:
         beat = None
@@ -107,8 +152,7 @@ class NodeRegistry:
                     del self._lead[name]
                     self._beats.pop(name, None)
             return
-        now = time.monotonic()
-        self._last_beat = now
+        now = self._beat_arrived()
         names = []
         lead = (key, beat.lead)
         for info in hostbeat.expand(beat):
@@ -116,6 +160,8 @@ class NodeRegistry:
             self._learn(info.name, info)
             self._lead[info.name] = lead
             names.append(info.name)
+        if self._heard is not None:
+            self._heard.update(names)
         self._chunks[key] = names
 
     def _learn(self, name: str, info: NodeInfo) -> None:
@@ -140,9 +186,14 @@ class NodeRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._known
 
+    def _silent_for(self, seen: float) -> float:
+        # Time the bus was paused for everyone does not count against a node: after a
+        # pause, each node has a whole TTL from the moment beats came back.
+        return time.monotonic() - max(seen, self._resumed)
+
     def is_down(self, name: str) -> bool:
         beat = self._beats.get(name)
-        return beat is None or time.monotonic() - beat[1] > self.node_ttl
+        return beat is None or self._silent_for(beat[1]) > self.node_ttl
 
     def node(self, name: str) -> NodeInfo | None:
         """One node with its current state (``down`` when its heartbeat lapsed)."""
@@ -150,7 +201,7 @@ class NodeRegistry:
         if known is None:
             return None
         beat = self._beats.get(name)
-        if beat is not None and time.monotonic() - beat[1] <= self.node_ttl:
+        if beat is not None and self._silent_for(beat[1]) <= self.node_ttl:
             return beat[0]
         return msgspec.structs.replace(known, state="down")
 

@@ -16,12 +16,16 @@ import msgspec
 from aiohttp import web
 
 from .. import messages as m
-from ..errors import ShoalError, ValidationError
+from ..errors import Forbidden, ShoalError, ValidationError
+from ..nodegroups import GroupsError
 from ..targets import select
-from .auth import error_json, origin_ok
-from .fanout import FanoutRun, Forward
+from . import access
+from .audit import argv_digest
+from .auth import client_address, error_json, origin_ok
+from .fanout import FanoutRun, Forward, Roll
 
 if TYPE_CHECKING:
+    from .scopes import Principal
     from .server import Controller
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,13 @@ async def handle_run(request: web.Request) -> web.StreamResponse:
     ctl: Controller = request.app["controller"]
     if not origin_ok(request, ctl.cfg.origins):
         return error_json(403, "WebSocket origin not allowed")
+    principal: Principal | None = request.get("principal")
+    if principal is None:
+        return error_json(401, "a run needs an API token")
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=20, compress=False)
     await ws.prepare(request)
     try:
-        await _serve(ctl, ws)
+        await _serve(ctl, ws, principal, client_address(request, ctl.cfg.trusted_proxies))
     finally:
         await ws.close()
     return ws
@@ -51,7 +58,8 @@ async def _fail(ws: web.WebSocketResponse, status: int, message: str) -> None:
     await _send(ws, m.ErrorFrame(status=status, message=message))
 
 
-async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
+async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principal,
+                 source: str) -> None:
     try:
         first = await ws.receive(timeout=START_TIMEOUT)
     except TimeoutError:
@@ -64,9 +72,22 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
         start = m.unpack(first.data, m.RunStart)
         _check_spec(start.spec)
         snapshot = ctl.registry.snapshot()
-        nodes = select(start.targets, snapshot)
+        nodes = select(start.targets, snapshot, ctl.groups.get())
         if start.spec.tty and len(nodes) != 1:
             raise ValidationError(f"--tty needs exactly one node; the selection has {len(nodes)}")
+        roll = Roll(start.batch, start.batch_percent, start.fanout, start.keep_going)
+        if roll.rolling and start.spec.stdin:
+            raise ValidationError("--stdin does not combine with --batch or --fanout: the"
+                                  " nodes of a later slice would miss what was sent")
+        argv = start.spec.argv or ([start.spec.shell] if start.spec.shell else None)
+        digest = argv_digest(start.spec.argv, start.spec.shell)
+        try:
+            access.check_run(ctl, principal, nodes)  # refused, never narrowed: scopes.py
+        except Forbidden as e:
+            await ctl.audit.record(access.entry(principal, source, "run", nodes, 403,
+                                                f"refused: {e.message}", argv=argv,
+                                                digest=digest))
+            raise
     except msgspec.ValidationError as e:
         await _fail(ws, 400, f"invalid run request: {e}")
         return
@@ -76,6 +97,9 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
     except ShoalError as e:
         await _fail(ws, e.status, e.message)
         return
+    except GroupsError as e:
+        await _fail(ws, 500, f"the controller's groups file: {e}")
+        return
 
     async def sink(ev: m.RunEvent | Forward) -> None:
         if not ws.closed:
@@ -84,7 +108,9 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse) -> None:
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
                     connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down,
-                    groups=ctl.registry.groups(nodes))
+                    roll=roll, groups=ctl.registry.groups(nodes))
+    await ctl.audit.record(access.entry(principal, source, "run", nodes, 200,
+                                        f"started {run.run_id}", argv=argv, digest=digest))
     await _send(ws, m.RunPlan(run_id=run.run_id, nodes=nodes))
     await run.start()
     reader = asyncio.create_task(_read_client(ws, run))

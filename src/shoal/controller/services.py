@@ -72,6 +72,7 @@ class ServiceManager:
         self._drain_seen: dict[str, float] = {}  # sid -> when this controller saw it draining
         self._backoff: dict[str, tuple[float, float]] = {}  # service -> (delay, next create)
         self._failed_seen: set[str] = set()
+        self._forged_seen: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,7 +223,20 @@ class ServiceManager:
     # ------------------------------------------------------------------ views
 
     def replica_sessions(self, name: str) -> list[m.SessionRecord]:
-        return [r for r in self.ctl.sessions.cache.records.values() if r.spec.service == name]
+        """The replicas of ``name``: sealed records only (one forged with the agent
+        credential, naming any address, is never counted, probed or sent traffic)."""
+        sessions = self.ctl.sessions
+        return [r for r in sessions.cache.records.values()
+                if r.spec.service == name and self._trusted(r)]
+
+    def _trusted(self, record: m.SessionRecord) -> bool:
+        if self.ctl.sessions.sealed(record):
+            return True
+        if record.id not in self._forged_seen and len(self._forged_seen) < 10_000:
+            self._forged_seen.add(record.id)
+            log.warning("session %s claims to be a replica of %s but has no valid seal; "
+                        "ignoring it", record.id, record.spec.service)
+        return False
 
     def view(self, record: st.ServiceRecord) -> st.ServiceView:
         pool = self.pools.get(record.name, balance.Pool())
@@ -242,7 +256,7 @@ class ServiceManager:
         return st.ServiceView(name=record.name, spec=record.spec, created=record.created,
                               stopped=record.stopped, replicas=out,
                               up=sum(r.health == "up" and not r.draining for r in out),
-                              url=f"{self.ctl.url}/s/{record.name}/")
+                              url=f"{self.ctl.services_url}/s/{record.name}/")
 
     def views(self) -> list[st.ServiceView]:
         return [self.view(r) for _, r in sorted(self.records.items())]
@@ -307,7 +321,7 @@ class ServiceManager:
         wanted: set[str] = set()
         by_service: dict[str, list[m.SessionRecord]] = {}
         for s in self.ctl.sessions.cache.records.values():
-            if s.spec.service and s.spec.service in self.records:
+            if s.spec.service and s.spec.service in self.records and self._trusted(s):
                 by_service.setdefault(s.spec.service, []).append(s)
         for name in list(self.pools):
             if name not in self.records:

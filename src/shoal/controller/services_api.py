@@ -1,5 +1,6 @@
-"""Services in the HTTP API (``/api/v1/services``), the NATS API (``services.*``) and the
-public ``/s/NAME/`` routes. Handlers are thin: decode, call the service manager, encode."""
+"""Services in the HTTP API (``/api/v1/services``) and the NATS API (``services.*``), and the
+controller's ``/s/NAME/`` redirect to the services listener. Handlers are thin: decode, call
+the service manager, encode."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from aiohttp import web
 from .. import servicetypes as st
 from ..errors import ValidationError
 from .api import api_errors, body, ok
-from .proxy import add_proxy_routes
+from .proxy import add_redirect_routes
 
 if TYPE_CHECKING:
     from .server import Controller
@@ -111,7 +112,7 @@ def add_service_routes(app: web.Application) -> None:
     r.add_post("/api/v1/services/{name}/scale", scale_service)
     r.add_post("/api/v1/services/{name}/drain", drain_service)
     r.add_get("/api/v1/services/{name}/best", best_replica)
-    add_proxy_routes(app, app["controller"])
+    add_redirect_routes(app)
 
 
 # ---------------------------------------------------------------------- NATS

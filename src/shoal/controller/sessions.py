@@ -17,7 +17,7 @@ import nats.errors
 
 from .. import messages as m
 from .. import outputlog, placement, subjects
-from ..errors import ConflictError, NotFoundError, RemoteTimeout, ValidationError
+from ..errors import ConflictError, NotFoundError, RemoteTimeout, Unavailable, ValidationError
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
 
@@ -32,9 +32,14 @@ log = logging.getLogger(__name__)
 AGENT_TIMEOUT = 5.0
 RECONCILE_EVERY = 2.0
 STALE_PENDING = 10.0  # a pending record nobody is placing after this long gets placed
+WAITING = "waiting for the nodes"  # reason of a session kept pending while the view settles
 
 
-def validate(spec: m.SessionSpec) -> None:
+def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
+    if spec.id and outputlog.is_terminal(spec.id) != terminal:
+        raise ValidationError(f"session ids starting with {outputlog.TERMINAL_PREFIX!r} are "
+                              "kept for the terminal pool (their output has a stream of its "
+                              "own); choose another id")
     if (spec.command is None) == (spec.shell is None):
         raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
     if spec.user not in ("agent", "ephemeral"):
@@ -65,16 +70,25 @@ class SessionService:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, spec: m.SessionSpec) -> tuple[m.SessionRecord, bool]:
-        """Create and place a session; with a known ``id``, return the first one instead."""
-        validate(spec)
+    async def create(self, spec: m.SessionSpec, terminal: bool = False, owner: str = "",
+                     ) -> tuple[m.SessionRecord, bool]:
+        """Create and place a session; with a known ``id``, return the first one instead.
+        Only the terminal pool creates with ``terminal`` (and a ``t_`` id). ``owner`` is
+        the API user asking (sealed with the spec: agents cannot change it)."""
+        validate(spec, terminal)
         nodes = self.registry.snapshot()
+        if not self.registry.settled() and not placement.eligible(spec, nodes):
+            # Just back from a NATS outage: the nodes may be up and not heard from yet.
+            # Saying "no node has room" now would be a guess; nothing is created.
+            wait = self.registry.settles_in()
+            raise Unavailable(f"this controller is catching up with the nodes after a NATS "
+                              f"outage; nothing was created: retry in {wait:.0f} s", wait)
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
         sid = spec.id or "s-" + secrets.token_hex(6)
         spec = msgspec.structs.replace(spec, id=sid)
         record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
-                                 seal=self.seal(spec))
+                                 seal=self.seal(spec, owner), owner=owner)
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
@@ -83,12 +97,19 @@ class SessionService:
             return record, False
         return await self.place(record), True
 
-    def seal(self, spec: m.SessionSpec) -> str:
-        return hmac.new(self.key, m.spec_digest(spec).encode(), hashlib.sha256).hexdigest()
+    def seal(self, spec: m.SessionSpec, owner: str = "") -> str:
+        text = m.spec_digest(spec) + (f"\0{owner}" if owner else "")
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+
+    def sealed(self, record: m.SessionRecord) -> bool:
+        """Whether a controller made this record's spec (and gave it this owner). Agents
+        may write records, so every path that acts on one (placement, services, terminals,
+        scope checks) asks this first."""
+        return hmac.compare_digest(record.seal, self.seal(record.spec, record.owner))
 
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""
-        if not hmac.compare_digest(record.seal, self.seal(record.spec)):
+        if not self.sealed(record):
             # Agents may write records; only a controller's spec is ever launched.
             log.warning("session %s has no valid seal; not placing it", record.id)
             failed = await self.store.move(record.id, "failed",
@@ -113,6 +134,9 @@ class SessionService:
                 if current is None or current[0].state != "pending":
                     return current[0] if current else record
             why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
+            if not self.registry.settled():  # not a verdict yet: the reconciler tries again
+                waiting = await self.store.move(record.id, "pending", reason=f"{WAITING} ({why})")
+                return waiting or record
             failed = await self.store.move(record.id, "failed",
                                            reason=f"no node has room ({why})")
             return failed or record
@@ -233,8 +257,9 @@ class SessionService:
         rescheduled); pending sessions nobody placed get placed; old records are purged."""
         nodes = self.registry.snapshot()
         now = time.time()
-        # Heard from no node lately: more likely we are cut off than every node is dead.
-        fresh = self.registry.fresh() and self.nc.is_connected
+        # Heard from no node lately, or just back from an outage: more likely we are cut off
+        # (or the agents have not caught up yet) than the nodes are dead.
+        fresh = self.registry.fresh() and self.registry.settled()
         for r in list(self.cache.records.values()):
             if fresh and r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
                     and nodes[r.node].state == "down":
@@ -246,7 +271,7 @@ class SessionService:
                     await self.store.move(r.id, "lost", reason=f"node {r.node} lost")
             elif (r.state == "pending" and not r.node and r.id not in self._placing
                   and now - max(r.created, r.ended) > STALE_PENDING
-                  or r.state == "pending" and r.reason.startswith("rescheduling")
+                  or r.state == "pending" and r.reason.startswith(("rescheduling", WAITING))
                   and r.id not in self._placing):
                 asyncio.create_task(self.place(r))
             elif r.state in FINAL and r.ended and now - r.ended > self.retention:

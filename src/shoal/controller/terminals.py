@@ -6,14 +6,23 @@ URL carrying a short-lived link token for that session only, or, when every slot
 answers 503 with ``Retry-After`` and the visitor's place in a queue (or a redirect to the
 operator's parking URL). The queue lives in a TTL'd key-value bucket, so every controller
 sees the same line; a visitor who stops polling drops out of it.
+
+Fairness: a client (an IPv4 address, or an IPv6 /64, which one subscriber usually holds
+whole) holds at most ``terminal_tickets`` places in line, and the rate limit is checked
+before the line: a rate-limited visitor leaves it, so a few polling clients cannot jam it.
+Only tickets this pool issued hold a place; any other is answered with a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import ipaddress
 import logging
+import re
 import secrets
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,11 +31,12 @@ from aiohttp import web
 from nats.js.api import KeyValueConfig, StorageType
 
 from .. import messages as m
-from .. import tokens
+from .. import outputlog, tokens
 from ..bus import watch_bucket
 from ..errors import NoCapacityError, ShoalError
 from ..web import STATIC_DIR
 from .auth import client_address, error_json
+from .headers import PAGE
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -40,35 +50,70 @@ LINKS_BUCKET = "shoal-used-links"  # nonces of terminal links already used, for 
 TICKET_TTL = 15.0  # a waiting visitor who has not polled for this long has left
 POLL_EVERY = 2
 LINK_TTL = 120.0
+TICKET_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe makes
+LIMITER_KEYS = 100_000
 
 
 class _Ticket(msgspec.Struct):
     created: float
+    client: str = ""  # client_key() of who holds it, for the per-client cap
 
 
 class _PoolRequest(msgspec.Struct, forbid_unknown_fields=True):
     ticket: str = ""
 
 
-class RateLimiter:
-    """Token bucket per client address: ``rate`` creations per minute, bursts up to that."""
+def client_key(address: str) -> str:
+    """Who a client is, for limits: its IPv4 address, or its IPv6 /64 (one subscriber's
+    network; a whole address would let one host take 2**64 keys)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    def __init__(self, per_minute: int) -> None:
+
+class RateLimiter:
+    """Token bucket per client key: ``per_minute`` creations a minute, bursts up to that.
+
+    Bounded without ever forgetting everyone at once: past ``max_keys`` the least recently
+    seen keys go first, and a key idle long enough to be full again loses nothing."""
+
+    def __init__(self, per_minute: int, max_keys: int = LIMITER_KEYS) -> None:
         self.capacity = float(per_minute)
         self.refill = per_minute / 60.0
-        self.buckets: dict[str, tuple[float, float]] = {}
+        self.max_keys = max_keys
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _level(self, key: str, now: float) -> float:
+        level, last = self.buckets.get(key, (self.capacity, now))
+        return min(self.capacity, level + (now - last) * self.refill)
+
+    def ready(self, key: str, now: float | None = None) -> bool:
+        """Whether ``key`` may create one now (nothing is spent)."""
+        now = time.monotonic() if now is None else now
+        return self._level(key, now) >= 1
 
     def allow(self, key: str, now: float | None = None) -> bool:
+        """Spend one creation for ``key`` if it has one."""
         now = time.monotonic() if now is None else now
-        level, last = self.buckets.get(key, (self.capacity, now))
-        level = min(self.capacity, level + (now - last) * self.refill)
-        if level < 1:
-            self.buckets[key] = (level, now)
-            return False
-        self.buckets[key] = (level - 1, now)
-        if len(self.buckets) > 100_000:  # forget idle addresses rather than grow forever
-            self.buckets.clear()
-        return True
+        level = self._level(key, now)
+        ok = level >= 1
+        self.buckets[key] = (level - 1 if ok else level, now)
+        self.buckets.move_to_end(key)
+        while len(self.buckets) > self.max_keys:
+            self.buckets.popitem(last=False)
+        return ok
+
+    def refund(self, key: str, now: float | None = None) -> None:
+        """Give back a creation that did not happen (no node could take it)."""
+        now = time.monotonic() if now is None else now
+        if key in self.buckets:
+            self.buckets[key] = (min(self.capacity, self._level(key, now) + 1), now)
 
 
 class TerminalPool:
@@ -77,6 +122,7 @@ class TerminalPool:
         self.cfg = ctl.cfg
         self.key = tokens.derive_key(ctl.cfg.token)
         self.limiter = RateLimiter(ctl.cfg.terminal_rate)
+        self.holders: dict[str, str] = {}  # ticket -> client key
         self.kv: KeyValue | None = None
         self.used_links: KeyValue | None = None
         self.tickets: dict[str, tuple[float, float]] = {}  # id -> (created, seen monotonic)
@@ -88,12 +134,14 @@ class TerminalPool:
             self.kv = await js.key_value(QUEUE_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY))
+                bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY,
+                replicas=self.ctl.replicas))
         try:
             self.used_links = await js.key_value(LINKS_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.used_links = await js.create_key_value(config=KeyValueConfig(
-                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY))
+                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY,
+                replicas=self.ctl.replicas))
         self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, what="queue"))
 
     async def stop(self) -> None:
@@ -114,9 +162,11 @@ class TerminalPool:
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
             self.tickets.pop(key, None)
+            self.holders.pop(key, None)
         else:
             t = msgspec.json.decode(value, type=_Ticket)
             self.tickets[key] = (t.created, time.monotonic())
+            self.holders[key] = t.client
 
     # ------------------------------------------------------------------ queue
 
@@ -126,6 +176,29 @@ class TerminalPool:
         ahead = sum(1 for tid, (c, seen) in self.tickets.items()
                     if tid != ticket and now - seen < TICKET_TTL and (c, tid) < (created, ticket))
         return ahead + 1
+
+    def held_by(self, client: str) -> int:
+        """Live places in line that ``client`` holds."""
+        now = time.monotonic()
+        return sum(1 for tid, who in self.holders.items()
+                   if who == client and now - self.tickets.get(tid, (0.0, -TICKET_TTL))[1]
+                   < TICKET_TTL)
+
+    async def _known(self, ticket: str) -> float | None:
+        """When a ticket this pool issued was created, or None (unknown or expired). Asks
+        the bucket when this controller has not seen it yet (it was made elsewhere)."""
+        if not ticket:
+            return None
+        if ticket in self.tickets:
+            return self.tickets[ticket][0]
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(ticket)
+        except nats.js.errors.NotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return msgspec.json.decode(entry.value, type=_Ticket).created
 
     def free_slots(self) -> int:
         return sum(max(0, n.capacity - n.sessions) for n in self.ctl.registry.snapshot().values()
@@ -146,7 +219,9 @@ class TerminalPool:
 
     def spec(self) -> m.SessionSpec:
         c = self.cfg
+        # The id prefix sends the output to the terminals' own stream (outputlog.py).
         return m.SessionSpec(
+            id=outputlog.TERMINAL_PREFIX + secrets.token_hex(6), output_cap=c.terminal_output_cap,
             name="terminal", command=list(c.terminal_command), tty=True, user="ephemeral",
             detach_timeout=c.terminal_detach_timeout, idle_timeout=c.terminal_idle_timeout,
             timeout=c.terminal_lifetime, labels={"pool": "terminal"},
@@ -162,27 +237,43 @@ class TerminalPool:
             raw = await request.read()
             try:
                 req = msgspec.json.decode(raw or b"{}", type=_PoolRequest)
-            except msgspec.DecodeError as e:
-                return error_json(400, f"bad request: {e}")
-        if len(req.ticket) > 64:
-            return error_json(400, "bad ticket")
-        ticket = req.ticket or secrets.token_urlsafe(12)
-        created = self.tickets.get(ticket, (time.time(), 0.0))[0]
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                return error_json(400, f"bad request: {e}; send {{\"ticket\": \"...\"}} "
+                                       "or an empty body")
+        if req.ticket and not TICKET_SHAPE.fullmatch(req.ticket):
+            return error_json(400, "bad ticket: send back the ticket this server gave you, "
+                                   "or none to join the line")
+        client = client_key(client_address(request, self.cfg.trusted_proxies) or "?")
+        if not self.limiter.ready(client):  # before the line: a limited visitor leaves it
+            if req.ticket:
+                await self._drop(req.ticket)
+            return self._limited(form, "too many terminals from your address; wait a little")
+        created = await self._known(req.ticket)
+        ticket = req.ticket
+        if created is None:
+            if self.held_by(client) >= self.cfg.terminal_tickets:
+                return self._limited(form, "your address already holds "
+                                           f"{self.cfg.terminal_tickets} places in line; "
+                                           "keep polling with your ticket")
+            ticket, created = secrets.token_urlsafe(12), time.time()
         assert self.kv is not None
-        await self.kv.put(ticket, msgspec.json.encode(_Ticket(created)))
+        await self.kv.put(ticket, msgspec.json.encode(_Ticket(created, client)))
         self.tickets[ticket] = (created, time.monotonic())
+        self.holders[ticket] = client
         place = self.position(ticket, created)
         if place <= self.free_slots():
-            peer = client_address(request, self.cfg.trusted_proxies) or "?"
-            if not self.limiter.allow(peer):
-                return self._answer(form, 429, {"state": "limited", "retry_after": 20,
-                                                "message": "too many terminals from your "
-                                                           "address; wait a little"})
+            if not self.limiter.allow(client):
+                await self._drop(ticket)
+                return self._limited(form, "too many terminals from your address; wait a "
+                                           "little")
             try:
-                record, _ = await self.ctl.sessions.create(self.spec())
+                record, _ = await self.ctl.sessions.create(self.spec(), terminal=True)
             except ShoalError as e:
+                self.limiter.refund(client)
                 return error_json(e.status, e.message)
-            if record.state != "failed":
+            if record.state == "failed":  # every node was full after all: keep the place
+                self.limiter.refund(client)
+            else:
                 await self._drop(ticket)
                 link = tokens.issue(self.key, record.id, LINK_TTL)
                 url = f"/t/{record.id}?token={link}"
@@ -197,8 +288,13 @@ class TerminalPool:
             "retry_after": POLL_EVERY,
             "message": f"every terminal is taken; you are number {place} in line"})
 
+    def _limited(self, form: bool, message: str) -> web.Response:
+        return self._answer(form, 429, {"state": "limited", "retry_after": 20,
+                                        "message": message})
+
     async def _drop(self, ticket: str) -> None:
         self.tickets.pop(ticket, None)
+        self.holders.pop(ticket, None)
         assert self.kv is not None
         try:
             await self.kv.delete(ticket)
@@ -213,29 +309,20 @@ class TerminalPool:
             return web.json_response(body, status=status, headers=headers)
         if body["state"] in ("ready", "parked"):
             raise web.HTTPSeeOther(body["url"], headers=headers)
-        ticket = body.get("ticket", "")
-        html = (f"<!doctype html><meta charset=utf-8><title>shoal: waiting</title>"
-                f"<p>{body.get('message', '')}</p><form method=post action=/terminal>"
-                f"<input type=hidden name=ticket value='{ticket}'>"
+        ticket = html.escape(str(body.get("ticket", "")), quote=True)
+        message = html.escape(str(body.get("message", "")))
+        page = (f"<!doctype html><meta charset=utf-8><title>shoal: waiting</title>"
+                f"<p>{message}</p><form method=post action=/terminal>"
+                f'<input type=hidden name=ticket value="{ticket}">'
                 f"<button>Try again</button></form>")
-        return web.Response(text=html, status=status, content_type="text/html", headers=headers)
+        return web.Response(text=page, status=status, content_type="text/html",
+                            headers={**headers, **PAGE})
 
 
 # ---------------------------------------------------------------------- pages
 
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-                               "form-action 'self'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Robots-Tag": "noindex, nofollow",
-    "Cache-Control": "no-store",
-}
-
-
 def page(name: str) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / name, headers=PAGE_HEADERS)
+    return web.FileResponse(STATIC_DIR / name, headers=PAGE)
 
 
 async def pool_page(request: web.Request) -> web.StreamResponse:

@@ -1,7 +1,8 @@
 // The dashboard, /: nodes (a fleet summary, a searchable table of at most NODES_SHOWN rows,
 // a CPU chart of the first CHART_NODES of them) and sessions, polled every 2 s.
-// The page is cookie-authenticated, so plain fetch() calls suffice. The DOM is built with
-// textContent only (no innerHTML from data) and there are no inline handlers, for CSP.
+// The page rides on the login cookie; every API call also carries the login's CSRF token
+// (login.js) and a state change sends a JSON body. The DOM is built with textContent only
+// (no innerHTML from data) and there are no inline handlers, for CSP.
 "use strict";
 
 (() => {
@@ -28,6 +29,7 @@
   let sessions = [];
   let timer = null;
   let generation = 0; // only the latest refresh() applies its results and re-arms the timer
+  let loggedOut = false;
 
   // ---- helpers -------------------------------------------------------------------------
 
@@ -83,8 +85,14 @@
     $("error").hidden = !text;
   }
 
-  async function getJSON(url, options) {
-    const resp = await fetch(url, { credentials: "same-origin", ...options });
+  async function getJSON(url, options = {}) {
+    const withBody = options.method !== undefined && options.method !== "GET";
+    const resp = await fetch(url, {
+      credentials: "same-origin",
+      ...options,
+      headers: window.shoalLogin.headers(options.headers, withBody),
+      body: withBody ? (options.body ?? "{}") : undefined,
+    });
     if (!resp.ok) {
       let message = resp.statusText;
       try {
@@ -110,7 +118,8 @@
   }
 
   async function getNodes() {
-    const resp = await fetch(`/api/v1/nodes?${nodesQuery()}`, { credentials: "same-origin" });
+    const resp = await fetch(`/api/v1/nodes?${nodesQuery()}`,
+                             { credentials: "same-origin", headers: window.shoalLogin.headers() });
     if (resp.status === 400) { // a node set still being typed: show nothing yet
       const body = await resp.json().catch(() => ({}));
       return { list: [], total: 0, problem: body.message || "bad search" };
@@ -300,6 +309,7 @@
 
   async function refresh() {
     clearTimeout(timer);
+    if (loggedOut) return;
     const mine = ++generation;
     const query = stateFilter.value ? `?${new URLSearchParams({ state: stateFilter.value })}` : "";
     try {
@@ -317,7 +327,7 @@
       $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (err) {
       if (mine !== generation) return;
-      showError(err.status === 401
+      showError(err.status === 401 || err.status === 403
         ? "not signed in: open the login URL that `shoal up` printed (it has ?token=…)"
         : `cannot reach the controller: ${err.message}`);
     }
@@ -349,6 +359,13 @@
     }
     refresh();
   });
+  $("logout").addEventListener("click", async () => {
+    loggedOut = true;
+    generation++; // a refresh in flight neither applies nor re-arms
+    clearTimeout(timer);
+    await window.shoalLogin.logout();
+    showError("logged out: open the login URL that `shoal up` printed to sign in again");
+  });
   stateFilter.addEventListener("change", refresh);
   let nodeSearch = null;
   $("n-state").addEventListener("change", refresh);
@@ -367,6 +384,19 @@
     history: () => history,
   };
 
+  // Who is logged in, and what their scopes do not allow is hidden (the API refuses it
+  // anyway: this only spares a click that would fail).
+  async function loadWhoami() {
+    try {
+      const me = await getJSON("/api/v1/whoami");
+      $("who").textContent = `${me.user} (${me.scopes.join(" ")})`;
+      const holds = (scope) => me.scopes.some((s) => s === "admin" || s.split(":")[0] === scope);
+      document.body.classList.toggle("no-sessions", !holds("sessions"));
+      document.body.classList.toggle("no-terminals", !holds("terminals"));
+    } catch { /* the refresh shows the error */ }
+  }
+
+  loadWhoami();
   loadTerminalInfo();
   refresh();
 })();

@@ -18,7 +18,7 @@
     try {
       resp = await fetch("/terminal", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: window.shoalLogin.headers({}, true), // the CSRF token counts when private
         body: JSON.stringify({ ticket }),
         credentials: "same-origin",
       });

@@ -25,6 +25,19 @@
     history.replaceState(null, "", location.pathname + (query ? `?${query}` : "") + location.hash);
   }
   const token = sessionStorage.getItem(TOKEN_KEY);
+  // The link's redirect hands over the terminal's attach key in the fragment (#attach=...);
+  // it stays in this origin's storage, so a server on another port of this host, which
+  // receives the terminal's cookie, still cannot attach.
+  const ATTACH_KEY = `shoal.attach.${session}`;
+  const handed = /^#attach=([0-9a-f]{64})$/.exec(location.hash);
+  if (handed) {
+    try { localStorage.setItem(ATTACH_KEY, handed[1]); } catch { /* storage disabled */ }
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  function attachKey() {
+    if (handed) return handed[1];
+    try { return localStorage.getItem(ATTACH_KEY) || ""; } catch { return ""; }
+  }
 
   const term = new Terminal({
     cursorBlink: true,
@@ -167,6 +180,10 @@
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({ from: String(offset) });
     if (token) query.set("token", token);
+    const key = attachKey();
+    if (key) query.set("attach", key);
+    const csrf = window.shoalLogin.csrf(); // when this page rides on the operator's login
+    if (csrf) query.set("csrf", csrf);
     const url = `${proto}//${location.host}/api/v1/sessions/${encodeURIComponent(session)}/attach?${query}`;
     const sock = new WebSocket(url);
     sock.binaryType = "arraybuffer";

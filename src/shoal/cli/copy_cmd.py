@@ -1,0 +1,266 @@
+"""``shoal copy`` (to many nodes) and ``shoal rcopy`` (from many nodes), on ``shoal run``.
+
+A copy is a run: the file is the run's stdin, which the controller broadcasts once to every
+node (one upload however many receive it), and a fixed POSIX sh script (argv, never text
+built from user input) writes it to a temporary file beside the destination, checks its
+sha256, sets mode and mtime and renames it into place. ``rcopy`` runs ``cat`` and writes
+each node's stdout to ``DIR/NAME.node``, checked against the sha256 the node reports.
+docs/cli.md says why this reuses the run machinery instead of a dedicated agent operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from .. import config as c
+from .. import messages as m
+from ..errors import ConfigError, ShoalError
+from ..lines import prefix_lines
+from .main import _group_ref, fail, main
+from .printers import Prefixed
+
+DEFAULT_MAX = "4G"
+_SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
+
+# $1 dest  $2 sha256  $3 mode  $4 mtime  $5 source basename
+PUSH = r"""
+dest=$(printf '%s' "$1" | sed "s/{node}/$SHOAL_NODE/g")
+if [ -d "$dest" ]; then dest="$dest/$5"; fi
+dir=$(dirname -- "$dest")
+[ -d "$dir" ] || { echo "no such directory: $dir" >&2; exit 2; }
+tmp=$(mktemp "$dir/.shoal-copy.XXXXXX") || exit 3
+trap 'rm -f -- "$tmp"' EXIT
+cat > "$tmp" || exit 4
+got=$(sha256sum < "$tmp") && got=${got%% *}
+[ "$got" = "$2" ] || { echo "sha256 mismatch: got $got, expected $2" >&2; exit 5; }
+chmod "$3" "$tmp" && touch -m -d "@$4" "$tmp" && mv -f -- "$tmp" "$dest" || exit 6
+trap - EXIT
+"""
+
+# $1 path  $2 max bytes
+PULL = r"""
+f=$(printf '%s' "$1" | sed "s/{node}/$SHOAL_NODE/g")
+[ -f "$f" ] || { echo "not a regular file: $f" >&2; exit 2; }
+size=$(stat -c %s -- "$f") || exit 3
+[ "$size" -le "$2" ] || { echo "$f is $size bytes, over the --max-size of $2" >&2; exit 3; }
+sum=$(sha256sum < "$f") && sum=${sum%% *} || exit 3
+meta=$(stat -c '%a %Y' -- "$f") || exit 3
+cat -- "$f" || exit 4
+printf 'shoal-rcopy %s %s\n' "$sum" "$meta" >&2
+"""
+
+
+def parse_size(text: str) -> int:
+    found = _SIZE.fullmatch(text.strip())
+    if not found:
+        fail(f"--max-size {text!r}: give bytes or a size such as 512M or 4G", 2)
+    return int(found.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[
+        found.group(2).upper()]
+
+
+def _targets(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+             xgroups: tuple[str, ...], labels: tuple[str, ...]) -> m.Targets:
+    nodes = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
+    excl = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
+    try:
+        return msgspec.convert({"all": all_, "nodes": nodes, "exclude": excl,
+                                "labels": c.parse_labels(labels)}, m.Targets)
+    except msgspec.ValidationError as e:
+        fail(f"bad targets: {e}", 2)
+    except ShoalError as e:  # a label that is not key=value
+        fail(e.message, 2)
+
+
+def _target_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up."),
+        click.option("-n", "--nodes", "nodeset", default="", help="Node set: node[1-8]."),
+        click.option("-x", "--exclude", default="", help="Node set to leave out."),
+        click.option("-g", "--group", "groups", multiple=True, help="Node group, repeatable."),
+        click.option("-X", "--exclude-group", "xgroups", multiple=True,
+                     help="Node group to leave out."),
+        click.option("-l", "--label", "labels", multiple=True, help="key=value selector."),
+        click.option("-f", "--fanout", type=click.IntRange(min=1), default=None,
+                     help="At most N nodes at once."),
+        click.option("--max-size", default=DEFAULT_MAX, show_default=True,
+                     help="Refuse files larger than this."),
+        click.option("--connect-timeout", default=5.0, show_default=True, type=float,
+                     help="Seconds to wait for each agent to answer."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _client_cfg(ctx: click.Context) -> c.ClientConfig:
+    try:
+        return c.load(c.ClientConfig, c.shoal_home() / "client.toml",
+                      {"url": ctx.obj["url"], "token": ctx.obj["token"]})
+    except ShoalError as e:
+        fail(e.message, 2)
+
+
+def _run(ctx: click.Context, targets: m.Targets, spec: dict[str, Any], fanout: int | None,
+         connect_timeout: float, **kwargs: Any) -> int:
+    from .run_cmd import run_command
+
+    cfg = _client_cfg(ctx)
+    try:
+        run_spec = msgspec.convert(spec, m.RunSpec)
+    except msgspec.ValidationError as e:
+        fail(f"bad copy request: {e}", 2)
+    try:
+        return run_command(cfg.url, cfg.token, targets, run_spec, mode="prefixed",
+                           progress=False, connect_timeout=connect_timeout,
+                           fanout=fanout or 0, **kwargs)
+    except ShoalError as e:
+        fail(e.message, 2 if isinstance(e, ConfigError) else 1)
+
+
+@main.command("copy")
+@_target_options
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("dest")
+@click.pass_context
+def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+         xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
+         max_size: str, connect_timeout: float, source: Path, dest: str) -> None:
+    """Copy a file to many nodes: shoal copy -n 'web[1-8]' app.conf /etc/app/
+
+    DEST may name a directory (the file keeps its name) and may contain {node}, each node's
+    own name. Mode and mtime are kept; each node checks the sha256 before it renames the
+    file into place, so a destination is either the old file or the whole new one.
+    """
+    limit = parse_size(max_size)
+    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels)
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError as e:
+        fail(f"cannot read {source}: {e.strerror}", 2)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            fail(f"{source} is not a regular file (directories: tar them, then copy the tar)", 2)
+        if st.st_size > limit:
+            fail(f"{source} is {st.st_size} bytes, over --max-size {max_size}", 2)
+        if not dest or "\0" in dest:
+            fail("give a destination path", 2)
+        digest = _sha256(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        argv = ["sh", "-c", PUSH, "shoal-copy", dest, digest,
+                f"{stat.S_IMODE(st.st_mode):o}", str(int(st.st_mtime)), source.name]
+        status = _run(ctx, targets, {"argv": argv, "stdin": True}, fanout, connect_timeout,
+                      stdin_fd=fd)
+    finally:
+        os.close(fd)
+    sys.exit(status)
+
+
+def _sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class _ToFiles(Prefixed):
+    """Each node's stdout into ``DIR/.NAME.node.part``, renamed to ``DIR/NAME.node`` once the
+    node has exited 0 and its sha256 matches the one it reported."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        super().__init__()
+        self.dir = directory
+        self.name = name
+        self._files: dict[str, tuple[Any, Any]] = {}  # node -> (file, hash)
+        self._meta: dict[str, list[str]] = {}
+        self._bad: dict[str, str] = {}
+
+    def _part(self, node: str) -> Path:
+        return self.dir / f".{self.name}.{node}.part"
+
+    def output(self, ev: m.Output) -> None:
+        if ev.stream == "stdout":
+            if ev.node not in self._files:
+                f = open(self._part(ev.node), "wb")  # noqa: SIM115 - closed in exited()
+                self._files[ev.node] = (f, hashlib.sha256())
+            f, h = self._files[ev.node]
+            f.write(ev.data)
+            h.update(ev.data)
+            return
+        text = ev.data.decode(errors="replace")
+        rest = []
+        for line in text.splitlines(keepends=True):
+            if line.startswith("shoal-rcopy "):
+                self._meta[ev.node] = line.split()[1:]
+            else:
+                rest.append(line)
+        if rest:
+            self.err.write(prefix_lines(ev.node, [ln.rstrip("\n").encode() for ln in rest]))
+
+    def exited(self, node: str, result: m.Exit | m.Unreachable) -> None:
+        super().exited(node, result)
+        f, h = self._files.pop(node, (None, hashlib.sha256()))
+        if f is not None:
+            f.close()
+        part = self._part(node)
+        ok = isinstance(result, m.Exit) and result.code == 0 and node in self._meta
+        if ok:
+            digest, mode, mtime = self._meta[node]
+            if h.hexdigest() != digest:
+                self._bad[node] = "sha256 mismatch (the file changed while it was read?)"
+                ok = False
+            else:
+                if f is None:
+                    part.touch()  # an empty file sends no output
+                os.chmod(part, int(mode, 8))
+                os.utime(part, (int(mtime), int(mtime)))
+                os.replace(part, self.dir / f"{self.name}.{node}")
+        if not ok:
+            part.unlink(missing_ok=True)
+            if node in self._bad:
+                self.err.write(f"{node}: {self._bad[node]}\n".encode())
+
+    def close(self) -> None:
+        for node, (f, _) in self._files.items():
+            f.close()
+            self._part(node).unlink(missing_ok=True)
+        super().close()
+
+
+@main.command("rcopy")
+@_target_options
+@click.argument("source")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.pass_context
+def rcopy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+          xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
+          max_size: str, connect_timeout: float, source: str, directory: Path) -> None:
+    """Gather a file from many nodes: shoal rcopy --all /var/log/syslog ./logs
+
+    Each node's copy lands in DIRECTORY as NAME.node (like clush --rcopy), mode and mtime
+    kept, sha256 checked; SOURCE may contain {node}.
+    """
+    limit = parse_size(max_size)
+    targets = _targets(all_, nodeset, exclude, groups, xgroups, labels)
+    if not directory.is_dir():
+        fail(f"{directory} is not a directory: rcopy writes one file per node into it", 2)
+    if not os.access(directory, os.W_OK):
+        fail(f"cannot write into {directory}", 2)
+    name = Path(source.replace("{node}", "")).name
+    if not name or name in (".", ".."):
+        fail(f"{source!r} does not name a file", 2)
+    argv = ["sh", "-c", PULL, "shoal-rcopy", source, str(limit)]
+    printer = _ToFiles(directory, name)
+    sys.exit(_run(ctx, targets, {"argv": argv}, fanout, connect_timeout, printer=printer))
+
+
+main.add_command(copy, "cp")
+main.add_command(rcopy, "rcp")

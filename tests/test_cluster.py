@@ -1,0 +1,310 @@
+"""shoal on a 3-server NATS cluster (``shoal up --nats-cluster 3``): losing a server loses
+nothing. The server killed (SIGKILL) is at once the JetStream meta leader and the leader of
+the output stream and of the sessions bucket, while sessions write output, a follower reads
+it live and a run is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from fleet import Fleet, wait_for
+from shoal import bus
+from shoal.config import NatsConfig
+from shoal.natsd import ClusterSpec, NatsCluster, NatsUsers
+from shoal.outputlog import STREAM as OUTPUT_STREAM
+from shoal.subjects import SESSIONS_BUCKET
+
+LINES = 500  # per counter session: about 15 s of output, so the fault lands mid-stream
+SESSIONS_STREAM = f"KV_{SESSIONS_BUCKET}"
+
+
+class Jet:
+    """The JetStream API of the fleet's cluster, with the controller's credentials."""
+
+    def __init__(self, home: Path) -> None:
+        nats = tomllib.loads((home / "controller.toml").read_text())["nats"]
+        self.cfg = NatsConfig(url=nats["url"], user=nats["user"], password=nats["password"])
+
+    def api(self, subject: str, body: Any = None) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            nc = await bus.connect(self.cfg, "test-cluster")
+            try:
+                payload = b"" if body is None else json.dumps(body).encode()
+                reply = await nc.request(subject, payload, timeout=5)
+                out: dict[str, Any] = json.loads(reply.data)
+                return out
+            finally:
+                await bus.close(nc)
+
+        return asyncio.run(go())
+
+    def cluster(self, stream: str) -> dict[str, Any]:
+        info = self.api(f"$JS.API.STREAM.INFO.{stream}")
+        assert "error" not in info, info
+        return dict(info["cluster"])
+
+    def leader(self, stream: str) -> str:
+        return str(self.cluster(stream).get("leader") or "")
+
+    def move_leader(self, stream: str, to: str) -> None:
+        """Ask the stream's leader to step down in favour of ``to`` until ``to`` leads."""
+        def moved() -> bool:
+            if self.leader(stream) == to:
+                return True
+            self.api(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", {"placement": {"preferred": to}})
+            time.sleep(0.5)
+            return self.leader(stream) == to
+
+        wait_for(moved, timeout=30, interval=0.5)
+
+    def all_current(self, stream: str) -> bool:
+        c = self.cluster(stream)
+        peers = c.get("replicas") or []
+        return bool(c.get("leader")) and len(peers) == 2 and all(p.get("current") and
+                                                                  not p.get("offline")
+                                                                  for p in peers)
+
+
+def meta_leader(home: Path) -> str:
+    """The JetStream meta leader, from the servers' own logs: its election is the newest
+    "metadata leader" line, which names it ("Self is ..." in its own log)."""
+    events = []
+    for log in sorted((home / "nats-cluster").glob("n*/nats.log")):
+        me = log.parent.name
+        for line in log.read_text().splitlines():
+            stamp = line[line.find("]") + 2:line.find("]") + 28]
+            if "Self is new JetStream cluster metadata leader" in line:
+                events.append((stamp, me))
+            elif (found := re.search(r"new metadata leader: (\w+)/", line)):
+                events.append((stamp, found.group(1)))
+    assert events, "no meta leader elected"
+    return max(events)[1]
+
+
+def server_process(home: Path, name: str) -> psutil.Process:
+    conf = str(home / "nats-cluster" / name / "nats.conf")
+    for p in psutil.process_iter(["cmdline"]):
+        if conf in (p.info["cmdline"] or []):
+            return p
+    raise AssertionError(f"no nats-server {name}")
+
+
+def counter(truth: Path, n: int = LINES) -> str:
+    """Print line-1..line-n, each also appended to ``truth``: what was really written."""
+    return (f"i=1; while [ $i -le {n} ]; do echo line-$i; echo line-$i >> {truth}; "
+            "i=$((i+1)); sleep 0.02; done")
+
+
+def session_state(fleet: Fleet, sid: str) -> dict[str, Any]:
+    r = fleet.shoal("session", "show", sid)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+@pytest.mark.timeout(90)
+def test_losing_the_leading_server_loses_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    fleet = Fleet(home, agents=3, extra_args=("--nats-cluster", "3"))
+    follower: subprocess.Popen[str] | None = None
+    try:
+        fleet.start(timeout=60)
+        up_log = fleet.log.read_text()
+        assert re.search(r"NATS cluster 'shoal' of 3 servers, 3 replicas", up_log), up_log
+        for name in ("n1", "n2", "n3"):
+            assert re.search(rf"{name}: NATS nats://127\.0\.0\.1:\d+ +controller http://", up_log)
+        client = tomllib.loads((home / "client.toml").read_text())
+        assert len(client["url"].split(",")) == 3  # every controller, for fail-over
+        agent = tomllib.loads((home / "agent.toml").read_text())
+        assert len(agent["nats"]["url"].split(",")) == 3  # every server
+
+        jet = Jet(home)
+        # Every bucket and the output stream: 3 replicas, without being told.
+        report = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
+        assert report.returncode == 0, report.stderr
+        assert "0 of 11 below 3 (cluster of 3)" in report.stdout, report.stdout
+
+        # One server leads everything: the meta group, the output stream, the sessions.
+        victim = meta_leader(home)
+        jet.move_leader(OUTPUT_STREAM, victim)
+        jet.move_leader(SESSIONS_STREAM, victim)
+        assert meta_leader(home) == victim
+
+        truths = {n: tmp_path / f"truth-{n}.txt" for n in ("node-1", "node-2", "node-3")}
+        sids = {}
+        for node, truth in truths.items():
+            r = fleet.shoal("session", "create", "--node", node, "--shell", counter(truth))
+            assert r.returncode == 0, r.stderr
+            sids[node] = r.stdout.strip()
+        followed = tmp_path / "followed.txt"
+        with open(followed, "w") as out:
+            follower = fleet.spawn("logs", "-f", sids["node-1"], stdout=out,
+                                   stderr=subprocess.PIPE)
+        run = fleet.spawn("run", "--all", "--", "sh", "-c", "sleep 3; echo run-done",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: all(t.exists() and t.read_text().count("\n") >= 50
+                             for t in truths.values()), timeout=30)
+
+        server_process(home, victim).send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        # New runs and sessions succeed within a few seconds.
+        def a_run_works() -> bool:
+            r = fleet.shoal("run", "--all", "--", "echo", "after", timeout=20)
+            return r.returncode == 0 and sorted(r.stdout.split()) == [
+                "after", "after", "after", "node-1:", "node-2:", "node-3:"]
+
+        wait_for(a_run_works, timeout=20, interval=0.2)
+        r = fleet.shoal("session", "create", "--", "echo", "new-session")
+        assert r.returncode == 0, r.stderr
+        fresh = r.stdout.strip()
+        wait_for(lambda: fleet.shoal("logs", fresh).stdout == "new-session\n", timeout=20)
+        recovered = time.monotonic() - killed_at
+
+        # The run that was in flight ends, and every node answered it.
+        out, err = run.communicate(timeout=30)
+        print(f"in-flight run: status {run.returncode}; {err.strip()}")
+        assert sorted(out.split()) == ["node-1:", "node-2:", "node-3:",
+                                       "run-done", "run-done", "run-done"], (out, err)
+
+        # The sessions kept running: each ends, once, with exit 0.
+        def all_exited() -> bool:
+            return all(session_state(fleet, s)["state"] == "exited" for s in sids.values())
+
+        try:
+            wait_for(all_exited, timeout=60, interval=0.5)
+        except AssertionError:
+            states = [(s["node"], s["state"], s["reason"])
+                      for s in json.loads(fleet.shoal("session", "list", "--json").stdout)]
+            raise AssertionError(f"sessions did not all exit: {states}") from None
+        expected = [f"line-{i}" for i in range(1, LINES + 1)]
+        for node, sid in sids.items():
+            record = session_state(fleet, sid)
+            assert record["exit_code"] == 0 and record["node"] == node, record
+            written = truths[node].read_bytes()
+            assert written.decode().split() == expected  # the process ran once, to the end
+            r = fleet.shoal("logs", sid)
+            assert r.returncode == 0, r.stderr
+            stored = r.stdout.encode()
+            assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(written).hexdigest(), \
+                f"{node}: stored output differs from what was written"
+            assert stored.decode().split() == expected  # contiguous: no loss, no double
+
+        # The follower saw only bytes that were written, in order; and all of them, ending
+        # with the session, unless it hit the follower drop of the output read path (a
+        # known bug, fixed on its own branch: faults-follow), which it must then name.
+        status = follower.wait(30)
+        complaint = follower.stderr.read() if follower.stderr else ""
+        seen = followed.read_bytes()
+        assert truths["node-1"].read_bytes().startswith(seen)
+        if status != 0:
+            assert "reading the output failed" in complaint, complaint
+            print(f"follower dropped after {len(seen)} bytes (read path): {complaint.strip()}")
+        else:
+            assert seen == truths["node-1"].read_bytes()
+
+        # No session lost or duplicated.
+        listed = json.loads(fleet.shoal("session", "list", "--json").stdout)
+        ids = [s["id"] for s in listed]
+        assert sorted(ids) == sorted([*sids.values(), fresh])
+        assert not [s for s in listed if s["state"] in ("lost", "failed")]
+
+        # The killed server came back and caught up.
+        wait_for(lambda: f"nats-server {victim} is back" in fleet.log.read_text(), timeout=30)
+        wait_for(lambda: jet.all_current(OUTPUT_STREAM) and jet.all_current(SESSIONS_STREAM),
+                 timeout=30, interval=0.5)
+        print(f"killed {victim} (meta, output and sessions leader); a new run and session "
+              f"worked {recovered:.1f}s later")
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+        fleet.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_fleet_with_fewer_replicas_is_told_and_upgraded(tmp_path: Path) -> None:
+    """Buckets made with one replica (an old fleet, or ``replicas = 1``) on a cluster: the
+    next start says so, and ``shoal admin upgrade-replicas`` raises them live."""
+    home = tmp_path / "home"
+    old = Fleet(home, agents=1, extra_args=("--nats-cluster", "3"))
+    old.env["SHOAL_REPLICAS"] = "1"
+    try:
+        old.start(timeout=60)
+        assert "1 replicas per bucket and stream" in old.log.read_text()
+        sid = old.shoal("session", "create", "--", "echo", "kept").stdout.strip()
+        wait_for(lambda: old.shoal("logs", sid).stdout == "kept\n", timeout=20)
+    finally:
+        old.stop()
+
+    fleet = Fleet(home, agents=1, extra_args=("--nats-cluster", "3"))
+    try:
+        fleet.start(timeout=60)
+        text = fleet.log.read_text()
+        assert re.search(r"note: the NATS cluster has 3 servers and allows 3 replicas, but "
+                         r".*KV_shoal-sessions \(R1\).*shoal-output \(R1\).*"
+                         r"shoal admin upgrade-replicas", text), text
+        dry = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
+        assert dry.returncode == 0 and "11 of 11 below 3" in dry.stdout, dry.stdout + dry.stderr
+        up = fleet.shoal("admin", "upgrade-replicas")
+        assert up.returncode == 0, up.stderr
+        assert "raised shoal-output: 1 -> 3" in up.stdout
+        assert "raised KV_shoal-sessions: 1 -> 3" in up.stdout
+        after = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
+        assert "0 of 11 below 3" in after.stdout, after.stdout
+        jet = Jet(home)
+        assert jet.all_current(OUTPUT_STREAM) and jet.all_current(SESSIONS_STREAM)
+        # The data came along, and the fleet works on.
+        assert fleet.shoal("logs", sid).stdout == "kept\n"
+        r = fleet.shoal("run", "--all", "--", "echo", "ok")
+        assert r.returncode == 0 and r.stdout == "node-1: ok\n", r.stderr
+        # Asking for more replicas than there are servers is refused, changing nothing.
+        bad = fleet.shoal("admin", "upgrade-replicas", "--replicas", "5")
+        assert bad.returncode == 2 and "--replicas 3 or fewer" in bad.stderr
+    finally:
+        fleet.stop()
+
+
+def _route_handshake(port: int, user: str | None, password: str | None) -> bytes:
+    """Speak the route protocol to a server's cluster port as another server would."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.makefile("rb").readline()  # the server's INFO
+        hello: dict[str, Any] = {"verbose": False, "pedantic": False, "name": "rogue",
+                                 "cluster": "shoal", "headers": True}
+        if user is not None:
+            hello.update(user=user, **{"pass": password})
+        s.sendall(b"CONNECT " + json.dumps(hello).encode() + b"\r\nPING\r\n")
+        s.settimeout(5)
+        reply = b""
+        while b"\n" not in reply:
+            data = s.recv(4096)
+            if not data:
+                break
+            reply += data
+        return reply
+
+
+def test_cluster_routes_refuse_a_server_without_the_route_password(tmp_path: Path) -> None:
+    """A local user who reaches a route port cannot join the cluster (and so read every
+    account's messages and streams) without the generated route password."""
+    users = NatsUsers.generate()
+    cluster = NatsCluster(tmp_path / "nats", users, ClusterSpec.allocate(2))
+    cluster.start()
+    try:
+        port = cluster.spec.peers[0].route_port
+        assert b"Authorization Violation" in _route_handshake(port, None, None)
+        assert b"Authorization Violation" in _route_handshake(port, "route", "guess")
+        assert _route_handshake(port, "route", users.route_password).startswith(b"PONG")
+    finally:
+        cluster.stop()

@@ -1,0 +1,128 @@
+"""The pure parts of running on a NATS cluster: each server's configuration, the replica
+count, and how ``shoal up`` lays out its processes. No sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal import replicas
+from shoal.client import controller_urls
+from shoal.config import ControllerConfig, NatsConfig, load
+from shoal.errors import ConfigError
+from shoal.natsd import ClusterPeer, ClusterSpec, NatsUsers, server_config
+from shoal.up import rotate, split_ports, spread
+
+USERS = NatsUsers("ctl-pw", "agent-pw", "route-pw")
+SPEC = ClusterSpec("shoal", (ClusterPeer("n1", 4001, 6001), ClusterPeer("n2", 4002, 6002),
+                             ClusterPeer("n3", 4003, 6003)))
+
+
+def test_a_clustered_server_routes_to_the_others_with_a_password() -> None:
+    conf = json.loads(server_config(4002, Path("/s/n2"), USERS, cluster=SPEC,
+                                    server_name="n2"))
+    assert conf["server_name"] == "n2"
+    assert conf["port"] == 4002 and conf["host"] == "127.0.0.1"
+    cluster = conf["cluster"]
+    assert cluster["name"] == "shoal" and cluster["port"] == 6002
+    assert cluster["host"] == "127.0.0.1"
+    # Routes must authenticate: an open route port lets any local user join the cluster.
+    assert cluster["authorization"] == {"user": "route", "password": "route-pw"}
+    assert cluster["routes"] == ["nats-route://route:route-pw@127.0.0.1:6001",
+                                 "nats-route://route:route-pw@127.0.0.1:6003"]
+    assert conf["jetstream"]["store_dir"] == "/s/n2"
+
+
+def test_a_lone_server_has_no_cluster_block() -> None:
+    conf = json.loads(server_config(4222, Path("/s"), USERS))
+    assert "cluster" not in conf and "server_name" not in conf
+
+
+def test_a_cluster_without_a_route_password_is_refused() -> None:
+    with pytest.raises(ConfigError, match="route password"):
+        server_config(4001, Path("/s"), NatsUsers("a", "b"), cluster=SPEC, server_name="n1")
+
+
+def test_cluster_ports_are_distinct() -> None:
+    spec = ClusterSpec.allocate(5)
+    ports = [p.port for p in spec.peers] + [p.route_port for p in spec.peers]
+    assert len(set(ports)) == 10
+    assert [p.name for p in spec.peers] == ["n1", "n2", "n3", "n4", "n5"]
+    fixed = ClusterSpec.allocate(3, first_port=5000)
+    assert [(p.port, p.route_port) for p in fixed.peers] == [(5000, 5003), (5001, 5004),
+                                                            (5002, 5005)]
+    with pytest.raises(ConfigError):
+        ClusterSpec.allocate(0)
+
+
+@pytest.mark.parametrize(("configured", "size", "want"), [
+    (0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 5, 3), (0, 9, 3),  # automatic: 3, or fewer servers
+    (1, 3, 1), (5, 5, 5), (3, 1, 1),  # explicit, but never more than there are servers
+])
+def test_replicas_wanted(configured: int, size: int, want: int) -> None:
+    assert replicas.wanted(configured, size) == want
+
+
+def test_the_replica_default_is_automatic_and_bounded() -> None:
+    assert ControllerConfig().replicas == 0
+    with pytest.raises(ConfigError):
+        load(ControllerConfig, None, {"replicas": 7})
+    with pytest.raises(ConfigError):
+        load(ControllerConfig, None, {"replicas": -1})
+
+
+def test_advice_names_every_asset_below_the_count() -> None:
+    found = [replicas.Asset("KV_shoal-sessions", 1, 1), replicas.Asset("shoal-output", 3, 3),
+             replicas.Asset("KV_shoal-registry", 2, 2)]
+    text = replicas.advice(found, 3, 3)
+    assert text is not None
+    assert "KV_shoal-sessions (R1)" in text and "KV_shoal-registry (R2)" in text
+    assert "shoal-output" not in text and "shoal admin upgrade-replicas" in text
+    assert replicas.advice(found, 1, 1) is None
+    assert [a.stream for a in replicas.lagging(found, 2)] == ["KV_shoal-sessions"]
+
+
+def test_only_shoal_streams_are_touched() -> None:
+    assert replicas.is_shoal_stream("KV_shoal-sessions")
+    assert replicas.is_shoal_stream("shoal-output")
+    assert not replicas.is_shoal_stream("KV_other")
+    assert not replicas.is_shoal_stream("orders")
+
+
+def test_each_process_prefers_its_own_server_and_knows_all() -> None:
+    urls = ["nats://a", "nats://b", "nats://c"]
+    assert rotate(urls, 0) == "nats://a,nats://b,nats://c"
+    assert rotate(urls, 1) == "nats://b,nats://c,nats://a"
+    assert rotate(urls, 5) == "nats://c,nats://a,nats://b"
+
+
+@given(st.integers(0, 50), st.integers(1, 9))
+def test_spread_deals_every_name_once(count: int, groups: int) -> None:
+    names = [f"node-{i}" for i in range(count)]
+    dealt = spread(names, groups)
+    assert sorted(n for g in dealt for n in g) == sorted(names)
+    assert len(dealt) == min(count, groups) and all(dealt)
+    sizes = [len(g) for g in dealt]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+def test_port_ranges_do_not_overlap() -> None:
+    assert split_ports("20000-29999", 3) == ["20000-23332", "23333-26665", "26666-29998"]
+    assert split_ports("20000-29999", 1) == ["20000-29999"]
+    with pytest.raises(ConfigError, match="too small"):
+        split_ports("5000-5001", 3)
+
+
+def test_controller_urls_list() -> None:
+    assert controller_urls("http://a:1/, http://b:2") == ["http://a:1", "http://b:2"]
+    assert controller_urls("http://a:1") == ["http://a:1"]
+
+
+def test_nats_servers_are_tried_in_random_order_unless_told() -> None:
+    assert NatsConfig().randomize is True
+    cfg = load(ControllerConfig, None, {"nats": {"randomize": "false"}})
+    assert cfg.nats.randomize is False
