@@ -57,7 +57,11 @@ class Fleet:
         else:
             raise RuntimeError(f"shoal up did not come up:\n{self.log.read_text()}")
         if self.agents:
-            self.wait_nodes([f"node-{i}" for i in range(1, self.agents + 1)])
+            try:
+                self.wait_nodes([f"node-{i}" for i in range(1, self.agents + 1)])
+            except BaseException:  # the caller never gets a fleet to stop: stop it here
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:

@@ -180,6 +180,27 @@ def test_dashboard_shows_nodes_and_sessions(pool: Fleet, browser: Browser,
     phone.close()
 
 
+def test_dashboard_summarises_the_fleet_and_searches_nodes(pool: Fleet,
+                                                           browser: Browser) -> None:
+    page = new_page(browser, viewport={"width": 1200, "height": 800})
+    page.goto(f"{pool.url}/?token={pool.token}")
+    page.wait_for_function("window.shoalDashboard && window.shoalDashboard.fleet() && "
+                           "window.shoalDashboard.nodes().length >= 2", timeout=20000)
+    assert "2 ready" in page.locator("#fleet-summary").inner_text()
+    rows = "document.querySelectorAll('#nodes tbody tr')"
+    # The search runs on the controller: a node set, then text, then a state with no match.
+    page.fill("#n-text", "node-[2]")
+    page.wait_for_function(f"{rows}.length === 1 && {rows}[0].innerText.includes('node-2')",
+                           timeout=20000)
+    page.fill("#n-text", "NODE-1")
+    page.wait_for_function(f"{rows}.length === 1 && {rows}[0].innerText.includes('node-1')",
+                           timeout=20000)
+    page.fill("#n-text", "")
+    page.select_option("#n-state", "down")
+    page.wait_for_function(f"{rows}[0].innerText.includes('no node matches')", timeout=20000)
+    page.close()
+
+
 def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> None:
     """The dashboard shows who is logged in, and hides the kill buttons from a read-only
     user (the API would refuse them: test_scopes.py)."""

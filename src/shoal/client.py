@@ -141,6 +141,15 @@ class Client:
     async def request(self, method: str, path: str, json: Any = None,
                       params: dict[str, str] | None = None) -> Any:
         """One API call; returns the decoded JSON body, raises a ShoalError on failure."""
+        body, _ = await self.request_raw(method, path, json, params)
+        try:
+            return msgspec.json.decode(body) if body else None
+        except msgspec.DecodeError as e:
+            raise ProtocolError(f"the controller sent a body that is not JSON: {e}") from e
+
+    async def request_raw(self, method: str, path: str, json: Any = None,
+                          params: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+        """One API call; the body as it came, and the response headers."""
         try:
             async with await self._connect_any(lambda base: self.http.request(
                 method, base + path, json=json, params=params,
@@ -150,7 +159,7 @@ class Client:
                 if resp.status >= 400:
                     raise error_for_status(resp.status, _error_message(resp.status, body),
                                            _retry_after(resp))
-                return msgspec.json.decode(body) if body else None
+                return body, dict(resp.headers)
         except ShoalError:
             raise
         except TimeoutError as e:
@@ -159,13 +168,45 @@ class Client:
         except aiohttp.ClientConnectionError as e:
             raise ConnectError(f"cannot reach the controller at {self.url}: {e}; is `shoal up` "
                                "(or `shoal controller`) running?") from e
-        except msgspec.DecodeError as e:
-            raise ProtocolError(f"the controller sent a body that is not JSON: {e}") from e
 
     # ------------------------------------------------------------------ nodes
 
-    async def nodes(self) -> list[m.NodeInfo]:
-        return msgspec.convert(await self.request("GET", "/api/v1/nodes"), list[m.NodeInfo])
+    async def nodes(self, nodes: str = "", state: str = "", q: str = "") -> list[m.NodeInfo]:
+        """Every node (or those matching the filters), in natural order of names."""
+        return [n async for page in self.node_pages(nodes, state, q) for n in page]
+
+    async def node_pages(self, nodes: str = "", state: str = "", q: str = "",
+                         page: int = 2000) -> AsyncIterator[list[m.NodeInfo]]:
+        """The nodes a page at a time (a fleet of 100,000 never sits in memory at once)."""
+        async for raw, _total in self.node_pages_raw(nodes, state, q, page):
+            yield _node_list.decode(raw)
+
+    async def node_pages_raw(self, nodes: str = "", state: str = "", q: str = "",
+                             page: int = 2000) -> AsyncIterator[tuple[bytes, int]]:
+        """Pages as the JSON arrays the controller sent, each with the count of all matches."""
+        params = {k: v for k, v in (("nodes", nodes), ("state", state), ("q", q)) if v}
+        after = ""
+        while True:
+            body, headers = await self.request_raw(
+                "GET", "/api/v1/nodes", params={**params, "limit": str(page), "after": after})
+            try:
+                names = _node_names.decode(body)
+                total = int(headers.get("X-Total-Count", "0"))
+            except (msgspec.DecodeError, ValueError) as e:
+                raise ProtocolError(f"the controller sent a bad node list: {e}") from e
+            if names:
+                yield body, total
+            if len(names) < page:
+                return
+            after = names[-1].name
+
+    async def fleet(self) -> m.FleetSummary:
+        """The nodes counted by state, version, label (``GET /api/v1/fleet``)."""
+        body, _ = await self.request_raw("GET", "/api/v1/fleet")
+        try:
+            return msgspec.json.decode(body, type=m.FleetSummary)
+        except msgspec.DecodeError as e:
+            raise ProtocolError(f"the controller sent a bad fleet summary: {e}") from e
 
     async def node(self, name: str) -> m.NodeInfo:
         return msgspec.convert(await self.request("GET", f"/api/v1/nodes/{name}"), m.NodeInfo)
@@ -652,3 +693,11 @@ class RunConnection:
 
     async def cancel(self) -> None:
         await self._send(m.Cancel())
+
+
+class _Named(msgspec.Struct):
+    name: str
+
+
+_node_list = msgspec.json.Decoder(list[m.NodeInfo])
+_node_names = msgspec.json.Decoder(list[_Named])  # just enough to page on

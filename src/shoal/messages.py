@@ -66,6 +66,22 @@ class NodeInfo(Struct, frozen=True):
     cgroups: str = ""  # how sessions are contained ("v2+v1(cpu,memory,pids)"); "" = not at all
 
 
+class FleetSummary(Struct, frozen=True):
+    """``GET /api/v1/fleet``: the nodes counted, for a fleet too big for a table.
+    ``sessions``, ``capacity``, ``network``, ``agents`` and ``hosts`` count nodes that are
+    up; ``labels`` gives per key the 20 commonest values (the rest as ``…others``)."""
+
+    nodes: int
+    states: dict[str, int]
+    sessions: int
+    capacity: int
+    versions: dict[str, int]
+    network: dict[str, int]
+    labels: dict[str, dict[str, int]]
+    agents: int  # agent processes (hostname, pid)
+    hosts: int
+
+
 # --------------------------------------------------------------------------- runs
 
 class Targets(Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,6 +124,32 @@ class RunAccepted(Struct, frozen=True, tag="accepted", tag_field="t"):
 class RunRefused(Struct, frozen=True, tag="refused", tag_field="t"):
     node: str
     reason: str
+
+
+class RunBatch(Struct, frozen=True):
+    """Controller -> agent process (request on ``shoal.agent.<lead>.runs``): one run on
+    several of its nodes. Answered at once with ``RunBatchAck``; each node then reports
+    ``RunBatchStarted`` (in groups) or ``Exit`` on the run's event subjects."""
+
+    run_id: str
+    spec: RunSpec
+    nodes: Annotated[list[NodeName], Meta(min_length=1, max_length=100_000)]
+    window: int = 4 << 20
+
+
+class RunBatchAck(Struct, frozen=True):
+    """``reason`` set: the whole batch is refused. Else ``refused`` lists the nodes of the
+    batch this process does not serve; it starts every other."""
+
+    refused: list[str] = []
+    reason: str = ""
+
+
+class RunBatchStarted(Struct, frozen=True, tag="batch-started", tag_field="t"):
+    """Agent -> controller on ``shoal.run.<run>.out.<lead>``: these nodes' processes started,
+    as ``[node, pid]`` pairs (one message per few hundred nodes, not one per node)."""
+
+    started: list[tuple[str, int]]
 
 
 
@@ -400,8 +442,8 @@ _client_frame: msgspec.msgpack.Decoder[ClientFrame] = msgspec.msgpack.Decoder(Cl
 _server_frame: msgspec.msgpack.Decoder[ServerFrame] = msgspec.msgpack.Decoder(ServerFrame)
 _run_reply: msgspec.msgpack.Decoder[RunAccepted | RunRefused | Exit] = msgspec.msgpack.Decoder(
     RunAccepted | RunRefused | Exit)
-_agent_event_frame: msgspec.msgpack.Decoder[OutputFrame | Exit] = msgspec.msgpack.Decoder(
-    OutputFrame | Exit)
+_agent_event_frame: msgspec.msgpack.Decoder[OutputFrame | Exit | RunBatchStarted] = (
+    msgspec.msgpack.Decoder(OutputFrame | Exit | RunBatchStarted))
 _session_control: msgspec.msgpack.Decoder[SessionControl] = msgspec.msgpack.Decoder(
     SessionControl)
 
@@ -426,8 +468,8 @@ def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
     return _run_reply.decode(data)
 
 
-def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit:
-    """An agent's output or exit event, leaving output data encoded (no copy)."""
+def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit | RunBatchStarted:
+    """An agent's output, exit or batch-started event, leaving output data encoded."""
     return _agent_event_frame.decode(data)
 
 

@@ -16,6 +16,16 @@ def agent_run(node: str) -> str:
     return f"{PREFIX}.agent.{node}.run"
 
 
+def agent_runs(lead: str) -> str:
+    """Request: start one run on several nodes of the agent process that serves ``lead``."""
+    return f"{PREFIX}.agent.{lead}.runs"
+
+
+def agent_all(node: str) -> str:
+    """Everything addressed to ``node`` (an agent's one subscription per node)."""
+    return f"{PREFIX}.agent.{node}.>"
+
+
 def run_events(run_id: str, node: str = "*") -> str:
     """Agent -> controller: output and exit events of a run."""
     return f"{PREFIX}.run.{run_id}.out.{node}"

@@ -201,7 +201,11 @@ class SyncClient(_Bridge):
         self.close()
 
     request = _blocking(Client.request)
+    request_raw = _blocking(Client.request_raw)
     nodes = _blocking(Client.nodes)
+    node_pages = _iterating(Client.node_pages)
+    node_pages_raw = _iterating(Client.node_pages_raw)
+    fleet = _blocking(Client.fleet)
     node = _blocking(Client.node)
     drain = _blocking(Client.drain)
     undrain = _blocking(Client.undrain)

@@ -1,13 +1,14 @@
 """The agent process: one or more logical nodes (``--virtual N``) on one NATS connection.
 
-Each node answers run requests on its own subject, heartbeats its load into the heartbeat
-bucket, and keeps a ledger of its cgroups and process groups. Every run and session lives in
-a cgroup of its own (agent/cgroups.py) where the node has them; the agent says at start when
-it has none, and its heartbeats say which it has. On SIGTERM, SIGINT or SIGHUP the agent
-stops taking work, ends every run and session (SIGTERM to each process, then SIGKILL of the
-whole cgroup after the grace period), reports every exit, and leaves. If it is SIGKILLed, its
-keeper (keeper.py) ends its cgroups at once, and the next start ends whatever is still
-listed in the ledger (see ledger.py).
+Each node answers run and session requests on its own subjects and keeps a ledger of its
+cgroups and process groups; the process heartbeats all its nodes at once (``shoal.hostbeat``:
+one key per thousand nodes) and takes a run on many of its nodes as one batch request. Every
+run and session lives in a cgroup of its own (agent/cgroups.py) where the node has them; the
+agent says at start when it has none, and its heartbeats say which it has. On SIGTERM, SIGINT
+or SIGHUP the agent stops taking work, ends every run and session (SIGTERM to each process,
+then SIGKILL of the whole cgroup after the grace period), reports every exit, and leaves. If
+it is SIGKILLed, its keeper (keeper.py) ends its cgroups at once, and the next start ends
+whatever is still listed in the ledger (see ledger.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ import asyncio
 import hashlib
 import logging
 import os
+import resource
+import secrets
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from .. import __version__, bus, subjects
+from .. import __version__, bus, hostbeat, subjects
 from .. import messages as m
 from ..config import AgentConfig, shoal_home
 from ..errors import ConnectError
@@ -48,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_REPORT_TIME = 10.0
+BATCH_REPORT = 256  # nodes per RunBatchStarted message, at most
+BATCH_SLICE = 0.01  # seconds of spawning between two turns of the event loop
 
 
 @dataclass
@@ -93,6 +99,9 @@ class AgentHost:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self.host_id = secrets.token_hex(6)  # names this process's heartbeat keys
+        self._batches: set[asyncio.Task[None]] = set()  # run batches still spawning
+        self.lead = names[0]
         self._base_env = dict(os.environ)
         first_port, _, last_port = cfg.ports.partition("-")
         self.ports = PortPool(int(first_port), int(last_port or first_port))
@@ -147,13 +156,11 @@ class AgentHost:
             self._load_drain(node)
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
+        _raise_open_files_limit()  # a run on thousands of nodes holds two pipes per node
         for node in self.nodes.values():
-            node.subs = [
-                await self.nc.subscribe(subjects.agent_run(node.name),
-                                        cb=self._make_handler(node)),
-                await self.nc.subscribe(subjects.agent_session(node.name, "*"),
-                                        cb=self._make_session_handler(node)),
-            ]
+            # One subscription per node for all its subjects: each costs the agent a task.
+            node.subs = [await self.nc.subscribe(subjects.agent_all(node.name),
+                                                 cb=self._make_handler(node))]
         await self.nc.flush()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         log.info("agent up: %d node(s), capacity %d each", len(self.nodes), self.cfg.capacity)
@@ -200,8 +207,9 @@ class AgentHost:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.nc is not None and self.buckets is not None:
-            await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(n))
-                                   for n in self.nodes), return_exceptions=True)
+            keys = hostbeat.host_keys(self.host_id, len(self.nodes))
+            await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(k)) for k in keys),
+                                 return_exceptions=True)
             await bus.close(self.nc)
         for node in self.nodes.values():
             node.ledger.close()
@@ -227,13 +235,21 @@ class AgentHost:
             cgroups=self.layout.describe() if self.layout is not None else "",
         )
 
+    def _node_beat(self, node: Node) -> hostbeat.NodeBeat:
+        mgr = node.sessions
+        return hostbeat.NodeBeat(node.name, mgr.live if mgr else 0,
+                                 "draining" if mgr and mgr.draining else node.state)
+
     async def _heartbeat(self, register: bool = False) -> None:
         assert self.buckets is not None
         self._last_load = self._sampler.sample()
-        infos = [(n.name, msgspec.json.encode(self.node_info(n))) for n in self.nodes.values()]
-        puts = [self.buckets.heartbeats.put(name, data) for name, data in infos]
-        if register:
-            puts += [self.buckets.registry.put(name, data) for name, data in infos]
+        common = self.node_info(self.nodes[self.lead])
+        beats = hostbeat.split(self.host_id, self.lead, common,
+                               [self._node_beat(n) for n in self.nodes.values()])
+        puts = [self.buckets.heartbeats.put(key, hostbeat.encode(beat)) for key, beat in beats]
+        if register:  # the registry keeps every node ever seen, one key each, written once
+            puts += [self.buckets.registry.put(n.name, msgspec.json.encode(self.node_info(n)))
+                     for n in self.nodes.values()]
         results = await asyncio.gather(*puts, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -357,10 +373,87 @@ class AgentHost:
     # ------------------------------------------------------------------ runs
 
     def _make_handler(self, node: Node):  # type: ignore[no-untyped-def]
+        on_session = self._make_session_handler(node)
+
         async def handle(msg: Msg) -> None:
-            await self._on_run_request(node, msg)
+            # shoal.agent.<node>.run | .runs | .session.<op>
+            op = msg.subject.split(".", 3)[3]
+            if op == "run":
+                await self._on_run_request(node, msg)
+            elif op == "runs":
+                await self._on_run_batch(msg)
+            elif op.startswith("session."):
+                await on_session(msg)
 
         return handle
+
+    async def _on_run_batch(self, msg: Msg) -> None:
+        """One run on many of our nodes: say at once which we take, then start them,
+        reporting the pids a group at a time (so a 9,000-node batch is not 9,000 replies
+        racing the controller's timeout)."""
+        try:
+            req = m.unpack(msg.data, m.RunBatch)
+        except msgspec.DecodeError as e:
+            await msg.respond(m.pack(m.RunBatchAck(reason=f"bad request: {e}")))
+            return
+        if self._stopping:
+            await msg.respond(m.pack(m.RunBatchAck(reason="the agent is stopping")))
+            return
+        mine, refused = split_batch(req.nodes, self.nodes)
+        route = await self._route(req.run_id)
+        await msg.respond(m.pack(m.RunBatchAck(refused=refused)))
+        # Spawn in a task of its own: this subscription's next message (another run's batch,
+        # a session request for the lead) must not wait seconds for these spawns.
+        task = asyncio.create_task(self._start_batch(req, mine, route))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _start_batch(self, req: m.RunBatch, mine: list[str], route: _RunRoute) -> None:
+        one = m.RunRequest(run_id=req.run_id, spec=req.spec, window=req.window)
+        started: list[tuple[str, int]] = []
+        events = subjects.run_events(req.run_id, self.lead)
+        slice_end = time.monotonic() + BATCH_SLICE
+        for name in mine:
+            if self._stopping:  # stop() ends what started; the rest never starts
+                await self._publish(subjects.run_events(req.run_id, name), m.Exit(
+                    node=name, code=None, reason="the agent is stopping"))
+                continue
+            node = self.nodes[name]
+            reply = self._start_run(node, route, one)
+            if isinstance(reply, m.RunAccepted):
+                started.append((name, reply.pid))
+            else:
+                await self._publish(subjects.run_events(req.run_id, name), reply)
+            if len(started) >= BATCH_REPORT or time.monotonic() >= slice_end:
+                # Queued before any exit of these: their supervisors run only once we yield.
+                if started:
+                    await self._publish(events, m.RunBatchStarted(started=started))
+                    started = []
+                # Let heartbeats, exits and output through: a loop busy spawning for seconds
+                # would miss beats and its nodes would look down.
+                await asyncio.sleep(0)
+                slice_end = time.monotonic() + BATCH_SLICE
+        if started:
+            await self._publish(events, m.RunBatchStarted(started=started))
+        await self._maybe_drop_route(req.run_id)
+
+    async def _publish(self, subject: str, msg: object) -> None:
+        assert self.nc is not None
+        try:
+            await self.nc.publish(subject, m.pack(msg))
+        except Exception as e:  # a closed connection while stopping
+            log.debug("cannot publish run event: %s", e)
+
+    def _start_run(self, node: Node, route: _RunRoute,
+                   req: m.RunRequest) -> m.RunAccepted | m.Exit:
+        run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
+                  node.ledger, self.layout)
+        reply = run.start(self._base_env)
+        if isinstance(reply, m.RunAccepted):
+            node.runs[req.run_id] = run
+            route.runs[node.name] = run
+            asyncio.create_task(self._forget(node, route, req.run_id, run))
+        return reply
 
     async def _on_run_request(self, node: Node, msg: Msg) -> None:
         try:
@@ -372,14 +465,8 @@ class AgentHost:
             await msg.respond(m.pack(m.RunRefused(node=node.name, reason="the agent is stopping")))
             return
         route = await self._route(req.run_id)
-        run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
-                  node.ledger, self.layout)
-        reply = run.start(self._base_env)
-        if isinstance(reply, m.RunAccepted):
-            node.runs[req.run_id] = run
-            route.runs[node.name] = run
-            asyncio.create_task(self._forget(node, route, req.run_id, run))
-        else:
+        reply = self._start_run(node, route, req)
+        if not isinstance(reply, m.RunAccepted):
             await self._maybe_drop_route(req.run_id)
         await msg.respond(m.pack(reply))
 
@@ -435,6 +522,28 @@ async def _quietly(aw: object) -> None:
         await aw  # type: ignore[misc]
     except Exception as e:
         log.debug("ignored during shutdown: %s", e)
+
+
+def split_batch(names: list[str], served: Container[str]) -> tuple[list[str], list[str]]:
+    """A batch's nodes as (ours, not ours), each once, in the order given."""
+    mine: list[str] = []
+    refused: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        (mine if name in served else refused).append(name)
+    return mine, refused
+
+
+def _raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.debug("cannot raise the open files limit: %s", e)
 
 
 def virtual_names(prefix: str, count: int) -> list[str]:

@@ -216,17 +216,50 @@ def controller(config_path: Path | None, host: str | None, port: int | None,
 
 
 @main.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON instead of a table (a list of nodes, written a page at a time).")
+@click.option("--summary", is_flag=True, help="Only the counts: states, sessions, versions, "
+              "labels.")
+@click.option("--all", "all_", is_flag=True, help="A table of every node, however many.")
+@click.option("-n", "--nodes", "nodeset", default="", help="Only these nodes: web[1-8],db2.")
+@click.option("--state", type=click.Choice(["ready", "draining", "down"]), default=None,
+              help="Only nodes in this state.")
+@click.option("-q", "--search", default="", help="Only nodes with this text in the name, "
+              "address, hostname or a key=value label.")
 @click.pass_context
-def nodes(ctx: click.Context, as_json: bool) -> None:
-    """List the nodes of the fleet, with state and load."""
+def nodes(ctx: click.Context, as_json: bool, summary: bool, all_: bool, nodeset: str,
+          state: str | None, search: str) -> None:
+    """List the nodes of the fleet, with state and load.
+
+    A fleet of more than 200 nodes is summarised (counts, and the nodes that are not ready)
+    unless --all, --json or a filter (-n, --state, -q) asks for the nodes themselves."""
     if ctx.invoked_subcommand is not None:
         return
-    from .tables import print_nodes
+    from . import tables
 
     async def go() -> None:
         async with client_from(ctx) as client:
-            print_nodes(await client.nodes(), as_json)
+            wanted = (nodeset, state or "", search)
+            if as_json and not summary:
+                await tables.write_json_pages(
+                    sys.stdout.buffer, (page async for page, _ in client.node_pages_raw(*wanted)))
+                return
+            if summary or not (all_ or any(wanted)):
+                fleet = await client.fleet()
+                if summary:
+                    tables.print_fleet(fleet, as_json)
+                    return
+                if fleet.nodes > tables.TABLE_MAX:
+                    attention = []
+                    for st in ("down", "draining"):  # the first page of each is enough
+                        async for page in client.node_pages(state=st,
+                                                            page=tables.ATTENTION_MAX):
+                            attention += page
+                            break
+                    tables.print_fleet(fleet, False)
+                    tables.print_attention(attention, fleet)
+                    return
+            tables.print_nodes(await client.nodes(*wanted), False)
 
     arun(go())
 

@@ -19,7 +19,9 @@ from .. import messages as m
 from .. import outputlog, subjects
 from ..bus import NATS_ERRORS
 from ..errors import ShoalError, Unavailable, ValidationError
+from ..nodeset import natural_key
 from ..sessionstate import FINAL
+from . import nodelist
 from .auth import error_json, origin_ok
 
 if TYPE_CHECKING:
@@ -166,9 +168,54 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
 # ---------------------------------------------------------------------- nodes
 
 
+MAX_PAGE = 100_000
+
+
 @api_errors
 async def list_nodes(request: web.Request) -> web.Response:
-    return ok(_ctl(request).registry.listing())
+    """In natural name order; ``nodes``, ``state`` and ``q`` filter, ``after`` and
+    ``limit`` page. ``X-Total-Count`` says how many match the filters in all."""
+    registry = _ctl(request).registry
+    q = request.query
+    names_text = q.get("nodes", "")
+    if len(names_text) > 65536:
+        raise ValidationError("query parameter nodes is too long (max 65536 characters)")
+    wanted = nodelist.parse_nodeset(names_text) if names_text else None
+    match = nodelist.matcher(q.get("state", ""), q.get("q", "")[:256], wanted)
+    limit = min(_query_int(request, "limit", MAX_PAGE) or MAX_PAGE, MAX_PAGE)
+    names, keys = registry.ordered()
+    if wanted is not None and len(wanted) < len(names):  # a small set: look those up only
+        candidates = [n for n in wanted if n in registry]
+        start = nodelist.start_after(candidates, [natural_key(n) for n in candidates],
+                                     q.get("after", ""))
+    else:
+        candidates = names
+        start = nodelist.start_after(names, keys, q.get("after", ""))
+    page: list[m.NodeInfo] = []
+    if wanted is None and not q.get("state") and not q.get("q"):
+        total = len(candidates)
+        for name in candidates[start:start + limit]:
+            info = registry.node(name)
+            if info is not None:
+                page.append(info)
+    else:
+        total = 0
+        for i, name in enumerate(candidates):
+            info = registry.node(name)
+            if info is None or not match(info):
+                continue
+            total += 1
+            if i >= start and len(page) < limit:
+                page.append(info)
+    resp = ok(page)
+    resp.headers["X-Total-Count"] = str(total)
+    return resp
+
+
+@api_errors
+async def fleet_summary(request: web.Request) -> web.Response:
+    registry = _ctl(request).registry
+    return ok(nodelist.summarise(registry.snapshot().values()))
 
 
 @api_errors
@@ -451,6 +498,7 @@ class _ClientControl(msgspec.Struct):
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v1/nodes", list_nodes)
+    r.add_get("/api/v1/fleet", fleet_summary)
     r.add_get("/api/v1/nodes/{name}", show_node)
     r.add_post("/api/v1/nodes/{name}/drain", drain_node)
     r.add_post("/api/v1/nodes/{name}/undrain", undrain_node)

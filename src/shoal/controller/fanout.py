@@ -1,11 +1,13 @@
 """The run engine: start one command on many nodes over NATS and stream back their events.
 
 A run has an id. The engine subscribes to the run's event subject first, then sends one
-request per node; each agent answers at once (accepted, refused, or already exited, e.g.
-command not found) and then publishes output and exit events. Output is acknowledged after
-the consumer has taken it, which is the credit that lets the agent read more (see
-``shoal.agent.runs``). Stdin is broadcast with offsets and sent only while every live node
-has written all but ``STDIN_WINDOW`` bytes of it.
+request per agent process that serves several of the nodes (``RunBatch`` to its lead node:
+acknowledged at once, then the pids come in groups as ``RunBatchStarted``), and one request
+per node otherwise (and in rolling runs); each agent answers at once (accepted, refused, or
+already exited, e.g. command not found) and then publishes output and exit events. Output
+is acknowledged after the consumer has taken it, which is the credit that lets the agent
+read more (see ``shoal.agent.runs``). Stdin is broadcast with offsets and sent only while
+every live node has written all but ``STDIN_WINDOW`` bytes of it.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class FanoutRun:
                  sink: EventSink, down: set[str] | None = None,
                  connect_timeout: float = 5.0,
                  node_down: Callable[[str], bool] | None = None,
-                 roll: Roll | None = None) -> None:
+                 roll: Roll | None = None,
+                 groups: list[tuple[str | None, list[str]]] | None = None) -> None:
         self.nc = nc
         self.run_id = secrets.token_hex(8)
         self.nodes = nodes
@@ -95,6 +98,10 @@ class FanoutRun:
         self.down = down or set()
         self.connect_timeout = connect_timeout
         self.node_down = node_down
+        # (lead, nodes): one batch request per lead, one plain request per node without one.
+        self.groups = groups if groups is not None else [(None, [n]) for n in nodes]
+        self._unanswered = {n for n in nodes if n not in self.down}
+        self._batched: set[str] = set()  # nodes asked through a batch
         self.window = window_for(len(nodes))
         self.roll = roll or Roll()
         self.failed: set[str] = set()
@@ -137,11 +144,56 @@ class FanoutRun:
         todo = [n for n in self.nodes if n not in self.down]
         try:
             if not self.roll.rolling:
-                await asyncio.gather(*(self._ask(n, request) for n in todo))
-            else:
+                await asyncio.gather(*self._grouped_asks(request))
+            else:  # slice by slice, node by node
                 await self._roll(todo, request)
         finally:
+            # A batch's nodes answer later, by their events (``_answered``).
+            if not self._batched or not self._unanswered:
+                self.all_replied.set()
+
+    def _grouped_asks(self, request: bytes) -> list[Awaitable[None]]:
+        asks: list[Awaitable[None]] = []
+        for lead, members in self.groups:
+            up = [n for n in members if n not in self.down]
+            if lead is not None and len(up) > 1:
+                asks.append(self._ask_batch(lead, up))
+            else:
+                asks += [self._ask(n, request) for n in up]
+        return asks
+
+    def _answered(self, node: str) -> None:
+        """``node`` has said accepted, refused or exited (or was given up on)."""
+        self._unanswered.discard(node)
+        if not self._unanswered:
             self.all_replied.set()
+
+    async def _ask_batch(self, lead: str, nodes: list[str]) -> None:
+        self._batched.update(nodes)
+        batch = m.RunBatch(run_id=self.run_id, spec=self.spec, nodes=nodes, window=self.window)
+        reason = ""
+        try:
+            msg = await self.nc.request(subjects.agent_runs(lead), m.pack(batch),
+                                        timeout=self.connect_timeout)
+            ack = m.unpack(msg.data, m.RunBatchAck)
+            reason = ack.reason
+        except nats.errors.NoRespondersError:
+            reason = "no agent is serving this node"
+        except nats.errors.TimeoutError:
+            reason = f"no answer in {self.connect_timeout:g}s"
+        except msgspec.DecodeError as e:
+            reason = f"bad answer from agent: {e}"
+        except Exception as e:  # connection closed under us
+            reason = f"request failed: {e}"
+        refused = set(nodes) if reason else set(ack.refused)
+        for node in nodes:
+            if node in refused:
+                self._emit(m.Unreachable(node=node, reason=reason or
+                                         f"the agent of {lead} does not serve it (any more)"))
+                self._finish(node, failed=True)
+                self._answered(node)
+            elif node not in self.finished:  # started or not, it is the agent's now
+                self.live.add(node)
 
     async def _roll(self, todo: list[str], request: bytes) -> None:
         """Slices one after another (each finished before the next), at most ``fanout``
@@ -199,6 +251,7 @@ class FanoutRun:
         else:
             self._emit(reply)
             self._finish(node, failed=isinstance(reply, m.Unreachable) or _failed(reply))
+        self._answered(node)
 
     # ------------------------------------------------------------------ events
 
@@ -213,6 +266,14 @@ class FanoutRun:
             return
         if isinstance(ev, m.Exit):
             self._emit(ev)
+            if ev.node in self._batched:  # an exit without a start: it could not start
+                self._answered(ev.node)
+            return
+        if isinstance(ev, m.RunBatchStarted):
+            for node, pid in ev.started:
+                if node in self._batched and node in self._unanswered:
+                    self._emit(m.Started(node=node, pid=pid))
+                    self._answered(node)
             return
         size = ev.size
         if size is None:
@@ -264,6 +325,7 @@ class FanoutRun:
             for node in [n for n in self.live if self.node_down(n)]:
                 self._emit(m.Unreachable(node=node, reason="node went down during the run"))
                 self._finish(node, failed=True)
+                self._answered(node)
 
     async def _on_stdin_ack(self, msg: Msg) -> None:
         try:

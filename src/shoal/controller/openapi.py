@@ -142,6 +142,18 @@ QUERY: dict[str, dict[str, Any]] = {
     "name": _query("name", {"type": "string"}, "Only sessions with this name."),
     "deadline": _query("deadline", {"type": "number", "minimum": 0, "maximum": 86400},
                        "Seconds the replicas get to finish before they are killed."),
+    "nodes": _query("nodes", {"type": "string", "maxLength": 65536},
+                    "A node set, e.g. `web[1-8],db2`: only these nodes."),
+    "node_state": _query("state", {"type": "string", "enum": ["ready", "draining", "down"]},
+                         "Only nodes in this state."),
+    "q": _query("q", {"type": "string", "maxLength": 256},
+                "Only nodes with this text (any case) in the name, address, hostname or a "
+                "`key=value` label."),
+    "node_limit": _query("limit", {"type": "integer", "minimum": 0, "maximum": 100000},
+                         "At most this many nodes (0: no limit up to 100,000)."),
+    "after": _query("after", {"type": "string"},
+                    "Start after this name (natural order): the last name of the previous "
+                    "page."),
     "user": _query("user", {"type": "string"}, "Only entries of this user."),
     "since": _query("since", {"type": "number"}, "Only entries from this Unix time on."),
     "limit": _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
@@ -203,7 +215,14 @@ the socket cancels the run on every node."""
 
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/nodes"): Route(
-        "listNodes", "nodes", "List the nodes", ok=list[m.NodeInfo]),
+        "listNodes", "nodes", "List the nodes", ok=list[m.NodeInfo],
+        query=("nodes", "node_state", "q", "node_limit", "after"), errors=(400,),
+        description="In natural order of names. The `X-Total-Count` header says how many "
+                    "nodes match the filters; page with `limit` and `after` (the last name "
+                    "of the previous page)."),
+    ("GET", "/api/v1/fleet"): Route(
+        "fleetSummary", "nodes", "Count the nodes (states, sessions, versions, labels)",
+        ok=m.FleetSummary),
     ("GET", "/api/v1/nodes/{name}"): Route(
         "showNode", "nodes", "Show one node", ok=m.NodeInfo, errors=(404,)),
     ("POST", "/api/v1/nodes/{name}/drain"): Route(

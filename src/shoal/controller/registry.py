@@ -2,7 +2,10 @@
 
 It is only a cache of what NATS holds, rebuilt from the buckets on start, so the
 controller stays stateless. A node is up while its heartbeat key exists and was refreshed
-within the node TTL; a node in the registry bucket without a heartbeat is down.
+within the node TTL; a node in the registry bucket without a heartbeat is down. Heartbeats
+come per agent process (``shoal.hostbeat``), one key per chunk of its nodes, or per node from
+older agents; the cache also remembers which nodes share a process, so that a run reaches
+them with one request (``groups``).
 
 After a NATS outage the view is not *settled* until every known node has beaten again, or
 one node TTL after the watches are armed again: agents that could not beat meanwhile get
@@ -19,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from .. import hostbeat
 from ..bus import client_of, watch_bucket
 from ..messages import NodeInfo
-from ..nodeset import natural_key
+from ..nodeset import NaturalKey, natural_key
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -40,6 +44,10 @@ class NodeRegistry:
         self.node_ttl = node_ttl
         self._beats: dict[str, tuple[NodeInfo, float]] = {}  # name -> (info, monotonic seen)
         self._known: dict[str, NodeInfo] = {}
+        self._lead: dict[str, tuple[str, str]] = {}  # node -> (host key, its process's lead)
+        self._chunks: dict[str, list[str]] = {}  # host key -> its nodes
+        self._sorted: list[str] | None = None  # names in natural order, while none came or went
+        self._keys: list[NaturalKey] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._pending_initial = 2
@@ -116,30 +124,74 @@ class NodeRegistry:
         return now - self._last_beat < self.node_ttl and now - self._resumed >= self.node_ttl
 
     def _on_beat(self, key: str, value: bytes | None) -> None:
+        if hostbeat.is_host_key(key):
+            self._on_host_beat(key, value)
+            return
         info = self._decode(value)
         if info is None:
             self._beats.pop(key, None)
             return
+        now = self._beat_arrived()
+        if self._heard is not None:
+            self._heard.add(key)
+        self._beats[key] = (info, now)
+        self._learn(key, info)
+        self._lead.pop(key, None)
+
+    def _beat_arrived(self) -> float:
         now = time.monotonic()
         if now - self._last_beat > self.node_ttl / 2:
             self._resumed = now
         self._last_beat = now
+        return now
+
+    def _on_host_beat(self, key: str, value: bytes | None) -> None:
+        beat = None
+        if value:
+            try:
+                beat = hostbeat.decode(value)
+            except msgspec.DecodeError:
+                log.warning("undecodable heartbeat under %s", key)
+                return
+        if beat is None:  # the process stopped (or the key was purged)
+            for name in self._chunks.pop(key, []):
+                if self._lead.get(name, ("",))[0] == key:
+                    del self._lead[name]
+                    self._beats.pop(name, None)
+            return
+        now = self._beat_arrived()
+        names = []
+        lead = (key, beat.lead)
+        for info in hostbeat.expand(beat):
+            self._beats[info.name] = (info, now)
+            self._learn(info.name, info)
+            self._lead[info.name] = lead
+            names.append(info.name)
         if self._heard is not None:
-            self._heard.add(key)
-        self._beats[key] = (info, time.monotonic())
-        self._known[key] = info
+            self._heard.update(names)
+        self._chunks[key] = names
+
+    def _learn(self, name: str, info: NodeInfo) -> None:
+        if name not in self._known:
+            self._sorted = None
+        self._known[name] = info
 
     def _on_register(self, key: str, value: bytes | None) -> None:
         info = self._decode(value)
         if info is None:
-            self._known.pop(key, None)
+            if self._known.pop(key, None) is not None:
+                self._sorted = None
         elif key not in self._beats:
-            self._known[key] = info
+            self._learn(key, info)
 
     async def forget(self, name: str) -> None:
         """Drop a node from the registry bucket (every controller's cache follows)."""
         await self._reg_kv.purge(name)
         self._known.pop(name, None)
+        self._sorted = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._known
 
     def _silent_for(self, seen: float) -> float:
         # Time the bus was paused for everyone does not count against a node: after a
@@ -170,7 +222,48 @@ class NodeRegistry:
                 out[name] = info
         return out
 
-    def listing(self) -> list[NodeInfo]:
-        """Every known node, in natural order of names."""
-        nodes = self.snapshot()
-        return [nodes[n] for n in sorted(nodes, key=natural_key)]
+    def names(self) -> list[str]:
+        """Every known node's name in natural order (sorted once per change of membership)."""
+        return self.ordered()[0]
+
+    def ordered(self) -> tuple[list[str], list[NaturalKey]]:
+        """``names()`` and their natural sort keys (for paging with bisect)."""
+        if self._sorted is None or len(self._sorted) != len(self._known):
+            keyed = sorted((natural_key(n), n) for n in self._known)
+            self._sorted = [n for _, n in keyed]
+            self._keys = [k for k, _ in keyed]
+        return self._sorted, self._keys
+
+    def listing(self, names: list[str] | None = None) -> list[NodeInfo]:
+        """Every known node (or those of ``names`` still known), in natural order of names."""
+        out = []
+        for name in self.names() if names is None else names:
+            info = self.node(name)
+            if info is not None:
+                out.append(info)
+        return out
+
+    def groups(self, names: list[str]) -> list[tuple[str | None, list[str]]]:
+        """``names`` grouped by the agent process serving them, as (lead, nodes): a run sends
+        one request per group to its lead. A node whose process is not known (an older
+        agent, or down) is a group of its own with lead None."""
+        return group_by_lead(names, self._lead)
+
+
+def group_by_lead(names: list[str], leads: dict[str, tuple[str, str]]
+                  ) -> list[tuple[str | None, list[str]]]:
+    """Pure part of ``NodeRegistry.groups``: ``leads`` maps node -> (host key, lead)."""
+    by_lead: dict[str, list[str]] = {}
+    out: list[tuple[str | None, list[str]]] = []
+    for name in names:
+        found = leads.get(name)
+        if found is None:
+            out.append((None, [name]))
+        else:
+            by_lead.setdefault(found[1], []).append(name)
+    for lead, members in by_lead.items():
+        if len(members) == 1:  # one node: the plain per-node request says the same
+            out.append((None, members))
+        else:
+            out.append((lead, members))
+    return out

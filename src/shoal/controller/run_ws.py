@@ -108,7 +108,7 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principa
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
                     connect_timeout=start.connect_timeout, node_down=ctl.registry.is_down,
-                    roll=roll)
+                    roll=roll, groups=ctl.registry.groups(nodes))
     await ctl.audit.record(access.entry(principal, source, "run", nodes, 200,
                                         f"started {run.run_id}", argv=argv, digest=digest))
     await _send(ws, m.RunPlan(run_id=run.run_id, nodes=nodes))

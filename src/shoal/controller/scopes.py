@@ -70,6 +70,7 @@ def _r(scope: str, target: Target = Target.NONE) -> Op:
 # The one table. NATS subjects are ``shoal.api.<name>``; HTTP routes map onto these below.
 OPS: dict[str, Op] = {
     "nodes.list": _r("read"),
+    "fleet.summary": _r("read"),
     "nodes.show": _r("read"),
     "nodes.drain": _w("nodes", Target.NODE),
     "nodes.undrain": _w("nodes", Target.NODE),
@@ -113,6 +114,7 @@ OPS: dict[str, Op] = {
 # HTTP (method, route template) -> operation. HEAD is GET's.
 HTTP: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/nodes"): "nodes.list",
+    ("GET", "/api/v1/fleet"): "fleet.summary",
     ("GET", "/api/v1/nodes/{name}"): "nodes.show",
     ("POST", "/api/v1/nodes/{name}/drain"): "nodes.drain",
     ("POST", "/api/v1/nodes/{name}/undrain"): "nodes.undrain",

@@ -1,4 +1,5 @@
-// The dashboard, /: nodes (with a CPU chart) and sessions, polled every 2 s.
+// The dashboard, /: nodes (a fleet summary, a searchable table of at most NODES_SHOWN rows,
+// a CPU chart of the first CHART_NODES of them) and sessions, polled every 2 s.
 // The page rides on the login cookie; every API call also carries the login's CSRF token
 // (login.js) and a state change sends a JSON body. The DOM is built with textContent only
 // (no innerHTML from data) and there are no inline handlers, for CSP.
@@ -6,6 +7,8 @@
 
 (() => {
   const POLL_MS = 2000;
+  const NODES_SHOWN = 200;  // a fleet of 10,000 is summarised and searched, never tabled
+  const CHART_NODES = 24;
   const WINDOW_S = 300; // the chart shows the last 5 minutes
   const GAP_S = 10;     // a longer pause between two samples breaks the line
   const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f778ba", "#a371f7", "#ff7b72",
@@ -21,6 +24,8 @@
   const history = new Map(); // node name -> [[unix seconds, cpu %], ...]
   const colors = new Map();  // node name -> color, stable while the page is open
   let nodes = [];
+  let fleet = null;     // GET /api/v1/fleet
+  let nodesMatched = 0; // nodes matching the search, of which `nodes` holds the first page
   let sessions = [];
   let timer = null;
   let generation = 0; // only the latest refresh() applies its results and re-arms the timer
@@ -103,8 +108,52 @@
 
   // ---- nodes ---------------------------------------------------------------------------
 
-  function renderNodes() {
-    $("node-count").textContent = nodes.length ? `(${nodes.length})` : "";
+  function nodesQuery() {
+    // Text with brackets or commas is a node set (web[1-8],db2); other text is searched.
+    const text = $("n-text").value.trim();
+    const params = { limit: String(NODES_SHOWN) };
+    if ($("n-state").value) params.state = $("n-state").value;
+    if (text) params[/[[\],]/.test(text) ? "nodes" : "q"] = text;
+    return new URLSearchParams(params);
+  }
+
+  async function getNodes() {
+    const resp = await fetch(`/api/v1/nodes?${nodesQuery()}`,
+                             { credentials: "same-origin", headers: window.shoalLogin.headers() });
+    if (resp.status === 400) { // a node set still being typed: show nothing yet
+      const body = await resp.json().catch(() => ({}));
+      return { list: [], total: 0, problem: body.message || "bad search" };
+    }
+    if (!resp.ok) {
+      const err = new Error(`${resp.status} ${resp.statusText}`);
+      err.status = resp.status;
+      throw err;
+    }
+    return { list: await resp.json(), total: Number(resp.headers.get("X-Total-Count")) || 0 };
+  }
+
+  function renderFleet() {
+    const f = fleet;
+    $("node-count").textContent = f ? `(${f.nodes.toLocaleString()})` : "";
+    if (!f) return;
+    const st = f.states || {};
+    const parts = [
+      `${(st.ready || 0).toLocaleString()} ready`,
+      `${(st.draining || 0).toLocaleString()} draining`,
+      `${(st.down || 0).toLocaleString()} down`,
+      `${f.sessions.toLocaleString()} / ${f.capacity.toLocaleString()} sessions`,
+      `${f.agents.toLocaleString()} agent processes on ${f.hosts.toLocaleString()} hosts`,
+      `versions ${Object.entries(f.versions || {}).map(([v, c]) => `${v} (${c})`).join(", ")}`,
+    ];
+    $("fleet-summary").replaceChildren(
+      ...parts.map((text, i) => el("span", { className: i < 3 ? `count s-${["ready", "draining", "down"][i]}` : "count" }, text)));
+  }
+
+  function renderNodes(problem) {
+    renderFleet();
+    const more = $("node-more");
+    more.hidden = nodesMatched <= nodes.length && !problem;
+    more.textContent = problem || `showing ${nodes.length} of ${nodesMatched.toLocaleString()} matching nodes: search to narrow it down`;
     const rows = nodes.map((n) => {
       const load = n.load || {};
       const labels = Object.entries(n.labels || {}).map(([k, v]) => el("span", { className: "label" }, `${k}=${v}`));
@@ -124,12 +173,15 @@
         el("td", { className: "wide" }, ...labels),
         td(ago(n.last_seen), "muted"));
     });
-    if (!rows.length) rows.push(el("tr", {}, el("td", { className: "empty", colSpan: 10 }, "no nodes")));
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { className: "empty", colSpan: 10 },
+                                fleet && fleet.nodes ? "no node matches the search" : "no nodes")));
+    }
     nodesBody.replaceChildren(...rows);
   }
 
   function recordCpu(now) {
-    for (const n of nodes) {
+    for (const n of nodes.slice(0, CHART_NODES)) {
       if (n.state === "down") continue;
       if (!history.has(n.name)) history.set(n.name, []);
       history.get(n.name).push([now, Number(n.load?.cpu_percent) || 0]);
@@ -261,12 +313,15 @@
     const mine = ++generation;
     const query = stateFilter.value ? `?${new URLSearchParams({ state: stateFilter.value })}` : "";
     try {
-      const [n, s] = await Promise.all([getJSON("/api/v1/nodes"), getJSON(`/api/v1/sessions${query}`)]);
+      const [n, f, s] = await Promise.all([getNodes(), getJSON("/api/v1/fleet"),
+                                           getJSON(`/api/v1/sessions${query}`)]);
       if (mine !== generation) return;
-      nodes = [...n].sort((a, b) => a.name.localeCompare(b.name));
+      nodes = n.list; // natural order, from the controller
+      nodesMatched = n.total;
+      fleet = f;
       sessions = [...s].sort((a, b) => (b.created || 0) - (a.created || 0));
       recordCpu(Date.now() / 1000);
-      renderNodes();
+      renderNodes(n.problem);
       renderSessions();
       showError("");
       $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -312,6 +367,10 @@
     showError("logged out: open the login URL that `shoal up` printed to sign in again");
   });
   stateFilter.addEventListener("change", refresh);
+  let nodeSearch = null;
+  $("n-state").addEventListener("change", refresh);
+  $("n-text").addEventListener("input", () => { clearTimeout(nodeSearch); nodeSearch = setTimeout(refresh, 250); });
+  $("node-filters").addEventListener("submit", (ev) => { ev.preventDefault(); refresh(); });
   textFilter.addEventListener("input", renderSessions);
   $("filters").addEventListener("submit", (ev) => ev.preventDefault());
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
@@ -320,6 +379,7 @@
   window.shoalDashboard = {
     refresh,
     nodes: () => nodes,
+    fleet: () => fleet,
     sessions: () => sessions,
     history: () => history,
   };
