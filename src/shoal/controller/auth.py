@@ -31,7 +31,7 @@ import msgspec
 from aiohttp import web
 
 from .. import tokens
-from ..errors import Forbidden
+from ..errors import Forbidden, ShoalError
 from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
 from .scopes import Principal, Target
@@ -249,6 +249,8 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
                 await ctl.audit.record(access.entry(principal, source, op, [], 403,
                                                     f"refused: {e.message}", reach))
             return error_json(403, e.message)
+        except ShoalError as e:  # what it reaches cannot be read (e.g. no scope named)
+            return error_json(e.status, e.message)
         if not rule.audit or rule.target is Target.RUN:  # a run is recorded by run_ws
             return await handler(request)
         if _is_websocket(request):  # recorded when it opens: it may stay open for hours
