@@ -33,7 +33,7 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
 
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "STATE", "SESSIONS", "LOAD", "CPU%", "MEM%", "LABELS", "ADDRESS",
-                "ISOLATION", "SEEN"):
+                "ISOLATION", "CONTAINERS", "SEEN"):
         table.add_column(col)
     colors = {"ready": "green", "draining": "yellow", "down": "red"}
     for n in nodes:
@@ -41,7 +41,8 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
             n.name, f"[{colors[n.state]}]{n.state}[/]", f"{n.sessions}/{n.capacity}",
             f"{n.load.load1:.2f}", f"{n.load.cpu_percent:.0f}", f"{n.load.mem_percent:.0f}",
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-",
-            n.address or "-", _isolation(n), _ago(n.last_seen),
+            n.address or "-", _isolation(n), "podman" if n.containers else "-",
+            _ago(n.last_seen),
         )
     Console().print(table)
     loose = [f"{n.name} ({n.network})" for n in nodes
