@@ -80,6 +80,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     public_terminals: bool = False  # /terminal open to anyone (rate-limited), not only to you
     terminal_parking_url: str = ""  # where to send visitors when full, instead of a queue
     terminal_command: list[str] = msgspec.field(default_factory=lambda: ["/bin/bash", "-l"])
+    # Public terminals in containers of this image (docs/terminals.md) instead of throwaway
+    # users; terminal_command then runs inside it. "" = throwaway users.
+    terminal_image: str = ""
     terminal_detach_timeout: float = 30.0
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
