@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 import redis
 
 from fleet import Fleet, wait_for
+from shoal.agent.containers import Podman
 from shoal.bridges import pycloud_protocol as p
+from test_containers import _rootfs_tar, needs_podman, podman  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs redis-server (scripts/test-deps.sh installs it)")
@@ -330,13 +334,47 @@ def test_only_pycloud_sessions_can_be_seen_or_removed(fleet: Fleet,
         fleet.shoal("session", "rm", sid)
 
 
-def test_docker_scripts_are_refused_until_containers_are_enabled(
-        fleet: Fleet, cloud: PyCloudClient) -> None:
-    before = {s["id"] for s in json.loads(fleet.shoal("session", "list", "--json").stdout)}
-    reply = cloud.create('year4000/pycloud\n{\n    "port": 80\n}\n')
-    assert "containers are not enabled" in reply["error"], reply
-    after = {s["id"] for s in json.loads(fleet.shoal("session", "list", "--json").stdout)}
-    assert after == before
+WEB_IMAGE = "localhost/shoal-test-web:1"
+
+
+@needs_podman
+def test_a_docker_script_starts_a_container_reachable_on_its_port(
+        fleet: Fleet, cloud: PyCloudClient, podman: Podman, tmp_path: Path,  # noqa: F811
+        ) -> None:
+    """PyCloud's Docker script: the image on the first line (its own command: a web server on
+    port 80), docker-py options after it; the container's port 80 is published on a port the
+    node allocates. Only one node has the image: the others refuse and placement moves on."""
+    subprocess.run([*podman.base(), "import", "--change",
+                    'CMD ["httpd", "-f", "-p", "80", "-h", "/www"]', "-", WEB_IMAGE],
+                   input=_rootfs_tar(), check=True, capture_output=True, timeout=120)
+    assert podman.root is not None and podman.runroot is not None
+    agent = fleet.agent("pyc-podman", env={"SHOAL_PODMAN_ROOT": podman.root,
+                                           "SHOAL_PODMAN_RUNROOT": podman.runroot})
+    try:
+        reply = cloud.create(f'{WEB_IMAGE}\n{{\n    "port": 80\n}}\n')
+        assert "error" not in reply, reply
+        sid = reply["id"]
+        assert reply["cloud"] == "pyc-podman"
+        rec = wait_for(lambda: (r := record(fleet, sid)) and r["state"] == "running" and r, 30)
+        assert rec["spec"]["image"] == WEB_IMAGE and rec["spec"]["container_ports"] == [80]
+        [port] = rec["ports"]
+        body = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), 30)
+        assert body == b"hello from a container\n"
+        assert cloud.status(sid)["status"] is True
+        assert cloud.remove(sid)["status"] is False  # PyCloud: no longer live
+        wait_for(lambda: (record(fleet, sid) or {}).get("state") in ("killed", None), 30)
+        assert _get(f"http://127.0.0.1:{port}/") is None
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return bytes(r.read())
+    except OSError:
+        return None
 
 
 def test_bridge_rides_out_a_redis_restart(fleet: Fleet, tmp_path: Path) -> None:

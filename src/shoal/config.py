@@ -47,6 +47,14 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     ephemeral_network: Literal["none", "outbound", "open"] = "none"
     ephemeral_deny: list[str] = []  # networks refused even with "outbound"
     ephemeral_uids: str = "1900000000-1999999999"  # the UIDs throwaway users get
+    # Container sessions (docs/containers.md): podman's binary ("" turns them off); its OCI
+    # runtime; an image store of its own ("" = podman's default); the host directories
+    # read-only mounts may come from (none by default).
+    podman: str = "podman"
+    podman_runtime: str = "runc"
+    podman_root: str = ""
+    podman_runroot: str = ""
+    container_mounts: list[str] = []
 
     def __post_init__(self) -> None:
         from .agent.netpolicy import parse_networks, parse_uid_range
@@ -72,6 +80,9 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     public_terminals: bool = False  # /terminal open to anyone (rate-limited), not only to you
     terminal_parking_url: str = ""  # where to send visitors when full, instead of a queue
     terminal_command: list[str] = msgspec.field(default_factory=lambda: ["/bin/bash", "-l"])
+    # Public terminals in containers of this image (docs/terminals.md) instead of throwaway
+    # users; terminal_command then runs inside it. "" = throwaway users.
+    terminal_image: str = ""
     terminal_detach_timeout: float = 30.0
     terminal_idle_timeout: float = 1800.0
     terminal_lifetime: float = 14400.0
@@ -227,7 +238,7 @@ def _parse_env(name: str, value: str) -> Any:
     if name in ("public_terminals",):
         return value.lower() in ("1", "true", "yes", "on")
     if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny",
-                "allowed_hosts"):
+                "allowed_hosts", "container_mounts"):
         return [v for v in value.split(",") if v]
     return value
 

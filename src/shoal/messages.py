@@ -64,6 +64,10 @@ class NodeInfo(Struct, frozen=True):
     # (asked for but the agent cannot install it; its log says why). "" from older agents.
     network: str = ""
     cgroups: str = ""  # how sessions are contained ("v2+v1(cpu,memory,pids)"); "" = not at all
+    # Whether the node runs `runtime = "container"` sessions (podman and runc present), and
+    # if not, why not ("" from older agents: they cannot).
+    containers: bool = False
+    containers_reason: str = ""
 
 
 class FleetSummary(Struct, frozen=True):
@@ -300,6 +304,21 @@ SessionId = Annotated[
 SessionState = Literal[
     "pending", "starting", "running", "exited", "failed", "killed", "lost"]
 RestartPolicy = Literal["never", "on-failure", "always"]
+Runtime = Literal["process", "container"]
+ImageRef = Annotated[str, Meta(min_length=1, max_length=512,
+                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")]
+NetworkName = Annotated[str, Meta(min_length=1, max_length=63,
+                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+ContainerPath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^,\n\x00]*$")]
+ContainerPort = Annotated[int, Meta(ge=1, le=65535)]
+
+
+class Mount(Struct, frozen=True, forbid_unknown_fields=True):
+    """A read-only bind mount into a container, of a host path under a directory the node
+    allows (its ``container_mounts`` setting)."""
+
+    source: ContainerPath
+    target: ContainerPath
 
 
 class Limits(Struct, frozen=True, forbid_unknown_fields=True):
@@ -315,7 +334,8 @@ class Limits(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
-    """What a client asks for. Exactly one of ``command`` (argv) or ``shell``."""
+    """What a client asks for. Exactly one of ``command`` (argv) or ``shell``; a container
+    (``runtime = "container"``) may give neither and run its image's own command."""
 
     id: SessionId | None = None
     name: Annotated[str, Meta(max_length=128)] = ""
@@ -340,6 +360,13 @@ class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
     service: Annotated[str, Meta(max_length=63)] = ""
     labels: Labels = {}
     output_cap: Annotated[int, Meta(ge=1024, le=1 << 40)] | None = None
+    # Containers (docs/containers.md): the image, the container port each allocated port
+    # maps to (in order), read-only mounts, and the podman network ("none": loopback only).
+    runtime: Runtime = "process"
+    image: ImageRef | None = None
+    container_ports: Annotated[list[ContainerPort], Meta(max_length=64)] = []
+    mounts: Annotated[list[Mount], Meta(max_length=64)] = []
+    network: NetworkName = "none"
 
 
 class SessionRecord(Struct, frozen=True):

@@ -1,6 +1,7 @@
 """Placement: which node gets a new session (pure; the agent has the last word).
 
-Filter the nodes (ready, matching the selector, with free capacity), then choose by the
+Filter the nodes (ready, matching the selector, with free capacity, able to run containers
+for a container session), then choose by the
 power of two random choices on a load score. ``spread`` prefers the less loaded of the two,
 ``binpack`` the fuller one (still with room). ``candidates`` returns an ordered list so a
 refusal moves on to the next one.
@@ -26,6 +27,8 @@ def eligible(spec: SessionSpec, nodes: Mapping[str, NodeInfo]) -> list[NodeInfo]
         if n.state != "ready" or n.sessions >= n.capacity:
             continue
         if spec.node is not None and n.name != spec.node:
+            continue
+        if spec.runtime == "container" and not n.containers:
             continue
         if any(n.labels.get(k) != v for k, v in spec.selector.items()):
             continue

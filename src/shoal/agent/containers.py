@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -38,12 +38,11 @@ LABEL_NODE = "io.shoal.node"
 LABEL_SESSION = "io.shoal.session"
 COMMAND_TIMEOUT = 60.0  # for podman's short commands (inspect, stop, rm, ps)
 
-ImageRef = Annotated[str, Meta(min_length=1, max_length=512,
-                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")]
-NetworkName = Annotated[str, Meta(min_length=1, max_length=63,
-                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-Port = Annotated[int, Meta(ge=1, le=65535)]
-ContainerPath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^,\n\x00]*$")]
+ImageRef = m.ImageRef
+NetworkName = m.NetworkName
+Port = m.ContainerPort
+ContainerPath = m.ContainerPath
+Mount = m.Mount  # a read-only bind mount of a host directory or file the agent allows
 # Network modes that reach the host's own network (its loopback, where NATS listens), which is
 # what `network` exists to prevent. (`container:ID`, `ns:PATH` cannot pass the name pattern.)
 REFUSED_NETWORKS = frozenset({"host", "slirp4netns", "pasta"})
@@ -52,13 +51,6 @@ REFUSED_NETWORKS = frozenset({"host", "slirp4netns", "pasta"})
 class PortMap(Struct, frozen=True, forbid_unknown_fields=True):
     container: Port
     host: Port
-
-
-class Mount(Struct, frozen=True, forbid_unknown_fields=True):
-    """A read-only bind mount of a host directory or file the agent allows."""
-
-    source: ContainerPath
-    target: ContainerPath
 
 
 class ContainerSpec(Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,6 +64,7 @@ class ContainerSpec(Struct, frozen=True, forbid_unknown_fields=True):
     memory_mb: Annotated[int, Meta(ge=6, le=4_000_000)] | None = None
     pids: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     cpus: Annotated[float, Meta(gt=0, le=4096)] | None = None
+    cpu_shares: Annotated[int, Meta(ge=2, le=262144)] | None = None
     open_files: Annotated[int, Meta(ge=16, le=1_000_000)] = 1024
     processes: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     tty: bool = False
@@ -95,6 +88,35 @@ class ContainerError(Exception):
 
 def container_name(node: str, session: str) -> str:
     return f"shoal-{node}-{session}"
+
+
+def from_session(spec: m.SessionSpec, ports: Sequence[int], env: Mapping[str, str],
+                 ) -> ContainerSpec:
+    """The container a session spec asks for: ``shell`` runs under the image's /bin/sh,
+    neither command nor shell runs the image's own command; each allocated host port is
+    published to the container port at the same place in ``container_ports``; limits are
+    the container's (memory, processes as its pids limit, CPU weight as its shares)."""
+    if spec.image is None:
+        raise ContainerError("a container session needs an image")
+    command = (["/bin/sh", "-c", spec.shell] if spec.shell is not None
+               else list(spec.command) if spec.command is not None else None)
+    if len(spec.container_ports) > len(ports):
+        raise ContainerError(f"{len(spec.container_ports)} container port(s) but only "
+                             f"{len(ports)} allocated: set ports to match")
+    limits = spec.limits
+    given: dict[str, Any] = {}  # the rest keep ContainerSpec's defaults
+    if limits.processes:
+        given.update(pids=limits.processes, processes=limits.processes)
+    if limits.open_files:
+        given.update(open_files=limits.open_files)
+    if limits.cpu_weight:
+        given.update(cpu_shares=max(2, limits.cpu_weight * 1024 // 100))
+    return ContainerSpec(
+        image=spec.image, command=command, env=dict(env), cwd=spec.cwd,
+        ports=[PortMap(container=c, host=h) for c, h in zip(spec.container_ports, ports,
+                                                             strict=False)],
+        mounts=list(spec.mounts), network=spec.network, memory_mb=limits.memory_mb,
+        tty=spec.tty, stdin=spec.stdin or spec.tty, **given)
 
 
 def check(spec: ContainerSpec, allowed_mounts: Sequence[str] = ()) -> None:
@@ -164,6 +186,8 @@ class Podman:
             argv += ["--memory", f"{spec.memory_mb}m", "--memory-swap", f"{spec.memory_mb}m"]
         if spec.cpus is not None:
             argv += ["--cpus", f"{spec.cpus:g}"]
+        if spec.cpu_shares is not None:
+            argv += ["--cpu-shares", str(spec.cpu_shares)]
         for port in spec.ports:
             argv += ["--publish", f"127.0.0.1:{port.host}:{port.container}"]
         for mount in spec.mounts:
@@ -241,6 +265,22 @@ class Podman:
         if code != 0:
             raise ContainerError(f"podman ps: {err.decode(errors='replace')}")
         return [line for line in out.decode().splitlines() if line]
+
+    async def remove_leftovers_of(self, nodes: Collection[str]) -> list[str]:
+        """Remove every container labelled with one of ``nodes`` (one ``podman ps`` for
+        all the nodes of an agent); returns the names removed."""
+        code, out, err = await self._podman(
+            "ps", "--all", "--filter", f"label={LABEL_NODE}", "--format",
+            '{{.Names}} {{index .Labels "' + LABEL_NODE + '"}}')
+        if code != 0:
+            raise ContainerError(f"podman ps: {err.decode(errors='replace')}")
+        gone = []
+        for line in out.decode().splitlines():
+            name, _, node = line.partition(" ")
+            if node in nodes:
+                await self.remove(name)
+                gone.append(name)
+        return gone
 
     async def remove_leftovers(self, node: str, keep: Sequence[str] = ()) -> list[str]:
         """Remove this node's containers except ``keep`` (what a dead agent left); returns

@@ -37,7 +37,7 @@ from ..errors import ConnectError
 from ..loadinfo import LoadSampler
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
-from . import cgroups, keeper, netpolicy, procs
+from . import cgroups, containers, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .ports import PortPool
@@ -86,6 +86,7 @@ class AgentHost:
         # Units of this state directory's agents go under shoal.<tag>, apart from any other.
         self.cgroup_tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
         self.layout: Layout | None = None
+        self.podman, self.containers_reason = _podman(cfg)
         self._keeper: subprocess.Popen[bytes] | None = None
         self.nodes = {n: Node(n, Ledger(state_dir / "ledgers" / f"{n}.ledger", n)) for n in names}
         # A drained node stays drained across restarts of its agent until undrained.
@@ -136,6 +137,7 @@ class AgentHost:
         for node in self.nodes.values():
             await reap_leftovers(node.ledger, self.cfg.grace, self.layout)
             node.ledger.open()
+        await self._remove_containers()
         if self.layout is not None:  # ends our cgroups at once if we die without stopping
             self._keeper = keeper.start(self.cfg.grace, list(self.nodes),
                                         self.layout.base_dirs())
@@ -151,7 +153,8 @@ class AgentHost:
                 node.name, self.nc, self.buckets.js, self.store, node.ledger,
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed, layout=self.layout,
-                ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids))
+                ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids),
+                podman=self.podman, container_mounts=tuple(self.cfg.container_mounts))
         for node in self.nodes.values():
             self._load_drain(node)
         await self._reconcile_sessions()
@@ -233,12 +236,28 @@ class AgentHost:
             pid=os.getpid(), started_at=self._started_at, last_seen=time.time(),
             isolation=os.geteuid() == 0, network=self.network.network,
             cgroups=self.layout.describe() if self.layout is not None else "",
+            containers=self.podman is not None, containers_reason=self.containers_reason,
         )
 
     def _node_beat(self, node: Node) -> hostbeat.NodeBeat:
         mgr = node.sessions
         return hostbeat.NodeBeat(node.name, mgr.live if mgr else 0,
                                  "draining" if mgr and mgr.draining else node.state)
+
+    async def _remove_containers(self) -> None:
+        """Containers a previous agent of these nodes left (it was SIGKILLed: its keeper
+        ended the ``podman run`` processes, but a container lives on under conmon). No
+        session survives an agent restart, so none is kept."""
+        if self.podman is None:
+            return
+        try:
+            gone = await self.podman.remove_leftovers_of(set(self.nodes))
+        except containers.ContainerError as e:
+            log.warning("cannot look for containers a previous agent left: %s", e)
+            return
+        if gone:
+            log.warning("removed %d container(s) a previous agent left: %s", len(gone),
+                        ", ".join(gone))
 
     async def _heartbeat(self, register: bool = False) -> None:
         assert self.buckets is not None
@@ -515,6 +534,16 @@ class AgentHost:
             del self._routes[run_id]
             await _quietly(route.ctl.unsubscribe())
             await _quietly(route.ack.unsubscribe())
+
+
+def _podman(cfg: AgentConfig) -> tuple[containers.Podman | None, str]:
+    """The node's podman, or None and why this node cannot run containers."""
+    if not cfg.podman:
+        return None, "container sessions are turned off on this node (its podman setting)"
+    pod = containers.Podman(cfg.podman, cfg.podman_runtime, cfg.podman_root or None,
+                            cfg.podman_runroot or None)
+    why = pod.unavailable()
+    return (None, why) if why else (pod, "")
 
 
 async def _quietly(aw: object) -> None:

@@ -29,7 +29,7 @@ from .. import messages as m
 from .. import subjects
 from ..outputlog import DEFAULT_CAP, OutputWriter
 from ..sessionstore import SessionStore
-from . import procs, users
+from . import containers, procs, users
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit
 from .ledger import Ledger
@@ -49,6 +49,8 @@ READ_SIZE = 256 << 10
 FAST_FAILURE = 10.0  # a run shorter than this counts towards giving up
 GIVE_UP_AFTER = 5
 MAX_BACKOFF = 30.0
+# What the `podman run` client keeps of the agent's environment (never its SHOAL_ secrets).
+PODMAN_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR"})
 LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
 DRAIN_LIMIT = 5.0  # reading what is left in the pipes, once nothing of the session runs
 # What a throwaway user gets unless the spec says otherwise.
@@ -115,6 +117,10 @@ class Session:
         self.detached_from_record = False  # the fleet moved on: never write the record again
         self.reschedule = False
         self.size = (record.spec.cols, record.spec.rows)
+        # A container session's container (podman's name for it), else None.
+        self.container = (containers.container_name(mgr.node, record.id)
+                          if record.spec.runtime == "container" else None)
+        self._removed = True  # nothing to remove until a container is started
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,7 +162,8 @@ class Session:
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):
                     # A limit that bit (the OOM killer) ends it as killed, with the reason.
-                    by_limit = bool(limit) and sig == signal.SIGKILL
+                    by_limit = bool(limit) and (sig == signal.SIGKILL
+                                                or self.container is not None)
                     state: m.SessionState = "killed" if killed or by_limit else "exited"
                     await self._finish(state, exit_code=code, signal=sig,
                                        reason=self.kill_reason or limit)
@@ -191,16 +198,23 @@ class Session:
         spec = self.spec
         argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else list(spec.command or [])
         env = {k: v for k, v in self.mgr.base_env.items() if not k.startswith("SHOAL_")}
+        if self.container is not None:
+            argv = self._container_argv()  # `podman run`: the client is the session's process
+            self._removed = False
+            env = {k: v for k, v in env.items() if k in PODMAN_ENV}
         run_as = self._confinement()
         if self.user is not None:
             env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
         if spec.tty:
             env.setdefault("TERM", "xterm-256color")
-        env.update(spec.env)
-        env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
-        if self.ports:
-            env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
+        if self.container is None:
+            env.update(spec.env)
+            env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
+            if self.ports:
+                env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
         cwd = spec.cwd or (self.user.home if self.user is not None else None)
+        if self.container is not None:
+            cwd = None  # spec.cwd is inside the container (--workdir)
         self._ending = None
         try:
             self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=self.size[0],
@@ -220,6 +234,8 @@ class Session:
         """Who the process runs as, its cgroup (created here) and its limits."""
         user = self.user
         limits = effective_limits(self.spec.limits, user is not None)
+        if self.container is not None:
+            limits = m.Limits()  # the container's own, not the podman client's
         unit = None
         if self.mgr.layout is not None:
             unit = Unit(self.mgr.layout, unit_name(self.mgr.node, "s",
@@ -251,6 +267,10 @@ class Session:
         code, sig = await child.wait()
         if self._ending is not None:  # a stop in progress: it owns the grace period
             await asyncio.gather(self._ending, return_exceptions=True)
+        oom = ""
+        if self.container is not None:
+            oom = self._container_oom(code)
+            await self._remove_container()
         await child.end_rest(LEFTOVER_GRACE)
         await self._drain()
         self.mgr.ledger.remove(child.pid)
@@ -258,7 +278,7 @@ class Session:
         for fd in child.out_fds.values():
             loop.remove_reader(fd)
         child.close_fds()
-        limit = child.unit.limit_reason() if child.unit is not None else ""
+        limit = oom or (child.unit.limit_reason() if child.unit is not None else "")
         self._drop_unit(child.unit, orphans=True)  # rare enough to always look
         await self.writer.flush()
         return code, sig, limit
@@ -306,6 +326,8 @@ class Session:
                 await self._sub.unsubscribe()
             except Exception:
                 pass
+        if self.container is not None and self.child is not None and not self._removed:
+            await self._remove_container()  # only after an error in the agent
         unit = self.child.unit if self.child is not None else None
         if self.child is not None and unit is not None:
             await self.child.until_running()
@@ -332,7 +354,59 @@ class Session:
         self.reschedule = reschedule and self.spec.restart != "never"
         self._wake.set()
         if self.child is not None and self.child.popen.returncode is None:
-            self._ending = asyncio.create_task(terminate(self.child, self.mgr.grace))
+            self._ending = asyncio.create_task(
+                self._stop_container(self.child) if self.container is not None
+                else terminate(self.child, self.mgr.grace))
+
+    # ------------------------------------------------------------------ containers
+    # A container session's process is a foreground `podman run` (agent/containers.py); the
+    # container itself runs under conmon, outside the session's cgroup, so stopping and
+    # removing it go through podman by name.
+
+    def _container_argv(self) -> list[str]:
+        spec, pod = self.spec, self.mgr.podman
+        assert pod is not None and self.container is not None
+        env = dict(spec.env)
+        if spec.tty:
+            env.setdefault("TERM", "xterm-256color")
+        env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
+        if spec.container_ports:
+            env.setdefault("PORT", str(spec.container_ports[0]))
+        try:
+            cspec = containers.from_session(spec, self.ports, env)
+            return pod.run_argv(cspec, self.mgr.node, self.id, self.mgr.container_mounts)
+        except (containers.ContainerError, msgspec.ValidationError) as e:
+            raise SpawnError(str(e), 125) from e
+
+    async def _stop_container(self, child: Child) -> None:
+        """Stop the container by name (SIGTERM, SIGKILL after the grace): a signal to the
+        `podman run` client alone would leave the container running. Then the client."""
+        pod = self.mgr.podman
+        assert pod is not None and self.container is not None
+        try:
+            await pod.stop(self.container, self.mgr.grace)
+        except containers.ContainerError as e:
+            log.warning("session %s: %s", self.id, e)
+        await terminate(child, self.mgr.grace)
+
+    def _container_oom(self, code: int | None) -> str:
+        """A memory kill: exit 137 (SIGKILL) with a memory limit set and no stop asked for.
+        (podman's own OOMKilled flag stays false on a cgroup v1 memory controller.)"""
+        memory = self.spec.limits.memory_mb
+        if memory and code == 128 + signal.SIGKILL and not self.kill_reason:
+            return (f"out of memory: the container was killed at its {memory} MiB memory "
+                    "limit")
+        return ""
+
+    async def _remove_container(self) -> None:
+        pod = self.mgr.podman
+        if pod is None or self.container is None:
+            return
+        try:
+            await pod.remove(self.container)
+            self._removed = True
+        except containers.ContainerError as e:
+            log.warning("session %s: %s", self.id, e)
 
     async def _watchdog(self) -> None:
         spec = self.spec
@@ -423,7 +497,9 @@ class SessionManager:
                  ledger: Ledger, capacity: int, ports: PortPool, grace: float,
                  base_env: Mapping[str, str], address: str,
                  on_change: Callable[[], None], layout: Layout | None = None,
-                 ephemeral_uids: tuple[int, int] = (users.UID_FIRST, users.UID_LAST)) -> None:
+                 ephemeral_uids: tuple[int, int] = (users.UID_FIRST, users.UID_LAST),
+                 podman: containers.Podman | None = None,
+                 container_mounts: tuple[str, ...] = ()) -> None:
         self.node = node
         self.nc = nc
         self.js = js
@@ -437,6 +513,8 @@ class SessionManager:
         self.on_change = on_change
         self.layout = layout  # cgroups, if the node has them
         self.ephemeral_uids = ephemeral_uids  # what the network policy confines
+        self.podman = podman  # None: this node runs no containers
+        self.container_mounts = container_mounts  # where read-only mounts may come from
         self.sessions: dict[str, Session] = {}
         self.reserved = 0
         self.draining = False
@@ -467,6 +545,10 @@ class SessionManager:
             if spec.user not in ("agent", "ephemeral"):
                 return m.SessionStartReply(ok=False, reason=f"user {spec.user!r} not allowed "
                                            "on this node (use agent or ephemeral)")
+            if spec.runtime == "container":
+                why = await self._cannot_run(spec)
+                if why:  # the scheduler tries the next node
+                    return m.SessionStartReply(ok=False, reason=why)
             if spec.user == "ephemeral" and not users.can_create_users():
                 spec = msgspec.structs.replace(spec, user="agent")
             if spec.ports:
@@ -490,6 +572,20 @@ class SessionManager:
             self.reserved -= 1
             self.ports.release(ports)
             self.on_change()
+
+    async def _cannot_run(self, spec: m.SessionSpec) -> str:
+        """Why this node cannot run a container session, or ""."""
+        if self.podman is None:
+            return (f"node {self.node} cannot run containers (podman or runc missing, or "
+                    "turned off)")
+        assert spec.image is not None
+        try:
+            if await self.podman.image_exists(spec.image):
+                return ""
+        except containers.ContainerError as e:
+            return f"node {self.node}: {e}"
+        return (f"image {spec.image} is not on node {self.node}; images are never pulled: "
+                "load it there with podman load or podman import")
 
     async def _run(self, session: Session) -> None:
         try:

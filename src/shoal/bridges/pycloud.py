@@ -36,14 +36,14 @@ log = logging.getLogger("shoal.bridge.pycloud")
 CLAIM_TTL = 600.0  # longer than any bridge takes to see a message it was sent
 REQUEST_LABEL = "pycloud-request"  # on every session the bridge makes; status/remove need it
 MAX_IN_FLIGHT = 64  # requests served at once; past that the bridge stops reading Redis
-CONTAINERS_MISSING = ("containers are not enabled on this fleet yet: this request is a Docker "
-                      "script (an image on the first line); send a shell script instead")
+DEFAULT_NETWORK = "podman"  # podman's default network: a published port needs one
 
 
 class Bridge:
     def __init__(self, redis: Redis, client: Client, *, name: str = "",
                  prefix: str = p.DEFAULT_PREFIX, user: str = "agent",
-                 selector: m.Labels | None = None, claim_ttl: float = CLAIM_TTL) -> None:
+                 selector: m.Labels | None = None, claim_ttl: float = CLAIM_TTL,
+                 network: str = DEFAULT_NETWORK) -> None:
         self.redis = redis
         self.client = client
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -51,6 +51,7 @@ class Bridge:
         self.user = user
         self.selector = dict(selector or {})
         self.claim_ttl = claim_ttl
+        self.network = network  # for Docker scripts with a port
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -158,11 +159,17 @@ class Bridge:
             container = p.container_script(req.script)
         except ValueError as e:
             return p.Reply(cloud=self.name, error=str(e))
-        if container is not None:
-            return p.Reply(cloud=self.name, error=CONTAINERS_MISSING)
-        spec = m.SessionSpec(id=p.session_id_for(req.id), name="pycloud", shell=req.script,
-                             user=self.user, selector=self.selector,
-                             labels={REQUEST_LABEL: req.id})
+        labels = {REQUEST_LABEL: req.id}
+        if container is not None:  # the image's own command; PyCloud's port published
+            ports = [container.port] if container.port is not None else []
+            spec = m.SessionSpec(id=p.session_id_for(req.id), name="pycloud",
+                                 runtime="container", image=container.image,
+                                 ports=len(ports), container_ports=ports,
+                                 network=self.network if ports else "none",
+                                 selector=self.selector, labels=labels)
+        else:
+            spec = m.SessionSpec(id=p.session_id_for(req.id), name="pycloud", shell=req.script,
+                                 user=self.user, selector=self.selector, labels=labels)
         record = await self.client.create_session(spec)
         if record.state == "failed":
             return p.Reply(cloud=record.node or self.name, id=record.id,
@@ -213,7 +220,8 @@ def redacted(url: str) -> str:
 
 async def run_bridge(client: Client, redis_url: str, *, name: str = "",
                      prefix: str = p.DEFAULT_PREFIX, user: str = "agent",
-                     selector: m.Labels | None = None) -> None:
+                     selector: m.Labels | None = None, network: str = DEFAULT_NETWORK,
+                     ) -> None:
     """The ``shoal bridge pycloud`` process: serve until SIGTERM or SIGINT."""
     import signal
 
@@ -236,7 +244,8 @@ async def run_bridge(client: Client, redis_url: str, *, name: str = "",
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bridge = Bridge(redis, client, name=name, prefix=prefix, user=user, selector=selector)
+    bridge = Bridge(redis, client, name=name, prefix=prefix, user=user, selector=selector,
+                    network=network)
     log.info("bridge %s: PyCloud requests on %s go to the fleet at %s", bridge.name,
              redacted(redis_url), client.url)
     try:

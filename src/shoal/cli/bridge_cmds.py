@@ -24,10 +24,13 @@ def bridge() -> None:
               show_default=True, help="Run scripts as the agent's user or a throwaway user.")
 @click.option("-l", "--label", "labels", multiple=True,
               help="key=value: place scripts only on nodes with these labels (repeatable).")
+@click.option("--network", default="podman", show_default=True,
+              help="The podman network of Docker scripts with a port (one without a port "
+                   "gets none).")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def bridge_pycloud(ctx: click.Context, redis_url: str, prefix: str, name: str, user: str,
-                   labels: tuple[str, ...], verbose: bool) -> None:
+                   labels: tuple[str, ...], network: str, verbose: bool) -> None:
     """Answer PyCloud's Redis requests (create, status, remove) with sessions on this fleet.
 
     Run as many as you like on the same Redis: each request is answered once."""
@@ -54,6 +57,6 @@ def bridge_pycloud(ctx: click.Context, redis_url: str, prefix: str, name: str, u
     async def go() -> None:
         async with client:
             await run_bridge(client, redis_url, name=name, prefix=prefix, user=user,
-                             selector=selector)
+                             selector=selector, network=network)
 
     arun(go())

@@ -30,14 +30,15 @@ def _isolation(n: NodeInfo) -> str:
 TABLE_MAX = 200  # more nodes than this: a summary by default, and plain text for --all
 ATTENTION_MAX = 50  # down or draining nodes named under a summary
 NODE_COLUMNS = ("NAME", "STATE", "SESSIONS", "LOAD", "CPU%", "MEM%", "LABELS", "ADDRESS",
-                "ISOLATION", "SEEN")
+                "ISOLATION", "CONTAINERS", "SEEN")
 
 
 def _node_row(n: NodeInfo) -> tuple[str, ...]:
     return (n.name, n.state, f"{n.sessions}/{n.capacity}", f"{n.load.load1:.2f}",
             f"{n.load.cpu_percent:.0f}", f"{n.load.mem_percent:.0f}",
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-",
-            n.address or "-", _isolation(n), _ago(n.last_seen))
+            n.address or "-", _isolation(n), "podman" if n.containers else "-",
+            _ago(n.last_seen))
 
 
 def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
@@ -59,7 +60,7 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
             row = _node_row(n)
             isolation = "[red]none[/]" if row[8] == "none" else row[8]
             table.add_row(row[0], f"[{colors[n.state]}]{n.state}[/]", *row[2:8], isolation,
-                          row[9])
+                          *row[9:])
         Console().print(table)
     loose = [f"{n.name} ({n.network})" for n in nodes
              if n.state != "down" and n.network in ("unenforced", "open")]

@@ -205,6 +205,11 @@ class TerminalPool:
                    if n.state == "ready")
 
     def warning(self) -> str | None:
+        if self.cfg.terminal_image:
+            able = [n for n in self.ctl.registry.snapshot().values()
+                    if n.state == "ready" and n.containers]
+            return None if able else ("no ready node can run containers for terminals "
+                                      "(`shoal nodes` shows which can)")
         plain = [n.name for n in self.ctl.registry.snapshot().values()
                  if n.state == "ready" and not n.isolation]
         if plain:
@@ -219,13 +224,18 @@ class TerminalPool:
 
     def spec(self) -> m.SessionSpec:
         c = self.cfg
+        # With terminal_image, a container (no network: not the node's, nor anyone's) in
+        # place of a throwaway user; the pool (queue, timeouts, replay) is the same.
+        isolation: dict[str, Any] = {"user": "ephemeral"}
+        if c.terminal_image:
+            isolation = {"runtime": "container", "image": c.terminal_image, "network": "none"}
         # The id prefix sends the output to the terminals' own stream (outputlog.py).
         return m.SessionSpec(
             id=outputlog.TERMINAL_PREFIX + secrets.token_hex(6), output_cap=c.terminal_output_cap,
-            name="terminal", command=list(c.terminal_command), tty=True, user="ephemeral",
+            name="terminal", command=list(c.terminal_command), tty=True,
             detach_timeout=c.terminal_detach_timeout, idle_timeout=c.terminal_idle_timeout,
             timeout=c.terminal_lifetime, labels={"pool": "terminal"},
-            limits=m.Limits(processes=256, open_files=1024, memory_mb=2048))
+            limits=m.Limits(processes=256, open_files=1024, memory_mb=2048), **isolation)
 
     async def enter(self, request: web.Request) -> web.Response:
         """POST /terminal: a terminal now, or a place in the queue."""
