@@ -22,7 +22,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,3 +436,27 @@ def reap_orphans(marker: str) -> int:
             except (OSError, IndexError):
                 continue
     return n
+
+
+# --------------------------------------------------------------------------- the last output
+
+DRAIN_LIMIT = 5.0  # reading what the pipes hold once nothing of the unit runs any more
+
+
+async def drain(eofs: Iterable[asyncio.Event], paused: Callable[[], bool]) -> bool:
+    """Wait for EOF on every pipe of a unit that has ended. With nothing of it left EOF comes
+    once the pipes are empty; a descriptor held elsewhere (no cgroup, or passed to another
+    process) is given DRAIN_LIMIT seconds, counted again while ``paused()`` (flow control
+    holding output back). False when it gave up."""
+    waiting = asyncio.gather(*(e.wait() for e in eofs))
+    deadline = time.monotonic() + DRAIN_LIMIT
+    while not waiting.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), 0.5)
+        except TimeoutError:
+            if paused():
+                deadline = time.monotonic() + DRAIN_LIMIT
+            elif time.monotonic() > deadline:
+                waiting.cancel()
+                return False
+    return True

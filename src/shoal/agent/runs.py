@@ -36,7 +36,6 @@ FRAME_OVERHEAD = 1024  # an Output's fields besides data, with room to spare
 KEEPALIVE_LAPSE = 20.0  # no control frame for this long: the controller is gone, stop
 STDIN_ACK_EVERY = 64 << 10
 LEFTOVER_GRACE = 1.0  # seconds background children may keep writing after the leader exits
-DRAIN_LIMIT = 5.0  # reading what the pipes hold once nothing of the run is left
 
 
 def command_argv(spec: m.RunSpec) -> list[str]:
@@ -146,20 +145,7 @@ class Run:
         self.done.set()
 
     async def _drain(self) -> None:
-        # Nothing of the run is left, so EOF comes once the pipes are empty, unless a
-        # descriptor lives on elsewhere (no cgroup): bounded, longer while flow control
-        # holds output back.
-        eofs = asyncio.gather(*(e.wait() for e in self._eof.values()))
-        deadline = time.monotonic() + DRAIN_LIMIT
-        while not eofs.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(eofs), 0.5)
-            except TimeoutError:
-                if self._paused:
-                    deadline = time.monotonic() + DRAIN_LIMIT
-                elif time.monotonic() > deadline:
-                    eofs.cancel()
-                    return
+        await procs.drain(self._eof.values(), lambda: bool(self._paused))
 
     def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
         if unit is not None:

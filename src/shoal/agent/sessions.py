@@ -52,7 +52,6 @@ MAX_BACKOFF = 30.0
 # What the `podman run` client keeps of the agent's environment (never its SHOAL_ secrets).
 PODMAN_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR"})
 LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
-DRAIN_LIMIT = 5.0  # reading what is left in the pipes, once nothing of the session runs
 # What a throwaway user gets unless the spec says otherwise.
 EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, open_files=4096)
 
@@ -286,20 +285,10 @@ class Session:
     async def _drain(self) -> None:
         """Read what the pipes still hold. Nothing of the session runs any more, so EOF
         comes once they are empty; a descriptor held elsewhere (no cgroup, or passed to
-        another process) is given DRAIN_LIMIT seconds, longer while output is held back."""
-        eofs = asyncio.gather(*(e.wait() for e in self._eofs))
-        deadline = time.monotonic() + DRAIN_LIMIT
-        while not eofs.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(eofs), 0.5)
-            except TimeoutError:
-                if self._paused:
-                    deadline = time.monotonic() + DRAIN_LIMIT
-                elif time.monotonic() > deadline:
-                    eofs.cancel()
-                    log.warning("session %s: output still open after its processes ended; "
-                                "closing it", self.id)
-                    return
+        another process) is given procs.DRAIN_LIMIT seconds, longer while output is held back."""
+        if not await procs.drain(self._eofs, lambda: bool(self._paused)):
+            log.warning("session %s: output still open after its processes ended; closing it",
+                        self.id)
 
     async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
                       signal: int | None = None, reason: str = "") -> None:
