@@ -120,7 +120,7 @@ def _run(ctx: click.Context, targets: m.Targets, spec: dict[str, Any], fanout: i
     try:
         return run_command(cfg.url, cfg.token, targets, run_spec, mode="prefixed",
                            progress=False, connect_timeout=connect_timeout,
-                           fanout=fanout or 0, **kwargs)
+                           fanout=fanout or 0, ca=cfg.ca, **kwargs)
     except ShoalError as e:
         fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 

@@ -79,10 +79,11 @@ def _pump_stdin(sender: _Sender, chunk: int, fd: int | None = None) -> None:
         sender.stdin(data)
 
 
-def _open(url: str, token: str, start: m.RunStart) -> tuple[WebSocket, m.RunPlan]:
+def _open(url: str, token: str, start: m.RunStart,
+          ca: str = "") -> tuple[WebSocket, m.RunPlan]:
     ws_url = "ws" + url[4:] if url.startswith("http") else url
     ws = WebSocket.connect(ws_url.rstrip("/") + "/api/v1/run",
-                           {"Authorization": f"Bearer {token}"})
+                           {"Authorization": f"Bearer {token}"}, ca=ca)
     ws.send_binary(m.pack(start))
     first = _next(ws)
     if isinstance(first, m.ErrorFrame):
@@ -106,7 +107,7 @@ def _next(ws: WebSocket) -> m.ServerFrame:
 def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mode: str,
                 progress: bool, connect_timeout: float, batch: int = 0, batch_percent: int = 0,
                 fanout: int = 0, keep_going: bool = False, stdin_fd: int | None = None,
-                printer: Printer | None = None) -> int:
+                printer: Printer | None = None, ca: str = "") -> int:
     """Run and print; returns the exit status for the CLI. ``stdin_fd`` feeds the nodes'
     stdin from that file instead of the terminal's (``shoal copy``)."""
     reuse_heap_for_bulk_io()
@@ -119,7 +120,7 @@ def run_command(url: str, token: str, targets: m.Targets, spec: m.RunSpec, *, mo
                        keep_going=keep_going)
     from ..client import first_reachable  # url may list a cluster's controllers
 
-    ws, plan = _open(first_reachable(url), token, start)
+    ws, plan = _open(first_reachable(url), token, start, ca)
     sender = _Sender(ws)
     interrupts = 0
 
