@@ -127,6 +127,7 @@ def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
     the system's CAs), and our client certificate when the server asks for one (mutual TLS)."""
     if not (cfg.ca or cfg.cert or cfg.url.startswith("tls://")):
         return None
+    _quiet_asyncio_tls()
     if bool(cfg.cert) != bool(cfg.key):
         raise ConfigError("[nats] cert and key go together: give both (the client certificate "
                           "and its private key) or neither")
@@ -138,6 +139,18 @@ def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
         raise ConfigError(f"cannot load the NATS TLS files (ca {cfg.ca or '-'}, cert "
                           f"{cfg.cert or '-'}, key {cfg.key or '-'}): {e}") from e
     return ctx
+
+
+def _drop_eof_notice(record: logging.LogRecord) -> bool:
+    # nats-py's protocol returns True from eof_received, which asyncio ignores under TLS and
+    # then logs at WARNING on every connection: noise, nothing an operator can act on.
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_asyncio_tls() -> None:
+    logger = logging.getLogger("asyncio")
+    if _drop_eof_notice not in logger.filters:
+        logger.addFilter(_drop_eof_notice)
 
 
 async def close(nc: NatsClient, timeout: float = 5.0) -> None:
