@@ -35,6 +35,7 @@ class Fleet:
         self.token = ""
         self.procs: list[subprocess.Popen[str]] = []
         self.log = home / "up.log"
+        self.last_log = self.log  # the log of the last extra controller started
 
     def start(self, timeout: float = 30.0) -> Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -117,12 +118,15 @@ class Fleet:
             self.wait_nodes([name])
         return p
 
-    def controller(self, port: int = 0, timeout: float = 20) -> tuple[subprocess.Popen[str], str]:
-        """Start one more controller process; returns it and its URL."""
+    def controller(self, port: int = 0, timeout: float = 20,
+                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+        """Start one more controller process; returns it and its URL (its log: ``last_log``)."""
         log_path = self.home / f"controller-{time.monotonic_ns()}.log"
         log = open(log_path, "w")  # noqa: SIM115
-        p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+        p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT,
+                       env=env)
         log.close()
+        self.last_log = log_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = re.search(r"shoal controller on (https?://\S+)", log_path.read_text())

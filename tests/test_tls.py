@@ -147,6 +147,17 @@ def test_agent_and_controller_from_their_configs(tls_fleet: Fleet) -> None:
         p.wait(30)
 
 
+def test_a_bind_beyond_loopback_without_tls_warns(tls_fleet: Fleet) -> None:
+    """Bound to every address (nothing is sent beyond loopback): quiet with its certificate,
+    a warning naming tls_cert without one."""
+    for env, warned in (({}, False), ({"SHOAL_TLS_CERT": "", "SHOAL_TLS_KEY": ""}, True)):
+        p, _ = tls_fleet.controller(env={"SHOAL_HOST": "0.0.0.0", **env})
+        p.terminate()
+        p.wait(30)
+        text = tls_fleet.last_log.read_text()
+        assert ("without TLS" in text and "tls_cert" in text) is warned, text
+
+
 async def test_nats_refuses_a_client_without_a_certificate(tls_fleet: Fleet) -> None:
     cfg = tomllib.loads((tls_fleet.home / "agent.toml").read_text())["nats"]
     url = cfg["url"]
