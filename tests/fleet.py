@@ -20,19 +20,22 @@ SHOAL = str(BIN / "shoal")
 
 
 class Fleet:
-    def __init__(self, home: Path, agents: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, home: Path, agents: int = 2, extra_args: tuple[str, ...] = (),
+                 tls: bool = False) -> None:
         self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         self.env["SHOAL_HOME"] = str(home)
         self.env["PYTHONUNBUFFERED"] = "1"
         self.agents = agents
-        self.extra_args = extra_args
+        self.extra_args = (*extra_args, "--tls") if tls else extra_args
+        self.ca = home / "tls" / "ca.pem" if tls else None  # `shoal up --tls` makes it
         self.up: subprocess.Popen[str] | None = None
         self.url = ""
         self.services_url = ""  # the services listener: service NAME is at /s/NAME/
         self.token = ""
         self.procs: list[subprocess.Popen[str]] = []
         self.log = home / "up.log"
+        self.last_log = self.log  # the log of the last extra controller started
 
     def start(self, timeout: float = 30.0) -> Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -45,10 +48,10 @@ class Fleet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            found = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", text)
+            found = re.search(r"(https?://127\.0\.0\.1:\d+)/\?token=(\S+)", text)
             if found and "Ctrl-C stops everything." in text:  # the last line printed
                 self.url, self.token = found.group(1), found.group(2)
-                services = re.search(r"services: +(http://\S+)/s/NAME/", text)
+                services = re.search(r"services: +(https?://\S+)/s/NAME/", text)
                 self.services_url = services.group(1) if services else self.url
                 break
             if self.up.poll() is not None:
@@ -119,15 +122,18 @@ class Fleet:
             self.wait_nodes([name])
         return p
 
-    def controller(self, port: int = 0, timeout: float = 20) -> tuple[subprocess.Popen[str], str]:
-        """Start one more controller process; returns it and its URL."""
+    def controller(self, port: int = 0, timeout: float = 20,
+                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+        """Start one more controller process; returns it and its URL (its log: ``last_log``)."""
         log_path = self.home / f"controller-{time.monotonic_ns()}.log"
         log = open(log_path, "w")  # noqa: SIM115
-        p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+        p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT,
+                       env=env)
         log.close()
+        self.last_log = log_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(r"shoal controller on (http://\S+)", log_path.read_text())
+            found = re.search(r"shoal controller on (https?://\S+)", log_path.read_text())
             if found:
                 return p, found.group(1)
             if p.poll() is not None:

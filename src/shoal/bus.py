@@ -20,7 +20,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from .config import NatsConfig
-from .errors import AuthError, ConnectError
+from .errors import AuthError, ConfigError, ConnectError
 from .servicetypes import SERVICES_BUCKET
 from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
@@ -85,8 +85,11 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         opts["password"] = cfg.password or ""
     if cfg.creds:
         opts["user_credentials"] = cfg.creds
-    if cfg.ca or cfg.url.startswith("tls://"):
-        opts["tls"] = ssl.create_default_context(cafile=cfg.ca)
+    tls = tls_context(cfg)
+    if tls is not None:
+        opts["tls"] = tls
+        if cfg.tls_hostname:
+            opts["tls_hostname"] = cfg.tls_hostname
     try:
         # Reconnects are for later outages; the first connect must say no at once.
         opts["max_reconnect_attempts"] = 0
@@ -95,20 +98,59 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         nc = await nats.connect(**opts)
     except Exception as e:  # nats-py raises a zoo of types here; translate them all
         errs = [*last_error, e]
+        bad_cert = next((x for x in errs if isinstance(x, ssl.SSLCertVerificationError)), None)
+        if bad_cert is not None:
+            raise ConnectError(
+                f"NATS at {_safe_url(cfg.url)}: certificate verify failed: "
+                f"{bad_cert.verify_message or bad_cert}; set [nats] ca (SHOAL_NATS_CA) to the "
+                "CA that signed the server's certificate") from e
         if any(_is_auth(x) for x in errs):
             raise AuthError(
                 f"NATS at {_safe_url(cfg.url)} refused the credentials "
                 f"(user {cfg.user or '-'}): check the password or .creds file in the config"
             ) from e
+        hint = "is nats-server running (shoal up starts one) and is the URL right?"
+        if tls is not None and not cfg.cert:
+            hint += (" A server that verifies client certificates (mutual TLS) drops a client"
+                     " without one: set [nats] cert and key")
         raise ConnectError(
-            f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; is nats-server "
-            "running (shoal up starts one) and is the URL right?"
-        ) from e
+            f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; {hint}") from e
     client.append(nc)
     # Now that we are in, keep trying forever through outages.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
+    """The TLS settings of ``cfg`` (None: plain TCP): the server verified against ``ca`` (else
+    the system's CAs), and our client certificate when the server asks for one (mutual TLS)."""
+    if not (cfg.ca or cfg.cert or cfg.url.startswith("tls://")):
+        return None
+    _quiet_asyncio_tls()
+    if bool(cfg.cert) != bool(cfg.key):
+        raise ConfigError("[nats] cert and key go together: give both (the client certificate "
+                          "and its private key) or neither")
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca or None)
+        if cfg.cert and cfg.key:
+            ctx.load_cert_chain(cfg.cert, cfg.key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the NATS TLS files (ca {cfg.ca or '-'}, cert "
+                          f"{cfg.cert or '-'}, key {cfg.key or '-'}): {e}") from e
+    return ctx
+
+
+def _drop_eof_notice(record: logging.LogRecord) -> bool:
+    # nats-py's protocol returns True from eof_received, which asyncio ignores under TLS and
+    # then logs at WARNING on every connection: noise, nothing an operator can act on.
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_asyncio_tls() -> None:
+    logger = logging.getLogger("asyncio")
+    if _drop_eof_notice not in logger.filters:
+        logger.addFilter(_drop_eof_notice)
 
 
 async def close(nc: NatsClient, timeout: float = 5.0) -> None:

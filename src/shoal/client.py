@@ -34,6 +34,7 @@ from .errors import (
     ShoalError,
     error_for_status,
 )
+from .tlsverify import certificate_error, client_context
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,13 @@ class Client:
     refuses connections."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0,
-                 reconnect_for: float = RECONNECT_FOR) -> None:
+                 reconnect_for: float = RECONNECT_FOR, ca: str = "") -> None:
         self.urls = controller_urls(url)
         self.url = self.urls[0]
         self.token = token
         self.timeout = timeout
         self.reconnect_for = reconnect_for
+        self.ca = ca  # the CA an https:// controller is verified against ("": the system's)
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -94,7 +96,7 @@ class Client:
         if not 0 <= cfg.reconnect_for <= 86400:
             raise ConfigError(f"reconnect_for must be between 0 and 86400 seconds, not "
                               f"{cfg.reconnect_for:g}")
-        return cls(cfg.url, cfg.token, reconnect_for=cfg.reconnect_for)
+        return cls(cfg.url, cfg.token, reconnect_for=cfg.reconnect_for, ca=cfg.ca)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -103,7 +105,8 @@ class Client:
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
                 # No pool limit: each attached terminal holds a connection open.
-                connector=aiohttp.TCPConnector(family=socket.AF_INET, limit=0),
+                connector=aiohttp.TCPConnector(family=socket.AF_INET, limit=0,
+                                               ssl=client_context(self.ca)),
             )
         return self._session
 
@@ -128,6 +131,9 @@ class Client:
         for i in range(len(self.urls)):
             try:
                 return await attempt(self.url)
+            except aiohttp.ClientConnectorCertificateError as e:
+                # Never "moves on": every controller of a fleet shows the same certificate.
+                raise certificate_error(self.url, e) or ConnectError(str(e)) from e
             except aiohttp.ClientConnectorError:
                 if i == len(self.urls) - 1:
                     raise

@@ -28,6 +28,10 @@ class NatsConfig(Struct, forbid_unknown_fields=True):
     password: str | None = None
     creds: str | None = None  # a NATS .creds file (JWT deployments)
     ca: str | None = None  # CA bundle for TLS to NATS
+    # Mutual TLS: this process's client certificate and its key (PEM files).
+    cert: str | None = None
+    key: str | None = None
+    tls_hostname: str | None = None  # the name to verify the server by, if not the URL's host
     # Try the servers of ``url`` in random order (spreads clients over a cluster); false: in
     # the order given (``shoal up`` spreads its own processes so).
     randomize: bool = True
@@ -103,12 +107,16 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     services_port: int = SERVICES_PORT_NEXT  # 0: any free port
     services_url: str = ""  # its public base URL if not http://HOST:services_port
     groups: str = ""  # node groups: a ClusterShell groups.conf, groups.d dir, YAML or flat file
+    # HTTPS on both listeners (API and services): the certificate (chain) and key, PEM files.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):
     url: str = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
     token: str = ""
     reconnect_for: float = 60.0  # seconds `logs -f` and `attach` try to get a lost controller back
+    ca: str = ""  # the CA to verify an https:// controller against (else the system's)
 
 
 C = TypeVar("C", bound=Struct)

@@ -76,6 +76,22 @@ class LeafListen:
 
 
 @dataclass(frozen=True)
+class NatsTls:
+    """TLS on the client port: the server's certificate and key, and the CA that client
+    certificates must be signed by (every client must show one: mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def conf(self) -> dict[str, object]:
+        # verify: a client without a certificate from ca_file is refused in the handshake;
+        # the user/password check still follows (a certificate is not a NATS identity).
+        return {"cert_file": self.cert_file, "key_file": self.key_file,
+                "ca_file": self.ca_file, "verify": True, "timeout": 5}
+
+
+@dataclass(frozen=True)
 class ClusterPeer:
     """One server's place in a local cluster: its name and its client and route ports."""
 
@@ -152,7 +168,7 @@ def _common(host: str, port: int) -> dict[str, object]:
 
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
                   cluster: ClusterSpec | None = None, server_name: str = "",
-                  leafnodes: LeafListen | None = None) -> str:
+                  leafnodes: LeafListen | None = None, tls: NatsTls | None = None) -> str:
     """A nats-server configuration: JetStream on, one account, two users, nothing anonymous.
     With ``cluster``, this server (``server_name``, one of its peers) routes to the others
     with a password of its own: an unauthenticated route would let anyone on the host join
@@ -179,6 +195,8 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
             "authorization": {"users": [{"user": LEAF_USER, "password": users.leaf_password,
                                          "account": ACCOUNT}]},
         }
+    if tls is not None:
+        conf["tls"] = tls.conf()
     if cluster is not None:
         if not users.route_password:
             raise ConfigError("a clustered nats-server needs a route password")
@@ -267,8 +285,10 @@ class NatsServer:
 
     def __init__(self, directory: Path, users: NatsUsers, port: int = 0,
                  host: str = "127.0.0.1", cluster: ClusterSpec | None = None,
-                 server_name: str = "", leafnodes: LeafListen | None = None) -> None:
+                 server_name: str = "", leafnodes: LeafListen | None = None,
+                 tls: NatsTls | None = None) -> None:
         self.directory = directory
+        self.tls = tls
         self.users = users
         self.host = host
         self.cluster = cluster
@@ -282,11 +302,11 @@ class NatsServer:
 
     def config(self) -> str:
         return server_config(self.port, self.directory / "jetstream", self.users, self.host,
-                             self.cluster, self.name, self.leafnodes)
+                             self.cluster, self.name, self.leafnodes, self.tls)
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
         self.spawn()
@@ -390,10 +410,10 @@ class NatsCluster:
     """The servers of a local cluster, one directory each (``directory``/n1, n2, ...)."""
 
     def __init__(self, directory: Path, users: NatsUsers, spec: ClusterSpec,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", tls: NatsTls | None = None) -> None:
         self.spec = spec
         self.servers = [NatsServer(directory / p.name, users, host=host, cluster=spec,
-                                   server_name=p.name) for p in spec.peers]
+                                   server_name=p.name, tls=tls) for p in spec.peers]
 
     @property
     def urls(self) -> list[str]:
@@ -428,7 +448,7 @@ class NatsCluster:
         while time.monotonic() < deadline:
             formed = 0
             for url in self.urls:
-                one = NatsConfig(url=url, user=cfg.user, password=cfg.password)
+                one = msgspec.structs.replace(cfg, url=url)  # the TLS files too
                 try:
                     nc = await bus.connect(one, "shoal-up", connect_timeout=2.0)
                 except ConnectError as e:

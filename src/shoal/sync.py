@@ -166,9 +166,9 @@ class SyncClient(_Bridge):
     _target: Client
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0,
-                 reconnect_for: float = RECONNECT_FOR) -> None:
+                 reconnect_for: float = RECONNECT_FOR, ca: str = "") -> None:
         super().__init__(_Portal(), Client(url, token, timeout=timeout,
-                                           reconnect_for=reconnect_for))
+                                           reconnect_for=reconnect_for, ca=ca))
 
     @classmethod
     def from_config(cls, url: str | None = None, token: str | None = None) -> SyncClient:
@@ -176,7 +176,7 @@ class SyncClient(_Bridge):
         ``$SHOAL_HOME/client.toml`` (which ``shoal up`` writes)."""
         found = Client.from_config(url, token)
         return cls(found.url, found.token, timeout=found.timeout,
-                   reconnect_for=found.reconnect_for)
+                   reconnect_for=found.reconnect_for, ca=found.ca)
 
     @property
     def client(self) -> Client:

@@ -9,6 +9,8 @@ agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME
     agent.toml       how an agent joins this fleet: ``shoal agent`` reads it (0600)
     client.toml      the URL and token every other ``shoal`` command uses (0600)
     nats/            the server's config, log and JetStream store
+    tls/             with ``--tls``: the fleet's CA (ca.pem: clients verify against it), the
+                     servers' certificate and the NATS users' client certificates (shoal.pki)
     nats-cluster/    with ``--nats-cluster N``: n1/ .. nN/, one such directory per server
     leaf-sites/      with ``--leaf-sites N``: site-1/ .. site-N/, each a leaf server's config
                      and log, and agent.toml for more agents of that site
@@ -30,6 +32,7 @@ import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -43,9 +46,13 @@ from .natsd import (
     LeafServer,
     NatsCluster,
     NatsServer,
+    NatsTls,
     NatsUsers,
     free_port,
 )
+
+if TYPE_CHECKING:
+    from .pki import FleetTls
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,39 @@ class UpOptions:
     parking_url: str = ""
     nats_cluster: int = 0  # > 0: a local cluster of this many servers
     leaf_sites: int = 0  # > 0: this many sites, each a leaf server with one agent
+    tls: bool = False  # a generated CA; NATS with mutual TLS; the controller on HTTPS
+    tls_names: tuple[str, ...] = ()  # more names (DNS or IP) the server certificate carries
+
+
+def _fleet_tls(home: Path, opts: UpOptions) -> FleetTls | None:
+    if not opts.tls:
+        return None
+    from .pki import fleet_pki, server_names  # cryptography: only when asked for
+
+    return fleet_pki(home / "tls", server_names([opts.host, *opts.tls_names]),
+                     ("controller", "agent"))
+
+
+def _nats_tls(tls: FleetTls | None) -> NatsTls | None:
+    return None if tls is None else NatsTls(str(tls.server_cert), str(tls.server_key),
+                                            str(tls.ca))
+
+
+def _tls_nats(tls: FleetTls | None, user: str) -> dict[str, Any]:
+    """The [nats] settings a ``user`` process needs to pass the server's mutual TLS."""
+    if tls is None:
+        return {}
+    cert, key = tls.client(user)
+    return {"ca": str(tls.ca), "cert": cert, "key": key}
+
+
+def _tls_http(tls: FleetTls | None) -> dict[str, str]:
+    return {} if tls is None else {"tls_cert": str(tls.server_cert),
+                                   "tls_key": str(tls.server_key)}
+
+
+def _client_config(url: str, token: str, tls: FleetTls | None) -> c.ClientConfig:
+    return c.ClientConfig(url=url, token=token, ca=str(tls.ca) if tls else "")
 
 
 def _secrets(home: Path) -> tuple[str, NatsUsers]:
@@ -125,17 +165,21 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         raise ConfigError("--leaf-sites needs the embedded server as the hub: drop --nats")
     home = c.ensure_home()
     token, users = _secrets(home)
+    tls = _fleet_tls(home, opts)
     server: NatsServer | None = None
     leaves: list[LeafServer] = []
     if opts.nats_url is None:
         hub = LeafListen("127.0.0.1", free_port()) if opts.leaf_sites else None
-        server = NatsServer(home / "nats", users, port=opts.nats_port, leafnodes=hub)
+        server = NatsServer(home / "nats", users, port=opts.nats_port, leafnodes=hub,
+                            tls=_nats_tls(tls))
         server.start()  # in this thread: the server's PDEATHSIG follows the starting thread
         if hub is not None:
             leaves = _start_leaves(home, users, hub, opts.leaf_sites)
         ctl_nats = c.NatsConfig(url=server.url, user="controller",
-                                password=users.controller_password)
-        agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password)
+                                password=users.controller_password,
+                                **_tls_nats(tls, "controller"))
+        agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password,
+                                  **_tls_nats(tls, "agent"))
     else:  # an existing NATS: credentials come from SHOAL_NATS_* for both
         ctl_nats = c.load(c.ControllerConfig, None, {"nats": {"url": opts.nats_url}}).nats
         agent_nats = ctl_nats
@@ -145,7 +189,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         "nats": c.to_builtins(ctl_nats), "host": opts.host, "port": opts.port, "token": token,
         "services_port": opts.services_port,
         "public_terminals": opts.public_terminals or None,
-        "terminal_parking_url": opts.parking_url or None})
+        "terminal_parking_url": opts.parking_url or None, **_tls_http(tls)})
     controller = Controller(ctl_cfg)
     agents: AgentHost | None = None
     site_hosts: list[AgentHost] = []
@@ -156,7 +200,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         agent_cfg = c.AgentConfig(nats=agent_nats, capacity=opts.capacity,
                                   address="127.0.0.1", state_dir=str(home / "agent-state"))
         c.save(home / "agent.toml", c.AgentConfig(nats=agent_nats, address="127.0.0.1"))
-        c.save(home / "client.toml", c.ClientConfig(url=controller.url, token=token))
+        c.save(home / "client.toml", _client_config(controller.url, token, tls))
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
             await agents.start()
@@ -188,6 +232,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
                   f"{leaf.directory / 'agent.toml'})", flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
+        _print_tls(tls)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         if ready is not None:
@@ -227,51 +272,63 @@ def _start_leaves(home: Path, users: NatsUsers, hub: LeafListen, sites: int,
     return leaves
 
 
+def _print_tls(tls: FleetTls | None) -> None:
+    if tls is not None:
+        print(f"  TLS:               CA {tls.ca}  (HTTPS and mutual-TLS NATS; browsers and "
+              "other clients verify against it)", flush=True)
+
+
 async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:
     """``shoal up --nats-cluster N``: N servers, N controllers, agents spread over them."""
     home = c.ensure_home()
     token, users = _secrets(home)
+    tls = _fleet_tls(home, opts)
     spec = ClusterSpec.allocate(opts.nats_cluster, first_port=opts.nats_port)
-    cluster = NatsCluster(home / "nats-cluster", users, spec)
+    cluster = NatsCluster(home / "nats-cluster", users, spec, tls=_nats_tls(tls))
     cluster.start()  # in this thread: the servers' PDEATHSIG follows the starting thread
     controllers: list[Controller] = []
     hosts: list[AgentHost] = []
     supervisor: asyncio.Task[None] | None = None
     try:
         await cluster.wait_formed(c.NatsConfig(url=cluster.url, user="controller",
-                                               password=users.controller_password))
+                                               password=users.controller_password,
+                                               **_tls_nats(tls, "controller")))
         supervisor = asyncio.create_task(cluster.supervise())
         urls = cluster.urls
         for i in range(len(urls)):
             # Each controller prefers its own server; with --port P they take P, P+1, ...
             # and their services listeners P+N, P+N+1, ... (never another one's port).
             ctl_nats = c.NatsConfig(url=rotate(urls, i), user="controller",
-                                    password=users.controller_password, randomize=False)
+                                    password=users.controller_password, randomize=False,
+                                    **_tls_nats(tls, "controller"))
             cfg = c.load(c.ControllerConfig, None, {
                 "nats": c.to_builtins(ctl_nats), "host": opts.host,
                 "port": opts.port + i if opts.port else 0,
                 "services_port": opts.port + len(urls) + i if opts.port else 0, "token": token,
                 "public_terminals": opts.public_terminals or None,
-                "terminal_parking_url": opts.parking_url or None})
+                "terminal_parking_url": opts.parking_url or None, **_tls_http(tls)})
             ctl = Controller(cfg)
             controllers.append(ctl)
             await ctl.start()
             cfg.port = ctl.port
         first = controllers[0].cfg
         every = c.NatsConfig(url=cluster.url, user="controller",
-                             password=users.controller_password)
+                             password=users.controller_password,
+                             **_tls_nats(tls, "controller"))
         c.save(home / "controller.toml", msgspec.structs.replace(first, nats=every))
-        agent_every = c.NatsConfig(url=cluster.url, user="agent", password=users.agent_password)
+        agent_every = c.NatsConfig(url=cluster.url, user="agent", password=users.agent_password,
+                                   **_tls_nats(tls, "agent"))
         c.save(home / "agent.toml", c.AgentConfig(nats=agent_every, address="127.0.0.1"))
-        c.save(home / "client.toml", c.ClientConfig(
-            url=",".join(ctl.url for ctl in controllers), token=token))
+        c.save(home / "client.toml", _client_config(
+            ",".join(ctl.url for ctl in controllers), token, tls))
         groups = spread(virtual_names("node-", opts.agents), len(urls)) if opts.agents else []
         port_ranges = split_ports(c.AgentConfig().ports, max(1, len(groups)))
         where: dict[int, list[str]] = {}
         for i, names in enumerate(groups):
             agent_cfg = c.AgentConfig(
                 nats=c.NatsConfig(url=rotate(urls, i), user="agent",
-                                  password=users.agent_password, randomize=False),
+                                  password=users.agent_password, randomize=False,
+                                  **_tls_nats(tls, "agent")),
                 capacity=opts.capacity, address="127.0.0.1",
                 state_dir=str(home / "agent-state"), ports=port_ranges[i])
             host = AgentHost(agent_cfg, names)
@@ -295,6 +352,7 @@ async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:
             print(f"  public terminals:  {controllers[0].url}/terminal", flush=True)
         print(f"  client config:     {home / 'client.toml'}  (shoal run, shoal nodes ...)",
               flush=True)
+        _print_tls(tls)
         print("  add agents:        shoal agent --name NAME   (same SHOAL_HOME)", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         if ready is not None:

@@ -112,7 +112,9 @@ class WebSocket:
         self.closed = False
 
     @classmethod
-    def connect(cls, url: str, headers: dict[str, str], timeout: float = 10.0) -> WebSocket:
+    def connect(cls, url: str, headers: dict[str, str], timeout: float = 10.0,
+                ca: str = "") -> WebSocket:
+        """``ca``: the CA to verify a wss:// controller against ("": the system's)."""
         parts = urlsplit(url)
         secure = parts.scheme in ("https", "wss")
         host = parts.hostname or "127.0.0.1"
@@ -126,7 +128,15 @@ class WebSocket:
         if secure:
             import ssl
 
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            from .tlsverify import certificate_error, client_context
+
+            try:
+                sock = client_context(ca).wrap_socket(sock, server_hostname=host)
+            except ssl.SSLError as e:
+                sock.close()
+                where = f"{parts.scheme}://{parts.netloc}"
+                raise certificate_error(where, e) or ConnectError(
+                    f"TLS with the controller at {where} failed: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16)).decode()
         path = parts.path + (f"?{parts.query}" if parts.query else "")

@@ -134,7 +134,7 @@ def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
     try:
         return run_command(url, token, targets, run_spec, mode="prefixed",
                            progress=False, connect_timeout=connect_timeout,
-                           fanout=fanout or 0, ssh=leg, **kwargs)
+                           fanout=fanout or 0, ssh=leg, ca=cfg.ca if cfg else "", **kwargs)
     except ShoalError as e:
         fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 

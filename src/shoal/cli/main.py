@@ -94,7 +94,14 @@ def client_from(ctx: click.Context) -> Client:
               help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
                    "free).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="HTTP address to bind. Beyond loopback, put TLS in front (docs/operations.md).")
+              help="HTTP address to bind. Beyond loopback, use --tls or put TLS in front "
+                   "(docs/operations.md).")
+@click.option("--tls", is_flag=True,
+              help="Make a CA and certificates ($SHOAL_HOME/tls/): NATS with mutual TLS, the "
+                   "controller on HTTPS, client.toml trusting the CA.")
+@click.option("--tls-name", "tls_names", multiple=True,
+              help="Another DNS name or IP address for the server certificate (repeatable; "
+                   "127.0.0.1, ::1, localhost and --host are always in it).")
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
 @click.option("--nats-cluster", "nats_cluster", type=click.IntRange(2, 9), default=None,
               help="Start a local NATS cluster of N servers, a controller on each, and "
@@ -106,8 +113,9 @@ def client_from(ctx: click.Context) -> Client:
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
-def up(agents: int, capacity: int, port: int, services_port: int, host: str,
-       nats_url: str | None, nats_cluster: int | None, leaf_sites: int,
+def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls: bool,
+       tls_names: tuple[str, ...], nats_url: str | None, nats_cluster: int | None,
+       leaf_sites: int,
        public_terminals: bool, parking_url: str, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
@@ -120,7 +128,7 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str,
                           services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
                           parking_url=parking_url, nats_cluster=nats_cluster or 0,
-                          leaf_sites=leaf_sites)))
+                          leaf_sites=leaf_sites, tls=tls, tls_names=tls_names)))
 
 
 # ---------------------------------------------------------------------- daemons
@@ -368,7 +376,7 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
             return run_command(cfg.url if cfg else "", cfg.token if cfg else "",
                                targets if agents else None, spec, mode=mode,
                                progress=progress, connect_timeout=connect_timeout,
-                               ssh=ssh_leg, **roll)
+                               ssh=ssh_leg, ca=cfg.ca if cfg else "", **roll)
         except ShoalError as e:
             fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 

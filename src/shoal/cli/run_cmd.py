@@ -98,10 +98,11 @@ def _pump_stdin(legs: list[Leg], chunk: int, fd: int | None = None) -> None:
             return
 
 
-def _open(url: str, token: str, start: m.RunStart) -> tuple[WebSocket, m.RunPlan]:
+def _open(url: str, token: str, start: m.RunStart,
+          ca: str = "") -> tuple[WebSocket, m.RunPlan]:
     ws_url = "ws" + url[4:] if url.startswith("http") else url
     ws = WebSocket.connect(ws_url.rstrip("/") + "/api/v1/run",
-                           {"Authorization": f"Bearer {token}"})
+                           {"Authorization": f"Bearer {token}"}, ca=ca)
     ws.send_binary(m.pack(start))
     first = _next(ws)
     if isinstance(first, m.ErrorFrame):
@@ -125,10 +126,10 @@ def _next(ws: WebSocket) -> m.ServerFrame:
 class _AgentLeg:
     """The agent nodes of a run, through the controller's WebSocket."""
 
-    def __init__(self, url: str, token: str, start: m.RunStart) -> None:
+    def __init__(self, url: str, token: str, start: m.RunStart, ca: str = "") -> None:
         from ..client import first_reachable  # url may list a cluster's controllers
 
-        self.ws, self.plan = _open(first_reachable(url), token, start)
+        self.ws, self.plan = _open(first_reachable(url), token, start, ca)
         self.sender = _Sender(self.ws)
 
     @property
@@ -163,7 +164,7 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
                 mode: str, progress: bool, connect_timeout: float, batch: int = 0,
                 batch_percent: int = 0, fanout: int = 0, keep_going: bool = False,
                 stdin_fd: int | None = None, printer: Printer | None = None,
-                ssh: Leg | None = None) -> int:
+                ssh: Leg | None = None, ca: str = "") -> int:
     """Run and print; returns the exit status for the CLI. ``stdin_fd`` feeds the nodes'
     stdin from that file instead of the terminal's (``shoal copy``). ``ssh`` is the run's
     ssh hosts, run beside the agent nodes (``targets``; None: no agent nodes)."""
@@ -176,7 +177,7 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
     if targets is not None:
         legs.append(_AgentLeg(url, token, m.RunStart(
             targets=targets, spec=spec, connect_timeout=connect_timeout, batch=batch,
-            batch_percent=batch_percent, fanout=fanout, keep_going=keep_going)))
+            batch_percent=batch_percent, fanout=fanout, keep_going=keep_going), ca))
     if ssh is not None:
         legs.append(ssh)
     planned = [n for leg in legs for n in leg.nodes]

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -57,6 +58,7 @@ class Controller:
         _check_services_settings(cfg)
         _check_output_settings(cfg)
         self.services_port = _services_port(cfg)
+        self.ssl = server_tls(cfg)  # None: plain HTTP
         self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
         self.js: JetStreamContext = None  # type: ignore[assignment]
         self.session_cache: SessionCache | None = None
@@ -112,7 +114,8 @@ class Controller:
             log.warning("%s", self.replica_advice)
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True,
+                           ssl_context=self.ssl)
         try:
             await site.start()
         except OSError as e:
@@ -128,7 +131,7 @@ class Controller:
         if self.services_port == -1:
             self.services_port = self.port + 1 if self.port < 65535 else 0
         site = web.TCPSite(self.services_runner, self.cfg.host, self.services_port,
-                           reuse_address=True)
+                           reuse_address=True, ssl_context=self.ssl)
         try:
             await site.start()
         except OSError as e:
@@ -140,16 +143,21 @@ class Controller:
         if addresses:
             self.services_port = addresses[0][1]
         log.info("controller listening on %s, services on %s", self.url, self.services_url)
-        if not _loopback(self.cfg.host) and not self.cfg.trusted_proxies:
+        if not _loopback(self.cfg.host) and self.ssl is None and not self.cfg.trusted_proxies:
             log.warning("the controller listens on %s without TLS: tokens and terminal "
-                        "keystrokes cross the network in clear. Put a TLS terminator in front "
-                        "and list it in trusted_proxies (docs/operations.md), or bind to "
+                        "keystrokes cross the network in clear. Set tls_cert and tls_key "
+                        "(shoal up --tls makes them), or put a TLS terminator in front and "
+                        "list it in trusted_proxies (docs/operations.md), or bind to "
                         "127.0.0.1", self.cfg.host or "every address")
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl is not None else "http"
 
     @property
     def services_url(self) -> str:
@@ -157,7 +165,7 @@ class Controller:
         if self.cfg.services_url:
             return self.cfg.services_url.rstrip("/")
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
-        return f"http://{host}:{self.services_port}"
+        return f"{self.scheme}://{host}:{self.services_port}"
 
     def services_base(self, request: web.Request) -> str:
         """The services origin as seen by the client of ``request`` (the same host name it
@@ -208,6 +216,22 @@ class Controller:
         add_token_routes(app)
         add_metrics_route(app)
         return app
+
+
+def server_tls(cfg: ControllerConfig) -> ssl.SSLContext | None:
+    """HTTPS settings from ``tls_cert``/``tls_key`` (both or neither); None for plain HTTP."""
+    if not cfg.tls_cert and not cfg.tls_key:
+        return None
+    if not (cfg.tls_cert and cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both (the certificate, with "
+                          "its chain, and its private key) or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load tls_cert {cfg.tls_cert} / tls_key {cfg.tls_key}: "
+                          f"{e}; give PEM files of a certificate and its key") from e
+    return ctx
 
 
 def _loopback(host: str) -> bool:
