@@ -142,7 +142,8 @@ class AgentHost:
                 node.name, self.nc, self.buckets.js, self.store, node.ledger,
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed, layout=self.layout,
-                ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids))
+                ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids),
+                allowed_users=self.cfg.run_as)
         for node in self.nodes.values():
             self._load_drain(node)
         await self._reconcile_sessions()
@@ -373,7 +374,7 @@ class AgentHost:
             return
         route = await self._route(req.run_id)
         run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
-                  node.ledger, self.layout)
+                  node.ledger, self.layout, allowed_users=self.cfg.run_as)
         reply = run.start(self._base_env)
         if isinstance(reply, m.RunAccepted):
             node.runs[req.run_id] = run
