@@ -43,7 +43,8 @@ from bench.sshd import SshEnv, ensure_packages, private_sshd
 # file exists, and must print its result rows as JSON to stdout (one list, or one object a line)
 # with at least workload, tool, n and median_s. BENCH_DEADLINE_S in its environment says how
 # many seconds it may take; SHOAL_BIN names the shoal executable.
-EXTRA_BENCHMARKS: list[str] = ["bench.sessions", "bench.terminal", "bench.proxy", "bench.ssh"]
+EXTRA_BENCHMARKS: list[str] = [
+    "bench.sessions", "bench.terminal", "bench.proxy", "bench.ssh", "bench.copy"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FANOUT_COMMANDS = ("true", "hostname")
