@@ -44,7 +44,7 @@ from bench.sshd import SshEnv, ensure_packages, private_sshd
 # with at least workload, tool, n and median_s. BENCH_DEADLINE_S in its environment says how
 # many seconds it may take; SHOAL_BIN names the shoal executable.
 EXTRA_BENCHMARKS: list[str] = ["bench.sessions", "bench.terminal", "bench.proxy", "bench.ssh",
-                               "bench.scale"]
+                               "bench.copy", "bench.scale"]
 EXTRA_TIMEOUT_S: dict[str, float] = {"bench.scale": 900.0}  # 10,000 virtual nodes take a while
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

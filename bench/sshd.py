@@ -107,6 +107,7 @@ def _sshd_config(
         "PrintLastLog no",
         "X11Forwarding no",
         "LogLevel ERROR",
+        "Subsystem sftp internal-sftp",  # scp (pscp, clush --copy) and shoal copy -H use it
     ]
     if home is not None:
         # Sessions get an empty HOME, so the remote shell skips the bench host's own rc files

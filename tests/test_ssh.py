@@ -258,3 +258,25 @@ def test_copy_and_rcopy_over_sftp_beside_agents(net: Env, tmp_path: Path) -> Non
     r = net.shoal("rcp", "--max-size", "1K", "-H", "s3", "--", source, str(out))
     assert r.returncode == 3 and "over the --max-size" in r.stderr
     assert not (out / f"{src.name}.s3").exists()
+
+
+def test_copy_a_tree_over_ssh_beside_agents(net: Env, tmp_path: Path) -> None:
+    from shoal import treecopy
+
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(os.urandom(70_000))
+    (src / "sub" / "f").chmod(0o600)
+    (src / "link").symlink_to("sub/f")
+    (src / "out").symlink_to("/etc/passwd")
+    os.utime(src / "sub", (1_600_000_000, 1_600_000_000))
+    dest = tmp_path / "dest-{node}"
+    for n in ["node-1", *GOOD[:2]]:
+        Path(str(dest).replace("{node}", n)).mkdir()
+    r = net.shoal("cp", "-r", "-n", "node-1", "-H", "s[1-2]", "--", str(src), str(dest))
+    assert r.returncode == 0, r.stderr
+    for n in ["node-1", *GOOD[:2]]:
+        got = Path(str(dest).replace("{node}", n)) / "tree"
+        assert treecopy.listing(got) == treecopy.listing(src), n
+    r = net.shoal("cp", "-r", "-H", "s1", "--", str(src), str(tmp_path / "none" / "x"))
+    assert r.returncode != 0 and "s1: no such directory" in r.stderr, r.stderr

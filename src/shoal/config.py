@@ -59,9 +59,13 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     podman_root: str = ""
     podman_runroot: str = ""
     container_mounts: list[str] = []
+    run_as: list[str] = []  # users a run or session may ask to run as (agent/runas.py)
 
     def __post_init__(self) -> None:
         from .agent.netpolicy import parse_networks, parse_uid_range
+        from .agent.runas import check_setting
+
+        check_setting(self.run_as)
 
         try:
             parse_uid_range(self.ephemeral_uids)
@@ -245,7 +249,7 @@ def _parse_env(name: str, value: str) -> Any:
         return parse_labels(value.split(",") if value else [])
     if name in ("public_terminals",):
         return value.lower() in ("1", "true", "yes", "on")
-    if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny",
+    if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny", "run_as",
                 "allowed_hosts", "container_mounts"):
         return [v for v in value.split(",") if v]
     return value

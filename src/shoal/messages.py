@@ -30,6 +30,9 @@ Seconds = Annotated[float, Meta(gt=0, le=31_536_000)]
 TermSize = Annotated[int, Meta(ge=1, le=10000)]
 ShellText = Annotated[str, Meta(min_length=1, max_length=262144)]  # for /bin/sh -c
 Directory = Annotated[str, Meta(min_length=1, max_length=4096)]
+# A Unix user name as useradd takes it (agent/runas.py checks the agent allows it).
+UNIX_USER_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}[$]?$"
+UnixUser = Annotated[str, Meta(min_length=1, max_length=32, pattern=UNIX_USER_PATTERN)]
 
 Stream = Literal["stdout", "stderr", "pty"]
 NodeState = Literal["ready", "draining", "down"]
@@ -110,6 +113,7 @@ class RunSpec(Struct, frozen=True, forbid_unknown_fields=True):
     rows: TermSize = 24
     stdin: bool = False
     timeout: Seconds | None = None
+    user: UnixUser | None = None  # run as this user (the agent's run_as must list it)
 
 
 class RunRequest(Struct, frozen=True):

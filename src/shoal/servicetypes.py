@@ -113,5 +113,6 @@ def validate(spec: ServiceSpec) -> None:
     if spec.timeout > spec.interval * 10:
         raise ValidationError(f"check timeout {spec.timeout:g}s is too long for an interval "
                               f"of {spec.interval:g}s (at most 10 intervals)")
-    if spec.user not in ("agent", "ephemeral"):
-        raise ValidationError(f"user {spec.user!r}: use 'agent' or 'ephemeral'")
+    if spec.user not in ("agent", "ephemeral") and not re.fullmatch(m.UNIX_USER_PATTERN, spec.user):
+        raise ValidationError(f"user {spec.user!r}: use 'agent', 'ephemeral' or the name of "
+                              "a user the node's agent allows (its run_as setting)")

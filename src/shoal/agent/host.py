@@ -154,7 +154,8 @@ class AgentHost:
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed, layout=self.layout,
                 ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids),
-                podman=self.podman, container_mounts=tuple(self.cfg.container_mounts))
+                podman=self.podman, container_mounts=tuple(self.cfg.container_mounts),
+                allowed_users=self.cfg.run_as)
         for node in self.nodes.values():
             self._load_drain(node)
         await self._reconcile_sessions()
@@ -466,7 +467,7 @@ class AgentHost:
     def _start_run(self, node: Node, route: _RunRoute,
                    req: m.RunRequest) -> m.RunAccepted | m.Exit:
         run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
-                  node.ledger, self.layout)
+                  node.ledger, self.layout, allowed_users=self.cfg.run_as)
         reply = run.start(self._base_env)
         if isinstance(reply, m.RunAccepted):
             node.runs[req.run_id] = run

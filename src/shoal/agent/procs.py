@@ -164,6 +164,7 @@ class RunAs:
 
     uid: int | None = None
     gid: int | None = None
+    groups: tuple[int, ...] = ()  # supplementary groups (a named user's; agent/runas.py)
     rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, value)
     unit: Unit | None = None  # the cgroup it joins before exec (created by the caller)
     sandbox: sandbox.Sandbox | None = None  # private mounts and IPC (throwaway users)
@@ -219,7 +220,7 @@ def _popen_extras(run_as: RunAs | None, tty: bool, cwd: str | None) -> dict[str,
     extra: dict[str, Any] = {}
     steps = _child_steps(run_as, tty, cwd)
     if run_as is not None and run_as.uid is not None and not _needs_root(run_as):
-        extra.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
+        extra.update(user=run_as.uid, group=run_as.gid, extra_groups=list(run_as.groups))
     if steps:
         def preexec() -> None:
             for step in steps:
@@ -267,9 +268,10 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
         steps.append(set_limits)
     if run_as.uid is not None and _needs_root(run_as):
         uid, gid = run_as.uid, run_as.gid if run_as.gid is not None else run_as.uid
+        groups = list(run_as.groups)
 
         def drop_privileges() -> None:
-            os.setgroups([])
+            os.setgroups(groups)
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             die_with_parent()  # a change of credentials cleared it

@@ -14,13 +14,13 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from .. import messages as m
 from .. import subjects
 from ..memtune import reuse_heap_for_bulk_io
-from . import procs
+from . import procs, runas
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit
 from .ledger import Ledger
@@ -58,8 +58,10 @@ def child_env(base: Mapping[str, str], spec: m.RunSpec, node: str, run_id: str) 
 
 class Run:
     def __init__(self, nc: NatsClient, node: str, req: m.RunRequest, grace: float,
-                 ledger: Ledger, layout: Layout | None = None) -> None:
+                 ledger: Ledger, layout: Layout | None = None,
+                 allowed_users: Collection[str] = ()) -> None:
         self.nc = nc
+        self.allowed_users = allowed_users  # the agent's run_as
         self.node = node
         self.run_id = req.run_id
         self.spec = req.spec
@@ -95,6 +97,11 @@ class Run:
         unit = None
         try:
             env = child_env(base_env, spec, self.node, self.run_id)
+            user = self._named_user()
+            cwd = spec.cwd
+            if user is not None:
+                env.update({k: v for k, v in user.env().items() if k not in spec.env})
+                cwd = cwd or user.home
             if self.layout is not None:
                 unit = Unit(self.layout, unit_name(self.node, "r", self.run_id))
                 self.ledger.add_cgroup(unit.dirs)
@@ -102,9 +109,11 @@ class Run:
                     unit.create()
                 except OSError as e:
                     raise SpawnError(f"cannot create the run's cgroup: {e}", 126) from e
-            self.child = spawn(command_argv(spec), env, cwd=spec.cwd, tty=spec.tty,
+            as_user = RunAs(uid=user.uid, gid=user.gid, groups=user.groups, unit=unit) \
+                if user is not None else RunAs(unit=unit) if unit is not None else None
+            self.child = spawn(command_argv(spec), env, cwd=cwd, tty=spec.tty,
                                cols=spec.cols, rows=spec.rows, stdin=spec.stdin,
-                               run_as=RunAs(unit=unit) if unit is not None else None)
+                               run_as=as_user)
         except SpawnError as e:
             self._drop_unit(unit)
             now = time.time()
@@ -118,6 +127,14 @@ class Run:
             loop.add_reader(fd, self._on_readable, stream, fd)
         asyncio.create_task(self._supervise())
         return m.RunAccepted(node=self.node, pid=self.child.pid)
+
+    def _named_user(self) -> runas.NamedUser | None:
+        if self.spec.user is None:
+            return None
+        try:
+            return runas.resolve(self.spec.user, self.allowed_users)
+        except runas.RunAsError as e:
+            raise SpawnError(str(e), 126) from e
 
     async def _supervise(self) -> None:
         child = self.child

@@ -20,7 +20,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -29,7 +29,7 @@ from .. import messages as m
 from .. import subjects
 from ..outputlog import DEFAULT_CAP, OutputWriter
 from ..sessionstore import SessionStore
-from . import containers, procs, users
+from . import containers, procs, runas, users
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit
 from .ledger import Ledger
@@ -98,6 +98,7 @@ class Session:
         self.ports = ports
         self.child: Child | None = None
         self.user: users.EphemeralUser | None = None
+        self.named: runas.NamedUser | None = None  # a user of the agent's run_as
         self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
                                    start_offset=record.output_bytes)
         self.writer.on_unblock = self._resume_reading
@@ -143,6 +144,12 @@ class Session:
             except users.UserError as e:
                 await self._finish("failed", reason=str(e))
                 return
+        elif self.spec.user != "agent":
+            try:
+                self.named = runas.resolve(self.spec.user, self.mgr.allowed_users)
+            except runas.RunAsError as e:
+                await self._finish("failed", reason=str(e), exit_code=126)
+                return
         watchdog = asyncio.create_task(self._watchdog())
         try:
             while True:
@@ -156,7 +163,8 @@ class Session:
                 await self.child.until_running()
                 await self.mgr.store.move(self.id, "running", pid=self.child.pid,
                                           started=time.time(), restarts=self.restarts,
-                                          user=self.user.name if self.user else "agent")
+                                          user=self.user.name if self.user
+                                          else self.spec.user)
                 code, sig, limit = await self._wait_child()
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):
@@ -204,6 +212,8 @@ class Session:
         run_as = self._confinement()
         if self.user is not None:
             env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
+        if self.named is not None:
+            env.update(self.named.env())
         if spec.tty:
             env.setdefault("TERM", "xterm-256color")
         if self.container is None:
@@ -211,7 +221,8 @@ class Session:
             env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
             if self.ports:
                 env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
-        cwd = spec.cwd or (self.user.home if self.user is not None else None)
+        cwd = spec.cwd or (self.user.home if self.user is not None
+                           else self.named.home if self.named is not None else None)
         if self.container is not None:
             cwd = None  # spec.cwd is inside the container (--workdir)
         self._ending = None
@@ -246,6 +257,9 @@ class Session:
                 self.mgr.ledger.remove_cgroup(unit.dirs)
                 raise SpawnError(f"cannot create the session's cgroup: {e}", 126) from e
         bounded = frozenset(self.mgr.layout.limits) if self.mgr.layout is not None else frozenset()
+        if self.named is not None:  # a user of run_as: its groups, no sandbox
+            return RunAs(uid=self.named.uid, gid=self.named.gid, groups=self.named.groups,
+                         rlimits=_rlimits(limits, bounded), unit=unit)
         return RunAs(uid=user.uid if user else None, gid=user.gid if user else None,
                      rlimits=_rlimits(limits, bounded), unit=unit,
                      sandbox=Sandbox(user.uid, user.gid, user.home) if user else None)
@@ -488,8 +502,10 @@ class SessionManager:
                  on_change: Callable[[], None], layout: Layout | None = None,
                  ephemeral_uids: tuple[int, int] = (users.UID_FIRST, users.UID_LAST),
                  podman: containers.Podman | None = None,
-                 container_mounts: tuple[str, ...] = ()) -> None:
+                 container_mounts: tuple[str, ...] = (),
+                 allowed_users: Collection[str] = ()) -> None:
         self.node = node
+        self.allowed_users = allowed_users  # the agent's run_as
         self.nc = nc
         self.js = js
         self.store = store
@@ -532,8 +548,10 @@ class SessionManager:
                             "placed; refusing it", req.id)
                 return m.SessionStartReply(ok=False, reason="session spec does not match")
             if spec.user not in ("agent", "ephemeral"):
-                return m.SessionStartReply(ok=False, reason=f"user {spec.user!r} not allowed "
-                                           "on this node (use agent or ephemeral)")
+                try:
+                    runas.resolve(spec.user, self.allowed_users)
+                except runas.RunAsError as e:
+                    return m.SessionStartReply(ok=False, reason=str(e))
             if spec.runtime == "container":
                 why = await self._cannot_run(spec)
                 if why:  # the scheduler tries the next node

@@ -25,6 +25,7 @@ from .. import config as c
 from .. import messages as m
 from ..errors import ConfigError, ShoalError
 from ..lines import prefix_lines
+from ..treecopy import LISTING_SH
 from .main import _group_ref, fail, main
 from .printers import Prefixed
 from .ssh_opts import SshChoice, choose, ssh_options
@@ -46,6 +47,34 @@ got=$(sha256sum < "$tmp") && got=${got%% *}
 chmod "$3" "$tmp" && touch -m -d "@$4" "$tmp" && mv -f -- "$tmp" "$dest" || exit 6
 trap - EXIT
 """
+
+# A tree (copy -r): the tar stream to a temporary file, its sha256 checked, unpacked into a
+# temporary directory beside the destination (owners not kept: the files are the runner's),
+# the canonical listing's sha256 checked (shoal/treecopy.py), then swapped into place.
+# $1 dest  $2 tar sha256  $3 listing sha256  $4 source basename
+PUSH_TREE = r"""
+dest=$(printf '%s' "$1" | sed "s/{node}/$SHOAL_NODE/g")
+if [ -d "$dest" ] && [ ! -L "$dest" ]; then dest="${dest%/}/$4"; fi
+if [ -L "$dest" ] || { [ -e "$dest" ] && [ ! -d "$dest" ]; }; then
+  echo "$dest exists and is not a directory" >&2; exit 2; fi
+dir=$(dirname -- "$dest")
+[ -d "$dir" ] || { echo "no such directory: $dir" >&2; exit 2; }
+tmp=$(mktemp -d "$dir/.shoal-copy.XXXXXX") || exit 3
+trap 'rm -rf -- "$tmp" "$tmp.tar"' EXIT
+cat > "$tmp.tar" || exit 4
+got=$(sha256sum < "$tmp.tar") && got=${got%% *}
+[ "$got" = "$2" ] || { echo "sha256 mismatch: got $got, expected $2" >&2; exit 5; }
+tar -x --no-same-owner -p --delay-directory-restore -f "$tmp.tar" -C "$tmp" || exit 6
+rm -f -- "$tmp.tar"
+got=$(cd "$tmp" && { LISTING; } | sha256sum) && got=${got%% *}
+[ "$got" = "$3" ] || { echo "tree listing mismatch: got $got, expected $3" >&2; exit 5; }
+if [ -d "$dest" ]; then
+  old=$(mktemp -d "$dir/.shoal-old.XXXXXX") || exit 6
+  mv -T -- "$dest" "$old/tree" && mv -T -- "$tmp" "$dest" || exit 6
+  rm -rf -- "$old"
+else mv -T -- "$tmp" "$dest" || exit 6; fi
+trap - EXIT
+""".replace("LISTING", LISTING_SH)
 
 # $1 path  $2 max bytes
 PULL = r"""
@@ -141,6 +170,7 @@ def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
 
 @main.command("copy")
 @_target_options
+@click.option("-r", "--recursive", is_flag=True, help="SOURCE is a directory: copy the tree.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
@@ -148,17 +178,22 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
          xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
          max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
          inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
-         source: Path, dest: str) -> None:
+         recursive: bool, source: Path, dest: str) -> None:
     """Copy a file to many nodes: shoal copy -n 'web[1-8]' app.conf /etc/app/
 
     DEST may name a directory (the file keeps its name) and may contain {node}, each node's
     own name. Mode and mtime are kept; each node checks the sha256 before it renames the
     file into place, so a destination is either the old file or the whole new one.
-    -H hosts get it over SFTP, with the same checks.
+    -H hosts get it over SFTP, with the same checks. -r copies a directory tree (modes,
+    mtimes and symlinks kept; into DEST/NAME if DEST is a directory).
     """
     limit = parse_size(max_size)
     ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
     targets = _targets(all_, nodeset, exclude, groups, xgroups, labels, ssh)
+    if not dest or "\0" in dest:
+        fail("give a destination path", 2)
+    if recursive:
+        sys.exit(_copy_tree(ctx, targets, ssh, source, dest, limit, fanout, connect_timeout))
     try:
         fd = os.open(source, os.O_RDONLY)
     except OSError as e:
@@ -166,11 +201,9 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            fail(f"{source} is not a regular file (directories: tar them, then copy the tar)", 2)
+            fail(f"{source} is not a regular file (a directory: copy -r)", 2)
         if st.st_size > limit:
             fail(f"{source} is {st.st_size} bytes, over --max-size {max_size}", 2)
-        if not dest or "\0" in dest:
-            fail("give a destination path", 2)
         digest = _sha256(fd)
         os.lseek(fd, 0, os.SEEK_SET)
         argv = ["sh", "-c", PUSH, "shoal-copy", dest, digest,
@@ -186,6 +219,38 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
     finally:
         os.close(fd)
     sys.exit(status)
+
+
+def _copy_tree(ctx: click.Context, targets: m.Targets | None, ssh: SshChoice, source: Path,
+               dest: str, limit: int, fanout: int | None, connect_timeout: float) -> int:
+    """The tree as one tar stream (a temporary file, sent once), checked at each end."""
+    import tempfile
+
+    from ..treecopy import TreeError, listing_sha256, write_tar
+
+    if not source.is_dir():
+        fail(f"{source} is not a directory (copy -r copies a tree; a file: copy)", 2)
+    name = source.resolve().name
+    with tempfile.NamedTemporaryFile(prefix="shoal-tree-", suffix=".tar") as tar:
+        try:
+            tree_digest = listing_sha256(source)
+            write_tar(source, tar, limit)
+        except TreeError as e:
+            fail(str(e), 2)
+        tar.flush()
+        os.lseek(tar.fileno(), 0, os.SEEK_SET)
+        tar_digest = _sha256(tar.fileno())
+        os.lseek(tar.fileno(), 0, os.SEEK_SET)
+        args = [dest, tar_digest, tree_digest, name]
+
+        def work() -> Any:
+            from ..ssh.sftp import script_work
+
+            return script_work(PUSH_TREE, args, Path(tar.name))
+
+        return _run(ctx, targets, {"argv": ["sh", "-c", PUSH_TREE, "shoal-copy", *args],
+                                   "stdin": targets is not None}, fanout, connect_timeout,
+                    ssh, work, stdin_fd=tar.fileno())
 
 
 def _sha256(fd: int) -> str:

@@ -311,6 +311,8 @@ def nodes_show(ctx: click.Context, name: str) -> None:
               help="End what still runs after S seconds.")
 @click.option("-e", "--env", "env", multiple=True, help="NAME=VALUE for the command.")
 @click.option("--cwd", default=None, help="Working directory on the nodes.")
+@click.option("-u", "--user", default=None, metavar="NAME",
+              help="Run as this user (one the nodes' agents allow: run_as in agent.toml).")
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float,
               help="Seconds to wait for each agent to answer.")
 @ssh_options
@@ -320,9 +322,9 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
         xgroups: tuple[str, ...], labels: tuple[str, ...], batch: str | None,
         fanout: int | None, keep_going: bool, shell: str | None, gather: bool, as_json: bool,
         use_stdin: bool, use_tty: bool, timeout: float | None, env: tuple[str, ...],
-        cwd: str | None, connect_timeout: float, ssh_hosts: tuple[str, ...],
-        inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
-        argv: tuple[str, ...]) -> None:
+        cwd: str | None, user: str | None, connect_timeout: float,
+        ssh_hosts: tuple[str, ...], inventory_path: Path | None, accept_new: bool,
+        known_hosts: Path | None, argv: tuple[str, ...]) -> None:
     """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c
 
     -H names hosts without an agent, reached over ssh from this machine (docs/cli.md)."""
@@ -343,6 +345,8 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
     if keep_going and batch is None:
         fail("--keep-going goes with --batch", 2)
     ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
+    if user is not None and ssh.targets:
+        fail("--user is for agent nodes; on ssh hosts log in as the user: -H NAME@HOST", 2)
     nodeset = ",".join(x for x in (ssh.nodes, *(_group_ref(g) for g in groups)) if x)
     exclude = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
     agents = all_ or bool(nodeset or label_map) or not ssh.targets
@@ -350,8 +354,8 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
     try:
         spec = msgspec.convert({"argv": list(argv) or None, "shell": shell, "env": env_map,
                                 "cwd": cwd, "tty": use_tty, "cols": cols, "rows": rows,
-                                "stdin": use_stdin or use_tty, "timeout": timeout},
-                               m.RunSpec)
+                                "stdin": use_stdin or use_tty, "timeout": timeout,
+                                "user": user}, m.RunSpec)
         targets = msgspec.convert({"all": all_, "nodes": nodeset, "exclude": exclude,
                                    "labels": label_map}, m.Targets)
     except msgspec.ValidationError as e:

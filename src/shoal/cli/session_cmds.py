@@ -76,7 +76,8 @@ def session() -> None:
 @click.option("-e", "--env", multiple=True, help="NAME=VALUE (repeatable).")
 @click.option("--cwd", default=None)
 @click.option("--user", default="agent", show_default=True,
-              help="agent (the agent's user) or ephemeral (a throwaway user).")
+              help="agent (the agent's user), ephemeral (a throwaway user) or NAME (a user "
+                   "the node's agent allows: run_as in agent.toml).")
 @click.option("-l", "--label", "labels", multiple=True, help="key=value on the session.")
 @click.option("--cpu-seconds", type=int)
 @click.option("--memory-mb", type=int)

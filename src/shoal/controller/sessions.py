@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -45,8 +46,9 @@ def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
         return
     if (spec.command is None) == (spec.shell is None):
         raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
-    if spec.user not in ("agent", "ephemeral"):
-        raise ValidationError(f"user {spec.user!r}: use 'agent' or 'ephemeral'")
+    if spec.user not in ("agent", "ephemeral") and not re.fullmatch(m.UNIX_USER_PATTERN, spec.user):
+        raise ValidationError(f"user {spec.user!r}: use 'agent', 'ephemeral' or the name of "
+                              "a user the node's agent allows (its run_as setting)")
     if spec.image is not None or spec.container_ports or spec.mounts or spec.network != "none":
         raise ValidationError("image, container_ports, mounts and network are for containers: "
                               "add runtime = \"container\"")

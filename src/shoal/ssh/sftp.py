@@ -119,3 +119,21 @@ def pull_work(source: str, directory: Path, name: str, limit: int) -> Work:
         return _end(io, started, 0)
 
     return work
+
+
+def script_work(script: str, args: list[str], stdin: Path) -> Work:
+    """Run one of the agents' copy scripts (``sh -c SCRIPT``) on each host with ``stdin``
+    as its input: the same checks on ssh hosts as on agents. ``{node}`` in the first
+    argument is the host's name."""
+    async def work(conn: asyncssh.SSHClientConnection, io: HostIO) -> m.Exit:
+        started = time.time()
+        argv = ["sh", "-c", script, "shoal-copy",
+                args[0].replace("{node}", io.target.name), *args[1:]]
+        done = await conn.run(shlex.join(argv), stdin=str(stdin), encoding=None, check=False)
+        err = done.stderr if isinstance(done.stderr, bytes) else b""
+        if err:
+            io.output("stderr", err)
+        code = done.exit_status if done.exit_status is not None else 255
+        return _end(io, started, code)
+
+    return work

@@ -1,0 +1,132 @@
+"""Issue 16: ``shoal copy`` of one file to N nodes against pscp (Debian's pssh) and
+``clush --copy`` (ClusterShell) on the bench's private sshd, N = 10, 50.
+
+shoal is measured twice: to N virtual agents (the file is the run's stdin, sent once through
+NATS) and to the same N sshd aliases as the peers (``-H``, SFTP). Each tool writes the same
+destination on every node (the peers have no per-node paths); shoal through a temporary
+file and a rename, the peers in place. Run from the repository root with
+``python -m bench.copy`` (bench/run.py runs it too). Writes bench/results/copy.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import peers
+from bench.harness import (
+    RESULTS_DIR,
+    Case,
+    Deadline,
+    Row,
+    add_ratios,
+    find_shoal,
+    log,
+    machine_summary,
+    measure,
+    run_guarded,
+    shoal_fleet,
+    write_results,
+)
+from bench.ssh import shoal_home
+from bench.sshd import DEBIAN_PSSH, SshEnv, ensure_packages, private_sshd
+
+WORKLOAD = "copy-100MiB"
+PSCP = DEBIAN_PSSH.parent / "parallel-scp"
+SHOAL_SSH = "shoal-ssh"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.copy", description=__doc__)
+    parser.add_argument("--ns", type=lambda t: [int(x) for x in t.split(",") if x],
+                        default=[10, 50], help="node counts")
+    parser.add_argument("--mib", type=int, default=100, help="file size in MiB")
+    parser.add_argument("--runs", type=int, default=3, help="counted runs per case")
+    parser.add_argument("--warmup", type=int, default=0, help="uncounted warm-up runs")
+    parser.add_argument("--budget", type=float,
+                        default=float(os.environ.get("BENCH_DEADLINE_S", 900)))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    return parser.parse_args(argv)
+
+
+def pscp_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> list[str]:
+    return [str(PSCP), "-h", str(ssh.hostsfile(n)), "-p", str(n), "-t", "0",
+            "-x", f"-F {ssh.config}", str(src), str(dest)]
+
+
+def clush_copy_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> list[str]:
+    clush = peers.find_executable("clush")
+    return [str(clush or "clush"), "-S", "-w", f"h[1-{n}]", "-f", str(n),
+            "-o", f"-F {ssh.config}", "--copy", str(src), "--dest", str(dest)]
+
+
+def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[Row]) -> None:
+    ensure_packages()
+    shoal = Path(os.environ["SHOAL_BIN"]) if os.environ.get("SHOAL_BIN") else find_shoal()
+    src = root / "payload.bin"
+    with src.open("wb") as f:
+        for _ in range(args.mib):
+            f.write(os.urandom(1 << 20))
+    workload = f"copy-{args.mib}MiB"
+    with private_sshd(root / "sshd", max(args.ns)) as ssh:
+        ssh_env = shoal_home(root, ssh)
+        for n in args.ns:
+            out = root / f"out-{n}"
+            out.mkdir()
+            timeout = 60.0 + 2.0 * n
+            cases: list[Case] = []
+            with shoal_fleet(shoal, root, n, deadline) if shoal else _none() as fleet:
+                if fleet is not None:
+                    cases.append(Case(workload, peers.SHOAL, n,
+                                      [str(shoal), "copy", "--all", str(src),
+                                       str(out / "shoal.bin")],
+                                      env=fleet.env, timeout_s=timeout, check=fleet.problem))
+                cases.append(Case(workload, SHOAL_SSH, n,
+                                  [str(shoal), "copy", "-H", f"h[1-{n}]", str(src),
+                                   str(out / "shoal-ssh.bin")], env=ssh_env,
+                                  timeout_s=timeout, skip=None if shoal else "shoal not found"))
+                cases.append(Case(workload, "pscp", n,
+                                  pscp_argv(ssh, n, src, out / "pscp.bin"), timeout_s=timeout,
+                                  skip=None if PSCP.exists() else "parallel-scp not installed"))
+                cases.append(Case(workload, peers.CLUSH, n,
+                                  clush_copy_argv(ssh, n, src, out),
+                                  timeout_s=timeout, skip=peers.FANOUT_PEERS[peers.CLUSH][1]()))
+                log(f"copy of {args.mib} MiB to {n} nodes")
+                measure(cases, deadline, rows, runs=args.runs, warmup=args.warmup)
+            shutil.rmtree(out, ignore_errors=True)
+
+
+class _none:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    deadline = Deadline(args.budget)
+    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows),
+                               "shoal-copy-")
+    add_ratios(rows)
+    preamble = (machine_summary() + f"\nEach tool as a new process copying one {args.mib} MiB "
+                "file to N nodes: `shoal` to N virtual agents (`shoal copy --all`, the file "
+                "sent once through NATS, sha256 checked on each node, renamed into place), "
+                "`shoal-ssh` to the N aliases of the private sshd on 127.0.0.1 (`shoal copy "
+                "-H`, SFTP, same checks), pscp (`parallel-scp`, Debian's pssh) and `clush "
+                "--copy` to the same aliases. ratio = peer median / shoal median (above 1: "
+                "shoal is faster).\n")
+    write_results(rows, "copy", "copy: shoal copy against pscp and clush --copy",
+                  preamble, args.out)
+    print(json.dumps([r.to_json() for r in rows]))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
