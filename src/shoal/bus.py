@@ -326,12 +326,32 @@ async def ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int = 1,
         try:
             return await _ensure_buckets(nc, node_ttl, replicas, terminal_output_bytes)
         except Exception as e:
+            if isinstance(e, nats.js.errors.APIError) and e.err_code == STORE_FULL:
+                raise ConnectError(await _store_full_message(nc, e)) from None
             forming = isinstance(e, TRANSIENT) or (
                 isinstance(e, nats.js.errors.BadRequestError) and e.err_code == NO_PEERS)
             if not forming or loop.time() > deadline:
                 raise
             log.info("JetStream cannot place %d replicas yet (%s); waiting", replicas, e)
             await asyncio.sleep(0.5)
+
+
+STORE_FULL = 10047  # JetStream: insufficient storage resources
+
+
+async def _store_full_message(nc: NatsClient, e: BaseException) -> str:
+    """Why the streams cannot be made, with what the store has left, and what to do."""
+    free = "an unknown number of"
+    try:
+        info = await nc.jetstream().account_info()
+        if info.limits.max_storage and info.limits.max_storage > 0:
+            free = str(max(0, info.limits.max_storage - info.storage))
+    except Exception:  # the message matters more than the figure
+        pass
+    return (f"the JetStream store is full: {free} bytes free ({e}). The output stream "
+            "reserves its byte limit up front: give nats-server a store_dir on a larger "
+            "filesystem (or its max_file_store more room), or free space there, then start "
+            "the controller again")
 
 
 async def _ensure_buckets(nc: NatsClient, node_ttl: float, replicas: int,

@@ -391,6 +391,7 @@ class SessionRecord(Struct, frozen=True):
     started: float = 0.0
     ended: float = 0.0
     restarts: int = 0
+    attempt: int = 0  # fencing epoch: +1 at every placement; only its agent may write
     output_bytes: int = 0
     user: str = ""
     draining: bool = False

@@ -147,7 +147,7 @@ def agent_permissions() -> dict[str, object]:
                 f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
                 f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
                 *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
-                  for op in ("PURGE", "INFO")],
+                  for op in ("PURGE", "INFO", "MSG.GET")],  # MSG.GET: an attempt's start
             ]
         },
         "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",

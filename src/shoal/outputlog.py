@@ -16,6 +16,13 @@ Pool terminals (ids starting with ``t_``, given only by the terminal pool) write
 of their own, ``shoal-terminal-output`` on ``shoal.tout.<id>``, with its own byte limit:
 anonymous visitors filling it evict only each other's output, never other sessions' logs.
 The id alone says which stream, so agents and readers need nothing else to find it.
+
+Fencing: each placement of a session (an *attempt*, the record's ``attempt``) begins its
+output with a marker chunk (stream ``attempt``, carrying the attempt number), and publishes
+every chunk with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of its
+own previous chunk. So once a newer attempt has written its marker, a chunk of an older one
+is refused by JetStream (wrong last sequence) and that writer stops (``fenced``): a zombie
+can never splice output into a newer attempt's.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ DEFAULT_CAP = 256 << 20
 DEFAULT_BYTES = 8 << 30
 DEFAULT_TERMINAL_BYTES = 1 << 30
 END = "end"
+ATTEMPT = "attempt"  # marker: the chunks after it are of attempt ``epoch``
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence
+STORE_FULL = 10047  # JetStream's "insufficient resources" (the store's disk is full)
 MERGE_UP_TO = 1 << 20  # bytes per stored chunk when several are waiting
 ACK_TIMEOUT = 5.0
 # While NATS answers but will not store a chunk (errors, no acknowledgement), it is retried
@@ -76,9 +86,14 @@ def subject(session_id: str) -> str:
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True):
-    stream: str  # stdout, stderr, pty, or "end"
+    stream: str  # stdout, stderr, pty, "end", or "attempt"
     offset: int
     data: bytes
+    epoch: int = 0  # the attempt that wrote it (0: written before attempts existed)
+
+
+class Fenced(Exception):
+    """A newer attempt of the session owns the output now: this writer may not write."""
 
 
 @dataclass(frozen=True)
@@ -171,15 +186,57 @@ class OutputWriter:
         self._purging = False
         self._was_blocked = False
         self.on_unblock: Callable[[], None] | None = None
+        self.on_fenced: Callable[[], None] | None = None
         self.failed: BaseException | None = None
+        self.epoch = 0
+        self._last_seq: int | None = None  # our last stored chunk's sequence, once begun
+        self.fenced = False
 
     @property
     def blocked(self) -> bool:
         return self.inflight >= self.window or self.budget.spent
 
+    async def begin(self, epoch: int) -> None:
+        """Start attempt ``epoch``: store its marker after whatever the stream holds (so the
+        offsets go on from the last byte stored, by any attempt), and from then on accept
+        only a stream whose last chunk of this session is our own. Retries while NATS is
+        away or another writer raced us (a zombie's late chunk: ours goes after it)."""
+        self.epoch = epoch
+        while True:
+            try:
+                seq, offset = await _last(self.js, self.stream, self.subject)
+                marker = Chunk(ATTEMPT, offset, b"", epoch)
+                ack = await self.js.publish(self.subject, _encode(marker), timeout=ACK_TIMEOUT,
+                                            headers={EXPECTED_LAST: str(seq)})
+            except nats.js.errors.APIError as e:
+                if e.err_code != WRONG_LAST_SEQUENCE:
+                    log.warning("%s: cannot begin attempt %d: %s; retrying", self.subject,
+                                epoch, describe_store_error(e))
+                    await asyncio.sleep(1.0)
+                continue
+            except NATS_ERRORS:
+                await self._wait_for_nats()
+                continue
+            self.offset = offset
+            self._last_seq = int(ack.seq)
+            return
+
+    def abandon(self) -> None:
+        """Drop what is held and stop (the session was fenced: nothing of it may land)."""
+        held = self.inflight
+        self._queue.clear()
+        self.inflight = 0
+        self.budget.give(held)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._idle.set()
+
     def write(self, stream: str, data: bytes) -> None:
         """Queue a chunk (synchronous: called from a pipe's reader callback)."""
-        self._queue.append(Chunk(stream, self.offset, data))
+        if self.fenced:
+            return
+        self._queue.append(Chunk(stream, self.offset, data, self.epoch))
         self.offset += len(data)
         self.inflight += len(data)
         self.budget.take(self, len(data))
@@ -210,7 +267,9 @@ class OutputWriter:
             nxt = self._queue.popleft()
             parts.append(nxt.data)
             size += len(nxt.data)
-        return first if len(parts) == 1 else Chunk(first.stream, first.offset, b"".join(parts))
+        if len(parts) == 1:
+            return first
+        return Chunk(first.stream, first.offset, b"".join(parts), first.epoch)
 
     async def _run(self) -> None:
         while True:
@@ -222,6 +281,15 @@ class OutputWriter:
             chunk = self._next()
             try:
                 seq = await self._store(chunk)
+            except Fenced:
+                log.warning("%s: attempt %d is fenced (a newer attempt writes this output); "
+                            "stopping", self.subject, self.epoch)
+                self.fenced = True
+                if self.on_fenced is not None:
+                    self.on_fenced()
+                self._task = None
+                self.abandon()
+                return
             except Exception as e:  # never let the publisher die: flush() would hang for ever
                 log.exception("%s: storing output failed: %s", self.subject, e)
                 seq = None
@@ -251,15 +319,28 @@ class OutputWriter:
             attempt += 1
             began = time.monotonic()
             try:
-                # publish_async costs less per message than publish (measured with 200
-                # terminals); waiting on it keeps the chunks strictly in order.
-                fut = await self.js.publish_async(self.subject, data)
-                ack = await asyncio.wait_for(fut, ACK_TIMEOUT)
+                if self._last_seq is None:
+                    # publish_async costs less per message than publish (measured with 200
+                    # terminals); waiting on it keeps the chunks strictly in order.
+                    fut = await self.js.publish_async(self.subject, data)
+                    ack = await asyncio.wait_for(fut, ACK_TIMEOUT)
+                else:
+                    # Fenced: nats-py 2.16's publish_async cannot report a refusal (its
+                    # reply handler raises instead of failing the future: a timeout).
+                    ack = await self.js.publish(self.subject, data, timeout=ACK_TIMEOUT,
+                                                headers={EXPECTED_LAST: str(self._last_seq)})
+                    self._last_seq = int(ack.seq)
                 return int(ack.seq)
             except NATS_ERRORS as e:
                 if isinstance(e, nats.errors.OutboundBufferLimitError):
                     _forget_failed_publish(self.js)
-                why = str(e) or type(e).__name__
+                if isinstance(e, nats.js.errors.APIError) \
+                        and e.err_code == WRONG_LAST_SEQUENCE:
+                    seq = await self._stored_already(chunk)
+                    if seq is None:
+                        raise Fenced from e
+                    return seq
+                why = describe_store_error(e)
                 refused_for += time.monotonic() - began
                 if refused_for >= STORE_GIVE_UP:
                     break
@@ -270,6 +351,22 @@ class OutputWriter:
                   "%gs: %s", self.subject, len(chunk.data), chunk.offset, STORE_GIVE_UP, why)
         self.failed = RuntimeError(f"could not store output: {why}")
         return None
+
+    async def _stored_already(self, chunk: Chunk) -> int | None:
+        """After a refused publish: the sequence of ``chunk`` if it is the last stored one
+        (an earlier try was stored and its acknowledgement lost), else None (fenced)."""
+        while True:
+            try:
+                msg = await self.js.get_last_msg(self.stream, self.subject)
+                break
+            except nats.js.errors.NotFoundError:
+                return None
+            except NATS_ERRORS:
+                await self._wait_for_nats()
+        if msg.data is None or _decode(msg.data) != chunk:
+            return None
+        self._last_seq = int(msg.seq or 0)
+        return self._last_seq
 
     async def _wait_for_nats(self) -> None:
         """Return once the connection is up and the server answers a ping."""
@@ -324,6 +421,28 @@ class OutputWriter:
             self._task = None
 
 
+EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+
+
+async def _last(js: JetStreamContext, stream: str, subj: str) -> tuple[int, int]:
+    """(stream sequence, end offset) of a subject's last chunk; (0, 0) when it has none."""
+    try:
+        msg = await js.get_last_msg(stream, subj)
+    except nats.js.errors.NotFoundError:
+        return 0, 0
+    if msg.data is None:
+        return int(msg.seq or 0), 0
+    chunk = _decode(msg.data)
+    return int(msg.seq or 0), chunk.offset + len(chunk.data)
+
+
+def describe_store_error(e: BaseException) -> str:
+    """A NATS error said plainly; a full store says so, with what is left of it."""
+    if isinstance(e, nats.js.errors.APIError) and e.err_code == STORE_FULL:
+        return f"the JetStream store is full ({e.description or 'insufficient resources'})"
+    return str(e) or type(e).__name__
+
+
 def _forget_failed_publish(js: JetStreamContext) -> None:
     """nats-py 2.16's publish_async registers its future and takes a slot of its pending
     semaphore before publishing, and leaks both when the publish raises: after 4000 such
@@ -368,7 +487,7 @@ READ_GIVE_UP = 15.0  # seconds of NATS failing in a row before a reader gives up
 
 async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
                is_over: Callable[[], Awaitable[bool]] | None = None,
-               batch: int = 32, give_up: float = READ_GIVE_UP,
+               batch: int = 32, give_up: float = READ_GIVE_UP, attempts: bool = False,
                ) -> AsyncIterator[Chunk | Truncated]:
     """Chunks from byte ``start`` on (the first one sliced to begin exactly there).
 
@@ -377,7 +496,8 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     lost). Every NATS error is handled here: the reader subscribes again after the last
     message it saw (its consumer lives in memory and does not survive a NATS restart) and
     goes on; only after ``give_up`` seconds of failures in a row does it raise
-    ``OutputReadError`` with the offset it reached.
+    ``OutputReadError`` with the offset it reached. With ``attempts``, the marker chunk
+    (stream ``attempt``, no data, ``epoch`` set) that begins each attempt is yielded too.
     """
     nc = js._nc  # noqa: SLF001 - to see reconnects, after which the consumer may be gone
     position = start
@@ -420,6 +540,10 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 chunk = _decode(msg.data)
                 if chunk.stream == END:
                     return
+                if chunk.stream == ATTEMPT:
+                    if attempts and chunk.offset >= position:
+                        yield chunk
+                    continue
                 end = chunk.offset + len(chunk.data)
                 if end <= position:
                     continue
@@ -427,7 +551,8 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                     yield Truncated(position, chunk.offset)
                     position = chunk.offset
                 skip = position - chunk.offset
-                yield Chunk(chunk.stream, position, chunk.data[skip:] if skip else chunk.data)
+                yield Chunk(chunk.stream, position, chunk.data[skip:] if skip else chunk.data,
+                            chunk.epoch)
                 position = end
             if over:
                 return

@@ -3,6 +3,10 @@
 Agents and controllers both write records; every write reads the current revision, checks
 the transition against ``shoal.sessionstate`` and updates only if nobody wrote in between
 (else it reads again). So two writers can never both win, and a final state never changes.
+
+Agents also pass a *fence*, (attempt, node): the record's ``attempt`` goes up by one at every
+placement, so an agent whose copy was given up and placed again (a zombie back from a
+partition or a SIGSTOP) finds it changed and is refused (``Fenced``), whatever it writes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ _decode = msgspec.json.Decoder(SessionRecord).decode
 _encode = msgspec.json.Encoder().encode
 
 Change = Callable[[SessionRecord], SessionRecord | None]
+
+
+class Fenced(Exception):
+    """The record is no longer this placement's: a newer attempt (or none) owns it."""
 
 
 class SessionStore:
@@ -94,9 +102,16 @@ class SessionStore:
         raise RuntimeError(f"session {session_id}: too many concurrent writers")
 
     async def move(self, session_id: str, state: SessionState,
+                   fence: tuple[int, str] | None = None,
                    **fields: Any) -> SessionRecord | None:
-        """Move to ``state`` (if legal from the current one) and set ``fields``."""
+        """Move to ``state`` (if legal from the current one) and set ``fields``. With
+        ``fence`` (attempt, node), only while the record is still that placement's; else
+        raise ``Fenced``."""
         def change(r: SessionRecord) -> SessionRecord | None:
+            if fence is not None and (r.attempt, r.node) != fence:
+                raise Fenced(f"session {session_id}: attempt {fence[0]} on {fence[1]} was "
+                             f"replaced (the record is at attempt {r.attempt} on "
+                             f"{r.node or 'no node'})")
             if is_final(r.state) or (r.state != state and not can_move(r.state, state)):
                 return None
             if is_final(state):

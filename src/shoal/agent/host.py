@@ -9,6 +9,13 @@ or SIGHUP the agent stops taking work, ends every run and session (SIGTERM to ea
 then SIGKILL of the whole cgroup after the grace period), reports every exit, and leaves. If
 it is SIGKILLed, its keeper (keeper.py) ends its cgroups at once, and the next start ends
 whatever is still listed in the ledger (see ledger.py).
+
+Self-fencing: when no heartbeat has been stored for longer than the node TTL (the heartbeat
+bucket's, read at start), the controllers have declared this node down and are placing its
+daemons elsewhere, so the agent ends here every session with a restart policy, without
+writing its record (like Nomad's ``stop_after_client_disconnect``). Sessions without one
+keep running: nothing replaces them, and the agent ends them only once it hears that the
+fleet gave them up (``_verify_sessions``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .. import messages as m
 from ..config import AgentConfig, shoal_home
 from ..errors import ConnectError
 from ..loadinfo import LoadSampler
+from ..outputlog import describe_store_error
 from ..sessionstate import FINAL, LIVE
 from ..sessionstore import SessionCache, SessionStore
 from . import cgroups, containers, keeper, netpolicy, procs
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 STOP_REPORT_TIME = 10.0
 BATCH_REPORT = 256  # nodes per RunBatchStarted message, at most
 BATCH_SLICE = 0.01  # seconds of spawning between two turns of the event loop
+DEFAULT_NODE_TTL = 6.0  # when the heartbeat bucket does not say
 
 
 @dataclass
@@ -108,6 +117,9 @@ class AgentHost:
         self.ports = PortPool(int(first_port), int(last_port or first_port))
         self.store: SessionStore = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
+        self.node_ttl = DEFAULT_NODE_TTL
+        self._last_beat_ok = time.monotonic()
+        self._fenced_outage = False  # sessions already self-fenced in this outage
         self.netpolicy: netpolicy.Policy | None = None
         self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
 
@@ -147,6 +159,12 @@ class AgentHost:
                                     inbox_prefix=bus.AGENT_INBOX)
         self.buckets = await self._open_buckets()
         self.store = SessionStore(self.buckets.sessions)
+        try:
+            ttl = (await self.buckets.heartbeats.status()).ttl
+            if ttl:
+                self.node_ttl = float(ttl)
+        except Exception as e:
+            log.warning("cannot read the node TTL (%s); assuming %gs", e, self.node_ttl)
         address = self.cfg.address or socket.gethostname()
         for node in self.nodes.values():
             node.sessions = SessionManager(
@@ -273,7 +291,27 @@ class AgentHost:
         results = await asyncio.gather(*puts, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            log.warning("heartbeat: %d of %d puts failed: %s", len(failed), len(puts), failed[0])
+            log.warning("heartbeat: %d of %d puts failed: %s", len(failed), len(puts),
+                        describe_store_error(failed[0]))
+        else:
+            self._last_beat_ok = time.monotonic()
+            self._fenced_outage = False
+
+    def _self_fence(self) -> None:
+        """Cut off for longer than the node TTL: our daemons are being placed elsewhere."""
+        silent = time.monotonic() - self._last_beat_ok
+        if self._fenced_outage or silent <= self.node_ttl:
+            return
+        self._fenced_outage = True
+        why = (f"no heartbeat stored for {silent:.0f}s (node TTL {self.node_ttl:g}s): the "
+               "fleet is placing this session elsewhere")
+        ended = 0
+        for node in self.nodes.values():
+            for session in list(node.sessions.sessions.values()) if node.sessions else ():
+                if session.spec.restart != "never":
+                    session.fence(why)
+                    ended += 1
+        log.warning("self-fencing: %s; ended %d session(s) with a restart policy", why, ended)
 
     def _changed(self) -> None:
         """Session count changed: tell the schedulers soon, not at the next beat."""
@@ -290,6 +328,7 @@ class AgentHost:
             except TimeoutError:
                 pass
             beats += 1
+            self._self_fence()  # first: a SIGCONT wakes us here, before any beat
             if self.layout is not None:
                 procs.reap_orphans(self.layout.base)  # orphans that died meanwhile
             try:
@@ -386,9 +425,9 @@ class AgentHost:
             assert node.sessions is not None
             for sid, session in list(node.sessions.sessions.items()):
                 found = await self.store.get(sid)
-                if found is None or found[0].node != node.name or found[0].state in FINAL:
-                    session.detached_from_record = True
-                    session.end("the fleet gave this session up (node was unreachable)")
+                if found is None or found[0].node != node.name or found[0].state in FINAL \
+                        or found[0].attempt != session.attempt:
+                    session.fence("the fleet gave this session up (node was unreachable)")
 
     # ------------------------------------------------------------------ runs
 

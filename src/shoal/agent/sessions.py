@@ -28,7 +28,7 @@ import msgspec
 from .. import messages as m
 from .. import subjects
 from ..outputlog import DEFAULT_CAP, OutputWriter
-from ..sessionstore import SessionStore
+from ..sessionstore import Fenced, SessionStore
 from . import containers, procs, runas, users
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit
@@ -102,6 +102,8 @@ class Session:
         self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
                                    start_offset=record.output_bytes)
         self.writer.on_unblock = self._resume_reading
+        self.writer.on_fenced = lambda: self.fence("a newer attempt writes its output")
+        self.attempt = record.attempt  # this placement's fencing epoch
         self.kill_reason = ""
         self.restarts = record.restarts
         self.fast_failures = 0
@@ -150,6 +152,7 @@ class Session:
             except runas.RunAsError as e:
                 await self._finish("failed", reason=str(e), exit_code=126)
                 return
+        await self.writer.begin(self.attempt)
         watchdog = asyncio.create_task(self._watchdog())
         try:
             while True:
@@ -161,7 +164,7 @@ class Session:
                     return
                 assert self.child is not None
                 await self.child.until_running()
-                await self.mgr.store.move(self.id, "running", pid=self.child.pid,
+                await self._move("running", pid=self.child.pid,
                                           started=time.time(), restarts=self.restarts,
                                           user=self.user.name if self.user
                                           else self.spec.user)
@@ -184,7 +187,7 @@ class Session:
                     return
                 self.restarts += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2 ** max(0, self.fast_failures - 1))
-                await self.mgr.store.move(self.id, "starting", restarts=self.restarts,
+                await self._move("starting", restarts=self.restarts,
                                           exit_code=code, signal=sig,
                                           reason=f"restarting in {delay:g}s after "
                                                  f"{_describe(code, sig)}"
@@ -304,21 +307,42 @@ class Session:
             log.warning("session %s: output still open after its processes ended; closing it",
                         self.id)
 
+    async def _move(self, state: m.SessionState, **fields: object) -> m.SessionRecord | None:
+        """Write our record, only while it is still this placement's (else fence)."""
+        if self.detached_from_record:
+            return None
+        try:
+            return await self.mgr.store.move(self.id, state, fence=(self.attempt, self.mgr.node),
+                                             **fields)
+        except Fenced as e:
+            self.fence(str(e))
+            return None
+
+    def fence(self, reason: str) -> None:
+        """This copy is no longer the session (the fleet placed it again, or we were cut
+        off past the node TTL): end it, and never write its record or output again."""
+        if not self.detached_from_record:
+            log.warning("session %s (attempt %d) fenced: %s", self.id, self.attempt, reason)
+        self.detached_from_record = True
+        self.writer.abandon()
+        self._resume_reading()  # what the pipes still hold is read, and dropped
+        self.end(f"fenced: {reason}")
+
     async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
                       signal: int | None = None, reason: str = "") -> None:
         if self.detached_from_record:
-            await self.writer.close(end_marker=False)
+            self.writer.abandon()
             return
         if self.reschedule and state == "killed":
             await self.writer.close(end_marker=False)  # its output goes on elsewhere
-            await self.mgr.store.move(self.id, "pending", node="", pid=0, ports=[],
+            await self._move("pending", node="", pid=0, ports=[],
                                       reason=f"rescheduling: {self.kill_reason}",
                                       output_bytes=self.writer.offset, restarts=self.restarts + 1)
             return
         # Output first, then the final record, then the end marker: a reader that sees the
         # marker finds the record final, and one that sees the record final has all output.
         await self.writer.flush()
-        await self.mgr.store.move(self.id, state, exit_code=exit_code, signal=signal,
+        await self._move(state, exit_code=exit_code, signal=signal,
                                   reason=reason, output_bytes=self.writer.offset,
                                   restarts=self.restarts)
         await self.writer.close()
@@ -564,9 +588,16 @@ class SessionManager:
                     return m.SessionStartReply(ok=False, reason=f"node {self.node} has no "
                                                f"{spec.ports} free port(s)")
                 ports = got
-            record = await self.store.move(req.id, "starting", node=self.node, ports=ports,
-                                           address=self.address, spec=spec,
-                                           user=spec.user)
+            placed = spec
+
+            def take(r: m.SessionRecord) -> m.SessionRecord | None:
+                if r.state != "pending":  # placed by someone else meanwhile
+                    return None
+                return msgspec.structs.replace(r, state="starting", node=self.node,
+                                               ports=ports, address=self.address, spec=placed,
+                                               user=placed.user, attempt=r.attempt + 1)
+
+            record = await self.store.update(req.id, take)
             if record is None:
                 self.ports.release(ports)
                 return m.SessionStartReply(ok=False, reason="session changed meanwhile")

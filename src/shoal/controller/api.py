@@ -317,6 +317,7 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
     sid = request.match_info["id"]
     start, tail = _start_params(request)
     follow = _query_flag(request, "follow") if "follow" in request.query else False
+    attempts = _query_flag(request, "attempts") if "attempts" in request.query else False
     await ctl.sessions.get(sid)  # 404 before the answer starts
     start = await _start_offset(request, sid, start, tail)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
@@ -325,7 +326,7 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
 
     progress = _Progress(start)
     try:
-        last = await _stream_logs(ctl, resp, sid, progress, follow)
+        last = await _stream_logs(ctl, resp, sid, progress, follow, attempts)
     except ConnectionResetError:  # the client went away: nobody to tell
         return resp
     except Exception as e:  # the answer has started: end it with the error, never replace it
@@ -357,11 +358,17 @@ def session_over(ctl: Controller, sid: str) -> Callable[[], Awaitable[bool]]:
 
 
 async def _stream_logs(ctl: Controller, resp: web.StreamResponse, sid: str,
-                       progress: _Progress, follow: bool) -> dict[str, Any]:
+                       progress: _Progress, follow: bool, attempts: bool = False,
+                       ) -> dict[str, Any]:
     """Write the NDJSON output lines, keeping ``progress`` at the last byte written;
-    returns the closing line to send."""
+    returns the closing line to send. With ``attempts``, a line
+    ``{"t":"attempt","attempt":n,"offset":o}`` marks where each placement's output begins."""
     async for item in outputlog.read(ctl.js, sid, progress.offset, follow=follow,
-                                     is_over=session_over(ctl, sid)):
+                                     is_over=session_over(ctl, sid), attempts=attempts):
+        if isinstance(item, outputlog.Chunk) and item.stream == outputlog.ATTEMPT:
+            line = {"t": "attempt", "attempt": item.epoch, "offset": item.offset}
+            await resp.write(msgspec.json.encode(line) + b"\n")
+            continue
         if isinstance(item, outputlog.Truncated):
             line = {"t": "truncated", "from": item.start, "to": item.end}
             await resp.write(msgspec.json.encode(line) + b"\n")
