@@ -150,10 +150,10 @@ def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
     """``work``: the ssh hosts' part (``shoal.ssh.sftp``)."""
     from .run_cmd import run_command
 
-    url, token = ("", "")
+    url, token, ca = ("", "", "")
     if targets is not None:
         cfg = _client_cfg(ctx)
-        url, token = cfg.url, cfg.token
+        url, token, ca = cfg.url, cfg.token, cfg.ca
     try:
         run_spec = msgspec.convert(spec, m.RunSpec)
     except msgspec.ValidationError as e:
@@ -163,7 +163,7 @@ def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
     try:
         return run_command(url, token, targets, run_spec, mode="prefixed",
                            progress=False, connect_timeout=connect_timeout,
-                           fanout=fanout or 0, ssh=leg, ca=cfg.ca if cfg else "", **kwargs)
+                           fanout=fanout or 0, ssh=leg, ca=ca, **kwargs)
     except ShoalError as e:
         fail(e.message, 2 if isinstance(e, ConfigError) else 1)
 
