@@ -1,0 +1,175 @@
+"""``shoal agent install``/``uninstall`` onto a real OpenSSH server in a network namespace: the
+agent it installs joins a real fleet over the veth pair, runs a session there, a second
+install changes nothing, and uninstall leaves no process, no file and no node."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fleet import SHOAL, Fleet, wait_for
+from shoal import config as c
+from shoal.natsd import NatsServer, NatsUsers
+from sshnet import SshHost, client_home, ssh_hosts
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+FIRST = 40  # 10.77.40.0/24: clear of test_ssh's hosts
+
+
+def snapshot(prefix: Path) -> dict[str, tuple[str, int]]:
+    """Every file the installer owns or made (not the agent's own state and log)."""
+    out = {}
+    for p in sorted(prefix.rglob("*")):
+        rel = p.relative_to(prefix)
+        if p.is_file() and not p.is_symlink() and rel.parts[0] not in ("state", "log"):
+            out[str(rel)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
+
+
+def agents_under(prefix: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and \
+                    any(str(prefix) in a for a in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+class Site:
+    def __init__(self, fleet: Fleet, host: SshHost, nats_url: str, root: Path) -> None:
+        self.fleet = fleet
+        self.host = host
+        self.nats_url = nats_url
+        self.prefix = root / "opt-shoal"
+        self.home = client_home(root, {host.name: host}, [host.name],
+                                root / "hosts" / "id_ed25519")
+
+    def shoal(self, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**self.fleet.env, "HOME": str(home or self.home)}
+        return subprocess.run([SHOAL, *args], capture_output=True, text=True, env=env,
+                              timeout=100)
+
+    def install(self, *extra: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return self.shoal("agent", "install", "--no-systemd", "--prefix", str(self.prefix),
+                          "--nats", self.nats_url, "--name-from", "inventory", "-l", "site=ns",
+                          "--wait", "40", *extra, self.host.name, home=home)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    home = tmp_path / "home"
+    home.mkdir()
+    with ssh_hosts(tmp_path / "hosts", authorized=["t1"], first=FIRST) as hosts:
+        here = f"10.77.{FIRST}.1"  # this side of t1's veth pair: the namespace reaches it
+        users = NatsUsers.generate()
+        hub = NatsServer(tmp_path / "nats", users, host=here)
+        hub.start()
+        fleet = Fleet(home, agents=0)
+        s = Site(fleet, hosts["t1"], hub.url, tmp_path)
+        try:
+            token = c.new_secret()
+            c.save(home / "controller.toml", c.ControllerConfig(
+                nats=c.NatsConfig(url=hub.url, user="controller",
+                                  password=users.controller_password),
+                port=0, services_port=0, token=token, node_ttl=3.0))
+            _, fleet.url = fleet.controller()
+            fleet.token = token
+            c.save(home / "client.toml", c.ClientConfig(url=fleet.url, token=token))
+            c.save(home / "agent.toml", c.AgentConfig(nats=c.NatsConfig(
+                url="nats://127.0.0.1:4222", user="agent", password=users.agent_password)))
+            yield s
+        finally:
+            for p in agents_under(s.prefix):  # only if the test failed half-way
+                p.kill()
+            fleet.stop()
+            hub.stop()
+
+
+@pytest.mark.timeout(120)
+def test_install_joins_runs_is_idempotent_and_uninstall_leaves_nothing(site: Site) -> None:
+    # A host whose key we do not know is refused, and nothing is written there.
+    stranger = client_home(site.prefix.parent / "stranger", {site.host.name: site.host}, [],
+                           site.prefix.parent / "hosts" / "id_ed25519")
+    r = site.install(home=stranger)
+    assert r.returncode == 1 and "unknown host key" in r.stderr, r.stderr
+    assert not site.prefix.exists()
+
+    r = site.install()
+    assert r.returncode == 0, r.stderr
+    assert "t1: installed: node t1 ready" in r.stdout, r.stdout
+    node = site.fleet.nodes()["t1"]
+    assert node["state"] == "ready" and node["labels"] == {"site": "ns"}
+    assert node["address"] == site.host.address
+    # The session runs on the host in the namespace: its only address is the veth's.
+    r = site.fleet.shoal("run", "-n", "t1", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+    assert r.returncode == 0, r.stderr
+    assert f"inet {site.host.address}/24" in r.stdout, r.stdout
+    cfg = site.prefix / "etc" / "agent.toml"
+    assert cfg.stat().st_mode & 0o777 == 0o600
+    assert site.nats_url in cfg.read_text()
+    pid = int((site.prefix / "run" / "agent.pid").read_text())
+    assert node["pid"] == pid
+    before = snapshot(site.prefix)
+    assert any(k.startswith("wheels/shoal-") for k in before)
+    assert "venv/bin/shoal" in before
+
+    # Again: the same hashes, the same files (not rewritten), the same agent.
+    r = site.install()
+    assert r.returncode == 0, r.stderr
+    assert f"t1: unchanged (agent 0.1.0 running, pid {pid})" in r.stdout, r.stdout
+    assert snapshot(site.prefix) == before
+    assert int((site.prefix / "run" / "agent.pid").read_text()) == pid
+    assert psutil.pid_exists(pid)
+
+    # A changed label rewrites the config only, and restarts the agent with it.
+    r = site.install("-l", "more=1")
+    assert r.returncode == 0, r.stderr
+    assert "t1: updated: node t1 ready" in r.stdout, r.stdout
+    after = snapshot(site.prefix)
+    assert {k for k in after if after[k] != before.get(k)} == {"etc/agent.toml",
+                                                                "run/agent.pid"}
+    assert site.fleet.nodes()["t1"]["labels"] == {"site": "ns", "more": "1"}
+    new_pid = int((site.prefix / "run" / "agent.pid").read_text())
+    assert new_pid != pid
+
+    r = site.shoal("agent", "uninstall", "--no-systemd", "--prefix", str(site.prefix),
+                   "--wait", "40", "t1")
+    assert r.returncode == 0, r.stderr
+    assert "t1: removed" in r.stdout and "node t1 forgotten" in r.stdout, r.stdout
+    assert not site.prefix.exists()
+    assert not agents_under(site.prefix)
+    wait_for(lambda: not psutil.pid_exists(new_pid) or
+             psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE)
+    assert "t1" not in site.fleet.nodes()
+    # Uninstalling what is not there is fine, and says so.
+    r = site.shoal("agent", "uninstall", "--no-systemd", "--prefix", str(site.prefix), "t1")
+    assert r.returncode == 0 and "nothing installed" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_nats_url_the_hosts_cannot_reach_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    c.save(home / "agent.toml", c.AgentConfig(nats=c.NatsConfig(
+        url="nats://127.0.0.1:4222", user="agent", password="x")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["SHOAL_HOME"] = str(home)
+    for args in ([], ["--nats", "nats://localhost:4222"]):
+        r = subprocess.run([SHOAL, "agent", "install", *args, "--prefix",
+                            str(tmp_path / "p"), "root@192.0.2.1"], capture_output=True,
+                           text=True, env=env, timeout=30)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "loopback" in r.stderr and "--nats nats://ADDRESS:PORT" in r.stderr
+    r = subprocess.run([SHOAL, "agent", "install", "--prefix", "/", "root@192.0.2.1"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 2 and "--prefix '/'" in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
