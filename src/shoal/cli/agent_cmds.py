@@ -84,10 +84,6 @@ def _go(ctx: click.Context, opts: InstallOptions, targets: list[SshTarget], choi
                 return await ai.run_all(targets, work, fanout, _report)
         finally:
             connector.close()
-            if wheels:
-                import shutil
-
-                shutil.rmtree(wheels[0].path.parent, ignore_errors=True)
 
     outcomes = arun(go())
     sys.exit(0 if all(o.ok for o in outcomes) else 1)

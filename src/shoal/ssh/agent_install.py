@@ -155,10 +155,10 @@ After=network-online.target
 Type=simple
 Environment=SHOAL_HOME={prefix}/etc PYTHONUNBUFFERED=1
 ExecStart={prefix}/venv/bin/shoal agent --config {prefix}/etc/agent.toml
-Restart=always
+Restart=on-failure
 RestartSec=2
 KillMode=mixed
-TimeoutStopSec=60
+TimeoutStopSec=30
 Delegate=yes
 TasksMax=infinity
 LimitNOFILE=1048576

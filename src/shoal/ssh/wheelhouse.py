@@ -10,6 +10,10 @@ files its RECORD lists (less bytecode and the installer's own notes), scripts ba
 WHEEL file's tags kept, a fresh RECORD, fixed timestamps: the same install gives the same
 bytes, so a second ``agent install`` sees the same hashes and changes nothing.
 
+Built wheels are kept in ``$XDG_CACHE_HOME/shoal/wheels`` (default ``~/.cache``), keyed by
+the sha256 of their inputs (a distribution's RECORD; shoal's source files), so a second run
+does not pack 20 MB again.
+
 The closure is every installed distribution that shoal's requirements reach (extras followed,
 markers left to the target's pip: one not installed here is not needed here either), plus pip,
 which the target runs from its wheel to install the rest offline.
@@ -20,12 +24,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
@@ -145,7 +153,7 @@ def repack(dist: metadata.Distribution, out_dir: Path) -> Path:
                      sorted(entries.items())) + f"{info}/RECORD,,\n"
     entries[f"{info}/RECORD"] = (record.encode(), 0o644)
     path = out_dir / f"{_escape(name)}-{version}-{tag}.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         # dist-info last, as wheels are written
         for arc in sorted(entries, key=lambda a: (a.startswith(info), a)):
             data, mode = entries[arc]
@@ -186,15 +194,54 @@ def _wheel(path: Path, project: str) -> Wheel:
     return Wheel(path.name, path, hashlib.sha256(path.read_bytes()).hexdigest(), project)
 
 
-def collect(out_dir: Path | None = None) -> list[Wheel]:
-    """shoal's wheel first, then its dependencies', then pip's, written to ``out_dir``."""
-    out = out_dir or Path(tempfile.mkdtemp(prefix="shoal-wheels-"))
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shoal" / "wheels"
+
+
+_SOURCE_FILES = ("pyproject.toml", "hatch_build.py", "README.md", "LICENSE")
+
+
+def _inputs_key(dist: metadata.Distribution) -> str:
+    """What the wheel is made of: shoal's source tree (editable), else the RECORD."""
+    h = hashlib.sha256(f"{dist.metadata['Name']} {dist.version} {sys.prefix}".encode())
+    source = _editable_source(dist)
+    if source is None:
+        h.update((dist.read_text("RECORD") or "").encode())
+        return h.hexdigest()[:32]
+    paths = [source / f for f in _SOURCE_FILES] + sorted((source / "src").rglob("*"))
+    for p in paths:
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(f"{p.relative_to(source)}\0".encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def _cached(dist: metadata.Distribution, make: Callable[[Path], Path]) -> Wheel:
+    slot = cache_dir() / _inputs_key(dist)
+    found = sorted(slot.glob("*.whl")) if slot.is_dir() else []
+    if len(found) != 1:
+        slot.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=slot.parent))
+        try:
+            make(tmp)
+            shutil.rmtree(slot, ignore_errors=True)
+            os.replace(tmp, slot)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = sorted(slot.glob("*.whl"))
+    return _wheel(found[0], canonical(dist.metadata["Name"]))
+
+
+def collect() -> list[Wheel]:
+    """shoal's wheel first, then its dependencies', then pip's (paths in the cache)."""
     dists = closure("shoal")
-    wheels = [_wheel(build_shoal(dists[0], out), "shoal")]
-    wheels += [_wheel(repack(d, out), canonical(d.metadata["Name"])) for d in dists[1:]]
+    wheels = [_cached(dists[0], partial(build_shoal, dists[0]))]
+    wheels += [_cached(dist, partial(repack, dist)) for dist in dists[1:]]
     try:
-        wheels.append(_wheel(repack(metadata.distribution("pip"), out), "pip"))
+        pip = metadata.distribution("pip")
     except metadata.PackageNotFoundError:
         raise ConfigError("agent install needs pip in the environment shoal runs from "
                           f"({sys.prefix}): install it there (python -m ensurepip)") from None
+    wheels.append(_cached(pip, partial(repack, pip)))
     return wheels
