@@ -142,6 +142,21 @@ def test_install_joins_runs_is_idempotent_and_uninstall_leaves_nothing(site: Sit
     new_pid = int((site.prefix / "run" / "agent.pid").read_text())
     assert new_pid != pid
 
+    # A damaged wheel on the host is sent again, the venv made anew from it, the agent
+    # restarted on it.
+    [idna] = (site.prefix / "wheels").glob("idna-*.whl")
+    good = idna.read_bytes()
+    idna.write_bytes(b"not a wheel")
+    (site.prefix / "venv" / "bin" / "shoal").unlink()
+    r = site.install("-l", "more=1")
+    assert r.returncode == 0, r.stderr
+    assert "t1: updated: node t1 ready" in r.stdout, r.stdout
+    assert idna.read_bytes() == good
+    assert (site.prefix / "venv" / "bin" / "shoal").is_file()
+    assert int((site.prefix / "run" / "agent.pid").read_text()) != new_pid
+    new_pid = int((site.prefix / "run" / "agent.pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
     r = site.shoal("agent", "uninstall", "--no-systemd", "--prefix", str(site.prefix),
                    "--wait", "40", "t1")
     assert r.returncode == 0, r.stderr

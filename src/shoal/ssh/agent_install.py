@@ -255,7 +255,8 @@ class Installer:
 
             changed = [k for k, (src, _) in wanted.items() if have.get(k) != digest(src)]
             stale = [k for k in have if k not in wanted]
-            new_venv = found["version"] != self.version or any(
+            # A stopped agent gets its venv made anew too: that is how install repairs one.
+            new_venv = found["version"] != self.version or not found["pid"] or any(
                 k.startswith("wheels/") for k in [*changed, *stale])
             if not changed and not stale and not new_venv and found["pid"]:
                 await self._wait_ready(remote, name, found["pid"])
