@@ -152,6 +152,11 @@ def test_install_joins_runs_is_idempotent_and_uninstall_leaves_nothing(site: Sit
     r = site.install(home=stranger)
     assert r.returncode == 1 and "unknown host key" in r.stderr, r.stderr
     assert not site.prefix.exists()
+    # Without systemd there, the unit is not written: the message says what to do.
+    r = site.shoal("agent", "install", "--prefix", str(site.prefix), "--nats", site.nats_url,
+                   site.host.name)
+    assert r.returncode == 1 and "pass --no-systemd" in r.stderr, r.stderr
+    assert not site.prefix.exists()
 
     r = site.install()
     assert r.returncode == 0, r.stderr
