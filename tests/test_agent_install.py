@@ -242,3 +242,23 @@ def test_a_nats_url_the_hosts_cannot_reach_is_refused(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2 and "--prefix '/'" in r.stderr, r.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_the_nats_files_agent_toml_names_go_along_with_their_modes() -> None:
+    import tomllib
+
+    from shoal.ssh.agent_install import Installer, InstallOptions, agent_toml
+
+    opts = InstallOptions(nats=c.NatsConfig(url="tls://10.0.0.1:4222", ca="/here/ca.pem",
+                                            cert="/here/c.pem", key="/here/k.pem",
+                                            tls_hostname="nats.example"),
+                          files={"ca": b"CA", "cert": b"CERT", "key": b"KEY"}, prefix="/p",
+                          systemd=False)
+    nats = tomllib.loads(agent_toml(opts, "n1", "10.0.0.2").decode())["nats"]
+    assert nats["ca"] == "/p/etc/nats-ca.pem" and nats["cert"] == "/p/etc/nats-cert.pem"
+    assert nats["key"] == "/p/etc/nats-key.pem" and "creds" not in nats
+    assert nats["tls_hostname"] == "nats.example"
+    wanted = Installer(opts, None, None)._wanted("n1", "10.0.0.2")  # type: ignore[arg-type]
+    assert wanted["etc/nats-key.pem"] == (b"KEY", 0o600)
+    assert wanted["etc/nats-ca.pem"] == (b"CA", 0o644)
+    assert wanted["etc/agent.toml"][1] == 0o600

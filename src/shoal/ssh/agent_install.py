@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 DEFAULT_PREFIX = "/opt/shoal"
 UNIT_PATH = f"/etc/systemd/system/{agent_remote.UNIT_NAME}"
 _SOURCE = Path(agent_remote.__file__).read_text()
+# [nats] settings that name files: their name under PREFIX/etc on the host, and mode.
+NATS_FILES = {"creds": ("nats.creds", 0o600), "ca": ("nats-ca.pem", 0o644),
+              "cert": ("nats-cert.pem", 0o644), "key": ("nats-key.pem", 0o600)}
 
 
 class InstallError(Exception):
@@ -53,8 +56,8 @@ class InstallError(Exception):
 @dataclass
 class InstallOptions:
     nats: c.NatsConfig
-    creds: bytes = b""  # the .creds file's content, when the credentials are one
-    ca: bytes = b""
+    # Contents of the files [nats] names (creds, ca, cert, key), copied to PREFIX/etc.
+    files: dict[str, bytes] = field(default_factory=dict)
     prefix: str = DEFAULT_PREFIX
     labels: dict[str, str] = field(default_factory=dict)
     name_from: Literal["host", "inventory"] = "host"
@@ -95,12 +98,12 @@ def local_options(nats_url: str | None, **kw: Any) -> InstallOptions:
                               "targets cannot reach: pass --nats nats://ADDRESS:PORT with an "
                               "address they can")
     try:
-        creds = Path(local.nats.creds).read_bytes() if local.nats.creds else b""
-        ca = Path(local.nats.ca).read_bytes() if local.nats.ca else b""
+        files = {k: Path(getattr(local.nats, k)).read_bytes() for k in NATS_FILES
+                 if getattr(local.nats, k, None)}
     except OSError as e:
         raise ConfigError(f"cannot read {e.filename} (named in {path}): {e.strerror}") from None
     nats = msgspec.structs.replace(local.nats, url=url)
-    return InstallOptions(nats=nats, creds=creds, ca=ca, **kw)
+    return InstallOptions(nats=nats, files=files, **kw)
 
 
 class Remote:
@@ -137,8 +140,8 @@ class Outcome:
 
 def agent_toml(opts: InstallOptions, name: str, address: str) -> bytes:
     etc = f"{opts.prefix}/etc"
-    nats = msgspec.structs.replace(opts.nats, creds=f"{etc}/nats.creds" if opts.creds else None,
-                                   ca=f"{etc}/nats-ca.pem" if opts.ca else None)
+    nats = msgspec.structs.replace(opts.nats, **{
+        k: f"{etc}/{NATS_FILES[k][0]}" if k in opts.files else None for k in NATS_FILES})
     cfg = c.AgentConfig(nats=nats, name=name, labels=dict(sorted(opts.labels.items())),
                         address=address, state_dir=f"{opts.prefix}/state")
     return c.to_toml(msgspec.to_builtins(cfg)).encode()
@@ -233,10 +236,9 @@ class Installer:
         files: dict[str, tuple[bytes | Wheel, int]] = {
             f"wheels/{w.name}": (w, 0o644) for w in self.wheels}
         files["etc/agent.toml"] = (agent_toml(self.opts, name, address), 0o600)
-        if self.opts.creds:
-            files["etc/nats.creds"] = (self.opts.creds, 0o600)
-        if self.opts.ca:
-            files["etc/nats-ca.pem"] = (self.opts.ca, 0o644)
+        for k, data in self.opts.files.items():
+            name, mode = NATS_FILES[k]
+            files[f"etc/{name}"] = (data, mode)
         if self.unit:
             files[self.unit] = (unit_text(p), 0o644)
         return files
