@@ -134,7 +134,7 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
 # ---------------------------------------------------------------------- daemons
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML config (default: $SHOAL_HOME/agent.toml).")
 @click.option("--name", help="Node name (default: the hostname).")
@@ -149,11 +149,16 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
               help="Run N logical nodes in this process (PREFIX1..PREFIXN).")
 @click.option("--prefix", default="vnode-", show_default=True, help="Name prefix for --virtual.")
 @click.option("-v", "--verbose", is_flag=True)
-def agent(config_path: Path | None, name: str | None, labels: tuple[str, ...],
-          capacity: int | None, nats_url: str | None, nats_user: str | None,
-          nats_password: str | None, nats_creds: str | None, address: str | None,
-          virtual: int | None, prefix: str, verbose: bool) -> None:
-    """Run an agent: this machine (or N virtual nodes) joins the fleet."""
+@click.pass_context
+def agent(ctx: click.Context, config_path: Path | None, name: str | None,
+          labels: tuple[str, ...], capacity: int | None, nats_url: str | None,
+          nats_user: str | None, nats_password: str | None, nats_creds: str | None,
+          address: str | None, virtual: int | None, prefix: str, verbose: bool) -> None:
+    """Run an agent: this machine (or N virtual nodes) joins the fleet.
+
+    `shoal agent install HOSTS` puts agents on ssh hosts (`uninstall` removes them)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ..agent.host import run_agent, virtual_names
 
     setup_logging(verbose)
@@ -456,3 +461,4 @@ from . import admin_cmds  # noqa: E402, F401, I001  (registers its commands on `
 from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
+from . import agent_cmds  # noqa: E402, F401, I001  (registers its commands on `agent`)

@@ -9,4 +9,7 @@ keys never leave their machine (docs/cli.md, docs/security.md).
 - ``connect``: one connection with that policy; asyncssh's errors become one reason each.
 - ``fanout``: the ssh leg of a run: the same events an agent sends, from ssh channels.
 - ``sftp``: the ssh leg of ``copy``/``rcopy``.
+- ``wheelhouse``: the wheels ``agent install`` ships (shoal and its dependencies, from here).
+- ``agent_install``: ``shoal agent install``/``uninstall``, host by host;
+  ``agent_remote``: the stdlib-only script the host's Python runs for it.
 """
