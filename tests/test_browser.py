@@ -202,8 +202,8 @@ def test_dashboard_summarises_the_fleet_and_searches_nodes(pool: Fleet,
 
 
 def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> None:
-    """The dashboard shows who is logged in, and hides the kill buttons from a read-only
-    user (the API would refuse them: test_scopes.py)."""
+    """The dashboard shows who is logged in, and hides the kill buttons and terminal links
+    from a read-only user (the API would refuse them: test_scopes.py)."""
     made = pool.shoal("token", "create", "--user", "rita", "--scope", "read")
     assert made.returncode == 0, made.stderr
     r = pool.shoal("session", "create", "--name", "not-yours", "--", "sleep", "30")
@@ -215,8 +215,12 @@ def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> N
                            timeout=20000)
     assert page.locator("#who").inner_text() == "rita (read)"
     page.wait_for_function(
-        f"window.shoalDashboard.sessions().some(s => s.id === '{sid}')", timeout=20000)
-    assert not page.locator(f"button[data-kill='{sid}']").is_visible()
+        f"window.shoalDashboard.sessions().some(s => s.id === '{sid}' && s.state === 'running')",
+        timeout=20000)
+    kill = page.locator(f"button[data-kill='{sid}']")
+    kill.wait_for(state="attached", timeout=20000)  # drawn, so hidden is not just absent
+    assert not kill.is_visible()
+    assert not page.locator(f"a[href='/t/{sid}']").is_visible()  # no terminals scope
     pool.shoal("session", "rm", sid)
     page.close()
 

@@ -276,7 +276,8 @@
       const actions = el("span", { className: "actions" });
       if (s.state === "running") {
         actions.append(
-          el("a", { href: `/t/${encodeURIComponent(s.id)}`, target: "_blank", rel: "noopener" },
+          el("a", { href: `/t/${encodeURIComponent(s.id)}`, target: "_blank", rel: "noopener",
+                    className: "open-terminal" },
              "open terminal"),
           el("button", { type: "button", className: "kill", dataset: { kill: s.id, name: s.name || s.id } },
              "kill"));
