@@ -259,6 +259,32 @@ def test_browser_logs_in_over_https(tls_fleet: Fleet) -> None:
         pw.stop()  # type: ignore[attr-defined]
 
 
+def test_browser_terminal_over_https(tls_fleet: Fleet) -> None:
+    """The terminal page's WebSocket is wss:// through the same pinned certificate."""
+    from test_browser import type_line, wait_text
+
+    r = tls_fleet.shoal("session", "create", "--name", "tls-term", "--tty", "--", "cat")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    pw, browser = _chromium(tls_fleet, pin=True)
+    try:
+        context = browser.new_context(bypass_csp=True)  # type: ignore[attr-defined]
+        page = context.new_page()
+        page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
+        page.wait_for_function("window.shoalLogin && window.shoalLogin.csrf() !== ''",
+                               timeout=20000)
+        term = context.new_page()
+        term.goto(f"{tls_fleet.url}/t/{sid}")
+        term.wait_for_function("window.shoalTerm && window.shoalTerm.state() === 'connected'",
+                               timeout=20000)
+        type_line(term, "over-tls")
+        wait_text(term, "over-tls\nover-tls")
+    finally:
+        browser.close()  # type: ignore[attr-defined]
+        pw.stop()  # type: ignore[attr-defined]
+        tls_fleet.shoal("session", "rm", sid)
+
+
 def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> None:
     """The control for the test above: the same browser without the pin does not load."""
     pw, browser = _chromium(tls_fleet, pin=False)
