@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from fleet import Fleet, wait_for, wait_running
 from shoal import messages as m
+from shoal import servicetypes as st
 from shoal.agent.containers import Podman
 from shoal.client import Client, LogChunk
-from shoal.errors import ValidationError
+from shoal.errors import NotFoundError, ValidationError
 from test_containers import IMAGE, needs_podman, podman  # noqa: F401 - the fixture
 
 pytestmark = needs_podman
@@ -209,3 +211,56 @@ async def test_a_sigkilled_agent_leaves_a_container_the_next_start_removes(
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)
+
+
+async def test_a_service_of_container_replicas(
+        cfleet: Fleet, client: Client, podman: Podman) -> None:  # noqa: F811
+    """Two replicas, each a container serving its own session id over HTTP on port 80,
+    published on the port the node allocates; traffic through the services listener reaches
+    both, and removing the service removes the containers."""
+    serve = ('mkdir /tmp/w && echo "$SHOAL_SESSION_ID" > /tmp/w/index.html && '
+             'exec httpd -f -p "$PORT" -h /tmp/w')
+    await client.create_service(st.ServiceSpec(
+        name="cweb", runtime="container", image=IMAGE, shell=serve, container_ports=[80],
+        network="podman", replicas=2, check="http:/", interval=0.2, timeout=0.5))
+    try:
+        view = None
+        for _ in range(300):
+            view = await client.service("cweb")
+            if view.up == 2 and len(view.replicas) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert view is not None and view.up == 2, view
+        assert {r.node for r in view.replicas} == {CNODE}  # the only node that runs them
+        ids = {r.id for r in view.replicas}
+        assert sorted(containers(podman)) == sorted(f"shoal-{CNODE}-{i}" for i in ids)
+        seen: set[str] = set()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for _ in range(60):
+                async with http.get(f"{cfleet.services_url}/s/cweb/") as resp:
+                    assert resp.status == 200, await resp.text()
+                    seen.add((await resp.text()).strip())
+                if seen == ids:
+                    break
+        assert seen == ids
+    finally:
+        await client.remove_service("cweb", deadline=0)
+    assert wait_for(lambda: containers(podman) == [], 30), containers(podman)
+
+
+async def test_bad_container_services_are_refused(client: Client) -> None:
+    with pytest.raises(ValidationError, match="needs container_ports"):
+        await client.create_service(st.ServiceSpec(name="cbad", runtime="container",
+                                                   image=IMAGE))
+    # The replicas' session rules hold for services too.
+    with pytest.raises(ValidationError, match="need a network"):
+        await client.create_service(st.ServiceSpec(name="cbad", runtime="container",
+                                                   image=IMAGE, container_ports=[80]))
+    with pytest.raises(ValidationError, match="needs an image"):
+        await client.create_service(st.ServiceSpec(name="cbad", runtime="container",
+                                                   container_ports=[80], network="podman"))
+    with pytest.raises(ValidationError, match="runtime"):
+        await client.create_service(st.ServiceSpec(name="cbad", command=["true"],
+                                                   image=IMAGE))
+    with pytest.raises(NotFoundError):
+        await client.service("cbad")

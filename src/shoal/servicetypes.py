@@ -22,7 +22,8 @@ _NAME = re.compile(NAME_PATTERN)
 
 class ServiceSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """A named set of replicas: each a session running ``command`` (or ``shell``) with a
-    port of its own in ``$PORT``."""
+    port of its own in ``$PORT``; or, with ``runtime = "container"``, a container of
+    ``image`` whose first ``container_ports`` entry is published on the replica's port."""
 
     name: ServiceName
     command: m.Argv | None = None
@@ -41,6 +42,12 @@ class ServiceSpec(Struct, frozen=True, forbid_unknown_fields=True):
     selector: m.Labels = {}
     labels: m.Labels = {}
     limits: m.Limits = m.Limits()
+    # Container replicas (docs/containers.md), passed through to each replica's spec.
+    runtime: m.Runtime = "process"
+    image: m.ImageRef | None = None
+    container_ports: Annotated[list[m.ContainerPort], Meta(max_length=64)] = []
+    mounts: Annotated[list[m.Mount], Meta(max_length=64)] = []
+    network: m.NetworkName = "none"
 
 
 class ServiceRecord(Struct, frozen=True):
@@ -106,8 +113,27 @@ def parse_check(check: str) -> tuple[Literal["tcp", "http"], str]:
                           "(a path starting with /, no spaces)")
 
 
+def replica_spec(spec: ServiceSpec, sid: str) -> m.SessionSpec:
+    """The session spec of one replica: a daemon restarted always, on its own port(s); a
+    container's allocated ports are its ``container_ports``, the first one served."""
+    ports = len(spec.container_ports) if spec.runtime == "container" else 1
+    return m.SessionSpec(
+        id=sid, name=f"{spec.name}-replica", command=spec.command, shell=spec.shell,
+        env=spec.env, cwd=spec.cwd, user=spec.user, restart="always", ports=ports,
+        selector=spec.selector, strategy="spread", service=spec.name,
+        labels={**spec.labels, "shoal.service": spec.name}, limits=spec.limits,
+        runtime=spec.runtime, image=spec.image, container_ports=spec.container_ports,
+        mounts=spec.mounts, network=spec.network)
+
+
 def validate(spec: ServiceSpec) -> None:
-    if (spec.command is None) == (spec.shell is None):
+    """What a service needs beyond its replicas' session specs (the controller checks
+    those too, as for any session)."""
+    if spec.runtime == "container":
+        if not spec.container_ports:
+            raise ValidationError("a container service needs container_ports: the port its "
+                                  "image listens on (the first one is checked and served)")
+    elif (spec.command is None) == (spec.shell is None):
         raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
     parse_check(spec.check)
     if spec.timeout > spec.interval * 10:

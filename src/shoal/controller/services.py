@@ -30,6 +30,7 @@ from ..bus import mirror, watch_bucket
 from ..errors import ConflictError, NoCapacityError, NotFoundError, ShoalError, ValidationError
 from ..sessionstate import FINAL, LIVE
 from .probes import Prober, ProbeResult, ProbeSpec
+from .sessions import validate as validate_session
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -146,6 +147,7 @@ class ServiceManager:
     async def create(self, spec: st.ServiceSpec) -> tuple[st.ServiceRecord, bool]:
         """Create a service; the same spec again is a no-op, a different one a conflict."""
         st.validate(spec)
+        validate_session(st.replica_spec(spec, f"{spec.name}-0"))  # what every replica runs
         record = st.ServiceRecord(name=spec.name, spec=spec, created=time.time())
         try:
             await self.kv.create(spec.name, _encode(record))
@@ -494,12 +496,7 @@ class ServiceManager:
         for s in live:
             if s.node:
                 per_node[s.node] = per_node.get(s.node, 0) + 1
-        session = m.SessionSpec(
-            id=f"{spec.name}-{secrets.token_hex(4)}", name=f"{spec.name}-replica",
-            command=spec.command, shell=spec.shell, env=spec.env, cwd=spec.cwd, user=spec.user,
-            restart="always", ports=1, selector=spec.selector, strategy="spread",
-            service=spec.name, labels={**spec.labels, "shoal.service": spec.name},
-            limits=spec.limits)
+        session = st.replica_spec(spec, f"{spec.name}-{secrets.token_hex(4)}")
         nodes = self.ctl.registry.snapshot()
         pool = placement.eligible(session, nodes)
         if pool:  # spread: the node with the fewest replicas of this service first
