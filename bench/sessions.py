@@ -14,6 +14,11 @@ Workloads (all sessions run as the agent's own user, no tty):
   ~2 ms after the POST returns and times from the start of the POST until the record says the
   process started (`started` set). `server_*` fields give `started - created` from the record
   (controller and agent clocks: the same host here).
+- session-start-container: session-start for `true` in a container (runtime = "container"):
+  a busybox image imported into a private podman store (bench/containers.py) that one more
+  agent (`cnode-1`, its own process) uses; the sessions are pinned to it; podman with runc,
+  network none; `create_p50_ms` is the POST alone. Skipped, saying why,
+  where podman, runc or busybox-static is missing.
 - session-create-rate: 50 concurrent clients (asyncio tasks sharing one connection pool, so one
   keep-alive connection each) create `sleep 5` sessions for a fixed window; creates/s is
   successful creates over the window. Latency percentiles are per request under that load, and
@@ -42,6 +47,7 @@ from typing import Any
 
 import psutil
 
+from bench.containers import IMAGE, busybox_store, container_agent
 from bench.harness import (
     RESULTS_DIR,
     Deadline,
@@ -253,6 +259,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.sessions", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--samples", type=int, default=300, help="sequential creates timed")
+    parser.add_argument("--container-samples", type=int, default=30,
+                        help="container sessions timed (after 2 warm-up)")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted creates first")
     parser.add_argument("--clients", type=int, default=50, help="concurrent creating clients")
     parser.add_argument("--window", type=float, default=10.0, help="create-rate window, s")
@@ -275,31 +283,11 @@ async def sequential(
     start_s: list[float] = []
     server_s: list[float] = []
     errors: list[str] = []
-    for i in range(args.warmup + args.samples):
-        # Keep time for the rate test (its window, the fleet's shutdown), at most half the budget.
-        if deadline.near(min(args.window + 45.0, deadline.budget_s / 2)):
-            break
-        t0 = time.perf_counter()
-        try:
-            record = await client.create_session({"command": ["true"]})
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-            continue
-        t_created = time.perf_counter()
-        while not record.started and record.state not in FINAL_STATES:
-            await asyncio.sleep(0.002)
-            record = await client.session(record.id)
-            if time.perf_counter() - t0 > 10:
-                break
-        t_running = time.perf_counter()
-        if i < args.warmup:
-            continue
-        create_s.append(t_created - t0)
-        if record.started:
-            start_s.append(t_running - t0)
-            server_s.append(record.started - record.created)
-        else:
-            errors.append(f"{record.id} not started after 10s ({record.state}: {record.reason})")
+    # Keep time for the container row and the rate test (their windows, the fleet's
+    # shutdown), at most half the budget.
+    reserve = min(args.window + 70.0, deadline.budget_s / 2)
+    await time_starts(client, {"command": ["true"]}, args.warmup, args.samples, deadline,
+                      reserve, create_s, start_s, server_s, errors)
     note = f"{len(errors)} error(s): {errors[0][:200]}" if errors else ""
     row = latency_row("session-create", 1, create_s, command="true", errors=len(errors))
     row.note = note
@@ -319,6 +307,62 @@ async def sequential(
         f"create p50 {row_ms(rows[-2], 'p50_ms')} p99 {row_ms(rows[-2], 'p99_ms')}; "
         f"create->running p50 {row_ms(rows[-1], 'p50_ms')} p99 {row_ms(rows[-1], 'p99_ms')}"
     )
+
+
+async def time_starts(client: Client, spec: dict[str, Any], warmup: int, samples: int,
+                      deadline: Deadline, reserve: float, create_s: list[float],
+                      start_s: list[float], server_s: list[float], errors: list[str]) -> None:
+    """Create `spec` one at a time until `samples` are timed or only `reserve` s are left:
+    the POST (create_s), the POST to a record saying started (start_s, polled every ~2 ms)
+    and `started - created` of the record (server_s)."""
+    for i in range(warmup + samples):
+        if deadline.near(reserve):
+            break
+        t0 = time.perf_counter()
+        try:
+            record = await client.create_session(spec)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            continue
+        t_created = time.perf_counter()
+        while not record.started and record.state not in FINAL_STATES:
+            await asyncio.sleep(0.002)
+            record = await client.session(record.id)
+            if time.perf_counter() - t0 > 10:
+                break
+        t_running = time.perf_counter()
+        if i < warmup:
+            continue
+        create_s.append(t_created - t0)
+        if record.started:
+            start_s.append(t_running - t0)
+            server_s.append(record.started - record.created)
+        else:
+            errors.append(f"{record.id} not started after 10s ({record.state}: {record.reason})")
+
+
+async def container_starts(client: Client, args: argparse.Namespace, deadline: Deadline,
+                           rows: list[Row], node: str) -> None:
+    """session-start-container: session-start for `true` in a container of the busybox
+    image (podman with runc, network none) on ``node``, the process row's counterpart."""
+    create_s: list[float] = []
+    start_s: list[float] = []
+    server_s: list[float] = []
+    errors: list[str] = []
+    spec = {"runtime": "container", "image": IMAGE, "command": ["true"], "node": node}
+    await time_starts(client, spec, 2, args.container_samples, deadline,
+                      args.window + 40.0, create_s, start_s, server_s, errors)
+    row = latency_row(
+        "session-start-container", 1, start_s, command="true", image=IMAGE,
+        errors=len(errors), create_p50_ms=ms(pct(create_s, 50)) if create_s else None,
+        server_p50_ms=ms(pct(server_s, 50)) if server_s else None,
+        server_p99_ms=ms(pct(server_s, 99)) if server_s else None)
+    if errors:
+        row.note = f"{len(errors)} error(s): {errors[0][:200]}"
+    if not start_s:
+        row.status = "failed"
+    rows.append(row)
+    log(f"container create->running p50 {row_ms(row, 'p50_ms')} p99 {row_ms(row, 'p99_ms')}")
 
 
 def row_ms(row: Row, key: str) -> str:
@@ -393,17 +437,33 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
     shoal = shoal_bin()
     problem = shoal_problem(shoal)
     if problem or shoal is None:
-        for workload in ("session-create", "session-start", "session-create-rate"):
+        for workload in ("session-create", "session-start", "session-start-container",
+                         "session-create-rate"):
             rows.append(Row(workload, TOOL, 0, status="skipped", note=problem or ""))
         return
     try:
-        with shoal_fleet(shoal, root, 2, deadline, capacity=args.capacity) as fleet:
+        with busybox_store() as (podman_env, no_image), shoal_fleet(
+                shoal, root, 2, deadline, capacity=args.capacity) as fleet:
+
+            async def containers(client: Client, fleet: ShoalFleet, podman_env: dict[str, str],
+                                 no_image: str, root: Path) -> None:
+                if no_image:
+                    rows.append(Row("session-start-container", TOOL, 0, status="skipped",
+                                    note=f"no container image: {no_image}"[:400]))
+                    return
+                try:
+                    with container_agent(fleet, podman_env, root) as node:
+                        await container_starts(client, args, deadline, rows, node)
+                except FleetError as exc:
+                    rows.append(Row("session-start-container", TOOL, 0, status="failed",
+                                    note=str(exc)[:400]))
 
             async def go() -> None:
                 # Whatever hangs, leave time to stop the fleet (it ends ~1500 sessions).
                 async with asyncio.timeout(max(5.0, deadline.remaining() - 15.0)):
                     async with fleet_client(fleet) as client:
                         await sequential(client, args, deadline, rows)
+                        await containers(client, fleet, podman_env, no_image, root)
                         problem = fleet.problem()
                         if problem:
                             raise FleetError(problem)
@@ -437,6 +497,7 @@ COLUMNS = (
     "max_ms",
     "per_s",
     "sessions",
+    "create_p50_ms",
     "server_p50_ms",
     "server_p99_ms",
     "run_p50_ms",
@@ -459,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"returns ({args.warmup} warm-up creates dropped; `runs` = timed creates).\n"
         "- session-start: from the start of the POST until a GET (polled every ~2 ms) shows the "
         "process started; `server_*` = `started - created` in the record.\n"
+        f"- session-start-container: the same for `true` in a container ({args.container_samples}"
+        " timed after 2 warm-up) on node `cnode-1`, an agent of its own using a private podman "
+        "store holding a busybox image imported offline; podman with runc, network none; "
+        "`create_p50_ms` = the POST alone.\n"
         f"- session-create-rate: {args.clients} concurrent clients creating `sleep 5` for "
         f"{args.window:g} s; `per_s` = successful creates / s, `sessions` = how many; "
         "p50..max = per-request latency under that load; `run_*` = `started - created`; CPU "
