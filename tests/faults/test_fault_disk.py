@@ -1,8 +1,9 @@
 """A full disk: the JetStream store on a small tmpfs the test mounts, filled by a session's
-output. What must hold while it is full: ``session kill --wait`` completes, ``session rm``
-(which purges the session's output) succeeds and gives space back, the agent's log says why
-output is not stored, and a healthy session is not declared lost by a controller that cannot
-see heartbeats (they are not stored either)."""
+output. What must hold while it is full: ``session kill --wait`` completes, the agent's log
+says why output is not stored, ``session rm`` refuses with what to do (nats-server keeps the
+stream's write error until it restarts) and removes nothing, then succeeds after a
+nats-server restart and gives the space back; a healthy session stays ``running``
+throughout and its held output is stored again afterwards."""
 
 from __future__ import annotations
 
@@ -95,3 +96,6 @@ def test_a_full_store_is_survived(full: NatsFleet, tmp_path: Path) -> None:
     wait_for(lambda: _free(store) > before + (16 << 20), timeout=10)
     assert fleet.shoal("session", "show", filler).returncode != 0
     assert _state(full, healthy) == "running"
+    # Its output, held while the store was full, is stored again (what it wrote last).
+    last = truth.read_text().splitlines()[-1]
+    wait_for(lambda: last in fleet.shoal("session", "logs", healthy).stdout, timeout=15)
