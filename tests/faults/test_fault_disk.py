@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,3 +100,33 @@ def test_a_full_store_is_survived(full: NatsFleet, tmp_path: Path) -> None:
     # Its output, held while the store was full, is stored again (what it wrote last).
     last = truth.read_text().splitlines()[-1]
     wait_for(lambda: last in fleet.shoal("session", "logs", healthy).stdout, timeout=15)
+
+
+def test_heartbeats_that_cannot_be_stored_do_not_lose_sessions(full: NatsFleet,
+                                                                tmp_path: Path) -> None:
+    """The disk filled by another file: every stream's writes fail, heartbeats included.
+    A controller that sees no node beat cannot tell the fleet from the bus: it must not
+    declare the node down and its healthy session lost."""
+    fleet = full.fleet
+    store = tmp_path / "nats" / "jetstream"
+    truth = tmp_path / "truth"
+    r = fleet.shoal("session", "create", "--shell", counter(truth, 100000, 0.5))
+    assert r.returncode == 0, r.stderr
+    healthy = r.stdout.strip()
+    wait_for(lambda: _state(full, healthy) == "running")
+    subprocess.run(["dd", "if=/dev/zero", f"of={store / 'filler'}", "bs=1M"],
+                   capture_output=True)
+    filled = time.monotonic()
+    assert _free(store) < 64 << 10
+    log = fleet.home / "up.log"
+    wait_for(lambda: "heartbeat: 1 of 1 puts failed: JetStream did not acknowledge"
+             in log.read_text(), timeout=20)
+    while time.monotonic() - filled < 25:  # past PAUSE_VERDICT TTLs (6 s each) unbeaten
+        assert _state(full, healthy) == "running"
+        time.sleep(1)
+    # Recovery: space back, nats-server restarted; the node beats again, nothing was lost.
+    (store / "filler").unlink()
+    full.kill_nats()
+    full.server.start()
+    fleet.wait_nodes(["node-1"], timeout=20)
+    assert _state(full, healthy) == "running"
