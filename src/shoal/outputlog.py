@@ -407,14 +407,25 @@ class OutputWriter:
         finally:
             self._purging = False
 
-    async def flush(self) -> None:
-        await self._idle.wait()
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything written is stored; False if ``timeout`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
-    async def close(self, end_marker: bool = True) -> None:
-        """Flush, write the end marker (unless the output goes on elsewhere), stop."""
+    async def close(self, end_marker: bool = True, timeout: float | None = None) -> None:
+        """Flush, write the end marker (unless the output goes on elsewhere), stop. With
+        ``timeout``, what is still unstored then (a store that is full, or NATS away) is
+        dropped, said in the log, and the writer stops anyway."""
         if end_marker:
             self.write(END, b"")
-        await self.flush()
+        if not await self.flush(timeout):
+            log.error("%s: dropped %d bytes of output that could not be stored in %gs "
+                      "(is the JetStream store full? see nats-server's log)", self.subject,
+                      self.inflight, timeout)
+            self.abandon()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -440,6 +451,11 @@ def describe_store_error(e: BaseException) -> str:
     """A NATS error said plainly; a full store says so, with what is left of it."""
     if isinstance(e, nats.js.errors.APIError) and e.err_code == STORE_FULL:
         return f"the JetStream store is full ({e.description or 'insufficient resources'})"
+    if isinstance(e, (TimeoutError, nats.errors.TimeoutError)):
+        # A store whose disk is full does not refuse a write: it never acknowledges it
+        # (nats-server logs "no space left on device"). A ping still answers.
+        return (f"JetStream did not acknowledge in {ACK_TIMEOUT:g}s: the JetStream store may "
+                "be full (see nats-server's log for \"no space left on device\")")
     return str(e) or type(e).__name__
 
 
@@ -466,11 +482,27 @@ async def end_offset(js: JetStreamContext, session_id: str) -> int:
     return chunk.offset + len(chunk.data)
 
 
-async def purge(js: JetStreamContext, session_id: str) -> None:
+STORE_WRITE_ERROR = 10051  # JetStream's "stream store failed" (its disk refused a write)
+
+
+async def purge(js: JetStreamContext, session_id: str, strict: bool = False) -> None:
+    """Delete a session's stored output. With ``strict``, a failure raises ``Unavailable``
+    saying what to do; else it is logged."""
     try:
         await js.purge_stream(stream_of(session_id), subject=subject(session_id))
     except Exception as e:
         log.warning("could not purge output of %s: %s", session_id, e)
+        if not strict:
+            return
+        if isinstance(e, nats.js.errors.APIError) and e.err_code == STORE_WRITE_ERROR:
+            # nats-server keeps a stream's write error until it restarts: nothing of that
+            # stream can be written, or purged, before then.
+            raise Unavailable(f"cannot purge the output of {session_id}: the JetStream store "
+                              f"is full and the output stream refuses every write since "
+                              f"({e.description}); free space on nats-server's store_dir, "
+                              "restart nats-server, then run this again") from None
+        raise Unavailable(f"cannot purge the output of {session_id}: "
+                          f"{describe_store_error(e)}; nothing was removed, try again") from None
 
 
 class OutputReadError(Unavailable):

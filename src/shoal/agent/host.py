@@ -425,7 +425,9 @@ class AgentHost:
             assert node.sessions is not None
             for sid, session in list(node.sessions.sessions.items()):
                 found = await self.store.get(sid)
-                if found is None or found[0].node != node.name or found[0].state in FINAL \
+                if found is None:
+                    session.fence("its record was removed")
+                elif found[0].node != node.name or found[0].state in FINAL \
                         or found[0].attempt != session.attempt:
                     session.fence("the fleet gave this session up (node was unreachable)")
 

@@ -52,6 +52,7 @@ MAX_BACKOFF = 30.0
 # What the `podman run` client keeps of the agent's environment (never its SHOAL_ secrets).
 PODMAN_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR"})
 LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
+KILL_OUTPUT_GRACE = 5.0  # a killed session's output still unstored then is dropped
 # What a throwaway user gets unless the spec says otherwise.
 EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, open_files=4096)
 
@@ -296,14 +297,22 @@ class Session:
         child.close_fds()
         limit = oom or (child.unit.limit_reason() if child.unit is not None else "")
         self._drop_unit(child.unit, orphans=True)  # rare enough to always look
-        await self.writer.flush()
+        await self.writer.flush(self._output_bound())
         return code, sig, limit
+
+    def _output_bound(self) -> float | None:
+        """How long an ending waits for its output to be stored: a kill never waits on the
+        output path (a full store may never take it); a natural exit waits for NATS."""
+        return KILL_OUTPUT_GRACE if self.kill_reason else None
 
     async def _drain(self) -> None:
         """Read what the pipes still hold. Nothing of the session runs any more, so EOF
         comes once they are empty; a descriptor held elsewhere (no cgroup, or passed to
         another process) is given procs.DRAIN_LIMIT seconds, longer while output is held back."""
-        if not await procs.drain(self._eofs, lambda: bool(self._paused)):
+        # Held-back output extends the wait, except on a kill: a store that takes nothing
+        # (full) would keep a killed session's pipes, and so the kill, open for ever.
+        if not await procs.drain(self._eofs,
+                                 lambda: bool(self._paused) and not self.kill_reason):
             log.warning("session %s: output still open after its processes ended; closing it",
                         self.id)
 
@@ -334,18 +343,19 @@ class Session:
             self.writer.abandon()
             return
         if self.reschedule and state == "killed":
-            await self.writer.close(end_marker=False)  # its output goes on elsewhere
+            # its output goes on elsewhere
+            await self.writer.close(end_marker=False, timeout=self._output_bound())
             await self._move("pending", node="", pid=0, ports=[],
                                       reason=f"rescheduling: {self.kill_reason}",
                                       output_bytes=self.writer.offset, restarts=self.restarts + 1)
             return
         # Output first, then the final record, then the end marker: a reader that sees the
         # marker finds the record final, and one that sees the record final has all output.
-        await self.writer.flush()
+        await self.writer.flush(self._output_bound())
         await self._move(state, exit_code=exit_code, signal=signal,
                                   reason=reason, output_bytes=self.writer.offset,
                                   restarts=self.restarts)
-        await self.writer.close()
+        await self.writer.close(timeout=self._output_bound())
 
     async def _cleanup(self) -> None:
         if self._sub is not None:

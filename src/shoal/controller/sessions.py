@@ -253,8 +253,10 @@ class SessionService:
             record = await self.wait_final(sid, grace)
             if record.state not in FINAL:
                 raise RemoteTimeout(f"session {sid} did not end within {grace:g}s; try again")
+        # Output first: a purge the store refuses (full) leaves the record, so `rm` can be
+        # run again once there is room, and no output is left behind without a record.
+        await outputlog.purge(self.js, sid, strict=True)
         await self.store.delete(sid)
-        await outputlog.purge(self.js, sid)
 
     # ------------------------------------------------------------------ nodes
 
