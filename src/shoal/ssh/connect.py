@@ -77,7 +77,7 @@ class Connector:
 
             async with asyncio.timeout(self.timeout):
                 return await asyncssh.connect(
-                    t.address, options=opts, known_hosts=policy.readable() or b"",
+                    t.address, options=opts, known_hosts=policy.known_hosts(),
                     client_factory=factory, connect_timeout=self.timeout)
         except HostUnreachable:
             raise
