@@ -71,6 +71,7 @@ def pssh_lib_argv(ssh: SshEnv, n: int, command: str) -> list[str]:
     """A fresh Python process using the parallel-ssh library's ParallelSSHClient."""
     return [
         sys.executable,
+        "-P",  # not bench/ first on sys.path: bench/copy.py would shadow the stdlib's copy
         str(PSSH_LIB_CLIENT),
         "-n",
         str(n),

@@ -62,11 +62,16 @@ def shoal_home(root: Path, ssh: SshEnv) -> dict[str, str]:
 def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[Row]) -> None:
     ensure_packages()
     # Every tool here is a new Python process (but pssh): with PYTHONDONTWRITEBYTECODE set
-    # each would compile its imports on every run, so compile them once for all.
+    # each would compile its imports on every run, so compile them once for all, shoal's
+    # own package too (an editable install keeps it in src/, outside purelib).
     import compileall
+    import importlib.util
     import sysconfig
 
     compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=1, workers=2)
+    spec = importlib.util.find_spec("shoal")
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        compileall.compile_dir(where, quiet=1, workers=2)
     shoal = Path(os.environ["SHOAL_BIN"]) if os.environ.get("SHOAL_BIN") else find_shoal()
     with private_sshd(root / "sshd", max(args.ns)) as ssh:
         env = shoal_home(root, ssh)

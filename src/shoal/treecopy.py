@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tarfile
 
 LISTING_SH = r"""find . | LC_ALL=C sort | while IFS= read -r p; do
   if [ -L "$p" ]; then printf 'l %s -> %s\n' "$p" "$(readlink -- "$p")"
@@ -96,6 +98,8 @@ def _file_sha256(path: Path) -> str:
 def write_tar(root: Path, out: IO[bytes], limit: int) -> None:
     """The tree as a tar stream (PAX), entries named like the listing, whole-second mtimes,
     symlinks as links. TreeError past ``limit`` bytes."""
+    import tarfile  # here: `shoal run` imports this module (LISTING_SH) and never tars
+
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rel, full in _entries(root):
             info = tar.gettarinfo(str(full), arcname=rel)
@@ -112,6 +116,8 @@ def write_tar(root: Path, out: IO[bytes], limit: int) -> None:
 def safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """Extraction filter: tarfile's ``tar`` checks (nothing outside ``dest``, not even
     through a link made earlier) but modes as sent and no owners (the files are ours)."""
+    import tarfile
+
     checked = tarfile.tar_filter(member, dest)
     return checked.replace(mode=member.mode, uid=None, gid=None, uname=None,  # type: ignore[arg-type]
                            gname=None, deep=False)  # type: ignore[arg-type]

@@ -34,7 +34,9 @@ class HostKeyPolicy:
     def readable(self) -> list[str]:
         return [str(f) for f in self.files if f.is_file() and os.access(f, os.R_OK)]
 
-    def _known_hosts(self) -> asyncssh.SSHKnownHosts:
+    def known_hosts(self) -> asyncssh.SSHKnownHosts:
+        """The files, parsed once for every connection (asyncssh would read them again for
+        each host it is given them by name)."""
         if self._known is None:
             self._known = asyncssh.read_known_hosts(self.readable()) if self.readable() \
                 else asyncssh.SSHKnownHosts()
@@ -45,7 +47,7 @@ class HostKeyPolicy:
         (recorded), or why it is refused."""
         fingerprint = f"{key.get_algorithm()} {key.get_fingerprint()}"
         name = host_pattern(host, port)
-        known = self._known_hosts().match(host, addr, port if port != DEFAULT_PORT else None)
+        known = self.known_hosts().match(host, addr, port if port != DEFAULT_PORT else None)
         if key in known[0]:
             return ""  # recorded by this command since asyncssh read the file
         if known[0]:

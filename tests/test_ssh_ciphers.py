@@ -1,0 +1,29 @@
+"""The ssh leg's cipher order: AES-GCM first by default, ~/.ssh/config's Ciphers honoured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncssh
+
+from shoal.ssh.connect import cipher_order
+
+
+async def options(tmp_path: Path, config: str) -> asyncssh.SSHClientConnectionOptions:
+    path = tmp_path / "config"
+    path.write_text(config)
+    return await asyncssh.SSHClientConnectionOptions.construct(host="h1", config=[path])
+
+
+async def test_default_offers_the_same_ciphers_aes_gcm_first(tmp_path: Path) -> None:
+    opts = await options(tmp_path, "Host h1\n  Port 2222\n")
+    ordered = cipher_order(opts)["encryption_algs"]
+    assert ordered[:2] == ["aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
+    # a reorder only: nothing added, nothing dropped
+    assert sorted(ordered) == sorted(a.decode() for a in opts.encryption_algs)
+
+
+async def test_config_ciphers_are_left_alone(tmp_path: Path) -> None:
+    opts = await options(tmp_path, "Host h1\n  Ciphers chacha20-poly1305@openssh.com\n")
+    assert cipher_order(opts) == {}
+    assert opts.encryption_algs == [b"chacha20-poly1305@openssh.com"]
