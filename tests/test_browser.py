@@ -124,7 +124,9 @@ def test_terminal_echo_resize_reload_and_close(pool: Fleet, browser: Browser) ->
     type_line(page, "whoami; touch ~/made-by-test; pwd")
     who = wait_text(page, f"/home/{name}").split("whoami; touch ~/made-by-test; pwd")[-1]
     assert who.split()[0] == name
-    assert os.path.exists(f"/home/{name}/made-by-test")
+    # The home is a private tmpfs in the session's own mount namespace: seen through it.
+    pid = record(pool, sid)["pid"]
+    assert os.path.exists(f"/proc/{pid}/root/home/{name}/made-by-test")
     # Close the tab: after the detach timeout the session ends, its user and files go.
     page.close()
     wait_for(lambda: record(pool, sid)["state"] == "killed", timeout=30)
