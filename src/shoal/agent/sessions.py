@@ -90,11 +90,14 @@ def should_restart(policy: m.RestartPolicy, code: int | None, killed: bool) -> b
 class Session:
     """One session on this node, across its restarts."""
 
-    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int]) -> None:
+    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int],
+                 revision: int | None = None) -> None:
         self.mgr = mgr
         self.id = record.id
         self.spec = record.spec
         self.record = record
+        # The record as we wrote it, for our next write to skip a read (None: read first).
+        self._known = (record, revision) if revision is not None else None
         self.ports = ports
         self.child: Child | None = None
         self.user: users.EphemeralUser | None = None
@@ -311,9 +314,10 @@ class Session:
         """Write our record, only while it is still this placement's (else fence)."""
         if self.detached_from_record:
             return None
+        known, self._known = self._known, None
         try:
             return await self.mgr.store.move(self.id, state, fence=(self.attempt, self.mgr.node),
-                                             **fields)
+                                             known=known, **fields)
         except Fenced as e:
             self.fence(str(e))
             return None
@@ -597,15 +601,16 @@ class SessionManager:
                                                ports=ports, address=self.address, spec=placed,
                                                user=placed.user, attempt=r.attempt + 1)
 
-            record = await self.store.update(req.id, take)
-            if record is None:
+            written = await self.store.update_rev(req.id, take, known=found)
+            if written is None:
                 self.ports.release(ports)
                 return m.SessionStartReply(ok=False, reason="session changed meanwhile")
-            session = Session(self, record, ports)
+            record, rev = written
+            session = Session(self, record, ports, rev)
             self.sessions[req.id] = session
             ports = []
             asyncio.create_task(self._run(session))
-            return m.SessionStartReply(ok=True)
+            return m.SessionStartReply(ok=True, record=record)
         finally:
             self.reserved -= 1
             self.ports.release(ports)
