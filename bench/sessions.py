@@ -479,6 +479,10 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
                             await rate(client, Usage(fleet), args, deadline, rows)
                             # Let the rate test's `sleep 5` sessions end first.
                             await asyncio.sleep(6.0)
+                        if deadline.near(30.0 + args.pause):
+                            rows.append(Row("session-create-burst", TOOL, args.burst,
+                                            status="skipped", note="no time left in the budget"))
+                            return
                         await asyncio.sleep(args.pause)
                         await burst(client, Usage(fleet), args, deadline, rows)
 
@@ -486,11 +490,13 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
                 asyncio.run(go())
             except TimeoutError:
                 log("time budget ran out; results so far are kept")
+                done = {r.workload for r in rows}
+                late = "session-create-rate" not in done
                 rows.append(
                     Row(
-                        "session-create-rate",
+                        "session-create-rate" if late else "session-create-burst",
                         TOOL,
-                        args.clients,
+                        args.clients if late else args.burst,
                         status="failed",
                         note="time budget ran out",
                     )
