@@ -298,7 +298,9 @@ class Session:
             loop.remove_reader(fd)
         child.close_fds()
         limit = oom or (child.unit.limit_reason() if child.unit is not None else "")
-        self._drop_unit(child.unit, orphans=True)  # rare enough to always look
+        # Only when something outlived the leader (as runs do): a look walks every child
+        # of the agent, and a thousand sessions ending together made that quadratic.
+        self._drop_unit(child.unit, orphans=child.left_orphans)
         await self.writer.flush()
         return code, sig, limit
 
