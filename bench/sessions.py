@@ -20,7 +20,8 @@ Workloads (all sessions run as the agent's own user, no tty):
   create -> running is `started - created` of those sessions.
 - session-create-burst: `--burst` (500) creates of `sleep 5` launched at once (one
   asyncio.gather through one shoal.client.Client, its connection pool unbounded); per-request
-  latency from the launch, and the wall time until the last answer.
+  latency from the launch, and the wall time until the last answer. It starts once the rate
+  test's sessions have ended (their ends would share the CPU).
 
 The bench client, the controller, the agents and NATS share this machine's CPUs: the numbers
 are for everything on one host, and the machine's load average is printed with them.
@@ -397,6 +398,17 @@ async def rate(
     rows.append(row)
 
 
+async def settle(client: Client, deadline: Deadline) -> None:
+    """Until the rate test's `sleep 5` sessions have ended (at most 20 s): their ends would
+    share the CPU with the burst."""
+    end = time.perf_counter() + min(20.0, max(0.0, deadline.remaining() - 45.0))
+    while time.perf_counter() < end:
+        if not await client.sessions(state="live"):
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)
+
+
 async def burst(
     client: Client, usage: Usage, args: argparse.Namespace, deadline: Deadline, rows: list[Row]
 ) -> None:
@@ -477,8 +489,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
                             if problem:
                                 raise FleetError(problem)
                             await rate(client, Usage(fleet), args, deadline, rows)
-                            # Let the rate test's `sleep 5` sessions end first.
-                            await asyncio.sleep(6.0)
+                            await settle(client, deadline)
                         if deadline.near(30.0 + args.pause):
                             rows.append(Row("session-create-burst", TOOL, args.burst,
                                             status="skipped", note="no time left in the budget"))
