@@ -417,6 +417,9 @@ class SessionStart(Struct, frozen=True):
 class SessionStartReply(Struct, frozen=True):
     ok: bool
     reason: str = ""
+    # The record as the agent wrote it on taking the session (saves the controller a read);
+    # None from agents before it was added.
+    record: SessionRecord | None = None
 
 
 class NodeDrain(Struct, frozen=True):

@@ -80,10 +80,20 @@ class SessionStore:
                     return found[0], attempts > 1 and found[0] == record
                 # deleted in between: try again
 
-    async def update(self, session_id: str, change: Change) -> SessionRecord | None:
+    async def update(self, session_id: str, change: Change,
+                     known: tuple[SessionRecord, int] | None = None) -> SessionRecord | None:
         """Apply ``change`` with compare-and-set; ``change`` returns None to leave it be."""
+        found = await self.update_rev(session_id, change, known)
+        return found[0] if found else None
+
+    async def update_rev(self, session_id: str, change: Change,
+                         known: tuple[SessionRecord, int] | None = None,
+                         ) -> tuple[SessionRecord, int] | None:
+        """``update``, also giving the new revision. ``known`` (a record and its revision
+        just read) saves the first read; if it is stale, the write fails and we read."""
         for _ in range(100):
-            found = await self.get(session_id)
+            found = known or await self.get(session_id)
+            known = None
             if found is None:
                 return None
             current, rev = found
@@ -93,20 +103,21 @@ class SessionStore:
             if new.state != current.state and not can_move(current.state, new.state):
                 return None
             try:
-                await through_elections(
+                rev = await through_elections(
                     functools.partial(self.kv.update, session_id, _encode(new), last=rev),
                     f"writing session {session_id}")
-                return new
+                return new, rev
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
         raise RuntimeError(f"session {session_id}: too many concurrent writers")
 
     async def move(self, session_id: str, state: SessionState,
                    fence: tuple[int, str] | None = None,
+                   known: tuple[SessionRecord, int] | None = None,
                    **fields: Any) -> SessionRecord | None:
         """Move to ``state`` (if legal from the current one) and set ``fields``. With
         ``fence`` (attempt, node), only while the record is still that placement's; else
-        raise ``Fenced``."""
+        raise ``Fenced``. ``known``: as for ``update``."""
         def change(r: SessionRecord) -> SessionRecord | None:
             if fence is not None and (r.attempt, r.node) != fence:
                 raise Fenced(f"session {session_id}: attempt {fence[0]} on {fence[1]} was "
@@ -118,7 +129,7 @@ class SessionStore:
                 fields.setdefault("ended", time.time())
             return msgspec.structs.replace(r, state=state, **fields)
 
-        return await self.update(session_id, change)
+        return await self.update(session_id, change, known)
 
     async def delete(self, session_id: str) -> None:
         try:

@@ -111,6 +111,7 @@ class AgentHost:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.host_id = secrets.token_hex(6)  # names this process's heartbeat keys
         self._batches: set[asyncio.Task[None]] = set()  # run batches still spawning
+        self._session_ops: set[asyncio.Task[None]] = set()  # session requests in flight
         self.lead = names[0]
         self._base_env = dict(os.environ)
         first_port, _, last_port = cfg.ports.partition("-")
@@ -444,9 +445,18 @@ class AgentHost:
             elif op == "runs":
                 await self._on_run_batch(msg)
             elif op.startswith("session."):
-                await on_session(msg)
+                # Not awaited: nats-py runs one subscription's callbacks one at a time, and a
+                # start waits on the store (handle_start reserves capacity before any await).
+                task = asyncio.create_task(on_session(msg))
+                self._session_ops.add(task)
+                task.add_done_callback(self._session_op_done)
 
         return handle
+
+    def _session_op_done(self, task: asyncio.Task[None]) -> None:
+        self._session_ops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("session request failed: %r", task.exception())
 
     async def _on_run_batch(self, msg: Msg) -> None:
         """One run on many of our nodes: say at once which we take, then start them,

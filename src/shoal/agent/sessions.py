@@ -91,11 +91,14 @@ def should_restart(policy: m.RestartPolicy, code: int | None, killed: bool) -> b
 class Session:
     """One session on this node, across its restarts."""
 
-    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int]) -> None:
+    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int],
+                 revision: int | None = None) -> None:
         self.mgr = mgr
         self.id = record.id
         self.spec = record.spec
         self.record = record
+        # The record as we wrote it, for our next write to skip a read (None: read first).
+        self._known = (record, revision) if revision is not None else None
         self.ports = ports
         self.child: Child | None = None
         self.user: users.EphemeralUser | None = None
@@ -296,7 +299,9 @@ class Session:
             loop.remove_reader(fd)
         child.close_fds()
         limit = oom or (child.unit.limit_reason() if child.unit is not None else "")
-        self._drop_unit(child.unit, orphans=True)  # rare enough to always look
+        # Only when something outlived the leader (as runs do): a look walks every child
+        # of the agent, and a thousand sessions ending together made that quadratic.
+        self._drop_unit(child.unit, orphans=child.left_orphans)
         await self.writer.flush(self._output_bound())
         return code, sig, limit
 
@@ -320,9 +325,10 @@ class Session:
         """Write our record, only while it is still this placement's (else fence)."""
         if self.detached_from_record:
             return None
+        known, self._known = self._known, None
         try:
             return await self.mgr.store.move(self.id, state, fence=(self.attempt, self.mgr.node),
-                                             **fields)
+                                             known=known, **fields)
         except Fenced as e:
             self.fence(str(e))
             return None
@@ -607,15 +613,16 @@ class SessionManager:
                                                ports=ports, address=self.address, spec=placed,
                                                user=placed.user, attempt=r.attempt + 1)
 
-            record = await self.store.update(req.id, take)
-            if record is None:
+            written = await self.store.update_rev(req.id, take, known=found)
+            if written is None:
                 self.ports.release(ports)
                 return m.SessionStartReply(ok=False, reason="session changed meanwhile")
-            session = Session(self, record, ports)
+            record, rev = written
+            session = Session(self, record, ports, rev)
             self.sessions[req.id] = session
             ports = []
             asyncio.create_task(self._run(session))
-            return m.SessionStartReply(ok=True)
+            return m.SessionStartReply(ok=True, record=record)
         finally:
             self.reserved -= 1
             self.ports.release(ports)

@@ -160,6 +160,8 @@ class SessionService:
             for node in placement.candidates(record.spec, self.registry.snapshot()):
                 reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest))
                 if reply.ok:
+                    if reply.record is not None and reply.record.id == record.id:
+                        return reply.record
                     found = await self.store.get(record.id)
                     return found[0] if found else record
                 reasons.append(reply.reason)
