@@ -8,9 +8,6 @@ Entries form a hash chain: each carries the SHA-256 of its own content and the h
 entry before it. Several controllers append to the same chain: each publishes with
 ``Nats-Expected-Last-Sequence`` set to the last sequence it knows, so JetStream refuses the
 write if another controller appended first; it then reloads the last entry and tries again.
-Requests do not wait for their entry: ``record`` queues it and one writer task appends the
-queue in order (so a burst of requests is not serialized behind the chain's round trips);
-every read of the trail, and ``stop``, first waits for what is queued.
 ``verify`` walks the stream and names every entry that is missing (a gap in the sequence),
 altered (its hash does not match) or out of chain. Retention (``audit_retention``) ages the
 oldest entries out; the chain is checked from the oldest one left.
@@ -19,7 +16,6 @@ oldest entries out; the chain is checked from the oldest one left.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import logging
 import time
@@ -81,8 +77,6 @@ class AuditLog:
         self.js: JetStreamContext | None = None
         self._last: tuple[int, str] | None = None  # (stream's last sequence, its hash)
         self._lock = asyncio.Lock()
-        self._queue: collections.deque[Entry] = collections.deque()
-        self._writer: asyncio.Task[None] | None = None
 
     async def start(self, js: JetStreamContext, replicas: int, retention: float) -> None:
         self.js = js
@@ -94,27 +88,12 @@ class AuditLog:
             await js.add_stream(config)
 
     async def record(self, entry: Entry) -> None:
-        """Queue ``entry`` for the chain and return at once; failures are logged, never
-        raised (the request it records has happened already)."""
-        self._queue.append(msgspec.structs.replace(entry, controller=self.instance))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_queued())
-
-    async def _write_queued(self) -> None:
-        while self._queue:
-            entry = self._queue.popleft()
-            try:
-                await self._append(entry)
-            except NATS_ERRORS as e:  # nats.js errors are nats.errors.Error too
-                log.error("audit entry for %s by %s not written: %r", entry.op, entry.user, e)
-
-    async def flush(self) -> None:
-        """Wait until every queued entry is written (or given up on)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
-
-    async def stop(self) -> None:
-        await self.flush()
+        """Append ``entry`` to the chain; failures are logged, never raised (the request
+        it records has happened already)."""
+        try:
+            await self._append(msgspec.structs.replace(entry, controller=self.instance))
+        except NATS_ERRORS as e:  # nats.js errors are nats.errors.Error too
+            log.error("audit entry for %s by %s not written: %r", entry.op, entry.user, e)
 
     async def _append(self, entry: Entry) -> None:
         assert self.js is not None
@@ -152,7 +131,6 @@ class AuditLog:
 
     async def bounds(self) -> tuple[int, int]:
         """The stream's first and last sequence (last 0: nothing was ever written)."""
-        await self.flush()
         assert self.js is not None
         info = await self.js.stream_info(STREAM)
         return info.state.first_seq, info.state.last_seq

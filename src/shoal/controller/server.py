@@ -194,7 +194,6 @@ class Controller:
         if self.registry is not None:
             await self.registry.stop()
         await self.api_tokens.stop()
-        await self.audit.stop()  # what the last requests queued, before NATS goes
         if self.nc is not None:
             await bus.close(self.nc)
 
