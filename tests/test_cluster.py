@@ -223,9 +223,16 @@ def test_losing_the_leading_server_loses_nothing(tmp_path: Path) -> None:
             assert seen == truths["node-1"].read_bytes()
 
         # No session lost or duplicated.
+        # (Each controller's cache follows the bucket; after a leader loss its watch can take
+        # nats-py's ~10 s to resume: the listing converges within that bound.)
+        want = sorted([*sids.values(), fresh])
+
+        def listed_ids() -> list[str]:
+            listed = json.loads(fleet.shoal("session", "list", "--json").stdout)
+            return sorted(s["id"] for s in listed)
+
+        wait_for(lambda: listed_ids() == want, timeout=30)
         listed = json.loads(fleet.shoal("session", "list", "--json").stdout)
-        ids = [s["id"] for s in listed]
-        assert sorted(ids) == sorted([*sids.values(), fresh])
         assert not [s for s in listed if s["state"] in ("lost", "failed")]
 
         # The killed server came back and caught up.

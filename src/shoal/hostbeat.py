@@ -22,6 +22,12 @@ KEY_PREFIX = "_h-"
 CHUNK = 1000  # nodes per key: ~25 KB of JSON, far under any NATS max_payload
 
 
+# Every node silent at once for between half a TTL and this many TTLs is a paused bus (a
+# stream electing a leader), not a dead fleet: controllers give no verdict ("down", "no node
+# has room") in it, and a connected agent does not fence itself in it.
+PAUSE_VERDICT = 3
+
+
 class NodeBeat(Struct, frozen=True, array_like=True):
     """What one node of the process says that its siblings may not: ``[name, sessions, state]``."""
 

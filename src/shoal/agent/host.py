@@ -120,6 +120,7 @@ class AgentHost:
         self._beat_soon = asyncio.Event()
         self.node_ttl = DEFAULT_NODE_TTL
         self._last_beat_ok = time.monotonic()
+        self._last_loop = time.monotonic()  # the heartbeat loop's last turn
         self._fenced_outage = False  # sessions already self-fenced in this outage
         self.netpolicy: netpolicy.Policy | None = None
         self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
@@ -299,9 +300,20 @@ class AgentHost:
             self._fenced_outage = False
 
     def _self_fence(self) -> None:
-        """Cut off for longer than the node TTL: our daemons are being placed elsewhere."""
-        silent = time.monotonic() - self._last_beat_ok
+        """Cut off for longer than the node TTL: our daemons are being placed elsewhere.
+
+        Only when this agent was itself away (stopped, frozen: its loop did not run, or its
+        NATS connection is down): heartbeats that merely fail to store while we are
+        connected are the whole fleet's pause (a stream electing a leader), in which the
+        controllers give no verdict for ``PAUSE_VERDICT`` TTLs; past that, we fence too."""
+        now = time.monotonic()
+        silent = now - self._last_beat_ok
+        stalled = now - self._last_loop > self.node_ttl
+        self._last_loop = now
         if self._fenced_outage or silent <= self.node_ttl:
+            return
+        away = stalled or self.nc is None or not self.nc.is_connected
+        if not away and silent <= hostbeat.PAUSE_VERDICT * self.node_ttl:
             return
         self._fenced_outage = True
         why = (f"no heartbeat stored for {silent:.0f}s (node TTL {self.node_ttl:g}s): the "

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Every node silent at once for between half a TTL and this many TTLs is a paused bus, not a
-# dead fleet: no verdict ("down", "no node has room") until beats come back or it lasts.
-PAUSE_VERDICT = 3
 
 
 class NodeRegistry:
@@ -86,7 +83,7 @@ class NodeRegistry:
         if not self._nc.is_connected or self._armed_at != self._nc.stats["reconnects"]:
             return False
         if self._known and self.node_ttl / 2 < time.monotonic() - self._last_beat \
-                < PAUSE_VERDICT * self.node_ttl:
+                < hostbeat.PAUSE_VERDICT * self.node_ttl:
             return False  # no node beats at all: the bus paused (a stream electing a leader)
         if self._heard is not None and self._heard >= self._known.keys():
             self._settle_until = 0.0  # every node spoke up: no need to wait longer
