@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,23 +28,11 @@ from shoal import servicetypes as st
 from shoal.client import Client
 from shoal.config import AgentConfig, load
 from shoal.subjects import SESSIONS_BUCKET
+from test_browser import ARGS, CHROMIUM
+from test_services import wait_up
 
 ECHO = [sys.executable, str(Path(__file__).with_name("echo_replica.py"))]
 FAST = {"interval": 0.2, "timeout": 0.5}
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-async def wait_up(client: Client, name: str, n: int, timeout: float = 30) -> st.ServiceView:
-    deadline = time.monotonic() + timeout
-    while True:
-        view = await client.service(name)
-        if view.up == n and len(view.replicas) == n:
-            return view
-        if time.monotonic() > deadline:
-            raise AssertionError(f"service {name} not {n} up: {view}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
