@@ -24,7 +24,7 @@ Workloads (all sessions run as the agent's own user, no tty):
   successful creates over the window. Latency percentiles are per request under that load, and
   create -> running is `started - created` of those sessions.
 - session-create-burst: `--burst` (500) creates of `sleep 5` launched at once (one
-  asyncio.gather through one shoal.client.Client, its connection pool unbounded); per-request
+  asyncio.gather through one shoal.client.aio.Client, its connection pool unbounded); per-request
   latency from the launch, and the wall time until the last answer. It starts once the rate
   test's sessions have ended (their ends would share the CPU).
 
@@ -66,7 +66,7 @@ from bench.harness import (
     shoal_fleet,
     shoal_problem,
 )
-from shoal.client import Client
+from shoal.client.aio import Client
 
 TOOL = "shoal"
 FINAL_STATES = ("exited", "failed", "killed", "lost")
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     notes = (
         "Fleet: `shoal up --agents 2 --capacity "
-        f"{args.capacity} --port 0` in a temporary SHOAL_HOME; client: shoal.client.Client "
+        f"{args.capacity} --port 0` in a temporary SHOAL_HOME; client: shoal.client.aio.Client "
         "(aiohttp) in one process on the same host.\n\n"
         "- session-create: sequential `POST /api/v1/sessions` of `true` until the record "
         f"returns ({args.warmup} warm-up creates dropped; `runs` = timed creates).\n"

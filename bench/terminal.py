@@ -58,7 +58,7 @@ from bench.sessions import (
     run_main,
     shoal_bin,
 )
-from shoal.client import Client
+from shoal.client.aio import Client
 
 ECHO_MODE = "cat on a cooked-mode pty: the echo comes from the pty line discipline"
 # A line every 100 ms without forking `sleep`: `read -t` on a pipe nobody writes to.

@@ -232,7 +232,7 @@ class Terminal:
 
 
 async def wait_running(client: Any, sid: str) -> Any:
-    """Until the session runs (its record), via a ``shoal.client.Client``."""
+    """Until the session runs (its record), via a ``shoal.client.aio.Client``."""
     import asyncio
 
     for _ in range(200):

@@ -18,7 +18,7 @@ import pytest
 
 from fleet import SHOAL, Fleet, wait_for
 from shoal import config as c
-from shoal.natsd import NatsServer, NatsUsers
+from shoal.natsio.natsd import NatsServer, NatsUsers
 from shoal.ssh.agent_install import unit_text
 from shoal.ssh.wheelhouse import closure, repack
 from sshnet import SshHost, client_home, ssh_hosts

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from shoal import balance
-from shoal.balance import Pool, Replica
 from shoal.errors import ValidationError
-from shoal.servicetypes import check_name, parse_check
+from shoal.logic import balance
+from shoal.logic.balance import Pool, Replica
+from shoal.wire.servicetypes import check_name, parse_check
 
 
 def up(key: str, latency: float = 0.001, now: float = 0.0) -> Replica:

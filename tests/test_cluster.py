@@ -24,15 +24,15 @@ import psutil
 import pytest
 
 from fleet import Fleet, wait_for, wait_running
-from shoal import bus
-from shoal import messages as m
-from shoal import servicetypes as st
-from shoal.client import Client, LogChunk, controller_urls
+from shoal.client.aio import Client, LogChunk, controller_urls
 from shoal.config import NatsConfig
 from shoal.errors import ConnectError
-from shoal.natsd import ClusterSpec, NatsCluster, NatsUsers
-from shoal.outputlog import STREAM as OUTPUT_STREAM
-from shoal.subjects import SESSIONS_BUCKET
+from shoal.natsio import bus
+from shoal.natsio.natsd import ClusterSpec, NatsCluster, NatsUsers
+from shoal.natsio.outputlog import STREAM as OUTPUT_STREAM
+from shoal.wire import messages as m
+from shoal.wire import servicetypes as st
+from shoal.wire.subjects import SESSIONS_BUCKET
 
 LINES = 500  # per counter session: about 15 s of output, so the fault lands mid-stream
 SESSIONS_STREAM = f"KV_{SESSIONS_BUCKET}"

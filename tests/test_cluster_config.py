@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal import replicas
-from shoal.client import controller_urls
+from shoal.client.aio import controller_urls
 from shoal.config import ControllerConfig, NatsConfig, load
 from shoal.errors import ConfigError
-from shoal.natsd import (
+from shoal.natsio import replicas
+from shoal.natsio.natsd import (
     ACCOUNT,
     ClusterPeer,
     ClusterSpec,

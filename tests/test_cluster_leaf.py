@@ -16,7 +16,7 @@ import pytest
 
 from fleet import SHOAL, Fleet, processes_with_env, wait_for
 from shoal import config as c
-from shoal.natsd import LeafListen, LeafServer, NatsServer, NatsUsers, free_port
+from shoal.natsio.natsd import LeafListen, LeafServer, NatsServer, NatsUsers, free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for a network namespace")

@@ -17,11 +17,11 @@ import aiohttp
 import pytest
 
 from fleet import Fleet, wait_for, wait_running
-from shoal import messages as m
-from shoal import servicetypes as st
 from shoal.agent.containers import Podman
-from shoal.client import Client, LogChunk
+from shoal.client.aio import Client, LogChunk
 from shoal.errors import NotFoundError, ValidationError
+from shoal.wire import messages as m
+from shoal.wire import servicetypes as st
 from test_containers import IMAGE, needs_podman, podman  # noqa: F401 - the fixture
 
 pytestmark = needs_podman

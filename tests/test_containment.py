@@ -17,10 +17,10 @@ import psutil
 import pytest
 
 from fleet import Fleet, processes_with_env, wait_running
-from shoal import messages as m
 from shoal.agent import cgroup_layout as cgroups
 from shoal.agent import users
-from shoal.client import Client, LogChunk
+from shoal.client.aio import Client, LogChunk
+from shoal.wire import messages as m
 
 GRACE = 5.0  # the agent's default grace period between SIGTERM and SIGKILL
 

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 from fleet import Fleet
-from shoal import treecopy
+from shoal.logic import treecopy
 
 
 def make_tree(root: Path) -> Path:

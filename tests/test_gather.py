@@ -1,4 +1,4 @@
-"""Tests for shoal.gather."""
+"""Tests for shoal.logic.gather."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.gather import OutputGatherer
-from shoal.nodeset import NodeSet, NodeSetError
+from shoal.logic.gather import OutputGatherer
+from shoal.logic.nodeset import NodeSet, NodeSetError
 
 
 def as_text(groups: list[tuple[bytes, NodeSet]]) -> list[tuple[bytes, str]]:

@@ -1,4 +1,4 @@
-"""Tests for shoal.lines."""
+"""Tests for shoal.logic.lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.lines import LineSplitter, prefix_lines, safe_text
+from shoal.logic.lines import LineSplitter, prefix_lines, safe_text
 
 
 def split_all(data: bytes, cuts: list[int], max_line: int) -> list[bytes]:

@@ -8,11 +8,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shoal import messages as m
 from shoal.config import AgentConfig, load, parse_labels, to_toml
 from shoal.errors import ConfigError, NotFoundError, ValidationError
-from shoal.outcome import node_status, summarize
-from shoal.targets import select
+from shoal.logic.outcome import node_status, summarize
+from shoal.logic.targets import select
+from shoal.wire import messages as m
 
 
 def _nodes(**states: str) -> dict[str, m.NodeInfo]:

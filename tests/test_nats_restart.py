@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from fleet import Fleet, wait_for
-from shoal.natsd import NatsServer, NatsUsers, free_port
+from shoal.natsio.natsd import NatsServer, NatsUsers, free_port
 
 
 def _health(url: str) -> int:

@@ -11,10 +11,10 @@ import msgspec
 import nats
 
 from fleet import Fleet
-from shoal import messages as m
-from shoal.client import Client
+from shoal.client.aio import Client
 from shoal.config import AgentConfig, load
-from shoal.subjects import SESSIONS_BUCKET
+from shoal.wire import messages as m
+from shoal.wire.subjects import SESSIONS_BUCKET
 
 
 async def _agent_nc(fleet: Fleet, errors: list[str]) -> nats.aio.client.Client:

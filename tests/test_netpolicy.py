@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from fleet import Fleet, wait_for, wait_running
-from shoal import messages as m
 from shoal.agent import netpolicy as np
-from shoal.client import Client, LogChunk
+from shoal.client.aio import Client, LogChunk
 from shoal.config import AgentConfig, NatsConfig, load
 from shoal.errors import ConfigError
+from shoal.wire import messages as m
 
 UIDS = np.parse_uid_range(AgentConfig().ephemeral_uids)
 THROWAWAY = UIDS[0] + 4242  # a UID of the throwaway range, no account needed

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.nodegroups import Groups, GroupsError, GroupsFile, load
-from shoal.nodeset import NodeSetError
+from shoal.logic.nodegroups import Groups, GroupsError, GroupsFile, load
+from shoal.logic.nodeset import NodeSetError
 
 YAML = """\
 local:

@@ -1,4 +1,4 @@
-"""Tests for shoal.nodeset."""
+"""Tests for shoal.logic.nodeset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from shoal.nodeset import MAX_EXPANSION, NodeSet, NodeSetError, natural_key
+from shoal.logic.nodeset import MAX_EXPANSION, NodeSet, NodeSetError, natural_key
 
 
 def names(ns: NodeSet) -> list[str]:

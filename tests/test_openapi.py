@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 
 from fleet import Fleet
-from shoal import messages as m
 from shoal.config import ControllerConfig
 from shoal.controller import openapi
 from shoal.controller.server import Controller
+from shoal.wire import messages as m
 
 DOC = openapi.document()
 SCHEMAS: dict[str, Any] = DOC["components"]["schemas"]

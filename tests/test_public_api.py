@@ -26,7 +26,7 @@ from shoal import (
     Targets,
     ValidationError,
 )
-from shoal import messages as m
+from shoal.wire import messages as m
 
 # ---------------------------------------------------------------------- the names
 
@@ -50,7 +50,10 @@ def test_each_name_imports_in_a_fresh_interpreter() -> None:
 
 
 def test_names_are_the_real_objects() -> None:
-    from shoal import client, errors, nodeset, sync
+    from shoal import errors
+    from shoal.client import aio as client
+    from shoal.client import sync
+    from shoal.logic import nodeset
 
     assert shoal.Client is client.Client and shoal.SyncClient is sync.SyncClient
     assert shoal.NodeSet is nodeset.NodeSet and shoal.SessionSpec is m.SessionSpec
@@ -65,8 +68,8 @@ def test_names_are_the_real_objects() -> None:
 
 
 def test_messages_do_not_load_the_http_client() -> None:
-    """The agent imports shoal.messages: the public names load lazily."""
-    code = "import sys, shoal.messages; assert 'aiohttp' not in sys.modules, 'aiohttp loaded'"
+    """The agent imports shoal.wire.messages: the public names load lazily."""
+    code = "import sys, shoal.wire.messages; assert 'aiohttp' not in sys.modules, 'aiohttp loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

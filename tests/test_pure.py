@@ -10,13 +10,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal import messages as m
-from shoal import placement, tokens
 from shoal.agent.ledger import Ledger
 from shoal.config import ControllerConfig
 from shoal.controller import hosts
 from shoal.controller.terminals import RateLimiter, client_key
-from shoal.sessionstate import FINAL, TRANSITIONS, IllegalTransition, can_move, check, is_final
+from shoal.logic import placement, tokens
+from shoal.logic.sessionstate import (
+    FINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    can_move,
+    check,
+    is_final,
+)
+from shoal.wire import messages as m
 
 STATES: list[m.SessionState] = list(TRANSITIONS)
 
@@ -84,7 +91,8 @@ def test_tokens() -> None:
     t = tokens.issue(key, "s-1", 60, now=1000.0)
     claims = tokens.verify(key, t, now=1059.0)
     assert claims is not None and (claims.session, claims.kind) == ("s-1", "link")
-    assert len(claims.nonce) == 16 and tokens.verify(key, tokens.issue(key, "s-1", 60)) != claims
+    again = tokens.verify(key, tokens.issue(key, "s-1", 60, now=1000.0), now=1000.0)
+    assert len(claims.nonce) == 16 and again != claims
     assert tokens.verify(key, t, now=1061.0) is None
     assert tokens.verify(tokens.derive_key("other"), t, now=1000.0) is None
     body, sig = t.split(".")

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from fleet import Fleet, wait_for
-from shoal import bus, hostbeat, subjects
-from shoal import messages as m
-from shoal.client import Client
+from shoal.client.aio import Client
 from shoal.config import ControllerConfig, load
 from shoal.errors import ValidationError
-from shoal.nodeset import natural_key
+from shoal.logic.nodeset import natural_key
+from shoal.natsio import bus
+from shoal.wire import hostbeat, subjects
+from shoal.wire import messages as m
 
 V, W = 250, 3  # more than the table shows by default (200)
 ALL = sorted([f"v-{i}" for i in range(1, V + 1)] + [f"w-{i}" for i in range(1, W + 1)],

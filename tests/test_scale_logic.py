@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from shoal import hostbeat
-from shoal import messages as m
 from shoal.agent.host import split_batch
 from shoal.cli.tables import write_json_pages
 from shoal.controller import nodelist
 from shoal.controller.registry import NodeRegistry, group_by_lead
 from shoal.errors import ValidationError
-from shoal.nodeset import natural_key
+from shoal.logic.nodeset import natural_key
+from shoal.wire import hostbeat
+from shoal.wire import messages as m
 
 KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 COMMON = m.NodeInfo(name="v-1", labels={"zone": "a"}, capacity=4, version="1.2",

@@ -235,7 +235,7 @@ def test_a_dev_token_reaches_no_other_node_by_any_path(fleet: Fleet) -> None:
         assert status == 403 and "outside what the token" in answer["error"], (path, answer)
 
     async def attach() -> None:  # a real WebSocket, as `shoal session attach` opens it
-        from shoal.client import Client
+        from shoal.client.aio import Client
 
         async with Client(fleet.url, token) as client, client.attach(oid) as a:
             async for _ in a:

@@ -23,11 +23,11 @@ from aiohttp import web
 from playwright.sync_api import Browser, sync_playwright
 
 from fleet import Fleet
-from shoal import messages as m
-from shoal import servicetypes as st
-from shoal.client import Client
+from shoal.client.aio import Client
 from shoal.config import AgentConfig, load
-from shoal.subjects import SESSIONS_BUCKET
+from shoal.wire import messages as m
+from shoal.wire import servicetypes as st
+from shoal.wire.subjects import SESSIONS_BUCKET
 from test_browser import ARGS, CHROMIUM
 from test_services import wait_up
 

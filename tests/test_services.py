@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 
 from fleet import Fleet, processes_with_env
-from shoal import servicetypes as st
-from shoal.client import Client
+from shoal.client.aio import Client
 from shoal.errors import NoCapacityError, NotFoundError
+from shoal.wire import servicetypes as st
 
 REPLICA = [sys.executable, str(Path(__file__).with_name("replica_server.py"))]
 FAST = {"interval": 0.2, "timeout": 0.5}  # short probe intervals keep the suite quick

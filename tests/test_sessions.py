@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 from fleet import SHOAL, Fleet, wait_for, wait_running
-from shoal import messages as m
-from shoal.client import Client, LogChunk, LogEnd
+from shoal.client.aio import Client, LogChunk, LogEnd
 from shoal.errors import ConflictError, ConnectError, NotFoundError, ValidationError
+from shoal.wire import messages as m
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fleet import SHOAL, Fleet, Terminal
-from shoal import messages as m
 from shoal.ssh.targets import Inventory, parse_hosts, parse_inventory, remote_command
+from shoal.wire import messages as m
 from sshnet import SshHost, client_home, keygen, public_key_line, ssh_hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -261,7 +261,7 @@ def test_copy_and_rcopy_over_sftp_beside_agents(net: Env, tmp_path: Path) -> Non
 
 
 def test_copy_a_tree_over_ssh_beside_agents(net: Env, tmp_path: Path) -> None:
-    from shoal import treecopy
+    from shoal.logic import treecopy
 
     src = tmp_path / "tree"
     (src / "sub").mkdir(parents=True)

@@ -11,11 +11,11 @@ import nats
 import pytest
 
 from fleet import Fleet
-from shoal import messages as m
-from shoal import outputlog
-from shoal.client import Client, LogChunk, LogTruncated
+from shoal.client.aio import Client, LogChunk, LogTruncated
 from shoal.config import ControllerConfig, load
 from shoal.errors import ValidationError
+from shoal.natsio import outputlog
+from shoal.wire import messages as m
 
 TERMINAL_BYTES = 4 << 20
 TERMINAL_CAP = 1 << 20

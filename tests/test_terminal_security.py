@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from fleet import Fleet, wait_running
-from shoal import messages as m
-from shoal import tokens
-from shoal.client import Client, LogChunk
+from shoal.client.aio import Client, LogChunk
+from shoal.logic import tokens
+from shoal.wire import messages as m
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
     a = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
     b = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
     key = tokens.derive_key(fleet.token)
-    link = tokens.issue(key, a.id, 60)
+    link = tokens.issue(key, a.id, 60, time.time())
     jar = aiohttp.CookieJar(unsafe=True)  # keep cookies for 127.0.0.1, as a browser does
     async with aiohttp.ClientSession(cookie_jar=jar) as http, aiohttp.ClientSession() as other:
         async def status(path: str, client: aiohttp.ClientSession = http) -> int:
@@ -46,9 +47,9 @@ async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Cli
         assert await status(f"/t/{b.id}") == 401, "the cookie is for one session"
         assert await status("/api/v1/sessions") == 401
         assert await status(f"/api/v1/sessions/{a.id}") == 401
-        expired = tokens.issue(key, a.id, -1)
+        expired = tokens.issue(key, a.id, -1, time.time())
         assert await status(f"/t/{a.id}?token={expired}", other) == 401
-        forged = tokens.issue(tokens.derive_key("not the secret"), a.id, 60)
+        forged = tokens.issue(tokens.derive_key("not the secret"), a.id, 60, time.time())
         assert await status(f"/t/{a.id}?token={forged}", other) == 401
         # The cookie alone does not open the socket: another port of this host receives it.
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:

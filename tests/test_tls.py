@@ -19,11 +19,11 @@ import pytest
 
 from fleet import Fleet, wait_for
 from shoal import pki
-from shoal.client import Client
+from shoal.client.aio import Client
 from shoal.config import ControllerConfig, NatsConfig
 from shoal.controller.server import server_tls
 from shoal.errors import ConfigError, ConnectError
-from shoal.natsd import NatsTls, NatsUsers, server_config
+from shoal.natsio.natsd import NatsTls, NatsUsers, server_config
 
 SYSTEM_CAS = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
 
@@ -174,7 +174,7 @@ async def test_nats_refuses_a_client_without_a_certificate(tls_fleet: Fleet) -> 
     wait_for(lambda: "client didn't provide a certificate" in
              (tls_fleet.home / "nats" / "nats.log").read_text())
     # shoal's own connect says what to set.
-    from shoal import bus
+    from shoal.natsio import bus
 
     with pytest.raises(ConnectError, match=r"set \[nats\] cert and key"):
         await bus.connect(NatsConfig(url=url, user="agent", password=cfg["password"],

@@ -7,7 +7,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.wsclient import OP_BINARY, OP_CONT, OP_PING, OP_TEXT, FrameParser, encode_frame
+from shoal.client.websocket import OP_BINARY, OP_CONT, OP_PING, OP_TEXT, FrameParser, encode_frame
 
 
 def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:

@@ -7,7 +7,7 @@ The public Python API is what ``__all__`` lists (docs/python-client.md):
     with SyncClient.from_config() as c:
         record = c.wait(c.create_session(SessionSpec(command=["uname", "-a"])).id)
 
-Names are imported on first use, so ``import shoal.messages`` (the agent, the CLI) does not
+Names are imported on first use, so ``import shoal.wire.messages`` (the agent, the CLI) does not
 pay for the HTTP client.
 """
 
@@ -18,19 +18,19 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Client": "client",
-    "LogChunk": "client",
-    "LogEnd": "client",
-    "LogEof": "client",
-    "LogTruncated": "client",
-    "SyncClient": "sync",
-    "NodeSet": "nodeset",
-    "Limits": "messages",
-    "NodeInfo": "messages",
-    "RunSpec": "messages",
-    "SessionRecord": "messages",
-    "SessionSpec": "messages",
-    "Targets": "messages",
+    "Client": "client.aio",
+    "LogChunk": "client.aio",
+    "LogEnd": "client.aio",
+    "LogEof": "client.aio",
+    "LogTruncated": "client.aio",
+    "SyncClient": "client.sync",
+    "NodeSet": "logic.nodeset",
+    "Limits": "wire.messages",
+    "NodeInfo": "wire.messages",
+    "RunSpec": "wire.messages",
+    "SessionRecord": "wire.messages",
+    "SessionSpec": "wire.messages",
+    "Targets": "wire.messages",
     "AuthError": "errors",
     "ConfigError": "errors",
     "ConflictError": "errors",
@@ -73,7 +73,8 @@ __all__ = [
 ]
 
 if _typing.TYPE_CHECKING:
-    from .client import Client, LogChunk, LogEnd, LogEof, LogTruncated
+    from .client.aio import Client, LogChunk, LogEnd, LogEof, LogTruncated
+    from .client.sync import SyncClient
     from .errors import (
         AuthError,
         ConfigError,
@@ -87,9 +88,8 @@ if _typing.TYPE_CHECKING:
         Unavailable,
         ValidationError,
     )
-    from .messages import Limits, NodeInfo, RunSpec, SessionRecord, SessionSpec, Targets
-    from .nodeset import NodeSet
-    from .sync import SyncClient
+    from .logic.nodeset import NodeSet
+    from .wire.messages import Limits, NodeInfo, RunSpec, SessionRecord, SessionSpec, Targets
 
 
 def __getattr__(name: str) -> _typing.Any:

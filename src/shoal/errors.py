@@ -15,7 +15,7 @@
     └── ProtocolError        a peer sent something we cannot decode
 
 Errors of the libraries we use (nats-py, aiohttp) are translated at one boundary each:
-``shoal.bus`` for NATS and ``shoal.client`` for HTTP.
+``shoal.natsio.bus`` for NATS and ``shoal.client.aio`` for HTTP.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from . import config as c
 from .agent.host import AgentHost, virtual_names
 from .controller.server import Controller
 from .errors import ConfigError
-from .natsd import (
+from .natsio.natsd import (
     ClusterSpec,
     LeafListen,
     LeafServer,

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from fleet import Fleet
-from shoal.natsd import NatsServer, NatsUsers, free_port
+from shoal.natsio.natsd import NatsServer, NatsUsers, free_port
 
 
 def counter(truth: Path, lines: int, every: float, tag: str = "line") -> str:

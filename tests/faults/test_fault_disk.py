@@ -20,7 +20,7 @@ import pytest
 
 from faultkit import NatsFleet, counter
 from fleet import wait_for
-from shoal.natsd import NatsServer
+from shoal.natsio.natsd import NatsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                                 reason="mounts a tmpfs")

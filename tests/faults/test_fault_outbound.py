@@ -15,8 +15,8 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from shoal import outputlog
-from shoal.natsd import NatsServer, NatsUsers, free_port
+from shoal.natsio import outputlog
+from shoal.natsio.natsd import NatsServer, NatsUsers, free_port
 
 RECONNECT_BUFFER = 256 << 10  # nats-py's pending_size, small so that the outage fills it
 

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 
-from .. import messages as m
+from ..wire import messages as m
 from .cgroup_layout import LIMIT_CONTROLLERS, Layout, limit_files, parse_keyed, plan
 
 log = logging.getLogger(__name__)

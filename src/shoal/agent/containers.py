@@ -32,7 +32,7 @@ from typing import IO, Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from .. import messages as m
+from ..wire import messages as m
 
 LABEL_NODE = "io.shoal.node"
 LABEL_SESSION = "io.shoal.session"

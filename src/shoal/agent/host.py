@@ -1,7 +1,7 @@
 """The agent process: one or more logical nodes (``--virtual N``) on one NATS connection.
 
 Each node answers run and session requests on its own subjects and keeps a ledger of its
-cgroups and process groups; the process heartbeats all its nodes at once (``shoal.hostbeat``:
+cgroups and process groups; the process heartbeats all its nodes at once (``shoal.wire.hostbeat``:
 one key per thousand nodes) and takes a run on many of its nodes as one batch request. Every
 run and session lives in a cgroup of its own (agent/cgroups.py) where the node has them; the
 agent says at start when it has none, and its heartbeats say which it has. On SIGTERM, SIGINT
@@ -37,17 +37,19 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .. import __version__, bus, hostbeat, subjects
-from .. import messages as m
+from .. import __version__
 from ..config import AgentConfig, shoal_home
 from ..errors import ConnectError
-from ..loadinfo import LoadSampler
-from ..outputlog import describe_store_error
-from ..sessionstate import FINAL, LIVE
-from ..sessionstore import SessionCache, SessionStore
+from ..logic.sessionstate import FINAL, LIVE
+from ..natsio import bus
+from ..natsio.outputlog import describe_store_error
+from ..natsio.sessionstore import SessionCache, SessionStore
+from ..wire import hostbeat, subjects
+from ..wire import messages as m
 from . import cgroups, containers, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
+from .loadinfo import LoadSampler
 from .ports import PortPool
 from .runs import Run
 from .sessions import SessionManager

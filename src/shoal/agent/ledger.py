@@ -20,7 +20,7 @@ import os
 import signal
 from pathlib import Path
 
-from ..procutil import group_alive, kill_group
+from ..system.process import group_alive, kill_group
 from . import cgroups as cgroups_mod
 from . import procs
 from .cgroup_layout import Layout

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..procutil import die_with_parent, group_alive, kill_group, no_new_privileges
+from ..system.process import die_with_parent, group_alive, kill_group, no_new_privileges
 from . import sandbox
 from .cgroups import Unit
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .. import messages as m
+from ..wire import messages as m
 from . import users
 
 

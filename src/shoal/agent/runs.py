@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-from .. import messages as m
-from .. import subjects
-from ..memtune import reuse_heap_for_bulk_io
+from ..system.malloc import reuse_heap_for_bulk_io
+from ..wire import messages as m
+from ..wire import subjects
 from . import procs, runas
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit

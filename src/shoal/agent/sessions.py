@@ -5,7 +5,7 @@ when it is full, draining or out of ports (the scheduler then tries the next nod
 moves the record to ``starting`` by compare-and-set, starts the process and from then on owns
 the record: ``running``, restarts by policy, and exactly one final state.
 
-Output goes to the durable stream (``shoal.outputlog``) with bounded unacknowledged bytes:
+Output goes to the durable stream (``shoal.natsio.outputlog``) with bounded unacknowledged bytes:
 when JetStream lags, the node stops reading the pipe and the process blocks on write.
 
 (Over 400 lines: output reading, input and the process's end are still written here and in
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .. import messages as m
-from .. import subjects
-from ..outputlog import DEFAULT_CAP, OutputWriter
-from ..sessionstore import Fenced, SessionStore
+from ..natsio.outputlog import DEFAULT_CAP, OutputWriter
+from ..natsio.sessionstore import Fenced, SessionStore
+from ..wire import messages as m
+from ..wire import subjects
 from . import containers, procs, runas, users
 from .cgroup_layout import Layout, unit_name
 from .cgroups import Unit

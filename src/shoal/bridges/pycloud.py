@@ -1,7 +1,7 @@
 """``shoal bridge pycloud``: PyCloud's Redis channels served by the fleet.
 
 The bridge subscribes to PyCloud's request channels and answers each request through shoal's
-public HTTP API (``shoal.client.Client``), like any other client: it is not part of the
+public HTTP API (``shoal.client.aio.Client``), like any other client: it is not part of the
 controller and holds no state of its own.
 
 Exactly one answer per request, however many bridges run: Redis pub/sub hands every message to
@@ -21,15 +21,15 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from .. import messages as m
 from ..errors import NotFoundError, ShoalError
-from ..sessionstate import LIVE
+from ..logic.sessionstate import LIVE
+from ..wire import messages as m
 from . import pycloud_protocol as p
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from ..client import Client
+    from ..client.aio import Client
 
 log = logging.getLogger("shoal.bridge.pycloud")
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from .. import messages as m
+from ..wire import messages as m
 
 DEFAULT_PREFIX = "year4000.pycloud"
 Verb = Literal["create", "status", "remove"]

@@ -32,8 +32,8 @@ def upgrade_replicas(config_path: Path | None, nats_url: str | None, replicas: i
 
     Safe on a live fleet: NATS copies each stream to its new servers while it keeps serving.
     """
-    from .. import bus
-    from .. import replicas as r
+    from ..natsio import bus
+    from ..natsio import replicas as r
 
     try:
         cfg = c.load(c.ControllerConfig, config_path or c.shoal_home() / "controller.toml",

@@ -36,9 +36,9 @@ def bridge_pycloud(ctx: click.Context, redis_url: str, prefix: str, name: str, u
     Run as many as you like on the same Redis: each request is answered once."""
     import msgspec
 
-    from .. import messages as m
     from ..config import parse_labels
     from ..errors import ShoalError
+    from ..wire import messages as m
 
     try:
         from ..bridges.pycloud import run_bridge

@@ -22,10 +22,10 @@ import click
 import msgspec
 
 from .. import config as c
-from .. import messages as m
 from ..errors import ConfigError, ShoalError
-from ..lines import prefix_lines
-from ..treecopy import LISTING_SH
+from ..logic.lines import prefix_lines
+from ..logic.treecopy import LISTING_SH
+from ..wire import messages as m
 from .main import _group_ref, fail, main
 from .printers import Prefixed
 from .ssh_opts import SshChoice, choose, ssh_options
@@ -50,7 +50,7 @@ trap - EXIT
 
 # A tree (copy -r): the tar stream to a temporary file, its sha256 checked, unpacked into a
 # temporary directory beside the destination (owners not kept: the files are the runner's),
-# the canonical listing's sha256 checked (shoal/treecopy.py), then swapped into place.
+# the canonical listing's sha256 checked (shoal/logic/treecopy.py), then swapped into place.
 # $1 dest  $2 tar sha256  $3 listing sha256  $4 source basename
 PUSH_TREE = r"""
 dest=$(printf '%s' "$1" | sed "s/{node}/$SHOAL_NODE/g")
@@ -226,7 +226,7 @@ def _copy_tree(ctx: click.Context, targets: m.Targets | None, ssh: SshChoice, so
     """The tree as one tar stream (a temporary file, sent once), checked at each end."""
     import tempfile
 
-    from ..treecopy import TreeError, listing_sha256, write_tar
+    from ..logic.treecopy import TreeError, listing_sha256, write_tar
 
     if not source.is_dir():
         fail(f"{source} is not a directory (copy -r copies a tree; a file: copy)", 2)

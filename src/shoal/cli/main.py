@@ -15,7 +15,7 @@ from ..errors import ConfigError, ShoalError
 from .ssh_opts import ssh_options
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.aio import Client
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ def client_messages(raw_terminal: bool = False) -> None:
     handler.setFormatter(logging.Formatter("shoal: %(message)s"))
     if raw_terminal:
         handler.terminator = "\r\n"
-    logger = logging.getLogger("shoal.client")
+    logger = logging.getLogger("shoal.client.aio")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -72,7 +72,7 @@ def main(ctx: click.Context, url: str | None, token: str | None) -> None:
 
 
 def client_from(ctx: click.Context) -> Client:
-    from ..client import Client
+    from ..client.aio import Client
 
     try:
         return Client.from_config(ctx.obj["url"], ctx.obj["token"])
@@ -178,7 +178,7 @@ def agent(ctx: click.Context, config_path: Path | None, name: str | None,
 
 
 def _check_names(names: list[str]) -> None:
-    from ..messages import NodeName
+    from ..wire.messages import NodeName
 
     for n in names:
         try:
@@ -282,7 +282,7 @@ def nodes(ctx: click.Context, as_json: bool, summary: bool, all_: bool, nodeset:
 @click.pass_context
 def nodes_show(ctx: click.Context, name: str) -> None:
     """Show one node as JSON."""
-    from ..messages import to_json
+    from ..wire.messages import to_json
 
     async def go() -> None:
         async with client_from(ctx) as client:
@@ -333,7 +333,7 @@ def run(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tupl
     """Run a command on many nodes: shoal run --all -- printf '%s\\n' 'a b' c
 
     -H names hosts without an agent, reached over ssh from this machine (docs/cli.md)."""
-    from .. import messages as m
+    from ..wire import messages as m
     from .run_cmd import raw_terminal, run_command, terminal_size
     from .ssh_opts import choose
 

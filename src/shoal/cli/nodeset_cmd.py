@@ -37,8 +37,8 @@ def nodeset(action: str, list_: int, separator: str, exclude: tuple[str, ...],
 
     Arguments are joined with ','; '-' reads whitespace-separated sets from standard input.
     """
-    from ..nodegroups import Groups, GroupsError, load
-    from ..nodeset import NodeSetError
+    from ..logic.nodegroups import Groups, GroupsError, load
+    from ..logic.nodeset import NodeSetError
 
     try:
         path = groups_path or (DEFAULT_GROUPS if Path(DEFAULT_GROUPS).exists() else "")

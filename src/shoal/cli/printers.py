@@ -12,10 +12,10 @@ from typing import BinaryIO
 
 import msgspec
 
-from .. import messages as m
-from ..gather import OutputGatherer
-from ..lines import LineSplitter, prefix_lines, safe_text
-from ..outcome import node_status
+from ..logic.gather import OutputGatherer
+from ..logic.lines import LineSplitter, prefix_lines, safe_text
+from ..logic.outcome import node_status
+from ..wire import messages as m
 
 
 class Printer:

@@ -1,6 +1,6 @@
 """``shoal run``: drive one fan-out run from the terminal.
 
-This path is synchronous on purpose: a blocking WebSocket (``shoal.wsclient``), a thread for
+This path is synchronous on purpose: a blocking WebSocket (``shoal.client.websocket``), a thread for
 standard input, and signal handlers, without asyncio or aiohttp, because the whole command
 is timed by its users (a new process per run) and those imports cost more than the run.
 """
@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Protocol
 
-from .. import messages as m
+from ..client.websocket import OP_BINARY, WebSocket
 from ..errors import ConnectError, ProtocolError, error_for_status
-from ..memtune import reuse_heap_for_bulk_io
-from ..outcome import summarize
-from ..wsclient import OP_BINARY, WebSocket
+from ..logic.outcome import summarize
+from ..system.malloc import reuse_heap_for_bulk_io
+from ..wire import messages as m
 from .printers import Gathered, JsonLines, Prefixed, Printer, Raw
 
 STDIN_CHUNK = 256 << 10
@@ -127,7 +127,7 @@ class _AgentLeg:
     """The agent nodes of a run, through the controller's WebSocket."""
 
     def __init__(self, url: str, token: str, start: m.RunStart, ca: str = "") -> None:
-        from ..client import first_reachable  # url may list a cluster's controllers
+        from ..client.aio import first_reachable  # url may list a cluster's controllers
 
         self.ws, self.plan = _open(first_reachable(url), token, start, ca)
         self.sender = _Sender(self.ws)

@@ -8,10 +8,10 @@ from typing import Any
 import click
 import msgspec
 
-from .. import messages as m
-from .. import servicetypes as st
 from ..config import parse_env, parse_labels
 from ..errors import ShoalError
+from ..wire import messages as m
+from ..wire import servicetypes as st
 from .main import arun, client_from, fail, main
 
 

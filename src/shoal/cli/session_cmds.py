@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import click
 import msgspec
 
-from .. import messages as m
 from ..config import parse_env, parse_labels
 from ..errors import ShoalError, Unavailable
-from ..lines import LineSplitter
+from ..logic.lines import LineSplitter
+from ..wire import messages as m
 from .main import arun, client_from, client_messages, fail, main
 
 # A controller that answers 503 (its view of the fleet is catching up after a NATS fault)
@@ -24,7 +24,7 @@ from .main import arun, client_from, client_messages, fail, main
 CREATE_RETRY_FOR = 30.0
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.aio import Client
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
 ATTACH_REPLAY = 64 << 10  # bytes of recent output shown on attach
@@ -209,7 +209,7 @@ def rm(ctx: click.Context, sids: tuple[str, ...]) -> None:
 
 async def _logs(client: Client, sid: str, start: int, tail: int | None, follow: bool,
                 until: str | None, skip_empty: bool) -> int:
-    from ..client import LogChunk, LogEnd, LogEof, LogTruncated
+    from ..client.aio import LogChunk, LogEnd, LogEof, LogTruncated
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
     seen = b""  # the end of the output so far, to find --until across chunks

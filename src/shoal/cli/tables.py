@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from ..messages import FleetSummary, NodeInfo
+from ..wire.messages import FleetSummary, NodeInfo
 
 
 def _ago(ts: float) -> str:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .. import messages as m
 from ..errors import Forbidden
+from ..wire import messages as m
 from . import scopes
 from .audit import Entry, now
 from .scopes import Principal, Target

@@ -15,12 +15,13 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .. import messages as m
-from .. import outputlog, subjects
-from ..bus import NATS_ERRORS
 from ..errors import ShoalError, Unavailable, ValidationError
-from ..nodeset import natural_key
-from ..sessionstate import FINAL
+from ..logic.nodeset import natural_key
+from ..logic.sessionstate import FINAL
+from ..natsio import outputlog
+from ..natsio.bus import NATS_ERRORS
+from ..wire import messages as m
+from ..wire import subjects
 from . import nodelist
 from .auth import error_json, origin_ok
 

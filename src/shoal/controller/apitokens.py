@@ -28,8 +28,8 @@ import msgspec
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
-from .. import bus
 from ..errors import NotFoundError, Unavailable, ValidationError
+from ..natsio import bus
 from .scopes import Principal, admin, parse_grants
 
 if TYPE_CHECKING:

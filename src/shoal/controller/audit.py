@@ -27,7 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import StorageType, StreamConfig
 
-from ..bus import NATS_ERRORS
+from ..natsio.bus import NATS_ERRORS
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
-from .. import tokens
 from ..errors import Forbidden, ShoalError
+from ..logic import tokens
 from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
 from .scopes import Principal, Target
@@ -123,7 +124,7 @@ async def terminal_scope(request: web.Request, key: bytes,
         return None
     sid = found.group(1) or found.group(2)
     raw_cookie = request.cookies.get(TERMINAL_COOKIE + sid, "")
-    cookie = tokens.verify(key, raw_cookie)
+    cookie = tokens.verify(key, raw_cookie, time.time())
     if cookie is not None and cookie.kind == "cookie" and cookie.session == sid:
         if found.group(1):
             return TerminalScope(sid, from_link=False)
@@ -131,7 +132,7 @@ async def terminal_scope(request: web.Request, key: bytes,
                                attach_key(key, raw_cookie)):
             return TerminalScope(sid, from_link=False)
         return None  # a cookie alone may have been received by another port of this host
-    link = tokens.verify(key, request.query.get("token", ""))
+    link = tokens.verify(key, request.query.get("token", ""), time.time())
     if link is None or link.kind != "link" or link.session != sid or not found.group(1):
         return None
     if consume_link is not None and not await consume_link(link.nonce):
@@ -205,7 +206,7 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
             sid = scope.session
             if scope.from_link:
                 # The page without the link, the attach key in the fragment (never sent).
-                cookie = tokens.issue(key, sid, cfg.terminal_lifetime, kind="cookie")
+                cookie = tokens.issue(key, sid, cfg.terminal_lifetime, time.time(), kind="cookie")
                 target = request.rel_url.with_query(
                     {k: v for k, v in request.query.items() if k != "token"}).with_fragment(
                     f"{ATTACH_QUERY}={attach_key(key, cookie)}")

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.errors
 
-from .. import messages as m
-from .. import subjects
-from ..memtune import reuse_heap_for_bulk_io
-from ..nodeset import NodeSet
+from ..logic.nodeset import NodeSet
+from ..system.malloc import reuse_heap_for_bulk_io
+from ..wire import messages as m
+from ..wire import subjects
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

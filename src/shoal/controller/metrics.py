@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..messages import SessionState
-from ..sessionstate import TRANSITIONS
+from ..logic.sessionstate import TRANSITIONS
+from ..wire.messages import SessionState
 
 if TYPE_CHECKING:
     from .server import Controller

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from .. import messages as m
-from .. import outputlog, subjects
 from ..errors import AuthError, Forbidden, NotFoundError, ShoalError, ValidationError
+from ..natsio import outputlog
+from ..wire import messages as m
+from ..wire import subjects
 from . import access, scopes
 from .api import DrainBody, parse_signal
 from .scopes import Principal

@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import ValidationError
-from ..messages import FleetSummary, NodeInfo
-from ..nodeset import NaturalKey, NodeSet, NodeSetError, natural_key
+from ..logic.nodeset import NaturalKey, NodeSet, NodeSetError, natural_key
+from ..wire.messages import FleetSummary, NodeInfo
 
 MAX_LABEL_VALUES = 20  # per label key in a summary; the rest are counted as "others"
 NODE_STATES = ("ready", "draining", "down")

@@ -20,9 +20,9 @@ import msgspec
 from aiohttp import web
 
 from .. import __version__
-from .. import messages as m
-from .. import servicetypes as st
-from ..client import LogChunk, LogEnd, LogEof, LogError, LogTruncated
+from ..client.aio import LogChunk, LogEnd, LogEof, LogError, LogTruncated
+from ..wire import messages as m
+from ..wire import servicetypes as st
 from .api import DrainBody, SignalBody
 from .apitokens import NewToken
 from .audit import Entry as AuditEntry

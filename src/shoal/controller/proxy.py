@@ -34,14 +34,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .. import servicetypes as st
 from ..errors import ShoalError
+from ..wire import servicetypes as st
 from .auth import error_json
 from .forwarding import WS_HANDSHAKE, answer_headers, split_target, upstream_headers
 from .hosts import host_middleware
 
 if TYPE_CHECKING:
-    from .. import balance
+    from ..logic import balance
     from .server import Controller
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 It is only a cache of what NATS holds, rebuilt from the buckets on start, so the
 controller stays stateless. A node is up while its heartbeat key exists and was refreshed
 within the node TTL; a node in the registry bucket without a heartbeat is down. Heartbeats
-come per agent process (``shoal.hostbeat``), one key per chunk of its nodes, or per node from
+come per agent process (``shoal.wire.hostbeat``), one key per chunk of its nodes, or per node from
 older agents; the cache also remembers which nodes share a process, so that a run reaches
 them with one request (``groups``).
 
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .. import hostbeat
-from ..bus import client_of, watch_bucket
-from ..messages import NodeInfo
-from ..nodeset import NaturalKey, natural_key
+from ..logic.nodeset import NaturalKey, natural_key
+from ..natsio.bus import client_of, watch_bucket
+from ..wire import hostbeat
+from ..wire.messages import NodeInfo
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue

@@ -1,6 +1,6 @@
 """``GET /api/v1/run`` (WebSocket): one fan-out run per connection.
 
-Frames are msgpack (``shoal.messages.ClientFrame`` in, ``ServerFrame`` out). The client sends
+Frames are msgpack (``shoal.wire.messages.ClientFrame`` in, ``ServerFrame`` out). The client sends
 ``RunStart`` first; the server answers ``RunPlan`` (or ``ErrorFrame`` and closes), then streams
 events until ``RunDone``. Closing the socket early cancels the run on every node.
 """
@@ -15,10 +15,10 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .. import messages as m
 from ..errors import Forbidden, ShoalError, ValidationError
-from ..nodegroups import GroupsError
-from ..targets import select
+from ..logic.nodegroups import GroupsError
+from ..logic.targets import select
+from ..wire import messages as m
 from . import access
 from .audit import argv_digest
 from .auth import client_address, error_json, origin_ok

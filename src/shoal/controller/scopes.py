@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import Forbidden, ValidationError
-from ..nodeset import NodeSet, NodeSetError
+from ..logic.nodeset import NodeSet, NodeSetError
 
 SCOPES: dict[str, str] = {
     "read": "list and show nodes, sessions, services and metrics",

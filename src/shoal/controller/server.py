@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .. import bus, replicas
 from ..config import ControllerConfig
 from ..errors import ConfigError
-from ..nodegroups import GroupsError, GroupsFile
-from ..sessionstore import SessionCache, SessionStore
+from ..logic.nodegroups import GroupsError, GroupsFile
+from ..natsio import bus, replicas
+from ..natsio.sessionstore import SessionCache, SessionStore
 from ..web import static_dir
 from .api import add_routes, json_http_errors
 from .apitokens import TokenStore
@@ -71,7 +71,7 @@ class Controller:
         self.audit = AuditLog(self.instance)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
-        self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.nodegroups)
+        self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.logic.nodegroups)
         try:
             self.groups.get()  # a broken groups file stops the start, clearly
         except GroupsError as e:

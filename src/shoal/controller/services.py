@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.js.errors
 
-from .. import balance, placement
-from .. import messages as m
-from .. import servicetypes as st
-from ..bus import mirror, watch_bucket
 from ..errors import ConflictError, NoCapacityError, NotFoundError, ShoalError, ValidationError
-from ..sessionstate import FINAL, LIVE
+from ..logic import balance, placement
+from ..logic.sessionstate import FINAL, LIVE
+from ..natsio.bus import mirror, watch_bucket
+from ..wire import messages as m
+from ..wire import servicetypes as st
 from .probes import Prober, ProbeResult, ProbeSpec
 from .sessions import validate as validate_session
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from .. import servicetypes as st
 from ..errors import ValidationError
+from ..wire import servicetypes as st
 from .api import api_errors, body, ok
 from .proxy import add_redirect_routes
 

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.errors
 
-from .. import messages as m
-from .. import outputlog, placement, subjects
 from ..errors import ConflictError, NotFoundError, RemoteTimeout, Unavailable, ValidationError
-from ..sessionstate import FINAL, LIVE
-from ..sessionstore import SessionCache, SessionStore
+from ..logic import placement
+from ..logic.sessionstate import FINAL, LIVE
+from ..natsio import outputlog
+from ..natsio.sessionstore import SessionCache, SessionStore
+from ..wire import messages as m
+from ..wire import subjects
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

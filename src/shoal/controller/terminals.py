@@ -30,11 +30,12 @@ import nats.js.errors
 from aiohttp import web
 from nats.js.api import KeyValueConfig, StorageType
 
-from .. import messages as m
-from .. import outputlog, tokens
-from ..bus import watch_bucket
 from ..errors import NoCapacityError, ShoalError
+from ..logic import tokens
+from ..natsio import outputlog
+from ..natsio.bus import watch_bucket
 from ..web import STATIC_DIR
+from ..wire import messages as m
 from .auth import client_address, error_json
 from .headers import PAGE
 
@@ -285,7 +286,7 @@ class TerminalPool:
                 self.limiter.refund(client)
             else:
                 await self._drop(ticket)
-                link = tokens.issue(self.key, record.id, LINK_TTL)
+                link = tokens.issue(self.key, record.id, LINK_TTL, time.time())
                 url = f"/t/{record.id}?token={link}"
                 return self._answer(form, 201, {"state": "ready", "session": record.id,
                                                 "url": url})

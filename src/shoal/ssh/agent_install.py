@@ -37,7 +37,7 @@ from .wheelhouse import Wheel
 if TYPE_CHECKING:
     import asyncssh
 
-    from ..client import Client
+    from ..client.aio import Client
 
 DEFAULT_PREFIX = "/opt/shoal"
 UNIT_PATH = f"/etc/systemd/system/{agent_remote.UNIT_NAME}"
@@ -219,7 +219,7 @@ class Installer:
                                "agent detached (docs/operations.md)")
 
     def _name(self, t: SshTarget, found: dict[str, Any]) -> str:
-        from ..messages import NodeName
+        from ..wire.messages import NodeName
 
         name = t.name if self.opts.name_from == "inventory" else \
             str(found["hostname"]).split(".")[0]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import asyncssh
 
-from .. import messages as m
-from ..nodeset import NodeSet
+from ..logic.nodeset import NodeSet
+from ..wire import messages as m
 from .connect import Connector, HostUnreachable
 from .targets import Inventory, SshTarget, remote_command
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncssh
 
-from .. import messages as m
+from ..wire import messages as m
 from .fanout import HostIO, Work
 
 CHUNK = 1 << 20

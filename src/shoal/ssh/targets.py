@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..messages import RunSpec
-from ..nodeset import NodeSet, NodeSetError
+from ..logic.nodeset import NodeSet, NodeSetError
+from ..wire.messages import RunSpec
 
 MAX_HOSTS = 100_000
 _USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from ..errors import ValidationError
 from . import messages as m
-from .errors import ValidationError
 
 SERVICES_BUCKET = "shoal-services"  # service records, one key per service name
 

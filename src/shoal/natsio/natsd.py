@@ -21,15 +21,15 @@ from pathlib import Path
 
 import msgspec
 
+from ..config import NatsConfig, new_secret, write_secret_file
+from ..errors import ConfigError, ConnectError
+from ..system.process import die_with_parent
+from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 from . import bus
 from .bus import AGENT_INBOX
-from .config import NatsConfig, new_secret, write_secret_file
-from .errors import ConfigError, ConnectError
 from .outputlog import STREAM as OUTPUT_STREAM
 from .outputlog import TERMINAL_STREAM
-from .procutil import die_with_parent
 from .replicas import cluster_size
-from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
 log = logging.getLogger(__name__)
 

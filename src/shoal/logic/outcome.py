@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .messages import Exit, Unreachable
+from ..wire.messages import Exit, Unreachable
 from .nodeset import NodeSet
 
 UNREACHABLE = 255

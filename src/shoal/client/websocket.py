@@ -16,7 +16,7 @@ import socket
 import struct
 from urllib.parse import urlsplit
 
-from .errors import AuthError, ConnectError, ProtocolError, error_for_status
+from ..errors import AuthError, ConnectError, ProtocolError, error_for_status
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10

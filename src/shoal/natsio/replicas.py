@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NatsClient
 
-from .errors import ConnectError, ShoalError
+from ..errors import ConnectError, ShoalError
 
 MAX_REPLICAS = 3  # what NATS recommends: R3 survives one lost server; R5 buys little here
 STREAM_PREFIXES = ("KV_shoal-", "shoal-")

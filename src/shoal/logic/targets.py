@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .errors import NotFoundError, ValidationError
-from .messages import NodeInfo, Targets
+from ..errors import NotFoundError, ValidationError
+from ..wire.messages import NodeInfo, Targets
 from .nodegroups import Groups
 from .nodeset import NodeSet, NodeSetError, natural_key
 

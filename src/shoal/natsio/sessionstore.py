@@ -1,7 +1,7 @@
 """Session records in the JetStream key-value bucket, changed only by compare-and-set.
 
 Agents and controllers both write records; every write reads the current revision, checks
-the transition against ``shoal.sessionstate`` and updates only if nobody wrote in between
+the transition against ``shoal.logic.sessionstate`` and updates only if nobody wrote in between
 (else it reads again). So two writers can never both win, and a final state never changes.
 
 Agents also pass a *fence*, (attempt, node): the record's ``attempt`` goes up by one at every
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
+from ..logic.sessionstate import can_move, is_final
+from ..wire.messages import SessionRecord, SessionState
 from .bus import mirror, through_elections, watch_bucket
-from .messages import SessionRecord, SessionState
-from .sessionstate import can_move, is_final
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue

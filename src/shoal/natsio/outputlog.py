@@ -47,8 +47,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from ..errors import Unavailable
 from .bus import NATS_ERRORS
-from .errors import Unavailable
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext

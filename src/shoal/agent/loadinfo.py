@@ -6,7 +6,7 @@ import os
 
 import psutil
 
-from .messages import Load
+from ..wire.messages import Load
 
 
 class LoadSampler:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ssl
 
-from .errors import ConfigError, ConnectError
+from ..errors import ConfigError, ConnectError
 
 HINT = "pass the CA in client.toml (ca = \"/path/to/ca.pem\") or SHOAL_CA"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from shoal.nodeset import NodeSet, natural_key
+from shoal.logic.nodeset import NodeSet, natural_key
 
 __all__ = ["OutputGatherer"]
 

@@ -23,10 +23,8 @@ from typing import Any, Self, TypeVar
 import aiohttp
 import msgspec
 
-from . import messages as m
-from . import servicetypes as st
-from .config import ClientConfig, load, shoal_home
-from .errors import (
+from ..config import ClientConfig, load, shoal_home
+from ..errors import (
     ConfigError,
     ConnectError,
     ProtocolError,
@@ -34,6 +32,8 @@ from .errors import (
     ShoalError,
     error_for_status,
 )
+from ..wire import messages as m
+from ..wire import servicetypes as st
 from .tlsverify import certificate_error, client_context
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def first_reachable(url: str, timeout: float = 1.0) -> str:
 class Client:
     """``reconnect_for``: how long ``logs(follow=...)`` and an ``attach`` go on trying to
     reach the controller again after losing it (0: not at all); they resume from the last
-    byte they delivered, and log a warning on ``shoal.client`` while they wait. ``url`` may
+    byte they delivered, and log a warning on ``shoal.client.aio`` while they wait. ``url`` may
     list several controllers (comma-separated): a call moves on to the next one while one
     refuses connections."""
 

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Gener
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
 
-from . import messages as m
-from .client import RECONNECT_FOR, Attachment, Client, RunConnection
+from ..wire import messages as m
+from .aio import RECONNECT_FOR, Attachment, Client, RunConnection
 
 P = ParamSpec("P")
 R = TypeVar("R")

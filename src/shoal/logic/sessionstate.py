@@ -11,7 +11,7 @@ A final state never changes: a writer that finds a final state leaves it alone.
 
 from __future__ import annotations
 
-from .messages import SessionState
+from ..wire.messages import SessionState
 
 FINAL: frozenset[SessionState] = frozenset({"exited", "failed", "killed", "lost"})
 LIVE: frozenset[SessionState] = frozenset({"pending", "starting", "running"})

@@ -19,10 +19,10 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from .config import NatsConfig
-from .errors import AuthError, ConfigError, ConnectError
-from .servicetypes import SERVICES_BUCKET
-from .subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
+from ..config import NatsConfig
+from ..errors import AuthError, ConfigError, ConnectError
+from ..wire.servicetypes import SERVICES_BUCKET
+from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from .messages import NodeInfo, SessionSpec
+from ..wire.messages import NodeInfo, SessionSpec
 
 
 def score(node: NodeInfo) -> float:
