@@ -4,13 +4,11 @@ busybox-static (``podman import`` of a root file system tarball) in a private im
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import threading
 import urllib.request
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench.containers import rootfs_tar
 
 from shoal.agent.containers import (
     ContainerError,
@@ -39,26 +38,8 @@ needs_podman = pytest.mark.skipif(
 
 
 def _rootfs_tar() -> bytes:
-    """/bin/busybox and a link per applet, a web root, the usual empty directories."""
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "www", "data"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(BUSYBOX, "bin/busybox")
-        for name in applets:
-            if name != "busybox":
-                info = tarfile.TarInfo(f"bin/{name}")
-                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-                tar.addfile(info)
-        page = b"hello from a container\n"
-        info = tarfile.TarInfo("www/index.html")
-        info.size = len(page)
-        tar.addfile(info, io.BytesIO(page))
-    return buf.getvalue()
+    """The bench's busybox image with a web root and a data directory."""
+    return rootfs_tar(("www", "data"), {"www/index.html": b"hello from a container\n"})
 
 
 @pytest.fixture(scope="module")
