@@ -27,6 +27,7 @@ from shoal.agent.containers import (
     check,
     container_name,
 )
+from shoal.config import AgentConfig
 
 BUSYBOX = "/bin/busybox"
 IMAGE = "localhost/shoal-test-busybox:1"
@@ -183,6 +184,39 @@ async def test_port_mapped_to_a_host_port(podman: Podman) -> None:
         await asyncio.wait_for(proc.wait(), 30)
     assert await podman.state(name) is None
     assert await podman.poll(name) == -1
+
+
+@needs_podman
+async def test_ports_are_published_on_the_configured_address_only(podman: Podman) -> None:
+    """A node of a multi-machine fleet publishes container ports on its own address (here
+    127.0.0.2, a second loopback address), and on that address alone."""
+    host_port = _free_port()
+    pod = Podman(podman.binary, podman.runtime, podman.root, podman.runroot, "127.0.0.2")
+    spec = ContainerSpec(image=IMAGE, command=["httpd", "-f", "-p", "80", "-h", "/www"],
+                         network="podman", ports=[PortMap(container=80, host=host_port)])
+    assert f"127.0.0.2:{host_port}:80" in pod.run_argv(spec, NODE, "pub")
+    name = container_name(NODE, "pub")
+    proc = await pod.start(spec, NODE, "pub")
+    try:
+        body = b""
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.2:{host_port}/", timeout=5) as r:
+                    body = r.read()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert body == b"hello from a container\n"
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", host_port))
+    finally:
+        await pod.stop(name, grace=5)
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+def test_a_publish_address_that_is_not_an_address_is_refused() -> None:
+    with pytest.raises(ValueError, match="container_publish: 'node-1.example' is not an IP"):
+        AgentConfig(container_publish="node-1.example")
 
 
 @needs_podman

@@ -607,7 +607,7 @@ def _podman(cfg: AgentConfig) -> tuple[containers.Podman | None, str]:
     if not cfg.podman:
         return None, "container sessions are turned off on this node (its podman setting)"
     pod = containers.Podman(cfg.podman, cfg.podman_runtime, cfg.podman_root or None,
-                            cfg.podman_runroot or None)
+                            cfg.podman_runroot or None, cfg.container_publish)
     why = pod.unavailable()
     return (None, why) if why else (pod, "")
 
