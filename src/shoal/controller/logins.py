@@ -124,9 +124,12 @@ class LoginStore:
             log.warning("could not end a login: %s", e)
 
 
+LOGINS: web.AppKey[LoginStore] = web.AppKey("shoal.logins", LoginStore)
+
+
 async def logout(request: web.Request) -> web.Response:
     """``POST /api/v1/logout``: end this browser's login, on every controller."""
-    store: LoginStore = request.app["controller"].logins
+    store = request.app[LOGINS]
     login_id = request.get("login")
     if login_id:
         await store.end(login_id)
