@@ -23,8 +23,8 @@ from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..logic.nodegroups import GroupsError, GroupsFile
 from ..natsio import bus, replicas
-from ..natsio.bus import JetStreamContext
 from ..natsio.sessionstore import SessionCache, SessionStore
+from ..natsio.types import JetStreamContext, NatsClient
 from ..web import static_dir
 from .api import add_routes, json_http_errors
 from .apitokens import TokenStore
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class Parts:
     """What a connected controller is made of, each part given only its collaborators."""
 
-    nc: bus.NatsClient
+    nc: NatsClient
     buckets: bus.Buckets
     replicas: int  # copies of each bucket and stream
     replica_advice: str | None  # set when existing assets have fewer than wanted
@@ -74,7 +74,7 @@ class Parts:
             raise
 
     @classmethod
-    async def _build(cls, nc: bus.NatsClient, cfg: ControllerConfig, instance: str,
+    async def _build(cls, nc: NatsClient, cfg: ControllerConfig, instance: str,
                      logins: LoginStore, api_tokens: TokenStore, audit: AuditLog,
                      services_url: Callable[[], str]) -> Parts:
         size = replicas.cluster_size(nc)
@@ -156,7 +156,7 @@ class Controller:
         return self._parts is not None
 
     @property
-    def nc(self) -> bus.NatsClient:
+    def nc(self) -> NatsClient:
         return self.parts.nc
 
     @property

@@ -12,7 +12,7 @@ import msgspec
 from ..errors import ConflictError, NotFoundError
 from ..natsio import kv
 from ..natsio.bus import mirror, watch_bucket
-from ..natsio.kv import KeyValue
+from ..natsio.types import KeyValue
 from ..wire import servicetypes as st
 
 log = logging.getLogger(__name__)

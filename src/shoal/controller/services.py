@@ -22,8 +22,8 @@ import msgspec
 from ..errors import NotFoundError, ShoalError, ValidationError
 from ..logic import balance
 from ..logic.sessionstate import LIVE
-from ..natsio.kv import KeyValue
 from ..natsio.lease import Lease
+from ..natsio.types import KeyValue
 from ..wire import messages as m
 from ..wire import servicetypes as st
 from .registry import NodeRegistry

@@ -31,7 +31,7 @@ from ..wire import messages as m
 from ..wire import subjects
 
 if TYPE_CHECKING:
-    from ..natsio.bus import JetStreamContext, NatsClient
+    from ..natsio.types import JetStreamContext, NatsClient
     from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from ..config import ControllerConfig
 from ..errors import NoCapacityError, ShoalError
 from ..logic import tokens
 from ..natsio import kv, outputlog
-from ..natsio.bus import JetStreamContext, watch_bucket
-from ..natsio.kv import KeyValue
+from ..natsio.bus import watch_bucket
+from ..natsio.types import JetStreamContext, KeyValue
 from ..web import STATIC_DIR
 from ..wire import messages as m
 from .auth import client_address, error_json
