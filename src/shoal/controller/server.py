@@ -15,15 +15,14 @@ import secrets
 import signal
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..logic.nodegroups import GroupsError, GroupsFile
-from ..natsio import bus, replicas
-from ..natsio.sessionstore import SessionCache, SessionStore
+from ..natsio import bus
+from ..natsio.sessionstore import SessionCache
 from ..natsio.types import JetStreamContext, NatsClient
 from ..web import static_dir
 from .api import add_routes, json_http_errors
@@ -36,6 +35,7 @@ from .logins import LOGINS, LoginStore, add_login_routes
 from .metrics import FLEET, FleetCollector, add_metrics_route
 from .nats_api import NatsApi
 from .openapi import openapi_handler
+from .parts import Parts
 from .proxy import SERVICES_BASE, services_app
 from .registry import NodeRegistry
 from .run_ws import handle_run
@@ -46,70 +46,6 @@ from .terminals import TERMINALS, TerminalPool, add_terminal_routes
 from .tokens_api import add_token_routes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Parts:
-    """What a connected controller is made of, each part given only its collaborators."""
-
-    nc: NatsClient
-    buckets: bus.Buckets
-    replicas: int  # copies of each bucket and stream
-    replica_advice: str | None  # set when existing assets have fewer than wanted
-    registry: NodeRegistry
-    session_cache: SessionCache
-    sessions: SessionService
-    services: ServiceManager
-    terminals: TerminalPool
-
-    @classmethod
-    async def open(cls, cfg: ControllerConfig, instance: str, logins: LoginStore,
-                   api_tokens: TokenStore, audit: AuditLog,
-                   services_url: Callable[[], str]) -> Parts:
-        nc = await bus.connect(cfg.nats, "shoal-controller")
-        try:
-            return await cls._build(nc, cfg, instance, logins, api_tokens, audit, services_url)
-        except BaseException:
-            await bus.close(nc)
-            raise
-
-    @classmethod
-    async def _build(cls, nc: NatsClient, cfg: ControllerConfig, instance: str,
-                     logins: LoginStore, api_tokens: TokenStore, audit: AuditLog,
-                     services_url: Callable[[], str]) -> Parts:
-        size = replicas.cluster_size(nc)
-        copies = replicas.wanted(cfg.replicas, size)
-        buckets = await bus.ensure_buckets(nc, cfg.node_ttl, copies, cfg.terminal_output_bytes)
-        js = buckets.js
-        await logins.start(js, copies)
-        await api_tokens.start(js, copies)
-        await audit.start(js, copies, cfg.audit_retention)
-        registry = NodeRegistry(buckets.heartbeats, buckets.registry, cfg.node_ttl)
-        await registry.start()
-        cache = SessionCache(buckets.sessions)
-        await cache.start()
-        sessions = SessionService(nc, js, SessionStore(buckets.sessions), cache, registry,
-                                  cfg.retention, cfg.token)
-        sessions.start()
-        assert buckets.services is not None  # ensure_buckets binds it
-        services = ServiceManager(buckets.services, sessions, registry, instance,
-                                  services_url)
-        await services.start()
-        terminals = await TerminalPool.open(cfg, js, copies, registry, sessions)
-        # Buckets made before the cluster grew (or with replicas = 1) keep their count.
-        advice = replicas.advice(await replicas.assets(nc), copies, size)
-        if advice:
-            log.warning("%s", advice)
-        return cls(nc=nc, buckets=buckets, replicas=copies, replica_advice=advice,
-                   registry=registry, session_cache=cache, sessions=sessions,
-                   services=services, terminals=terminals)
-
-    async def stop(self) -> None:
-        await self.terminals.stop()
-        await self.services.stop()
-        await self.sessions.stop()
-        await self.session_cache.stop()
-        await self.registry.stop()
 
 
 class NotStarted(RuntimeError):
