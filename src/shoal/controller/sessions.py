@@ -20,6 +20,7 @@ from ..errors import (
     NoResponder,
     NotFoundError,
     RemoteTimeout,
+    ShoalError,
     Unavailable,
     ValidationError,
 )
@@ -309,7 +310,11 @@ class SessionService:
                                         trusted=trusted, placing=self._placing,
                                         now=time.time(), retention=self.retention)
         for action in actions:
-            await self._apply(action, records[action.id])
+            try:
+                await self._apply(action, records[action.id])
+            except ShoalError as e:  # one record's trouble does not hold up the others
+                log.warning("session %s: %s failed: %s", action.id,
+                            type(action).__name__.lower(), e)
 
     async def _apply(self, action: sessionreconcile.Action, record: m.SessionRecord) -> None:
         """Each action is a compare-and-set on what the record is now: one that has moved
