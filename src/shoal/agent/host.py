@@ -421,9 +421,8 @@ class AgentHost:
             if rec.node not in self.nodes or rec.state not in LIVE:
                 continue
             if rec.spec.restart != "never":  # a daemon: the scheduler starts it again
-                await self.store.move(rec.id, "pending", node="", pid=0, ports=[],
-                                      restarts=rec.restarts + 1,
-                                      reason=f"rescheduling: agent of {rec.node} restarted")
+                await self.store.reschedule(rec.id, f"agent of {rec.node} restarted",
+                                            on_node=rec.node, only_from=LIVE)
             else:
                 await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
 
