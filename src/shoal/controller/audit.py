@@ -8,7 +8,10 @@ Entries form a hash chain: each carries the SHA-256 of its own content and the h
 entry before it. Several controllers append to the same chain: each publishes with
 ``Nats-Expected-Last-Sequence`` set to the last sequence it knows, so JetStream refuses the
 write if another controller appended first; it then reloads the last entry and tries again.
-``verify`` walks the stream and names every entry that is missing (a gap in the sequence),
+Concurrent requests share the writes (group commit): the entries queued while one write is
+on the wire go together as one JetStream atomic batch, chained in order, stored all or none,
+the expected last sequence checked on the batch as a whole; each request still answers only
+once its own entry is stored. ``verify`` walks the stream and names every entry that is missing (a gap in the sequence),
 altered (its hash does not match) or out of chain. Retention (``audit_retention``) ages the
 oldest entries out; the chain is checked from the oldest one left.
 """
@@ -57,8 +60,11 @@ class Entry(msgspec.Struct, frozen=True):
     hash: str = ""
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def entry_hash(entry: Entry) -> str:
-    body = msgspec.json.encode(msgspec.structs.replace(entry, hash=""))
+    body = _encode(msgspec.structs.replace(entry, hash=""))
     return hashlib.sha256(body).hexdigest()
 
 
@@ -77,36 +83,76 @@ class AuditLog:
         self.js: JetStreamContext | None = None
         self._last: tuple[int, str] | None = None  # (stream's last sequence, its hash)
         self._lock = asyncio.Lock()
+        self._queue: list[tuple[Entry, asyncio.Future[None]]] = []
+        self._batches = False  # the server stores atomic batches (nats-server 2.12+)
 
     async def start(self, js: JetStreamContext, replicas: int, retention: float) -> None:
         self.js = js
-        await streams.ensure(js, STREAM, SUBJECT, replicas=replicas, max_age=retention)
+        self._batches = await streams.ensure(js, STREAM, SUBJECT, replicas=replicas,
+                                             max_age=retention)
 
     async def record(self, entry: Entry) -> None:
-        """Append ``entry`` to the chain; failures are logged, never raised (the request
-        it records has happened already)."""
+        """Append ``entry`` to the chain and return once it is stored; failures are logged,
+        never raised (the request it records has happened already)."""
         try:
             await self._append(msgspec.structs.replace(entry, controller=self.instance))
         except _FAILURES as e:
             log.error("audit entry for %s by %s not written: %r", entry.op, entry.user, e)
 
     async def _append(self, entry: Entry) -> None:
-        assert self.js is not None
+        """Group commit: the entries of concurrent requests queue up while one write is on
+        the wire, and the next writer stores all of them as one atomic batch (one chain
+        link each, two round trips in all). Each caller still returns only once its own
+        entry is stored, or with the error that kept it out."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((entry, done))
         async with self._lock:
-            for _ in range(ATTEMPTS):
-                if self._last is None:
-                    self._last = await self._load_last()
-                seq, prev = self._last
+            while not done.done():
+                batch = self._queue[:streams.BATCH_MAX]
+                del self._queue[:len(batch)]
+                try:
+                    await self._write([e for e, _ in batch])
+                except BaseException as e:
+                    for _, waiting in batch:
+                        if isinstance(e, asyncio.CancelledError):
+                            waiting.cancel()
+                        elif not waiting.done():
+                            waiting.set_exception(e)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                else:
+                    for _, waiting in batch:
+                        if not waiting.done():
+                            waiting.set_result(None)
+        await done
+
+    async def _write(self, entries: list[Entry]) -> None:
+        if not self._batches:  # an older server: one entry, one append
+            for entry in entries:
+                await self._write_chain([entry])
+            return
+        await self._write_chain(entries)
+
+    async def _write_chain(self, entries: list[Entry]) -> None:
+        """Chain ``entries`` after the last entry known and append them all, or none."""
+        assert self.js is not None
+        for _ in range(ATTEMPTS):
+            if self._last is None:
+                self._last = await self._load_last()
+            seq, prev = self._last
+            data = []
+            for entry in entries:
                 e = msgspec.structs.replace(entry, prev=prev)
                 e = msgspec.structs.replace(e, hash=entry_hash(e))
-                new = await streams.append_after(self.js, STREAM, SUBJECT,
-                                                 msgspec.json.encode(e), seq)
-                if new is None:  # another controller was first
-                    self._last = None
-                    continue
-                self._last = (new, e.hash)
-                return
-            raise ConflictError(f"audit: gave up after {ATTEMPTS} conflicting appends")
+                data.append(_encode(e))
+                prev = e.hash
+            new = await streams.append_batch(self.js, STREAM, SUBJECT, data, seq)
+            if new is None:  # another controller was first
+                self._last = None
+                continue
+            self._last = (new, prev)
+            return
+        raise ConflictError(f"audit: gave up after {ATTEMPTS} conflicting appends")
 
     async def _load_last(self) -> tuple[int, str]:
         assert self.js is not None
