@@ -11,9 +11,10 @@ write if another controller appended first; it then reloads the last entry and t
 Concurrent requests share the writes (group commit): the entries queued while one write is
 on the wire go together as one JetStream atomic batch, chained in order, stored all or none,
 the expected last sequence checked on the batch as a whole; each request still answers only
-once its own entry is stored. ``verify`` walks the stream and names every entry that is missing (a gap in the sequence),
-altered (its hash does not match) or out of chain. Retention (``audit_retention``) ages the
-oldest entries out; the chain is checked from the oldest one left.
+once its own entry is stored. ``verify`` walks the stream and names every entry that is
+missing (a gap in the sequence), altered (its hash does not match) or out of chain.
+Retention (``audit_retention``) ages the oldest entries out; the chain is checked from the
+oldest one left.
 """
 
 from __future__ import annotations
