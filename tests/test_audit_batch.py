@@ -104,3 +104,24 @@ def test_bursts_on_two_controllers_keep_one_chain(fleet: Fleet) -> None:
             await nc.close()
 
     assert asyncio.run(batched()) > 0
+
+
+def test_large_entries_go_in_several_batches(fleet: Fleet) -> None:
+    """40 concurrent creates whose entries hold a 250 KB shell line each (10 MB in all, over
+    the batch's byte budget): every one stored, the chain intact."""
+    shell = "true #" + "x" * 250_000
+
+    async def burst() -> list[str]:
+        async with Client(fleet.url, fleet.token, timeout=60) as client:
+            records = await asyncio.gather(*(
+                client.create_session({"shell": shell}) for _ in range(40)))
+        return [r.id for r in records]
+
+    created = set(asyncio.run(burst()))
+    assert len(created) == 40
+    r = fleet.shoal("audit", "--verify")
+    assert r.returncode == 0 and "intact" in r.stdout, r.stdout + r.stderr
+    r = fleet.shoal("audit", "--limit", "10000", "--json")
+    entries = [e for e in json.loads(r.stdout) if e["op"] == "sessions.create"
+               and e["targets"] and e["targets"][0] in created]
+    assert len(entries) == 40 and all(e["argv"] == [shell] for e in entries)

@@ -43,6 +43,7 @@ ATTEMPTS = 50
 # What an append can fail with: NATS away or slow, or too many controllers racing.
 _FAILURES: tuple[type[BaseException], ...] = (*NATS_ERRORS, ConflictError)
 MAX_SCAN = 1_000_000  # entries a query or verify walks at most
+BATCH_BYTES = 4 << 20  # entries (encoded) in one atomic batch at most
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -132,7 +133,17 @@ class AuditLog:
             for entry in entries:
                 await self._write_chain([entry])
             return
-        await self._write_chain(entries)
+        # Batches of at most BATCH_BYTES (an entry can hold a long argv), in order.
+        chunk: list[Entry] = []
+        size = 0
+        for entry in entries:
+            n = len(_encode(entry)) + 200  # and its two hashes
+            if chunk and size + n > BATCH_BYTES:
+                await self._write_chain(chunk)
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += n
+        await self._write_chain(chunk)
 
     async def _write_chain(self, entries: list[Entry]) -> None:
         """Chain ``entries`` after the last entry known and append them all, or none."""
