@@ -5,7 +5,6 @@ ends it; a burst over the fleet's capacity never overfills a node."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import Iterator
 
@@ -60,7 +59,6 @@ def test_a_kill_while_starting_ends_the_session(fleet: Fleet) -> None:
     assert not left, f"processes of killed sessions still run: {left[:5]}"
     for _, _, pid in ended:  # no stray `sleep 300` of these sessions either
         assert pid is None or not alive(pid)
-    os.sync()
 
 
 def test_a_burst_over_capacity_fills_the_nodes_and_no_more(fleet: Fleet) -> None:
