@@ -320,6 +320,7 @@ class Process:
                 if self._paused and not self._stop_asked:
                     deadline = time.monotonic() + DRAIN_LIMIT
                 elif time.monotonic() > deadline:
+                    waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
                     waiting.cancel()
                     return False
         return True
