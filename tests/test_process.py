@@ -18,7 +18,7 @@ import pytest
 
 from shoal.agent import cgroups, process
 from shoal.agent.cgroup_layout import Layout
-from shoal.agent.ledger import Ledger
+from shoal.agent.ledger import Ledger, reap_leftovers
 from shoal.agent.process import Ended, Launch, Process
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
@@ -78,7 +78,7 @@ def launch(argv: list[str], **kw: object) -> Launch:
     global _n
     _n += 1
     key = f"t{os.getpid()}-{_n}-{os.urandom(3).hex()}"
-    env = {**os.environ, "SHOAL_TEST_PROC": key}
+    env = {**os.environ, "SHOAL_TEST_PROC": key, "SHOAL_NODE": "n"}
     return Launch(argv, env, f"test {key}", marker=("SHOAL_TEST_PROC", key),
                   unit=f"n.t.{key}", **kw)  # type: ignore[arg-type]
 
@@ -243,9 +243,28 @@ async def test_state_is_what_the_ledger_holds_until_the_end(
     groups, _, dirs = ledger.entries()
     assert state.pid in groups
     assert set(state.cgroup) <= dirs and bool(state.cgroup) == (layout is not None)
+    # Without a cgroup the marker is kept: what escapes the group is found by it.
+    assert ledger.markers() == ({state.marker} if layout is None else set())
+    assert bool(state.marker) == (layout is None)
     await o.proc.stop(5.0)
     await o.proc.wait()
-    assert ledger.entries() == (set(), set(), set())
+    assert ledger.entries() == (set(), set(), set()) and ledger.markers() == set()
+
+
+async def test_the_next_agent_ends_what_escaped_the_group_from_the_ledger(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # As after a SIGKILLed agent: nothing of it ended the process, the ledger says what.
+    sleep = unique_sleep()
+    o = start(owned, launch(["sh", "-c", f"(setsid sleep {sleep} &); echo started; sleep 300"]),
+              ledger, layout)
+    await o.until_output("stdout", "started")
+    for _ in range(200):
+        if alive_with_arg(sleep):
+            break
+        await asyncio.sleep(0.02)
+    assert alive_with_arg(sleep)
+    assert await reap_leftovers(ledger, 1.0, layout) >= 1
+    assert alive_with_arg(sleep) == []
 
 
 # --------------------------------------------------------------------------- the end

@@ -86,10 +86,12 @@ class Launch:
 
 @dataclass(frozen=True)
 class State:
-    """What the ledger keeps of a started process (``+ pid``, ``c+ dir``)."""
+    """What the ledger keeps of a started process (``+ pid``, ``c+ dir``, and without a
+    cgroup ``e+ KEY=value``), for the next agent to end what a SIGKILLed one left."""
 
     pid: int
     cgroup: tuple[str, ...] = ()
+    marker: str = ""  # recorded only without a cgroup (the cgroup holds everything)
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,11 @@ class Process:
         except SpawnError:
             self._drop_unit(unit)
             raise
+        self.ledger.add(self.child.pid)
         if ln.marker is not None:
             self.child.marker = f"{ln.marker[0]}={ln.marker[1]}".encode()
-        self.ledger.add(self.child.pid)
+            if unit is None and self.child.marker.isascii() and b"\n" not in self.child.marker:
+                self.ledger.add_marker(self.child.marker.decode())
         loop = asyncio.get_running_loop()
         for stream, fd in self.child.out_fds.items():
             self._eof[stream] = asyncio.Event()
@@ -157,7 +161,9 @@ class Process:
     def state(self) -> State:
         assert self.child is not None
         unit = self.child.unit
-        return State(self.child.pid, tuple(unit.dirs) if unit is not None else ())
+        if unit is not None:
+            return State(self.child.pid, tuple(unit.dirs))
+        return State(self.child.pid, marker=self.child.marker.decode())
 
     @property
     def pid(self) -> int:
@@ -245,6 +251,8 @@ class Process:
         # and a thousand sessions ending together made that quadratic.
         self._drop_unit(child.unit, child.left_orphans)
         self.ledger.remove(child.pid)
+        if child.unit is None and child.marker:
+            self.ledger.remove_marker(child.marker.decode())
 
     # ------------------------------------------------------------------ cgroup
 
