@@ -15,6 +15,9 @@ The contract, in the style of JupyterHub's Spawner (docs/process-owner.md):
   the pipe": a setsid'd child holding the pty does not keep it alive;
 - ``state()`` is what the ledger records (agent/ledger.py) for the next agent to end what
   a SIGKILLed one left.
+
+(Over 400 lines: the contract, output, input and the end are one object's state, read
+together; the mechanism below it is agent/procs.py.)
 """
 
 from __future__ import annotations

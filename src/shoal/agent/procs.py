@@ -8,6 +8,9 @@ exit); without one, its process group and every process that still carries its m
 its environment (``escaped``: a setsid'd child that holds the pty). Never "EOF on the pipe":
 a background process that holds the pipe or pty open does not keep it alive. The owner of a
 started process, with its output, input and end, is agent/process.py.
+
+(Over 400 lines: fork/exec with its confinement steps and the signalling of everything a
+child started are one mechanism; splitting it would spread the order of the child's steps.)
 """
 
 from __future__ import annotations
