@@ -468,3 +468,25 @@ def test_cli_attach_replays_and_detaches(fleet: Fleet) -> None:
     finally:
         again.close()
     assert json.loads(fleet.shoal("session", "show", sid).stdout)["exit_code"] == 5
+
+
+async def test_input_to_a_session_that_is_not_reading_is_held_not_dropped(
+        client: Client, tmp_path: Path) -> None:
+    # More input than a pipe holds, sent while the process reads nothing: the agent holds
+    # it (bounded) and writes it as the process reads; none is lost, none reordered.
+    go = tmp_path / "go"
+    size = 512 << 10
+    rec = await wait_running(client, (await client.create_session(spec(
+        shell=f'while [ ! -e "{go}" ]; do sleep 0.05; done; head -c {size} | sha256sum',
+        stdin=True))).id)
+    data = b"".join(bytes([i]) * (32 << 10) for i in range(size // (32 << 10)))
+    async with client.attach(rec.id) as att:
+        for i in range(0, size, 32 << 10):
+            await att.send(data[i:i + (32 << 10)])
+        await asyncio.sleep(1.0)  # let it all reach the agent before the process reads
+        go.touch()
+        done = await client.wait(rec.id, timeout=30)
+    assert done.state == "exited" and done.exit_code == 0, done
+    out = b"".join([e.data async for e in client.logs(rec.id) if isinstance(e, LogChunk)])
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest(), out
+    await client.remove(rec.id)
