@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
+import psutil
 import pytest
 
-from fleet import SHOAL, Fleet, Terminal, processes_with_env, wait_for
+from fleet import SHOAL, Fleet, Terminal, wait_for
 
 
 def lines(text: str) -> list[str]:
@@ -179,12 +181,14 @@ def test_tty_program(fleet: Fleet) -> None:
 
 
 def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:
-    r = fleet.shoal("run", "--all", "--shell", "sleep 300 & echo started")
+    # A duration no other process on this machine uses: another fleet's sleeps don't count.
+    marker = f"300.{os.getpid()}{time.monotonic_ns() % 10**6:06d}"
+    r = fleet.shoal("run", "--all", "--shell", f"sleep {marker} & echo started")
     assert r.returncode == 0
     # The agent ends the whole process group once the leader exits and output is done.
     assert "started" in r.stdout
-    wait_for(lambda: not [p for p in processes_with_env("SHOAL_NODE", "node-1")
-                          if "sleep" in " ".join(p.info.get("cmdline") or [])])
+    wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                          if marker in (p.info.get("cmdline") or [])])
 
 
 def test_progress_bar_on_a_terminal(fleet: Fleet) -> None:
