@@ -3,7 +3,7 @@ policy on top of a ``Process``, which alone starts the command (argv, environmen
 ledger), reads its output with backpressure, feeds its input with backpressure, resizes its
 terminal and ends it.
 
-The contract, in the style of JupyterHub's Spawner (docs/process-owner.md):
+The contract, in the style of JupyterHub's Spawner (docs/architecture.md):
 
 - ``start()`` spawns, or raises SpawnError having left nothing behind;
 - ``poll()`` is None while the leader runs, else its exit status;
