@@ -1,6 +1,8 @@
-"""TLS built in: ``shoal up --tls`` gives a real fleet over HTTPS and mutual-TLS NATS. Runs,
-sessions and terminals work through it; a NATS client without a client certificate, and an
-HTTPS client without the fleet's CA, are refused with a clear error."""
+"""TLS built in: ``shoal up --tls`` gives a real fleet over HTTPS and mutual-TLS NATS; a NATS
+client without a client certificate, and an HTTPS client without the fleet's CA, are refused
+with a clear error. Runs, sessions, terminals and the browser pages work through it: the
+``@pytest.mark.tls`` tests of test_run, test_sessions, test_terminal_* and test_browser run a
+second time, [tls], against such a fleet (conftest.py)."""
 
 from __future__ import annotations
 
@@ -99,39 +101,6 @@ def test_up_writes_tls_configs(tls_fleet: Fleet) -> None:
     assert "TLS required for client connections" in (home / "nats" / "nats.log").read_text()
 
 
-def test_run_over_https_and_mutual_tls(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("run", "--all", "--", "echo", "hi")
-    assert r.returncode == 0, r.stderr
-    assert sorted(r.stdout.splitlines()) == ["node-1: hi", "node-2: hi"]
-
-
-def test_session_create_and_logs(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("session", "create", "--name", "tls-demo", "--", "echo", "over-tls")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    logs = tls_fleet.shoal("logs", "-f", sid, timeout=30)
-    assert logs.returncode == 0, logs.stderr
-    assert "over-tls" in logs.stdout
-    tls_fleet.shoal("session", "rm", sid)
-
-
-async def test_terminal_attach_over_https(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("session", "create", "--tty", "--", "cat")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    async with Client(tls_fleet.url, tls_fleet.token, ca=str(tls_fleet.ca)) as c:
-        seen = b""
-        async with c.attach(sid) as att:
-            await att.send(b"typed-over-tls\r")
-            async for item in att:
-                if isinstance(item, bytes):
-                    seen += item
-                    if seen.count(b"typed-over-tls") >= 2:  # the echo and cat's copy
-                        break
-        await c.kill(sid)
-    tls_fleet.shoal("session", "rm", sid)
-
-
 def test_agent_and_controller_from_their_configs(tls_fleet: Fleet) -> None:
     """What a real deployment runs: ``shoal agent`` and ``shoal controller`` reading
     agent.toml and controller.toml (their certificates) join the mutual-TLS NATS."""
@@ -226,75 +195,21 @@ def test_plain_http_to_the_https_port_gets_nothing(tls_fleet: Fleet) -> None:
 # ---------------------------------------------------------------------- the browser
 
 
-def _chromium(tls_fleet: Fleet, pin: bool) -> tuple[object, object]:
+def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> None:
+    """The control for test_browser.py's [tls] tests (their chromium trusts the test CA's
+    server key by its pin): without the pin, the same browser does not load the page."""
     from playwright.sync_api import sync_playwright
 
     from test_browser import ARGS, CHROMIUM
 
-    args = list(ARGS)
-    if pin:
-        # Chromium trusts exactly this key (the server certificate's SPKI), nothing else:
-        # not ignore_https_errors, which would accept any certificate at all.
-        spki = pki.spki_sha256((tls_fleet.home / "tls" / "server.pem").read_bytes())
-        args.append(f"--ignore-certificate-errors-spki-list={spki}")
-    pw = sync_playwright().start()
-    return pw, pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-
-
-def test_browser_logs_in_over_https(tls_fleet: Fleet) -> None:
-    pw, browser = _chromium(tls_fleet, pin=True)
-    try:
-        page = browser.new_page(bypass_csp=True)  # type: ignore[attr-defined]
-        page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-        assert page.url.startswith("https://") and "token" not in page.url
-        page.wait_for_function(
-            "window.shoalDashboard && window.shoalDashboard.nodes().length >= 2",
-            timeout=20000)
-        body = page.locator("body").inner_text()
-        assert "node-1" in body and "node-2" in body
-        cookie = next(c for c in page.context.cookies() if c["name"] == "shoal_login")
-        assert cookie["secure"]
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
-
-
-def test_browser_terminal_over_https(tls_fleet: Fleet) -> None:
-    """The terminal page's WebSocket is wss:// through the same pinned certificate."""
-    from test_browser import type_line, wait_text
-
-    r = tls_fleet.shoal("session", "create", "--name", "tls-term", "--tty", "--", "cat")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    pw, browser = _chromium(tls_fleet, pin=True)
-    try:
-        context = browser.new_context(bypass_csp=True)  # type: ignore[attr-defined]
-        page = context.new_page()
-        page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-        page.wait_for_function("window.shoalLogin && window.shoalLogin.csrf() !== ''",
-                               timeout=20000)
-        term = context.new_page()
-        term.goto(f"{tls_fleet.url}/t/{sid}")
-        term.wait_for_function("window.shoalTerm && window.shoalTerm.state() === 'connected'",
-                               timeout=20000)
-        type_line(term, "over-tls")
-        wait_text(term, "over-tls\nover-tls")
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
-        tls_fleet.shoal("session", "rm", sid)
-
-
-def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> None:
-    """The control for the test above: the same browser without the pin does not load."""
-    pw, browser = _chromium(tls_fleet, pin=False)
-    try:
-        page = browser.new_page()  # type: ignore[attr-defined]
-        with pytest.raises(Exception, match="ERR_CERT"):
-            page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            with pytest.raises(Exception, match="ERR_CERT"):
+                page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
+        finally:
+            browser.close()
 
 
 def test_shoal_home_keys_are_not_readable_by_others(tls_fleet: Fleet) -> None:
