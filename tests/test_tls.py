@@ -215,3 +215,66 @@ def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> No
 def test_shoal_home_keys_are_not_readable_by_others(tls_fleet: Fleet) -> None:
     for f in (tls_fleet.home / "tls").iterdir():
         assert not os.stat(f).st_mode & 0o077, f
+
+
+# ---------------------------------------------------------------------- a TLS NATS cluster
+
+
+async def test_a_tls_cluster_routes_over_tls_only(tmp_path: Path) -> None:
+    """``shoal up --tls --nats-cluster 3``: the routes between the servers are mutual TLS
+    with the fleet's certificates; the cluster forms (a replicated bucket takes writes on
+    a meta leader's say) and a plain-text route connection is refused, even with the route
+    password."""
+    import socket
+
+    from shoal.config import ControllerConfig, load
+    from shoal.natsio import bus
+
+    f = Fleet(tmp_path / "home", agents=1, extra_args=("--nats-cluster", "3"), tls=True).start()
+    try:
+        confs = [json.loads((d / "nats.conf").read_text())
+                 for d in sorted((f.home / "nats-cluster").iterdir()) if d.is_dir()]
+        assert len(confs) == 3
+        for conf in confs:
+            assert conf["cluster"]["tls"]["verify"] is True
+            assert conf["cluster"]["tls"]["ca_file"] == str(f.ca)
+        r = f.shoal("run", "-n", "node-1", "--", "echo", "through-the-cluster")
+        assert (r.returncode, r.stdout) == (0, "node-1: through-the-cluster\n"), r.stderr
+        nc = await bus.connect(load(ControllerConfig, f.home / "controller.toml").nats, "test")
+        try:
+            js = nc.jetstream()
+            from nats.js.api import KeyValueConfig
+
+            kv = await js.create_key_value(config=KeyValueConfig(bucket="tls-r3", replicas=3))
+            await kv.put("k", b"over routes")
+            assert (await kv.get("k")).value == b"over routes"
+            for _ in range(100):  # the followers catch up on their own time
+                info = await js.stream_info("KV_tls-r3")
+                assert info.cluster is not None and info.cluster.leader
+                assert len(info.cluster.replicas or []) == 2
+                if all(p.current for p in info.cluster.replicas or []):
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"the replicas never caught up: {info.cluster}")
+        finally:
+            await nc.close()
+        # A route dialled in plain text, with the right route user and password.
+        cluster = confs[0]["cluster"]
+        user, password = cluster["authorization"]["user"], cluster["authorization"]["password"]
+        with socket.create_connection(("127.0.0.1", cluster["port"]), timeout=20) as s:
+            s.sendall(b'CONNECT {"user":"%s","pass":"%s","name":"rogue","cluster":"%s"}\r\n'
+                      b'PING\r\n' % (user.encode(), password.encode(), cluster["name"].encode()))
+            got = b""
+            try:
+                while chunk := s.recv(4096):
+                    got += chunk
+            except (ConnectionResetError, TimeoutError):
+                pass
+        # The server speaks TLS first on its routes: no INFO, no PONG in plain text.
+        assert b"INFO" not in got and b"PONG" not in got, got
+        wait_for(lambda: "Router connection closed: TLS Handshake Failure" in
+                 (f.home / "nats-cluster" / "n1" / "nats.log").read_text(), timeout=20)
+        assert "rogue" not in (f.shoal("nodes").stdout)
+    finally:
+        f.stop()
