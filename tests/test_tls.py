@@ -70,6 +70,20 @@ def test_fleet_files_are_private_and_reused(tmp_path: Path) -> None:
     wider = pki.fleet_pki(d, pki.server_names(["ctl.example.com"]), ("agent",))
     assert wider.ca.read_bytes() == ca, "the CA clients trust stays"
     assert pki.still_good(wider.server_cert.read_bytes(), ca, ("ctl.example.com",))
+    # A servers' certificate from before NATS routes used it to dial (server use only) is
+    # made again: a clustered nats-server shows it as a client.
+    old = pki.make_cert(pki.Pem(ca, (d / "ca-key.pem").read_bytes()), "server",
+                        sans=pki.server_names(), server=True)
+    wider.server_cert.write_bytes(old.cert)
+    wider.server_key.write_bytes(old.key)
+    again = pki.fleet_pki(d, pki.server_names(), ("agent",))
+    assert again.server_cert.read_bytes() != old.cert
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    eku = x509.load_pem_x509_certificate(again.server_cert.read_bytes()).extensions \
+        .get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
 def test_nats_config_verifies_client_certificates() -> None:
