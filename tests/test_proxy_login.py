@@ -17,13 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from fleet import Fleet
 from shoal.config import ControllerConfig
 from shoal.controller.proxyauth import ProxyAuth
 from shoal.errors import ConfigError
-from test_browser import ARGS, CHROMIUM
+from test_browser import browser  # noqa: F401 - the fixture: the same chromium
 
 HEADER = "X-Remote-User"
 PROXY_ADDRESS = "127.0.0.2"
@@ -178,7 +178,7 @@ async def test_a_proxy_user_gets_the_configured_scopes(fleet: Fleet, controller_
 
 
 def test_the_browser_logs_in_through_the_proxy(fleet: Fleet, proxy: AuthProxy,
-                                               browser: Browser) -> None:
+                                               browser: Browser) -> None:  # noqa: F811
     """The dashboard shows the proxy's user with her configured scopes; what she does is
     audited as hers."""
     proxy.user = "carol"
@@ -210,13 +210,3 @@ def test_settings_that_cannot_work_are_clear_errors() -> None:
         ProxyAuth.from_config(ControllerConfig(
             token="t", proxy_user_header=HEADER, trusted_proxies=[PROXY_ADDRESS],
             proxy_users={"bob": ["nonsense"]}))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
