@@ -149,6 +149,8 @@ def assert_coherent(stored: list[tuple[int, bytes]], truth: Path) -> None:
             continue
         assert data.endswith(b"\n"), f"attempt {n} ends in a cut line: {data[-40:]!r}"
         pids = {line.partition("-")[0] for line in lines}
+        strange = [line for line in lines if line.partition("-")[0] not in written]
+        assert not strange, f"attempt {n} holds lines no copy wrote (spliced): {strange[:3]}"
         # One attempt may hold several pids (restarts on one node) but never interleaved.
         for pid in pids:
             mine = [line for line in lines if line.startswith(pid + "-")]
