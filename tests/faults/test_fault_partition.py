@@ -51,7 +51,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, iproute2 and nsenter for a network namespace")
 
 NODE = "part-1"
-BOUND = 40.0  # seconds any one step may take (TTL 4 s, three of them to self-fence: margin)
+BOUND = 40.0  # seconds any one step may take: a TTL or three (self-fencing), with margin
 
 
 @dataclass
