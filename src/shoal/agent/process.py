@@ -134,6 +134,28 @@ class Process:
 
     def start(self) -> int:
         """Spawn; returns the pid. Raises SpawnError, with no cgroup or ledger entry left."""
+        self._spawn()
+        return self._watch()
+
+    async def start_off_loop(self) -> int:
+        """``start``, with the cgroup made and the child spawned in a worker thread when
+        nothing runs in the child before exec (``procs.vforks``): the event loop goes on
+        answering while the kernel makes the cgroup and the child execs."""
+        if procs.vforks(self.launch.run_as, self.launch.tty):
+            spawning = asyncio.ensure_future(asyncio.to_thread(self._spawn))
+            try:
+                await asyncio.shield(spawning)
+            except asyncio.CancelledError:
+                # The thread goes on: wait for it, so that close() finds what it started.
+                await asyncio.wait({spawning})
+                if not spawning.cancelled():
+                    spawning.exception()  # retrieved: the cancellation is what we raise
+                raise
+        else:
+            self._spawn()
+        return self._watch()
+
+    def _spawn(self) -> None:
         ln = self.launch
         unit = self._make_unit()
         run_as = ln.run_as or RunAs()
@@ -151,6 +173,9 @@ class Process:
             self.child.marker = f"{ln.marker[0]}={ln.marker[1]}".encode()
             if unit is None and self.child.marker.isascii() and b"\n" not in self.child.marker:
                 self.ledger.add_marker(self.child.marker.decode())
+
+    def _watch(self) -> int:
+        assert self.child is not None
         loop = asyncio.get_running_loop()
         for stream, fd in self.child.out_fds.items():
             self._eof[stream] = asyncio.Event()

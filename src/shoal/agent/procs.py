@@ -28,6 +28,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ from .cgroups import Unit
 log = logging.getLogger(__name__)
 
 _leaders: set[int] = set()  # children we spawned and wait on ourselves (never reaped for us)
+# Held from fork until the child is in _leaders (spawns may run in worker threads), and by
+# reap_orphans: it never reaps a child that is ours but not listed yet.
+_spawning = threading.Lock()
 PIPE_SIZE = 1 << 20  # a bigger pipe means fewer, larger reads under heavy output
 _F_SETPIPE_SZ = 1031
 
@@ -255,12 +259,13 @@ def spawn(
         argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
     extra = _popen_extras(run_as, tty, cwd)
     try:
-        if tty:
-            child = _spawn_pty(argv, env, cwd, cols, rows, extra)
-        else:
-            child = _spawn_pipes(argv, env, cwd, stdin, extra)
+        with _spawning:
+            if tty:
+                child = _spawn_pty(argv, env, cwd, cols, rows, extra)
+            else:
+                child = _spawn_pipes(argv, env, cwd, stdin, extra)
+            _leaders.add(child.pid)
         child.unit = run_as.unit if run_as is not None else None
-        _leaders.add(child.pid)
         return child
     except subprocess.SubprocessError as e:  # a confinement step failed in the child
         raise SpawnError(f"cannot confine {argv[0]}: {e}", 126) from e
@@ -276,6 +281,13 @@ def spawn(
         if e.errno == errno.ENOEXEC:
             raise SpawnError(f"cannot execute {argv[0]}: exec format error", 126) from e
         raise SpawnError(f"cannot start {argv[0]}: {e.strerror}", 126) from e
+
+
+def vforks(run_as: RunAs | None, tty: bool) -> bool:
+    """Whether nothing runs in the child before exec (Popen can vfork): such a child holds
+    no parent-death signal bound to the spawning thread, so it may be spawned from a worker
+    thread (the GIL is released while vfork waits for the exec)."""
+    return not _child_steps(run_as, tty, None)
 
 
 def _popen_extras(run_as: RunAs | None, tty: bool, cwd: str | None) -> dict[str, Any]:
@@ -486,7 +498,10 @@ def reap_orphans(marker: str) -> int:
                 with open(f"/proc/{pid}/cgroup") as f:
                     if marker not in f.read():
                         continue
-                os.waitpid(pid, os.WNOHANG)
+                with _spawning:
+                    if pid in _leaders:  # spawned a moment ago by a worker thread
+                        continue
+                    os.waitpid(pid, os.WNOHANG)
                 n += 1
             except (OSError, IndexError):
                 continue

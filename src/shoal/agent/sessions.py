@@ -157,7 +157,7 @@ class Session:
             while True:
                 started = time.monotonic()
                 try:
-                    self._spawn()
+                    await self._spawn()
                 except SpawnError as e:
                     await self._finish("failed", reason=str(e), exit_code=e.code)
                     return
@@ -203,7 +203,7 @@ class Session:
         finally:
             watchdog.cancel()
 
-    def _spawn(self) -> None:
+    async def _spawn(self) -> None:
         spec = self.spec
         argv = command_argv(spec.shell, spec.command)
         user = self.user
@@ -236,7 +236,9 @@ class Session:
                         limits=limits)
         self.proc = Process(launch, self.mgr.ledger, self.mgr.layout, self._on_output,
                             read_size=self.read_size)
-        self.proc.start()
+        await self.proc.start_off_loop()  # a burst of creates is answered meanwhile
+        if self.kill_reason:  # ended while it was starting
+            self._stop()
 
     def _confinement(self, limits: m.Limits) -> RunAs:
         """Who the process runs as and the limits its cgroup does not set."""
@@ -342,6 +344,9 @@ class Session:
         self.kill_reason = reason
         self.reschedule = reschedule and self.spec.restart != "never"
         self._wake.set()
+        self._stop()
+
+    def _stop(self) -> None:
         if self.proc is not None:
             self.proc.stop_soon(self.mgr.grace, first=self._stop_container
                                 if self.container is not None else None)
