@@ -56,8 +56,9 @@ async def append_batch(js: JetStreamContext, name: str, subject: str, items: lis
     """Append ``items`` (at most BATCH_MAX) as one JetStream atomic batch, all stored or none,
     if the stream's last sequence is still ``last``: the sequence of the last item, the
     others right before it; None if another writer appended first (nothing was stored).
-    Two round trips whatever the count: the batch's start and its commit (the items between
-    are sent without waiting). Only on a stream ``ensure`` found allows atomic batches."""
+    One round trip whatever the count: everything is sent, then the answers to the batch's
+    start and to its commit are read. Only on a stream ``ensure`` found allows atomic
+    batches."""
     if len(items) == 1:
         return await append_after(js, name, subject, items[0], last)
     assert 1 < len(items) <= BATCH_MAX
@@ -68,15 +69,25 @@ async def append_batch(js: JetStreamContext, name: str, subject: str, items: lis
     def headers(seq: int) -> dict[str, str]:
         return {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(seq)}
 
-    # The start is a request: a server or stream that refuses batches says so at once.
-    first = await nc.request(subject, items[0], timeout=timeout, headers={
-        **headers(1), "Nats-Expected-Stream": name, "Nats-Expected-Last-Sequence": str(last)})
-    if first.data:
-        _raise_api_error(first.data)
-    for seq, data in enumerate(items[1:-1], start=2):
-        await nc.publish(subject, data, headers=headers(seq))
-    commit = await nc.request(subject, items[-1], timeout=timeout, headers={
-        **headers(len(items)), "Nats-Batch-Commit": "1", "Nats-Expected-Stream": name})
+    # One inbox for the start's answer (empty, or an error) and the commit's (the ack), both
+    # awaited once everything is sent: one round trip. The server handles our messages in
+    # the order sent, so the start is known before the rest arrives.
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=2)
+    try:
+        await nc.publish(subject, items[0], reply=inbox, headers={
+            **headers(1), "Nats-Expected-Stream": name,
+            "Nats-Expected-Last-Sequence": str(last)})
+        for seq, data in enumerate(items[1:-1], start=2):
+            await nc.publish(subject, data, headers=headers(seq))
+        await nc.publish(subject, items[-1], reply=inbox, headers={
+            **headers(len(items)), "Nats-Batch-Commit": "1", "Nats-Expected-Stream": name})
+        first = await sub.next_msg(timeout)
+        if first.data:  # the start was refused: its error says why (batches off, ...)
+            _raise_api_error(first.data)
+        commit = await sub.next_msg(timeout)
+    finally:
+        await sub.unsubscribe()
     answer = json.loads(commit.data)
     if "error" in answer:
         if answer["error"].get("err_code") == WRONG_LAST_SEQUENCE:
