@@ -572,13 +572,19 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         rows.append(Row("session-create", TOOL, 0, status="failed", note=str(exc)[:400]))
 
 
-# What the burst measured before agents handled session requests concurrently (for the table's
-# notes, so the new row reads next to it).
+# What the burst measured before (for the table's notes, so the new row reads next to it).
 BURST_BEFORE = (
     "Before (issue 12, same workload): p50 2.2 s, p99 3.8 s on a quiet machine; on this one, "
     "loaded by other work (load ~7), p50 2.8-4.1 s, p99 10.3-10.6 s, and 33-151 of the 500 "
     "ended `failed: no node has room (node timed out)`: each agent answered the starts of a "
-    "node one at a time."
+    "node one at a time. Once agents answered starts concurrently: p50 0.79 s, p99 0.81 s, "
+    "612 creates/s (load 5.4; earlier runs p99 0.73-1.36 s). Then each request's audit entry "
+    "waited its turn for its own publish-and-ack, and each session's process was spawned on "
+    "the event loop the controller shares in `shoal up`; now the entries of concurrent "
+    "requests are stored as one atomic batch and the spawns run in worker threads "
+    "(docs/scale.md). Back to back, 3 runs each at load 3-5: before p50 1.04-3.40 s, p99 "
+    "1.10-3.50 s (medians 2.51 / 2.61 s); after p50 0.50-0.81 s, p99 0.52-0.86 s (medians "
+    "0.61 / 0.67 s); at load ~1.7, p99 0.47, 0.51, 0.55 s."
 )
 
 COLUMNS = (

@@ -47,6 +47,8 @@ from .tokens_api import add_token_routes
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (capped by somaxconn)
+
 
 class NotStarted(RuntimeError):
     """A connected part of the controller was asked for before ``start()``."""
@@ -147,8 +149,11 @@ class Controller:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         self._running.append(self.runner.cleanup)
+        # A burst of new connections (hundreds of clients at once) waits in the kernel's
+        # accept queue while the loop is busy; past aiohttp's default of 128 the kernel
+        # drops SYNs, and each dropped client retries only a second later.
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True,
-                           ssl_context=self.ssl)
+                           ssl_context=self.ssl, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as e:
