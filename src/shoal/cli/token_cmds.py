@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import ShoalError
-from .main import arun, client_from, fail, main
+from .main import checking, fail, main, with_client
+from .options import json_option, print_json
+
+if TYPE_CHECKING:
+    from ..client.sync import SyncClient
 
 
 def _when(t: float) -> str:
@@ -23,17 +26,13 @@ def token() -> None:
 
 
 @token.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def token_list(ctx: click.Context, as_json: bool) -> None:
+@json_option("The tokens' records as a JSON list.")
+@with_client
+def token_list(client: SyncClient, as_json: bool) -> None:
     """The tokens (never the tokens themselves: only their ids)."""
-    async def go() -> list[dict[str, Any]]:
-        async with client_from(ctx) as client:
-            return await client.tokens()
-
-    rows = arun(go())
+    rows = client.tokens()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     click.echo(f"{'ID':<14} {'USER':<16} {'EXPIRES':<20} SCOPES")
     for r in rows:
@@ -49,27 +48,20 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
                    "(repeatable).")
 @click.option("--expires", default="30d", show_default=True,
               help="Lifetime: 30d, 12h, 90m, 3600s, or never.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def token_create(ctx: click.Context, user: str, scope_list: tuple[str, ...], expires: str,
+@json_option("The new token's record, the token in it, as JSON.")
+@with_client
+def token_create(client: SyncClient, user: str, scope_list: tuple[str, ...], expires: str,
                  as_json: bool) -> None:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
 
-    try:
+    with checking("token"):
         lifetime = parse_lifetime(expires)
         parse_grants(scope_list)  # say what is wrong before asking the controller
-    except ShoalError as e:
-        fail(e.message, 2)
-
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.create_token(user, list(scope_list), lifetime)
-
-    made = arun(go())
+    made = client.create_token(user, list(scope_list), lifetime)
     if as_json:
-        click.echo(json.dumps(made, indent=2))
+        print_json(made)
         return
     click.echo(made["token"])
     click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
@@ -78,27 +70,27 @@ def token_create(ctx: click.Context, user: str, scope_list: tuple[str, ...], exp
 
 @token.command("revoke")
 @click.argument("token_id")
-@click.pass_context
-def token_revoke(ctx: click.Context, token_id: str) -> None:
+@json_option("The revoked token's record as JSON.")
+@with_client
+def token_revoke(client: SyncClient, token_id: str, as_json: bool) -> None:
     """Revoke a token: every controller refuses it within a second."""
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.revoke_token(token_id)
-
-    gone = arun(go())
-    click.echo(f"revoked {gone['id']} ({gone['user']})")
+    gone = client.revoke_token(token_id)
+    if as_json:
+        print_json(gone)
+    else:
+        click.echo(f"revoked {gone['id']} ({gone['user']})")
 
 
 @main.command()
-@click.pass_context
-def whoami(ctx: click.Context) -> None:
+@json_option("The user, token id and scopes as JSON.")
+@with_client
+def whoami(client: SyncClient, as_json: bool) -> None:
     """The user and scopes of the token in use."""
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.whoami()
-
-    me = arun(go())
-    click.echo(f"{me['user']} (token {me['token']}): {' '.join(me['scopes'])}")
+    me = client.whoami()
+    if as_json:
+        print_json(me)
+    else:
+        click.echo(f"{me['user']} (token {me['token']}): {' '.join(me['scopes'])}")
 
 
 def parse_since(text: str) -> float:
@@ -129,35 +121,29 @@ def parse_since(text: str) -> float:
 @click.option("--since", default=None, help="From this time: 1h, 2d, a Unix time, an ISO date.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def audit(ctx: click.Context, user: str | None, since: str | None, limit: int, verify: bool,
+@json_option("The entries (or with --verify the verdict) as JSON.")
+@with_client
+def audit(client: SyncClient, user: str | None, since: str | None, limit: int, verify: bool,
           as_json: bool) -> None:
     """Who did what: the audit trail (needs the admin scope)."""
     since_t = parse_since(since) if since else None
-
-    async def go() -> Any:
-        async with client_from(ctx) as client:
-            if verify:
-                return await client.verify_audit()
-            return await client.audit(user, since_t, limit)
-
-    found = arun(go())
     if verify:
+        verdict = client.verify_audit()
         if as_json:
-            click.echo(json.dumps(found, indent=2))
-        for p in found["problems"]:
+            print_json(verdict)
+        for p in verdict["problems"]:
             click.echo(f"audit: {p['what']}", err=True)
-        if found["problems"]:
-            fail(f"the audit trail is broken ({len(found['problems'])} problem(s) in "
-                 f"{found['entries']} entries)")
+        if verdict["problems"]:
+            fail(f"the audit trail is broken ({len(verdict['problems'])} problem(s) in "
+                 f"{verdict['entries']} entries)")
         if not as_json:
-            click.echo(f"audit trail intact: {found['entries']} entries chained")
+            click.echo(f"audit trail intact: {verdict['entries']} entries chained")
         return
+    entries = client.audit(user, since_t, limit)
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        print_json(entries)
         return
-    for e in found:
+    for e in entries:
         what = " ".join(e["argv"]) if e.get("argv") else ""
         click.echo(f"{_when(e['time'])}  {e['user']:<12} {e['source']:<15} {e['op']:<16} "
                    f"{','.join(e['targets']) or '-':<20} {e['result']}  {what}")
