@@ -3,8 +3,10 @@ each on an event loop of its own until a signal ends it."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -12,6 +14,25 @@ import msgspec
 from .. import config as c
 from .main import arun, fail, main, setup_logging
 from .options import labels_option
+
+R = TypeVar("R")
+
+def _nats_options(f: Callable[..., R]) -> Callable[..., R]:
+    """``--nats``, ``--nats-user``, ``--nats-password``, ``--nats-creds``: the command gets
+    them as ``nats``, the flags of the config's ``[nats]`` table."""
+    @functools.wraps(f)
+    def command(*args: Any, nats_url: str | None, nats_user: str | None,
+                nats_password: str | None, nats_creds: str | None, **kwargs: Any) -> R:
+        return f(*args, nats={"url": nats_url, "user": nats_user, "password": nats_password,
+                              "creds": nats_creds}, **kwargs)
+    for opt in reversed([
+        click.option("--nats", "nats_url", help="NATS URL."),
+        click.option("--nats-user", help="NATS user."),
+        click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD)."),
+        click.option("--nats-creds", type=click.Path(), help="NATS .creds file."),
+    ]):
+        command = opt(command)
+    return command
 
 
 @main.command()
@@ -68,10 +89,7 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
 @click.option("--name", help="Node name (default: the hostname).")
 @labels_option("-l", "--label", help="key=value label (repeatable).")
 @click.option("--capacity", type=click.IntRange(0, 100000), help="Sessions this node takes.")
-@click.option("--nats", "nats_url", help="NATS URL.")
-@click.option("--nats-user", help="NATS user.")
-@click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
-@click.option("--nats-creds", type=click.Path(), help="NATS .creds file.")
+@_nats_options
 @click.option("--address", help="Address clients use to reach this node's ports.")
 @click.option("--virtual", type=click.IntRange(1, 100000), default=None,
               help="Run N logical nodes in this process (PREFIX1..PREFIXN).")
@@ -79,8 +97,7 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def agent(ctx: click.Context, config_path: Path | None, name: str | None,
-          labels: dict[str, str], capacity: int | None, nats_url: str | None,
-          nats_user: str | None, nats_password: str | None, nats_creds: str | None,
+          labels: dict[str, str], capacity: int | None, nats: dict[str, str | None],
           address: str | None, virtual: int | None, prefix: str, verbose: bool) -> None:
     """Run an agent: this machine (or N virtual nodes) joins the fleet.
 
@@ -93,8 +110,7 @@ def agent(ctx: click.Context, config_path: Path | None, name: str | None,
     flags: dict[str, Any] = {
         "name": name, "capacity": capacity, "address": address,
         "labels": labels or None,  # none given: the file's
-        "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
-                 "creds": nats_creds},
+        "nats": nats,
     }
     cfg = c.load(c.AgentConfig, config_path or c.shoal_home() / "agent.toml", flags)
     names = virtual_names(prefix, virtual) if virtual else [cfg.name or c.default_node_name()]
@@ -120,17 +136,13 @@ def _check_names(names: list[str]) -> None:
 @click.option("--services-port", type=click.IntRange(0, 65535),
               help="Port of the services listener, /s/NAME/ (default: --port + 1; 0: any "
                    "free).")
-@click.option("--nats", "nats_url", help="NATS URL.")
-@click.option("--nats-user", help="NATS user.")
-@click.option("--nats-password", help="NATS password (prefer SHOAL_NATS_PASSWORD).")
-@click.option("--nats-creds", type=click.Path(), help="NATS .creds file.")
+@_nats_options
 @click.option("--public-terminals", is_flag=True, default=None,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default=None, help="Send /terminal visitors here when full.")
 @click.option("-v", "--verbose", is_flag=True)
 def controller(config_path: Path | None, host: str | None, port: int | None,
-               services_port: int | None, nats_url: str | None, nats_user: str | None,
-               nats_password: str | None, nats_creds: str | None,
+               services_port: int | None, nats: dict[str, str | None],
                public_terminals: bool | None, parking_url: str | None, verbose: bool) -> None:
     """Run a controller (HTTP API, web UI, scheduler). Stateless: run as many as you like."""
     from ..controller.server import run_controller
@@ -140,8 +152,7 @@ def controller(config_path: Path | None, host: str | None, port: int | None,
         "host": host, "port": port, "services_port": services_port,
         "public_terminals": public_terminals,
         "terminal_parking_url": parking_url,
-        "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
-                 "creds": nats_creds},
+        "nats": nats,
     }
     cfg = c.load(c.ControllerConfig, config_path or c.shoal_home() / "controller.toml", flags)
     arun(run_controller(cfg))

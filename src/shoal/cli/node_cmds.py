@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import click
 
 from .main import main, with_client
-from .options import json_option, print_json
+from .options import json_option, print_json, prints_record
 
 if TYPE_CHECKING:
     from ..client.sync import SyncClient
+    from ..wire.messages import NodeInfo
 
 
 @main.group(invoke_without_command=True)
@@ -65,11 +66,11 @@ def _list(client: SyncClient, as_json: bool, summary: bool, all_: bool,
 
 @nodes.command("show")
 @click.argument("name")
-@json_option("The same: the node's record is JSON either way.")
+@prints_record(print_json, "The same: the node's record is JSON either way.")
 @with_client
-def nodes_show(client: SyncClient, name: str, as_json: bool) -> None:
+def nodes_show(client: SyncClient, name: str) -> NodeInfo:
     """Show one node as JSON."""
-    print_json(client.node(name))
+    return client.node(name)
 
 
 @nodes.command("drain")

@@ -8,6 +8,7 @@ FOO`` is, never sent without the variable.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,6 +42,23 @@ def labels_option(*decls: str, dest: str = "labels",
 
 def json_option(help: str = "The record as JSON.") -> Callable[[F], F]:
     return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def prints_record(human: Callable[[Any], None] | None = None,
+                  help: str = "The record as JSON.") -> Callable[[Callable[..., Any]],
+                                                                 Callable[..., None]]:
+    """``--json`` for a command that returns what it printed: with ``--json`` that record
+    is printed as JSON, else ``human`` prints it (None: nothing)."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., None]:
+        @functools.wraps(f)
+        def command(*args: Any, as_json: bool, **kwargs: Any) -> None:
+            record = f(*args, **kwargs)
+            if as_json:
+                print_json(record)
+            elif human is not None:
+                human(record)
+        return json_option(help)(command)
+    return decorate
 
 
 def print_json(record: Any) -> None:

@@ -10,7 +10,7 @@ import msgspec
 
 from ..wire import servicetypes as st
 from .main import checking, fail, main, with_client
-from .options import env_option, json_option, labels_option, print_json
+from .options import env_option, json_option, labels_option, print_json, prints_record
 from .tables import print_table
 
 if TYPE_CHECKING:
@@ -69,13 +69,13 @@ def service() -> None:
 @labels_option("-s", "--selector", dest="selector",
                help="Only nodes with this key=value label (repeatable).")
 @labels_option("-l", "--label", help="key=value on each replica (repeatable).")
-@json_option("The service as JSON instead of its URL.")
+@prints_record(lambda view: click.echo(view.url), "The service as JSON instead of its URL.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @with_client
 def create(client: SyncClient, name: str, replicas: int, check: str, interval: float,
            check_timeout: float, rise: int, fall: int, proxy: bool, drain_deadline: float,
            shell: str | None, env: dict[str, str], cwd: str | None, selector: dict[str, str],
-           labels: dict[str, str], as_json: bool, argv: tuple[str, ...]) -> None:
+           labels: dict[str, str], argv: tuple[str, ...]) -> st.ServiceView:
     """Create a service: shoal service create web --replicas 3 -- python3 -m http.server
 
     Options go before `--`, the command after it. Each replica gets its port in $PORT and
@@ -92,48 +92,35 @@ def create(client: SyncClient, name: str, replicas: int, check: str, interval: f
             "env": env, "cwd": cwd, "selector": selector, "labels": labels,
         }, st.ServiceSpec)
         st.validate(spec)
-    view = client.create_service(spec)
-    if as_json:
-        print_json(view)
-    else:
-        click.echo(view.url)
+    return client.create_service(spec)
 
 
 @service.command("list")
-@json_option("The services as a JSON list.")
+@prints_record(lambda views: print_table(SERVICE_COLUMNS, map(_service_row, views)),
+               "The services as a JSON list.")
 @with_client
-def list_(client: SyncClient, as_json: bool) -> None:
+def list_(client: SyncClient) -> list[st.ServiceView]:
     """List services."""
-    views = client.services()
-    if as_json:
-        print_json(views)
-    else:
-        print_table(SERVICE_COLUMNS, map(_service_row, views))
+    return client.services()
 
 
 @service.command("show")
 @click.argument("name")
-@json_option("The service and its replicas as JSON.")
+@prints_record(_print_replicas, "The service and its replicas as JSON.")
 @with_client
-def show(client: SyncClient, name: str, as_json: bool) -> None:
+def show(client: SyncClient, name: str) -> st.ServiceView:
     """Show a service and the health, latency and load of each replica."""
-    view = client.service(name)
-    if as_json:
-        print_json(view)
-    else:
-        _print_replicas(view)
+    return client.service(name)
 
 
 @service.command("scale")
 @click.argument("name")
 @click.argument("replicas", type=click.IntRange(0, 1000))
-@json_option("The service as JSON.")
+@prints_record(help="The service as JSON.")
 @with_client
-def scale(client: SyncClient, name: str, replicas: int, as_json: bool) -> None:
+def scale(client: SyncClient, name: str, replicas: int) -> st.ServiceView:
     """Set the number of replicas (extra ones are drained first)."""
-    view = client.scale_service(name, replicas)
-    if as_json:
-        print_json(view)
+    return client.scale_service(name, replicas)
 
 
 @service.command("drain")
@@ -142,14 +129,12 @@ def scale(client: SyncClient, name: str, replicas: int, as_json: bool) -> None:
 @click.option("--deadline", type=click.FloatRange(0, 86400),
               help="Seconds in-flight requests may take (default: the service's).")
 @click.option("--wait", is_flag=True, help="Return when the drained replicas have ended.")
-@json_option("The service as JSON.")
+@prints_record(help="The service as JSON.")
 @with_client
 def drain(client: SyncClient, name: str, replica: str | None, deadline: float | None,
-          wait: bool, as_json: bool) -> None:
+          wait: bool) -> st.ServiceView:
     """Stop new clients at once; let requests in flight finish; then end the replicas."""
-    view = client.drain_service(name, replica, deadline, wait)
-    if as_json:
-        print_json(view)
+    return client.drain_service(name, replica, deadline, wait)
 
 
 @service.command("rm")

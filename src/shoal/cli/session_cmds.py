@@ -17,7 +17,7 @@ from ..errors import Unavailable
 from ..logic.lines import LineSplitter
 from ..wire import messages as m
 from .main import checking, client_messages, fail, main, with_client
-from .options import env_option, json_option, labels_option, print_json
+from .options import env_option, json_option, labels_option, print_json, prints_record
 from .tables import print_table
 
 # A controller that answers 503 (its view of the fleet is catching up after a NATS fault)
@@ -126,37 +126,32 @@ def create(client: SyncClient, sid: str | None, name: str, shell: str | None, tt
 @click.option("--state", default=None, help="pending, running, exited, ... or live.")
 @click.option("--node", default=None)
 @click.option("--name", default=None)
-@json_option("The records as a JSON list.")
+@prints_record(lambda records: print_table(SESSION_COLUMNS, map(_record_row, records)),
+               "The records as a JSON list.")
 @with_client
-def list_(client: SyncClient, state: str | None, node: str | None, name: str | None,
-          as_json: bool) -> None:
+def list_(client: SyncClient, state: str | None, node: str | None,
+          name: str | None) -> list[m.SessionRecord]:
     """List sessions."""
-    records = client.sessions(state, node, name)
-    if as_json:
-        print_json(records)
-    else:
-        print_table(SESSION_COLUMNS, map(_record_row, records))
+    return client.sessions(state, node, name)
 
 
 @session.command("show")
 @click.argument("sid")
-@json_option("The same: the record is JSON either way.")
+@prints_record(print_json, "The same: the record is JSON either way.")
 @with_client
-def show(client: SyncClient, sid: str, as_json: bool) -> None:
+def show(client: SyncClient, sid: str) -> m.SessionRecord:
     """Show a session's record as JSON."""
-    print_json(client.session(sid))
+    return client.session(sid)
 
 
 @session.command("signal")
 @click.argument("sid")
 @click.argument("sig", default="TERM")
-@json_option("The session's record as JSON.")
+@prints_record(help="The session's record as JSON.")
 @with_client
-def signal_(client: SyncClient, sid: str, sig: str, as_json: bool) -> None:
+def signal_(client: SyncClient, sid: str, sig: str) -> m.SessionRecord:
     """Send a signal (name or number) to a session's process group."""
-    record = client.signal(sid, sig)
-    if as_json:
-        print_json(record)
+    return client.signal(sid, sig)
 
 
 @session.command("kill")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import ShoalError
 from .main import checking, fail, main, with_client
-from .options import json_option, print_json
+from .options import json_option, print_json, prints_record
 
 if TYPE_CHECKING:
     from ..client.sync import SyncClient
@@ -20,24 +20,30 @@ def _when(t: float) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "never"
 
 
+def _print_tokens(rows: list[dict[str, Any]]) -> None:
+    click.echo(f"{'ID':<14} {'USER':<16} {'EXPIRES':<20} SCOPES")
+    for r in rows:
+        expires = "expired" if r["expired"] else _when(r["expires"])
+        click.echo(f"{r['id']:<14} {r['user']:<16} {expires:<20} {' '.join(r['scopes'])}")
+
+
+def _print_made(made: dict[str, Any]) -> None:
+    click.echo(made["token"])
+    click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
+               f"{_when(made['expires'])}; it is shown only now", err=True)
+
+
 @main.group()
 def token() -> None:
     """API tokens of named users, with scopes and an expiry (docs/security.md)."""
 
 
 @token.command("list")
-@json_option("The tokens' records as a JSON list.")
+@prints_record(_print_tokens, "The tokens' records as a JSON list.")
 @with_client
-def token_list(client: SyncClient, as_json: bool) -> None:
+def token_list(client: SyncClient) -> list[dict[str, Any]]:
     """The tokens (never the tokens themselves: only their ids)."""
-    rows = client.tokens()
-    if as_json:
-        print_json(rows)
-        return
-    click.echo(f"{'ID':<14} {'USER':<16} {'EXPIRES':<20} SCOPES")
-    for r in rows:
-        expires = "expired" if r["expired"] else _when(r["expires"])
-        click.echo(f"{r['id']:<14} {r['user']:<16} {expires:<20} {' '.join(r['scopes'])}")
+    return client.tokens()
 
 
 @token.command("create")
@@ -48,10 +54,10 @@ def token_list(client: SyncClient, as_json: bool) -> None:
                    "(repeatable).")
 @click.option("--expires", default="30d", show_default=True,
               help="Lifetime: 30d, 12h, 90m, 3600s, or never.")
-@json_option("The new token's record, the token in it, as JSON.")
+@prints_record(_print_made, "The new token's record, the token in it, as JSON.")
 @with_client
-def token_create(client: SyncClient, user: str, scope_list: tuple[str, ...], expires: str,
-                 as_json: bool) -> None:
+def token_create(client: SyncClient, user: str, scope_list: tuple[str, ...],
+                 expires: str) -> dict[str, Any]:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
@@ -59,38 +65,27 @@ def token_create(client: SyncClient, user: str, scope_list: tuple[str, ...], exp
     with checking("token"):
         lifetime = parse_lifetime(expires)
         parse_grants(scope_list)  # say what is wrong before asking the controller
-    made = client.create_token(user, list(scope_list), lifetime)
-    if as_json:
-        print_json(made)
-        return
-    click.echo(made["token"])
-    click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
-               f"{_when(made['expires'])}; it is shown only now", err=True)
+    return client.create_token(user, list(scope_list), lifetime)
 
 
 @token.command("revoke")
 @click.argument("token_id")
-@json_option("The revoked token's record as JSON.")
+@prints_record(lambda gone: click.echo(f"revoked {gone['id']} ({gone['user']})"),
+               "The revoked token's record as JSON.")
 @with_client
-def token_revoke(client: SyncClient, token_id: str, as_json: bool) -> None:
+def token_revoke(client: SyncClient, token_id: str) -> dict[str, Any]:
     """Revoke a token: every controller refuses it within a second."""
-    gone = client.revoke_token(token_id)
-    if as_json:
-        print_json(gone)
-    else:
-        click.echo(f"revoked {gone['id']} ({gone['user']})")
+    return client.revoke_token(token_id)
 
 
 @main.command()
-@json_option("The user, token id and scopes as JSON.")
+@prints_record(lambda me: click.echo(f"{me['user']} (token {me['token']}): "
+                                     f"{' '.join(me['scopes'])}"),
+               "The user, token id and scopes as JSON.")
 @with_client
-def whoami(client: SyncClient, as_json: bool) -> None:
+def whoami(client: SyncClient) -> dict[str, Any]:
     """The user and scopes of the token in use."""
-    me = client.whoami()
-    if as_json:
-        print_json(me)
-    else:
-        click.echo(f"{me['user']} (token {me['token']}): {' '.join(me['scopes'])}")
+    return client.whoami()
 
 
 def parse_since(text: str) -> float:
