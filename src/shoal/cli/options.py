@@ -70,7 +70,7 @@ def print_json(record: Any) -> None:
 
 
 def target_options(f: F) -> F:
-    """``-a -n -x -g -X -l``: which agent nodes (``targets`` turns them into ``Targets``)."""
+    """``-a -n -x -g -X -l``: which agent nodes (``group_refs`` folds the groups in)."""
     for opt in reversed([
         click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up."),
         click.option("-n", "--nodes", "nodeset", default="",
