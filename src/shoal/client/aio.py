@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..wire import messages as m
 from ..wire import servicetypes as st
+from .endpoints import controller_urls
 from .tlsverify import certificate_error, client_context
 
 log = logging.getLogger(__name__)
@@ -44,31 +45,6 @@ _LOST = (aiohttp.ClientError, TimeoutError, OSError)
 _RETRY_STATUS = (502, 503, 504)  # a proxy without a controller behind it, or NATS away
 
 T = TypeVar("T")
-
-
-def controller_urls(url: str) -> list[str]:
-    """The controllers of a comma-separated ``url`` (client.toml lists every one of a
-    cluster's controllers), in order."""
-    return [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url.rstrip("/")]
-
-
-def first_reachable(url: str, timeout: float = 1.0) -> str:
-    """The first of the controllers in ``url`` that accepts a TCP connection, else the
-    first one (whose error then names it). For one-shot commands, before they connect."""
-    from urllib.parse import urlsplit
-
-    urls = controller_urls(url)
-    if len(urls) == 1:
-        return urls[0]
-    for u in urls:
-        parts = urlsplit(u)
-        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-        try:
-            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout).close()
-            return u
-        except OSError:
-            continue
-    return urls[0]
 
 
 class Client:
