@@ -35,6 +35,7 @@ from ..errors import Forbidden, ShoalError
 from ..logic import tokens
 from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
+from .replies import error_json
 from .scopes import Principal, Target
 
 if TYPE_CHECKING:
@@ -92,10 +93,6 @@ def bearer_token(request: web.Request) -> str:
 
 def token_ok(given: str, expected: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
-
-
-def error_json(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status)
 
 
 ConsumeLink = Callable[[str], Awaitable[bool]]
