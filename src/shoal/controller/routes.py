@@ -74,7 +74,10 @@ async def decode(request: web.Request, op: Operation, route: Http) -> Any:
         fields = body_kind.__struct_fields__
         raw = route.from_query(request.query) if route.from_query else {
             k: v for k, v in request.query.items() if k in fields}
-        part = msgspec.convert(raw, body_kind, strict=False)
+        try:
+            part = msgspec.convert(raw, body_kind, strict=False)
+        except msgspec.ValidationError as e:  # a query string is not a typed body: 400
+            raise ValidationError(f"bad query parameter: {e}") from e
     elif not body_kind.__struct_fields__:
         part = body_kind()  # nothing to read: what a client sends here is ignored, as ever
     else:

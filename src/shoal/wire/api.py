@@ -14,12 +14,15 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from ..errors import ValidationError
+
 from . import servicetypes as st
 from .messages import NodeInfo, SessionRecord, SessionState
 
 MAX_DEADLINE = 86400.0
-Deadline = Annotated[float, Meta(ge=0, le=MAX_DEADLINE,
-                                 description="Seconds before what is left is killed.")]
+# Checked by ``validate`` (400, one message on both transports), not by a Meta bound (422).
+Deadline = Annotated[float, Meta(description="Seconds before what is left is killed, "
+                                             f"0-{MAX_DEADLINE:g}.")]
 MAX_OFFSET = 1 << 50  # far beyond any session's output, and within every JSON integer
 Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET)]
 MAX_LOG_BYTES = 512 << 10
@@ -69,10 +72,18 @@ class NodesQuery(Struct, forbid_unknown_fields=True):
     after: str = ""
 
 
+def check_deadline(deadline: float | None) -> None:
+    if deadline is not None and not 0 <= deadline <= MAX_DEADLINE:
+        raise ValidationError(f"deadline must be between 0 and {MAX_DEADLINE:g} seconds")
+
+
 class DrainNode(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     deadline: Deadline | None = None
     wait: bool = False
+
+    def validate(self) -> None:
+        check_deadline(self.deadline)
 
 
 class ListSessions(Struct, forbid_unknown_fields=True):
@@ -104,10 +115,16 @@ class DrainService(Struct, forbid_unknown_fields=True, kw_only=True):
     deadline: Deadline | None = None
     wait: bool = False
 
+    def validate(self) -> None:
+        check_deadline(self.deadline)
+
 
 class RemoveService(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     deadline: Deadline | None = None
+
+    def validate(self) -> None:
+        check_deadline(self.deadline)
 
 
 class TokenRef(Struct, forbid_unknown_fields=True):
