@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.js.errors
 
-from ..errors import ConflictError, NoCapacityError, NotFoundError, ShoalError, ValidationError
+from ..errors import ConflictError, NoReplicaError, NotFoundError, ShoalError, ValidationError
 from ..logic import balance, placement
 from ..logic.sessionstate import FINAL, LIVE
 from ..natsio.bus import mirror, watch_bucket
@@ -48,10 +48,6 @@ MAX_BACKOFF = 30.0
 
 _decode = msgspec.json.Decoder(st.ServiceRecord).decode
 _encode = msgspec.json.Encoder().encode
-
-
-class NoReplicaError(NoCapacityError):
-    """No replica can take a client now (HTTP 503)."""
 
 
 class _Lease(msgspec.Struct):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
+from ..errors import Contended
 from ..logic.sessionstate import can_move, is_final
 from ..wire.messages import SessionRecord, SessionState
 from .bus import mirror, through_elections, watch_bucket
@@ -109,7 +110,7 @@ class SessionStore:
                 return new, rev
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
-        raise RuntimeError(f"session {session_id}: too many concurrent writers")
+        raise Contended(f"session {session_id}: too many concurrent writers; try again")
 
     async def move(self, session_id: str, state: SessionState,
                    fence: tuple[int, str] | None = None,

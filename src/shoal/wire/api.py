@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct
 
 from ..errors import ValidationError
-
 from . import servicetypes as st
 from .messages import NodeInfo, SessionRecord, SessionState
 
