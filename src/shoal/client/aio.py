@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..wire import messages as m
 from ..wire import servicetypes as st
+from ..wire.api import AttachResize
 from ..wire.api import Error as ErrorBody
 from ..wire.api import LogChunk as LogChunk
 from ..wire.api import LogEnd as LogEnd
@@ -510,8 +511,8 @@ class Attachment:
         await self._open().send_bytes(data)
 
     async def resize(self, cols: int, rows: int) -> None:
-        await self._open().send_str(msgspec.json.encode({"t": "resize", "cols": cols,
-                                                         "rows": rows}).decode())
+        frame = AttachResize(cols=cols, rows=rows)
+        await self._open().send_str(msgspec.json.encode(frame).decode())
 
     def _open(self) -> aiohttp.ClientWebSocketResponse:
         if self._ws is None or self._ws.closed:

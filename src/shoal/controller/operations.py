@@ -28,7 +28,7 @@ from aiohttp import web
 from ..wire import api as w
 from ..wire import messages as m
 from ..wire import servicetypes as st
-from . import api, openapi_text, run_ws, services_api, tokens_api
+from . import api, openapi_text, run_ws, services_api, streams, tokens_api
 from .apitokens import NewToken
 from .audit import Entry as AuditEntry
 from .context import Call
@@ -172,13 +172,13 @@ TABLE: tuple[Operation, ...] = (
        request=w.ReadLogs, result=list[w.StoredLog], handler=api.read_logs, nats=True,
        http=(Http("GET", "/api/v1/sessions/{id}/logs", "sessionLogs", S, ok=w.LogLine,
                   media="application/x-ndjson", query=("from", "tail", "follow"),
-                  errors=(400, 404), description=T.LOGS, handler=api.session_logs),)),
+                  errors=(400, 404), description=T.LOGS, handler=streams.session_logs),)),
     _w("sessions.attach", "Attach a terminal (WebSocket)", "terminals", Target.SESSION,
        kind="websocket",
        http=(Http("GET", "/api/v1/sessions/{id}/attach", "attachSession", S,
                   query=("from", "tail"), errors=(400, 403, 404), description=T.ATTACH,
                   ws=(w.AttachClientText, w.AttachServerText, "json text + binary"),
-                  handler=api.attach_session),)),
+                  handler=streams.attach_session),)),
     _w("run", "Run a command on many nodes (WebSocket)", "run", Target.RUN, kind="websocket",
        http=(Http("GET", "/api/v1/run", "run", "runs", errors=(403,), description=T.RUN,
                   ws=(m.ClientFrame, m.ServerFrame, "msgpack"), handler=run_ws.handle_run),)),

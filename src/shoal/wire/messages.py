@@ -4,7 +4,12 @@ Messages travel as msgpack on NATS and on binary WebSocket frames, and as JSON o
 API. Decoding validates types and the size caps given by ``Meta`` constraints, so a bad
 message is rejected at the edge with a clear error and never reaches the logic.
 
-Unions are tagged (``"t"`` field) so one decoder handles every frame of a stream.
+Unions are tagged (``"t"`` field) so one decoder handles every frame of a stream. What
+msgspec cannot express (exactly one of argv or shell, NUL bytes, environment names, an
+absolute cwd) is each struct's ``validate``, which both API transports run (``check``).
+
+Over 400 lines on purpose: the fleet's whole contract, in one place to read. The API's own
+bodies are in api.py, services' in servicetypes.py.
 """
 
 from __future__ import annotations
