@@ -3,7 +3,7 @@ terminal capabilities that open one session's page and socket and nothing else.
 
 A bearer token (or the token a login was made with) names a user and grants scopes
 (apitokens.py); ``guarded`` is the one place the HTTP API checks them, against the
-operation table (scopes.py), and writes the audit trail (audit.py).
+operation table (operations.py), and writes the audit trail (audit.py).
 
 ``/?token=...`` (the login URL ``shoal up`` prints) starts a login (logins.py): the cookie
 holds the login's random id, never the token, and the redirect hands the page the login's
