@@ -209,3 +209,53 @@ async def test_nats_replies_are_typed(fleet: Fleet) -> None:
     assert set(reply) == {"ok", "status", "error"} and reply["status"] == 404, reply
     status, answer = http(fleet, "GET", "/api/v1/nodes/nope")
     assert (reply["status"], reply["error"]) == (status, answer["error"])
+
+
+# ---------------------------------------------------------------------- one error map
+
+
+def test_one_error_map_for_both_servers() -> None:
+    import msgspec
+    import nats.errors
+
+    from shoal import errors
+    from shoal.controller import replies
+
+    cases: list[tuple[BaseException, int, float | None]] = [
+        (errors.ValidationError("no"), 400, None),
+        (errors.NotFoundError("no"), 404, None),
+        (errors.NoReplicaError("no"), 503, None),
+        (errors.Unavailable("later", 4.6), 503, 5),
+        (errors.Contended("later"), 503, 2),
+        (msgspec.ValidationError("Expected `int`"), 422, None),
+        (msgspec.DecodeError("truncated"), 400, None),
+        (TimeoutError(), 504, 2),
+        (nats.errors.ConnectionClosedError(), 503, 2),
+        (RuntimeError("bug"), 500, None),
+    ]
+    for e, status, retry in cases:
+        f = replies.failure(e)
+        assert (f.status, f.retry_after) == (status, retry), (e, f)
+        assert replies.status_of(e) == status
+        assert replies.nats_error(e).status == status and replies.nats_error(e).error == f.message
+        resp = replies.error_response(e)
+        assert resp.status == status
+        assert (resp.headers.get("Retry-After") is None) == (retry is None)
+        assert json.loads(resp.body) == {"error": f.message, "status": status}  # type: ignore[arg-type]
+        back = errors.error_for_status(status, f.message, retry)  # the client's one map
+        assert back.message == f.message
+        assert isinstance(back, errors.Unavailable) == (status == 503 and retry is not None)
+        assert isinstance(back, errors.ValidationError) == (status in (400, 422))
+
+
+def test_every_error_shoal_raises_is_in_the_tree() -> None:
+    from shoal import errors
+    from shoal.agent import users
+    from shoal.agent.ports import PortPool
+
+    for kind in (errors.NoReplicaError, errors.Contended, users.UserError):
+        assert issubclass(kind, errors.ShoalError)
+    for bad in ("abc", "70000-80000", "300-200", "0"):
+        with pytest.raises(errors.ConfigError, match="port"):
+            PortPool.parse(bad)
+    assert PortPool.parse("20000-20009").last == 20009
