@@ -226,7 +226,6 @@ def test_one_error_map_for_both_servers() -> None:
         (errors.NotFoundError("no"), 404, None),
         (errors.NoReplicaError("no"), 503, None),
         (errors.Unavailable("later", 4.6), 503, 5),
-        (errors.Contended("later"), 503, 2),
         (msgspec.ValidationError("Expected `int`"), 422, None),
         (msgspec.DecodeError("truncated"), 400, None),
         (TimeoutError(), 504, 2),
@@ -253,7 +252,7 @@ def test_every_error_shoal_raises_is_in_the_tree() -> None:
     from shoal.agent import users
     from shoal.agent.ports import PortPool
 
-    for kind in (errors.NoReplicaError, errors.Contended, users.UserError):
+    for kind in (errors.NoReplicaError, users.UserError):
         assert issubclass(kind, errors.ShoalError)
     for bad in ("abc", "70000-80000", "300-200", "0"):
         with pytest.raises(errors.ConfigError, match="port"):
