@@ -117,8 +117,7 @@ class AgentHost:
         self._session_ops: set[asyncio.Task[None]] = set()  # session requests in flight
         self.lead = names[0]
         self._base_env = dict(os.environ)
-        first_port, _, last_port = cfg.ports.partition("-")
-        self.ports = PortPool(int(first_port), int(last_port or first_port))
+        self.ports = PortPool.parse(cfg.ports)
         self.store: SessionStore = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
         self.node_ttl = DEFAULT_NODE_TTL

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from ..errors import UserError as UserError  # re-exported: callers catch users.UserError
+
 PREFIX = "shoal-"
 COMMENT = "shoal throwaway user"
 # Far above login.defs' UID_MAX and the usual /etc/subuid blocks. One allocator per machine
@@ -28,10 +30,6 @@ UID_LAST = 1_999_999_999
 ALLOCATOR = Path("/var/lib/shoal/throwaway-uid")
 SWEPT = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 _SYSVIPC = {"shm": ("-m", "shmid"), "msg": ("-q", "msqid"), "sem": ("-s", "semid")}
-
-
-class UserError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
