@@ -12,7 +12,7 @@ transports. ``stream`` and ``websocket`` operations have an HTTP handler of thei
 ``call`` handler too when NATS serves them, e.g. ``sessions.logs`` pages instead of
 following). ``page`` operations are the web UI's and other routes registered by their own
 modules (``Http.where``); they are in the table for their scope and so that the drift test
-sees every route. docs/operations-table.md says how to add one.
+sees every route. docs/architecture.md ("The operation table") says how to add one.
 """
 
 from __future__ import annotations
