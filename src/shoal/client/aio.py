@@ -7,6 +7,9 @@ translated to shoal's error tree here and nowhere else.
         async with c.run(Targets(all=True), RunSpec(argv=["uname", "-r"])) as run:
             async for event in run:
                 ...
+
+Over 400 lines: one method per API operation, plus the reconnecting logs, attach and run
+streams; the blocking twin is client/sync.py.
 """
 
 from __future__ import annotations
