@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 
 from ..errors import UserError as UserError  # re-exported: callers catch users.UserError
+from ..logic.agentsettings import THROWAWAY_PREFIX
 
-PREFIX = "shoal-"
+PREFIX = THROWAWAY_PREFIX
 COMMENT = "shoal throwaway user"
 # Far above login.defs' UID_MAX and the usual /etc/subuid blocks. One allocator per machine
 # (every agent shares it), so a UID is never reused whichever agent made the last user.
