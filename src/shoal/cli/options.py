@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import config as c
+from ..errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +68,55 @@ def print_json(record: Any) -> None:
 
     sys.stdout.write(to_json(record).decode() + "\n")
     sys.stdout.flush()
+
+
+def _mounts(ctx: click.Context, param: click.Parameter,
+            value: tuple[str, ...]) -> list[dict[str, str]]:
+    out = []
+    for item in value:
+        source, sep, target = item.partition(":")
+        if not sep or not source or not target:
+            raise ConfigError(f"--mount {item!r} is not SOURCE:TARGET; write it like "
+                                "--mount /srv/data:/data (read-only)")
+        out.append({"source": source, "target": target})
+    return out
+
+
+def container_options(f: F) -> F:
+    """``--image --container-port --network --mount``: run in a container
+    (docs/containers.md); the command gets ``container: dict`` (empty for a process)."""
+    opts = [
+        click.option("--image", default=None, metavar="IMAGE",
+                     help="Run in a container of this image (podman, on nodes that can; the "
+                          "command is optional: the image's own runs without one)."),
+        click.option("--container-port", "container_ports", type=click.IntRange(1, 65535),
+                     multiple=True, metavar="PORT",
+                     help="Container port published on an allocated host port ($PORT), "
+                          "repeatable, in order."),
+        click.option("--network", default=None, metavar="NAME",
+                     help="The container's podman network (default none: no network; "
+                          "ports need one, e.g. podman)."),
+        click.option("--mount", "mounts", multiple=True, metavar="SOURCE:TARGET",
+                     callback=_mounts, help="Read-only bind mount (under the node's "
+                                            "container_mounts), repeatable."),
+    ]
+
+    @functools.wraps(f)
+    def command(*args: Any, image: str | None, container_ports: tuple[int, ...],
+                network: str | None, mounts: list[dict[str, str]], **kwargs: Any) -> Any:
+        container: dict[str, Any] = {}
+        if image is not None:
+            container = {"runtime": "container", "image": image,
+                         "container_ports": list(container_ports), "mounts": mounts,
+                         "network": network or ("podman" if container_ports else "none")}
+        elif container_ports or network or mounts:
+            raise ConfigError("--container-port, --network and --mount are for containers: "
+                                "add --image IMAGE")
+        return f(*args, container=container, **kwargs)
+
+    for opt in reversed(opts):
+        command = opt(command)
+    return command  # type: ignore[return-value]
 
 
 def target_options(f: F) -> F:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
 from ..wire import servicetypes as st
 from .main import checking, fail, main, with_client
-from .options import env_option, json_option, labels_option, print_json, prints_record
+from .options import (
+    container_options,
+    env_option,
+    json_option,
+    labels_option,
+    print_json,
+    prints_record,
+)
 from .tables import print_table
 
 if TYPE_CHECKING:
@@ -69,18 +76,20 @@ def service() -> None:
 @labels_option("-s", "--selector", dest="selector",
                help="Only nodes with this key=value label (repeatable).")
 @labels_option("-l", "--label", help="key=value on each replica (repeatable).")
+@container_options
 @prints_record(lambda view: click.echo(view.url), "The service as JSON instead of its URL.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @with_client
 def create(client: SyncClient, name: str, replicas: int, check: str, interval: float,
            check_timeout: float, rise: int, fall: int, proxy: bool, drain_deadline: float,
            shell: str | None, env: dict[str, str], cwd: str | None, selector: dict[str, str],
-           labels: dict[str, str], argv: tuple[str, ...]) -> st.ServiceView:
+           labels: dict[str, str], container: dict[str, Any],
+           argv: tuple[str, ...]) -> st.ServiceView:
     """Create a service: shoal service create web --replicas 3 -- python3 -m http.server
 
     Options go before `--`, the command after it. Each replica gets its port in $PORT and
-    must listen on it."""
-    if bool(argv) == bool(shell):
+    must listen on it; with --image, the first --container-port is published on it."""
+    if argv and shell or not (argv or shell or container):
         fail("give a command after -- (argv) or --shell 'string', not both", 2)
     with checking("service spec"):
         st.check_name(name)
@@ -89,7 +98,7 @@ def create(client: SyncClient, name: str, replicas: int, check: str, interval: f
             "name": name, "command": list(argv) or None, "shell": shell, "replicas": replicas,
             "check": check, "interval": interval, "timeout": check_timeout, "rise": rise,
             "fall": fall, "proxy": proxy, "drain_deadline": drain_deadline,
-            "env": env, "cwd": cwd, "selector": selector, "labels": labels,
+            "env": env, "cwd": cwd, "selector": selector, "labels": labels, **container,
         }, st.ServiceSpec)
         st.validate(spec)
     return client.create_service(spec)

@@ -17,7 +17,14 @@ from ..errors import Unavailable
 from ..logic.lines import LineSplitter
 from ..wire import messages as m
 from .main import checking, client_messages, fail, main, with_client
-from .options import env_option, json_option, labels_option, print_json, prints_record
+from .options import (
+    container_options,
+    env_option,
+    json_option,
+    labels_option,
+    print_json,
+    prints_record,
+)
 from .tables import print_table
 
 # A controller that answers 503 (its view of the fleet is catching up after a NATS fault)
@@ -79,6 +86,7 @@ def session() -> None:
 @click.option("--memory-mb", type=int)
 @click.option("--max-procs", type=int)
 @click.option("--max-files", type=int)
+@container_options
 @json_option("The session's record as JSON instead of its id.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @with_client
@@ -87,11 +95,13 @@ def create(client: SyncClient, sid: str | None, name: str, shell: str | None, tt
            detach_timeout: float | None, ports: int, node: str | None,
            selector: dict[str, str], binpack: bool, env: dict[str, str], cwd: str | None,
            user: str, labels: dict[str, str], cpu_seconds: int | None, memory_mb: int | None,
-           max_procs: int | None, max_files: int | None, as_json: bool,
-           argv: tuple[str, ...]) -> None:
+           max_procs: int | None, max_files: int | None, container: dict[str, Any],
+           as_json: bool, argv: tuple[str, ...]) -> None:
     """Start a session on the best node; prints its id."""
-    if bool(argv) == bool(shell):
+    if argv and shell or not (argv or shell or container):
         fail("give a command after -- (argv) or --shell 'string', not both", 2)
+    if container and len(container["container_ports"]) > ports:
+        ports = len(container["container_ports"])  # one allocated port per container port
     with checking("session spec"):
         spec = msgspec.convert({
             "id": sid, "name": name, "command": list(argv) or None, "shell": shell, "tty": tty,
@@ -102,6 +112,7 @@ def create(client: SyncClient, sid: str | None, name: str, shell: str | None, tt
             "env": env, "cwd": cwd, "user": user, "labels": labels,
             "limits": {"cpu_seconds": cpu_seconds, "memory_mb": memory_mb,
                        "processes": max_procs, "open_files": max_files},
+            **container,
         }, m.SessionSpec)
     deadline = time.monotonic() + CREATE_RETRY_FOR
     while True:

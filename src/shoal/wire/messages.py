@@ -425,13 +425,13 @@ class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
         if self.user != "agent":
             raise ValidationError("a container runs as its image's user: leave user unset "
                                   "(throwaway users are for processes)")
+        if self.container_ports and self.network == "none":
+            raise ValidationError("container ports need a network: set network to a podman "
+                                  "network's name (podman's default is 'podman')")
         if len(self.container_ports) != self.ports:
             raise ValidationError(f"container_ports lists {len(self.container_ports)} port(s) "
                                   f"and ports asks for {self.ports}: give one container port "
                                   "per allocated port (or leave ports unset)")
-        if self.container_ports and self.network == "none":
-            raise ValidationError("container ports need a network: set network to a podman "
-                                  "network's name (podman's default is 'podman')")
         if self.network in ("host", "slirp4netns", "pasta"):
             raise ValidationError(f"network {self.network!r} reaches the node's own network; "
                                   "use 'none' or the name of a podman network")
