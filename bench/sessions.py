@@ -584,7 +584,9 @@ BURST_BEFORE = (
     "requests are stored as one atomic batch and the spawns run in worker threads "
     "(docs/scale.md). Back to back, 3 runs each at load 3-5: before p50 1.04-3.40 s, p99 "
     "1.10-3.50 s (medians 2.51 / 2.61 s); after p50 0.50-0.81 s, p99 0.52-0.86 s (medians "
-    "0.61 / 0.67 s); at load ~1.7, p99 0.47, 0.51, 0.55 s."
+    "0.61 / 0.67 s); at load ~1.7, p99 0.47, 0.51, 0.55 s. In the full run (the burst after "
+    "the rate test) it is not faster yet: before p50 1.24 s, p99 1.29 s (one run, load 5.8); "
+    "after p50 0.99-1.42 s, p99 1.08-1.48 s (3 runs, load 4-6; this table is the median one)."
 )
 
 COLUMNS = (
