@@ -292,17 +292,24 @@ def spawn(
     Raises SpawnError with code 127 when the command does not exist and 126 when it cannot
     be executed, as a shell would report them.
     """
+    carried: Unit | None = None
     if run_as is not None and run_as.unit is not None and _joined_by_shell(run_as, tty):
-        _check_executable(argv[0], env, cwd)
-        argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
+        carried = _carry_into(run_as.unit)
+        if carried is None:
+            _check_executable(argv[0], env, cwd)
+            argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
     extra = _popen_extras(run_as, tty, cwd)
     try:
-        if tty:
-            child = _spawn_pty(argv, env, cwd, cols, rows, extra)
-        elif not extra and cwd is None:
-            child = _posix_spawn_pipes(argv, env, stdin)
-        else:
-            child = _spawn_pipes(argv, env, cwd, stdin, extra)
+        try:
+            if tty:
+                child = _spawn_pty(argv, env, cwd, cols, rows, extra)
+            elif not extra and cwd is None:
+                child = _posix_spawn_pipes(argv, env, stdin)
+            else:
+                child = _spawn_pipes(argv, env, cwd, stdin, extra)
+        finally:
+            if carried is not None:
+                _carry_back(carried)
         child.unit = run_as.unit if run_as is not None else None
         _leaders.add(child.pid)
         return child
@@ -393,6 +400,51 @@ def _child_steps(run_as: RunAs | None, tty: bool, cwd: str | None) -> list[Calla
     elif run_as.unit is not None and not _joined_by_shell(run_as, tty):
         steps.append(die_with_parent)
     return steps
+
+
+_carry_off = ""  # why the agent no longer carries children into their cgroups
+
+
+def _carry_into(unit: Unit) -> Unit | None:
+    """The fastest way into a cgroup from the first instruction: the agent itself moves
+    into the unit, spawns (the child is created there) and moves back, all in one
+    synchronous step of the event loop (nothing else of the agent runs, nothing can signal
+    or kill the unit meanwhile). Two writes to cgroup.procs instead of a /bin/sh exec, which
+    cost as much as the command itself (`true`: 0.5 ms of the 1.1). Only for a unit that is
+    just its tracking directory and sets no limit (the agent must never count against a
+    run's memory or process limit). None: join it with the shell."""
+    if _carry_off or unit.limited or len(unit.dirs) != 1 or unit.layout.tracker is None:
+        return None
+    try:
+        _join(unit.procs_files[0])
+    except OSError as e:
+        log.debug("cannot carry a child into %s (%s): joined by the shell", unit.name, e)
+        return None
+    return unit
+
+
+def _carry_back(unit: Unit) -> None:
+    global _carry_off
+    assert unit.layout.tracker is not None
+    home = os.path.join(unit.layout.tracker.own, "cgroup.procs")
+    for _ in range(3):
+        try:
+            _join(home)
+            return
+        except OSError as e:
+            err = e
+    # Left inside, the agent would end with the unit: say so, and never carry again.
+    _carry_off = f"cannot return to {home}: {err}"
+    log.error("the agent is stuck in cgroup %s (%s); children join their cgroups with a "
+              "shell from now on", unit.name, _carry_off)
+
+
+def _join(procs_file: str) -> None:
+    fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"0")  # this process, every thread of it
+    finally:
+        os.close(fd)
 
 
 # Joins the cgroup files given before "--", then becomes the command after it.
