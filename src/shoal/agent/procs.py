@@ -453,11 +453,11 @@ _JOIN = 'for f do shift; [ "$f" = -- ] && break; echo 0 >"$f" || exit 126; done;
 
 def _joined_by_shell(run_as: RunAs, tty: bool) -> bool:
     """The fast path, for a process of the agent's own user with nothing else to do before
-    exec: Popen can vfork (a preexec step forks the whole agent, and joining a cgroup may
-    wait for an RCU grace period, both on the event loop), and a tiny /bin/sh joins the
-    cgroup and execs the command, so the command and all it starts are inside from their
-    first instruction. Its failure to start is checked here first, to report it as
-    before."""
+    exec: no preexec step (which forks the whole agent), the spawn can vfork. The agent
+    carries the child into its cgroup (``_carry_into``), or, for a cgroup with limits, a
+    tiny /bin/sh joins it and execs the command, so the command and all it starts are
+    inside from their first instruction. The shell's failure to start the command is
+    checked here first, to report it as before."""
     return not (tty or run_as.uid is not None or run_as.rlimits or run_as.sandbox is not None)
 
 
