@@ -213,7 +213,7 @@ def _spawn_true(k: int) -> None:
 
 
 def _popen_true(k: int) -> None:
-    # What the agent's spawn does per process: pipes for stdout and stderr, its own session.
+    # What the agent's spawn did per process before os.posix_spawn: pipes, its own session.
     live: list[subprocess.Popen[bytes]] = []
     for _ in range(k):
         live.append(subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL,
@@ -405,7 +405,7 @@ def markdown(rows: Sequence[Row]) -> str:
 
     head = "| figure | " + " | ".join(f"N={n:,}" for n in sizes) + " | goal |"
     lines = [head, "|---|" + "---:|" * len(sizes) + "---|"]
-    goals = {"spawn-floor": "(the floor)", "spawn-popen": "(what the agent's spawn costs)",
+    goals = {"spawn-floor": "(the floor)", "spawn-popen": "(Popen with pipes, for comparison)",
              "run-all": "≤ 2× floor, 0 unreachable",
              "run-subset": "no slower than at N=1,000", "nodes": "< 1 s",
              "nodes-json": "< 1 s"}

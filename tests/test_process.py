@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -300,3 +302,66 @@ async def test_a_terminal_whose_leader_exits_ends_despite_a_setsid_child(
               ledger, layout)
     ended = await _ended_with_nothing_left(o, sleep, "exit")
     assert ended.code == 3
+
+
+# --------------------------------------------------------------------------- spawn
+
+async def test_a_child_is_in_its_cgroup_from_the_start_and_the_agent_stays_out(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # The agent carries a child into its unit (procs._carry_into): the command's own first
+    # read of /proc/self/cgroup names the unit, what it forks at once is ended with it, and
+    # the agent is back where it was.
+    mine = Path("/proc/self/cgroup").read_text()
+    sleep = unique_sleep()
+    o = start(owned, launch(["sh", "-c", f"cat /proc/self/cgroup; setsid sleep {sleep} &"]),
+              ledger, layout)
+    assert Path("/proc/self/cgroup").read_text() == mine
+    ended = await asyncio.wait_for(o.proc.wait(), 30)
+    assert ended.code == 0, (ended, o.text("stderr"))
+    if layout is not None:
+        assert f"/{o.proc.launch.unit}\n" in o.text("stdout"), o.text("stdout")
+    assert not alive_with_arg(sleep)
+    assert Path("/proc/self/cgroup").read_text() == mine
+
+
+async def test_a_child_gets_default_signal_dispositions(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # Python ignores SIGPIPE and SIGXFSZ; as Popen does, a child gets their defaults back
+    # (`yes | head` must end by SIGPIPE).
+    o = start(owned, launch(["grep", "^SigIgn", "/proc/self/status"]), ledger, layout)
+    ended = await asyncio.wait_for(o.proc.wait(), 30)
+    assert ended.code == 0, (ended, o.text("stderr"))
+    ignored = int(o.text("stdout").split()[1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), (sig, o.text("stdout"))
+
+
+SPAWN_WITH_AN_INHERITABLE_FD = """
+import asyncio, json, os, sys
+from pathlib import Path
+from shoal.agent.ledger import Ledger
+from shoal.agent.process import Launch, Process
+fd = os.dup2(os.open("/dev/null", os.O_RDONLY), 100)  # inheritable, above what ls opens
+out = bytearray()
+async def main():
+    led = Ledger(Path(sys.argv[1]) / "n.ledger", "n")
+    led.open()
+    p = Process(Launch(["ls", "/proc/self/fd"], dict(os.environ), "t"), led, None,
+                lambda stream, data: out.extend(data) if stream == "stdout" else None)
+    p.start()
+    await p.wait()
+asyncio.run(main())
+print(fd, json.dumps(sorted(int(x) for x in out.split())))
+"""
+
+
+async def test_a_child_inherits_no_descriptor_of_the_agent(tmp_path: Path) -> None:
+    # Popen's close_fds, without Popen: a descriptor the agent inherited (inheritable) does
+    # not reach the processes it starts.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SPAWN_WITH_AN_INHERITABLE_FD, str(tmp_path),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    fd, seen = out.decode().split(" ", 1)
+    assert int(fd) == 100 and 100 not in json.loads(seen), out

@@ -241,6 +241,11 @@ class Unit:
             raise
 
     @property
+    def limited(self) -> bool:
+        """Does any of its directories set a limit?"""
+        return bool(self._writes)
+
+    @property
     def procs_files(self) -> tuple[str, ...]:
         """What a child writes "0" into, before exec, to join the unit."""
         return tuple(os.path.join(d, "cgroup.procs") for d in self.dirs)

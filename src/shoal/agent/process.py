@@ -350,6 +350,10 @@ class Process:
         pipes are empty; a descriptor held elsewhere (an escapee no cgroup holds) is given
         DRAIN_LIMIT seconds, counted again while paused, except once a stop was asked for
         (a store that takes nothing must not keep a kill open for ever)."""
+        for _ in range(2):  # the common case: the pipes end with the process, their EOF
+            if all(e.is_set() for e in self._eof.values()):  # read on this turn of the loop
+                return True
+            await asyncio.sleep(0)
         waiting = asyncio.gather(*(e.wait() for e in self._eof.values()))
         deadline = time.monotonic() + DRAIN_LIMIT
         while not waiting.done():

@@ -21,6 +21,7 @@ import psutil
 
 from ..errors import UserError as UserError  # re-exported: callers catch users.UserError
 from ..logic.agentsettings import THROWAWAY_PREFIX
+from ..system.process import SPAWNING
 
 PREFIX = THROWAWAY_PREFIX
 COMMENT = "shoal throwaway user"
@@ -91,13 +92,23 @@ def create(uids: tuple[int, int] = (UID_FIRST, UID_LAST)) -> EphemeralUser:
                  ["useradd", "--uid", str(uid), "--gid", str(uid), "--no-log-init",
                   "--create-home", "--shell", "/bin/bash", "--comment", COMMENT,
                   "--key", "UMASK=077", name]):
-        r = subprocess.run(argv, capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["groupdel", name], capture_output=True)
-            raise UserError(f"{argv[0]} failed: {r.stderr.strip()}")
+        code, err = _run(argv)
+        if code != 0:
+            _run(["groupdel", name])
+            raise UserError(f"{argv[0]} failed: {err.strip()}")
     pw = pwd.getpwnam(name)
     os.chmod(pw.pw_dir, 0o700)
     return EphemeralUser(name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    """Run a command from a worker thread: started under SPAWNING, so never while the agent
+    is inside a session's cgroup (agent/procs.py), waited for outside it."""
+    with SPAWNING:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    _, err = proc.communicate()
+    return proc.returncode, err
 
 
 def _has_processes(uid: int) -> bool:

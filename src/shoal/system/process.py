@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import threading
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -42,3 +43,9 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+# Held while the agent creates a child process (in any thread), and while it has moved
+# itself into a session's cgroup to spawn one there: a child created meanwhile by another
+# thread would land in that cgroup (and end with it).
+SPAWNING = threading.Lock()
