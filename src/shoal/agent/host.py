@@ -80,11 +80,12 @@ class Node:
 
 @dataclass
 class _RunRoute:
-    """Per run, one pair of subscriptions shared by all of this host's nodes in it."""
+    """Per run, this host's nodes in it. Its control frames and output credit come on each
+    node's own subscription (``shoal.agent.<node>.>``); a batch's control frames come once,
+    to its lead, and apply to every node of the batch."""
 
-    ctl: Subscription
-    ack: Subscription
     runs: dict[str, Run] = field(default_factory=dict)  # node name -> run
+    batches: dict[str, list[str]] = field(default_factory=dict)  # lead -> its batch's nodes
 
 
 class AgentHost:
@@ -160,7 +161,7 @@ class AgentHost:
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
-                                    inbox_prefix=bus.AGENT_INBOX)
+                                    inbox_prefix=subjects.node_inbox(self.lead))
         self.buckets = await self._open_buckets()
         self.store = SessionStore(self.buckets.sessions)
         try:
@@ -452,9 +453,15 @@ class AgentHost:
         on_session = self._make_session_handler(node)
 
         async def handle(msg: Msg) -> None:
-            # shoal.agent.<node>.run | .runs | .session.<op>
+            # shoal.agent.<node>.run | .runs | .session.<op> | .ctl.run.<id> | .ack.run.<id>
             op = msg.subject.split(".", 3)[3]
-            if op == "run":
+            if op.startswith("ctl.run."):
+                self._on_run_control(node, op[8:], msg)
+            elif op.startswith("ack.run."):
+                self._on_output_ack(node, op[8:], msg)
+            elif op.startswith("ctl.session."):
+                pass  # the session's own subscription takes its frames
+            elif op == "run":
                 await self._on_run_request(node, msg)
             elif op == "runs":
                 await self._on_run_batch(msg)
@@ -485,7 +492,8 @@ class AgentHost:
             await msg.respond(m.pack(m.RunBatchAck(reason="the agent is stopping")))
             return
         mine, refused = split_batch(req.nodes, self.nodes)
-        route = await self._route(req.run_id)
+        route = self._route(req.run_id)
+        route.batches[msg.subject.split(".")[2]] = mine
         await msg.respond(m.pack(m.RunBatchAck(refused=refused)))
         # Spawn in a task of its own: this subscription's next message (another run's batch,
         # a session request for the lead) must not wait seconds for these spawns.
@@ -549,44 +557,36 @@ class AgentHost:
         if self._stopping:
             await msg.respond(m.pack(m.RunRefused(node=node.name, reason="the agent is stopping")))
             return
-        route = await self._route(req.run_id)
+        route = self._route(req.run_id)
         reply = self._start_run(node, route, req)
         if not isinstance(reply, m.RunAccepted):
             await self._maybe_drop_route(req.run_id)
         await msg.respond(m.pack(reply))
 
-    async def _route(self, run_id: str) -> _RunRoute:
-        route = self._routes.get(run_id)
-        if route is not None:
-            return route
-        assert self.nc is not None
+    def _route(self, run_id: str) -> _RunRoute:
+        return self._routes.setdefault(run_id, _RunRoute())
 
-        async def on_ctl(msg: Msg) -> None:
-            try:
-                frame = m.unpack_control(msg.data)
-            except msgspec.DecodeError:
-                return
-            r = self._routes.get(run_id)
-            for run in list(r.runs.values()) if r else ():
+    def _on_run_control(self, node: Node, run_id: str, msg: Msg) -> None:
+        route = self._routes.get(run_id)
+        if route is None:
+            return
+        try:
+            frame = m.unpack_control(msg.data)
+        except msgspec.DecodeError:
+            return
+        for name in route.batches.get(node.name, [node.name]):
+            run = route.runs.get(name)
+            if run is not None:
                 run.on_control(frame)
 
-        async def on_ack(msg: Msg) -> None:
-            node = msg.subject.rsplit(".", 1)[-1]
-            r = self._routes.get(run_id)
-            run = r.runs.get(node) if r else None
-            if run is not None:
-                try:
-                    run.on_output_ack(m.unpack(msg.data, m.OutputAck))
-                except msgspec.DecodeError:
-                    pass
-
-        ctl = await self.nc.subscribe(subjects.run_control(run_id), cb=on_ctl)
-        ack = await self.nc.subscribe(subjects.run_output_ack(run_id, "*"), cb=on_ack)
-        route = self._routes.setdefault(run_id, _RunRoute(ctl, ack))
-        if route.ctl is not ctl:  # another node of ours raced us to it
-            await ctl.unsubscribe()
-            await ack.unsubscribe()
-        return route
+    def _on_output_ack(self, node: Node, run_id: str, msg: Msg) -> None:
+        route = self._routes.get(run_id)
+        run = route.runs.get(node.name) if route else None
+        if run is not None:
+            try:
+                run.on_output_ack(m.unpack(msg.data, m.OutputAck))
+            except msgspec.DecodeError:
+                pass
 
     async def _forget(self, node: Node, route: _RunRoute, run_id: str, run: Run) -> None:
         await run.done.wait()
@@ -598,8 +598,6 @@ class AgentHost:
         route = self._routes.get(run_id)
         if route is not None and not route.runs:
             del self._routes[run_id]
-            await _quietly(route.ctl.unsubscribe())
-            await _quietly(route.ack.unsubscribe())
 
 
 def _podman(cfg: AgentConfig) -> tuple[containers.Podman | None, str]:

@@ -141,7 +141,7 @@ class Session:
             self.done.set()
 
     async def _run(self) -> None:
-        self._sub = await self.mgr.nc.subscribe(subjects.session_control(self.id),
+        self._sub = await self.mgr.nc.subscribe(subjects.session_control(self.mgr.node, self.id),
                                                 cb=self._on_control)
         if self.spec.user == "ephemeral":
             try:

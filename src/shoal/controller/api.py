@@ -430,7 +430,7 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     await ws.send_str(msgspec.json.encode({"t": "hello", "session": sid, "offset": start,
                                            "state": record.state}).decode())
-    control = subjects.session_control(sid)
+    control = subjects.session_control(record.node, sid)
     attached = m.pack(m.SessionAttached())
 
     async def publish(payload: bytes) -> None:

@@ -129,7 +129,8 @@ class ClusterSpec:
 
 
 def agent_permissions() -> dict[str, object]:
-    """What an agent credential may do; docs/security.md explains the consequences."""
+    """What the shared agent credential (password mode) may do: every node's subjects;
+    docs/security.md explains the consequences. Node identities get ``node_permissions``."""
     kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
     return {
         "publish": {
@@ -150,8 +151,7 @@ def agent_permissions() -> dict[str, object]:
                   for op in ("PURGE", "INFO", "MSG.GET")],  # MSG.GET: an attempt's start
             ]
         },
-        "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",
-                                "shoal.session.*.ctl", f"{AGENT_INBOX}.>"]},
+        "subscribe": {"allow": ["shoal.agent.*.>", f"{AGENT_INBOX}.>"]},
         "allow_responses": True,
     }
 
