@@ -39,14 +39,14 @@ import msgspec
 
 from .. import __version__
 from ..config import AgentConfig, shoal_home
-from ..errors import ConnectError
+from ..errors import AuthError, ConnectError
 from ..logic.sessionstate import FINAL, LIVE
 from ..natsio import bus
 from ..natsio.outputlog import describe_store_error
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
-from . import cgroups, containers, keeper, netpolicy, procs
+from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .loadinfo import LoadSampler
@@ -127,6 +127,14 @@ class AgentHost:
         self._fenced_outage = False  # sessions already self-fenced in this outage
         self.netpolicy: netpolicy.Policy | None = None
         self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
+        self._renewer: asyncio.Task[None] | None = None
+        self.refused = ""  # why NATS refused our credential for good (revoked, expired)
+        self.refused_event = asyncio.Event()
+
+    def _refused(self, why: str) -> None:
+        log.error("%s", why)
+        self.refused = why
+        self.refused_event.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,8 +168,18 @@ class AgentHost:
                                         self.layout.base_dirs())
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
+        creds: Path | None = None
+        if identity.uses_identity(self.cfg, self.state_dir, self.lead):
+            self.cfg = await identity.ensure(self.cfg, self.state_dir, list(self.nodes))
+            creds = Path(self.cfg.nats.creds or "")
+            # Its credential may write its lead's heartbeat keys only.
+            self.host_id = self.lead
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
-                                    inbox_prefix=subjects.node_inbox(self.lead))
+                                    inbox_prefix=subjects.node_inbox(self.lead),
+                                    on_refused=self._refused)
+        if creds is not None:
+            self._renewer = asyncio.create_task(identity.renew_forever(self.nc, creds,
+                                                                       self.lead))
         self.buckets = await self._open_buckets()
         self.store = SessionStore(self.buckets.sessions)
         try:
@@ -233,6 +251,8 @@ class AgentHost:
             await netpolicy.remove(self.netpolicy.table)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self.nc is not None and self.buckets is not None:
             keys = hostbeat.host_keys(self.host_id, len(self.nodes))
             await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(k)) for k in keys),
@@ -651,5 +671,10 @@ async def run_agent(cfg: AgentConfig, names: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     await host.start()
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(host.refused_event.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
     await host.stop()
+    if host.refused:
+        raise AuthError(host.refused)

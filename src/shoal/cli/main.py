@@ -112,11 +112,15 @@ def client_from(ctx: click.Context) -> Client:
 @click.option("--public-terminals", is_flag=True,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
+@click.option("--node-identities", is_flag=True,
+              help="Every node its own NATS credential (enrolled with a join token) instead "
+                   "of one shared agent user; kept for this SHOAL_HOME from then on.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls: bool,
        tls_names: tuple[str, ...], nats_url: str | None, nats_cluster: int | None,
        leaf_sites: int,
-       public_terminals: bool, parking_url: str, verbose: bool) -> None:
+       public_terminals: bool, parking_url: str, node_identities: bool,
+       verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
@@ -128,7 +132,8 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
                           services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
                           parking_url=parking_url, nats_cluster=nats_cluster or 0,
-                          leaf_sites=leaf_sites, tls=tls, tls_names=tls_names)))
+                          leaf_sites=leaf_sites, tls=tls, tls_names=tls_names,
+                          node_identities=node_identities)))
 
 
 # ---------------------------------------------------------------------- daemons
@@ -148,12 +153,17 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
 @click.option("--virtual", type=click.IntRange(1, 100000), default=None,
               help="Run N logical nodes in this process (PREFIX1..PREFIXN).")
 @click.option("--prefix", default="vnode-", show_default=True, help="Name prefix for --virtual.")
+@click.option("--join", "join_url", help="Enroll at this controller URL (once; the credential "
+              "is kept in the state directory).")
+@click.option("--token", "join_token", help="The join token (shoal token create --join).")
+@click.option("--join-ca", help="CA file to verify an https:// --join controller by.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def agent(ctx: click.Context, config_path: Path | None, name: str | None,
           labels: tuple[str, ...], capacity: int | None, nats_url: str | None,
           nats_user: str | None, nats_password: str | None, nats_creds: str | None,
-          address: str | None, virtual: int | None, prefix: str, verbose: bool) -> None:
+          address: str | None, virtual: int | None, prefix: str, join_url: str | None,
+          join_token: str | None, join_ca: str | None, verbose: bool) -> None:
     """Run an agent: this machine (or N virtual nodes) joins the fleet.
 
     `shoal agent install HOSTS` puts agents on ssh hosts (`uninstall` removes them)."""
@@ -165,6 +175,7 @@ def agent(ctx: click.Context, config_path: Path | None, name: str | None,
     try:
         flags: dict[str, Any] = {
             "name": name, "capacity": capacity, "address": address,
+            "join_url": join_url, "join_token": join_token, "join_ca": join_ca,
             "labels": c.parse_labels(labels) if labels else None,
             "nats": {"url": nats_url, "user": nats_user, "password": nats_password,
                      "creds": nats_creds},
@@ -462,3 +473,4 @@ from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on 
 from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import agent_cmds  # noqa: E402, F401, I001  (registers its commands on `agent`)
+from . import enroll_cmds  # noqa: E402, F401, I001  (registers `nodes revoke`)

@@ -42,23 +42,43 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @token.command("create")
-@click.option("--user", required=True, help="Who the token is for (a person or a robot).")
-@click.option("--scope", "scope_list", multiple=True, required=True,
+@click.option("--user", help="Who the token is for (a person or a robot).")
+@click.option("--scope", "scope_list", multiple=True,
               help="A grant: read, logs, run, sessions, terminals, services, nodes, tokens, "
                    "admin; restricted as run:env=dev, run:web-[1-4] or sessions:own "
                    "(repeatable).")
-@click.option("--expires", default="30d", show_default=True,
-              help="Lifetime: 30d, 12h, 90m, 3600s, or never.")
+@click.option("--expires", default=None,
+              help="Lifetime: 30d, 12h, 90m, 3600s, or never (default: 30d; 1h with --join).")
+@click.option("--join", is_flag=True,
+              help="A join token instead: it enrolls new nodes (shoal agent --join URL --token "
+                   "T); use a short --expires, such as 1h.")
+@click.option("-l", "--label", "--labels", "labels", multiple=True,
+              help="With --join: a key=value label fixed for the nodes it enrolls.")
+@click.option("--uses", type=click.IntRange(1, 100000), default=1, show_default=True,
+              help="With --join: how many node names it may enroll.")
+@click.option("--name", "node_name", default="", help="With --join: the one name it enrolls.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def token_create(ctx: click.Context, user: str, scope_list: tuple[str, ...], expires: str,
+def token_create(ctx: click.Context, user: str | None, scope_list: tuple[str, ...],
+                 expires: str | None, join: bool, labels: tuple[str, ...], uses: int, node_name: str,
                  as_json: bool) -> None:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
 
+    if join:
+        from .enroll_cmds import create_join
+
+        try:
+            lifetime = parse_lifetime(expires or "1h")
+        except ShoalError as e:
+            fail(e.message, 2)
+        create_join(ctx, lifetime, uses, labels, node_name, as_json)
+        return
+    if not user or not scope_list:
+        fail("give --user and --scope (or --join for a join token)", 2)
     try:
-        lifetime = parse_lifetime(expires)
+        lifetime = parse_lifetime(expires or "30d")
         parse_grants(scope_list)  # say what is wrong before asking the controller
     except ShoalError as e:
         fail(e.message, 2)

@@ -94,6 +94,9 @@ OPS: dict[str, Op] = {
     "tokens.list": _r("tokens"),
     "tokens.create": _w("tokens", Target.GRANTS),
     "tokens.revoke": _w("tokens"),
+    "nodes.join": _w("admin"),  # a join token enrolls new nodes: as strong as admin
+    "nodes.revoke": _w("admin"),
+    "nodes.enroll": _r(PUBLIC),  # the join token in the body is the proof
     "audit.list": _r("admin"),
     "audit.verify": _r("admin"),
     "whoami": _r(ANY),
@@ -138,6 +141,9 @@ HTTP: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/tokens"): "tokens.list",
     ("POST", "/api/v1/tokens"): "tokens.create",
     ("DELETE", "/api/v1/tokens/{id}"): "tokens.revoke",
+    ("POST", "/api/v1/join-tokens"): "nodes.join",
+    ("POST", "/api/v1/nodes/{name}/revoke"): "nodes.revoke",
+    ("POST", "/api/v1/enroll"): "nodes.enroll",
     ("GET", "/api/v1/audit"): "audit.list",
     ("GET", "/api/v1/audit/verify"): "audit.verify",
     ("GET", "/api/v1/whoami"): "whoami",

@@ -22,6 +22,8 @@ from .api import add_routes, json_http_errors
 from .apitokens import TokenStore
 from .audit import AuditLog
 from .auth import auth_middleware
+from .enroll import Enrollment
+from .enroll import add_routes as add_enroll_routes
 from .headers import install as install_security_headers
 from .hosts import host_middleware
 from .logins import LoginStore, add_login_routes
@@ -68,6 +70,7 @@ class Controller:
         self.terminals: TerminalPool | None = None
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         self.api_tokens = TokenStore(cfg.token)
+        self.enrollment = Enrollment(self)  # node identities (only with cfg.identity)
         self.audit = AuditLog(self.instance)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
@@ -90,6 +93,7 @@ class Controller:
         self.js = self.buckets.js
         await self.logins.start(self.js, self.replicas)
         await self.api_tokens.start(self.js, self.replicas)
+        await self.enrollment.start(self.nc, self.js, self.replicas)
         await self.audit.start(self.js, self.replicas, self.cfg.audit_retention)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
@@ -194,6 +198,7 @@ class Controller:
         if self.registry is not None:
             await self.registry.stop()
         await self.api_tokens.stop()
+        await self.enrollment.stop()
         if self.nc is not None:
             await bus.close(self.nc)
 
@@ -210,6 +215,7 @@ class Controller:
         app.router.add_get("/api/v1/run", handle_run)
         app.router.add_get("/api/v1/openapi.json", openapi_handler)
         add_routes(app)
+        add_enroll_routes(app)
         add_service_routes(app)
         add_terminal_routes(app)
         add_login_routes(app)
