@@ -60,8 +60,8 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def token_create(ctx: click.Context, user: str | None, scope_list: tuple[str, ...],
-                 expires: str | None, join: bool, labels: tuple[str, ...], uses: int, node_name: str,
-                 as_json: bool) -> None:
+                 expires: str | None, join: bool, labels: tuple[str, ...], uses: int,
+                 node_name: str, as_json: bool) -> None:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
