@@ -23,6 +23,7 @@ from .. import __version__
 from ..client.aio import LogChunk, LogEnd, LogEof, LogError, LogTruncated
 from ..wire import messages as m
 from ..wire import servicetypes as st
+from ..wire.enrollment import EnrollReply, EnrollRequest, JoinToken, NewJoinToken
 from .api import DrainBody, SignalBody
 from .apitokens import NewToken
 from .audit import Entry as AuditEntry
@@ -319,6 +320,23 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("DELETE", "/api/v1/tokens/{id}"): Route(
         "revokeToken", "tokens", "Revoke a token, on every controller within a second",
         ok=dict[str, Any], errors=(400, 403, 404)),
+    ("POST", "/api/v1/join-tokens"): Route(
+        "createJoinToken", "nodes", "Create a join token that enrolls new nodes; shown once",
+        ok=JoinToken, status=201, body=NewJoinToken, errors=(400, 403, 409, 422),
+        description="Needs `admin`. `uses`: how many node names it may enroll; `labels` and "
+                    "`name` are bound into the credentials it yields (docs/security.md, node "
+                    "identities). 409 when the fleet has no node identities."),
+    ("POST", "/api/v1/enroll"): Route(
+        "enrollNode", "nodes", "Enroll a node with a join token (no bearer token)",
+        ok=EnrollReply, status=201, body=EnrollRequest, errors=(400, 409, 422),
+        description="The join token in the body is the proof. Sends the node's public nkey "
+                    "and names; answers its user JWT. 400 names what is wrong with the token "
+                    "(unknown, expired, used up); 409 for a name already enrolled."),
+    ("POST", "/api/v1/nodes/{name}/revoke"): Route(
+        "revokeNode", "nodes", "Revoke a node's NATS credential, at once",
+        ok=dict[str, Any], errors=(403, 404, 409),
+        description="Needs `admin`. The servers close its connection and refuse its "
+                    "credential from then on; its sessions are handled as for a lost node."),
     ("GET", "/api/v1/audit"): Route(
         "listAudit", "audit", "Audit entries, oldest first", ok=list[AuditEntry],
         query=("user", "since", "limit"), errors=(400, 403)),

@@ -1,0 +1,249 @@
+"""Every node its own NATS identity (``shoal up --node-identities``, docs/security.md):
+what one node's stolen credential cannot do, refused by nats-server itself; enrollment
+with join tokens; revocation; renewal before expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from fleet import Fleet, wait_for
+from shoal.config import AgentConfig, load
+from shoal.identity import claims
+
+LIFETIME = 20  # seconds a node credential lasts here: renewed every ~13 s during the tests
+
+
+@pytest.fixture(scope="module")
+def idfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("idfleet") / "home", agents=0,
+              extra_args=("--node-identities",))
+    f.env["SHOAL_NODE_CREDENTIAL_LIFETIME"] = str(LIFETIME)
+    f.start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def join_token(fleet: Fleet, *args: str) -> str:
+    r = fleet.shoal("token", "create", "--join", *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def creds_of(fleet: Fleet, name: str) -> Path:
+    return fleet.home / "agent-state" / "identity" / f"{name}.creds"
+
+
+def nats_url(fleet: Fleet) -> str:
+    return load(AgentConfig, fleet.home / "agent.toml").nats.url
+
+
+def enrolled(fleet: Fleet, name: str, token: str) -> subprocess.Popen[str]:
+    return fleet.agent(name, "--join", fleet.url, "--token", token)
+
+
+@pytest.fixture(scope="module")
+def nodes_ab(idfleet: Fleet) -> tuple[str, str]:
+    token = join_token(idfleet, "--uses", "2", "--expires", "10m")
+    enrolled(idfleet, "node-a", token)
+    enrolled(idfleet, "node-b", token)
+    return "node-a", "node-b"
+
+
+class Probe:
+    """A raw NATS client holding one node's credential, and what the server said to it."""
+
+    def __init__(self, nc: nats.aio.client.Client, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    @classmethod
+    async def open(cls, fleet: Fleet, name: str) -> Probe:
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e).lower())
+
+        nc = await nats.connect(nats_url(fleet), user_credentials=str(creds_of(fleet, name)),
+                                error_cb=on_error, allow_reconnect=False,
+                                inbox_prefix=f"_INBOX_AGENT.{name}")
+        return cls(nc, errors)
+
+    async def refused(self, verb: str, subject: str) -> bool:
+        """Whether the server answers a subscribe or publish on ``subject`` with a
+        permissions violation (its -ERR, which names the subject)."""
+        if verb == "subscribe":
+            async def ignore(msg: object) -> None:
+                pass
+            await self.nc.subscribe(subject, cb=ignore)
+        else:
+            await self.nc.publish(subject, b"{}")
+        await self.nc.flush()
+        wanted = f"permissions violation for {'subscription' if verb == 'subscribe' else 'publish'}"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if any(wanted in e and subject.lower() in e for e in self.errors):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+
+# What today's shared agent user allowed every node (docs/security.md, "What a stolen agent
+# credential can do"), tried with node-a's credential against node-b and the fleet.
+SUBSCRIBE_ABUSES = [
+    "shoal.agent.node-b.>",  # node-b's run and session requests: argv, env, cwd
+    "shoal.agent.*.>",  # every node's requests
+    "shoal.agent.node-b.ctl.session.>",  # keystrokes typed into node-b's terminals
+    "shoal.agent.node-b.ctl.run.>",  # stdin of node-b's runs
+    "shoal.agent.node-b.ack.run.>",
+    "shoal.run.*.ctl",  # the old shared run control subject
+    "shoal.session.*.ctl",  # the old shared session control subject
+    "shoal.run.*.out.*",  # every node's run output
+    "shoal.run.*.out.node-b",
+    "shoal.out.>",  # every session's output, live
+    "shoal.tout.>",
+    "_INBOX_AGENT.node-b.>",  # replies to node-b
+    "_INBOX.>",  # replies to controllers and clients
+    "shoal.api.>",  # the controllers' API requests (tokens in them)
+    "$KV.>",
+]
+PUBLISH_ABUSES = [
+    "$KV.shoal-heartbeats._h-node-b-0",  # a heartbeat as node-b
+    "$KV.shoal-heartbeats._h-impostor-0",  # a heartbeat of a new node name
+    "$KV.shoal-registry.node-b",  # node-b's registry entry
+    "$KV.shoal-registry.impostor",  # register a new node name
+    "shoal.run.r1.out.node-b",  # run output as node-b
+    "shoal.run.r1.inack.node-b",
+    "shoal.agent.node-b.run",  # a run request to node-b, as if from a controller
+    "shoal.agent.node-b.ctl.session.s1",  # keystrokes into node-b's sessions
+    "shoal.identity.renew.node-b",  # node-b's credential renewal
+    "shoal.api.sessions.create",  # the controllers' API
+    "$JS.API.STREAM.DELETE.shoal-output",  # the output stream itself
+    "$JS.API.STREAM.CREATE.impostor",
+    "$JS.API.CONSUMER.CREATE.shoal-output",  # a consumer reading every session's output
+    "$KV.shoal-tokens.x",  # API tokens
+    "$KV.shoal-identities.impostor",  # enroll without a join token
+    "$KV.shoal-join.x",
+    "$SYS.REQ.CLAIMS.UPDATE",  # the account itself (revocations)
+]
+
+
+async def test_a_node_credential_reaches_its_own_node_only(idfleet: Fleet,
+                                                           nodes_ab: tuple[str, str]) -> None:
+    probe = await Probe.open(idfleet, "node-a")
+    try:
+        # Its own node's subjects are allowed (the probe can tell refused from allowed).
+        assert not await probe.refused("subscribe", "shoal.agent.node-a.>")
+        assert not await probe.refused("publish", "$KV.shoal-registry.node-a")
+        allowed = [s for s in SUBSCRIBE_ABUSES if not await probe.refused("subscribe", s)]
+        allowed += [s for s in PUBLISH_ABUSES if not await probe.refused("publish", s)]
+        assert allowed == [], f"the server let node-a's credential use {allowed}"
+    finally:
+        await probe.nc.close()
+
+
+async def test_the_controller_credential_is_not_the_http_token(idfleet: Fleet) -> None:
+    """The token the HTTP API takes is no NATS credential (operator mode has no passwords)."""
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(nats_url(idfleet), user="controller", password=idfleet.token,
+                           allow_reconnect=False, max_reconnect_attempts=0)
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(nats_url(idfleet), token=idfleet.token, allow_reconnect=False,
+                           max_reconnect_attempts=0)
+
+
+def test_the_credential_is_a_standard_creds_file_made_on_the_node(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    path = creds_of(idfleet, "node-a")
+    assert path.stat().st_mode & 0o777 == 0o600
+    found = claims.parse_creds(path.read_text())
+    jwt = claims.decode(found.jwt)
+    assert jwt["sub"] == claims.public_key(found.seed)  # the key the node made
+    assert "shoal-node:node-a" in jwt["nats"]["tags"]
+    assert jwt["exp"] - jwt["iat"] == LIFETIME
+    # The seed was never sent: the controller's bucket keeps the public key only.
+    r = idfleet.shoal("run", "-n", "node-a", "--", "true")
+    assert r.returncode == 0, r.stderr
+
+
+def test_join_token_refusals_are_clear(idfleet: Fleet, nodes_ab: tuple[str, str],
+                                      tmp_path: Path) -> None:
+    def join(name: str, token: str) -> str:
+        # Another machine: a state directory of its own (no credential of node-a's there).
+        state = tmp_path / f"state-{name}-{time.monotonic_ns()}"
+        r = idfleet.shoal("agent", "--name", name, "--join", idfleet.url, "--token", token,
+                          timeout=40, env={"SHOAL_STATE_DIR": str(state)})
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert not (state / "identity" / f"{name}.creds").exists()
+        return r.stderr
+
+    expired = join_token(idfleet, "--expires", "1s")
+    time.sleep(1.5)
+    assert "join token expired" in join("late-node", expired)
+
+    once = join_token(idfleet, "--uses", "1")
+    enrolled(idfleet, "node-c", once)
+    assert "join token is used up" in join("node-d", once)
+
+    fresh = join_token(idfleet, "--uses", "5")
+    assert "already enrolled: node-a" in join("node-a", fresh)
+    assert "unknown join token" in join("node-e", fresh + "x")
+
+    named = join_token(idfleet, "--name", "node-f")
+    assert "enrolls the node node-f only" in join("node-g", named)
+
+
+def test_a_node_cannot_take_another_name_with_its_credential(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    r = idfleet.shoal("agent", "--name", "node-b", "--nats-creds",
+                      str(creds_of(idfleet, "node-a")), timeout=40)
+    assert r.returncode != 0
+    assert "is for node-a, not node-b" in r.stderr
+
+
+def test_credentials_are_renewed_before_they_expire(idfleet: Fleet,
+                                                    nodes_ab: tuple[str, str]) -> None:
+    path = creds_of(idfleet, "node-a")
+    first = claims.decode(claims.parse_creds(path.read_text()).jwt)["iat"]
+    # Past the first credential's expiry: still connected, on a newer credential.
+    wait_for(lambda: claims.decode(claims.parse_creds(path.read_text()).jwt)["exp"]
+             > first + LIFETIME, timeout=LIFETIME * 2)
+    time.sleep(max(0.0, first + LIFETIME + 2 - time.time()))
+    assert "renewed the NATS credential of node-a" in (idfleet.home / "agent-node-a.log") \
+        .read_text()
+    r = idfleet.shoal("run", "-n", "node-a", "--", "echo", "still-here")
+    assert r.returncode == 0 and "still-here" in r.stdout, r.stdout + r.stderr
+
+
+async def test_revoke_cuts_a_live_agent_off_and_it_cannot_come_back(idfleet: Fleet) -> None:
+    token = join_token(idfleet, "--name", "node-r")
+    agent = enrolled(idfleet, "node-r", token)
+    r = idfleet.shoal("nodes", "revoke", "node-r")
+    assert r.returncode == 0, r.stderr
+    agent.wait(30)  # the server closed its connection at once; it stops, saying why
+    assert agent.returncode != 0
+    log = (idfleet.home / "agent-node-r.log").read_text()
+    assert "credential was revoked" in log, log
+    # Said once in the log (and once as the exit message); no retry loop after it.
+    after = log[log.index("closed this agent's connection"):]
+    assert "reconnect" not in after.replace("not reconnecting", ""), after
+    with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+        await nats.connect(nats_url(idfleet), user_credentials=str(creds_of(idfleet, "node-r")),
+                           allow_reconnect=False, max_reconnect_attempts=0)
+    again = idfleet.shoal("agent", "--name", "node-r", timeout=40)
+    assert again.returncode != 0 and "refused the credentials" in again.stderr, again.stderr
+    # Not renewable either, and the fleet sees it down.
+    wait_for(lambda: idfleet.nodes().get("node-r", {}).get("state") in ("down", None),
+             timeout=30)
+    listing = json.loads(idfleet.shoal("nodes", "--json").stdout)
+    assert all(n["name"] != "node-r" or n["state"] == "down" for n in listing)
