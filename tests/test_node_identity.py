@@ -11,13 +11,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import nats
 import nats.errors
 import pytest
 
 from fleet import Fleet, wait_for
+from shoal.client.aio import Client, LogChunk
 from shoal.config import AgentConfig, load
 from shoal.identity import claims
+from shoal.wire import messages as m
+from shoal.wire.reports import OutputTrim
 
 LIFETIME = 20  # seconds a node credential lasts here: renewed every ~13 s during the tests
 
@@ -128,6 +132,9 @@ PUBLISH_ABUSES = [
     "shoal.agent.node-b.ctl.session.s1",  # keystrokes into node-b's sessions
     "shoal.identity.renew.node-b",  # node-b's credential renewal
     "shoal.api.sessions.create",  # the controllers' API
+    "$JS.API.STREAM.PURGE.shoal-output",  # every session's stored output
+    "$JS.API.STREAM.PURGE.shoal-terminal-output",
+    "shoal.report.node-b.trim",  # node-b's requests to trim its sessions' output
     "$JS.API.STREAM.DELETE.shoal-output",  # the output stream itself
     "$JS.API.STREAM.CREATE.impostor",
     "$JS.API.CONSUMER.CREATE.shoal-output",  # a consumer reading every session's output
@@ -174,6 +181,40 @@ def test_the_credential_is_a_standard_creds_file_made_on_the_node(
     # The seed was never sent: the controller's bucket keeps the public key only.
     r = idfleet.shoal("run", "-n", "node-a", "--", "true")
     assert r.returncode == 0, r.stderr
+
+
+async def test_the_output_cap_still_bites_through_the_controllers(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """The node may not purge; it asks, and the controller trims its own session."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        r = await client.create_session(m.SessionSpec(
+            shell="for i in 1 2 3 4 5 6; do head -c 50000 /dev/zero; sleep 0.1; done",
+            output_cap=100000, node="node-a"))
+        r = await client.wait(r.id)
+        assert r.node == "node-a" and r.state == "exited", r
+        events = [e async for e in client.logs(r.id)]
+        assert type(events[0]).__name__ == "LogTruncated"
+        kept = sum(len(e.data) for e in events if isinstance(e, LogChunk))
+        assert 100000 <= kept < 300000
+        await client.remove(r.id)
+
+
+async def test_a_node_cannot_get_another_nodes_session_output_trimmed(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    async with Client(idfleet.url, idfleet.token) as client:
+        r = await client.create_session(m.SessionSpec(shell="echo kept-output", node="node-b"))
+        r = await client.wait(r.id)
+        probe = await Probe.open(idfleet, "node-a")
+        try:  # node-a's own report subject, naming node-b's session: the controller ignores it
+            await probe.nc.publish("shoal.report.node-a.trim",
+                                   msgspec.msgpack.encode(OutputTrim(r.id, 1 << 40)))
+            await probe.nc.flush()
+        finally:
+            await probe.nc.close()
+        wait_for(lambda: "asked to trim the output of session" in idfleet.log.read_text())
+        data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
+        assert b"kept-output" in data
+        await client.remove(r.id)
 
 
 def test_join_token_refusals_are_clear(idfleet: Fleet, nodes_ab: tuple[str, str],

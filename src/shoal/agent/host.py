@@ -46,6 +46,7 @@ from ..natsio.outputlog import describe_store_error
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
+from ..wire.reports import OutputTrim
 from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
@@ -199,6 +200,8 @@ class AgentHost:
                 allowed_users=self.cfg.run_as)
         for node in self.nodes.values():
             self._load_drain(node)
+            if creds is not None:  # a node credential may not purge: controllers do it
+                node.sessions.trim_output = self._trimmer(node.name)  # type: ignore[union-attr]
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
         _raise_open_files_limit()  # a run on thousands of nodes holds two pipes per node
@@ -348,6 +351,15 @@ class AgentHost:
                     session.fence(why)
                     ended += 1
         log.warning("self-fencing: %s; ended %d session(s) with a restart policy", why, ended)
+
+    def _trimmer(self, name: str):  # type: ignore[no-untyped-def]
+        subject = subjects.node_report(name, subjects.REPORT_TRIM)
+
+        async def trim(session: str, keep: int) -> None:
+            assert self.nc is not None
+            await self.nc.publish(subject, msgspec.msgpack.encode(OutputTrim(session, keep)))
+
+        return trim
 
     def _changed(self) -> None:
         """Session count changed: tell the schedulers soon, not at the next beat."""

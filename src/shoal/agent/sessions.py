@@ -20,7 +20,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -104,7 +104,7 @@ class Session:
         self.user: users.EphemeralUser | None = None
         self.named: runas.NamedUser | None = None  # a user of the agent's run_as
         self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
-                                   start_offset=record.output_bytes)
+                                   start_offset=record.output_bytes, trim=mgr.trim_output)
         self.writer.on_unblock = self._resume_reading
         self.writer.on_fenced = lambda: self.fence("a newer attempt writes its output")
         self.attempt = record.attempt  # this placement's fencing epoch
@@ -545,6 +545,7 @@ class SessionManager:
                  container_mounts: tuple[str, ...] = (),
                  allowed_users: Collection[str] = ()) -> None:
         self.node = node
+        self.trim_output: Callable[[str, int], Awaitable[None]] | None = None  # host sets it
         self.allowed_users = allowed_users  # the agent's run_as
         self.nc = nc
         self.js = js

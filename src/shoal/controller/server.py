@@ -32,6 +32,7 @@ from .nats_api import NatsApi
 from .openapi import openapi_handler
 from .proxy import services_app
 from .registry import NodeRegistry
+from .reports import Reports
 from .run_ws import handle_run
 from .services import ServiceManager
 from .services_api import add_service_routes
@@ -71,6 +72,7 @@ class Controller:
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         self.api_tokens = TokenStore(cfg.token)
         self.enrollment = Enrollment(self)  # node identities (only with cfg.identity)
+        self.reports = Reports(self)  # what agents report on their own subjects
         self.audit = AuditLog(self.instance)
         self.replicas = 1  # copies of each bucket and stream (decided at start)
         self.replica_advice: str | None = None  # set when existing assets have fewer
@@ -94,6 +96,7 @@ class Controller:
         await self.logins.start(self.js, self.replicas)
         await self.api_tokens.start(self.js, self.replicas)
         await self.enrollment.start(self.nc, self.js, self.replicas)
+        await self.reports.start()
         await self.audit.start(self.js, self.replicas, self.cfg.audit_retention)
         self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
                                      self.cfg.node_ttl)
@@ -199,6 +202,7 @@ class Controller:
             await self.registry.stop()
         await self.api_tokens.stop()
         await self.enrollment.stop()
+        await self.reports.stop()
         if self.nc is not None:
             await bus.close(self.nc)
 

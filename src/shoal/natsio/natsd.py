@@ -167,6 +167,7 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
     pub = [p for n in names for p in (f"shoal.run.*.out.{n}", f"shoal.run.*.inack.{n}",
                                       f"$KV.{REGISTRY_BUCKET}.{n}")]
     pub += [f"$KV.{HEARTBEATS_BUCKET}.{k}" for k in hostbeat.host_keys(lead, len(names))]
+    pub += [subjects.node_report(n, ">") for n in names]
     pub += [
         subjects.node_renew(lead),
         # Shared with every node until session output carries the node's name and records
@@ -179,8 +180,9 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
         f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
         f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
         f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
+        # No PURGE: an output cap's trim goes through the controllers (controller/reports.py).
         *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
-          for op in ("PURGE", "INFO", "MSG.GET")],
+          for op in ("INFO", "MSG.GET")],
     ]
     sub = [subjects.agent_all(n) for n in names] + [f"{subjects.node_inbox(lead)}.>"]
     return pub, sub

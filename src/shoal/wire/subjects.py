@@ -67,6 +67,17 @@ def node_renew(node: str) -> str:
     return f"{PREFIX}.identity.renew.{node}"
 
 
+def node_report(node: str, what: str) -> str:
+    """Agent of ``node`` -> controllers: a fact or a request about its own sessions
+    (``trim``: drop its session's oldest output). Only that node's credential may publish
+    here; the controller applies it once the record names that node."""
+    return f"{PREFIX}.report.{node}.{what}"
+
+
+REPORT_TRIM = "trim"
+REPORTS_QUEUE = "shoal-reports"
+
+
 def node_inbox(node: str) -> str:
     """The inbox prefix of the agent whose first node is ``node``: replies to it, and to
     nobody else's node."""
