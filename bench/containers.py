@@ -24,13 +24,14 @@ IMAGE = "localhost/shoal-bench-busybox:1"
 NODE = "cnode-1"  # the agent holding the image
 
 
-def rootfs_tar() -> bytes:
-    """/bin/busybox, a link per applet and the usual empty directories."""
+def rootfs_tar(dirs: tuple[str, ...] = (), files: dict[str, bytes] | None = None) -> bytes:
+    """/bin/busybox, a link per applet and the usual empty directories, plus ``dirs`` and
+    ``files`` (path -> content) for what a test serves from the image."""
     applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "dev", "etc", "proc", "sys", "tmp"):
+        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", *dirs):
             info = tarfile.TarInfo(d)
             info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
             tar.addfile(info)
@@ -40,6 +41,10 @@ def rootfs_tar() -> bytes:
                 info = tarfile.TarInfo(f"bin/{name}")
                 info.type, info.linkname = tarfile.SYMTYPE, "busybox"
                 tar.addfile(info)
+        for path, content in (files or {}).items():
+            info = tarfile.TarInfo(path)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
     return buf.getvalue()
 
 

@@ -11,7 +11,6 @@ file and a rename, the peers in place. Run from the repository root with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,14 +23,11 @@ from bench.harness import (
     Case,
     Deadline,
     Row,
-    add_ratios,
+    compare_main,
     find_shoal,
     log,
-    machine_summary,
     measure,
-    run_guarded,
     shoal_fleet,
-    write_results,
 )
 from bench.ssh import shoal_home
 from bench.sshd import DEBIAN_PSSH, SshEnv, ensure_packages, private_sshd
@@ -111,21 +107,15 @@ class _none:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    deadline = Deadline(args.budget)
-    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows),
-                               "shoal-copy-")
-    add_ratios(rows)
-    preamble = (machine_summary() + f"\nEach tool as a new process copying one {args.mib} MiB "
+    preamble = (f"\nEach tool as a new process copying one {args.mib} MiB "
                 "file to N nodes: `shoal` to N virtual agents (`shoal copy --all`, the file "
                 "sent once through NATS, sha256 checked on each node, renamed into place), "
                 "`shoal-ssh` to the N aliases of the private sshd on 127.0.0.1 (`shoal copy "
                 "-H`, SFTP, same checks), pscp (`parallel-scp`, Debian's pssh) and `clush "
                 "--copy` to the same aliases. ratio = peer median / shoal median (above 1: "
                 "shoal is faster).\n")
-    write_results(rows, "copy", "copy: shoal copy against pscp and clush --copy",
-                  preamble, args.out)
-    print(json.dumps([r.to_json() for r in rows]))
-    return status
+    title = "copy: shoal copy against pscp and clush --copy"
+    return compare_main(args, bench, "copy", title, preamble, "shoal-copy-")
 
 
 if __name__ == "__main__":

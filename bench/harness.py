@@ -510,3 +510,17 @@ def run_guarded(bench: Callable[[Path, list[Row]], None], prefix: str) -> tuple[
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows, status
+
+
+def compare_main(
+    args: Any, bench: Callable[[Any, Path, Deadline, list[Row]], None], stem: str, title: str,
+    preamble: str, prefix: str,
+) -> int:
+    """The driver of a bench against peers: run within ``args.budget``, add the ratios, write
+    <stem>.{json,md} under ``args.out`` and print the rows as JSON; 130 when interrupted."""
+    deadline = Deadline(args.budget)
+    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows), prefix)
+    add_ratios(rows)
+    write_results(rows, stem, title, machine_summary() + preamble, args.out)
+    print(json.dumps([r.to_json() for r in rows]))
+    return status

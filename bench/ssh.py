@@ -8,7 +8,6 @@ bench/results/ssh.{md,json} and prints the rows as JSON on stdout for bench/run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -20,13 +19,10 @@ from bench.harness import (
     Case,
     Deadline,
     Row,
-    add_ratios,
+    compare_main,
     find_shoal,
     log,
-    machine_summary,
     measure,
-    run_guarded,
-    write_results,
 )
 from bench.sshd import SshEnv, ensure_packages, private_sshd
 
@@ -89,18 +85,12 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    deadline = Deadline(args.budget)
-    rows, status = run_guarded(lambda root, rows: bench(args, root, deadline, rows),
-                               "shoal-ssh-")
-    add_ratios(rows)
-    preamble = (machine_summary() + "\nEach tool as a new process running `true` on N "
+    preamble = ("\nEach tool as a new process running `true` on N "
                 "aliases of one private sshd on 127.0.0.1; shoal checks host keys against "
                 "known_hosts, the peers are run with StrictHostKeyChecking=no. ratio = peer "
                 "median / shoal median (above 1: shoal is faster).\n")
-    write_results(rows, "ssh", "ssh fan-out: shoal -H against pssh, clush, parallel-ssh",
-                  preamble, args.out)
-    print(json.dumps([r.to_json() for r in rows]))
-    return status
+    title = "ssh fan-out: shoal -H against pssh, clush, parallel-ssh"
+    return compare_main(args, bench, "ssh", title, preamble, "shoal-ssh-")
 
 
 if __name__ == "__main__":

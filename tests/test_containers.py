@@ -4,13 +4,11 @@ busybox-static (``podman import`` of a root file system tarball) in a private im
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import threading
 import urllib.request
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench.containers import rootfs_tar
 
 from shoal.agent.containers import (
     ContainerError,
@@ -28,6 +27,7 @@ from shoal.agent.containers import (
     check,
     container_name,
 )
+from shoal.config import AgentConfig
 
 BUSYBOX = "/bin/busybox"
 IMAGE = "localhost/shoal-test-busybox:1"
@@ -39,26 +39,8 @@ needs_podman = pytest.mark.skipif(
 
 
 def _rootfs_tar() -> bytes:
-    """/bin/busybox and a link per applet, a web root, the usual empty directories."""
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "www", "data"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(BUSYBOX, "bin/busybox")
-        for name in applets:
-            if name != "busybox":
-                info = tarfile.TarInfo(f"bin/{name}")
-                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-                tar.addfile(info)
-        page = b"hello from a container\n"
-        info = tarfile.TarInfo("www/index.html")
-        info.size = len(page)
-        tar.addfile(info, io.BytesIO(page))
-    return buf.getvalue()
+    """The bench's busybox image with a web root and a data directory."""
+    return rootfs_tar(("www", "data"), {"www/index.html": b"hello from a container\n"})
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +184,39 @@ async def test_port_mapped_to_a_host_port(podman: Podman) -> None:
         await asyncio.wait_for(proc.wait(), 30)
     assert await podman.state(name) is None
     assert await podman.poll(name) == -1
+
+
+@needs_podman
+async def test_ports_are_published_on_the_configured_address_only(podman: Podman) -> None:
+    """A node of a multi-machine fleet publishes container ports on its own address (here
+    127.0.0.2, a second loopback address), and on that address alone."""
+    host_port = _free_port()
+    pod = Podman(podman.binary, podman.runtime, podman.root, podman.runroot, "127.0.0.2")
+    spec = ContainerSpec(image=IMAGE, command=["httpd", "-f", "-p", "80", "-h", "/www"],
+                         network="podman", ports=[PortMap(container=80, host=host_port)])
+    assert f"127.0.0.2:{host_port}:80" in pod.run_argv(spec, NODE, "pub")
+    name = container_name(NODE, "pub")
+    proc = await pod.start(spec, NODE, "pub")
+    try:
+        body = b""
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.2:{host_port}/", timeout=5) as r:
+                    body = r.read()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert body == b"hello from a container\n"
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", host_port))
+    finally:
+        await pod.stop(name, grace=5)
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+def test_a_publish_address_that_is_not_an_address_is_refused() -> None:
+    with pytest.raises(ValueError, match="container_publish: 'node-1.example' is not an IP"):
+        AgentConfig(container_publish="node-1.example")
 
 
 @needs_podman

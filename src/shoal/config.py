@@ -7,6 +7,7 @@ the top-level ``capacity``; and so on (docs/configuration.md has the full list).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import tomllib
@@ -59,6 +60,9 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     podman_root: str = ""
     podman_runroot: str = ""
     container_mounts: list[str] = []
+    # The address container ports are published on: loopback by default; the node's own
+    # address where controllers on other machines must reach container replicas.
+    container_publish: str = "127.0.0.1"
     run_as: list[str] = []  # users a run or session may ask to run as (agent/runas.py)
     # Enrollment (agent/identity.py): the controller's URL, a join token, the CA to verify an
     # https:// controller by. Used once, when this node has no credential of its own yet.
@@ -71,6 +75,11 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
         from .agent.runas import check_setting
 
         check_setting(self.run_as)
+        try:
+            ipaddress.ip_address(self.container_publish)
+        except ValueError:
+            raise ValueError(f"container_publish: {self.container_publish!r} is not an IP "
+                             "address (give this node's address, or 127.0.0.1)") from None
 
         try:
             parse_uid_range(self.ephemeral_uids)

@@ -8,10 +8,12 @@
     │       └── Forbidden    the credentials are good but lack a scope (HTTP 403)
     ├── NotFoundError        no such node, session or service (HTTP 404)
     ├── ConflictError        the request contradicts current state (HTTP 409)
+    │   └── IllegalTransition  a session record asked to move where its lifecycle cannot go
     ├── NoCapacityError      no node has room (HTTP 503)
     ├── Unavailable          not now: NATS is away or the view is stale; retry (HTTP 503 with
     │                        Retry-After)
     ├── RemoteTimeout        the other side did not answer in time
+    │   └── NoResponder      nobody serves that subject (its agent is not connected)
     └── ProtocolError        a peer sent something we cannot decode
 
 Errors of the libraries we use (nats-py, aiohttp) are translated at one boundary each:
@@ -59,6 +61,17 @@ class ConflictError(ShoalError):
     status = 409
 
 
+class IllegalTransition(ConflictError):
+    """A write would move a session where ``shoal.logic.sessionstate`` says it cannot go
+    (a bug in the writer, or a record changed by someone who should not): nothing is stored."""
+
+    def __init__(self, session: str, old: str, new: str, why: str = "") -> None:
+        super().__init__(f"session {session or '?'} cannot go from {old} to {new}"
+                         + (f": {why}" if why else ""))
+        self.old = old
+        self.new = new
+
+
 class NoCapacityError(ShoalError):
     status = 503
 
@@ -76,6 +89,11 @@ class Unavailable(ShoalError):
 
 class RemoteTimeout(ShoalError):
     status = 504
+
+
+class NoResponder(RemoteTimeout):
+    """Nobody listens on the subject asked: the node's agent is not running or not
+    connected (NATS says so at once, without waiting out the timeout)."""
 
 
 class ProtocolError(ShoalError):

@@ -17,7 +17,9 @@ contract as a local process. What the CLI process does not cover, this module do
   ulimits (podman's defaults fail on some hosts); ``--init`` gives the container a PID 1 that
   passes SIGTERM on, so a stop takes effect at once rather than after podman's own timeout.
 
-Host ports are allocated by the agent (``agent/ports.py``) and published on 127.0.0.1 only.
+Host ports are allocated by the agent (``agent/ports.py``) and published on one address:
+127.0.0.1 unless the agent's ``container_publish`` names another (the node's own address on a
+fleet of several machines, so that controllers elsewhere reach a container replica).
 """
 
 from __future__ import annotations
@@ -144,8 +146,10 @@ class Podman:
     """One podman installation: its binary, runtime and (optionally) a private store."""
 
     def __init__(self, binary: str = "podman", runtime: str = "runc",
-                 root: str | Path | None = None, runroot: str | Path | None = None) -> None:
+                 root: str | Path | None = None, runroot: str | Path | None = None,
+                 publish: str = "127.0.0.1") -> None:
         self.binary = binary
+        self.publish = publish  # the host address container ports are published on
         self.runtime = runtime
         self.root = str(root) if root is not None else None
         self.runroot = str(runroot) if runroot is not None else None
@@ -189,7 +193,8 @@ class Podman:
         if spec.cpu_shares is not None:
             argv += ["--cpu-shares", str(spec.cpu_shares)]
         for port in spec.ports:
-            argv += ["--publish", f"127.0.0.1:{port.host}:{port.container}"]
+            host = f"[{self.publish}]" if ":" in self.publish else self.publish
+            argv += ["--publish", f"{host}:{port.host}:{port.container}"]
         for mount in spec.mounts:
             argv += ["--mount", f"type=bind,source={os.path.realpath(mount.source)},"
                                 f"target={mount.target},readonly=true"]

@@ -454,9 +454,8 @@ class AgentHost:
             if rec.node not in self.nodes or rec.state not in LIVE:
                 continue
             if rec.spec.restart != "never":  # a daemon: the scheduler starts it again
-                await self.store.move(rec.id, "pending", node="", pid=0, ports=[],
-                                      restarts=rec.restarts + 1,
-                                      reason=f"rescheduling: agent of {rec.node} restarted")
+                await self.store.reschedule(rec.id, f"agent of {rec.node} restarted",
+                                            on_node=rec.node, only_from=LIVE)
             else:
                 await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
 
@@ -637,7 +636,7 @@ def _podman(cfg: AgentConfig) -> tuple[containers.Podman | None, str]:
     if not cfg.podman:
         return None, "container sessions are turned off on this node (its podman setting)"
     pod = containers.Podman(cfg.podman, cfg.podman_runtime, cfg.podman_root or None,
-                            cfg.podman_runroot or None)
+                            cfg.podman_runroot or None, cfg.container_publish)
     why = pod.unavailable()
     return (None, why) if why else (pod, "")
 

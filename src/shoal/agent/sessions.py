@@ -351,7 +351,7 @@ class Session:
         if self.reschedule and state == "killed":
             # its output goes on elsewhere
             await self.writer.close(end_marker=False, timeout=self._output_bound())
-            await self._move("pending", node="", pid=0, ports=[],
+            await self._move("pending", node="", pid=0, ports=[], requeued="rescheduled",
                                       reason=f"rescheduling: {self.kill_reason}",
                                       output_bytes=self.writer.offset, restarts=self.restarts + 1)
             return

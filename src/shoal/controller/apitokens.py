@@ -25,16 +25,13 @@ import time
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
 
-from ..errors import NotFoundError, Unavailable, ValidationError
-from ..natsio import bus
+from ..errors import ConflictError, NotFoundError, Unavailable, ValidationError
+from ..natsio import bus, kv
 from .scopes import Principal, admin, parse_grants
 
 if TYPE_CHECKING:
-    from nats.js import JetStreamContext
-    from nats.js.kv import KeyValue
+    from ..natsio.types import JetStreamContext, KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +104,7 @@ class TokenStore:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, js: JetStreamContext, replicas: int = 1) -> None:
-        try:
-            self.kv = await js.key_value(BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=BUCKET, history=1, storage=StorageType.FILE, replicas=replicas))
+        self.kv = await kv.ensure(js, BUCKET, replicas=replicas)
         ready = asyncio.Event()
         self._task = asyncio.create_task(bus.watch_bucket(self.kv, self._apply, ready.set,
                                                           "tokens"))
@@ -165,14 +158,11 @@ class TokenStore:
     async def _fetch(self, tid: str) -> TokenRecord | None:
         if self.kv is None:
             return None
-        try:
-            entry = await self.kv.get(tid)
-        except nats.js.errors.NotFoundError:
-            return None
-        if not entry.value:
+        found = await kv.get(self.kv, tid)
+        if found is None:
             return None
         try:
-            return msgspec.json.decode(entry.value, type=TokenRecord)
+            return msgspec.json.decode(found[0], type=TokenRecord)
         except msgspec.DecodeError:
             return None
 
@@ -197,7 +187,8 @@ class TokenStore:
         record = TokenRecord(id=tid, user=req.user, scopes=[str(g) for g in grants],
                              created=now, expires=now + req.expires if req.expires else 0.0,
                              created_by=by, hash=digest(token))
-        await self.kv.create(tid, msgspec.json.encode(record))
+        if await kv.create(self.kv, tid, msgspec.json.encode(record)) is None:
+            raise ConflictError(f"token id {tid} is taken (a one in 2^48 chance); try again")
         self.records[tid] = record
         return token, record
 
@@ -210,6 +201,6 @@ class TokenStore:
         record = self.records.get(tid) or (await self._fetch(tid) if _ID.match(tid) else None)
         if record is None:
             raise NotFoundError(f"no token {tid!r}; `shoal token list` shows them")
-        await self.kv.purge(tid)
+        await kv.purge(self.kv, tid)
         self.records.pop(tid, None)
         return record

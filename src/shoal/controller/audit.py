@@ -23,21 +23,21 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js.api import StorageType, StreamConfig
 
+from ..errors import ConflictError
+from ..natsio import streams
 from ..natsio.bus import NATS_ERRORS
 
 if TYPE_CHECKING:
-    from nats.js import JetStreamContext
+    from ..natsio.types import JetStreamContext
 
 log = logging.getLogger(__name__)
 
 STREAM = "shoal-audit"
 SUBJECT = "shoal.audit"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence
 ATTEMPTS = 50
+# What an append can fail with: NATS away or slow, or too many controllers racing.
+_FAILURES: tuple[type[BaseException], ...] = (*NATS_ERRORS, ConflictError)
 MAX_SCAN = 1_000_000  # entries a query or verify walks at most
 
 
@@ -80,19 +80,14 @@ class AuditLog:
 
     async def start(self, js: JetStreamContext, replicas: int, retention: float) -> None:
         self.js = js
-        config = StreamConfig(name=STREAM, subjects=[SUBJECT], storage=StorageType.FILE,
-                              num_replicas=replicas, max_age=retention, allow_direct=True)
-        try:
-            await js.stream_info(STREAM)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(config)
+        await streams.ensure(js, STREAM, SUBJECT, replicas=replicas, max_age=retention)
 
     async def record(self, entry: Entry) -> None:
         """Append ``entry`` to the chain; failures are logged, never raised (the request
         it records has happened already)."""
         try:
             await self._append(msgspec.structs.replace(entry, controller=self.instance))
-        except NATS_ERRORS as e:  # nats.js errors are nats.errors.Error too
+        except _FAILURES as e:
             log.error("audit entry for %s by %s not written: %r", entry.op, entry.user, e)
 
     async def _append(self, entry: Entry) -> None:
@@ -104,36 +99,30 @@ class AuditLog:
                 seq, prev = self._last
                 e = msgspec.structs.replace(entry, prev=prev)
                 e = msgspec.structs.replace(e, hash=entry_hash(e))
-                try:
-                    ack = await self.js.publish(
-                        SUBJECT, msgspec.json.encode(e), stream=STREAM,
-                        headers={"Nats-Expected-Last-Sequence": str(seq)})
-                except nats.js.errors.APIError as err:
-                    if err.err_code == WRONG_LAST_SEQUENCE:  # another controller was first
-                        self._last = None
-                        continue
-                    raise
-                self._last = (ack.seq, e.hash)
+                new = await streams.append_after(self.js, STREAM, SUBJECT,
+                                                 msgspec.json.encode(e), seq)
+                if new is None:  # another controller was first
+                    self._last = None
+                    continue
+                self._last = (new, e.hash)
                 return
-            raise nats.errors.Error(f"gave up after {ATTEMPTS} conflicting appends")
+            raise ConflictError(f"audit: gave up after {ATTEMPTS} conflicting appends")
 
     async def _load_last(self) -> tuple[int, str]:
         assert self.js is not None
-        info = await self.js.stream_info(STREAM)
-        last_seq = info.state.last_seq
-        if not info.state.messages:
+        _, last_seq, messages = await streams.bounds(self.js, STREAM)
+        if not messages:
             return last_seq, ""
-        try:
-            msg = await self.js.get_last_msg(STREAM, SUBJECT)
-        except nats.js.errors.NotFoundError:
+        data = await streams.last_message(self.js, STREAM, SUBJECT)
+        if data is None:
             return last_seq, ""
-        return last_seq, _decode(msg.data).hash
+        return last_seq, _decode(data).hash
 
     async def bounds(self) -> tuple[int, int]:
         """The stream's first and last sequence (last 0: nothing was ever written)."""
         assert self.js is not None
-        info = await self.js.stream_info(STREAM)
-        return info.state.first_seq, info.state.last_seq
+        first, last, _ = await streams.bounds(self.js, STREAM)
+        return first, last
 
     async def entries(self, bounds: tuple[int, int] | None = None,
                       ) -> AsyncIterator[tuple[int, Entry | None]]:
@@ -143,17 +132,15 @@ class AuditLog:
         for _ in range(MAX_SCAN):
             if not last or seq > last:
                 return
-            try:
-                msg = await self.js.get_msg(STREAM, seq, subject=SUBJECT, next=True)
-            except nats.js.errors.NotFoundError:
+            found = await streams.message_from(self.js, STREAM, SUBJECT, seq)
+            if found is None or found[0] > last:
                 return
-            if msg.seq is None or msg.seq > last:
-                return
+            at, data = found
             try:
-                yield msg.seq, _decode(msg.data)
+                yield at, _decode(data)
             except msgspec.DecodeError:
-                yield msg.seq, None
-            seq = msg.seq + 1
+                yield at, None
+            seq = at + 1
 
     async def query(self, user: str | None, since: float | None,
                     limit: int) -> list[Entry]:

@@ -20,17 +20,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
 
+from ..errors import NoResponder, RemoteTimeout
 from ..logic.nodeset import NodeSet
+from ..natsio import rpc
 from ..system.malloc import reuse_heap_for_bulk_io
 from ..wire import messages as m
 from ..wire import subjects
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
-    from nats.aio.subscription import Subscription
+    from ..natsio.types import Msg, NatsClient, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +174,13 @@ class FanoutRun:
         batch = m.RunBatch(run_id=self.run_id, spec=self.spec, nodes=nodes, window=self.window)
         reason = ""
         try:
-            msg = await self.nc.request(subjects.agent_runs(lead), m.pack(batch),
-                                        timeout=self.connect_timeout)
-            ack = m.unpack(msg.data, m.RunBatchAck)
+            data = await rpc.request(self.nc, subjects.agent_runs(lead), m.pack(batch),
+                                     self.connect_timeout)
+            ack = m.unpack(data, m.RunBatchAck)
             reason = ack.reason
-        except nats.errors.NoRespondersError:
+        except NoResponder:
             reason = "no agent is serving this node"
-        except nats.errors.TimeoutError:
+        except RemoteTimeout:
             reason = f"no answer in {self.connect_timeout:g}s"
         except msgspec.DecodeError as e:
             reason = f"bad answer from agent: {e}"
@@ -233,12 +232,12 @@ class FanoutRun:
         reply: m.RunAccepted | m.RunRefused | m.Exit | m.Unreachable
         self._control_to.append(node)
         try:
-            msg = await self.nc.request(subjects.agent_run(node), request,
-                                        timeout=self.connect_timeout)
-            reply = m.unpack_run_reply(msg.data)
-        except nats.errors.NoRespondersError:
+            data = await rpc.request(self.nc, subjects.agent_run(node), request,
+                                     self.connect_timeout)
+            reply = m.unpack_run_reply(data)
+        except NoResponder:
             reply = m.Unreachable(node=node, reason="no agent is serving this node")
-        except nats.errors.TimeoutError:
+        except RemoteTimeout:
             reply = m.Unreachable(node=node, reason=f"no answer in {self.connect_timeout:g}s")
         except msgspec.DecodeError as e:
             reply = m.Unreachable(node=node, reason=f"bad answer from agent: {e}")

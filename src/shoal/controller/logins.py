@@ -24,14 +24,13 @@ import time
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from aiohttp import web
-from nats.js.api import KeyValueConfig, StorageType
+
+from ..natsio import kv
+from ..natsio.bus import NATS_ERRORS
 
 if TYPE_CHECKING:
-    from nats.js import JetStreamContext
-    from nats.js.kv import KeyValue
+    from ..natsio.types import JetStreamContext, KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,7 @@ class LoginStore:
         self.kv: KeyValue | None = None
 
     async def start(self, js: JetStreamContext, replicas: int = 1) -> None:
-        try:
-            self.kv = await js.key_value(BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=BUCKET, ttl=self.lifetime, history=1, storage=StorageType.FILE,
-                replicas=replicas))
+        self.kv = await kv.ensure(js, BUCKET, ttl=self.lifetime, replicas=replicas)
 
     async def create(self, token_id: str = "admin", user: str = "admin") -> tuple[str, str]:
         """A new login: its id (for the cookie) and its CSRF token (for the page)."""
@@ -103,14 +97,11 @@ class LoginStore:
         """The login, if it exists and has not expired."""
         if self.kv is None or not plausible_id(login_id):
             return None
-        try:
-            entry = await self.kv.get(_stored_key(login_id))
-        except nats.js.errors.NotFoundError:  # never made, expired, or ended (deleted)
-            return None
-        if entry.value is None:
+        found = await kv.get(self.kv, _stored_key(login_id))
+        if found is None:  # never made, expired, or ended (deleted)
             return None
         try:
-            login = msgspec.json.decode(entry.value, type=Login)
+            login = msgspec.json.decode(found[0], type=Login)
         except msgspec.DecodeError:
             return None
         return login if login.expires > time.time() else None
@@ -119,14 +110,17 @@ class LoginStore:
         if self.kv is None or not plausible_id(login_id):
             return
         try:
-            await self.kv.purge(_stored_key(login_id))
-        except (nats.errors.Error, nats.js.errors.Error) as e:
+            await kv.purge(self.kv, _stored_key(login_id))
+        except NATS_ERRORS as e:
             log.warning("could not end a login: %s", e)
+
+
+LOGINS: web.AppKey[LoginStore] = web.AppKey("shoal.logins", LoginStore)
 
 
 async def logout(request: web.Request) -> web.Response:
     """``POST /api/v1/logout``: end this browser's login, on every controller."""
-    store: LoginStore = request.app["controller"].logins
+    store = request.app[LOGINS]
     login_id = request.get("login")
     if login_id:
         await store.end(login_id)

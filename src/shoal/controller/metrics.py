@@ -20,15 +20,20 @@ from ..logic.sessionstate import TRANSITIONS
 from ..wire.messages import SessionState
 
 if TYPE_CHECKING:
-    from .server import Controller
+    from ..natsio.sessionstore import SessionCache
+    from .registry import NodeRegistry
+    from .services import ServiceManager
 
 
 class FleetCollector(Collector):
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
+    def __init__(self, registry: NodeRegistry, sessions: SessionCache,
+                 services: ServiceManager) -> None:
+        self.registry = registry
+        self.sessions = sessions
+        self.services = services
 
     def collect(self) -> Iterator[Metric]:
-        nodes = self.ctl.registry.snapshot().values()
+        nodes = self.registry.snapshot().values()
         by_state = GaugeMetricFamily("shoal_nodes", "Nodes by state.", labels=["state"])
         counts = Counter(n.state for n in nodes)
         for state in ("ready", "draining", "down"):
@@ -51,28 +56,28 @@ class FleetCollector(Collector):
         yield from (capacity, used, cpu, mem)
         sessions = GaugeMetricFamily("shoal_sessions", "Session records by state.",
                                      labels=["state"])
-        records = self.ctl.session_cache.records.values() if self.ctl.session_cache else []
+        records = self.sessions.records.values()
         scount = Counter(r.state for r in records)
         states: list[SessionState] = list(TRANSITIONS)
         for state in states:
             sessions.add_metric([state], scount[state])
         yield sessions
-        services = getattr(self.ctl, "services", None)
-        if services is not None:
-            replicas = GaugeMetricFamily("shoal_service_replicas",
-                                         "Replicas of a service by health.",
-                                         labels=["service", "health"])
-            for view in services.views():
-                health = Counter(r.health for r in view.replicas)
-                for h in ("up", "down", "init"):
-                    replicas.add_metric([view.name, h], health[h])
-            yield replicas
+        replicas = GaugeMetricFamily("shoal_service_replicas",
+                                     "Replicas of a service by health.",
+                                     labels=["service", "health"])
+        for view in self.services.views():
+            health = Counter(r.health for r in view.replicas)
+            for h in ("up", "down", "init"):
+                replicas.add_metric([view.name, h], health[h])
+        yield replicas
+
+
+FLEET: web.AppKey[FleetCollector] = web.AppKey("shoal.fleet_metrics", FleetCollector)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctl: Controller = request.app["controller"]
     registry = CollectorRegistry()
-    registry.register(FleetCollector(ctl))
+    registry.register(request.app[FLEET])
     return web.Response(body=generate_latest(registry),
                         content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-store"})

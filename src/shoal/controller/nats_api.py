@@ -82,52 +82,51 @@ class NatsApi:
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.subs: list[Subscription] = []
-        s = ctl.sessions
-        reg = ctl.registry
+        # Read at call time: the table is built (and listed) before the controller starts.
 
         def decode(kind: type[Any], data: bytes) -> Any:
             return msgspec.json.decode(data or b"{}", type=kind)
 
         async def show_node(d: bytes) -> Any:
             name = decode(NameBody, d).name
-            node = reg.node(name)
+            node = ctl.registry.node(name)
             if node is None:
                 raise NotFoundError(f"no node named {name!r}")
             return node
 
         async def drain(d: bytes) -> Any:
             req = decode(DrainRequest, d)
-            return {"remaining": await s.drain(req.name, req.deadline, req.wait)}
+            return {"remaining": await ctl.sessions.drain(req.name, req.deadline, req.wait)}
 
         async def undrain(d: bytes) -> Any:
-            await s.set_draining(decode(NameBody, d).name, False)
+            await ctl.sessions.set_draining(decode(NameBody, d).name, False)
             return {"draining": False}
 
         async def create(d: bytes, p: Principal) -> Any:
-            record, created = await s.create(decode(m.SessionSpec, d), owner=p.user)
+            record, created = await ctl.sessions.create(decode(m.SessionSpec, d), owner=p.user)
             return {"session": record, "created": created}
 
         async def list_(d: bytes) -> Any:
             q = decode(ListBody, d)
-            return s.find(q.state, q.node, q.name, q.labels)
+            return ctl.sessions.find(q.state, q.node, q.name, q.labels)
 
         async def show(d: bytes) -> Any:
-            return await s.get(decode(IdBody, d).id)
+            return await ctl.sessions.get(decode(IdBody, d).id)
 
         async def signal(d: bytes) -> Any:
             req = decode(SignalBody, d)
-            return await s.signal(req.id, parse_signal(req.signal))
+            return await ctl.sessions.signal(req.id, parse_signal(req.signal))
 
         async def kill(d: bytes) -> Any:
-            return await s.kill(decode(IdBody, d).id)
+            return await ctl.sessions.kill(decode(IdBody, d).id)
 
         async def remove(d: bytes) -> Any:
-            await s.remove(decode(IdBody, d).id)
+            await ctl.sessions.remove(decode(IdBody, d).id)
             return {"removed": True}
 
         async def logs(d: bytes) -> Any:
             req = decode(LogsBody, d)
-            await s.get(req.id)
+            await ctl.sessions.get(req.id)
             chunks: list[dict[str, Any]] = []
             size = 0
             async for item in outputlog.read(ctl.js, req.id, req.offset):
@@ -142,7 +141,7 @@ class NatsApi:
             return chunks
 
         async def nodes(d: bytes) -> Any:
-            return reg.listing()
+            return ctl.registry.listing()
 
         plain: dict[str, Callable[[bytes], Awaitable[Any]]] = {
             "nodes.list": nodes, "nodes.show": show_node, "nodes.drain": drain,

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -41,8 +42,9 @@ from .forwarding import WS_HANDSHAKE, answer_headers, split_target, upstream_hea
 from .hosts import host_middleware
 
 if TYPE_CHECKING:
+    from ..config import ControllerConfig
     from ..logic import balance
-    from .server import Controller
+    from .services import ServiceManager
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,14 @@ BUFFER_LIMIT = 1 << 20  # answers up to this size (with a Content-Length) are se
 CONNECT_TIMEOUT = 3.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("shoal.proxy")
+# The services origin as the client of a request sees it (Controller.services_base).
+SERVICES_BASE: web.AppKey[Callable[[web.Request], str]] = web.AppKey("shoal.services_base")
 
 
 class Proxy:
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
+    def __init__(self, services: ServiceManager, trusted_proxies: list[str]) -> None:
+        self.services = services
+        self.trusted_proxies = trusted_proxies
         self._http: aiohttp.ClientSession | None = None
 
     @property
@@ -81,7 +86,7 @@ class Proxy:
             return error_json(404, "this is the services listener: service NAME is at "
                                    "/s/NAME/ (`shoal service list` shows them)")
         name, path = target
-        services = self.ctl.services
+        services = self.services
         try:
             st.check_name(name)
             record, replica = services.choose(name)
@@ -102,7 +107,7 @@ class Proxy:
     def _headers(self, request: web.Request, name: str, drop: frozenset[str] = frozenset(),
                  ) -> CIMultiDict[str]:
         return upstream_headers(request.headers, peer=request.remote or "",
-                                trusted=self.ctl.cfg.trusted_proxies, host=request.host,
+                                trusted=self.trusted_proxies, host=request.host,
                                 scheme=request.scheme, prefix=f"/s/{name}", drop=drop)
 
     async def _http_request(self, request: web.Request, name: str,
@@ -139,7 +144,7 @@ class Proxy:
             if len(tried) >= MAX_ATTEMPTS or (sent and method not in IDEMPOTENT):
                 break
             try:
-                _, replica = self.ctl.services.choose(name, tried)
+                _, replica = self.services.choose(name, tried)
             except ShoalError:
                 break
         return error_json(502, f"service {name}: no replica answered ({'; '.join(errors)})"
@@ -202,7 +207,7 @@ class Proxy:
                 if len(tried) >= MAX_ATTEMPTS:
                     break
                 try:
-                    _, replica = self.ctl.services.choose(name, tried)
+                    _, replica = self.services.choose(name, tried)
                 except ShoalError:
                     break
         if upstream is None:
@@ -257,11 +262,11 @@ def _url(replica: balance.Replica, path: str) -> URL:
     return URL(f"http://{_hostport(replica)}{path}", encoded=True)
 
 
-def services_app(ctl: Controller) -> web.Application:
+def services_app(cfg: ControllerConfig, services: ServiceManager) -> web.Application:
     """The services listener: only service traffic, no API, no shoal login; the Host check
     too, so that a DNS-rebinding page cannot reach services bound to loopback."""
-    app = web.Application(client_max_size=1 << 20, middlewares=[host_middleware(ctl.cfg)])
-    proxy = Proxy(ctl)
+    app = web.Application(client_max_size=1 << 20, middlewares=[host_middleware(cfg)])
+    proxy = Proxy(services, cfg.trusted_proxies)
     app[PROXY_KEY] = proxy
     app.on_cleanup.append(proxy.close)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -271,9 +276,8 @@ def services_app(ctl: Controller) -> web.Application:
 async def redirect_to_services(request: web.Request) -> web.StreamResponse:
     """``/s/NAME/...`` on the controller's origin: 307 to the same raw target on the services
     origin (method and body kept); nothing of a service is ever served here."""
-    ctl: Controller = request.app["controller"]
     return web.Response(status=307, headers={
-        "Location": ctl.services_base(request) + request.raw_path,
+        "Location": request.app[SERVICES_BASE](request) + request.raw_path,
         "Cache-Control": "no-store"})
 
 

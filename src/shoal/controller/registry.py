@@ -28,7 +28,7 @@ from ..wire import hostbeat
 from ..wire.messages import NodeInfo
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
+    from ..natsio.types import KeyValue
 
 log = logging.getLogger(__name__)
 

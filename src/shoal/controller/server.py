@@ -1,5 +1,11 @@
 """The controller: HTTP API and web UI in front of NATS. It keeps no state of its own: nodes
-(and later sessions) live in JetStream, so any number of controllers can run at once."""
+and sessions live in JetStream, so any number of controllers can run at once.
+
+Built in two steps: ``Controller(cfg)`` checks the settings (and can build the web app, for
+route listings); ``start()`` connects, then ``Parts.open`` builds every service with only
+what it needs (its buckets and the services it calls), so nothing in a running controller
+is ever "not set yet"; the API handlers reach them through the controller's attributes.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,16 @@ import logging
 import secrets
 import signal
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aiohttp import web
 
 from ..config import ControllerConfig
 from ..errors import ConfigError
 from ..logic.nodegroups import GroupsError, GroupsFile
-from ..natsio import bus, replicas
-from ..natsio.sessionstore import SessionCache, SessionStore
+from ..natsio import bus
+from ..natsio.sessionstore import SessionCache
+from ..natsio.types import JetStreamContext, NatsClient
 from ..web import static_dir
 from .api import add_routes, json_http_errors
 from .apitokens import TokenStore
@@ -26,24 +33,26 @@ from .enroll import Enrollment
 from .enroll import add_routes as add_enroll_routes
 from .headers import install as install_security_headers
 from .hosts import host_middleware
-from .logins import LoginStore, add_login_routes
-from .metrics import add_metrics_route
+from .logins import LOGINS, LoginStore, add_login_routes
+from .metrics import FLEET, FleetCollector, add_metrics_route
 from .nats_api import NatsApi
 from .openapi import openapi_handler
-from .proxy import services_app
+from .parts import Parts
+from .proxy import SERVICES_BASE, services_app
 from .registry import NodeRegistry
 from .reports import Reports
 from .run_ws import handle_run
 from .services import ServiceManager
 from .services_api import add_service_routes
 from .sessions import SessionService
-from .terminals import TerminalPool, add_terminal_routes
+from .terminals import TERMINALS, TerminalPool, add_terminal_routes
 from .tokens_api import add_token_routes
 
-if TYPE_CHECKING:
-    from nats.js import JetStreamContext
-
 log = logging.getLogger(__name__)
+
+
+class NotStarted(RuntimeError):
+    """A connected part of the controller was asked for before ``start()``."""
 
 
 class Controller:
@@ -52,30 +61,17 @@ class Controller:
             raise ConfigError("the controller needs an API token: set token in controller.toml "
                               "or SHOAL_TOKEN (shoal up generates one)")
         self.cfg = cfg
-        self.nc: bus.NatsClient = None  # type: ignore[assignment]
-        self.buckets: bus.Buckets | None = None
-        self.registry: NodeRegistry = None  # type: ignore[assignment]
-        self.runner: web.AppRunner | None = None
-        self.services_runner: web.AppRunner | None = None
         self.port = cfg.port
         _check_services_settings(cfg)
         _check_output_settings(cfg)
         self.services_port = _services_port(cfg)
         self.ssl = server_tls(cfg)  # None: plain HTTP
         self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
-        self.js: JetStreamContext = None  # type: ignore[assignment]
-        self.session_cache: SessionCache | None = None
-        self.sessions: SessionService = None  # type: ignore[assignment]
-        self.nats_api: NatsApi | None = None
-        self.services: ServiceManager = None  # type: ignore[assignment]
-        self.terminals: TerminalPool | None = None
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         self.api_tokens = TokenStore(cfg.token)
         self.enrollment = Enrollment(self)  # node identities (only with cfg.identity)
         self.reports = Reports(self)  # what agents report on their own subjects
         self.audit = AuditLog(self.instance)
-        self.replicas = 1  # copies of each bucket and stream (decided at start)
-        self.replica_advice: str | None = None  # set when existing assets have fewer
         self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.logic.nodegroups)
         try:
             self.groups.get()  # a broken groups file stops the start, clearly
@@ -85,42 +81,81 @@ class Controller:
             static_dir()  # fail at start, clearly, if the web files were not built
         except RuntimeError as e:
             raise ConfigError(str(e)) from e
+        self._parts: Parts | None = None  # set once, by start(): see the properties
+        self._running: list[Callable[[], object]] = []  # what stop() undoes, last first
+
+    # What the API handlers use, each a part of the running controller.
+
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise NotStarted("the controller is not started: call start() first")
+        return self._parts
+
+    @property
+    def started(self) -> bool:
+        return self._parts is not None
+
+    @property
+    def nc(self) -> NatsClient:
+        return self.parts.nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.parts.buckets.js
+
+    @property
+    def buckets(self) -> bus.Buckets:
+        return self.parts.buckets
+
+    @property
+    def replicas(self) -> int:
+        return self.parts.replicas
+
+    @property
+    def replica_advice(self) -> str | None:
+        return self._parts.replica_advice if self._parts is not None else None
+
+    @property
+    def registry(self) -> NodeRegistry:
+        return self.parts.registry
+
+    @property
+    def session_cache(self) -> SessionCache:
+        return self.parts.session_cache
+
+    @property
+    def sessions(self) -> SessionService:
+        return self.parts.sessions
+
+    @property
+    def services(self) -> ServiceManager:
+        return self.parts.services
+
+    @property
+    def terminals(self) -> TerminalPool:
+        return self.parts.terminals
 
     async def start(self) -> None:
-        self.nc = await bus.connect(self.cfg.nats, "shoal-controller")
-        size = replicas.cluster_size(self.nc)
-        self.replicas = replicas.wanted(self.cfg.replicas, size)
-        self.buckets = await bus.ensure_buckets(self.nc, self.cfg.node_ttl, self.replicas,
-                                                self.cfg.terminal_output_bytes)
-        self.js = self.buckets.js
-        await self.logins.start(self.js, self.replicas)
-        await self.api_tokens.start(self.js, self.replicas)
-        await self.enrollment.start(self.nc, self.js, self.replicas)
+        if self._parts is not None:
+            raise RuntimeError("the controller is started already")
+        self._parts = parts = await Parts.open(self.cfg, self.instance, self.logins,
+                                                self.api_tokens, self.audit,
+                                                lambda: self.services_url)
+        self._running = [lambda: bus.close(parts.nc), self.api_tokens.stop, parts.stop]
+        await self.enrollment.start(parts.nc, parts.buckets.js, parts.replicas)
+        self._running.append(self.enrollment.stop)
         await self.reports.start()
-        await self.audit.start(self.js, self.replicas, self.cfg.audit_retention)
-        self.registry = NodeRegistry(self.buckets.heartbeats, self.buckets.registry,
-                                     self.cfg.node_ttl)
-        await self.registry.start()
-        self.session_cache = SessionCache(self.buckets.sessions)
-        await self.session_cache.start()
-        self.sessions = SessionService(self.nc, self.js, SessionStore(self.buckets.sessions),
-                                       self.session_cache, self.registry, self.cfg.retention,
-                                       self.cfg.token)
-        self.sessions.start()
-        assert self.buckets.services is not None
-        self.services = ServiceManager(self, self.buckets.services)
-        await self.services.start()
+        self._running.append(self.reports.stop)
         self.nats_api = NatsApi(self)
         await self.nats_api.start()
-        self.terminals = TerminalPool(self)
-        await self.terminals.start()
-        # Buckets made before the cluster grew (or with replicas = 1) keep their count.
-        self.replica_advice = replicas.advice(await replicas.assets(self.nc), self.replicas,
-                                              size)
-        if self.replica_advice:
-            log.warning("%s", self.replica_advice)
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._running.append(self.nats_api.stop)
+        app = self.app()
+        app[TERMINALS] = parts.terminals
+        app[FLEET] = FleetCollector(parts.registry, parts.session_cache, parts.services)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
+        self._running.append(self.runner.cleanup)
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, reuse_address=True,
                            ssl_context=self.ssl)
         try:
@@ -132,9 +167,10 @@ class Controller:
         addresses = self.runner.addresses  # learn the port when 0 was asked for
         if addresses:
             self.port = addresses[0][1]
-        self.services_runner = web.AppRunner(services_app(self), access_log=None,
-                                             handle_signals=False)
+        self.services_runner = web.AppRunner(services_app(self.cfg, parts.services),
+                                             access_log=None, handle_signals=False)
         await self.services_runner.setup()
+        self._running.append(self.services_runner.cleanup)
         if self.services_port == -1:
             self.services_port = self.port + 1 if self.port < 65535 else 0
         site = web.TCPSite(self.services_runner, self.cfg.host, self.services_port,
@@ -184,36 +220,24 @@ class Controller:
         return f"{request.scheme}://{host}:{self.services_port}"
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        if self.services_runner is not None:
-            await self.services_runner.cleanup()
-        if self.nats_api is not None:
-            await self.nats_api.stop()
-        if self.terminals is not None:
-            await self.terminals.stop()
-        if self.services is not None:
-            await self.services.stop()
-        if self.sessions is not None:
-            await self.sessions.stop()
-        if self.session_cache is not None:
-            await self.session_cache.stop()
-        if self.registry is not None:
-            await self.registry.stop()
-        await self.api_tokens.stop()
-        await self.enrollment.stop()
-        await self.reports.stop()
-        if self.nc is not None:
-            await bus.close(self.nc)
+        """Undo what ``start`` did, last first (listeners, then the NATS API, then the
+        parts, then the connection); safe to call twice, or after a failed start."""
+        running, self._running = self._running, []
+        for undo in reversed(running):
+            result = undo()
+            if asyncio.iscoroutine(result):
+                await result
 
     def app(self) -> web.Application:
         async def consume_link(nonce: str) -> bool:
-            return self.terminals is not None and await self.terminals.consume_link(nonce)
+            return self._parts is not None and await self._parts.terminals.consume_link(nonce)
 
         app = web.Application(middlewares=[
             host_middleware(self.cfg), json_http_errors,
             auth_middleware(self.cfg, self.logins, consume_link)], client_max_size=1 << 20)
-        app["controller"] = self
+        app["controller"] = self  # the API modules' handle (typed keys for the rest)
+        app[LOGINS] = self.logins
+        app[SERVICES_BASE] = self.services_base
         install_security_headers(app)
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/api/v1/run", handle_run)
@@ -293,8 +317,7 @@ async def _healthz(request: web.Request) -> web.Response:
     503 when it cannot (disconnected, or connected to a server that does not answer: a hung
     or overloaded NATS keeps the TCP connection up)."""
     ctl: Controller = request.app["controller"]
-    nc = ctl.nc
-    if nc is None or not nc.is_connected:
+    if not ctl.started or not ctl.nc.is_connected:
         return web.Response(text="nats disconnected\n", status=503,
                             headers={"Retry-After": "2"})
     try:

@@ -14,28 +14,33 @@ import time
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
 
-from ..errors import ConflictError, NotFoundError, RemoteTimeout, Unavailable, ValidationError
-from ..logic import placement
+from ..errors import (
+    ConflictError,
+    NoResponder,
+    NotFoundError,
+    RemoteTimeout,
+    ShoalError,
+    Unavailable,
+    ValidationError,
+)
+from ..logic import placement, sessionreconcile
 from ..logic.sessionstate import FINAL, LIVE
-from ..natsio import outputlog
+from ..natsio import outputlog, rpc
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import messages as m
 from ..wire import subjects
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-    from nats.js import JetStreamContext
-
+    from ..natsio.types import JetStreamContext, NatsClient
     from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)
 
 AGENT_TIMEOUT = 5.0
 RECONCILE_EVERY = 2.0
-STALE_PENDING = 10.0  # a pending record nobody is placing after this long gets placed
 WAITING = "waiting for the nodes"  # reason of a session kept pending while the view settles
+PENDING: frozenset[m.SessionState] = frozenset({"pending"})
 
 
 def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
@@ -144,18 +149,19 @@ class SessionService:
 
     async def place(self, record: m.SessionRecord) -> m.SessionRecord:
         """Offer the session to candidate nodes until one takes it."""
-        if not self.sealed(record):
-            # Agents may write records; only a controller's spec is ever launched.
-            log.warning("session %s has no valid seal; not placing it", record.id)
-            failed = await self.store.move(record.id, "failed",
-                                           reason="refused: the spec was not made by a controller")
-            return failed or record
         self._placing.add(record.id)
         try:
+            if not self.sealed(record):
+                # Agents may write records; only a controller's spec is ever launched.
+                log.warning("session %s has no valid seal; not placing it", record.id)
+                failed = await self.store.move_from(
+                    record.id, LIVE, "failed",
+                    reason="refused: the spec was not made by a controller")
+                return failed or record
             if record.restarts:  # rescheduled: go on from the last byte actually stored
                 end = await outputlog.end_offset(self.js, record.id)
                 if end != record.output_bytes:
-                    record = await self.store.move(record.id, "pending",
+                    record = await self.store.move_from(record.id, PENDING, "pending",
                                                    output_bytes=end) or record
             reasons: list[str] = []
             digest = m.spec_digest(record.spec)
@@ -172,9 +178,10 @@ class SessionService:
                     return current[0] if current else record
             why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
             if not self.registry.settled():  # not a verdict yet: the reconciler tries again
-                waiting = await self.store.move(record.id, "pending", reason=f"{WAITING} ({why})")
+                waiting = await self.store.move_from(record.id, PENDING, "pending",
+                                                requeued="waiting", reason=f"{WAITING} ({why})")
                 return waiting or record
-            failed = await self.store.move(record.id, "failed",
+            failed = await self.store.move_from(record.id, PENDING, "failed",
                                            reason=f"no node has room ({why})")
             return failed or record
         finally:
@@ -182,12 +189,12 @@ class SessionService:
 
     async def _ask(self, node: str, op: str, msg: msgspec.Struct) -> m.SessionStartReply:
         try:
-            reply = await self.nc.request(subjects.agent_session(node, op), m.pack(msg),
-                                          timeout=AGENT_TIMEOUT)
-            return m.unpack(reply.data, m.SessionStartReply)
-        except nats.errors.NoRespondersError:
+            data = await rpc.request(self.nc, subjects.agent_session(node, op), m.pack(msg),
+                                     AGENT_TIMEOUT)
+            return m.unpack(data, m.SessionStartReply)
+        except NoResponder:
             return m.SessionStartReply(ok=False, reason=f"node {node} is not answering")
-        except nats.errors.TimeoutError:
+        except RemoteTimeout:
             return m.SessionStartReply(ok=False, reason=f"node {node} timed out")
 
     # ------------------------------------------------------------------ read
@@ -239,7 +246,7 @@ class SessionService:
             if reply.ok:
                 return await self.get(sid)
         # Not placed yet, or its node does not know it: end the record directly.
-        moved = await self.store.move(sid, "killed", reason=reason)
+        moved = await self.store.move_from(sid, LIVE, "killed", reason=reason)
         return moved or await self.get(sid)
 
     async def wait_final(self, sid: str, timeout: float) -> m.SessionRecord:
@@ -292,30 +299,37 @@ class SessionService:
                 log.warning("reconcile failed: %s", e)
 
     async def reconcile(self) -> None:
-        """Sessions on nodes that went down become lost (daemons with a restart policy are
-        rescheduled); pending sessions nobody placed get placed; old records are purged."""
-        nodes = self.registry.snapshot()
-        now = time.time()
+        """One pass of ``shoal.logic.sessionreconcile.plan``: sessions on nodes that went
+        down become lost (daemons with a restart policy are rescheduled); pending sessions
+        that are due get placed; old records are purged."""
         # Heard from no node lately, or just back from an outage: more likely we are cut off
         # (or the agents have not caught up yet) than the nodes are dead.
-        fresh = self.registry.fresh() and self.registry.settled()
-        for r in list(self.cache.records.values()):
-            if fresh and r.state in LIVE and r.node and nodes.get(r.node, None) is not None \
-                    and nodes[r.node].state == "down":
-                if r.spec.restart != "never":
-                    await self.store.move(r.id, "pending", node="", pid=0, ports=[],
-                                          restarts=r.restarts + 1,
-                                          reason=f"rescheduling: node {r.node} lost")
-                else:
-                    await self.store.move(r.id, "lost", reason=f"node {r.node} lost")
-            elif (r.state == "pending" and not r.node and r.id not in self._placing
-                  and now - max(r.created, r.ended) > STALE_PENDING
-                  or r.state == "pending" and r.reason.startswith(("rescheduling", WAITING))
-                  and r.id not in self._placing):
-                asyncio.create_task(self.place(r))
-            elif r.state in FINAL and r.ended and now - r.ended > self.retention:
-                await self.store.delete(r.id)
-                await outputlog.purge(self.js, r.id)
+        trusted = self.registry.fresh() and self.registry.settled()
+        records = dict(self.cache.records)
+        actions = sessionreconcile.plan(records.values(), self.registry.snapshot(),
+                                        trusted=trusted, placing=self._placing,
+                                        now=time.time(), retention=self.retention)
+        for action in actions:
+            try:
+                await self._apply(action, records[action.id])
+            except ShoalError as e:  # one record's trouble does not hold up the others
+                log.warning("session %s: %s failed: %s", action.id,
+                            type(action).__name__.lower(), e)
+
+    async def _apply(self, action: sessionreconcile.Action, record: m.SessionRecord) -> None:
+        """Each action is a compare-and-set on what the record is now: one that has moved
+        on since the plan (placed elsewhere, ended) is left alone."""
+        match action:
+            case sessionreconcile.Reschedule(id=sid, node=node, why=why):
+                await self.store.reschedule(sid, why, on_node=node, only_from=LIVE)
+            case sessionreconcile.Lose(id=sid, node=node, why=why):
+                await self.store.move_from(sid, LIVE, "lost", on_node=node, reason=why)
+            case sessionreconcile.Place():
+                self._placing.add(record.id)  # before the task runs: never placed twice
+                asyncio.create_task(self.place(record))
+            case sessionreconcile.Purge(id=sid):
+                await self.store.delete(sid)
+                await outputlog.purge(self.js, sid)
 
 
 def _what_runs(spec: m.SessionSpec) -> tuple[object, ...]:

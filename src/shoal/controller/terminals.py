@@ -26,23 +26,22 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats.js.errors
 from aiohttp import web
-from nats.js.api import KeyValueConfig, StorageType
 
+from ..config import ControllerConfig
 from ..errors import NoCapacityError, ShoalError
 from ..logic import tokens
-from ..natsio import outputlog
+from ..natsio import kv, outputlog
 from ..natsio.bus import watch_bucket
+from ..natsio.types import JetStreamContext, KeyValue
 from ..web import STATIC_DIR
 from ..wire import messages as m
 from .auth import client_address, error_json
 from .headers import PAGE
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
-    from .server import Controller
+    from .registry import NodeRegistry
+    from .sessions import SessionService
 
 log = logging.getLogger(__name__)
 
@@ -118,47 +117,39 @@ class RateLimiter:
 
 
 class TerminalPool:
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-        self.cfg = ctl.cfg
-        self.key = tokens.derive_key(ctl.cfg.token)
-        self.limiter = RateLimiter(ctl.cfg.terminal_rate)
-        self.holders: dict[str, str] = {}  # ticket -> client key
-        self.kv: KeyValue | None = None
-        self.used_links: KeyValue | None = None
-        self.tickets: dict[str, tuple[float, float]] = {}  # id -> (created, seen monotonic)
-        self._task: asyncio.Task[None] | None = None
+    """Built by ``open`` (which binds its buckets): nothing in it waits to be set."""
 
-    async def start(self) -> None:
-        js = self.ctl.js
-        try:
-            self.kv = await js.key_value(QUEUE_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self.kv = await js.create_key_value(config=KeyValueConfig(
-                bucket=QUEUE_BUCKET, ttl=TICKET_TTL, history=1, storage=StorageType.MEMORY,
-                replicas=self.ctl.replicas))
-        try:
-            self.used_links = await js.key_value(LINKS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self.used_links = await js.create_key_value(config=KeyValueConfig(
-                bucket=LINKS_BUCKET, ttl=LINK_TTL, history=1, storage=StorageType.MEMORY,
-                replicas=self.ctl.replicas))
+    def __init__(self, cfg: ControllerConfig, queue: KeyValue, used_links: KeyValue,
+                 registry: NodeRegistry, sessions: SessionService) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.sessions = sessions
+        self.key = tokens.derive_key(cfg.token)
+        self.limiter = RateLimiter(cfg.terminal_rate)
+        self.holders: dict[str, str] = {}  # ticket -> client key
+        self.kv = queue
+        self.used_links = used_links
+        self.tickets: dict[str, tuple[float, float]] = {}  # id -> (created, seen monotonic)
         self._task = asyncio.create_task(watch_bucket(self.kv, self._apply, what="queue"))
 
+    @classmethod
+    async def open(cls, cfg: ControllerConfig, js: JetStreamContext, replicas: int,
+                   registry: NodeRegistry, sessions: SessionService) -> TerminalPool:
+        queue = await kv.ensure(js, QUEUE_BUCKET, ttl=TICKET_TTL, memory=True,
+                                replicas=replicas)
+        links = await kv.ensure(js, LINKS_BUCKET, ttl=LINK_TTL, memory=True,
+                                replicas=replicas)
+        return cls(cfg, queue, links, registry, sessions)
+
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
     async def consume_link(self, nonce: str) -> bool:
         """Record a link's first use; False if it was used before (on any controller)."""
-        if self.used_links is None or not nonce:
+        if not nonce:
             return False
-        try:
-            await self.used_links.create(nonce, b"1")
-            return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+        return await kv.create(self.used_links, nonce, b"1") is not None
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
@@ -192,31 +183,27 @@ class TerminalPool:
             return None
         if ticket in self.tickets:
             return self.tickets[ticket][0]
-        assert self.kv is not None
-        try:
-            entry = await self.kv.get(ticket)
-        except nats.js.errors.NotFoundError:
+        found = await kv.get(self.kv, ticket)
+        if found is None:
             return None
-        if entry.value is None:
-            return None
-        return msgspec.json.decode(entry.value, type=_Ticket).created
+        return msgspec.json.decode(found[0], type=_Ticket).created
 
     def free_slots(self) -> int:
-        return sum(max(0, n.capacity - n.sessions) for n in self.ctl.registry.snapshot().values()
+        return sum(max(0, n.capacity - n.sessions) for n in self.registry.snapshot().values()
                    if n.state == "ready")
 
     def warning(self) -> str | None:
         if self.cfg.terminal_image:
-            able = [n for n in self.ctl.registry.snapshot().values()
+            able = [n for n in self.registry.snapshot().values()
                     if n.state == "ready" and n.containers]
             return None if able else ("no ready node can run containers for terminals "
                                       "(`shoal nodes` shows which can)")
-        plain = [n.name for n in self.ctl.registry.snapshot().values()
+        plain = [n.name for n in self.registry.snapshot().values()
                  if n.state == "ready" and not n.isolation]
         if plain:
             return ("terminals on " + ", ".join(plain) + " run as the agent's own user (the "
                     "agent is not root, so it cannot make throwaway users)")
-        loose = [n.name for n in self.ctl.registry.snapshot().values()
+        loose = [n.name for n in self.registry.snapshot().values()
                  if n.state == "ready" and n.network in ("unenforced", "open")]
         if loose:
             return ("terminals on " + ", ".join(loose) + " can reach the node's NATS, "
@@ -267,7 +254,6 @@ class TerminalPool:
                                            f"{self.cfg.terminal_tickets} places in line; "
                                            "keep polling with your ticket")
             ticket, created = secrets.token_urlsafe(12), time.time()
-        assert self.kv is not None
         await self.kv.put(ticket, msgspec.json.encode(_Ticket(created, client)))
         self.tickets[ticket] = (created, time.monotonic())
         self.holders[ticket] = client
@@ -278,7 +264,7 @@ class TerminalPool:
                 return self._limited(form, "too many terminals from your address; wait a "
                                            "little")
             try:
-                record, _ = await self.ctl.sessions.create(self.spec(), terminal=True)
+                record, _ = await self.sessions.create(self.spec(), terminal=True)
             except ShoalError as e:
                 self.limiter.refund(client)
                 return error_json(e.status, e.message)
@@ -306,7 +292,6 @@ class TerminalPool:
     async def _drop(self, ticket: str) -> None:
         self.tickets.pop(ticket, None)
         self.holders.pop(ticket, None)
-        assert self.kv is not None
         try:
             await self.kv.delete(ticket)
         except Exception:
@@ -332,6 +317,9 @@ class TerminalPool:
 
 # ---------------------------------------------------------------------- pages
 
+TERMINALS: web.AppKey[TerminalPool] = web.AppKey("shoal.terminals", TerminalPool)
+
+
 def page(name: str) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / name, headers=PAGE)
 
@@ -341,7 +329,7 @@ async def pool_page(request: web.Request) -> web.StreamResponse:
 
 
 async def pool_enter(request: web.Request) -> web.StreamResponse:
-    pool: TerminalPool = request.app["controller"].terminals
+    pool = request.app[TERMINALS]
     try:
         return await pool.enter(request)
     except NoCapacityError as e:
@@ -357,7 +345,7 @@ async def dashboard_page(request: web.Request) -> web.StreamResponse:
 
 
 async def terminal_info(request: web.Request) -> web.Response:
-    pool: TerminalPool = request.app["controller"].terminals
+    pool = request.app[TERMINALS]
     return web.json_response({"public": pool.cfg.public_terminals, "warning": pool.warning()})
 
 

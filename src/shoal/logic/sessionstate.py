@@ -1,17 +1,30 @@
-"""The session state machine as data: every legal transition is in one table.
+"""The session lifecycle as data: every legal transition is in one table, and every change
+of a record goes through ``change`` (or ``reschedule``), which checks it.
 
     pending ──▶ starting ──▶ running ──▶ exited | killed | failed | lost
        │           │            │
        └───────────┴────────────┴──▶ failed | killed | lost   (could not start, ended early)
-    running/starting ──▶ pending   only to reschedule a daemon whose node was lost
+    running/starting ──▶ pending   only as a *reschedule* (``requeued="rescheduled"``): a
+                                   daemon whose node was lost, drained or restarted
+    pending ──▶ pending            with ``requeued="waiting"``: no verdict while the view of
+                                   the nodes was not settled; placed again once it is
     running ──▶ starting          a restart on the same node (restart policy)
 
-A final state never changes: a writer that finds a final state leaves it alone.
+A final state never changes: a writer that finds a final state leaves it alone (``Final``).
+docs/lifecycle.md draws this.
 """
 
 from __future__ import annotations
 
-from ..wire.messages import SessionState
+from typing import Any
+
+import msgspec
+
+from ..errors import IllegalTransition
+from ..wire.messages import SessionRecord, SessionState
+
+__all__ = ["FINAL", "LIVE", "TRANSITIONS", "Final", "IllegalTransition", "can_move", "change",
+           "check", "check_record", "is_final", "reschedule"]
 
 FINAL: frozenset[SessionState] = frozenset({"exited", "failed", "killed", "lost"})
 LIVE: frozenset[SessionState] = frozenset({"pending", "starting", "running"})
@@ -27,11 +40,13 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
 }
 
 
-class IllegalTransition(Exception):
-    def __init__(self, old: SessionState, new: SessionState) -> None:
-        super().__init__(f"session cannot go from {old} to {new}")
-        self.old = old
-        self.new = new
+class Final(Exception):
+    """The record has already ended: a late writer (a kill racing the exit, a node lost
+    after its session ended) has nothing to change. Not an error: the first end wins."""
+
+    def __init__(self, record: SessionRecord) -> None:
+        super().__init__(f"session {record.id} has already ended ({record.state})")
+        self.record = record
 
 
 def can_move(old: SessionState, new: SessionState) -> bool:
@@ -40,8 +55,65 @@ def can_move(old: SessionState, new: SessionState) -> bool:
 
 def check(old: SessionState, new: SessionState) -> None:
     if not can_move(old, new):
-        raise IllegalTransition(old, new)
+        raise IllegalTransition("", old, new)
 
 
 def is_final(state: SessionState) -> bool:
     return state in FINAL
+
+
+def check_record(old: SessionRecord, new: SessionRecord) -> None:
+    """Raise ``IllegalTransition`` unless ``old`` may become ``new``: the state table, plus
+    the rules the table cannot say (going back to pending is a reschedule, and only a
+    pending record says why it is pending)."""
+    if new.state != old.state and not can_move(old.state, new.state):
+        raise IllegalTransition(old.id, old.state, new.state)
+    if new.state == "pending" and old.state != "pending" and new.requeued != "rescheduled":
+        raise IllegalTransition(old.id, old.state, new.state,
+                                "only a reschedule puts a placed session back to pending")
+    if new.state != "pending" and new.requeued:
+        raise IllegalTransition(old.id, old.state, new.state,
+                                f"requeued={new.requeued!r} is for pending records only")
+
+
+def normalized(new: SessionRecord) -> SessionRecord:
+    """``new`` with what only a pending record carries cleared once it leaves pending (an
+    agent taking a rescheduled record writes starting and need not know the field)."""
+    if new.state != "pending" and new.requeued:
+        return msgspec.structs.replace(new, requeued="")
+    return new
+
+
+def change(record: SessionRecord, state: SessionState, now: float,
+           **fields: Any) -> SessionRecord:
+    """``record`` moved to ``state`` with ``fields`` set; ``ended`` is stamped with ``now``
+    on reaching a final state. Raises ``Final`` if the record has ended already and
+    ``IllegalTransition`` if the lifecycle does not allow the move."""
+    if is_final(record.state):
+        raise Final(record)
+    if is_final(state):
+        fields.setdefault("ended", now)
+    if state != "pending":
+        fields.setdefault("requeued", "")
+    new = msgspec.structs.replace(record, state=state, **fields)
+    check_record(record, new)
+    return new
+
+
+def reschedule(record: SessionRecord, why: str, output_bytes: int | None = None,
+               ) -> SessionRecord:
+    """The reschedule transition: back to pending, off its node, to be placed again at once
+    (a daemon, restart policy other than "never"; its output goes on from ``output_bytes``).
+    ``why`` is for people (the reason reads "rescheduling: WHY"); ``requeued`` is the flag."""
+    if is_final(record.state):
+        raise Final(record)
+    if record.spec.restart == "never":
+        raise IllegalTransition(record.id, record.state, "pending",
+                                "a session with restart=never is not rescheduled")
+    fields: dict[str, Any] = {} if output_bytes is None else {"output_bytes": output_bytes}
+    new = msgspec.structs.replace(record, state="pending", requeued="rescheduled", node="",
+                                  pid=0, ports=[], restarts=record.restarts + 1,
+                                  reason=f"rescheduling: {why}",
+                                  **fields)
+    check_record(record, new)
+    return new

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
-from ..logic.sessionstate import can_move, is_final
+from ..errors import ConflictError
+from ..logic import sessionstate
+from ..logic.sessionstate import check_record, normalized
 from ..wire.messages import SessionRecord, SessionState
 from .bus import mirror, through_elections, watch_bucket
 
@@ -90,7 +92,9 @@ class SessionStore:
                          known: tuple[SessionRecord, int] | None = None,
                          ) -> tuple[SessionRecord, int] | None:
         """``update``, also giving the new revision. ``known`` (a record and its revision
-        just read) saves the first read; if it is stale, the write fails and we read."""
+        just read) saves the first read; if it is stale, the write fails and we read.
+        A change the lifecycle does not allow raises ``IllegalTransition`` (nothing is
+        written); None means no record, or ``change`` chose to leave it be."""
         for _ in range(100):
             found = known or await self.get(session_id)
             known = None
@@ -100,8 +104,8 @@ class SessionStore:
             new = change(current)
             if new is None:
                 return None
-            if new.state != current.state and not can_move(current.state, new.state):
-                return None
+            new = normalized(new)
+            check_record(current, new)
             try:
                 rev = await through_elections(
                     functools.partial(self.kv.update, session_id, _encode(new), last=rev),
@@ -109,27 +113,66 @@ class SessionStore:
                 return new, rev
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
-        raise RuntimeError(f"session {session_id}: too many concurrent writers")
+        raise ConflictError(f"session {session_id}: too many concurrent writers; try again")
 
     async def move(self, session_id: str, state: SessionState,
                    fence: tuple[int, str] | None = None,
                    known: tuple[SessionRecord, int] | None = None,
                    **fields: Any) -> SessionRecord | None:
-        """Move to ``state`` (if legal from the current one) and set ``fields``. With
-        ``fence`` (attempt, node), only while the record is still that placement's; else
-        raise ``Fenced``. ``known``: as for ``update``."""
-        def change(r: SessionRecord) -> SessionRecord | None:
+        """Move to ``state`` and set ``fields``. With ``fence`` (attempt, node), only while
+        the record is still that placement's; else raise ``Fenced``. None if the record has
+        ended already (the first end wins); a move the lifecycle does not allow raises
+        ``IllegalTransition``. ``known``: as for ``update``."""
+        return await self.update(session_id, self._guarded(
+            session_id, fence, None, None,
+            lambda r: sessionstate.change(r, state, time.time(), **fields)), known)
+
+    async def move_from(self, session_id: str, states: frozenset[SessionState],
+                        state: SessionState, *, on_node: str | None = None,
+                        **fields: Any) -> SessionRecord | None:
+        """``move``, only while the record is in one of ``states`` (and, with ``on_node``,
+        on that node): None if it has moved on meanwhile (an agent took it, it was placed
+        elsewhere), which is what a caller acting on an older view wants."""
+        return await self.update(session_id, self._guarded(
+            session_id, None, states, on_node,
+            lambda r: sessionstate.change(r, state, time.time(), **fields)))
+
+    async def reschedule(self, session_id: str, why: str,
+                         fence: tuple[int, str] | None = None,
+                         known: tuple[SessionRecord, int] | None = None,
+                         only_from: frozenset[SessionState] | None = None,
+                         on_node: str | None = None,
+                         output_bytes: int | None = None) -> SessionRecord | None:
+        """The reschedule transition (``shoal.logic.sessionstate.reschedule``): back to
+        pending, off its node, to be placed again at once. ``fence``, ``only_from`` and
+        ``known`` as for ``move``; ``on_node``: only while the record is still on that node
+        (the one seen lost)."""
+        return await self.update(session_id, self._guarded(
+            session_id, fence, only_from, on_node,
+            lambda r: sessionstate.reschedule(r, why, output_bytes)), known)
+
+    @staticmethod
+    def _guarded(session_id: str, fence: tuple[int, str] | None,
+                 only_from: frozenset[SessionState] | None, on_node: str | None,
+                 change: Change) -> Change:
+        def guarded(r: SessionRecord) -> SessionRecord | None:
             if fence is not None and (r.attempt, r.node) != fence:
                 raise Fenced(f"session {session_id}: attempt {fence[0]} on {fence[1]} was "
                              f"replaced (the record is at attempt {r.attempt} on "
                              f"{r.node or 'no node'})")
-            if is_final(r.state) or (r.state != state and not can_move(r.state, state)):
+            if only_from is not None and r.state not in only_from:
                 return None
-            if is_final(state):
-                fields.setdefault("ended", time.time())
-            return msgspec.structs.replace(r, state=state, **fields)
-
-        return await self.update(session_id, change, known)
+            if on_node is not None and r.node != on_node:
+                return None  # placed elsewhere meanwhile: not the copy the caller saw
+            try:
+                return change(r)
+            except sessionstate.Final:
+                # The policy for a late writer: the first end wins (a kill racing the exit,
+                # a node lost after its session ended). Said, not silently dropped.
+                log.debug("session %s has already ended (%s); leaving it", session_id,
+                          r.state)
+                return None
+        return guarded
 
     async def delete(self, session_id: str) -> None:
         try:

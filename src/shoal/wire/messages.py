@@ -307,6 +307,11 @@ SessionId = Annotated[
     str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 SessionState = Literal[
     "pending", "starting", "running", "exited", "failed", "killed", "lost"]
+# Why a pending record waits for a placement: "" a new record (its creator places it, the
+# reconciler too once it is stale), "rescheduled" it ran and must run again (its node was lost,
+# drained or restarted), "waiting" no node could be chosen while the view was not settled.
+# Only a "rescheduled" record may go back from starting/running to pending.
+Requeue = Literal["", "rescheduled", "waiting"]
 RestartPolicy = Literal["never", "on-failure", "always"]
 Runtime = Literal["process", "container"]
 ImageRef = Annotated[str, Meta(min_length=1, max_length=512,
@@ -397,6 +402,7 @@ class SessionRecord(Struct, frozen=True):
     draining: bool = False
     seal: str = ""  # HMAC of the spec by the controllers' key: only they may launch it
     owner: str = ""  # the API user who created it (scopes limited to one's own sessions)
+    requeued: Requeue = ""  # set only while pending (see Requeue); "" in every other state
 
 
 def spec_digest(spec: SessionSpec) -> str:
