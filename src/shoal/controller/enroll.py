@@ -26,16 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from aiohttp import web
 from nats.aio.client import RawCredentials
-from nats.js.api import KeyValueConfig, StorageType
 
 from ..errors import ConflictError, NotFoundError, Unavailable, ValidationError
 from ..identity import claims
 from ..identity.authority import Authority
-from ..natsio import bus
+from ..natsio import bus, kv
+from ..natsio.bus import NATS_ERRORS
 from ..wire import enrollment as w
 from ..wire import hostbeat, subjects
 from .api import api_errors, body, ok
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
-    from nats.js.kv import KeyValue
 
     from .server import Controller
 
@@ -89,8 +86,8 @@ class Enrollment:
         if ctl.cfg.identity:
             self.authority = Authority.load(Path(ctl.cfg.identity).expanduser())
         self.lifetime = ctl.cfg.node_credential_lifetime or DEFAULT_LIFETIME
-        self.join: KeyValue | None = None
-        self.ids: KeyValue | None = None
+        self.join: kv.KeyValue | None = None
+        self.ids: kv.KeyValue | None = None
         self._sub: Any = None
 
     @property
@@ -106,8 +103,8 @@ class Enrollment:
     async def start(self, nc: NatsClient, js: JetStreamContext, replicas: int) -> None:
         if self.authority is None:
             return
-        self.join = await _bucket(js, JOIN_BUCKET, replicas)
-        self.ids = await _bucket(js, IDENTITIES_BUCKET, replicas)
+        self.join = await kv.ensure(js, JOIN_BUCKET, replicas=replicas)
+        self.ids = await kv.ensure(js, IDENTITIES_BUCKET, replicas=replicas)
         # The servers may have started from an older account JWT: push what we know.
         await self.push_account()
         self._sub = await nc.subscribe(subjects.node_renew("*"), queue=RENEW_QUEUE,
@@ -117,7 +114,7 @@ class Enrollment:
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except nats.errors.Error:
+            except NATS_ERRORS:
                 pass
 
     # ------------------------------------------------------------------ join tokens
@@ -135,7 +132,7 @@ class Enrollment:
         record = JoinRecord(id=tid, hash=_digest(token), created=now, expires=now + req.expires,
                             uses=1 if req.name else req.uses, labels=req.labels,
                             name=req.name, created_by=by)
-        await self.join.create(tid, msgspec.json.encode(record))
+        await kv.create(self.join, tid, msgspec.json.encode(record))
         return w.JoinToken(id=tid, token=token, expires=record.expires, uses=record.uses,
                            labels=record.labels, name=record.name)
 
@@ -148,14 +145,11 @@ class Enrollment:
             raise ValidationError("that is not a join token (shoal-join_...): make one with "
                                   "shoal token create --join")
         for _ in range(20):
-            try:
-                entry = await self.join.get(parts[1])
-            except nats.js.errors.KeyNotFoundError:
-                entry = None
-            if entry is None or not entry.value:
+            entry = await kv.get(self.join, parts[1])
+            if entry is None:
                 raise ValidationError("unknown join token: make a new one with shoal token "
                                       "create --join")
-            record = msgspec.json.decode(entry.value, type=JoinRecord)
+            record = msgspec.json.decode(entry[0], type=JoinRecord)
             if not hmac.compare_digest(record.hash, _digest(token)):
                 raise ValidationError("unknown join token: make a new one with shoal token "
                                       "create --join")
@@ -169,11 +163,10 @@ class Enrollment:
             if record.name and names != [record.name]:
                 raise ValidationError(f"this join token enrolls the node {record.name} only")
             spent = msgspec.structs.replace(record, uses=record.uses - len(names))
-            try:
-                await self.join.update(record.id, msgspec.json.encode(spent), entry.revision)
+            if await kv.update(self.join, record.id, msgspec.json.encode(spent),
+                               entry[1]) is not None:
                 return record
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another enrollment spent a use meanwhile: look again
+            # Another enrollment spent a use meanwhile: look again.
         raise Unavailable("the join token is in heavy use; try again")
 
     # ------------------------------------------------------------------ enrollment
@@ -197,18 +190,16 @@ class Enrollment:
         labels = {**req.labels, **record.labels}  # the token's labels win
         now = time.time()
         made: list[str] = []
-        try:
-            for name in req.names:
-                ident = IdentityRecord(name=name, lead=req.names[0], names=req.names,
-                                       public_key=req.public_key, labels=labels, enrolled=now,
-                                       token_id=record.id)
-                await self.ids.create(name, msgspec.json.encode(ident))
-                made.append(name)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            for name in made:  # another node took one of the names in the meantime
-                await self.ids.purge(name)
-            raise ConflictError(f"node name(s) {', '.join(req.names)}: enrolled by another "
-                                "node a moment ago") from None
+        for name in req.names:
+            ident = IdentityRecord(name=name, lead=req.names[0], names=req.names,
+                                   public_key=req.public_key, labels=labels, enrolled=now,
+                                   token_id=record.id)
+            if await kv.create(self.ids, name, msgspec.json.encode(ident)) is None:
+                for taken_now in made:  # another node took one of the names meanwhile
+                    await kv.purge(self.ids, taken_now)
+                raise ConflictError(f"node name(s) {', '.join(req.names)}: enrolled by "
+                                    "another node a moment ago")
+            made.append(name)
         jwt = authority.node_jwt(req.public_key, req.names, int(now), self.lifetime, labels)
         log.info("enrolled %s (key %s, join token %s)", ", ".join(req.names),
                  req.public_key[:12], record.id)
@@ -217,13 +208,8 @@ class Enrollment:
 
     async def _identity(self, name: str) -> IdentityRecord | None:
         assert self.ids is not None
-        try:
-            entry = await self.ids.get(name)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if not entry.value:
-            return None
-        return msgspec.json.decode(entry.value, type=IdentityRecord)
+        entry = await kv.get(self.ids, name)
+        return None if entry is None else msgspec.json.decode(entry[0], type=IdentityRecord)
 
     async def _on_renew(self, msg: Msg) -> None:
         lead = msg.subject.rsplit(".", 1)[-1]
@@ -234,7 +220,7 @@ class Enrollment:
             reply = w.RenewReply(error=f"the controller could not renew it: {e}")
         try:
             await msg.respond(msgspec.json.encode(reply))
-        except nats.errors.Error as e:
+        except NATS_ERRORS as e:
             log.info("renewal answer to %s lost: %s", lead, e)
 
     async def renew(self, lead: str) -> w.RenewReply:
@@ -275,7 +261,7 @@ class Enrollment:
         for key in hostbeat.host_keys(ident.lead, len(ident.names)):
             try:
                 await heartbeats.delete(key)
-            except nats.errors.Error as e:
+            except NATS_ERRORS as e:
                 log.info("removing the heartbeat of revoked %s: %s", ident.lead, e)
         log.warning("revoked the NATS credential of %s (key %s)", ", ".join(ident.names),
                     ident.public_key[:12])
@@ -284,11 +270,7 @@ class Enrollment:
     async def revocations(self) -> dict[str, int]:
         assert self.ids is not None
         out: dict[str, int] = {}
-        try:
-            keys = await self.ids.keys()
-        except nats.js.errors.NoKeysError:
-            return out
-        for key in keys:
+        for key in await kv.keys(self.ids):
             ident = await self._identity(key)
             if ident is not None and ident.revoked:
                 out[ident.public_key] = max(out.get(ident.public_key, 0), int(ident.revoked))
@@ -323,14 +305,6 @@ def _is_public_key(key: str) -> bool:
 
 def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
-
-
-async def _bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(config=KeyValueConfig(
-            bucket=name, history=1, storage=StorageType.FILE, replicas=replicas))
 
 
 # ---------------------------------------------------------------------- HTTP

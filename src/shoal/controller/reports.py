@@ -13,9 +13,9 @@ import logging
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
 
 from ..natsio import outputlog
+from ..natsio.bus import NATS_ERRORS
 from ..natsio.sessionstore import SessionStore
 from ..wire import subjects
 from ..wire.reports import OutputTrim
@@ -43,7 +43,7 @@ class Reports:
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
-            except nats.errors.Error:
+            except NATS_ERRORS:
                 pass
 
     async def _on_trim(self, msg: Msg) -> None:
