@@ -20,6 +20,7 @@ from fleet import Fleet, wait_for
 from shoal.client.aio import Client, LogChunk
 from shoal.config import AgentConfig, load
 from shoal.identity import claims
+from shoal.wire import hostbeat
 from shoal.wire import messages as m
 from shoal.wire.reports import OutputTrim
 
@@ -215,6 +216,32 @@ async def test_a_node_cannot_get_another_nodes_session_output_trimmed(
         data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
         assert b"kept-output" in data
         await client.remove(r.id)
+
+
+async def test_a_heartbeat_chunk_cannot_invent_or_claim_nodes(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """The server lets node-a write only its own heartbeat key; what the chunk lists is
+    checked by the controllers against node-a's enrollment."""
+    ctl = await nats.connect(nats_url(idfleet), user_credentials=str(
+        idfleet.home / "identity" / "controller.creds"))
+    try:
+        beats = await ctl.jetstream().key_value("shoal-heartbeats")
+        beat = hostbeat.decode((await beats.get("_h-node-a-0")).value or b"")
+    finally:
+        await ctl.close()
+    probe = await Probe.open(idfleet, "node-a")
+    try:
+        beats = await probe.nc.jetstream().key_value("shoal-heartbeats")
+        forged = msgspec.structs.replace(beat, nodes=[
+            *beat.nodes, hostbeat.NodeBeat("impostor"), hostbeat.NodeBeat("node-b", 7)])
+        await beats.put("_h-node-a-0", hostbeat.encode(forged))
+    finally:
+        await probe.nc.close()
+    wait_for(lambda: "names nodes its credential was not enrolled for: impostor, node-b"
+             in idfleet.log.read_text())
+    nodes = idfleet.nodes()
+    assert "impostor" not in nodes
+    assert nodes["node-b"]["sessions"] != 7 and nodes["node-a"]["state"] == "ready"
 
 
 def test_join_token_refusals_are_clear(idfleet: Fleet, nodes_ab: tuple[str, str],

@@ -16,6 +16,7 @@ may publish to, so the server has already said who asks.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import hashlib
 import hmac
@@ -89,6 +90,8 @@ class Enrollment:
         self.join: kv.KeyValue | None = None
         self.ids: kv.KeyValue | None = None
         self._sub: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        self.identities: dict[str, IdentityRecord] = {}  # a mirror of the bucket
 
     @property
     def enabled(self) -> bool:
@@ -105,12 +108,32 @@ class Enrollment:
             return
         self.join = await kv.ensure(js, JOIN_BUCKET, replicas=replicas)
         self.ids = await kv.ensure(js, IDENTITIES_BUCKET, replicas=replicas)
+        loaded = asyncio.Event()
+        self._watch = asyncio.create_task(bus.watch_bucket(self.ids, self._mirror, loaded.set,
+                                                           "identities"))
+        try:
+            await asyncio.wait_for(loaded.wait(), 10)
+        except TimeoutError:
+            log.warning("identities bucket slow to load; continuing")
         # The servers may have started from an older account JWT: push what we know.
         await self.push_account()
         self._sub = await nc.subscribe(subjects.node_renew("*"), queue=RENEW_QUEUE,
                                        cb=self._on_renew)
 
+    def _mirror(self, key: str, value: bytes | None) -> None:
+        bus.mirror(self.identities, lambda b: msgspec.json.decode(b, type=IdentityRecord), key,
+                   value)
+
+    def vouches(self, lead: str, name: str) -> bool:
+        """Whether the credential of the process led by ``lead`` was enrolled for ``name``
+        (and not revoked): what a heartbeat chunk under ``lead``'s key may list."""
+        ident = self.identities.get(name)
+        return ident is not None and ident.lead == lead and not ident.revoked
+
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

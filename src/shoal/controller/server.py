@@ -145,6 +145,8 @@ class Controller:
         self._running = [lambda: bus.close(parts.nc), self.api_tokens.stop, parts.stop]
         await self.enrollment.start(parts.nc, parts.buckets.js, parts.replicas)
         self._running.append(self.enrollment.stop)
+        if self.enrollment.enabled:  # a chunk may list only its own credential's nodes
+            parts.registry.require(self.enrollment.vouches)
         await self.reports.start()
         self._running.append(self.reports.stop)
         self.nats_api = NatsApi(self)
