@@ -315,3 +315,21 @@ async def test_revoke_cuts_a_live_agent_off_and_it_cannot_come_back(idfleet: Fle
              timeout=30)
     listing = json.loads(idfleet.shoal("nodes", "--json").stdout)
     assert all(n["name"] != "node-r" or n["state"] == "down" for n in listing)
+
+
+async def test_a_revocation_survives_a_restart_of_the_fleet(idfleet: Fleet) -> None:
+    """The servers start from the accounts as first made; the revocation pushed since is
+    newer, and is what the resolver keeps (and the controller pushes again at start)."""
+    token = join_token(idfleet, "--name", "node-s")
+    agent = enrolled(idfleet, "node-s", token)
+    assert idfleet.shoal("nodes", "revoke", "node-s").returncode == 0
+    agent.wait(30)
+    idfleet.stop()
+    idfleet.procs.clear()
+    idfleet.start()
+    with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+        await nats.connect(nats_url(idfleet), user_credentials=str(creds_of(idfleet, "node-s")),
+                           allow_reconnect=False, max_reconnect_attempts=0)
+    idfleet.agent("node-a")  # a credential not revoked still works: its file, no token
+    r = idfleet.shoal("run", "-n", "node-a", "--", "echo", "back")
+    assert r.returncode == 0 and "back" in r.stdout, r.stderr
