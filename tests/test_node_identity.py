@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -330,6 +331,22 @@ async def test_a_revocation_survives_a_restart_of_the_fleet(idfleet: Fleet) -> N
     with pytest.raises(nats.errors.Error, match="(?i)authorization"):
         await nats.connect(nats_url(idfleet), user_credentials=str(creds_of(idfleet, "node-s")),
                            allow_reconnect=False, max_reconnect_attempts=0)
-    idfleet.agent("node-a")  # a credential not revoked still works: its file, no token
-    r = idfleet.shoal("run", "-n", "node-a", "--", "echo", "back")
+    enrolled(idfleet, "node-t", join_token(idfleet, "--name", "node-t"))
+    r = idfleet.shoal("run", "-n", "node-t", "--", "echo", "back")
     assert r.returncode == 0 and "back" in r.stdout, r.stderr
+
+
+def test_an_expired_credential_is_refused_at_start_with_what_to_do(
+        idfleet: Fleet, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    enrolled_at = time.time()
+    p = idfleet.agent("node-x", "--join", idfleet.url, "--token",
+                      join_token(idfleet, "--name", "node-x"),
+                      env={"SHOAL_STATE_DIR": str(state)})
+    p.send_signal(signal.SIGTERM)  # off, and so not renewing
+    p.wait(30)
+    time.sleep(max(0.0, enrolled_at + LIFETIME + 1 - time.time()))
+    r = idfleet.shoal("agent", "--name", "node-x", timeout=40,
+                      env={"SHOAL_STATE_DIR": str(state)})
+    assert r.returncode == 2 and "expired at" in r.stderr and "enroll again" in r.stderr, \
+        r.stderr

@@ -66,6 +66,12 @@ async def ensure(cfg: AgentConfig, state_dir: Path, names: list[str]) -> AgentCo
                                                    time.gmtime(reply.expires)))
     jwt = claims.parse_creds(path.read_text(), str(path)).jwt
     found = claims.decode(jwt)
+    expired = int(found.get("exp", 0))
+    if expired and expired <= time.time():
+        raise ConfigError(f"the NATS credential in {path} expired at "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expired))} (the "
+                          "agent was not running to renew it): revoke the old name with shoal "
+                          "nodes revoke, and enroll again with shoal agent --join URL --token T")
     tags = [t for t in found.get("nats", {}).get("tags", []) if isinstance(t, str)]
     bound = [t[len(NODE_TAG):] for t in tags if t.startswith(NODE_TAG)]
     if bound and bound != names:
