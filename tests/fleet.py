@@ -11,17 +11,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+if TYPE_CHECKING:
+    import ssl
+
+    import aiohttp
+
+    from shoal.client.aio import Client
+
 BIN = Path(sys.executable).parent
 SHOAL = str(BIN / "shoal")
+TLS = "tls"  # the parameter of a test's TLS variant (conftest.py: the ``tls`` marker)
 
 
 class Fleet:
     def __init__(self, home: Path, agents: int = 2, extra_args: tuple[str, ...] = (),
-                 tls: bool = False) -> None:
+                 tls: bool = False, pki: Path | None = None) -> None:
         self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         self.env["SHOAL_HOME"] = str(home)
@@ -29,6 +37,7 @@ class Fleet:
         self.agents = agents
         self.extra_args = (*extra_args, "--tls") if tls else extra_args
         self.ca = home / "tls" / "ca.pem" if tls else None  # `shoal up --tls` makes it
+        self.pki = pki  # a tls/ to start from (up reuses it): conftest's shared test CA
         self.up: subprocess.Popen[str] | None = None
         self.url = ""
         self.services_url = ""  # the services listener: service NAME is at /s/NAME/
@@ -39,6 +48,10 @@ class Fleet:
 
     def start(self, timeout: float = 30.0) -> Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
+        if self.pki is not None and not (self.home / "tls").exists():
+            import shutil
+
+            shutil.copytree(self.pki, self.home / "tls")  # the modes (0600) come along
         log = open(self.log, "w")  # noqa: SIM115 - the child owns it
         self.up = subprocess.Popen(
             [SHOAL, "up", "--agents", str(self.agents), "--port", "0", *self.extra_args],
@@ -98,6 +111,24 @@ class Fleet:
         home = str(self.home.resolve())
         for table in orphans(listing.stdout, lambda d: not d.startswith(home)):
             subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+    def client(self, **kw: Any) -> Client:
+        """A ``shoal.client.aio.Client`` for this fleet (verifying its CA when on TLS)."""
+        from shoal.client.aio import Client
+
+        return Client(self.url, self.token, ca=str(self.ca or ""), **kw)
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """What aiohttp's ``ssl=`` takes for this fleet: its CA on TLS, else the default."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+
+    def http(self, **kw: Any) -> aiohttp.ClientSession:
+        """An ``aiohttp.ClientSession`` that trusts this fleet's CA."""
+        import aiohttp
+
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl_context()), **kw)
 
     def shoal(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import ssl
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from conftest import start_fleet, wants_tls
 from fleet import Fleet, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -26,23 +28,34 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def pool(request: pytest.FixtureRequest) -> Iterator[Fleet]:
     """Two nodes with one terminal slot each; public terminals; a short detach timeout."""
-    home = tmp_path_factory.mktemp("pool") / "home"
-    f = Fleet(home, agents=2, extra_args=("--capacity", "1", "--public-terminals"))
-    f.env["SHOAL_TERMINAL_DETACH_TIMEOUT"] = "3"
-    f.start()
+    f = start_fleet(request, "pool", agents=2,
+                    extra_args=("--capacity", "1", "--public-terminals"),
+                    env={"SHOAL_TERMINAL_DETACH_TIMEOUT": "3"})
     try:
         yield f
     finally:
         f.stop()
 
 
+def pinned(server_cert: Path) -> list[str]:
+    """Chromium's flags to trust exactly this certificate's key and nothing else (not
+    ignore_https_errors, which would accept any certificate at all)."""
+    from shoal import pki
+
+    spki = pki.spki_sha256(server_cert.read_bytes())
+    return [*ARGS, f"--ignore-certificate-errors-spki-list={spki}"]
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
+    """Chromium; for a [tls] test it trusts the key of the TLS fleets' server certificate."""
     assert os.path.exists(CHROMIUM), "chromium is missing: scripts/test-deps.sh installs it"
+    args = pinned(request.getfixturevalue("test_pki") / "server.pem") if wants_tls(request) \
+        else ARGS
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:
             yield b
         finally:
@@ -95,6 +108,7 @@ def record(fleet: Fleet, sid: str) -> dict[str, object]:
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
+@pytest.mark.tls
 def test_terminal_echo_resize_reload_and_close(pool: Fleet, browser: Browser) -> None:
     page, sid = open_terminal(browser, pool.url)
     assert "token" not in page.url
@@ -158,6 +172,7 @@ def test_waiting_line_lets_the_visitor_in(pool: Fleet, browser: Browser) -> None
         p.close()
 
 
+@pytest.mark.tls
 def test_dashboard_shows_nodes_and_sessions(pool: Fleet, browser: Browser,
                                             tmp_path: Path) -> None:
     r = pool.shoal("session", "create", "--name", "dash-demo", "--", "sleep", "30")
@@ -203,6 +218,7 @@ def test_dashboard_summarises_the_fleet_and_searches_nodes(pool: Fleet,
     page.close()
 
 
+@pytest.mark.tls
 def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> None:
     """The dashboard shows who is logged in, and hides the kill buttons and terminal links
     from a read-only user (the API would refuse them: test_scopes.py)."""
@@ -227,6 +243,7 @@ def test_a_user_logs_in_with_their_own_token(pool: Fleet, browser: Browser) -> N
     page.close()
 
 
+@pytest.mark.tls
 def test_pages_need_a_login_when_terminals_are_private(fleet: Fleet, browser: Browser) -> None:
     page = new_page(browser)
     resp = page.goto(fleet.url + "/")
@@ -285,10 +302,11 @@ class AttackSite:
 
 
 def api_status(url: str, headers: dict[str, str], method: str = "GET",
-               body: bytes | None = None) -> int:
+               body: bytes | None = None, ca: Path | None = None) -> int:
     req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=context) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
@@ -329,6 +347,7 @@ def test_a_page_on_another_port_cannot_use_the_login(fleet: Fleet, browser: Brow
     context.close()
 
 
+@pytest.mark.tls
 def test_the_operator_opens_a_terminal_and_logs_out(fleet: Fleet, browser: Browser) -> None:
     """The login's CSRF token reaches the terminal page's WebSocket (a cookie alone would be
     refused), and the dashboard's logout ends the login for good."""
@@ -351,11 +370,11 @@ def test_the_operator_opens_a_terminal_and_logs_out(fleet: Fleet, browser: Brows
     csrf = page.evaluate("window.shoalLogin.csrf()")
     assert cookie and csrf
     headers = {"Cookie": f"shoal_login={cookie}", "X-Shoal-CSRF": csrf}
-    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 200
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers, ca=fleet.ca) == 200
     page.click("#logout")
     page.wait_for_selector("#error:not([hidden])", timeout=20000)
     assert "logged out" in page.locator("#error").inner_text()
-    assert api_status(f"{fleet.url}/api/v1/nodes", headers) == 401
+    assert api_status(f"{fleet.url}/api/v1/nodes", headers, ca=fleet.ca) == 401
     assert page.evaluate("window.shoalLogin.csrf()") == ""
     assert not [c for c in context.cookies() if c["name"] == "shoal_login"]
     resp = page.reload()

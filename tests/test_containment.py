@@ -161,6 +161,48 @@ async def test_exit_leaving_a_setsid_child_ends_the_session(client: Client) -> N
     await client.remove(rec.id)
 
 
+def _alive_with_arg(arg: str) -> list[int]:
+    """Live processes (not zombies) whose command line holds ``arg``: found by /proc,
+    whatever their environment says."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and arg in (p.info["cmdline"] or []):
+            found.append(p.pid)
+    return found
+
+
+@root_only
+async def test_shoal_session_kill_of_a_terminal_holding_a_setsid_sleep_ends_it_all(
+        fleet: Fleet, client: Client) -> None:
+    sleep = f"300.{int.from_bytes(os.urandom(3), 'big'):08d}"  # unique on this machine
+    rec = await wait_running(client, (await client.create_session(m.SessionSpec(
+        shell=f"(setsid sleep {sleep} &); echo started; sleep 300", tty=True))).id)
+    for _ in range(200):
+        if _alive_with_arg(sleep):
+            break
+        await asyncio.sleep(0.05)
+    assert _alive_with_arg(sleep), "the setsid sleep never started: the test shows nothing"
+    r = fleet.shoal("session", "kill", rec.id)
+    assert r.returncode == 0, r.stderr
+    done = await client.wait(rec.id, timeout=GRACE)  # final within the grace period
+    assert done.state == "killed", done
+    assert _alive_with_arg(sleep) == []
+    assert _left(rec.id) == []
+    await client.remove(rec.id)
+
+
+@root_only
+async def test_a_terminal_whose_leader_exits_ends_though_a_setsid_sleep_holds_it(
+        client: Client) -> None:
+    sleep = f"300.{int.from_bytes(os.urandom(3), 'big'):08d}"
+    rec = await client.create_session(m.SessionSpec(
+        shell=f"(setsid sleep {sleep} &); sleep 1; exit 0", tty=True))
+    done = await client.wait(rec.id, timeout=GRACE + 10)
+    assert done.state == "exited" and done.exit_code == 0, done
+    assert _alive_with_arg(sleep) == []
+    await client.remove(rec.id)
+
+
 SURVIVOR = ("import os, time\n"
             "while True:\n"
             "    if os.fork():\n"

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
+import psutil
 import pytest
 
-from fleet import SHOAL, Fleet, Terminal, processes_with_env, wait_for
+from fleet import SHOAL, Fleet, Terminal, wait_for
 
 
 def lines(text: str) -> list[str]:
     return text.splitlines()
 
 
+@pytest.mark.tls
 def test_argv_is_passed_as_is(fleet: Fleet) -> None:
     r = fleet.shoal("run", "--all", "--", "printf", "%s\\n", "a b", "c")
     assert r.returncode == 0, r.stderr
@@ -31,12 +34,14 @@ def test_shell_is_explicit(fleet: Fleet) -> None:
     assert r.stdout.strip() == "node-1: a | wc"
 
 
+@pytest.mark.tls
 def test_stdout_and_stderr_are_separate(fleet: Fleet) -> None:
     r = fleet.shoal("run", "-n", "node-1", "--shell", "echo out; echo err >&2")
     assert r.stdout == "node-1: out\n"
     assert "node-1: err\n" in r.stderr
 
 
+@pytest.mark.tls
 @pytest.mark.parametrize(("argv", "status"), [
     (["true"], 0),
     (["sh", "-c", "exit 3"], 3),
@@ -57,6 +62,7 @@ def test_largest_exit_code_wins(fleet: Fleet) -> None:
     assert "exit 4: node-1; exit 9: node-2" in r.stderr
 
 
+@pytest.mark.tls
 def test_stdin_reaches_every_node_with_its_end(fleet: Fleet) -> None:
     r = fleet.shoal("run", "--all", "--stdin", "--", "sort", input="3\n1\n2\n")
     assert r.returncode == 0, r.stderr
@@ -65,6 +71,7 @@ def test_stdin_reaches_every_node_with_its_end(fleet: Fleet) -> None:
             f"{node}: 1", f"{node}: 2", f"{node}: 3"]
 
 
+@pytest.mark.tls
 def test_large_stdin_is_byte_exact(fleet: Fleet) -> None:
     data = os.urandom(3 << 20)
     r = fleet.shoal("run", "--all", "--stdin", "--json", "--", "sha256sum", input=data)
@@ -85,6 +92,7 @@ def test_gather_groups_identical_output(fleet: Fleet) -> None:
     assert "node-1 (1)" in r.stdout and "node-2 (1)" in r.stdout
 
 
+@pytest.mark.tls
 def test_json_one_object_per_node(fleet: Fleet) -> None:
     r = fleet.shoal("run", "--all", "--json", "--shell", "echo hi; echo oops >&2; exit 2")
     assert r.returncode == 2
@@ -96,12 +104,14 @@ def test_json_one_object_per_node(fleet: Fleet) -> None:
         assert row["duration_s"] >= 0
 
 
+@pytest.mark.tls
 def test_timeout_ends_and_names_the_nodes(fleet: Fleet) -> None:
     r = fleet.shoal("run", "--all", "--timeout", "0.5", "--", "sleep", "30", timeout=20)
     assert r.returncode == 255
     assert "timed out: node-[1-2]" in r.stderr
 
 
+@pytest.mark.tls
 def test_binary_output_never_crashes(fleet: Fleet) -> None:
     for mode in ([], ["--gather"], ["--json"]):
         r = fleet.shoal("run", "--all", *mode, "--shell",
@@ -139,6 +149,7 @@ def test_nodeset_and_exclusion(fleet: Fleet) -> None:
     assert r.stdout == "node-1: x\n"
 
 
+@pytest.mark.tls
 def test_labels_and_unreachable_and_down(fleet: Fleet) -> None:
     agent = fleet.agent("edge-1", "-l", "zone=edge")
     r = fleet.shoal("run", "-l", "zone=edge", "--", "echo", "edge")
@@ -152,6 +163,7 @@ def test_labels_and_unreachable_and_down(fleet: Fleet) -> None:
     fleet.wait_nodes(["edge-1"], state="down", timeout=10)
 
 
+@pytest.mark.tls
 def test_tty_program(fleet: Fleet) -> None:
     """An interactive terminal: stty sees the size, a resize reaches it, Ctrl-C too."""
     import time
@@ -179,12 +191,14 @@ def test_tty_program(fleet: Fleet) -> None:
 
 
 def test_run_processes_are_gone_after_the_run(fleet: Fleet) -> None:
-    r = fleet.shoal("run", "--all", "--shell", "sleep 300 & echo started")
+    # A duration no other process on this machine uses: another fleet's sleeps don't count.
+    marker = f"300.{os.getpid()}{time.monotonic_ns() % 10**6:06d}"
+    r = fleet.shoal("run", "--all", "--shell", f"sleep {marker} & echo started")
     assert r.returncode == 0
     # The agent ends the whole process group once the leader exits and output is done.
     assert "started" in r.stdout
-    wait_for(lambda: not [p for p in processes_with_env("SHOAL_NODE", "node-1")
-                          if "sleep" in " ".join(p.info.get("cmdline") or [])])
+    wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                          if marker in (p.info.get("cmdline") or [])])
 
 
 def test_progress_bar_on_a_terminal(fleet: Fleet) -> None:

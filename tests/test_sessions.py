@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from fleet import SHOAL, Fleet, wait_for, wait_running
@@ -24,7 +23,7 @@ from shoal.wire import messages as m
 
 @pytest.fixture
 async def client(fleet: Fleet) -> AsyncIterator[Client]:
-    async with Client(fleet.url, fleet.token) as c:
+    async with fleet.client() as c:
         yield c
 
 
@@ -32,6 +31,7 @@ def spec(**kw: Any) -> m.SessionSpec:
     return m.SessionSpec(**kw)
 
 
+@pytest.mark.tls
 async def test_lifecycle_exited(client: Client) -> None:
     r = await client.create_session(spec(command=["sh", "-c", "echo out; echo err >&2; exit 4"]))
     assert r.state in ("starting", "running", "exited") and r.node in ("node-1", "node-2")
@@ -49,6 +49,7 @@ async def test_lifecycle_failed_to_start(client: Client) -> None:
     assert "command not found: no-such-cmd-zz" in r.reason
 
 
+@pytest.mark.tls
 async def test_lifecycle_killed_and_signal(client: Client) -> None:
     r = await client.create_session(spec(shell="trap 'echo got-usr1' USR1; "
                                                "while true; do sleep 0.1; done"))
@@ -118,6 +119,7 @@ async def test_restart_policy_and_give_up(client: Client, tmp_path: Path) -> Non
     assert r.state == "failed" and "gave up after 5 quick failures" in r.reason
 
 
+@pytest.mark.tls
 async def test_bad_input_gets_4xx_json(fleet: Fleet) -> None:
     headers = {"Authorization": f"Bearer {fleet.token}"}
     cases: list[tuple[str, str, Any, int]] = [
@@ -148,7 +150,7 @@ async def test_bad_input_gets_4xx_json(fleet: Fleet) -> None:
         ("GET", "/api/v1/no-such-thing", None, 404),
         ("PUT", "/api/v1/sessions", None, 405),
     ]
-    async with aiohttp.ClientSession(headers=headers) as http:
+    async with fleet.http(headers=headers) as http:
         sid = (await (await http.post(fleet.url + "/api/v1/sessions",
                                       json={"command": ["sleep", "20"]})).json())["id"]
         cases += [
@@ -175,6 +177,7 @@ async def test_client_errors_are_shoal_errors(client: Client) -> None:
         await client.kill("no-such-session")
 
 
+@pytest.mark.tls
 def test_cli_session_commands(fleet: Fleet, tmp_path: Path) -> None:
     r = fleet.shoal("session", "create", "--name", "cli-1", "--", "sh", "-c",
                     "echo hello; echo; echo world")
@@ -220,6 +223,7 @@ async def wait_output(client: Client, sid: str, needle: bytes, timeout: float = 
     raise AssertionError(f"{needle!r} never appeared in {sid}")
 
 
+@pytest.mark.tls
 async def test_logs_byte_exact_with_a_reader_that_resumes(client: Client, tmp_path: Path) -> None:
     data = tmp_path / "random.bin"
     data.write_bytes(os.urandom(50 << 20))
@@ -326,15 +330,15 @@ async def test_sigkilled_agent_sessions_become_lost(big_fleet: Fleet) -> None:
     assert again.wait(20) == 0
 
 
+@pytest.mark.tls
 async def test_nats_api_two_controllers_answer_once(fleet: Fleet) -> None:
     """A second controller process; each NATS request gets exactly one reply."""
-    import nats
-
     from shoal.config import ControllerConfig, load
+    from shoal.natsio import bus
 
     second, _ = fleet.controller()
     cfg = load(ControllerConfig, fleet.home / "controller.toml")
-    nc = await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password)
+    nc = await bus.connect(cfg.nats, "test")  # its certificate too, on a TLS fleet
     try:
         answered_by = set()
         for i in range(20):
@@ -366,6 +370,7 @@ async def test_nats_api_two_controllers_answer_once(fleet: Fleet) -> None:
         second.wait(20)
 
 
+@pytest.mark.tls
 async def test_controller_restart_loses_nothing(fleet: Fleet) -> None:
     """Kill -9 a controller while a terminal is attached and a log is followed through it;
     start it again; both clients resume from their offsets: no byte lost or doubled."""
@@ -375,8 +380,8 @@ async def test_controller_restart_loses_nothing(fleet: Fleet) -> None:
         return fleet.controller(port)[0]
 
     ctl = start_controller()
-    url = f"http://127.0.0.1:{port}"
-    async with Client(url, fleet.token) as c:
+    url = f"{fleet.url.split(':')[0]}://127.0.0.1:{port}"
+    async with Client(url, fleet.token, ca=str(fleet.ca or "")) as c:
         counter = await c.create_session(spec(shell="i=1; while [ $i -le 300 ]; do "
                                                     "echo line-$i; i=$((i+1)); sleep 0.01; done"))
         term = await c.create_session(spec(command=["cat"], tty=True))
@@ -443,6 +448,7 @@ def test_shoal_binary_is_the_venv_one() -> None:
     assert os.path.exists(SHOAL)
 
 
+@pytest.mark.tls
 def test_cli_attach_replays_and_detaches(fleet: Fleet) -> None:
     from fleet import Terminal
 
@@ -468,3 +474,25 @@ def test_cli_attach_replays_and_detaches(fleet: Fleet) -> None:
     finally:
         again.close()
     assert json.loads(fleet.shoal("session", "show", sid).stdout)["exit_code"] == 5
+
+
+async def test_input_to_a_session_that_is_not_reading_is_held_not_dropped(
+        client: Client, tmp_path: Path) -> None:
+    # More input than a pipe holds, sent while the process reads nothing: the agent holds
+    # it (bounded) and writes it as the process reads; none is lost, none reordered.
+    go = tmp_path / "go"
+    size = 512 << 10
+    rec = await wait_running(client, (await client.create_session(spec(
+        shell=f'while [ ! -e "{go}" ]; do sleep 0.05; done; head -c {size} | sha256sum',
+        stdin=True))).id)
+    data = b"".join(bytes([i]) * (32 << 10) for i in range(size // (32 << 10)))
+    async with client.attach(rec.id) as att:
+        for i in range(0, size, 32 << 10):
+            await att.send(data[i:i + (32 << 10)])
+        await asyncio.sleep(1.0)  # let it all reach the agent before the process reads
+        go.touch()
+        done = await client.wait(rec.id, timeout=30)
+    assert done.state == "exited" and done.exit_code == 0, done
+    out = b"".join([e.data async for e in client.logs(rec.id) if isinstance(e, LogChunk)])
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest(), out
+    await client.remove(rec.id)

@@ -3,18 +3,18 @@ print, the stored output of other sessions stays."""
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterator
 
 import aiohttp
 import nats
 import pytest
 
+from conftest import start_fleet
 from fleet import Fleet
 from shoal.client.aio import Client, LogChunk, LogTruncated
 from shoal.config import ControllerConfig, load
 from shoal.errors import ValidationError
-from shoal.natsio import outputlog
+from shoal.natsio import bus, outputlog
 from shoal.wire import messages as m
 
 TERMINAL_BYTES = 4 << 20
@@ -22,12 +22,10 @@ TERMINAL_CAP = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("pool") / "home", agents=1,
-              extra_args=("--public-terminals",))
-    f.env["SHOAL_TERMINAL_OUTPUT_BYTES"] = str(TERMINAL_BYTES)
-    f.env["SHOAL_TERMINAL_OUTPUT_CAP"] = str(TERMINAL_CAP)
-    f.start()
+def pool(request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    f = start_fleet(request, "pool", agents=1, extra_args=("--public-terminals",),
+                    env={"SHOAL_TERMINAL_OUTPUT_BYTES": str(TERMINAL_BYTES),
+                         "SHOAL_TERMINAL_OUTPUT_CAP": str(TERMINAL_CAP)})
     try:
         yield f
     finally:
@@ -35,9 +33,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 async def _controller_nc(fleet: Fleet) -> nats.aio.client.Client:
-    url = load(ControllerConfig, fleet.home / "controller.toml").nats.url
-    password = tomllib.loads((fleet.home / "up.toml").read_text())["controller_password"]
-    return await nats.connect(url, user="controller", password=password)
+    # controller.toml: its NATS password, and its client certificate on a TLS fleet
+    return await bus.connect(load(ControllerConfig, fleet.home / "controller.toml").nats,
+                             "test")
 
 
 async def _stored(client: Client, sid: str) -> tuple[int, bool]:
@@ -51,8 +49,9 @@ async def _stored(client: Client, sid: str) -> tuple[int, bool]:
     return size, truncated
 
 
+@pytest.mark.tls
 async def test_public_terminal_output_cannot_evict_other_sessions_output(pool: Fleet) -> None:
-    async with Client(pool.url, pool.token) as client:
+    async with pool.client() as client:
         normal = await client.create_session(m.SessionSpec(
             shell="head -c 300000 /dev/urandom | base64 -w 76"))
         normal = await client.wait(normal.id)
@@ -69,7 +68,7 @@ async def test_public_terminal_output_cannot_evict_other_sessions_output(pool: F
 
             # An anonymous visitor prints about 6 MB in a public terminal.
             jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            async with pool.http(cookie_jar=jar) as http:
                 async with http.post(pool.url + "/terminal", json={}) as r:
                     assert r.status == 201, await r.text()
                     sid, url = (await r.json())["session"], (await r.json())["url"]
@@ -103,7 +102,7 @@ async def test_public_terminal_output_cannot_evict_other_sessions_output(pool: F
 
 
 async def test_terminal_ids_are_kept_for_the_pool(pool: Fleet) -> None:
-    async with Client(pool.url, pool.token) as client:
+    async with pool.client() as client:
         with pytest.raises(ValidationError, match="kept for the terminal pool"):
             await client.create_session(m.SessionSpec(id="t_mine", command=["true"]))
         assert [s for s in await client.sessions() if s.id == "t_mine"] == []

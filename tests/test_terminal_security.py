@@ -19,17 +19,18 @@ from shoal.wire import messages as m
 
 @pytest.fixture
 async def client(fleet: Fleet) -> AsyncIterator[Client]:
-    async with Client(fleet.url, fleet.token) as c:
+    async with fleet.client() as c:
         yield c
 
 
+@pytest.mark.tls
 async def test_a_terminal_token_opens_its_session_only(fleet: Fleet, client: Client) -> None:
     a = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
     b = await client.create_session(m.SessionSpec(command=["cat"], tty=True))
     key = tokens.derive_key(fleet.token)
     link = tokens.issue(key, a.id, 60, time.time())
     jar = aiohttp.CookieJar(unsafe=True)  # keep cookies for 127.0.0.1, as a browser does
-    async with aiohttp.ClientSession(cookie_jar=jar) as http, aiohttp.ClientSession() as other:
+    async with fleet.http(cookie_jar=jar) as http, fleet.http() as other:
         async def status(path: str, client: aiohttp.ClientSession = http) -> int:
             async with client.get(fleet.url + path, allow_redirects=False) as r:
                 return r.status

@@ -1,6 +1,8 @@
-"""TLS built in: ``shoal up --tls`` gives a real fleet over HTTPS and mutual-TLS NATS. Runs,
-sessions and terminals work through it; a NATS client without a client certificate, and an
-HTTPS client without the fleet's CA, are refused with a clear error."""
+"""TLS built in: ``shoal up --tls`` gives a real fleet over HTTPS and mutual-TLS NATS; a NATS
+client without a client certificate, and an HTTPS client without the fleet's CA, are refused
+with a clear error. Runs, sessions, terminals and the browser pages work through it: the
+``@pytest.mark.tls`` tests of test_run, test_sessions, test_terminal_* and test_browser run a
+second time, [tls], against such a fleet (conftest.py)."""
 
 from __future__ import annotations
 
@@ -68,6 +70,20 @@ def test_fleet_files_are_private_and_reused(tmp_path: Path) -> None:
     wider = pki.fleet_pki(d, pki.server_names(["ctl.example.com"]), ("agent",))
     assert wider.ca.read_bytes() == ca, "the CA clients trust stays"
     assert pki.still_good(wider.server_cert.read_bytes(), ca, ("ctl.example.com",))
+    # A servers' certificate from before NATS routes used it to dial (server use only) is
+    # made again: a clustered nats-server shows it as a client.
+    old = pki.make_cert(pki.Pem(ca, (d / "ca-key.pem").read_bytes()), "server",
+                        sans=pki.server_names(), server=True)
+    wider.server_cert.write_bytes(old.cert)
+    wider.server_key.write_bytes(old.key)
+    again = pki.fleet_pki(d, pki.server_names(), ("agent",))
+    assert again.server_cert.read_bytes() != old.cert
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    eku = x509.load_pem_x509_certificate(again.server_cert.read_bytes()).extensions \
+        .get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
 def test_nats_config_verifies_client_certificates() -> None:
@@ -97,39 +113,6 @@ def test_up_writes_tls_configs(tls_fleet: Fleet) -> None:
         assert nats_cfg["url"].startswith("tls://")
         assert nats_cfg["ca"] and nats_cfg["cert"] and nats_cfg["key"], name
     assert "TLS required for client connections" in (home / "nats" / "nats.log").read_text()
-
-
-def test_run_over_https_and_mutual_tls(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("run", "--all", "--", "echo", "hi")
-    assert r.returncode == 0, r.stderr
-    assert sorted(r.stdout.splitlines()) == ["node-1: hi", "node-2: hi"]
-
-
-def test_session_create_and_logs(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("session", "create", "--name", "tls-demo", "--", "echo", "over-tls")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    logs = tls_fleet.shoal("logs", "-f", sid, timeout=30)
-    assert logs.returncode == 0, logs.stderr
-    assert "over-tls" in logs.stdout
-    tls_fleet.shoal("session", "rm", sid)
-
-
-async def test_terminal_attach_over_https(tls_fleet: Fleet) -> None:
-    r = tls_fleet.shoal("session", "create", "--tty", "--", "cat")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    async with Client(tls_fleet.url, tls_fleet.token, ca=str(tls_fleet.ca)) as c:
-        seen = b""
-        async with c.attach(sid) as att:
-            await att.send(b"typed-over-tls\r")
-            async for item in att:
-                if isinstance(item, bytes):
-                    seen += item
-                    if seen.count(b"typed-over-tls") >= 2:  # the echo and cat's copy
-                        break
-        await c.kill(sid)
-    tls_fleet.shoal("session", "rm", sid)
 
 
 def test_agent_and_controller_from_their_configs(tls_fleet: Fleet) -> None:
@@ -226,77 +209,86 @@ def test_plain_http_to_the_https_port_gets_nothing(tls_fleet: Fleet) -> None:
 # ---------------------------------------------------------------------- the browser
 
 
-def _chromium(tls_fleet: Fleet, pin: bool) -> tuple[object, object]:
+def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> None:
+    """The control for test_browser.py's [tls] tests (their chromium trusts the test CA's
+    server key by its pin): without the pin, the same browser does not load the page."""
     from playwright.sync_api import sync_playwright
 
     from test_browser import ARGS, CHROMIUM
 
-    args = list(ARGS)
-    if pin:
-        # Chromium trusts exactly this key (the server certificate's SPKI), nothing else:
-        # not ignore_https_errors, which would accept any certificate at all.
-        spki = pki.spki_sha256((tls_fleet.home / "tls" / "server.pem").read_bytes())
-        args.append(f"--ignore-certificate-errors-spki-list={spki}")
-    pw = sync_playwright().start()
-    return pw, pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-
-
-def test_browser_logs_in_over_https(tls_fleet: Fleet) -> None:
-    pw, browser = _chromium(tls_fleet, pin=True)
-    try:
-        page = browser.new_page(bypass_csp=True)  # type: ignore[attr-defined]
-        page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-        assert page.url.startswith("https://") and "token" not in page.url
-        page.wait_for_function(
-            "window.shoalDashboard && window.shoalDashboard.nodes().length >= 2",
-            timeout=20000)
-        body = page.locator("body").inner_text()
-        assert "node-1" in body and "node-2" in body
-        cookie = next(c for c in page.context.cookies() if c["name"] == "shoal_login")
-        assert cookie["secure"]
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
-
-
-def test_browser_terminal_over_https(tls_fleet: Fleet) -> None:
-    """The terminal page's WebSocket is wss:// through the same pinned certificate."""
-    from test_browser import type_line, wait_text
-
-    r = tls_fleet.shoal("session", "create", "--name", "tls-term", "--tty", "--", "cat")
-    assert r.returncode == 0, r.stderr
-    sid = r.stdout.strip()
-    pw, browser = _chromium(tls_fleet, pin=True)
-    try:
-        context = browser.new_context(bypass_csp=True)  # type: ignore[attr-defined]
-        page = context.new_page()
-        page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-        page.wait_for_function("window.shoalLogin && window.shoalLogin.csrf() !== ''",
-                               timeout=20000)
-        term = context.new_page()
-        term.goto(f"{tls_fleet.url}/t/{sid}")
-        term.wait_for_function("window.shoalTerm && window.shoalTerm.state() === 'connected'",
-                               timeout=20000)
-        type_line(term, "over-tls")
-        wait_text(term, "over-tls\nover-tls")
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
-        tls_fleet.shoal("session", "rm", sid)
-
-
-def test_browser_without_the_pin_refuses_the_certificate(tls_fleet: Fleet) -> None:
-    """The control for the test above: the same browser without the pin does not load."""
-    pw, browser = _chromium(tls_fleet, pin=False)
-    try:
-        page = browser.new_page()  # type: ignore[attr-defined]
-        with pytest.raises(Exception, match="ERR_CERT"):
-            page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
-    finally:
-        browser.close()  # type: ignore[attr-defined]
-        pw.stop()  # type: ignore[attr-defined]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            with pytest.raises(Exception, match="ERR_CERT"):
+                page.goto(f"{tls_fleet.url}/?token={tls_fleet.token}")
+        finally:
+            browser.close()
 
 
 def test_shoal_home_keys_are_not_readable_by_others(tls_fleet: Fleet) -> None:
     for f in (tls_fleet.home / "tls").iterdir():
         assert not os.stat(f).st_mode & 0o077, f
+
+
+# ---------------------------------------------------------------------- a TLS NATS cluster
+
+
+async def test_a_tls_cluster_routes_over_tls_only(tmp_path: Path) -> None:
+    """``shoal up --tls --nats-cluster 3``: the routes between the servers are mutual TLS
+    with the fleet's certificates; the cluster forms (a replicated bucket takes writes on
+    a meta leader's say) and a plain-text route connection is refused, even with the route
+    password."""
+    import socket
+
+    from shoal.config import ControllerConfig, load
+    from shoal.natsio import bus
+
+    f = Fleet(tmp_path / "home", agents=1, extra_args=("--nats-cluster", "3"), tls=True).start()
+    try:
+        confs = [json.loads((d / "nats.conf").read_text())
+                 for d in sorted((f.home / "nats-cluster").iterdir()) if d.is_dir()]
+        assert len(confs) == 3
+        for conf in confs:
+            assert conf["cluster"]["tls"]["verify"] is True
+            assert conf["cluster"]["tls"]["ca_file"] == str(f.ca)
+        r = f.shoal("run", "-n", "node-1", "--", "echo", "through-the-cluster")
+        assert (r.returncode, r.stdout) == (0, "node-1: through-the-cluster\n"), r.stderr
+        nc = await bus.connect(load(ControllerConfig, f.home / "controller.toml").nats, "test")
+        try:
+            js = nc.jetstream()
+            from nats.js.api import KeyValueConfig
+
+            kv = await js.create_key_value(config=KeyValueConfig(bucket="tls-r3", replicas=3))
+            await kv.put("k", b"over routes")
+            assert (await kv.get("k")).value == b"over routes"
+            for _ in range(100):  # the followers catch up on their own time
+                info = await js.stream_info("KV_tls-r3")
+                assert info.cluster is not None and info.cluster.leader
+                assert len(info.cluster.replicas or []) == 2
+                if all(p.current for p in info.cluster.replicas or []):
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"the replicas never caught up: {info.cluster}")
+        finally:
+            await nc.close()
+        # A route dialled in plain text, with the right route user and password.
+        cluster = confs[0]["cluster"]
+        user, password = cluster["authorization"]["user"], cluster["authorization"]["password"]
+        with socket.create_connection(("127.0.0.1", cluster["port"]), timeout=20) as s:
+            s.sendall(b'CONNECT {"user":"%s","pass":"%s","name":"rogue","cluster":"%s"}\r\n'
+                      b'PING\r\n' % (user.encode(), password.encode(), cluster["name"].encode()))
+            got = b""
+            try:
+                while chunk := s.recv(4096):
+                    got += chunk
+            except (ConnectionResetError, TimeoutError):
+                pass
+        # The server speaks TLS first on its routes: no INFO, no PONG in plain text.
+        assert b"INFO" not in got and b"PONG" not in got, got
+        wait_for(lambda: "Router connection closed: TLS Handshake Failure" in
+                 (f.home / "nats-cluster" / "n1" / "nats.log").read_text(), timeout=20)
+        assert "rogue" not in (f.shoal("nodes").stdout)
+    finally:
+        f.stop()

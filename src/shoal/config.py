@@ -117,6 +117,12 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     # when smaller (1 on a lone server).
     replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     trusted_proxies: list[str] = []  # addresses whose X-Forwarded-For/-Proto we believe
+    # Login through a trusted reverse proxy (controller/proxyauth.py): the header in which a
+    # proxy of trusted_proxies names the authenticated user ("": off; e.g. "X-Remote-User"),
+    # the grants such a user gets, and per-user grants instead of those.
+    proxy_user_header: str = ""
+    proxy_user_scopes: list[str] = msgspec.field(default_factory=lambda: ["read"])
+    proxy_users: dict[str, list[str]] = {}
     public_url: str = ""  # the URL people reach this controller at (its host is allowed)
     allowed_hosts: list[str] = []  # further Host names it answers for ("*": any; see docs)
     login_lifetime: float = 7 * 86400.0  # seconds a browser login lasts
@@ -270,6 +276,11 @@ def _parse_env(name: str, value: str) -> Any:
     if name in ("origins", "terminal_command", "trusted_proxies", "ephemeral_deny", "run_as",
                 "allowed_hosts", "container_mounts"):
         return [v for v in value.split(",") if v]
+    if name == "proxy_user_scopes":  # a grant has commas of its own (run:env=dev,zone=a)
+        return value.split()
+    if name == "proxy_users":  # "alice=admin;bob=read logs"
+        users = (u.partition("=") for u in value.split(";") if u.strip())
+        return {user.strip(): grants.split() for user, _, grants in users}
     return value
 
 

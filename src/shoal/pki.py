@@ -152,6 +152,16 @@ def still_good(cert_pem: bytes, ca_pem: bytes, sans: tuple[str, ...] = ()) -> bo
     return all(_san(n) in have for n in sans)
 
 
+def _usages(cert_pem: bytes) -> tuple[bool, bool]:
+    """Whether the certificate is for a server, and for a client (its extended usages)."""
+    try:
+        eku = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False, False
+    return ExtendedKeyUsageOID.SERVER_AUTH in eku, ExtendedKeyUsageOID.CLIENT_AUTH in eku
+
+
 @dataclass(frozen=True)
 class FleetTls:
     """The files of a fleet's TLS: the CA (clients verify against it), the servers'
@@ -187,12 +197,15 @@ def fleet_pki(directory: Path, names: tuple[str, ...], users: tuple[str, ...]) -
     def leaf(stem: str, sans: tuple[str, ...], server: bool, client: bool) -> tuple[Path, Path]:
         cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
         if not (cert_path.exists() and key_path.exists()
-                and still_good(cert_path.read_bytes(), ca.cert, sans)):
+                and still_good(cert_path.read_bytes(), ca.cert, sans)
+                and _usages(cert_path.read_bytes()) == (server, client)):
             pem = make_cert(ca, stem, sans=sans, server=server, client=client)
             write_secret_file(key_path, pem.key.decode())
             write_secret_file(cert_path, pem.cert.decode())
         return cert_path, key_path
 
-    server_cert, server_key = leaf("server", names, True, False)
+    # The servers' certificate is a client's too: clustered nats-servers dial each other's
+    # routes with it (mutual TLS). A NATS client still needs its password besides.
+    server_cert, server_key = leaf("server", names, True, True)
     clients = {u: leaf(u, (), False, True) for u in users}
     return FleetTls(ca_path, server_cert, server_key, clients)

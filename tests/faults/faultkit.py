@@ -8,6 +8,8 @@ for byte: nothing lost, doubled or reordered.
 
 from __future__ import annotations
 
+import base64
+import json
 import shlex
 import signal
 import subprocess
@@ -15,8 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from fleet import Fleet
+from fleet import Fleet, processes_with_env
 from shoal.natsio.natsd import NatsServer, NatsUsers, free_port
 
 
@@ -41,9 +44,9 @@ class NatsFleet:
     """A fleet whose nats-server is the test's own child, so a case can SIGKILL it and
     start it again on the same port and store."""
 
-    def __init__(self, tmp: Path, agents: int = 1) -> None:
+    def __init__(self, tmp: Path, agents: int = 1, host: str = "127.0.0.1") -> None:
         self.users = NatsUsers.generate()
-        self.server = NatsServer(tmp / "nats", self.users, port=free_port())
+        self.server = NatsServer(tmp / "nats", self.users, host=host, port=free_port(host))
         self.fleet = Fleet(tmp / "home", agents=agents, extra_args=("--nats", self.server.url))
         self.fleet.env.update(SHOAL_NATS_USER="controller",
                               SHOAL_NATS_PASSWORD=self.users.controller_password)
@@ -63,6 +66,13 @@ class NatsFleet:
         finally:
             self.server.stop()
 
+    @property
+    def agent_env(self) -> dict[str, str]:
+        """What an agent joining this fleet needs (the fleet's own env has the controller's
+        credentials)."""
+        return {"SHOAL_NATS_URL": self.server.url, "SHOAL_NATS_USER": "agent",
+                "SHOAL_NATS_PASSWORD": self.users.agent_password}
+
     def kill_nats(self) -> None:
         assert self.server.proc is not None
         self.server.proc.send_signal(signal.SIGKILL)
@@ -81,3 +91,69 @@ def wait_file_lines(path: Path, n: int, timeout: float = 20) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{path} never had {n} lines")
+
+
+def tagged(truth: Path, quiet: bool) -> str:
+    """A daemon script that appends ``<pid>-<n>`` to ``truth`` (and, unless
+    ``quiet``, to its output) every 0.1 s."""
+    f = shlex.quote(str(truth))
+    out = "" if quiet else " echo $$-$i;"
+    return f"i=1; while :; do echo $$-$i >> {f};{out} i=$((i+1)); sleep 0.1; done"
+
+
+def api(fleet: Fleet, path: str) -> bytes:
+    req = urllib.request.Request(fleet.url + path,
+                                 headers={"Authorization": f"Bearer {fleet.token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+def record(fleet: Fleet, sid: str) -> dict[str, Any]:
+    return dict(json.loads(api(fleet, f"/api/v1/sessions/{sid}")))
+
+
+def shells(sid: str) -> set[int]:
+    """Pids of the session's shells still running (its sleeps share the environment)."""
+    return {p.pid for p in processes_with_env("SHOAL_SESSION_ID", sid)
+            if p.info["name"] == "sh"}
+
+
+def attempts(fleet: Fleet, sid: str) -> list[tuple[int, bytes]]:
+    """The stored output, split at the attempt markers: [(attempt, bytes)]."""
+    out: list[tuple[int, bytes]] = []
+    for line in api(fleet, f"/api/v1/sessions/{sid}/logs?attempts=1").splitlines():
+        frame = json.loads(line)
+        if frame["t"] == "attempt":
+            out.append((frame["attempt"], b""))
+        elif frame["t"] == "out":
+            assert out, "output before any attempt marker"
+            n, data = out[-1]
+            out[-1] = (n, data + base64.b64decode(frame["data"]))
+    return out
+
+
+def assert_coherent(stored: list[tuple[int, bytes]], truth: Path) -> None:
+    """Each attempt of ``stored`` is one coherent piece of the ground truth ``truth`` (lines
+    ``<pid>-<n>``): a pid's lines in one attempt only, in order, none lost or doubled, and no
+    attempt ends in a cut line."""
+    numbers = [n for n, _ in stored]
+    assert numbers == sorted(set(numbers)), f"attempts out of order: {numbers}"
+    written: dict[str, list[str]] = {}
+    for line in truth.read_text().splitlines():
+        pid, _, _ = line.partition("-")
+        written.setdefault(pid, []).append(line)
+    seen_pids: set[str] = set()
+    for n, data in stored:
+        lines = data.decode().splitlines()
+        if not lines:
+            continue
+        assert data.endswith(b"\n"), f"attempt {n} ends in a cut line: {data[-40:]!r}"
+        pids = {line.partition("-")[0] for line in lines}
+        strange = [line for line in lines if line.partition("-")[0] not in written]
+        assert not strange, f"attempt {n} holds lines no copy wrote (spliced): {strange[:3]}"
+        # One attempt may hold several pids (restarts on one node) but never interleaved.
+        for pid in pids:
+            mine = [line for line in lines if line.startswith(pid + "-")]
+            assert pid not in seen_pids, f"pid {pid} writes in two attempts: spliced"
+            assert mine == written[pid][:len(mine)], f"attempt {n}, pid {pid}: lost or reordered"
+        seen_pids |= pids

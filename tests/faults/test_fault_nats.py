@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from faultkit import NatsFleet, counter, finish, health, wait_file_lines
 from fleet import wait_for
 
@@ -99,3 +101,46 @@ def test_nats_hang_makes_healthz_not_ready_and_errors_say_why(tmp_path: Path) ->
         assert wait_for(lambda: health(fleet.url) == 200, timeout=30)
         r = fleet.shoal("session", "create", "--", "echo", "after")
         assert r.returncode == 0, r.stderr
+
+
+async def test_a_flush_that_timed_out_does_not_deafen_the_client(tmp_path: Path) -> None:
+    """The finding (a partition healed after a flush timed out): nats-py 2.16 leaves the
+    timed-out flush's future queued, the late PONG then raises InvalidStateError in its read
+    loop, which stops for good; the client still says connected, so it never reconnects, and
+    every request, KV put and JetStream ack times out from then on (an agent that came back
+    from a partition stayed deaf until restarted)."""
+    import asyncio
+    import signal
+
+    from shoal.config import NatsConfig
+    from shoal.natsio import bus
+    from shoal.natsio.natsd import NatsServer, NatsUsers, free_port
+
+    users = NatsUsers.generate()
+    server = NatsServer(tmp_path / "nats", users, port=free_port())
+    server.start()
+    try:
+        nc = await bus.connect(NatsConfig(url=server.url, user="controller",
+                                          password=users.controller_password), "deaf-test")
+        try:
+            async def echo(msg: Any) -> None:
+                await msg.respond(b"pong")
+
+            sub = await nc.subscribe("deaf.echo", cb=echo)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # a cut link: the TCP connection stays
+            try:
+                try:
+                    await nc.flush(timeout=1)
+                    raise AssertionError("flushed while the server was stopped")
+                except nats.errors.TimeoutError:
+                    pass
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            reply = await nc.request("deaf.echo", b"ping", timeout=10)
+            assert reply.data == b"pong"
+            await sub.unsubscribe()
+        finally:
+            await asyncio.wait_for(nc.close(), 10)
+    finally:
+        server.stop()

@@ -51,6 +51,7 @@ from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .loadinfo import LoadSampler
+from .looplag import LoopLag
 from .ports import PortPool
 from .runs import Run
 from .sessions import SessionManager
@@ -124,7 +125,7 @@ class AgentHost:
         self._beat_soon = asyncio.Event()
         self.node_ttl = DEFAULT_NODE_TTL
         self._last_beat_ok = time.monotonic()
-        self._last_loop = time.monotonic()  # the heartbeat loop's last turn
+        self._lag = LoopLag()  # was this process away (stopped), not merely waiting?
         self._fenced_outage = False  # sessions already self-fenced in this outage
         self.netpolicy: netpolicy.Policy | None = None
         self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
@@ -210,6 +211,7 @@ class AgentHost:
             node.subs = [await self.nc.subscribe(subjects.agent_all(node.name),
                                                  cb=self._make_handler(node))]
         await self.nc.flush()
+        self._lag.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         log.info("agent up: %d node(s), capacity %d each", len(self.nodes), self.cfg.capacity)
 
@@ -252,6 +254,7 @@ class AgentHost:
                 await reap_leftovers(node.ledger, 0, self.layout)
         if self.netpolicy is not None:  # every process is gone: nothing left to confine
             await netpolicy.remove(self.netpolicy.table)
+        self._lag.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self._renewer is not None:
@@ -334,8 +337,7 @@ class AgentHost:
         controllers give no verdict for ``PAUSE_VERDICT`` TTLs; past that, we fence too."""
         now = time.monotonic()
         silent = now - self._last_beat_ok
-        stalled = now - self._last_loop > self.node_ttl
-        self._last_loop = now
+        stalled = self._lag.take() > self.node_ttl
         if self._fenced_outage or silent <= self.node_ttl:
             return
         away = stalled or self.nc is None or not self.nc.is_connected

@@ -2,7 +2,9 @@
 agent that was SIGKILLed (or crashed) can end what the last one left behind.
 
 The file is append-only (``+ pgid`` / ``- pgid``, ``u+ user`` / ``u- user``, ``c+ dir`` /
-``c- dir`` for cgroups). A listed cgroup is ours by construction (its directory is below
+``c- dir`` for cgroups, ``e+ KEY=value`` / ``e- KEY=value`` for the environment marker of a
+process started without a cgroup: what escaped its group is found by it, agent/procs.py
+``escaped``). A listed cgroup is ours by construction (its directory is below
 this agent's ``shoal.<tag>``) and is ended whole: this is what catches setsid'd and
 double-forked leftovers, which no process group holds. A listed group
 is acted on only if its leader still carries this node's ``SHOAL_NODE`` in its environment
@@ -76,6 +78,24 @@ class Ledger:
     def remove_cgroup(self, dirs: list[str]) -> None:
         self._append("".join(f"c- {d}\n" for d in dirs))
 
+    def add_marker(self, marker: str) -> None:
+        self._append(f"e+ {marker}\n")
+
+    def remove_marker(self, marker: str) -> None:
+        self._append(f"e- {marker}\n")
+
+    def markers(self) -> set[str]:
+        """Environment markers of processes started without a cgroup, not yet ended."""
+        found: set[str] = set()
+        try:
+            lines = self.path.read_text().split("\n")[:-1]
+        except FileNotFoundError:
+            return found
+        for line in lines:
+            if line.startswith(("e+ ", "e- ")) and "=" in line:
+                (found.add if line[1] == "+" else found.discard)(line[3:])
+        return found
+
     def leftovers(self) -> tuple[set[int], set[str]]:
         """Process groups and throwaway users a previous run did not clean up."""
         groups, names, _ = self.entries()
@@ -145,10 +165,33 @@ async def reap_leftovers(ledger: Ledger, grace: float, layout: Layout | None = N
             procs.reap_orphans(layout.base)
     groups = [pgid for pgid in listed if _ours(pgid, ledger.node)]
     await _end_groups(groups, grace)
+    await _end_escaped(ledger.markers(), grace)
     for name in names:
         if name.startswith(users.PREFIX):
             await users.remove(name)
     return len(groups) + len(found)
+
+
+async def _end_escaped(markers: set[str], grace: float) -> None:
+    """Without cgroups: what left its process group (setsid'd) and still carries the
+    marker of a run or session of ours."""
+    def found() -> list[int]:
+        return [p for mk in markers for p in procs.escaped(mk.encode(), 0)]
+
+    left = found()
+    if not left:
+        return
+    log.warning("ending %d process(es) that left their group, left by a previous agent",
+                len(left))
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = asyncio.get_running_loop().time() + grace
+    while found() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for pid in found():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _below_shoal(d: str) -> bool:

@@ -4,17 +4,24 @@ node has cgroups, its own cgroup), with pipes or a pseudo-terminal, waited on th
 
 The end of a process is the end of everything it started: with a cgroup, the cgroup being
 empty (nothing forked, setsid'd or double-forked survives ``terminate`` or the leader's
-exit); without one, its process group. Never "EOF on the pipe": a background process that
-holds the pipe or pty open does not keep it alive.
+exit); without one, its process group and every process that still carries its marker in
+its environment (``escaped``: a setsid'd child that holds the pty). Never "EOF on the pipe":
+a background process that holds the pipe or pty open does not keep it alive. The owner of a
+started process, with its output, input and end, is agent/process.py.
+
+(Over 400 lines: fork/exec with its confinement steps and the signalling of everything a
+child started are one mechanism; splitting it would spread the order of the child's steps.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import resource
 import signal
@@ -22,13 +29,15 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..system.process import die_with_parent, group_alive, kill_group, no_new_privileges
 from . import sandbox
 from .cgroups import Unit
+
+log = logging.getLogger(__name__)
 
 _leaders: set[int] = set()  # children we spawned and wait on ourselves (never reaped for us)
 PIPE_SIZE = 1 << 20  # a bigger pipe means fewer, larger reads under heavy output
@@ -69,6 +78,7 @@ class Child:
     tty: bool
     unit: Unit | None = None  # its cgroup, if the node has cgroups
     left_orphans: bool = False  # processes outlived the leader
+    marker: bytes = b""  # KEY=value in the environment of all it starts (see ``escaped``)
     started: float = field(default_factory=time.time)
 
     @property
@@ -94,7 +104,7 @@ class Child:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
             self.popen.wait()
-            _leaders.discard(self.pid)
+        _leaders.discard(self.pid)
         rc = self.popen.returncode
         assert rc is not None
         return (rc, None) if rc >= 0 else (None, -rc)
@@ -129,20 +139,74 @@ class Child:
         except (OSError, IndexError):
             return True
 
-    async def end_rest(self, leftover: float) -> None:
+    async def end_rest(self, leftover: float, kill_timeout: float = 5.0) -> None:
         """The leader has exited: give what it left in the background ``leftover`` seconds,
-        then kill it all. Returns when nothing of the child is left (with a cgroup)."""
+        then kill it all (its cgroup; else its group and what escaped it, see ``escaped``).
+        Returns when nothing of the child is left, or ``kill_timeout`` after the kill."""
         if self.unit is not None:
             await self.until_running()
             if self.unit.populated():
                 self.left_orphans = True  # their zombies come to us: reap_orphans
                 if not await self.unit.wait_empty(leftover):
-                    await self.unit.kill_all()
+                    await self._kill_unit(kill_timeout)
             return
-        deadline = time.monotonic() + leftover
-        while group_alive(self.pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        kill_group(self.pid, signal.SIGKILL)
+        await self._wait_gone(leftover)
+        await self._kill_all(kill_timeout)
+
+    async def stop(self, term_timeout: float, kill_timeout: float = 5.0) -> None:
+        """SIGTERM every process of the child; SIGKILL what is left after ``term_timeout``;
+        returns when nothing is left, or ``kill_timeout`` after the SIGKILL (a process in
+        uninterruptible sleep) with an error logged."""
+        if self.unit is not None:
+            await self.until_running()  # an empty unit may only mean "not joined yet"
+            self.unit.signal(signal.SIGTERM)
+            if not await self.unit.wait_empty(term_timeout):
+                await self._kill_unit(kill_timeout)
+            return
+        self._signal_rest(signal.SIGTERM)
+        await self._wait_gone(term_timeout)
+        await self._kill_all(kill_timeout)
+
+    async def _kill_unit(self, timeout: float) -> None:
+        assert self.unit is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self.unit.kill()
+            if await self.unit.wait_empty(0.5):
+                return
+            if time.monotonic() >= deadline:
+                log.error("pid %d: cgroup %s not empty %gs after SIGKILL", self.pid,
+                          self.unit.name, timeout)
+                return
+
+    def _signal_rest(self, sig: int) -> list[int]:
+        """Without a cgroup: signal the group and what escaped it; returns the escapees."""
+        kill_group(self.pid, sig)
+        others = escaped(self.marker, self.pid)
+        for pid in others:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        return others
+
+    def _gone(self) -> bool:
+        # The leader counts until reaped (its zombie keeps the group id).
+        leader = self.popen.returncode is None and self.popen.poll() is None
+        return not leader and not group_alive(self.pid) and not escaped(self.marker, self.pid)
+
+    async def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while not self._gone():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(0.1, delay * 2)
+        return True
+
+    async def _kill_all(self, timeout: float) -> None:
+        self._signal_rest(signal.SIGKILL)
+        if not await self._wait_gone(timeout):
+            log.error("pid %d: processes left %gs after SIGKILL", self.pid, timeout)
 
     def close_fds(self) -> None:
         fds = set(self.out_fds.values())
@@ -382,19 +446,8 @@ def _spawn_pty(argv: list[str], env: Mapping[str, str], cwd: str | None,
 
 async def terminate(child: Child, grace: float) -> None:
     """SIGTERM every process of the child, then SIGKILL whatever is left after ``grace``.
-    With a cgroup, returns when nothing of the child is left."""
-    if child.unit is not None:
-        await child.until_running()  # an empty unit may only mean "not joined yet"
-        await child.unit.stop(grace)
-        return
-    if not child.signal_group(signal.SIGTERM):
-        return
-    try:
-        await asyncio.wait_for(asyncio.shield(child.wait()), grace)
-    except TimeoutError:
-        pass
-    # Members of the group may outlive the leader (or ignore SIGTERM): end them all.
-    child.signal_group(signal.SIGKILL)
+    Returns when nothing of the child is left (bounded: ``Child.stop``)."""
+    await child.stop(grace)
 
 
 # --------------------------------------------------------------------------- orphans
@@ -440,25 +493,29 @@ def reap_orphans(marker: str) -> int:
     return n
 
 
-# --------------------------------------------------------------------------- the last output
+# --------------------------------------------------------------------------- escapees
 
-DRAIN_LIMIT = 5.0  # reading what the pipes hold once nothing of the unit runs any more
-
-
-async def drain(eofs: Iterable[asyncio.Event], paused: Callable[[], bool]) -> bool:
-    """Wait for EOF on every pipe of a unit that has ended. With nothing of it left EOF comes
-    once the pipes are empty; a descriptor held elsewhere (no cgroup, or passed to another
-    process) is given DRAIN_LIMIT seconds, counted again while ``paused()`` (flow control
-    holding output back). False when it gave up."""
-    waiting = asyncio.gather(*(e.wait() for e in eofs))
-    deadline = time.monotonic() + DRAIN_LIMIT
-    while not waiting.done():
+def escaped(marker: bytes, pgid: int) -> list[int]:
+    """Without a cgroup: live processes outside group ``pgid`` whose environment carries
+    ``marker`` (every child of a run or session gets its id there). This finds a setsid'd
+    or double-forked child; one that cleared its environment is not found (only a cgroup
+    holds that). Costs a read of every process's environ: used only at the end."""
+    if not marker:
+        return []
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(waiting), 0.5)
-        except TimeoutError:
-            if paused():
-                deadline = time.monotonic() + DRAIN_LIMIT
-            elif time.monotonic() > deadline:
-                waiting.cancel()
-                return False
-    return True
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] in "ZX" or int(fields[2]) == pgid:
+                continue  # a zombie, or in the group (signalled as a group)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found

@@ -8,15 +8,15 @@ the record: ``running``, restarts by policy, and exactly one final state.
 Output goes to the durable stream (``shoal.natsio.outputlog``) with bounded unacknowledged bytes:
 when JetStream lags, the node stops reading the pipe and the process blocks on write.
 
-(Over 400 lines: output reading, input and the process's end are still written here and in
-runs.py both; they move into one process owner with issue 10, and this file shrinks.)
+A session is policy on top of the process owner (agent/process.py): restarts, limits, who it
+runs as, containers, watchdogs and the record; the process, its output, input and end are
+the owner's. (Over 400 lines: the session's lifecycle and its manager, read together.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import signal
 import time
@@ -29,12 +29,12 @@ from ..natsio.outputlog import DEFAULT_CAP, OutputWriter
 from ..natsio.sessionstore import Fenced, SessionStore
 from ..wire import messages as m
 from ..wire import subjects
-from . import containers, procs, runas, users
+from . import containers, runas, users
 from .cgroup_layout import Layout, unit_name
-from .cgroups import Unit
 from .ledger import Ledger
 from .ports import PortPool
-from .procs import Child, RunAs, SpawnError, set_winsize, spawn, terminate
+from .process import Launch, Process, child_env, command_argv, read_size_for
+from .procs import RunAs, SpawnError
 from .sandbox import Sandbox
 
 if TYPE_CHECKING:
@@ -45,13 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 << 10
 FAST_FAILURE = 10.0  # a run shorter than this counts towards giving up
 GIVE_UP_AFTER = 5
 MAX_BACKOFF = 30.0
 # What the `podman run` client keeps of the agent's environment (never its SHOAL_ secrets).
 PODMAN_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR"})
-LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
 KILL_OUTPUT_GRACE = 5.0  # a killed session's output still unstored then is dropped
 # What a throwaway user gets unless the spec says otherwise.
 EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, open_files=4096)
@@ -100,12 +98,13 @@ class Session:
         # The record as we wrote it, for our next write to skip a read (None: read first).
         self._known = (record, revision) if revision is not None else None
         self.ports = ports
-        self.child: Child | None = None
+        self.proc: Process | None = None
         self.user: users.EphemeralUser | None = None
         self.named: runas.NamedUser | None = None  # a user of the agent's run_as
         self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
                                    start_offset=record.output_bytes, trim=mgr.trim_output)
         self.writer.on_unblock = self._resume_reading
+        self.read_size = read_size_for(mgr.nc.max_payload)
         self.writer.on_fenced = lambda: self.fence("a newer attempt writes its output")
         self.attempt = record.attempt  # this placement's fencing epoch
         self.kill_reason = ""
@@ -114,12 +113,8 @@ class Session:
         self.last_activity = time.monotonic()
         self.last_attached = time.monotonic()
         self.done = asyncio.Event()
-        self._paused: set[int] = set()
-        self._eofs: list[asyncio.Event] = []
-        self._ending: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
         self._wake = asyncio.Event()
-        self._paused_eofs: dict[int, tuple[str, asyncio.Event]] = {}
         self.detached_from_record = False  # the fleet moved on: never write the record again
         self.reschedule = False
         self.size = (record.spec.cols, record.spec.rows)
@@ -166,9 +161,9 @@ class Session:
                 except SpawnError as e:
                     await self._finish("failed", reason=str(e), exit_code=e.code)
                     return
-                assert self.child is not None
-                await self.child.until_running()
-                await self._move("running", pid=self.child.pid,
+                assert self.proc is not None
+                await self.proc.until_running()
+                await self._move("running", pid=self.proc.pid,
                                           started=time.time(), restarts=self.restarts,
                                           user=self.user.name if self.user
                                           else self.spec.user)
@@ -210,116 +205,71 @@ class Session:
 
     def _spawn(self) -> None:
         spec = self.spec
-        argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else list(spec.command or [])
-        env = {k: v for k, v in self.mgr.base_env.items() if not k.startswith("SHOAL_")}
+        argv = command_argv(spec.shell, spec.command)
+        user = self.user
+        who: dict[str, str] = {}
+        if user is not None:
+            who = {"HOME": user.home, "USER": user.name, "LOGNAME": user.name}
+        elif self.named is not None:
+            who = self.named.env()
+        ours = {"SHOAL_SESSION_ID": self.id, "SHOAL_NODE": self.mgr.node}
+        if self.ports:
+            ours.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
+        env = child_env(self.mgr.base_env, spec.tty, who, spec.env, ours)
+        cwd = spec.cwd or (user.home if user is not None
+                           else self.named.home if self.named is not None else None)
         if self.container is not None:
             argv = self._container_argv()  # `podman run`: the client is the session's process
             self._removed = False
-            env = {k: v for k, v in env.items() if k in PODMAN_ENV}
-        run_as = self._confinement()
-        if self.user is not None:
-            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-        if self.named is not None:
-            env.update(self.named.env())
-        if spec.tty:
-            env.setdefault("TERM", "xterm-256color")
-        if self.container is None:
-            env.update(spec.env)
-            env.update(SHOAL_SESSION_ID=self.id, SHOAL_NODE=self.mgr.node)
-            if self.ports:
-                env.update(PORT=str(self.ports[0]), SHOAL_PORTS=",".join(map(str, self.ports)))
-        cwd = spec.cwd or (self.user.home if self.user is not None
-                           else self.named.home if self.named is not None else None)
-        if self.container is not None:
-            cwd = None  # spec.cwd is inside the container (--workdir)
-        self._ending = None
-        try:
-            self.child = spawn(argv, env, cwd=cwd, tty=spec.tty, cols=self.size[0],
-                               rows=self.size[1], stdin=spec.stdin or spec.tty, run_as=run_as)
-        except SpawnError:
-            self._drop_unit(run_as.unit)
-            raise
-        self.mgr.ledger.add(self.child.pid)
-        loop = asyncio.get_running_loop()
-        self._eofs = []
-        for stream, fd in self.child.out_fds.items():
-            eof = asyncio.Event()
-            self._eofs.append(eof)
-            loop.add_reader(fd, self._on_readable, stream, fd, eof)
-
-    def _confinement(self) -> RunAs:
-        """Who the process runs as, its cgroup (created here) and its limits."""
-        user = self.user
-        limits = effective_limits(self.spec.limits, user is not None)
+            # The podman client keeps little of the agent's environment (never its secrets)
+            # and the session's own goes into the container; spec.cwd is inside (--workdir).
+            env = child_env({k: v for k, v in self.mgr.base_env.items() if k in PODMAN_ENV},
+                            spec.tty, who)
+            cwd = None
+        limits = effective_limits(spec.limits, user is not None)
         if self.container is not None:
             limits = m.Limits()  # the container's own, not the podman client's
-        unit = None
-        if self.mgr.layout is not None:
-            unit = Unit(self.mgr.layout, unit_name(self.mgr.node, "s",
-                                                   f"{self.id}-{self.restarts}"), limits)
-            self.mgr.ledger.add_cgroup(unit.dirs)
-            try:
-                unit.create()
-            except OSError as e:
-                self.mgr.ledger.remove_cgroup(unit.dirs)
-                raise SpawnError(f"cannot create the session's cgroup: {e}", 126) from e
+        launch = Launch(argv, env, f"session {self.id}", marker=("SHOAL_SESSION_ID", self.id),
+                        cwd=cwd, tty=spec.tty, cols=self.size[0], rows=self.size[1],
+                        stdin=spec.stdin or spec.tty, run_as=self._confinement(limits),
+                        unit=unit_name(self.mgr.node, "s", f"{self.id}-{self.restarts}"),
+                        limits=limits)
+        self.proc = Process(launch, self.mgr.ledger, self.mgr.layout, self._on_output,
+                            read_size=self.read_size)
+        self.proc.start()
+
+    def _confinement(self, limits: m.Limits) -> RunAs:
+        """Who the process runs as and the limits its cgroup does not set."""
+        user = self.user
         bounded = frozenset(self.mgr.layout.limits) if self.mgr.layout is not None else frozenset()
         if self.named is not None:  # a user of run_as: its groups, no sandbox
             return RunAs(uid=self.named.uid, gid=self.named.gid, groups=self.named.groups,
-                         rlimits=_rlimits(limits, bounded), unit=unit)
+                         rlimits=_rlimits(limits, bounded))
         return RunAs(uid=user.uid if user else None, gid=user.gid if user else None,
-                     rlimits=_rlimits(limits, bounded), unit=unit,
+                     rlimits=_rlimits(limits, bounded),
                      sandbox=Sandbox(user.uid, user.gid, user.home) if user else None)
 
-    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
-        if unit is not None:
-            if orphans:
-                procs.reap_orphans(unit.layout.base)
-            if unit.remove():
-                self.mgr.ledger.remove_cgroup(unit.dirs)
-
     async def _wait_child(self) -> tuple[int | None, int | None, str]:
-        """Wait for the end of the process: its leader's exit, then nothing of it left
-        (what it left in the background is killed after LEFTOVER_GRACE), then its output
-        read. Returns (exit code, signal, the limit that bit or "")."""
-        child = self.child
-        assert child is not None
-        code, sig = await child.wait()
-        if self._ending is not None:  # a stop in progress: it owns the grace period
-            await asyncio.gather(self._ending, return_exceptions=True)
+        """Wait for the end of the process (agent/process.py), then for its output to be
+        stored. Returns (exit code, signal, the limit that bit or "")."""
+        proc = self.proc
+        assert proc is not None
         oom = ""
-        if self.container is not None:
-            oom = self._container_oom(code)
-            await self._remove_container()
-        await child.end_rest(LEFTOVER_GRACE)
-        await self._drain()
-        self.mgr.ledger.remove(child.pid)
-        loop = asyncio.get_running_loop()
-        for fd in child.out_fds.values():
-            loop.remove_reader(fd)
-        child.close_fds()
-        limit = oom or (child.unit.limit_reason() if child.unit is not None else "")
-        # Only when something outlived the leader (as runs do): a look walks every child
-        # of the agent, and a thousand sessions ending together made that quadratic.
-        self._drop_unit(child.unit, orphans=child.left_orphans)
+
+        async def after_leader(code: int | None, sig: int | None) -> None:
+            nonlocal oom
+            if self.container is not None:
+                oom = self._container_oom(code)
+                await self._remove_container()
+
+        ended = await proc.wait(after_leader)
         await self.writer.flush(self._output_bound())
-        return code, sig, limit
+        return ended.code, ended.signal, oom or ended.limit
 
     def _output_bound(self) -> float | None:
         """How long an ending waits for its output to be stored: a kill never waits on the
         output path (a full store may never take it); a natural exit waits for NATS."""
         return KILL_OUTPUT_GRACE if self.kill_reason else None
-
-    async def _drain(self) -> None:
-        """Read what the pipes still hold. Nothing of the session runs any more, so EOF
-        comes once they are empty; a descriptor held elsewhere (no cgroup, or passed to
-        another process) is given procs.DRAIN_LIMIT seconds, longer while output is held back."""
-        # Held-back output extends the wait, except on a kill: a store that takes nothing
-        # (full) would keep a killed session's pipes, and so the kill, open for ever.
-        if not await procs.drain(self._eofs,
-                                 lambda: bool(self._paused) and not self.kill_reason):
-            log.warning("session %s: output still open after its processes ended; closing it",
-                        self.id)
 
     async def _move(self, state: m.SessionState, **fields: object) -> m.SessionRecord | None:
         """Write our record, only while it is still this placement's (else fence)."""
@@ -369,14 +319,10 @@ class Session:
                 await self._sub.unsubscribe()
             except Exception:
                 pass
-        if self.container is not None and self.child is not None and not self._removed:
+        if self.container is not None and self.proc is not None and not self._removed:
             await self._remove_container()  # only after an error in the agent
-        unit = self.child.unit if self.child is not None else None
-        if self.child is not None and unit is not None:
-            await self.child.until_running()
-            if unit.populated():  # only after an error in the agent
-                await unit.kill_all()
-                self._drop_unit(unit, orphans=True)
+        if self.proc is not None:
+            await self.proc.close()  # only does something after an error in the agent
         if self.user is not None:
             # Its processes ended with the cgroup; users.remove checks, and keeps the user
             # (for the next start to retry) rather than free a UID something still runs as.
@@ -396,10 +342,9 @@ class Session:
         self.kill_reason = reason
         self.reschedule = reschedule and self.spec.restart != "never"
         self._wake.set()
-        if self.child is not None and self.child.popen.returncode is None:
-            self._ending = asyncio.create_task(
-                self._stop_container(self.child) if self.container is not None
-                else terminate(self.child, self.mgr.grace))
+        if self.proc is not None:
+            self.proc.stop_soon(self.mgr.grace, first=self._stop_container
+                                if self.container is not None else None)
 
     # ------------------------------------------------------------------ containers
     # A container session's process is a foreground `podman run` (agent/containers.py); the
@@ -421,7 +366,7 @@ class Session:
         except (containers.ContainerError, msgspec.ValidationError) as e:
             raise SpawnError(str(e), 125) from e
 
-    async def _stop_container(self, child: Child) -> None:
+    async def _stop_container(self) -> None:
         """Stop the container by name (SIGTERM, SIGKILL after the grace): a signal to the
         `podman run` client alone would leave the container running. Then the client."""
         pod = self.mgr.podman
@@ -430,7 +375,6 @@ class Session:
             await pod.stop(self.container, self.mgr.grace)
         except containers.ContainerError as e:
             log.warning("session %s: %s", self.id, e)
-        await terminate(child, self.mgr.grace)
 
     def _container_oom(self, code: int | None) -> str:
         """A memory kill: exit 137 (SIGKILL) with a memory limit set and no stop asked for.
@@ -467,31 +411,15 @@ class Session:
 
     # ------------------------------------------------------------------ output
 
-    def _on_readable(self, stream: str, fd: int, eof: asyncio.Event) -> None:
-        try:
-            data = os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(fd)
-            eof.set()
-            return
+    def _on_output(self, stream: str, data: bytes) -> None:
         self.last_activity = time.monotonic()
         self.writer.write(stream, data)
-        if self.writer.blocked:
-            asyncio.get_running_loop().remove_reader(fd)
-            self._paused.add(fd)
-            self._paused_eofs[fd] = (stream, eof)
+        if self.writer.blocked and self.proc is not None:
+            self.proc.pause()  # the process blocks on write until JetStream catches up
 
     def _resume_reading(self) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in list(self._paused):
-            stream, eof = self._paused_eofs.pop(fd)
-            if not eof.is_set():
-                loop.add_reader(fd, self._on_readable, stream, fd, eof)
-        self._paused.clear()
+        if self.proc is not None:
+            self.proc.resume()
 
     # ------------------------------------------------------------------ input
 
@@ -501,27 +429,19 @@ class Session:
         except msgspec.DecodeError:
             return
         self.last_attached = time.monotonic()
-        child = self.child
         if isinstance(frame, m.Resize):
             self.size = (frame.cols, frame.rows)  # also for a process not started yet
-        if isinstance(frame, m.SessionAttached) or child is None:
+        proc = self.proc
+        if isinstance(frame, m.SessionAttached) or proc is None:
             return
         if isinstance(frame, m.Resize):
-            if child.tty and child.stdin_fd is not None:
-                set_winsize(child.stdin_fd, frame.cols, frame.rows)
-                child.signal_group(signal.SIGWINCH)
+            proc.resize(frame.cols, frame.rows)
             return
         self.last_activity = time.monotonic()
-        if child.stdin_fd is not None and frame.data:
-            try:
-                os.write(child.stdin_fd, frame.data)
-            except BlockingIOError:
-                log.warning("session %s: input dropped, the process is not reading", self.id)
-            except OSError:
-                pass
-        if frame.eof and child.stdin_fd is not None and not child.tty:
-            os.close(child.stdin_fd)
-            child.stdin_fd = None
+        if frame.data:
+            proc.write(frame.data)  # held while the process is not reading; a refusal is logged
+        if frame.eof and not self.spec.tty:  # a terminal's input has no end of its own
+            proc.end_input()
 
 
 def _describe(code: int | None, sig: int | None) -> str:
@@ -656,8 +576,8 @@ class SessionManager:
             return False
         if req.kill:
             session.end(req.reason or "killed on request", reschedule=req.reschedule)
-        elif session.child is not None:
-            session.child.signal_group(req.signum)
+        elif session.proc is not None:
+            session.proc.signal(req.signum)
         return True
 
     def end_all(self, reason: str) -> None:

@@ -35,11 +35,13 @@ from ..errors import Forbidden, ShoalError
 from ..logic import tokens
 from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
+from .proxyauth import PROXY_TOKEN_ID, ProxyAuth
 from .scopes import Principal, Target
 
 if TYPE_CHECKING:
     from ..config import ControllerConfig
-    from .logins import LoginStore
+    from .apitokens import TokenStore
+    from .logins import Login, LoginStore
     from .server import Controller
 
 __all__ = ["COOKIE", "TERMINAL_COOKIE", "auth_middleware", "error_json", "origin_ok"]
@@ -176,6 +178,19 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
     token = cfg.token
     key = tokens.derive_key(token)
     trusted = cfg.trusted_proxies
+    proxy = ProxyAuth.from_config(cfg)  # None unless proxy_user_header is set
+
+    def login_principal(store: TokenStore, login: Login | None,
+                        proxied: str | None) -> Principal | None:
+        """Who a login is, while it holds: its token's user while the token is valid; a
+        proxy login while the trusted proxy still names the same user."""
+        if login is None:
+            return None
+        if login.token_id == PROXY_TOKEN_ID:
+            if proxy is None or proxied != login.user:
+                return None
+            return proxy.principal(login.user)
+        return store.by_id(login.token_id)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -193,15 +208,21 @@ def auth_middleware(cfg: ControllerConfig, logins: LoginStore,
                 raise await _log_in(request, who)
         if cfg.public_terminals and path == "/terminal":
             return await handler(request)  # anyone may: no cookie is trusted here
+        proxied = proxy.user(request) if proxy is not None else None
         login_id = request.cookies.get(COOKIE, "")
         refused: web.Response | None = None
         found = await logins.get(login_id) if login_id else None
-        principal = store.by_id(found.token_id) if found is not None else None
+        principal = login_principal(store, found, proxied)
         if principal is not None:  # a login whose token was revoked or expired is over
             refused = browser_refusal(request, logins.key, login_id, cfg.origins)
             if refused is None:
                 request["login"] = login_id
                 return await guarded(request, handler, principal)
+        elif proxy is not None and proxied is not None and login is None \
+                and request.method == "GET" and not path.startswith("/api/"):
+            # A page through the trusted proxy: a login of its user (cookie and CSRF token),
+            # never the header alone, which the browser's cross-site requests carry too.
+            raise await _log_in(request, proxy.principal(proxied))
         scope = await terminal_scope(request, key, consume_link)
         if scope is not None:
             sid = scope.session

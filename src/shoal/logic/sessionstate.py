@@ -11,7 +11,7 @@ of a record goes through ``change`` (or ``reschedule``), which checks it.
     running ──▶ starting          a restart on the same node (restart policy)
 
 A final state never changes: a writer that finds a final state leaves it alone (``Final``).
-docs/lifecycle.md draws this.
+docs/architecture.md draws this.
 """
 
 from __future__ import annotations

@@ -129,10 +129,27 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         raise ConnectError(
             f"cannot connect to NATS at {_safe_url(cfg.url)}: {errs[0]}; {hint}") from e
     client.append(nc)
+    _tolerate_late_pongs(nc)
     # Now that we are in, keep trying forever through outages.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _tolerate_late_pongs(nc: NatsClient) -> None:
+    """nats-py 2.16 leaves a timed-out ``flush()``'s cancelled future in its queue of PONG
+    waiters; the late PONG (a partition healed) then raises InvalidStateError in the read
+    loop, which stops for good while the client still says connected: deaf, never
+    reconnecting (tests/faults/test_fault_nats.py). The PONG answers that flush: drop it."""
+    async def process_pong() -> None:
+        if nc._pongs:  # noqa: SLF001 - nats-py's own bookkeeping, as its method does it
+            future = nc._pongs.pop(0)  # noqa: SLF001
+            if not future.done():
+                future.set_result(True)
+            nc._pongs_received += 1  # noqa: SLF001
+            nc._pings_outstanding = 0  # noqa: SLF001
+
+    nc._process_pong = process_pong  # type: ignore[method-assign]  # noqa: SLF001
 
 
 def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:

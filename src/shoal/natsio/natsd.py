@@ -272,6 +272,8 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
             "routes": [f"nats-route://{auth}@{host}:{p.route_port}"
                        for p in cluster.peers if p.name != server_name],
         }
+        if tls is not None:  # routes too: each side shows the fleet CA's certificate
+            conf["cluster"]["tls"] = tls.conf()  # type: ignore[index]
     return msgspec.json.encode(conf).decode()
 
 

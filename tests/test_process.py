@@ -1,0 +1,302 @@
+"""The agent's process owner (agent/process.py), driven directly: no NATS, real processes,
+with and without a cgroup. Input is buffered, bounded and never lost; output pauses and
+resumes; a stop is SIGTERM then SIGKILL, each with its own timeout; the end of a process
+is the end of everything it started, even a setsid'd child that holds the terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shoal.agent import cgroups, process
+from shoal.agent.cgroup_layout import Layout
+from shoal.agent.ledger import Ledger, reap_leftovers
+from shoal.agent.process import Ended, Launch, Process
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
+
+
+@pytest.fixture(params=["no-cgroup", pytest.param("cgroup", marks=root_only)])
+def layout(request: pytest.FixtureRequest) -> Iterator[Layout | None]:
+    if request.param == "no-cgroup":
+        yield None
+        return
+    found = cgroups.detect("test" + os.urandom(4).hex())
+    assert not isinstance(found, str), found
+    try:
+        yield found
+    finally:
+        for d in found.base_dirs():
+            cgroups.remove_dir(d)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = Ledger(tmp_path / "ledgers" / "n.ledger", "n")
+    led.open()
+    yield led
+    led.close()
+
+
+class Owned:
+    """A Process with its output collected."""
+
+    def __init__(self, launch: Launch, ledger: Ledger, layout: Layout | None) -> None:
+        self.out: dict[str, bytearray] = {}
+        self.reads = 0
+        self.pause_after: int | None = None
+        self.proc = Process(launch, ledger, layout, self._on_output)
+
+    def _on_output(self, stream: str, data: bytes) -> None:
+        self.out.setdefault(stream, bytearray()).extend(data)
+        self.reads += 1
+        if self.pause_after is not None and self.reads >= self.pause_after:
+            self.proc.pause()
+
+    def text(self, stream: str) -> str:
+        return bytes(self.out.get(stream, b"")).decode(errors="replace")
+
+    async def until_output(self, stream: str, needle: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text(stream):
+            assert time.monotonic() < deadline, f"no {needle!r} in {self.text(stream)!r}"
+            await asyncio.sleep(0.02)
+
+
+_n = 0
+
+
+def launch(argv: list[str], **kw: object) -> Launch:
+    global _n
+    _n += 1
+    key = f"t{os.getpid()}-{_n}-{os.urandom(3).hex()}"
+    env = {**os.environ, "SHOAL_TEST_PROC": key, "SHOAL_NODE": "n"}
+    return Launch(argv, env, f"test {key}", marker=("SHOAL_TEST_PROC", key),
+                  unit=f"n.t.{key}", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def owned(ledger: Ledger, layout: Layout | None) -> AsyncIterator[list[Owned]]:
+    made: list[Owned] = []
+    yield made
+    for o in made:  # a failed test leaves nothing running either
+        await o.proc.close()
+
+
+def start(made: list[Owned], ln: Launch, ledger: Ledger, layout: Layout | None) -> Owned:
+    o = Owned(ln, ledger, layout)
+    o.proc.start()
+    made.append(o)
+    return o
+
+
+def alive_with_arg(arg: str) -> list[int]:
+    """Live processes (not zombies) whose command line holds ``arg``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if arg.encode() in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def unique_sleep() -> str:
+    """A sleep of ~300 s that no other process has on its command line."""
+    return f"300.{int.from_bytes(os.urandom(3), 'big'):08d}"
+
+
+# --------------------------------------------------------------------------- input
+
+SLOW_SHA = ("import hashlib, sys, time\n"
+            "h, n = hashlib.sha256(), 0\n"
+            "while True:\n"
+            "    b = sys.stdin.buffer.read1(4096)\n"
+            "    if not b: break\n"
+            "    h.update(b); n += len(b); time.sleep(0.0005)\n"
+            "print(n, h.hexdigest(), flush=True)\n")
+
+
+async def test_input_to_a_slow_reader_is_held_and_none_is_lost(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    o = start(owned, launch(["python3", "-c", SLOW_SHA], stdin=True), ledger, layout)
+    sent = hashlib.sha256()
+    total = 0
+    most_held = 0
+    for i in range(48):  # 3 MiB at once: far more than a pipe holds
+        chunk = bytes([i]) * (64 << 10)
+        assert o.proc.write(chunk)
+        sent.update(chunk)
+        total += len(chunk)
+        most_held = max(most_held, o.proc.held)
+    assert most_held > 0, "every write went straight through: nothing was held"
+    assert most_held <= process.STDIN_LIMIT
+    o.proc.end_input()
+    ended = await asyncio.wait_for(o.proc.wait(), 60)
+    assert ended.code == 0, (ended, o.text("stderr"))
+    assert o.text("stdout").split() == [str(total), sent.hexdigest()]
+    assert o.proc.written == total and o.proc.held == 0
+
+
+WAIT_THEN_SHA = 'while [ ! -e "$1" ]; do sleep 0.02; done; exec sha256sum'
+
+
+async def test_input_is_bounded_and_a_refusal_is_said_not_dropped(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    go = tmp_path / "go"
+    o = start(owned, launch(["sh", "-c", WAIT_THEN_SHA, "sh", str(go)], stdin=True),
+              ledger, layout)
+    accepted = hashlib.sha256()
+    chunk = b"x" * (256 << 10)
+    with caplog.at_level(logging.WARNING, logger="shoal.agent.process"):
+        for _ in range(process.STDIN_LIMIT // len(chunk) + 8):
+            if not o.proc.write(chunk):
+                break
+            accepted.update(chunk)
+            assert o.proc.held <= process.STDIN_LIMIT
+        else:
+            raise AssertionError("input beyond STDIN_LIMIT was taken")
+    assert any("refused" in r.getMessage() for r in caplog.records), caplog.records
+    assert o.proc.held <= process.STDIN_LIMIT
+    go.touch()  # now it reads: everything accepted arrives, in order
+    o.proc.end_input()
+    ended = await asyncio.wait_for(o.proc.wait(), 60)
+    assert ended.code == 0
+    assert o.text("stdout").split()[0] == accepted.hexdigest()
+
+
+# --------------------------------------------------------------------------- output
+
+WRITER = ("import os, sys\n"
+          "for _ in range(16): os.write(1, b'y' * (512 << 10))\n"
+          "os.write(2, b'wrote all\\n')\n")
+
+
+async def test_paused_output_blocks_the_writer_and_resume_delivers_all(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    o = Owned(launch(["python3", "-c", WRITER]), ledger, layout)
+    owned.append(o)
+    o.pause_after = 1
+    o.proc.start()
+    for _ in range(100):
+        if o.proc.paused:
+            break
+        await asyncio.sleep(0.02)
+    assert o.proc.paused
+    reads = o.reads
+    await asyncio.sleep(1.0)
+    # 8 MiB cannot fit in the pipe: paused, the writer is blocked and nothing is read.
+    assert o.proc.poll() is None
+    assert o.reads == reads and "wrote all" not in o.text("stderr")
+    o.pause_after = None
+    o.proc.resume()
+    ended = await asyncio.wait_for(o.proc.wait(), 60)
+    assert ended.code == 0 and ended.drained
+    assert len(o.out["stdout"]) == 16 * (512 << 10)
+    assert o.text("stderr") == "wrote all\n"
+
+
+# --------------------------------------------------------------------------- stop
+
+IGNORES_TERM = ("import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(300)\n")
+
+
+async def test_stop_is_sigterm_then_sigkill_after_its_timeout(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    o = start(owned, launch(["python3", "-c", IGNORES_TERM]), ledger, layout)
+    await o.until_output("stdout", "ready")
+    began = time.monotonic()
+    await asyncio.wait_for(o.proc.stop(term_timeout=0.5, kill_timeout=5.0), 30)
+    assert time.monotonic() - began >= 0.5  # SIGKILL only once the TERM timeout ran out
+    ended = await asyncio.wait_for(o.proc.wait(), 30)
+    assert ended.signal == signal.SIGKILL, ended
+
+    polite = start(owned, launch(["sleep", "300"]), ledger, layout)
+    await polite.proc.until_running()
+    await asyncio.wait_for(polite.proc.stop(term_timeout=30.0), 30)
+    assert (await polite.proc.wait()).signal == signal.SIGTERM
+
+
+async def test_state_is_what_the_ledger_holds_until_the_end(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    o = start(owned, launch(["sleep", "300"]), ledger, layout)
+    state = o.proc.state()
+    groups, _, dirs = ledger.entries()
+    assert state.pid in groups
+    assert set(state.cgroup) <= dirs and bool(state.cgroup) == (layout is not None)
+    # Without a cgroup the marker is kept: what escapes the group is found by it.
+    assert ledger.markers() == ({state.marker} if layout is None else set())
+    assert bool(state.marker) == (layout is None)
+    await o.proc.stop(5.0)
+    await o.proc.wait()
+    assert ledger.entries() == (set(), set(), set()) and ledger.markers() == set()
+
+
+async def test_the_next_agent_ends_what_escaped_the_group_from_the_ledger(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # As after a SIGKILLed agent: nothing of it ended the process, the ledger says what.
+    sleep = unique_sleep()
+    o = start(owned, launch(["sh", "-c", f"(setsid sleep {sleep} &); echo started; sleep 300"]),
+              ledger, layout)
+    await o.until_output("stdout", "started")
+    for _ in range(200):
+        if alive_with_arg(sleep):
+            break
+        await asyncio.sleep(0.02)
+    assert alive_with_arg(sleep)
+    assert await reap_leftovers(ledger, 1.0, layout) >= 1
+    assert alive_with_arg(sleep) == []
+
+
+# --------------------------------------------------------------------------- the end
+
+async def _ended_with_nothing_left(o: Owned, sleep: str, how: str) -> Ended:
+    await o.until_output("pty", "started")
+    for _ in range(200):
+        if alive_with_arg(sleep):
+            break
+        await asyncio.sleep(0.02)
+    assert alive_with_arg(sleep), "the background sleep never started: the test shows nothing"
+    if how == "stop":
+        await asyncio.wait_for(o.proc.stop(term_timeout=5.0), 30)
+    ended = await asyncio.wait_for(o.proc.wait(), 30)
+    assert alive_with_arg(sleep) == []
+    return ended
+
+
+async def test_a_stopped_terminal_with_a_setsid_child_ends_and_leaves_nothing(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    sleep = unique_sleep()
+    o = start(owned, launch(["sh", "-c", f"(setsid sleep {sleep} &); echo started; sleep 300"],
+                            tty=True, stdin=True), ledger, layout)
+    ended = await _ended_with_nothing_left(o, sleep, "stop")
+    assert ended.signal == signal.SIGTERM
+
+
+async def test_a_terminal_whose_leader_exits_ends_despite_a_setsid_child(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    sleep = unique_sleep()
+    o = start(owned, launch(["sh", "-c", f"(setsid sleep {sleep} &); echo started; "
+                                         "sleep 0.5; exit 3"], tty=True, stdin=True),
+              ledger, layout)
+    ended = await _ended_with_nothing_left(o, sleep, "exit")
+    assert ended.code == 3
