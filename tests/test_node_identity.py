@@ -17,10 +17,11 @@ import nats
 import nats.errors
 import pytest
 
-from fleet import Fleet, wait_for
+from fleet import SHOAL, Fleet, wait_for
 from shoal.client.aio import Client, LogChunk
 from shoal.config import AgentConfig, load
 from shoal.identity import claims
+from shoal.natsio.natsd import free_port, server_binary
 from shoal.wire import hostbeat
 from shoal.wire import messages as m
 from shoal.wire.reports import OutputTrim
@@ -350,3 +351,42 @@ def test_an_expired_credential_is_refused_at_start_with_what_to_do(
                       env={"SHOAL_STATE_DIR": str(state)})
     assert r.returncode == 2 and "expired at" in r.stderr and "enroll again" in r.stderr, \
         r.stderr
+
+
+async def test_keys_and_an_include_for_your_own_nats_servers(tmp_path: Path) -> None:
+    """``shoal admin node-identities DIR``: what your own nats-server includes to run in
+    operator mode, and the controllers' credential for it; passwords no longer work."""
+    keys = tmp_path / "keys"
+    r = subprocess.run([SHOAL, "admin", "node-identities", str(keys)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    again = subprocess.run([SHOAL, "admin", "node-identities", str(keys)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr  # never new keys over old
+    port = free_port()
+    conf = tmp_path / "server.conf"
+    conf.write_text(f'host: 127.0.0.1\nport: {port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
+                    'include "keys/nats-identity.conf"\n')  # relative to this file
+    server = subprocess.Popen([server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        nc = None
+        for _ in range(100):
+            assert server.poll() is None, "nats-server did not take the configuration"
+            try:
+                nc = await nats.connect(url, user_credentials=str(keys / "controller.creds"),
+                                        allow_reconnect=False, max_reconnect_attempts=0)
+                break
+            except (nats.errors.Error, OSError):
+                await asyncio.sleep(0.1)
+        assert nc is not None
+        kv = await nc.jetstream().create_key_value(bucket="probe")
+        await kv.put("k", b"v")
+        await nc.close()
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(url, user="agent", password="x", allow_reconnect=False,
+                               max_reconnect_attempts=0)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -1,16 +1,20 @@
 """Node identities on the command line: ``shoal token create --join`` (join tokens, called
-from token_cmds) and ``shoal nodes revoke NODE`` (docs/security.md, "Node identities")."""
+from token_cmds), ``shoal nodes revoke NODE`` and ``shoal admin node-identities DIR``
+(docs/security.md, "Node identities")."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
 from ..config import parse_labels
 from ..errors import ShoalError
+from .admin_cmds import admin
 from .main import arun, client_from, fail, nodes
 
 
@@ -56,3 +60,38 @@ def nodes_revoke(ctx: click.Context, name: str) -> None:
 
     done = arun(go())
     click.echo(f"revoked {', '.join(done['names'])}", err=True)
+
+
+@admin.command("node-identities")
+@click.argument("directory", type=click.Path(path_type=Path))
+def admin_node_identities(directory: Path) -> None:
+    """Make the fleet's NATS signing keys for your own nats-servers (node identities).
+
+    Writes, 0600, into DIRECTORY: authority.toml (the keys: `identity` in every
+    controller.toml), controller.creds (the controllers' [nats] creds) and
+    nats-identity.conf (include it in every nats-server's config in place of the
+    accounts block). Refuses a directory that has the keys already."""
+    from ..config import ensure_private_dir, write_secret_file
+    from ..identity.authority import Authority
+
+    keys = directory / "authority.toml"
+    if keys.exists():
+        fail(f"{keys} exists: these are the fleet's keys already (making new ones would cut "
+             "off every credential); remove it first only if you mean that", 2)
+    ensure_private_dir(directory)
+    authority = Authority.create()
+    authority.save(keys)
+    write_secret_file(directory / "controller.creds", authority.controller_creds(int(time.time())))
+    auth = authority.jwt_auth()
+    q = msgspec.json.encode  # a JSON string is a quoted string in the NATS config format
+    preload = "".join(f"  {k}: {q(v).decode()}\n" for k, v in auth.preload.items())
+    write_secret_file(directory / "nats-identity.conf", (
+        "# shoal node identities: operator mode (docs/security.md, 'Node identities')\n"
+        f"operator: {q(auth.operator_jwt).decode()}\n"
+        f"system_account: {auth.system_account}\n"
+        f"resolver: {{ type: full, dir: {q(str((directory / 'accounts').resolve())).decode()}, "
+        "allow_delete: false, interval: \"2m\" }\n"
+        f"resolver_preload: {{\n{preload}}}\n"))
+    click.echo(f"wrote {keys}, {directory / 'controller.creds'} and "
+               f"{directory / 'nats-identity.conf'}; see docs/operations.md, 'Node identities'",
+               err=True)
