@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from fleet import Fleet, wait_for, wait_running
@@ -264,3 +265,45 @@ async def test_bad_container_services_are_refused(client: Client) -> None:
                                                    image=IMAGE))
     with pytest.raises(NotFoundError):
         await client.service("cbad")
+
+
+async def test_the_cli_creates_container_sessions_and_services(
+        cfleet: Fleet, client: Client, mounts: Path) -> None:
+    """`--image`, `--container-port`, `--network` and `--mount` on `session create` and
+    `service create`: the same specs the API takes."""
+    (mounts / "hello.txt").write_text("from the host\n")
+    r = cfleet.shoal("session", "create", "--json", "--image", IMAGE, "--mount",
+                     f"{mounts}:/data", "--", "cat", "/data/hello.txt")
+    assert r.returncode == 0, r.stderr
+    sid = msgspec.json.decode(r.stdout, type=m.SessionRecord).id
+
+    def ended() -> m.SessionRecord | None:
+        shown = cfleet.shoal("session", "show", "--json", sid)
+        rec = msgspec.json.decode(shown.stdout, type=m.SessionRecord)
+        return rec if rec.state == "exited" else None
+
+    rec = wait_for(ended, 60)
+    assert rec.node == CNODE and rec.spec.runtime == "container"
+    assert rec.spec.mounts == [m.Mount(source=str(mounts), target="/data")]
+    assert await output(client, sid) == b"from the host\n"
+    # One allocated port per container port, and a network to publish on by default.
+    r = cfleet.shoal("session", "create", "--json", "--image", IMAGE, "--container-port", "80",
+                     "--shell", "exec httpd -f -p 80 -h /tmp")
+    assert r.returncode == 0, r.stderr
+    web = msgspec.json.decode(r.stdout, type=m.SessionRecord)
+    assert (web.spec.container_ports, web.spec.ports, web.spec.network) == ([80], 1, "podman")
+    await client.kill(web.id)
+    r = cfleet.shoal("service", "create", "--json", "cliweb", "--image", IMAGE,
+                     "--container-port", "80", "--network", "podman", "--replicas", "0",
+                     "--shell", "exec httpd -f -p 80 -h /tmp")
+    assert r.returncode == 0, r.stderr
+    try:
+        spec = (await client.service("cliweb")).spec
+        assert (spec.runtime, spec.image, spec.container_ports) == ("container", IMAGE, [80])
+    finally:
+        await client.remove_service("cliweb", deadline=0)
+    # Container options without an image say what is missing and create nothing.
+    r = cfleet.shoal("session", "create", "--container-port", "80", "--", "true")
+    assert r.returncode == 2 and "add --image IMAGE" in r.stderr, r.stderr
+    r = cfleet.shoal("session", "create", "--image", IMAGE, "--mount", "nocolon", "--", "true")
+    assert r.returncode == 2 and "SOURCE:TARGET" in r.stderr, r.stderr

@@ -72,3 +72,10 @@ def test_the_rule_sees_a_forbidden_import(tmp_path: Path) -> None:
 def test_no_flat_modules_beyond_the_few_that_name_their_role() -> None:
     flat = sorted(p.name for p in SRC.glob("*.py"))
     assert flat == ["__init__.py", "config.py", "errors.py", "pki.py", "up.py"]
+
+
+def test_config_needs_no_part_of_shoal_that_runs() -> None:
+    """Reading a config file must not import the agent, the controller or NATS code."""
+    for name in imports_of(SRC / "config.py"):
+        if name.startswith("shoal."):
+            assert name.split(".")[1] in {"errors", "logic", "wire"}, name

@@ -340,13 +340,14 @@ async def test_a_revocation_survives_a_restart_of_the_fleet(idfleet: Fleet) -> N
 def test_an_expired_credential_is_refused_at_start_with_what_to_do(
         idfleet: Fleet, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    enrolled_at = time.time()
     p = idfleet.agent("node-x", "--join", idfleet.url, "--token",
                       join_token(idfleet, "--name", "node-x"),
                       env={"SHOAL_STATE_DIR": str(state)})
     p.send_signal(signal.SIGTERM)  # off, and so not renewing
     p.wait(30)
-    time.sleep(max(0.0, enrolled_at + LIFETIME + 1 - time.time()))
+    path = state / "identity" / "node-x.creds"
+    expires = claims.decode(claims.parse_creds(path.read_text()).jwt)["exp"]
+    time.sleep(max(0.0, expires + 1 - time.time()))
     r = idfleet.shoal("agent", "--name", "node-x", timeout=40,
                       env={"SHOAL_STATE_DIR": str(state)})
     assert r.returncode == 2 and "expired at" in r.stderr and "enroll again" in r.stderr, \

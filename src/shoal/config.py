@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Struct
 
 from .errors import ConfigError
+from .logic.agentsettings import check_run_as, parse_networks, parse_uid_range
 
 DEFAULT_HTTP_PORT = 7470
 SERVICES_PORT_NEXT = -1  # services_port default: the controller's port + 1 (any if that is 0)
@@ -71,10 +72,7 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     join_ca: str = ""
 
     def __post_init__(self) -> None:
-        from .agent.netpolicy import parse_networks, parse_uid_range
-        from .agent.runas import check_setting
-
-        check_setting(self.run_as)
+        check_run_as(self.run_as)
         try:
             ipaddress.ip_address(self.container_publish)
         except ValueError:

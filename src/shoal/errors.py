@@ -10,14 +10,18 @@
     ├── ConflictError        the request contradicts current state (HTTP 409)
     │   └── IllegalTransition  a session record asked to move where its lifecycle cannot go
     ├── NoCapacityError      no node has room (HTTP 503)
+    │   └── NoReplicaError   no replica of a service can take a client now
     ├── Unavailable          not now: NATS is away or the view is stale; retry (HTTP 503 with
     │                        Retry-After)
+    ├── UserError            the agent could not make a throwaway user
     ├── RemoteTimeout        the other side did not answer in time
     │   └── NoResponder      nobody serves that subject (its agent is not connected)
     └── ProtocolError        a peer sent something we cannot decode
 
 Errors of the libraries we use (nats-py, aiohttp) are translated at one boundary each:
-``shoal.natsio.bus`` for NATS and ``shoal.client.aio`` for HTTP.
+``shoal.natsio.bus`` for NATS and ``shoal.client.aio`` for HTTP. Each side of the API has
+one map between errors and statuses: the servers' ``shoal.controller.replies.failure``
+(HTTP and NATS alike) and the clients' ``error_for_status`` below.
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ class NoCapacityError(ShoalError):
     status = 503
 
 
+class NoReplicaError(NoCapacityError):
+    """No replica can take a client now (HTTP 503)."""
+
+
 class Unavailable(ShoalError):
     """Not now, but soon: the fleet's NATS is away or this controller's view of the fleet
     is not current. Nothing was changed; try again after ``retry_after`` seconds."""
@@ -85,6 +93,10 @@ class Unavailable(ShoalError):
     def __init__(self, message: str, retry_after: float = 2.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UserError(ShoalError):
+    """A throwaway user could not be made (no UIDs left, not root, useradd failed)."""
 
 
 class RemoteTimeout(ShoalError):

@@ -119,8 +119,7 @@ class AgentHost:
         self._session_ops: set[asyncio.Task[None]] = set()  # session requests in flight
         self.lead = names[0]
         self._base_env = dict(os.environ)
-        first_port, _, last_port = cfg.ports.partition("-")
-        self.ports = PortPool(int(first_port), int(last_port or first_port))
+        self.ports = PortPool.parse(cfg.ports)
         self.store: SessionStore = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
         self.node_ttl = DEFAULT_NODE_TTL
@@ -683,7 +682,12 @@ async def run_agent(cfg: AgentConfig, names: list[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    await host.start()
+    try:
+        await host.start()
+    except Exception:
+        if host.refused:  # the server ended us over the credential while we started
+            raise AuthError(host.refused) from None
+        raise
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(host.refused_event.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:

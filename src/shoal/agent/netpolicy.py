@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+from ..logic.agentsettings import Network as Network
+from ..logic.agentsettings import parse_networks as parse_networks
+from ..logic.agentsettings import parse_uid_range as parse_uid_range
+
 if TYPE_CHECKING:
     from ..config import AgentConfig
 
@@ -46,7 +50,6 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["none", "outbound", "open"]
 MODES: tuple[Mode, ...] = ("none", "outbound", "open")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # What NodeInfo.network says when rules that were asked for are not in force.
 UNENFORCED = "unenforced"
@@ -57,30 +60,6 @@ class PolicyError(Exception):
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def parse_uid_range(text: str) -> tuple[int, int]:
-    """``"A-B"`` -> (A, B); a range of UIDs that no real account uses."""
-    first, sep, last = text.strip().partition("-")
-    try:
-        lo, hi = int(first), int(last if sep else first)
-    except ValueError:
-        raise ValueError(f"UID range {text!r} is not A-B (e.g. 1900000000-1999999999)") from None
-    if not 1000 <= lo <= hi <= 2**31 - 1:
-        raise ValueError(f"UID range {text!r} must lie within 1000-2147483647, first <= last")
-    return lo, hi
-
-
-def parse_networks(items: list[str]) -> tuple[Network, ...]:
-    """Addresses or CIDR networks (``10.0.0.0/8``, ``fd00::/8``, ``192.0.2.7``)."""
-    out: list[Network] = []
-    for item in items:
-        try:
-            out.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an address or network; write it like "
-                             f"10.0.0.0/8, fd00::/8 or 192.0.2.7") from None
-    return tuple(out)
 
 
 def nats_addresses(urls: str) -> tuple[Network, ...]:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import socket
 
+from ..errors import ConfigError
+
 
 class PortPool:
+    @classmethod
+    def parse(cls, text: str) -> PortPool:
+        """``ports = "FIRST-LAST"`` (or one port) of the agent's settings."""
+        first, _, last = text.partition("-")
+        try:
+            return cls(int(first), int(last or first))
+        except ValueError:
+            raise ConfigError(f"ports {text!r}: give a range such as 20000-20999") from None
+
     def __init__(self, first: int, last: int) -> None:
         if not 1 <= first <= last <= 65535:
-            raise ValueError(f"bad port range {first}-{last}")
+            raise ConfigError(f"bad port range {first}-{last}: give ports within 1-65535, "
+                              "the first no higher than the last")
         self.first = first
         self.last = last
         self.taken: set[int] = set()

@@ -18,6 +18,9 @@ The contract, in the style of JupyterHub's Spawner (docs/architecture.md):
 
 (Over 400 lines: the contract, output, input and the end are one object's state, read
 together; the mechanism below it is agent/procs.py.)
+
+Over 400 lines: the whole life of a process (spawn, both pipes with backpressure, resize,
+the end of its cgroup or group) in one class, so that runs and sessions share all of it.
 """
 
 from __future__ import annotations

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from ..wire import messages as m
 from . import users
 
 
@@ -35,16 +33,6 @@ class NamedUser:
     def env(self) -> dict[str, str]:
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name,
                 "SHELL": self.shell or "/bin/sh"}
-
-
-def check_setting(names: Collection[str]) -> None:
-    """``run_as`` in agent.toml: plain Unix user names."""
-    for n in names:
-        if not re.fullmatch(m.UNIX_USER_PATTERN, n):
-            raise ValueError(f"run_as: {n!r} is not a Unix user name")
-        if n.startswith(users.PREFIX):
-            raise ValueError(f"run_as: {n!r}: names starting with {users.PREFIX!r} are "
-                             "throwaway users of sessions")
 
 
 def resolve(name: str, allowed: Collection[str]) -> NamedUser:

@@ -11,6 +11,10 @@ when JetStream lags, the node stops reading the pipe and the process blocks on w
 A session is policy on top of the process owner (agent/process.py): restarts, limits, who it
 runs as, containers, watchdogs and the record; the process, its output, input and end are
 the owner's. (Over 400 lines: the session's lifecycle and its manager, read together.)
+
+Over 400 lines: the agent's whole side of the session lifecycle (placement answer,
+restarts, throwaway users, limits, containers, watchdogs, fencing) reads best in one place;
+the process itself is agent/process.py.
 """
 
 from __future__ import annotations

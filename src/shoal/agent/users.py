@@ -19,7 +19,10 @@ from pathlib import Path
 
 import psutil
 
-PREFIX = "shoal-"
+from ..errors import UserError as UserError  # re-exported: callers catch users.UserError
+from ..logic.agentsettings import THROWAWAY_PREFIX
+
+PREFIX = THROWAWAY_PREFIX
 COMMENT = "shoal throwaway user"
 # Far above login.defs' UID_MAX and the usual /etc/subuid blocks. One allocator per machine
 # (every agent shares it), so a UID is never reused whichever agent made the last user.
@@ -28,10 +31,6 @@ UID_LAST = 1_999_999_999
 ALLOCATOR = Path("/var/lib/shoal/throwaway-uid")
 SWEPT = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 _SYSVIPC = {"shm": ("-m", "shmid"), "msg": ("-q", "msqid"), "sem": ("-s", "semid")}
-
-
-class UserError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

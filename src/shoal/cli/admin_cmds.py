@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from .. import config as c
-from ..errors import ShoalError
 from .main import arun, fail, main
 
 
@@ -35,11 +34,8 @@ def upgrade_replicas(config_path: Path | None, nats_url: str | None, replicas: i
     from ..natsio import bus
     from ..natsio import replicas as r
 
-    try:
-        cfg = c.load(c.ControllerConfig, config_path or c.shoal_home() / "controller.toml",
-                     {"nats": {"url": nats_url}})
-    except ShoalError as e:
-        fail(e.message, 2)
+    cfg = c.load(c.ControllerConfig, config_path or c.shoal_home() / "controller.toml",
+                 {"nats": {"url": nats_url}})
 
     async def go() -> None:
         nc = await bus.connect(cfg.nats, "shoal-admin")

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import config as c
-from ..errors import ShoalError
-from .main import agent, arun, client_from, fail
+from .daemon_cmds import agent
+from .main import checking, fail, with_client
+from .options import labels_option
 from .ssh_opts import choose, ssh_options
 
 if TYPE_CHECKING:
+    from ..client.aio import Client
     from ..ssh.agent_install import InstallOptions, Outcome
     from ..ssh.targets import SshTarget
 
@@ -58,51 +60,50 @@ def _report(outcome: Outcome) -> None:
         click.echo(f"shoal: {name}: {outcome.message}", err=True)
 
 
-def _go(ctx: click.Context, opts: InstallOptions, targets: list[SshTarget], choice: Any,
-        connect_timeout: float, fanout: int, uninstall: bool) -> None:
+def _go(opts: InstallOptions, targets: list[SshTarget], choice: Any, connect_timeout: float,
+        fanout: int, uninstall: bool) -> None:
     import sys
-
-    from ..ssh import agent_install as ai
-    from ..ssh.connect import Connector
 
     wheels = None
     if not uninstall:
         from ..ssh.wheelhouse import collect
 
-        try:
+        with checking("wheels"):
             wheels = collect()
-        except ShoalError as e:
-            fail(e.message, 2)
-
-    async def go() -> list[Outcome]:
-        connector = Connector(choice.inventory, connect_timeout,
-                              known_hosts=choice.known_hosts, accept_new=choice.accept_new)
-        try:
-            async with client_from(ctx) as client:
-                inst = ai.Installer(opts, connector, client, wheels)
-                work = inst.uninstall if uninstall else inst.install
-                return await ai.run_all(targets, work, fanout, _report)
-        finally:
-            connector.close()
-
-    outcomes = arun(go())
+    outcomes = _work(opts, targets, choice, connect_timeout, fanout, uninstall, wheels)
     sys.exit(0 if all(o.ok for o in outcomes) else 1)
+
+
+@with_client
+async def _work(client: Client, opts: InstallOptions, targets: list[SshTarget], choice: Any,
+                connect_timeout: float, fanout: int, uninstall: bool,
+                wheels: Any) -> list[Outcome]:
+    """Every host over ssh at once (asyncssh), each asking the controller for its node."""
+    from ..ssh import agent_install as ai
+    from ..ssh.connect import Connector
+
+    connector = Connector(choice.inventory, connect_timeout,
+                          known_hosts=choice.known_hosts, accept_new=choice.accept_new)
+    try:
+        inst = ai.Installer(opts, connector, client, wheels)
+        work = inst.uninstall if uninstall else inst.install
+        return await ai.run_all(targets, work, fanout, _report)
+    finally:
+        connector.close()
 
 
 @agent.command("install")
 @_common
 @click.option("--nats", "nats_url", default=None,
               help="NATS URL the hosts reach (default: agent.toml's, if not loopback).")
-@click.option("-l", "--label", "--labels", "labels", multiple=True,
-              help="key=value label of the new nodes (repeatable).")
+@labels_option("-l", "--label", "--labels", help="key=value label of the new nodes (repeatable).")
 @click.option("--name-from", "name_from", type=click.Choice(["host", "inventory"]),
               default="host", show_default=True,
               help="Node name: the host's hostname, or its name in TARGETS/the inventory.")
-@click.pass_context
-def agent_install(ctx: click.Context, targets: tuple[str, ...], prefix: str, no_systemd: bool,
+def agent_install(targets: tuple[str, ...], prefix: str, no_systemd: bool,
                   python: str, fanout: int, wait: float, connect_timeout: float,
                   ssh_hosts: tuple[str, ...], inventory_path: Path | None, accept_new: bool,
-                  known_hosts: Path | None, nats_url: str | None, labels: tuple[str, ...],
+                  known_hosts: Path | None, nats_url: str | None, labels: dict[str, str],
                   name_from: str) -> None:
     """Install this machine's agent on ssh hosts and wait until each node is ready:
     shoal agent install --nats nats://10.0.0.1:4222 'root@web[1-20]'
@@ -111,19 +112,16 @@ def agent_install(ctx: click.Context, targets: tuple[str, ...], prefix: str, no_
     from ..ssh import agent_install as ai
 
     hosts, choice = _targets(targets, ssh_hosts, inventory_path, accept_new, known_hosts)
-    try:
-        opts = ai.local_options(nats_url, prefix=ai.check_prefix(prefix),
-                                labels=c.parse_labels(labels), name_from=name_from,
-                                systemd=not no_systemd, python=python, wait=wait)
-    except ShoalError as e:
-        fail(e.message, 2)
-    _go(ctx, opts, hosts, choice, connect_timeout, fanout, uninstall=False)
+    with checking("install options"):
+        opts = ai.local_options(nats_url, prefix=ai.check_prefix(prefix), labels=labels,
+                                name_from=name_from, systemd=not no_systemd, python=python,
+                                wait=wait)
+    _go(opts, hosts, choice, connect_timeout, fanout, uninstall=False)
 
 
 @agent.command("uninstall")
 @_common
-@click.pass_context
-def agent_uninstall(ctx: click.Context, targets: tuple[str, ...], prefix: str,
+def agent_uninstall(targets: tuple[str, ...], prefix: str,
                     no_systemd: bool, python: str, fanout: int, wait: float,
                     connect_timeout: float, ssh_hosts: tuple[str, ...],
                     inventory_path: Path | None, accept_new: bool,
@@ -133,9 +131,7 @@ def agent_uninstall(ctx: click.Context, targets: tuple[str, ...], prefix: str,
     from ..ssh import agent_install as ai
 
     hosts, choice = _targets(targets, ssh_hosts, inventory_path, accept_new, known_hosts)
-    try:
+    with checking("install options"):
         opts = ai.InstallOptions(nats=c.NatsConfig(), prefix=ai.check_prefix(prefix),
                                  systemd=not no_systemd, python=python, wait=wait)
-    except ShoalError as e:
-        fail(e.message, 2)
-    _go(ctx, opts, hosts, choice, connect_timeout, fanout, uninstall=True)
+    _go(opts, hosts, choice, connect_timeout, fanout, uninstall=True)

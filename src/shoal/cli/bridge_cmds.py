@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from .main import arun, client_from, fail, main, setup_logging
+from .main import checking, fail, main, setup_logging, with_client
+from .options import labels_option
+
+if TYPE_CHECKING:
+    from ..client.aio import Client
 
 
 @main.group()
@@ -22,22 +28,19 @@ def bridge() -> None:
                                          "(default: HOST-PID).")
 @click.option("--user", type=click.Choice(["agent", "ephemeral"]), default="agent",
               show_default=True, help="Run scripts as the agent's user or a throwaway user.")
-@click.option("-l", "--label", "labels", multiple=True,
-              help="key=value: place scripts only on nodes with these labels (repeatable).")
+@labels_option("-l", "--label",
+               help="key=value: place scripts only on nodes with these labels (repeatable).")
 @click.option("--network", default="podman", show_default=True,
               help="The podman network of Docker scripts with a port (one without a port "
                    "gets none).")
 @click.option("-v", "--verbose", is_flag=True)
-@click.pass_context
-def bridge_pycloud(ctx: click.Context, redis_url: str, prefix: str, name: str, user: str,
-                   labels: tuple[str, ...], network: str, verbose: bool) -> None:
+def bridge_pycloud(redis_url: str, prefix: str, name: str, user: str, labels: dict[str, str],
+                   network: str, verbose: bool) -> None:
     """Answer PyCloud's Redis requests (create, status, remove) with sessions on this fleet.
 
     Run as many as you like on the same Redis: each request is answered once."""
     import msgspec
 
-    from ..config import parse_labels
-    from ..errors import ShoalError
     from ..wire import messages as m
 
     try:
@@ -45,18 +48,15 @@ def bridge_pycloud(ctx: click.Context, redis_url: str, prefix: str, name: str, u
     except ImportError as e:
         fail(f"the PyCloud bridge needs redis-py ({e}); install it with "
              "pip install 'shoal[pycloud]'", 2)
-    try:
-        selector = msgspec.convert(parse_labels(labels), m.Labels)
-    except (ShoalError, msgspec.ValidationError) as e:
-        fail(f"bad --label: {e}", 2)
+    with checking("--label"):
+        selector = msgspec.convert(labels, m.Labels)
     if not prefix or any(ch in prefix for ch in " *?[]"):
         fail(f"--prefix {prefix!r}: give a channel prefix without spaces or wildcards", 2)
     setup_logging(verbose)
-    client = client_from(ctx)
 
-    async def go() -> None:
-        async with client:
-            await run_bridge(client, redis_url, name=name, prefix=prefix, user=user,
-                             selector=selector, network=network)
+    @with_client
+    async def serve(client: Client) -> None:
+        await run_bridge(client, redis_url, name=name, prefix=prefix, user=user,
+                         selector=selector, network=network)
 
-    arun(go())
+    serve()

@@ -21,12 +21,11 @@ from typing import Any
 import click
 import msgspec
 
-from .. import config as c
-from ..errors import ConfigError, ShoalError
 from ..logic.lines import prefix_lines
 from ..logic.treecopy import LISTING_SH
 from ..wire import messages as m
-from .main import _group_ref, fail, main
+from .main import checking, client_config, fail, main
+from .options import group_refs, target_options
 from .printers import Prefixed
 from .ssh_opts import SshChoice, choose, ssh_options
 
@@ -98,33 +97,20 @@ def parse_size(text: str) -> int:
 
 
 def _targets(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
-             xgroups: tuple[str, ...], labels: tuple[str, ...],
-             ssh: SshChoice | None = None) -> m.Targets | None:
+             xgroups: tuple[str, ...], labels: dict[str, str],
+             ssh: SshChoice) -> m.Targets | None:
     """The agent side (None: only ssh hosts)."""
-    if ssh is not None:
-        nodeset = ssh.nodes
-        if ssh.targets and not (all_ or nodeset or groups or labels):
-            return None
-    nodes = ",".join(x for x in (nodeset, *(_group_ref(g) for g in groups)) if x)
-    excl = ",".join(x for x in (exclude, *(_group_ref(g) for g in xgroups)) if x)
-    try:
-        return msgspec.convert({"all": all_, "nodes": nodes, "exclude": excl,
-                                "labels": c.parse_labels(labels)}, m.Targets)
-    except msgspec.ValidationError as e:
-        fail(f"bad targets: {e}", 2)
-    except ShoalError as e:  # a label that is not key=value
-        fail(e.message, 2)
+    if ssh.targets and not (all_ or ssh.nodes or groups or labels):
+        return None
+    with checking("targets"):
+        return msgspec.convert({"all": all_, "nodes": group_refs(ssh.nodes, groups),
+                                "exclude": group_refs(exclude, xgroups), "labels": labels},
+                               m.Targets)
 
 
-def _target_options(f: Any) -> Any:
+def _copy_options(f: Any) -> Any:
     for opt in reversed([
-        click.option("-a", "--all", "all_", is_flag=True, help="Every node that is up."),
-        click.option("-n", "--nodes", "nodeset", default="", help="Node set: node[1-8]."),
-        click.option("-x", "--exclude", default="", help="Node set to leave out."),
-        click.option("-g", "--group", "groups", multiple=True, help="Node group, repeatable."),
-        click.option("-X", "--exclude-group", "xgroups", multiple=True,
-                     help="Node group to leave out."),
-        click.option("-l", "--label", "labels", multiple=True, help="key=value selector."),
+        target_options,
         click.option("-f", "--fanout", type=click.IntRange(min=1), default=None,
                      help="At most N nodes at once."),
         click.option("--max-size", default=DEFAULT_MAX, show_default=True,
@@ -136,46 +122,31 @@ def _target_options(f: Any) -> Any:
     return ssh_options(f)
 
 
-def _client_cfg(ctx: click.Context) -> c.ClientConfig:
-    try:
-        return c.load(c.ClientConfig, c.shoal_home() / "client.toml",
-                      {"url": ctx.obj["url"], "token": ctx.obj["token"]})
-    except ShoalError as e:
-        fail(e.message, 2)
-
-
-def _run(ctx: click.Context, targets: m.Targets | None, spec: dict[str, Any],
-         fanout: int | None, connect_timeout: float, ssh: SshChoice, work: Any,
-         **kwargs: Any) -> int:
+def _run(targets: m.Targets | None, spec: dict[str, Any], fanout: int | None,
+         connect_timeout: float, ssh: SshChoice, work: Any, **kwargs: Any) -> int:
     """``work``: the ssh hosts' part (``shoal.ssh.sftp``)."""
     from .run_cmd import run_command
 
     url, token, ca = ("", "", "")
     if targets is not None:
-        cfg = _client_cfg(ctx)
+        cfg = client_config()
         url, token, ca = cfg.url, cfg.token, cfg.ca
-    try:
+    with checking("copy request"):
         run_spec = msgspec.convert(spec, m.RunSpec)
-    except msgspec.ValidationError as e:
-        fail(f"bad copy request: {e}", 2)
     leg = ssh.leg(work(), connect_timeout, fanout=fanout or 0,
                   takes_stdin=False) if ssh.targets else None
-    try:
-        return run_command(url, token, targets, run_spec, mode="prefixed",
-                           progress=False, connect_timeout=connect_timeout,
-                           fanout=fanout or 0, ssh=leg, ca=ca, **kwargs)
-    except ShoalError as e:
-        fail(e.message, 2 if isinstance(e, ConfigError) else 1)
+    return run_command(url, token, targets, run_spec, mode="prefixed", progress=False,
+                       connect_timeout=connect_timeout, fanout=fanout or 0, ssh=leg, ca=ca,
+                       **kwargs)
 
 
 @main.command("copy")
-@_target_options
+@_copy_options
 @click.option("-r", "--recursive", is_flag=True, help="SOURCE is a directory: copy the tree.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("dest")
-@click.pass_context
-def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
-         xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
+def copy(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+         xgroups: tuple[str, ...], labels: dict[str, str], fanout: int | None,
          max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
          inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
          recursive: bool, source: Path, dest: str) -> None:
@@ -193,7 +164,7 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
     if not dest or "\0" in dest:
         fail("give a destination path", 2)
     if recursive:
-        sys.exit(_copy_tree(ctx, targets, ssh, source, dest, limit, fanout, connect_timeout))
+        sys.exit(_copy_tree(targets, ssh, source, dest, limit, fanout, connect_timeout))
     try:
         fd = os.open(source, os.O_RDONLY)
     except OSError as e:
@@ -214,14 +185,14 @@ def copy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tup
 
             return push_work(source, dest, digest, stat.S_IMODE(st.st_mode), int(st.st_mtime))
 
-        status = _run(ctx, targets, {"argv": argv, "stdin": targets is not None}, fanout,
+        status = _run(targets, {"argv": argv, "stdin": targets is not None}, fanout,
                       connect_timeout, ssh, work, stdin_fd=fd)
     finally:
         os.close(fd)
     sys.exit(status)
 
 
-def _copy_tree(ctx: click.Context, targets: m.Targets | None, ssh: SshChoice, source: Path,
+def _copy_tree(targets: m.Targets | None, ssh: SshChoice, source: Path,
                dest: str, limit: int, fanout: int | None, connect_timeout: float) -> int:
     """The tree as one tar stream (a temporary file, sent once), checked at each end."""
     import tempfile
@@ -248,7 +219,7 @@ def _copy_tree(ctx: click.Context, targets: m.Targets | None, ssh: SshChoice, so
 
             return script_work(PUSH_TREE, args, Path(tar.name))
 
-        return _run(ctx, targets, {"argv": ["sh", "-c", PUSH_TREE, "shoal-copy", *args],
+        return _run(targets, {"argv": ["sh", "-c", PUSH_TREE, "shoal-copy", *args],
                                    "stdin": targets is not None}, fanout, connect_timeout,
                     ssh, work, stdin_fd=tar.fileno())
 
@@ -325,12 +296,11 @@ class _ToFiles(Prefixed):
 
 
 @main.command("rcopy")
-@_target_options
+@_copy_options
 @click.argument("source")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.pass_context
-def rcopy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
-          xgroups: tuple[str, ...], labels: tuple[str, ...], fanout: int | None,
+def rcopy(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
+          xgroups: tuple[str, ...], labels: dict[str, str], fanout: int | None,
           max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
           inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
           source: str, directory: Path) -> None:
@@ -357,7 +327,7 @@ def rcopy(ctx: click.Context, all_: bool, nodeset: str, exclude: str, groups: tu
 
         return pull_work(source, directory, name, limit)
 
-    sys.exit(_run(ctx, targets, {"argv": argv}, fanout, connect_timeout, ssh, work,
+    sys.exit(_run(targets, {"argv": argv}, fanout, connect_timeout, ssh, work,
                   printer=printer))
 
 

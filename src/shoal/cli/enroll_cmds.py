@@ -4,40 +4,33 @@ from token_cmds), ``shoal nodes revoke NODE`` and ``shoal admin node-identities 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
-from ..config import parse_labels
-from ..errors import ShoalError
 from .admin_cmds import admin
-from .main import arun, client_from, fail, nodes
+from .main import fail, with_client
+from .node_cmds import nodes
+from .options import prints_record
+
+if TYPE_CHECKING:
+    from ..client.sync import SyncClient
 
 
-def create_join(ctx: click.Context, expires: float | None, uses: int, labels: tuple[str, ...],
-                name: str, as_json: bool) -> None:
-    """Make a join token and print it once (only its hash is kept)."""
-    try:
-        fixed = parse_labels(labels)
-    except ShoalError as e:
-        fail(e.message, 2)
+def create_join(client: SyncClient, expires: float | None, uses: int, labels: dict[str, str],
+                name: str) -> dict[str, Any]:
+    """Make a join token (printed once by ``print_join``: only its hash is kept)."""
     if expires is None:
         fail("a join token needs an end: give --expires (such as 1h or 7d)", 2)
+    made: dict[str, Any] = client.request("POST", "/api/v1/join-tokens", json={
+        "expires": expires, "uses": uses, "labels": labels, "name": name})
+    return made
 
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.request(  # type: ignore[no-any-return]
-                "POST", "/api/v1/join-tokens",
-                json={"expires": expires, "uses": uses, "labels": fixed, "name": name})
 
-    made = arun(go())
-    if as_json:
-        click.echo(json.dumps(made, indent=2))
-        return
+def print_join(made: dict[str, Any]) -> None:
     click.echo(made["token"])
     what = f"node {made['name']}" if made["name"] else f"up to {made['uses']} node name(s)"
     bound = f", labels {made['labels']}" if made["labels"] else ""
@@ -49,17 +42,14 @@ def create_join(ctx: click.Context, expires: float | None, uses: int, labels: tu
 
 @nodes.command("revoke")
 @click.argument("name")
-@click.pass_context
-def nodes_revoke(ctx: click.Context, name: str) -> None:
+@prints_record(lambda done: click.echo(f"revoked {', '.join(done['names'])}", err=True),
+               "The revoked identity (its names and when) as JSON.")
+@with_client
+def nodes_revoke(client: SyncClient, name: str) -> dict[str, Any]:
     """Cut a node off now: NATS closes its connection and refuses its credential; its
     sessions are handled as for a lost node. It can join again only with a new name."""
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.request(  # type: ignore[no-any-return]
-                "POST", f"/api/v1/nodes/{name}/revoke")
-
-    done = arun(go())
-    click.echo(f"revoked {', '.join(done['names'])}", err=True)
+    done: dict[str, Any] = client.request("POST", f"/api/v1/nodes/{name}/revoke")
+    return done
 
 
 @admin.command("node-identities")

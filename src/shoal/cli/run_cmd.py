@@ -127,7 +127,7 @@ class _AgentLeg:
     """The agent nodes of a run, through the controller's WebSocket."""
 
     def __init__(self, url: str, token: str, start: m.RunStart, ca: str = "") -> None:
-        from ..client.aio import first_reachable  # url may list a cluster's controllers
+        from ..client.endpoints import first_reachable  # url may list a cluster's controllers
 
         self.ws, self.plan = _open(first_reachable(url), token, start, ca)
         self.sender = _Sender(self.ws)

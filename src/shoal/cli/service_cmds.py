@@ -3,53 +3,49 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
-from ..config import parse_env, parse_labels
-from ..errors import ShoalError
-from ..wire import messages as m
 from ..wire import servicetypes as st
-from .main import arun, client_from, fail, main
+from .main import checking, fail, main, with_client
+from .options import (
+    container_options,
+    env_option,
+    json_option,
+    labels_option,
+    print_json,
+    prints_record,
+)
+from .tables import print_table
+
+if TYPE_CHECKING:
+    from ..client.sync import SyncClient
+
+SERVICE_COLUMNS = ("NAME", "REPLICAS", "UP", "CHECK", "MODE", "URL")
+REPLICA_COLUMNS = ("REPLICA", "NODE", "ADDRESS", "STATE", "HEALTH", "EWMA MS", "IN FLIGHT",
+                   "CHOSEN", "LAST ERROR")
 
 
-def _print_services(views: list[st.ServiceView], as_json: bool) -> None:
-    if as_json:
-        click.echo(m.to_json(views).decode())
-        return
-    from rich.console import Console
-    from rich.table import Table
+def _service_row(v: st.ServiceView) -> tuple[str, ...]:
+    return (v.name, "stopped" if v.stopped else f"{len(v.replicas)}/{v.spec.replicas}",
+            str(v.up), v.spec.check, "proxy" if v.spec.proxy else "redirect", v.url)
 
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "REPLICAS", "UP", "CHECK", "MODE", "URL"):
-        table.add_column(col)
-    for v in views:
-        live = len(v.replicas)
-        table.add_row(v.name, "stopped" if v.stopped else f"{live}/{v.spec.replicas}",
-                      str(v.up), v.spec.check, "proxy" if v.spec.proxy else "redirect", v.url)
-    Console().print(table)
+
+def _replica_row(r: st.ReplicaView) -> tuple[str, ...]:
+    return (r.id, r.node or "-", f"{r.host}:{r.port}" if r.port else "-", r.state,
+            r.health + (" (draining)" if r.draining else ""),
+            f"{r.ewma_ms:.2f}" if r.ewma_ms is not None else "-", str(r.inflight),
+            str(r.chosen), r.last_error)
 
 
 def _print_replicas(v: st.ServiceView) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     click.echo(f"{v.name}: {v.up} of {v.spec.replicas} up, check {v.spec.check} every "
                f"{v.spec.interval:g}s (rise {v.spec.rise}, fall {v.spec.fall}), "
                f"{'proxy' if v.spec.proxy else 'redirect'} at {v.url}"
                + (" [stopped]" if v.stopped else ""))
-    table = Table(box=None, header_style="bold")
-    for col in ("REPLICA", "NODE", "ADDRESS", "STATE", "HEALTH", "EWMA MS", "IN FLIGHT",
-                "CHOSEN", "LAST ERROR"):
-        table.add_column(col)
-    for r in v.replicas:
-        table.add_row(r.id, r.node or "-", f"{r.host}:{r.port}" if r.port else "-", r.state,
-                      r.health + (" (draining)" if r.draining else ""),
-                      f"{r.ewma_ms:.2f}" if r.ewma_ms is not None else "-", str(r.inflight),
-                      str(r.chosen), r.last_error)
-    Console().print(table)
+    print_table(REPLICA_COLUMNS, map(_replica_row, v.replicas))
 
 
 @main.group()
@@ -75,88 +71,65 @@ def service() -> None:
 @click.option("--drain-deadline", type=float, default=30.0, show_default=True,
               help="Seconds a draining replica may finish its requests.")
 @click.option("--shell", default=None, help="Run this string with /bin/sh -c.")
-@click.option("-e", "--env", multiple=True, help="NAME=VALUE (repeatable).")
+@env_option()
 @click.option("--cwd", default=None)
-@click.option("-s", "--selector", multiple=True, help="Only nodes with this key=value label.")
-@click.option("-l", "--label", "labels", multiple=True, help="key=value on each replica.")
-@click.option("--json", "as_json", is_flag=True)
+@labels_option("-s", "--selector", dest="selector",
+               help="Only nodes with this key=value label (repeatable).")
+@labels_option("-l", "--label", help="key=value on each replica (repeatable).")
+@container_options
+@prints_record(lambda view: click.echo(view.url), "The service as JSON instead of its URL.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def create(ctx: click.Context, name: str, replicas: int, check: str, interval: float,
+@with_client
+def create(client: SyncClient, name: str, replicas: int, check: str, interval: float,
            check_timeout: float, rise: int, fall: int, proxy: bool, drain_deadline: float,
-           shell: str | None, env: tuple[str, ...], cwd: str | None, selector: tuple[str, ...],
-           labels: tuple[str, ...], as_json: bool, argv: tuple[str, ...]) -> None:
+           shell: str | None, env: dict[str, str], cwd: str | None, selector: dict[str, str],
+           labels: dict[str, str], container: dict[str, Any],
+           argv: tuple[str, ...]) -> st.ServiceView:
     """Create a service: shoal service create web --replicas 3 -- python3 -m http.server
 
     Options go before `--`, the command after it. Each replica gets its port in $PORT and
-    must listen on it."""
-    if bool(argv) == bool(shell):
+    must listen on it; with --image, the first --container-port is published on it."""
+    if argv and shell or not (argv or shell or container):
         fail("give a command after -- (argv) or --shell 'string', not both", 2)
-    try:
+    with checking("service spec"):
         st.check_name(name)
         st.parse_check(check)
-        body: dict[str, Any] = {
+        spec = msgspec.convert({
             "name": name, "command": list(argv) or None, "shell": shell, "replicas": replicas,
             "check": check, "interval": interval, "timeout": check_timeout, "rise": rise,
             "fall": fall, "proxy": proxy, "drain_deadline": drain_deadline,
-            "env": parse_env(env), "cwd": cwd,
-            "selector": parse_labels(selector), "labels": parse_labels(labels),
-        }
-        spec = msgspec.convert(body, st.ServiceSpec)
+            "env": env, "cwd": cwd, "selector": selector, "labels": labels, **container,
+        }, st.ServiceSpec)
         st.validate(spec)
-    except msgspec.ValidationError as e:
-        fail(f"bad service spec: {e}", 2)
-    except ShoalError as e:
-        fail(e.message, 2)
-
-    async def go() -> st.ServiceView:
-        async with client_from(ctx) as c:
-            return await c.create_service(spec)
-
-    view = arun(go())
-    click.echo(m.to_json(view).decode() if as_json else view.url)
+    return client.create_service(spec)
 
 
 @service.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def list_(ctx: click.Context, as_json: bool) -> None:
+@prints_record(lambda views: print_table(SERVICE_COLUMNS, map(_service_row, views)),
+               "The services as a JSON list.")
+@with_client
+def list_(client: SyncClient) -> list[st.ServiceView]:
     """List services."""
-    async def go() -> list[st.ServiceView]:
-        async with client_from(ctx) as c:
-            return await c.services()
-
-    _print_services(arun(go()), as_json)
+    return client.services()
 
 
 @service.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def show(ctx: click.Context, name: str, as_json: bool) -> None:
+@prints_record(_print_replicas, "The service and its replicas as JSON.")
+@with_client
+def show(client: SyncClient, name: str) -> st.ServiceView:
     """Show a service and the health, latency and load of each replica."""
-    async def go() -> st.ServiceView:
-        async with client_from(ctx) as c:
-            return await c.service(name)
-
-    view = arun(go())
-    if as_json:
-        click.echo(m.to_json(view).decode())
-    else:
-        _print_replicas(view)
+    return client.service(name)
 
 
 @service.command("scale")
 @click.argument("name")
 @click.argument("replicas", type=click.IntRange(0, 1000))
-@click.pass_context
-def scale(ctx: click.Context, name: str, replicas: int) -> None:
+@prints_record(help="The service as JSON.")
+@with_client
+def scale(client: SyncClient, name: str, replicas: int) -> st.ServiceView:
     """Set the number of replicas (extra ones are drained first)."""
-    async def go() -> None:
-        async with client_from(ctx) as c:
-            await c.scale_service(name, replicas)
-
-    arun(go())
+    return client.scale_service(name, replicas)
 
 
 @service.command("drain")
@@ -165,43 +138,36 @@ def scale(ctx: click.Context, name: str, replicas: int) -> None:
 @click.option("--deadline", type=click.FloatRange(0, 86400),
               help="Seconds in-flight requests may take (default: the service's).")
 @click.option("--wait", is_flag=True, help="Return when the drained replicas have ended.")
-@click.pass_context
-def drain(ctx: click.Context, name: str, replica: str | None, deadline: float | None,
-          wait: bool) -> None:
+@prints_record(help="The service as JSON.")
+@with_client
+def drain(client: SyncClient, name: str, replica: str | None, deadline: float | None,
+          wait: bool) -> st.ServiceView:
     """Stop new clients at once; let requests in flight finish; then end the replicas."""
-    async def go() -> None:
-        async with client_from(ctx) as c:
-            await c.drain_service(name, replica, deadline, wait)
-
-    arun(go())
+    return client.drain_service(name, replica, deadline, wait)
 
 
 @service.command("rm")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--deadline", type=click.FloatRange(0, 86400),
               help="Seconds in-flight requests may take (default: the service's).")
-@click.pass_context
-def rm(ctx: click.Context, names: tuple[str, ...], deadline: float | None) -> None:
+@with_client
+def rm(client: SyncClient, names: tuple[str, ...], deadline: float | None) -> None:
     """Remove services: drain them, end their replicas, forget them."""
-    async def go() -> None:
-        async with client_from(ctx) as c:
-            for name in names:
-                await c.remove_service(name, deadline)
-
-    arun(go())
+    for name in names:
+        client.remove_service(name, deadline)
 
 
 @main.command("best")
 @click.argument("name")
 @click.option("--url", "as_url", is_flag=True, help="Print the URL instead of host:port.")
-@click.pass_context
-def best(ctx: click.Context, name: str, as_url: bool) -> None:
+@json_option("The chosen replica as JSON (host, port, url, ...).")
+@with_client
+def best(client: SyncClient, name: str, as_url: bool, as_json: bool) -> None:
     """Print host:port of the best replica of a service now (for scripts)."""
-    async def go() -> st.Best:
-        async with client_from(ctx) as c:
-            return await c.best(name)
-
-    b = arun(go())
+    b = client.best(name)
+    if as_json:
+        print_json(b)
+        return
     host = f"[{b.host}]" if ":" in b.host else b.host
     click.echo(b.url if as_url else f"{host}:{b.port}")
     sys.stdout.flush()

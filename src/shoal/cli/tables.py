@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 import msgspec
@@ -41,6 +41,19 @@ def _node_row(n: NodeInfo) -> tuple[str, ...]:
             _ago(n.last_seen))
 
 
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A table for people (rich markup allowed in cells)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
     if as_json:
         print(msgspec.json.encode(nodes).decode())
@@ -50,18 +63,7 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
     if len(nodes) > TABLE_MAX:
         _print_plain(nodes)  # rich takes seconds per thousand rows
     else:
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for col in NODE_COLUMNS:
-            table.add_column(col)
-        colors = {"ready": "green", "draining": "yellow", "down": "red"}
-        for n in nodes:
-            row = _node_row(n)
-            isolation = "[red]none[/]" if row[8] == "none" else row[8]
-            table.add_row(row[0], f"[{colors[n.state]}]{n.state}[/]", *row[2:8], isolation,
-                          *row[9:])
-        Console().print(table)
+        print_table(NODE_COLUMNS, (_colored(_node_row(n)) for n in nodes))
     loose = [f"{n.name} ({n.network})" for n in nodes
              if n.state != "down" and n.network in ("unenforced", "open")]
     if loose:
@@ -69,6 +71,15 @@ def print_nodes(nodes: list[NodeInfo], as_json: bool) -> None:
                                    "sessions' ports on: " + ", ".join(loose))
     if not nodes:
         Console(stderr=True).print("no nodes yet: start agents with `shoal agent` or `shoal up`")
+
+
+def _colored(row: tuple[str, ...]) -> tuple[str, ...]:
+    state = f"[{_COLORS[row[1]]}]{row[1]}[/]"
+    isolation = "[red]none[/]" if row[8] == "none" else row[8]
+    return (row[0], state, *row[2:8], isolation, *row[9:])
+
+
+_COLORS = {"ready": "green", "draining": "yellow", "down": "red"}
 
 
 def _print_plain(nodes: list[NodeInfo]) -> None:
@@ -79,11 +90,11 @@ def _print_plain(nodes: list[NodeInfo]) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
-async def write_json_pages(out: BinaryIO, pages: AsyncIterator[bytes]) -> None:
+def write_json_pages(out: BinaryIO, pages: Iterable[bytes]) -> None:
     """Write JSON arrays as they come as one array, without decoding them."""
     out.write(b"[")
     first = True
-    async for page in pages:
+    for page in pages:
         body = page.strip()[1:-1].strip()
         if not body:
             continue

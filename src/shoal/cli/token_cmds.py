@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import ShoalError
-from .main import arun, client_from, fail, main
+from .main import checking, fail, main, with_client
+from .options import json_option, labels_option, print_json, prints_record
+
+if TYPE_CHECKING:
+    from ..client.sync import SyncClient
 
 
 def _when(t: float) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "never"
+
+
+def _print_tokens(rows: list[dict[str, Any]]) -> None:
+    click.echo(f"{'ID':<14} {'USER':<16} {'EXPIRES':<20} SCOPES")
+    for r in rows:
+        expires = "expired" if r["expired"] else _when(r["expires"])
+        click.echo(f"{r['id']:<14} {r['user']:<16} {expires:<20} {' '.join(r['scopes'])}")
+
+
+def _print_made(made: dict[str, Any]) -> None:
+    if "uses" in made:  # a join token
+        from .enroll_cmds import print_join
+
+        print_join(made)
+        return
+    click.echo(made["token"])
+    click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
+               f"{_when(made['expires'])}; it is shown only now", err=True)
 
 
 @main.group()
@@ -23,22 +44,11 @@ def token() -> None:
 
 
 @token.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def token_list(ctx: click.Context, as_json: bool) -> None:
+@prints_record(_print_tokens, "The tokens' records as a JSON list.")
+@with_client
+def token_list(client: SyncClient) -> list[dict[str, Any]]:
     """The tokens (never the tokens themselves: only their ids)."""
-    async def go() -> list[dict[str, Any]]:
-        async with client_from(ctx) as client:
-            return await client.tokens()
-
-    rows = arun(go())
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(f"{'ID':<14} {'USER':<16} {'EXPIRES':<20} SCOPES")
-    for r in rows:
-        expires = "expired" if r["expired"] else _when(r["expires"])
-        click.echo(f"{r['id']:<14} {r['user']:<16} {expires:<20} {' '.join(r['scopes'])}")
+    return client.tokens()
 
 
 @token.command("create")
@@ -52,16 +62,16 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
 @click.option("--join", is_flag=True,
               help="A join token instead: it enrolls new nodes (shoal agent --join URL --token "
                    "T); use a short --expires, such as 1h.")
-@click.option("-l", "--label", "--labels", "labels", multiple=True,
-              help="With --join: a key=value label fixed for the nodes it enrolls.")
+@labels_option("-l", "--label", "--labels",
+               help="With --join: a key=value label fixed for the nodes it enrolls.")
 @click.option("--uses", type=click.IntRange(1, 100000), default=1, show_default=True,
               help="With --join: how many node names it may enroll.")
 @click.option("--name", "node_name", default="", help="With --join: the one name it enrolls.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def token_create(ctx: click.Context, user: str | None, scope_list: tuple[str, ...],
-                 expires: str | None, join: bool, labels: tuple[str, ...], uses: int,
-                 node_name: str, as_json: bool) -> None:
+@prints_record(_print_made, "The new token's record, the token in it, as JSON.")
+@with_client
+def token_create(client: SyncClient, user: str | None, scope_list: tuple[str, ...],
+                 expires: str | None, join: bool, labels: dict[str, str], uses: int,
+                 node_name: str) -> dict[str, Any]:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
@@ -69,56 +79,35 @@ def token_create(ctx: click.Context, user: str | None, scope_list: tuple[str, ..
     if join:
         from .enroll_cmds import create_join
 
-        try:
+        with checking("join token"):
             lifetime = parse_lifetime(expires or "1h")
-        except ShoalError as e:
-            fail(e.message, 2)
-        create_join(ctx, lifetime, uses, labels, node_name, as_json)
-        return
+        return create_join(client, lifetime, uses, labels, node_name)
     if not user or not scope_list:
         fail("give --user and --scope (or --join for a join token)", 2)
-    try:
+    with checking("token"):
         lifetime = parse_lifetime(expires or "30d")
         parse_grants(scope_list)  # say what is wrong before asking the controller
-    except ShoalError as e:
-        fail(e.message, 2)
-
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.create_token(user, list(scope_list), lifetime)
-
-    made = arun(go())
-    if as_json:
-        click.echo(json.dumps(made, indent=2))
-        return
-    click.echo(made["token"])
-    click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
-               f"{_when(made['expires'])}; it is shown only now", err=True)
+    return client.create_token(user, list(scope_list), lifetime)
 
 
 @token.command("revoke")
 @click.argument("token_id")
-@click.pass_context
-def token_revoke(ctx: click.Context, token_id: str) -> None:
+@prints_record(lambda gone: click.echo(f"revoked {gone['id']} ({gone['user']})"),
+               "The revoked token's record as JSON.")
+@with_client
+def token_revoke(client: SyncClient, token_id: str) -> dict[str, Any]:
     """Revoke a token: every controller refuses it within a second."""
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.revoke_token(token_id)
-
-    gone = arun(go())
-    click.echo(f"revoked {gone['id']} ({gone['user']})")
+    return client.revoke_token(token_id)
 
 
 @main.command()
-@click.pass_context
-def whoami(ctx: click.Context) -> None:
+@prints_record(lambda me: click.echo(f"{me['user']} (token {me['token']}): "
+                                     f"{' '.join(me['scopes'])}"),
+               "The user, token id and scopes as JSON.")
+@with_client
+def whoami(client: SyncClient) -> dict[str, Any]:
     """The user and scopes of the token in use."""
-    async def go() -> dict[str, Any]:
-        async with client_from(ctx) as client:
-            return await client.whoami()
-
-    me = arun(go())
-    click.echo(f"{me['user']} (token {me['token']}): {' '.join(me['scopes'])}")
+    return client.whoami()
 
 
 def parse_since(text: str) -> float:
@@ -149,35 +138,29 @@ def parse_since(text: str) -> float:
 @click.option("--since", default=None, help="From this time: 1h, 2d, a Unix time, an ISO date.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def audit(ctx: click.Context, user: str | None, since: str | None, limit: int, verify: bool,
+@json_option("The entries (or with --verify the verdict) as JSON.")
+@with_client
+def audit(client: SyncClient, user: str | None, since: str | None, limit: int, verify: bool,
           as_json: bool) -> None:
     """Who did what: the audit trail (needs the admin scope)."""
     since_t = parse_since(since) if since else None
-
-    async def go() -> Any:
-        async with client_from(ctx) as client:
-            if verify:
-                return await client.verify_audit()
-            return await client.audit(user, since_t, limit)
-
-    found = arun(go())
     if verify:
+        verdict = client.verify_audit()
         if as_json:
-            click.echo(json.dumps(found, indent=2))
-        for p in found["problems"]:
+            print_json(verdict)
+        for p in verdict["problems"]:
             click.echo(f"audit: {p['what']}", err=True)
-        if found["problems"]:
-            fail(f"the audit trail is broken ({len(found['problems'])} problem(s) in "
-                 f"{found['entries']} entries)")
+        if verdict["problems"]:
+            fail(f"the audit trail is broken ({len(verdict['problems'])} problem(s) in "
+                 f"{verdict['entries']} entries)")
         if not as_json:
-            click.echo(f"audit trail intact: {found['entries']} entries chained")
+            click.echo(f"audit trail intact: {verdict['entries']} entries chained")
         return
+    entries = client.audit(user, since_t, limit)
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        print_json(entries)
         return
-    for e in found:
+    for e in entries:
         what = " ".join(e["argv"]) if e.get("argv") else ""
         click.echo(f"{_when(e['time'])}  {e['user']:<12} {e['source']:<15} {e['op']:<16} "
                    f"{','.join(e['targets']) or '-':<20} {e['result']}  {what}")

@@ -7,6 +7,9 @@ translated to shoal's error tree here and nowhere else.
         async with c.run(Targets(all=True), RunSpec(argv=["uname", "-r"])) as run:
             async for event in run:
                 ...
+
+Over 400 lines: one method per API operation, plus the reconnecting logs, attach and run
+streams; the blocking twin is client/sync.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ from ..errors import (
 )
 from ..wire import messages as m
 from ..wire import servicetypes as st
+from ..wire.api import AttachResize
+from ..wire.api import Error as ErrorBody
+from ..wire.api import LogChunk as LogChunk
+from ..wire.api import LogEnd as LogEnd
+from ..wire.api import LogEof as LogEof
+from ..wire.api import LogError as LogError
+from ..wire.api import LogTruncated as LogTruncated
+from .endpoints import controller_urls
 from .tlsverify import certificate_error, client_context
 
 log = logging.getLogger(__name__)
@@ -44,31 +55,6 @@ _LOST = (aiohttp.ClientError, TimeoutError, OSError)
 _RETRY_STATUS = (502, 503, 504)  # a proxy without a controller behind it, or NATS away
 
 T = TypeVar("T")
-
-
-def controller_urls(url: str) -> list[str]:
-    """The controllers of a comma-separated ``url`` (client.toml lists every one of a
-    cluster's controllers), in order."""
-    return [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url.rstrip("/")]
-
-
-def first_reachable(url: str, timeout: float = 1.0) -> str:
-    """The first of the controllers in ``url`` that accepts a TCP connection, else the
-    first one (whose error then names it). For one-shot commands, before they connect."""
-    from urllib.parse import urlsplit
-
-    urls = controller_urls(url)
-    if len(urls) == 1:
-        return urls[0]
-    for u in urls:
-        parts = urlsplit(u)
-        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-        try:
-            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout).close()
-            return u
-        except OSError:
-            continue
-    return urls[0]
 
 
 class Client:
@@ -413,37 +399,6 @@ class Client:
                                st.Best)
 
 
-class LogChunk(msgspec.Struct, tag="out", tag_field="t"):
-    stream: str
-    offset: int
-    data: bytes
-
-
-class LogTruncated(msgspec.Struct, tag="truncated", tag_field="t", rename={"start": "from",
-                                                                              "end": "to"}):
-    start: int
-    end: int
-
-
-class LogEnd(msgspec.Struct, tag="end", tag_field="t"):
-    offset: int
-    state: str
-    exit_code: int | None = None
-    signal: int | None = None
-    reason: str = ""
-
-
-class LogEof(msgspec.Struct, tag="eof", tag_field="t"):
-    offset: int
-
-
-class LogError(msgspec.Struct, tag="error", tag_field="t"):
-    """The controller could not read on (the output stream failed); resume from ``offset``."""
-
-    offset: int
-    message: str
-
-
 LogEvent = LogChunk | LogTruncated | LogEnd | LogEof | LogError
 _log_decoder = msgspec.json.Decoder(LogEvent)
 
@@ -535,8 +490,8 @@ class Attachment:
         await self._open().send_bytes(data)
 
     async def resize(self, cols: int, rows: int) -> None:
-        await self._open().send_str(msgspec.json.encode({"t": "resize", "cols": cols,
-                                                         "rows": rows}).decode())
+        frame = AttachResize(cols=cols, rows=rows)
+        await self._open().send_str(msgspec.json.encode(frame).decode())
 
     def _open(self) -> aiohttp.ClientWebSocketResponse:
         if self._ws is None or self._ws.closed:
@@ -610,13 +565,15 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 
 
 def _error_message(status: int, body: bytes) -> str:
+    """The message of an error answer (``wire.api.Error``), or what came instead (a proxy's
+    page, say)."""
     try:
-        data = msgspec.json.decode(body)
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
-            return str(data["error"])
+        return _error_decoder.decode(body).error
     except msgspec.DecodeError:
-        pass
-    return f"HTTP {status}: {body[:200].decode(errors='replace')}"
+        return f"HTTP {status}: {body[:200].decode(errors='replace')}"
+
+
+_error_decoder = msgspec.json.Decoder(ErrorBody)
 
 
 class RunConnection:

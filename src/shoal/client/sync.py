@@ -30,6 +30,8 @@ from .aio import RECONNECT_FOR, Attachment, Client, RunConnection
 P = ParamSpec("P")
 R = TypeVar("R")
 
+CANCEL_WAIT = 10.0  # seconds an interrupted call may take to unwind (it is cancelled)
+
 
 class _Portal:
     """An event loop running in a daemon thread; runs awaitables for other threads."""
@@ -43,12 +45,24 @@ class _Portal:
     def call(self, awaitable: Awaitable[R]) -> R:
         if threading.current_thread() is self._thread:
             raise RuntimeError("a SyncClient cannot be used from its own event loop")
-        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self.loop)
+        done = threading.Event()
+        tasks: list[asyncio.Task[R]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(_awaited(awaitable))
+            task.add_done_callback(lambda _: done.set())
+            tasks.append(task)
+
+        self.loop.call_soon_threadsafe(start)
         try:
-            return future.result()
-        except BaseException:  # KeyboardInterrupt included: stop the work too
-            future.cancel()
+            done.wait()
+        except BaseException:  # KeyboardInterrupt included: stop the work too, and wait
+            # until it has unwound, so that what comes next (closing an iterator, the
+            # client) never meets it still running.
+            self.loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+            done.wait(CANCEL_WAIT)
             raise
+        return tasks[0].result()
 
     def iterate(self, items: AsyncIterator[R]) -> Generator[R, None, None]:
         try:
@@ -238,6 +252,7 @@ class SyncClient(_Bridge):
         return SyncRun(self._portal, self._target.run(targets, spec,
                                                       connect_timeout=connect_timeout))
 
-    def attach(self, session_id: str, start: int = 0) -> SyncAttachment:
+    def attach(self, session_id: str, start: int = 0, tail: int | None = None
+               ) -> SyncAttachment:
         """Attach to a session's terminal: use it in ``with``, then iterate."""
-        return SyncAttachment(self._portal, self._target.attach(session_id, start))
+        return SyncAttachment(self._portal, self._target.attach(session_id, start, tail))

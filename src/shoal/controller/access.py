@@ -1,5 +1,5 @@
 """The scope check against the fleet's current state, for the HTTP middleware and the NATS
-dispatcher alike: ``authorize`` looks the operation up in the operation table (scopes.py),
+dispatcher alike: ``authorize`` looks the operation up in the operation table (operations.py),
 finds what it would reach (the node, the session, the placement of a new session) and
 raises Forbidden unless a grant of the caller reaches it. Also the audit entry of a request.
 """

@@ -3,7 +3,7 @@ terminal capabilities that open one session's page and socket and nothing else.
 
 A bearer token (or the token a login was made with) names a user and grants scopes
 (apitokens.py); ``guarded`` is the one place the HTTP API checks them, against the
-operation table (scopes.py), and writes the audit trail (audit.py).
+operation table (operations.py), and writes the audit trail (audit.py).
 
 ``/?token=...`` (the login URL ``shoal up`` prints) starts a login (logins.py): the cookie
 holds the login's random id, never the token, and the redirect hands the page the login's
@@ -36,6 +36,7 @@ from ..logic import tokens
 from . import access, scopes
 from .logins import COOKIE, CSRF_HEADER, CSRF_QUERY, LEGACY_COOKIE, csrf_ok
 from .proxyauth import PROXY_TOKEN_ID, ProxyAuth
+from .replies import error_json
 from .scopes import Principal, Target
 
 if TYPE_CHECKING:
@@ -95,10 +96,6 @@ def bearer_token(request: web.Request) -> str:
 
 def token_ok(given: str, expected: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
-
-
-def error_json(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status)
 
 
 ConsumeLink = Callable[[str], Awaitable[bool]]

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from aiohttp import web
 from nats.aio.client import RawCredentials
 
 from ..errors import ConflictError, NotFoundError, Unavailable, ValidationError
@@ -37,13 +36,14 @@ from ..natsio import bus, kv
 from ..natsio.bus import NATS_ERRORS
 from ..wire import enrollment as w
 from ..wire import hostbeat, subjects
-from .api import api_errors, body, ok
+from ..wire.api import Named
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
+    from .context import Call
     from .server import Controller
 
 log = logging.getLogger(__name__)
@@ -330,34 +330,17 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
-# ---------------------------------------------------------------------- HTTP
+# ---------------------------------------------------------------------- operations
 
 
-def _enrollment(request: web.Request) -> Enrollment:
-    return request.app["controller"].enrollment  # type: ignore[no-any-return]
+async def create_join_token(c: Call, r: w.NewJoinToken) -> w.JoinToken:
+    return await c.ctl.enrollment.create_token(r, c.user)
 
 
-@api_errors
-async def create_join_token(request: web.Request) -> web.Response:
-    req = await body(request, w.NewJoinToken)
-    who = request["principal"].user
-    return ok(await _enrollment(request).create_token(req, who), 201)
+async def enroll_node(c: Call, r: w.EnrollRequest) -> w.EnrollReply:
+    return await c.ctl.enrollment.enroll(r)
 
 
-@api_errors
-async def enroll_node(request: web.Request) -> web.Response:
-    req = await body(request, w.EnrollRequest)
-    return ok(await _enrollment(request).enroll(req), 201)
-
-
-@api_errors
-async def revoke_node(request: web.Request) -> web.Response:
-    ident = await _enrollment(request).revoke(request.match_info["name"])
-    return ok({"node": ident.name, "names": ident.names, "revoked": ident.revoked})
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/api/v1/join-tokens", create_join_token)
-    r.add_post("/api/v1/enroll", enroll_node)
-    r.add_post("/api/v1/nodes/{name}/revoke", revoke_node)
+async def revoke_node(c: Call, r: Named) -> dict[str, Any]:
+    ident = await c.ctl.enrollment.revoke(r.name)
+    return {"node": ident.name, "names": ident.names, "revoked": ident.revoked}

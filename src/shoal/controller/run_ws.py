@@ -70,7 +70,7 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principa
         return
     try:
         start = m.unpack(first.data, m.RunStart)
-        _check_spec(start.spec)
+        start.spec.validate()  # as the sessions API checks a spec: wire.messages
         snapshot = ctl.registry.snapshot()
         nodes = select(start.targets, snapshot, ctl.groups.get())
         if start.spec.tty and len(nodes) != 1:
@@ -126,11 +126,6 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principa
         reader.cancel()
         waiter.cancel()
         await run.close()
-
-
-def _check_spec(spec: m.RunSpec) -> None:
-    if (spec.argv is None) == (spec.shell is None):
-        raise msgspec.ValidationError("give exactly one of argv (a list) or shell (a string)")
 
 
 async def _read_client(ws: web.WebSocketResponse, run: FanoutRun) -> None:

@@ -1,6 +1,6 @@
-"""The operation table: every API operation, HTTP and NATS alike, and the scope it needs
-(pure; no I/O). The auth middleware (auth.py) and the NATS dispatcher (nats_api.py) look an
-operation up here and check it through ``access.py``; handlers never check scopes.
+"""Scopes, grants and the checks of them (pure; no I/O). The scope an operation needs is in
+the operation table (operations.py); the auth middleware (auth.py) and the NATS dispatcher
+(nats_api.py) look it up and check it through ``access.py``; handlers never check scopes.
 
 A token carries *grants*: a scope name, optionally restricted after a colon.
 
@@ -17,8 +17,9 @@ any one of them allows it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import Forbidden, ValidationError
 from ..logic.nodeset import NodeSet, NodeSetError
@@ -51,136 +52,46 @@ class Target(enum.Enum):
     GRANTS = "grants"  # a new token: its grants must be within the caller's
 
 
-@dataclass(frozen=True)
-class Op:
-    scope: str
-    target: Target = Target.NONE
-    audit: bool = False  # recorded in the audit trail (every state change, run, attach)
-    reads: bool = False  # only reads: state changes are audited even when refused
+class _TableView(Mapping[Any, Any]):
+    """One of the operation table's indexes (operations.py), read on first use: the table
+    names the handlers, whose modules import this one."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _table(self) -> Mapping[Any, Any]:
+        from . import operations
+
+        return getattr(operations, self._name)  # type: ignore[no-any-return]
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def _w(scope: str, target: Target = Target.NONE) -> Op:
-    return Op(scope, target, audit=True)
-
-
-def _r(scope: str, target: Target = Target.NONE) -> Op:
-    return Op(scope, target, reads=True)
-
-
-# The one table. NATS subjects are ``shoal.api.<name>``; HTTP routes map onto these below.
-OPS: dict[str, Op] = {
-    "nodes.list": _r("read"),
-    "fleet.summary": _r("read"),
-    "nodes.show": _r("read"),
-    "nodes.drain": _w("nodes", Target.NODE),
-    "nodes.undrain": _w("nodes", Target.NODE),
-    "nodes.forget": _w("nodes", Target.NODE),
-    "sessions.create": _w("sessions", Target.SPEC),
-    "sessions.list": _r("read"),
-    "sessions.show": _r("read"),
-    "sessions.signal": _w("sessions", Target.SESSION),
-    "sessions.kill": _w("sessions", Target.SESSION),
-    "sessions.remove": _w("sessions", Target.SESSION),
-    "sessions.logs": _r("logs", Target.SESSION),
-    "sessions.attach": _w("terminals", Target.SESSION),
-    "run": _w("run", Target.RUN),
-    "services.create": _w("services"),
-    "services.list": _r("read"),
-    "services.show": _r("read"),
-    "services.scale": _w("services"),
-    "services.drain": _w("services"),
-    "services.remove": _w("services"),
-    "services.best": _r("read"),
-    "tokens.list": _r("tokens"),
-    "tokens.create": _w("tokens", Target.GRANTS),
-    "tokens.revoke": _w("tokens"),
-    "nodes.join": _w("admin"),  # a join token enrolls new nodes: as strong as admin
-    "nodes.revoke": _w("admin"),
-    "nodes.enroll": _r(PUBLIC),  # the join token in the body is the proof
-    "audit.list": _r("admin"),
-    "audit.verify": _r("admin"),
-    "whoami": _r(ANY),
-    "logout": Op(ANY),
-    "login": Op(ANY, audit=True),
-    "metrics": _r("read"),
-    "openapi": _r(ANY),
-    "dashboard": _r("read"),
-    "terminal.pool": _r("terminals"),
-    "terminal.enter": _w("terminals"),
-    "terminal.page": _r("terminals"),
-    "terminal.info": _r("terminals"),
-    "health": _r(PUBLIC),
-    "static": _r(PUBLIC),
-    "service.redirect": _r(PUBLIC),
-}
-
-# HTTP (method, route template) -> operation. HEAD is GET's.
-HTTP: dict[tuple[str, str], str] = {
-    ("GET", "/api/v1/nodes"): "nodes.list",
-    ("GET", "/api/v1/fleet"): "fleet.summary",
-    ("GET", "/api/v1/nodes/{name}"): "nodes.show",
-    ("POST", "/api/v1/nodes/{name}/drain"): "nodes.drain",
-    ("POST", "/api/v1/nodes/{name}/undrain"): "nodes.undrain",
-    ("DELETE", "/api/v1/nodes/{name}"): "nodes.forget",
-    ("POST", "/api/v1/sessions"): "sessions.create",
-    ("GET", "/api/v1/sessions"): "sessions.list",
-    ("GET", "/api/v1/sessions/{id}"): "sessions.show",
-    ("DELETE", "/api/v1/sessions/{id}"): "sessions.remove",
-    ("POST", "/api/v1/sessions/{id}/signal"): "sessions.signal",
-    ("POST", "/api/v1/sessions/{id}/kill"): "sessions.kill",
-    ("GET", "/api/v1/sessions/{id}/logs"): "sessions.logs",
-    ("GET", "/api/v1/sessions/{id}/attach"): "sessions.attach",
-    ("GET", "/api/v1/run"): "run",
-    ("POST", "/api/v1/services"): "services.create",
-    ("GET", "/api/v1/services"): "services.list",
-    ("GET", "/api/v1/services/{name}"): "services.show",
-    ("DELETE", "/api/v1/services/{name}"): "services.remove",
-    ("POST", "/api/v1/services/{name}/scale"): "services.scale",
-    ("POST", "/api/v1/services/{name}/drain"): "services.drain",
-    ("GET", "/api/v1/services/{name}/best"): "services.best",
-    ("GET", "/api/v1/tokens"): "tokens.list",
-    ("POST", "/api/v1/tokens"): "tokens.create",
-    ("DELETE", "/api/v1/tokens/{id}"): "tokens.revoke",
-    ("POST", "/api/v1/join-tokens"): "nodes.join",
-    ("POST", "/api/v1/nodes/{name}/revoke"): "nodes.revoke",
-    ("POST", "/api/v1/enroll"): "nodes.enroll",
-    ("GET", "/api/v1/audit"): "audit.list",
-    ("GET", "/api/v1/audit/verify"): "audit.verify",
-    ("GET", "/api/v1/whoami"): "whoami",
-    ("POST", "/api/v1/logout"): "logout",
-    ("GET", "/metrics"): "metrics",
-    ("GET", "/api/v1/openapi.json"): "openapi",
-    ("GET", "/"): "dashboard",
-    ("GET", "/terminal"): "terminal.pool",
-    ("POST", "/terminal"): "terminal.enter",
-    ("GET", "/t/{id}"): "terminal.page",
-    ("GET", "/api/v1/terminal/info"): "terminal.info",
-    ("GET", "/healthz"): "health",
-    ("GET", "/robots.txt"): "health",
-    ("GET", "/static/"): "static",
-    ("*", "/s/{name}"): "service.redirect",
-    ("*", "/s/{name}/{tail}"): "service.redirect",
-}
-
-# The NATS JSON API's operations (a subset of OPS: the rest need HTTP).
-NATS_OPS = ("nodes.list", "nodes.show", "nodes.drain", "nodes.undrain", "sessions.create",
-            "sessions.list", "sessions.show", "sessions.signal", "sessions.kill",
-            "sessions.remove", "sessions.logs", "services.create", "services.list",
-            "services.show", "services.scale", "services.drain", "services.remove",
-            "services.best", "tokens.list", "tokens.create", "tokens.revoke", "audit.list",
-            "audit.verify", "whoami")
+# The operation table's rules by name, its HTTP routes, and what NATS serves (operations.py).
+OPS: Mapping[str, Any] = _TableView("OPS")
+HTTP: Mapping[tuple[str, str], str] = _TableView("HTTP")
+NATS_OPS: Mapping[str, Any] = _TableView("NATS_OPS_MAP")
 
 
 def http_op(method: str, template: str) -> str | None:
     """The operation of an HTTP route (its template as aiohttp gives it), or None."""
-    method = "GET" if method == "HEAD" else method
-    for key in ((method, template), ("*", template)):
-        if key in HTTP:
-            return HTTP[key]
-    # aiohttp's templates for static files and tail matches.
-    if template.startswith("/static"):
-        return "static"
-    return HTTP.get((method, template.replace("{tail:.*}", "{tail}")))
+    from . import operations
+
+    return operations.http_op(method, template)
+
+
+def table_markdown() -> str:
+    """The table of docs/security.md (a test checks the doc has it verbatim)."""
+    from . import operations
+
+    return operations.table_markdown()
 
 
 # ---------------------------------------------------------------------- grants
@@ -359,17 +270,3 @@ def check_grants(principal: Principal, wanted: Iterable[Grant]) -> None:
         raise Forbidden(f"forbidden: the token {principal.token_id} of user {principal.user} "
                         f"cannot grant {', '.join(beyond)}: a token only hands out scopes it "
                         "holds itself")
-
-
-def table_markdown() -> str:
-    """The table of docs/security.md (a test checks the doc has it verbatim)."""
-    routes: dict[str, list[str]] = {}
-    for (method, path), name in HTTP.items():
-        routes.setdefault(name, []).append(f"`{method} {path}`")
-    lines = ["| operation | scope | reaches | HTTP | NATS |", "|---|---|---|---|---|"]
-    for name, op in OPS.items():
-        http = ", ".join(routes.get(name, [])) or "-"
-        nats = f"`shoal.api.{name}`" if name in NATS_OPS else "-"
-        reach = "-" if op.target in (Target.NONE,) else op.target.value
-        lines.append(f"| {name} | {op.scope} | {reach} | {http} | {nats} |")
-    return "\n".join(lines) + "\n"

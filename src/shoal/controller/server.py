@@ -25,28 +25,24 @@ from ..natsio import bus
 from ..natsio.sessionstore import SessionCache
 from ..natsio.types import JetStreamContext, NatsClient
 from ..web import static_dir
-from .api import add_routes, json_http_errors
+from .api import json_http_errors
 from .apitokens import TokenStore
 from .audit import AuditLog
 from .auth import auth_middleware
 from .enroll import Enrollment
-from .enroll import add_routes as add_enroll_routes
 from .headers import install as install_security_headers
 from .hosts import host_middleware
 from .logins import LOGINS, LoginStore, add_login_routes
 from .metrics import FLEET, FleetCollector, add_metrics_route
 from .nats_api import NatsApi
-from .openapi import openapi_handler
 from .parts import Parts
 from .proxy import SERVICES_BASE, services_app
 from .registry import NodeRegistry
 from .reports import Reports
-from .run_ws import handle_run
+from .routes import add_routes
 from .services import ServiceManager
-from .services_api import add_service_routes
 from .sessions import SessionService
 from .terminals import TERMINALS, TerminalPool, add_terminal_routes
-from .tokens_api import add_token_routes
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +238,9 @@ class Controller:
         app[SERVICES_BASE] = self.services_base
         install_security_headers(app)
         app.router.add_get("/healthz", _healthz)
-        app.router.add_get("/api/v1/run", handle_run)
-        app.router.add_get("/api/v1/openapi.json", openapi_handler)
-        add_routes(app)
-        add_enroll_routes(app)
-        add_service_routes(app)
+        add_routes(app)  # the operation table's (operations.py)
         add_terminal_routes(app)
         add_login_routes(app)
-        add_token_routes(app)
         add_metrics_route(app)
         return app
 

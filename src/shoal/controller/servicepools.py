@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import NoCapacityError, NotFoundError
+from ..errors import NoReplicaError as NoReplicaError  # re-exported (services.py)
+from ..errors import NotFoundError
 from ..logic import balance
 from ..logic.sessionstate import FINAL, LIVE
 from ..wire import messages as m
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 0.5  # seconds between view refreshes when nothing changed
-
-
-class NoReplicaError(NoCapacityError):
-    """No replica can take a client now (HTTP 503)."""
 
 
 class ServicePools:

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -48,40 +47,7 @@ def validate(spec: m.SessionSpec, terminal: bool = False) -> None:
         raise ValidationError(f"session ids starting with {outputlog.TERMINAL_PREFIX!r} are "
                               "kept for the terminal pool (their output has a stream of its "
                               "own); choose another id")
-    if spec.runtime == "container":
-        validate_container(spec)
-        return
-    if (spec.command is None) == (spec.shell is None):
-        raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
-    if spec.user not in ("agent", "ephemeral") and not re.fullmatch(m.UNIX_USER_PATTERN, spec.user):
-        raise ValidationError(f"user {spec.user!r}: use 'agent', 'ephemeral' or the name of "
-                              "a user the node's agent allows (its run_as setting)")
-    if spec.image is not None or spec.container_ports or spec.mounts or spec.network != "none":
-        raise ValidationError("image, container_ports, mounts and network are for containers: "
-                              "add runtime = \"container\"")
-
-
-def validate_container(spec: m.SessionSpec) -> None:
-    """A container runs its image's command unless given one (command or shell, not both);
-    the agent checks what depends on the node (mounts it allows, the image being there)."""
-    if spec.image is None:
-        raise ValidationError("a container session needs an image (one loaded on the nodes "
-                              "with podman load or podman import)")
-    if spec.command is not None and spec.shell is not None:
-        raise ValidationError("give at most one of command (an argv list) or shell (a string)")
-    if spec.user != "agent":
-        raise ValidationError("a container runs as its image's user: leave user unset "
-                              "(throwaway users are for processes)")
-    if len(spec.container_ports) != spec.ports:
-        raise ValidationError(f"container_ports lists {len(spec.container_ports)} port(s) and "
-                              f"ports asks for {spec.ports}: give one container port per "
-                              "allocated port (or leave ports unset)")
-    if spec.container_ports and spec.network == "none":
-        raise ValidationError("container ports need a network: set network to a podman "
-                              "network's name (podman's default is 'podman')")
-    if spec.network in ("host", "slirp4netns", "pasta"):
-        raise ValidationError(f"network {spec.network!r} reaches the node's own network; use "
-                              "'none' or the name of a podman network")
+    spec.validate()  # the spec on its own: shoal.wire.messages
 
 
 class SessionService:

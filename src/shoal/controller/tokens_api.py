@@ -1,148 +1,47 @@
-"""Tokens, the audit trail and "who am I" in the HTTP API (``/api/v1/tokens``,
-``/api/v1/audit``, ``/api/v1/whoami``) and the NATS API (``tokens.*``, ``audit.*``,
-``whoami``). Handlers are thin; the scope check happened before them (auth.py, nats_api.py).
-"""
+"""Tokens, the audit trail and "who am I" (``/api/v1/tokens``, ``/api/v1/audit``,
+``/api/v1/whoami``; NATS ``tokens.*``, ``audit.*``, ``whoami``; declared in operations.py).
+Handlers are thin; the scope check happened before them (auth.py, nats_api.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
-from aiohttp import web
-
-from ..errors import ValidationError
-from .api import api_errors, body, ok
+from ..errors import AuthError
+from ..wire import api as w
 from .apitokens import NewToken
+from .audit import Entry
+from .context import Call
 from .scopes import Principal
 
-if TYPE_CHECKING:
-    from .server import Controller
 
-MAX_AUDIT = 10000
-
-
-def _ctl(request: web.Request) -> Controller:
-    return request.app["controller"]  # type: ignore[no-any-return]
+def _principal(c: Call) -> Principal:
+    if c.principal is None:
+        raise AuthError("this needs an API token: send 'Authorization: Bearer TOKEN'")
+    return c.principal
 
 
-def _principal(request: web.Request) -> Principal:
-    return request["principal"]  # type: ignore[no-any-return]
+async def list_tokens(c: Call, _: w.Empty) -> list[dict[str, Any]]:
+    return c.ctl.api_tokens.listing()
 
 
-def whoami_view(p: Principal) -> dict[str, Any]:
-    return {"user": p.user, "token": p.token_id, "scopes": p.scopes}
-
-
-async def _create(ctl: Controller, p: Principal, req: NewToken) -> dict[str, Any]:
-    token, record = await ctl.api_tokens.create(req, by=p.user)
+async def create_token(c: Call, req: NewToken) -> dict[str, Any]:
+    token, record = await c.ctl.api_tokens.create(req, by=_principal(c).user)
     return {**record.view(), "token": token}
 
 
-async def _audit(ctl: Controller, user: str | None, since: float | None,
-                 limit: int) -> list[Any]:
-    if not 1 <= limit <= MAX_AUDIT:
-        raise ValidationError(f"limit must be between 1 and {MAX_AUDIT}")
-    return list(await ctl.audit.query(user, since, limit))
+async def revoke_token(c: Call, r: w.TokenRef) -> dict[str, Any]:
+    return (await c.ctl.api_tokens.revoke(r.id)).view()
 
 
-async def _verify(ctl: Controller) -> dict[str, Any]:
-    count, problems = await ctl.audit.verify()
+async def list_audit(c: Call, q: w.AuditQuery) -> list[Entry]:
+    return list(await c.ctl.audit.query(q.user or None, q.since, q.limit))
+
+
+async def verify_audit(c: Call, _: w.Empty) -> dict[str, Any]:
+    count, problems = await c.ctl.audit.verify()
     return {"ok": not problems, "entries": count, "problems": problems}
 
 
-@api_errors
-async def list_tokens(request: web.Request) -> web.Response:
-    return ok(_ctl(request).api_tokens.listing())
-
-
-@api_errors
-async def create_token(request: web.Request) -> web.Response:
-    req = await body(request, NewToken)
-    return ok(await _create(_ctl(request), _principal(request), req), 201)
-
-
-@api_errors
-async def revoke_token(request: web.Request) -> web.Response:
-    record = await _ctl(request).api_tokens.revoke(request.match_info["id"])
-    return ok(record.view())
-
-
-def _query_float(request: web.Request, name: str) -> float | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValidationError(f"query parameter {name} must be a number (Unix time), not "
-                              f"{raw!r}") from None
-
-
-@api_errors
-async def list_audit(request: web.Request) -> web.Response:
-    limit = _query_float(request, "limit")
-    return ok(await _audit(_ctl(request), request.query.get("user") or None,
-                           _query_float(request, "since"), int(limit or 1000)))
-
-
-@api_errors
-async def verify_audit(request: web.Request) -> web.Response:
-    return ok(await _verify(_ctl(request)))
-
-
-@api_errors
-async def whoami(request: web.Request) -> web.Response:
-    return ok(whoami_view(_principal(request)))
-
-
-def add_token_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/tokens", list_tokens)
-    r.add_post("/api/v1/tokens", create_token)
-    r.add_delete("/api/v1/tokens/{id}", revoke_token)
-    r.add_get("/api/v1/audit", list_audit)
-    r.add_get("/api/v1/audit/verify", verify_audit)
-    r.add_get("/api/v1/whoami", whoami)
-
-
-# ---------------------------------------------------------------------- NATS
-
-class _Id(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
-
-
-class _AuditQuery(msgspec.Struct, forbid_unknown_fields=True):
-    user: str | None = None
-    since: float | None = None
-    limit: int = 1000
-
-
-NatsOp = Callable[[bytes, Principal], Awaitable[Any]]
-
-
-def token_ops(ctl: Controller) -> dict[str, NatsOp]:
-    def decode(kind: type[Any], data: bytes) -> Any:
-        return msgspec.json.decode(data or b"{}", type=kind)
-
-    async def list_(d: bytes, p: Principal) -> Any:
-        return ctl.api_tokens.listing()
-
-    async def create(d: bytes, p: Principal) -> Any:
-        return await _create(ctl, p, decode(NewToken, d))
-
-    async def revoke(d: bytes, p: Principal) -> Any:
-        return (await ctl.api_tokens.revoke(decode(_Id, d).id)).view()
-
-    async def audit(d: bytes, p: Principal) -> Any:
-        q = decode(_AuditQuery, d)
-        return await _audit(ctl, q.user, q.since, q.limit)
-
-    async def verify(d: bytes, p: Principal) -> Any:
-        return await _verify(ctl)
-
-    async def me(d: bytes, p: Principal) -> Any:
-        return whoami_view(p)
-
-    return {"tokens.list": list_, "tokens.create": create, "tokens.revoke": revoke,
-            "audit.list": audit, "audit.verify": verify, "whoami": me}
+async def whoami(c: Call, _: w.Empty) -> w.Whoami:
+    p = _principal(c)
+    return w.Whoami(user=p.user, token=p.token_id, scopes=p.scopes)

@@ -12,6 +12,9 @@ sorted, disjoint key intervals, each mapped to the level of the next slot (``Non
 last slot), with neighbours merged when they map to the same thing. That form is canonical
 (equal sets have equal levels, so equality and hashing are structural) and holds ranges,
 never expanded names: ``n[1-1000000]`` is a single interval.
+
+Over 400 lines: ClusterShell's whole node-set grammar (ranges, steps, padding, nD folding,
+operators) with its folding; groups are in nodegroups.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The NATS boundary: connecting (with nats-py errors translated to shoal's) and the
-JetStream buckets shoal keeps its state in."""
+JetStream buckets shoal keeps its state in.
+
+Over 400 lines: every bucket and every NATS error translation in one place, so that no
+other module needs to know nats-py's error types.
+"""
 
 from __future__ import annotations
 

@@ -23,6 +23,9 @@ every chunk with ``Nats-Expected-Last-Subject-Sequence`` set to the stream seque
 own previous chunk. So once a newer attempt has written its marker, a chunk of an older one
 is refused by JetStream (wrong last sequence) and that writer stops (``fenced``): a zombie
 can never splice output into a newer attempt's.
+
+Over 400 lines: the writer (windows, fencing by attempt) and the reader (offsets,
+truncation, resume) of one stream format belong together.
 """
 
 from __future__ import annotations

@@ -4,15 +4,24 @@ Messages travel as msgpack on NATS and on binary WebSocket frames, and as JSON o
 API. Decoding validates types and the size caps given by ``Meta`` constraints, so a bad
 message is rejected at the edge with a clear error and never reaches the logic.
 
-Unions are tagged (``"t"`` field) so one decoder handles every frame of a stream.
+Unions are tagged (``"t"`` field) so one decoder handles every frame of a stream. What
+msgspec cannot express (exactly one of argv or shell, NUL bytes, environment names, an
+absolute cwd) is each struct's ``validate``, which both API transports run (``check``).
+
+Over 400 lines on purpose: the fleet's whole contract, in one place to read. The API's own
+bodies are in api.py, services' in servicetypes.py.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from msgspec import Meta, Struct
+
+from ..errors import ValidationError
 
 # Size caps for everything a client controls.
 # No '.' in node names: a name is one NATS subject token.
@@ -114,6 +123,13 @@ class RunSpec(Struct, frozen=True, forbid_unknown_fields=True):
     stdin: bool = False
     timeout: Seconds | None = None
     user: UnixUser | None = None  # run as this user (the agent's run_as must list it)
+
+    def validate(self) -> None:
+        """What msgspec cannot say: exactly one of argv or shell, and no argument, variable
+        or directory the kernel would cut short."""
+        if (self.argv is None) == (self.shell is None):
+            raise ValidationError("give exactly one of argv (a list) or shell (a string)")
+        check_process("argv", self.argv, self.shell, self.env, self.cwd)
 
 
 class RunRequest(Struct, frozen=True):
@@ -377,6 +393,49 @@ class SessionSpec(Struct, frozen=True, forbid_unknown_fields=True):
     mounts: Annotated[list[Mount], Meta(max_length=64)] = []
     network: NetworkName = "none"
 
+    def validate(self) -> None:
+        """What msgspec cannot say about a spec on its own (the controller checks what
+        depends on the fleet, the agent what depends on the node)."""
+        if self.runtime == "container":
+            self._validate_container()
+        else:
+            if (self.command is None) == (self.shell is None):
+                raise ValidationError("give exactly one of command (an argv list) or shell "
+                                      "(a string)")
+            if self.user not in ("agent", "ephemeral") and \
+                    not re.fullmatch(UNIX_USER_PATTERN, self.user):
+                raise ValidationError(f"user {self.user!r}: use 'agent', 'ephemeral' or the "
+                                      "name of a user the node's agent allows (its run_as "
+                                      "setting)")
+            if self.image is not None or self.container_ports or self.mounts or \
+                    self.network != "none":
+                raise ValidationError("image, container_ports, mounts and network are for "
+                                      "containers: add runtime = \"container\"")
+        check_process("command", self.command, self.shell, self.env, self.cwd)
+
+    def _validate_container(self) -> None:
+        """A container runs its image's command unless given one (command or shell, not
+        both); the agent checks what depends on the node (mounts it allows, the image)."""
+        if self.image is None:
+            raise ValidationError("a container session needs an image (one loaded on the "
+                                  "nodes with podman load or podman import)")
+        if self.command is not None and self.shell is not None:
+            raise ValidationError("give at most one of command (an argv list) or shell (a "
+                                  "string)")
+        if self.user != "agent":
+            raise ValidationError("a container runs as its image's user: leave user unset "
+                                  "(throwaway users are for processes)")
+        if self.container_ports and self.network == "none":
+            raise ValidationError("container ports need a network: set network to a podman "
+                                  "network's name (podman's default is 'podman')")
+        if len(self.container_ports) != self.ports:
+            raise ValidationError(f"container_ports lists {len(self.container_ports)} port(s) "
+                                  f"and ports asks for {self.ports}: give one container port "
+                                  "per allocated port (or leave ports unset)")
+        if self.network in ("host", "slirp4netns", "pasta"):
+            raise ValidationError(f"network {self.network!r} reaches the node's own network; "
+                                  "use 'none' or the name of a podman network")
+
 
 class SessionRecord(Struct, frozen=True):
     """A session as stored in the sessions bucket and returned by the API."""
@@ -466,6 +525,47 @@ class SessionSignal(Struct, frozen=True):
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- validation
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_process(argv_field: str, argv: list[str] | None, shell: str | None,
+                  env: Mapping[str, str], cwd: str | None) -> None:
+    """What a process spec must not hold, for every spec that starts one: a NUL byte (the
+    kernel ends a C string there, so the process would get something else than was
+    asked), an environment name a shell could not read, a relative working directory."""
+    for i, arg in enumerate(argv or ()):
+        if "\0" in arg:
+            raise ValidationError(f"{argv_field}[{i}] holds a NUL byte, which no argument can "
+                                  "carry: remove it")
+    if shell is not None and "\0" in shell:
+        raise ValidationError("shell holds a NUL byte, which no command line can carry: "
+                              "remove it")
+    for name, value in env.items():
+        if not ENV_NAME.fullmatch(name):
+            raise ValidationError(f"env name {name[:80]!r}: use letters, digits and _, not "
+                                  "starting with a digit")
+        if "\0" in value:
+            raise ValidationError(f"env {name}: the value holds a NUL byte, which no "
+                                  "variable can carry: remove it")
+    if cwd is not None and (not cwd.startswith("/") or "\0" in cwd):
+        raise ValidationError(f"cwd {cwd[:80]!r}: give an absolute directory (starting with "
+                              "/, no NUL byte)")
+
+
+@runtime_checkable
+class Validated(Protocol):
+    def validate(self) -> None: ...
+
+
+def check(msg: Any) -> None:
+    """The checks of a decoded request that msgspec's constraints cannot express (its
+    struct's ``validate``): run by both API transports on every request they decode."""
+    if isinstance(msg, Validated):
+        msg.validate()
 
 
 def pack(msg: Any) -> bytes:

@@ -49,6 +49,9 @@ class ServiceSpec(Struct, frozen=True, forbid_unknown_fields=True):
     mounts: Annotated[list[m.Mount], Meta(max_length=64)] = []
     network: m.NetworkName = "none"
 
+    def validate(self) -> None:
+        validate(self)
+
 
 class ServiceRecord(Struct, frozen=True):
     """A service as stored in the services bucket. ``draining`` maps replica session ids
@@ -135,6 +138,7 @@ def validate(spec: ServiceSpec) -> None:
                                   "image listens on (the first one is checked and served)")
     elif (spec.command is None) == (spec.shell is None):
         raise ValidationError("give exactly one of command (an argv list) or shell (a string)")
+    m.check_process("command", spec.command, spec.shell, spec.env, spec.cwd)
     parse_check(spec.check)
     if spec.timeout > spec.interval * 10:
         raise ValidationError(f"check timeout {spec.timeout:g}s is too long for an interval "
