@@ -65,6 +65,11 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     # address where controllers on other machines must reach container replicas.
     container_publish: str = "127.0.0.1"
     run_as: list[str] = []  # users a run or session may ask to run as (agent/runas.py)
+    # Enrollment (agent/identity.py): the controller's URL, a join token, the CA to verify an
+    # https:// controller by. Used once, when this node has no credential of its own yet.
+    join_url: str = ""
+    join_token: str = ""
+    join_ca: str = ""
 
     def __post_init__(self) -> None:
         check_run_as(self.run_as)
@@ -127,6 +132,10 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     # HTTPS on both listeners (API and services): the certificate (chain) and key, PEM files.
     tls_cert: str = ""
     tls_key: str = ""
+    # Node identities (docs/security.md): the fleet's NATS signing keys (a file shoal up
+    # --node-identities makes), and how long a node's credential lasts (0: a day).
+    identity: str = ""
+    node_credential_lifetime: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class ClientConfig(Struct, forbid_unknown_fields=True):

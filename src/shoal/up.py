@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from .natsio.natsd import (
 )
 
 if TYPE_CHECKING:
+    from .identity.authority import Authority
     from .pki import FleetTls
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,16 @@ class UpOptions:
     leaf_sites: int = 0  # > 0: this many sites, each a leaf server with one agent
     tls: bool = False  # a generated CA; NATS with mutual TLS; the controller on HTTPS
     tls_names: tuple[str, ...] = ()  # more names (DNS or IP) the server certificate carries
+    # Every node its own NATS identity (docs/security.md): operator-mode NATS, and the local
+    # agents enrolled with a join token. Once a home has the keys it stays in this mode.
+    node_identities: bool = False
+
+
+# Node identities: the fleet's signing keys, the controller's credential.
+AUTHORITY = Path("identity") / "authority.toml"
+CONTROLLER_CREDS = Path("identity") / "controller.creds"
+LOCAL_JOIN_LIFETIME = 86400.0  # the join token in agent.toml (made again at every start)
+LOCAL_JOIN_USES = 10000
 
 
 def _fleet_tls(home: Path, opts: UpOptions) -> FleetTls | None:
@@ -168,18 +180,28 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     tls = _fleet_tls(home, opts)
     server: NatsServer | None = None
     leaves: list[LeafServer] = []
+    authority = _authority(home, opts)
     if opts.nats_url is None:
         hub = LeafListen("127.0.0.1", free_port()) if opts.leaf_sites else None
         server = NatsServer(home / "nats", users, port=opts.nats_port, leafnodes=hub,
-                            tls=_nats_tls(tls))
+                            tls=_nats_tls(tls),
+                            jwt=authority.jwt_auth() if authority is not None else None)
         server.start()  # in this thread: the server's PDEATHSIG follows the starting thread
         if hub is not None:
             leaves = _start_leaves(home, users, hub, opts.leaf_sites)
-        ctl_nats = c.NatsConfig(url=server.url, user="controller",
-                                password=users.controller_password,
-                                **_tls_nats(tls, "controller"))
-        agent_nats = c.NatsConfig(url=server.url, user="agent", password=users.agent_password,
-                                  **_tls_nats(tls, "agent"))
+        if authority is not None:
+            creds = home / CONTROLLER_CREDS
+            c.write_secret_file(creds, authority.controller_creds(int(time.time())))
+            ctl_nats = c.NatsConfig(url=server.url, creds=str(creds),
+                                    **_tls_nats(tls, "controller"))
+            agent_nats = c.NatsConfig(url=server.url, **_tls_nats(tls, "agent"))
+        else:
+            ctl_nats = c.NatsConfig(url=server.url, user="controller",
+                                    password=users.controller_password,
+                                    **_tls_nats(tls, "controller"))
+            agent_nats = c.NatsConfig(url=server.url, user="agent",
+                                      password=users.agent_password,
+                                      **_tls_nats(tls, "agent"))
     else:  # an existing NATS: credentials come from SHOAL_NATS_* for both
         ctl_nats = c.load(c.ControllerConfig, None, {"nats": {"url": opts.nats_url}}).nats
         agent_nats = ctl_nats
@@ -189,7 +211,8 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         "nats": c.to_builtins(ctl_nats), "host": opts.host, "port": opts.port, "token": token,
         "services_port": opts.services_port,
         "public_terminals": opts.public_terminals or None,
-        "terminal_parking_url": opts.parking_url or None, **_tls_http(tls)})
+        "terminal_parking_url": opts.parking_url or None, **_tls_http(tls),
+        "identity": str(home / AUTHORITY) if authority is not None else None})
     controller = Controller(ctl_cfg)
     agents: AgentHost | None = None
     site_hosts: list[AgentHost] = []
@@ -197,9 +220,12 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         await controller.start()
         ctl_cfg.port = controller.port
         c.save(home / "controller.toml", ctl_cfg)
+        join = await _local_join(controller, tls) if authority is not None else {}
         agent_cfg = c.AgentConfig(nats=agent_nats, capacity=opts.capacity,
-                                  address="127.0.0.1", state_dir=str(home / "agent-state"))
-        c.save(home / "agent.toml", c.AgentConfig(nats=agent_nats, address="127.0.0.1"))
+                                  address="127.0.0.1", state_dir=str(home / "agent-state"),
+                                  **join)
+        c.save(home / "agent.toml", c.AgentConfig(nats=agent_nats, address="127.0.0.1",
+                                                  **join))
         c.save(home / "client.toml", _client_config(controller.url, token, tls))
         if opts.agents > 0:
             agents = AgentHost(agent_cfg, virtual_names("node-", opts.agents))
@@ -252,6 +278,32 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
                 await asyncio.gather(*(leaf.astop() for leaf in leaves))
                 if server is not None:
                     await server.astop()
+
+
+def _authority(home: Path, opts: UpOptions) -> Authority | None:
+    """The fleet's NATS signing keys when this home uses node identities (asked for now,
+    or made by an earlier start: a home never falls back to the shared agent user)."""
+    from .identity.authority import Authority
+
+    path = home / AUTHORITY
+    if not (opts.node_identities or path.exists()):
+        return None
+    if opts.nats_url is not None or opts.nats_cluster:
+        raise ConfigError("--node-identities works with the one embedded NATS server for now: "
+                          "drop --nats / --nats-cluster (docs/security.md, node identities)")
+    c.ensure_private_dir(path.parent)
+    return Authority.load_or_create(path)
+
+
+async def _local_join(controller: Controller, tls: FleetTls | None) -> dict[str, Any]:
+    """A join token for the agents of this home (``shoal up``'s own and every
+    ``shoal agent --name NAME`` with the same SHOAL_HOME), as agent.toml settings."""
+    from .wire.enrollment import NewJoinToken
+
+    made = await controller.enrollment.create_token(
+        NewJoinToken(expires=LOCAL_JOIN_LIFETIME, uses=LOCAL_JOIN_USES), by="shoal up")
+    return {"join_url": controller.url, "join_token": made.token,
+            "join_ca": str(tls.ca) if tls is not None else ""}
 
 
 def _start_leaves(home: Path, users: NatsUsers, hub: LeafListen, sites: int,

@@ -39,14 +39,15 @@ import msgspec
 
 from .. import __version__
 from ..config import AgentConfig, shoal_home
-from ..errors import ConnectError
+from ..errors import AuthError, ConnectError
 from ..logic.sessionstate import FINAL, LIVE
 from ..natsio import bus
 from ..natsio.outputlog import describe_store_error
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
-from . import cgroups, containers, keeper, netpolicy, procs
+from ..wire.reports import OutputTrim
+from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .loadinfo import LoadSampler
@@ -81,11 +82,12 @@ class Node:
 
 @dataclass
 class _RunRoute:
-    """Per run, one pair of subscriptions shared by all of this host's nodes in it."""
+    """Per run, this host's nodes in it. Its control frames and output credit come on each
+    node's own subscription (``shoal.agent.<node>.>``); a batch's control frames come once,
+    to its lead, and apply to every node of the batch."""
 
-    ctl: Subscription
-    ack: Subscription
     runs: dict[str, Run] = field(default_factory=dict)  # node name -> run
+    batches: dict[str, list[str]] = field(default_factory=dict)  # lead -> its batch's nodes
 
 
 class AgentHost:
@@ -126,6 +128,14 @@ class AgentHost:
         self._fenced_outage = False  # sessions already self-fenced in this outage
         self.netpolicy: netpolicy.Policy | None = None
         self.network = netpolicy.Status(netpolicy.UNENFORCED, "not started")
+        self._renewer: asyncio.Task[None] | None = None
+        self.refused = ""  # why NATS refused our credential for good (revoked, expired)
+        self.refused_event = asyncio.Event()
+
+    def _refused(self, why: str) -> None:
+        log.error("%s", why)
+        self.refused = why
+        self.refused_event.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,8 +169,18 @@ class AgentHost:
                                         self.layout.base_dirs())
         first = next(iter(self.nodes))
         label = first if len(self.nodes) == 1 else f"{first}+{len(self.nodes) - 1}"
+        creds: Path | None = None
+        if identity.uses_identity(self.cfg, self.state_dir, self.lead):
+            self.cfg = await identity.ensure(self.cfg, self.state_dir, list(self.nodes))
+            creds = Path(self.cfg.nats.creds or "")
+            # Its credential may write its lead's heartbeat keys only.
+            self.host_id = self.lead
         self.nc = await bus.connect(self.cfg.nats, f"shoal-agent {label}",
-                                    inbox_prefix=bus.AGENT_INBOX)
+                                    inbox_prefix=subjects.node_inbox(self.lead),
+                                    on_refused=self._refused)
+        if creds is not None:
+            self._renewer = asyncio.create_task(identity.renew_forever(self.nc, creds,
+                                                                       self.lead))
         self.buckets = await self._open_buckets()
         self.store = SessionStore(self.buckets.sessions)
         try:
@@ -180,6 +200,8 @@ class AgentHost:
                 allowed_users=self.cfg.run_as)
         for node in self.nodes.values():
             self._load_drain(node)
+            if creds is not None:  # a node credential may not purge: controllers do it
+                node.sessions.trim_output = self._trimmer(node.name)  # type: ignore[union-attr]
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
         _raise_open_files_limit()  # a run on thousands of nodes holds two pipes per node
@@ -234,6 +256,8 @@ class AgentHost:
         self._lag.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self.nc is not None and self.buckets is not None:
             keys = hostbeat.host_keys(self.host_id, len(self.nodes))
             await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(k)) for k in keys),
@@ -328,6 +352,15 @@ class AgentHost:
                     session.fence(why)
                     ended += 1
         log.warning("self-fencing: %s; ended %d session(s) with a restart policy", why, ended)
+
+    def _trimmer(self, name: str):  # type: ignore[no-untyped-def]
+        subject = subjects.node_report(name, subjects.REPORT_TRIM)
+
+        async def trim(session: str, keep: int) -> None:
+            assert self.nc is not None
+            await self.nc.publish(subject, msgspec.msgpack.encode(OutputTrim(session, keep)))
+
+        return trim
 
     def _changed(self) -> None:
         """Session count changed: tell the schedulers soon, not at the next beat."""
@@ -452,9 +485,15 @@ class AgentHost:
         on_session = self._make_session_handler(node)
 
         async def handle(msg: Msg) -> None:
-            # shoal.agent.<node>.run | .runs | .session.<op>
+            # shoal.agent.<node>.run | .runs | .session.<op> | .ctl.run.<id> | .ack.run.<id>
             op = msg.subject.split(".", 3)[3]
-            if op == "run":
+            if op.startswith("ctl.run."):
+                self._on_run_control(node, op[8:], msg)
+            elif op.startswith("ack.run."):
+                self._on_output_ack(node, op[8:], msg)
+            elif op.startswith("ctl.session."):
+                pass  # the session's own subscription takes its frames
+            elif op == "run":
                 await self._on_run_request(node, msg)
             elif op == "runs":
                 await self._on_run_batch(msg)
@@ -485,7 +524,8 @@ class AgentHost:
             await msg.respond(m.pack(m.RunBatchAck(reason="the agent is stopping")))
             return
         mine, refused = split_batch(req.nodes, self.nodes)
-        route = await self._route(req.run_id)
+        route = self._route(req.run_id)
+        route.batches[msg.subject.split(".")[2]] = mine
         await msg.respond(m.pack(m.RunBatchAck(refused=refused)))
         # Spawn in a task of its own: this subscription's next message (another run's batch,
         # a session request for the lead) must not wait seconds for these spawns.
@@ -549,44 +589,36 @@ class AgentHost:
         if self._stopping:
             await msg.respond(m.pack(m.RunRefused(node=node.name, reason="the agent is stopping")))
             return
-        route = await self._route(req.run_id)
+        route = self._route(req.run_id)
         reply = self._start_run(node, route, req)
         if not isinstance(reply, m.RunAccepted):
             await self._maybe_drop_route(req.run_id)
         await msg.respond(m.pack(reply))
 
-    async def _route(self, run_id: str) -> _RunRoute:
-        route = self._routes.get(run_id)
-        if route is not None:
-            return route
-        assert self.nc is not None
+    def _route(self, run_id: str) -> _RunRoute:
+        return self._routes.setdefault(run_id, _RunRoute())
 
-        async def on_ctl(msg: Msg) -> None:
-            try:
-                frame = m.unpack_control(msg.data)
-            except msgspec.DecodeError:
-                return
-            r = self._routes.get(run_id)
-            for run in list(r.runs.values()) if r else ():
+    def _on_run_control(self, node: Node, run_id: str, msg: Msg) -> None:
+        route = self._routes.get(run_id)
+        if route is None:
+            return
+        try:
+            frame = m.unpack_control(msg.data)
+        except msgspec.DecodeError:
+            return
+        for name in route.batches.get(node.name, [node.name]):
+            run = route.runs.get(name)
+            if run is not None:
                 run.on_control(frame)
 
-        async def on_ack(msg: Msg) -> None:
-            node = msg.subject.rsplit(".", 1)[-1]
-            r = self._routes.get(run_id)
-            run = r.runs.get(node) if r else None
-            if run is not None:
-                try:
-                    run.on_output_ack(m.unpack(msg.data, m.OutputAck))
-                except msgspec.DecodeError:
-                    pass
-
-        ctl = await self.nc.subscribe(subjects.run_control(run_id), cb=on_ctl)
-        ack = await self.nc.subscribe(subjects.run_output_ack(run_id, "*"), cb=on_ack)
-        route = self._routes.setdefault(run_id, _RunRoute(ctl, ack))
-        if route.ctl is not ctl:  # another node of ours raced us to it
-            await ctl.unsubscribe()
-            await ack.unsubscribe()
-        return route
+    def _on_output_ack(self, node: Node, run_id: str, msg: Msg) -> None:
+        route = self._routes.get(run_id)
+        run = route.runs.get(node.name) if route else None
+        if run is not None:
+            try:
+                run.on_output_ack(m.unpack(msg.data, m.OutputAck))
+            except msgspec.DecodeError:
+                pass
 
     async def _forget(self, node: Node, route: _RunRoute, run_id: str, run: Run) -> None:
         await run.done.wait()
@@ -598,8 +630,6 @@ class AgentHost:
         route = self._routes.get(run_id)
         if route is not None and not route.runs:
             del self._routes[run_id]
-            await _quietly(route.ctl.unsubscribe())
-            await _quietly(route.ack.unsubscribe())
 
 
 def _podman(cfg: AgentConfig) -> tuple[containers.Podman | None, str]:
@@ -652,6 +682,16 @@ async def run_agent(cfg: AgentConfig, names: list[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    await host.start()
-    await stop.wait()
+    try:
+        await host.start()
+    except Exception:
+        if host.refused:  # the server ended us over the credential while we started
+            raise AuthError(host.refused) from None
+        raise
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(host.refused_event.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
     await host.stop()
+    if host.refused:
+        raise AuthError(host.refused)

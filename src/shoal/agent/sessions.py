@@ -24,7 +24,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -106,7 +106,7 @@ class Session:
         self.user: users.EphemeralUser | None = None
         self.named: runas.NamedUser | None = None  # a user of the agent's run_as
         self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
-                                   start_offset=record.output_bytes)
+                                   start_offset=record.output_bytes, trim=mgr.trim_output)
         self.writer.on_unblock = self._resume_reading
         self.read_size = read_size_for(mgr.nc.max_payload)
         self.writer.on_fenced = lambda: self.fence("a newer attempt writes its output")
@@ -140,7 +140,7 @@ class Session:
             self.done.set()
 
     async def _run(self) -> None:
-        self._sub = await self.mgr.nc.subscribe(subjects.session_control(self.id),
+        self._sub = await self.mgr.nc.subscribe(subjects.session_control(self.mgr.node, self.id),
                                                 cb=self._on_control)
         if self.spec.user == "ephemeral":
             try:
@@ -474,6 +474,7 @@ class SessionManager:
                  container_mounts: tuple[str, ...] = (),
                  allowed_users: Collection[str] = ()) -> None:
         self.node = node
+        self.trim_output: Callable[[str, int], Awaitable[None]] | None = None  # host sets it
         self.allowed_users = allowed_users  # the agent's run_as
         self.nc = nc
         self.js = js

@@ -64,11 +64,14 @@ def _nats_options(f: Callable[..., R]) -> Callable[..., R]:
 @click.option("--public-terminals", is_flag=True,
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
+@click.option("--node-identities", is_flag=True,
+              help="Every node its own NATS credential (enrolled with a join token) instead "
+                   "of one shared agent user; kept for this SHOAL_HOME from then on.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls: bool,
        tls_names: tuple[str, ...], nats_url: str | None, nats_cluster: int | None,
-       leaf_sites: int,
-       public_terminals: bool, parking_url: str, verbose: bool) -> None:
+       leaf_sites: int, public_terminals: bool, parking_url: str, node_identities: bool,
+       verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
@@ -80,7 +83,8 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
                           services_port=services_port, host=host,
                           nats_url=nats_url, public_terminals=public_terminals,
                           parking_url=parking_url, nats_cluster=nats_cluster or 0,
-                          leaf_sites=leaf_sites, tls=tls, tls_names=tls_names)))
+                          leaf_sites=leaf_sites, tls=tls, tls_names=tls_names,
+                          node_identities=node_identities)))
 
 
 @main.group(invoke_without_command=True)
@@ -94,11 +98,16 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
 @click.option("--virtual", type=click.IntRange(1, 100000), default=None,
               help="Run N logical nodes in this process (PREFIX1..PREFIXN).")
 @click.option("--prefix", default="vnode-", show_default=True, help="Name prefix for --virtual.")
+@click.option("--join", "join_url", help="Enroll at this controller URL (once; the credential "
+              "is kept in the state directory).")
+@click.option("--token", "join_token", help="The join token (shoal token create --join).")
+@click.option("--join-ca", help="CA file to verify an https:// --join controller by.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def agent(ctx: click.Context, config_path: Path | None, name: str | None,
           labels: dict[str, str], capacity: int | None, nats: dict[str, str | None],
-          address: str | None, virtual: int | None, prefix: str, verbose: bool) -> None:
+          address: str | None, virtual: int | None, prefix: str, join_url: str | None,
+          join_token: str | None, join_ca: str | None, verbose: bool) -> None:
     """Run an agent: this machine (or N virtual nodes) joins the fleet.
 
     `shoal agent install HOSTS` puts agents on ssh hosts (`uninstall` removes them)."""
@@ -109,6 +118,7 @@ def agent(ctx: click.Context, config_path: Path | None, name: str | None,
     setup_logging(verbose)
     flags: dict[str, Any] = {
         "name": name, "capacity": capacity, "address": address,
+        "join_url": join_url, "join_token": join_token, "join_ca": join_ca,
         "labels": labels or None,  # none given: the file's
         "nats": nats,
     }

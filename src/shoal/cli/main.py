@@ -272,3 +272,4 @@ from . import nodeset_cmd  # noqa: E402, F401, I001  (registers its commands on 
 from . import copy_cmd  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import token_cmds  # noqa: E402, F401, I001  (registers its commands on `main`)
 from . import agent_cmds  # noqa: E402, F401, I001  (registers its commands on `agent`)
+from . import enroll_cmds  # noqa: E402, F401, I001  (registers `nodes revoke`, `admin node-identities`)

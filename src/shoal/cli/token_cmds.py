@@ -10,7 +10,7 @@ import click
 
 from ..errors import ShoalError
 from .main import checking, fail, main, with_client
-from .options import json_option, print_json, prints_record
+from .options import json_option, labels_option, print_json, prints_record
 
 if TYPE_CHECKING:
     from ..client.sync import SyncClient
@@ -28,6 +28,11 @@ def _print_tokens(rows: list[dict[str, Any]]) -> None:
 
 
 def _print_made(made: dict[str, Any]) -> None:
+    if "uses" in made:  # a join token
+        from .enroll_cmds import print_join
+
+        print_join(made)
+        return
     click.echo(made["token"])
     click.echo(f"token {made['id']} for {made['user']} ({' '.join(made['scopes'])}), expires "
                f"{_when(made['expires'])}; it is shown only now", err=True)
@@ -47,23 +52,40 @@ def token_list(client: SyncClient) -> list[dict[str, Any]]:
 
 
 @token.command("create")
-@click.option("--user", required=True, help="Who the token is for (a person or a robot).")
-@click.option("--scope", "scope_list", multiple=True, required=True,
+@click.option("--user", help="Who the token is for (a person or a robot).")
+@click.option("--scope", "scope_list", multiple=True,
               help="A grant: read, logs, run, sessions, terminals, services, nodes, tokens, "
                    "admin; restricted as run:env=dev, run:web-[1-4] or sessions:own "
                    "(repeatable).")
-@click.option("--expires", default="30d", show_default=True,
-              help="Lifetime: 30d, 12h, 90m, 3600s, or never.")
+@click.option("--expires", default=None,
+              help="Lifetime: 30d, 12h, 90m, 3600s, or never (default: 30d; 1h with --join).")
+@click.option("--join", is_flag=True,
+              help="A join token instead: it enrolls new nodes (shoal agent --join URL --token "
+                   "T); use a short --expires, such as 1h.")
+@labels_option("-l", "--label", "--labels",
+               help="With --join: a key=value label fixed for the nodes it enrolls.")
+@click.option("--uses", type=click.IntRange(1, 100000), default=1, show_default=True,
+              help="With --join: how many node names it may enroll.")
+@click.option("--name", "node_name", default="", help="With --join: the one name it enrolls.")
 @prints_record(_print_made, "The new token's record, the token in it, as JSON.")
 @with_client
-def token_create(client: SyncClient, user: str, scope_list: tuple[str, ...],
-                 expires: str) -> dict[str, Any]:
+def token_create(client: SyncClient, user: str | None, scope_list: tuple[str, ...],
+                 expires: str | None, join: bool, labels: dict[str, str], uses: int,
+                 node_name: str) -> dict[str, Any]:
     """Create a token and print it, once: only its hash is kept."""
     from ..controller.apitokens import parse_lifetime
     from ..controller.scopes import parse_grants
 
+    if join:
+        from .enroll_cmds import create_join
+
+        with checking("join token"):
+            lifetime = parse_lifetime(expires or "1h")
+        return create_join(client, lifetime, uses, labels, node_name)
+    if not user or not scope_list:
+        fail("give --user and --scope (or --join for a join token)", 2)
     with checking("token"):
-        lifetime = parse_lifetime(expires)
+        lifetime = parse_lifetime(expires or "30d")
         parse_grants(scope_list)  # say what is wrong before asking the controller
     return client.create_token(user, list(scope_list), lifetime)
 

@@ -49,7 +49,8 @@ __all__ = ["COOKIE", "TERMINAL_COOKIE", "auth_middleware", "error_json", "origin
 
 TERMINAL_COOKIE = "shoal_t_"  # + session id
 ATTACH_QUERY = "attach"
-PUBLIC_PATHS = frozenset({"/healthz", "/robots.txt", "/favicon.ico"})
+# /api/v1/enroll: a join token in the body is the proof (controller/enroll.py).
+PUBLIC_PATHS = frozenset({"/healthz", "/robots.txt", "/favicon.ico", "/api/v1/enroll"})
 # Static assets (the page code and xterm.js) hold nothing secret.
 # /s/NAME/... is a service's own public traffic (redirected or proxied to its replicas,
 # which do their own auth); the shoal token must not be needed for it, nor sent along.

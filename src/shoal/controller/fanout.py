@@ -101,6 +101,7 @@ class FanoutRun:
         self.groups = groups if groups is not None else [(None, [n]) for n in nodes]
         self._unanswered = {n for n in nodes if n not in self.down}
         self._batched: set[str] = set()  # nodes asked through a batch
+        self._control_to: list[str] = []  # where control frames go: leads and lone nodes
         self.window = window_for(len(nodes))
         self.roll = roll or Roll()
         self.failed: set[str] = set()
@@ -169,6 +170,7 @@ class FanoutRun:
 
     async def _ask_batch(self, lead: str, nodes: list[str]) -> None:
         self._batched.update(nodes)
+        self._control_to.append(lead)
         batch = m.RunBatch(run_id=self.run_id, spec=self.spec, nodes=nodes, window=self.window)
         reason = ""
         try:
@@ -228,6 +230,7 @@ class FanoutRun:
 
     async def _ask(self, node: str, request: bytes) -> None:
         reply: m.RunAccepted | m.RunRefused | m.Exit | m.Unreachable
+        self._control_to.append(node)
         try:
             data = await rpc.request(self.nc, subjects.agent_run(node), request,
                                      self.connect_timeout)
@@ -312,7 +315,9 @@ class FanoutRun:
     # ------------------------------------------------------------------ control
 
     async def _control(self, frame: m.RunControl) -> None:
-        await self.nc.publish(subjects.run_control(self.run_id), m.pack(frame))
+        data = m.pack(frame)
+        for to in self._control_to:  # each batch's lead, each node asked alone
+            await self.nc.publish(subjects.run_control(self.run_id, to), data)
 
     async def _keepalive_loop(self) -> None:
         while True:

@@ -121,3 +121,14 @@ within 10 s; the server answers `plan` (the run id and the selected nodes) or `e
 closes. Then the server streams `started`, `out`, `exit` and `unreachable` events until
 `done`. The client may send `stdin`, `resize`, `signal` and `cancel` at any time; closing
 the socket cancels the run on every node."""
+
+JOIN_TOKEN = """Needs `admin`. `uses`: how many node names it may enroll; `labels` and `name` are
+bound into the credentials it yields (docs/security.md, node identities). 409 when the fleet
+has no node identities."""
+
+ENROLL_NODE = """The join token in the body is the proof. Sends the node's public nkey and names;
+answers its user JWT. 400 says what is wrong with the token (unknown, expired, used up); 409
+for a name already enrolled."""
+
+REVOKE_NODE = """Needs `admin`. The servers close its connection and refuse its credential from
+then on; its sessions are handled as for a lost node."""

@@ -26,9 +26,10 @@ import msgspec
 from aiohttp import web
 
 from ..wire import api as w
+from ..wire import enrollment as we
 from ..wire import messages as m
 from ..wire import servicetypes as st
-from . import api, openapi_text, run_ws, services_api, streams, tokens_api
+from . import api, enroll, openapi_text, run_ws, services_api, streams, tokens_api
 from .apitokens import NewToken
 from .audit import Entry as AuditEntry
 from .context import Call
@@ -139,6 +140,20 @@ TABLE: tuple[Operation, ...] = (
        handler=api.forget_node,
        http=(Http("DELETE", "/api/v1/nodes/{name}", "forgetNode", N, status=204,
                   view=_no_body, errors=(404, 409), description=T.FORGET_NODE),)),
+    # Node identities (enroll.py, docs/security.md): a join token enrolls new nodes, so
+    # making one is as strong as admin; enrolling needs no credential but the token.
+    _w("nodes.join", "Create a join token that enrolls new nodes; shown once", "admin",
+       request=we.NewJoinToken, result=we.JoinToken, handler=enroll.create_join_token,
+       http=(Http("POST", "/api/v1/join-tokens", "createJoinToken", N, status=201,
+                  errors=(400, 403, 409, 422), description=T.JOIN_TOKEN),)),
+    _w("nodes.revoke", "Revoke a node's NATS credential, at once", "admin", request=w.Named,
+       result=dict[str, Any], handler=enroll.revoke_node,
+       http=(Http("POST", "/api/v1/nodes/{name}/revoke", "revokeNode", N,
+                  errors=(403, 404, 409), description=T.REVOKE_NODE),)),
+    _r("nodes.enroll", "Enroll a node with a join token (no bearer token)", PUBLIC,
+       request=we.EnrollRequest, result=we.EnrollReply, handler=enroll.enroll_node,
+       http=(Http("POST", "/api/v1/enroll", "enrollNode", N, status=201,
+                  errors=(400, 409, 422), description=T.ENROLL_NODE),)),
     _w("sessions.create", "Create a session", "sessions", Target.SPEC, request=m.SessionSpec,
        result=w.SessionCreated, handler=api.create_session, nats=True,
        http=(Http("POST", "/api/v1/sessions", "createSession", S, status=201,

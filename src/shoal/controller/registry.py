@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+
+def _chunk_host(key: str) -> str:
+    """``_h-<host>-<chunk>`` -> ``<host>``."""
+    return key[len(hostbeat.KEY_PREFIX):].rsplit("-", 1)[0]
 
 
 class NodeRegistry:
@@ -52,6 +58,23 @@ class NodeRegistry:
         self._armed_at = -1  # reconnect count when the heartbeats watch last loaded
         self._settle_until = 0.0
         self._heard: set[str] | None = None  # nodes that beat since the last re-watch
+        # Node identities: whether the process whose lead is the first name may speak for
+        # the second. The server lets a node write only its own lead's heartbeat keys; what
+        # a chunk lists inside is checked here.
+        self.vouch: Callable[[str, str], bool] | None = None
+
+    def require(self, vouch: Callable[[str, str], bool]) -> None:
+        """From now on take from a heartbeat chunk only the nodes ``vouch`` allows its
+        lead, and drop those already taken that it does not."""
+        self.vouch = vouch
+        for key, names in list(self._chunks.items()):
+            host = _chunk_host(key)
+            for name in [n for n in names if not vouch(host, n)]:
+                names.remove(name)
+                self._beats.pop(name, None)
+                self._lead.pop(name, None)
+                if self._known.pop(name, None) is not None:
+                    self._sorted = None
 
     async def start(self) -> None:
         self._tasks = [
@@ -159,7 +182,15 @@ class NodeRegistry:
         now = self._beat_arrived()
         names = []
         lead = (key, beat.lead)
-        for info in hostbeat.expand(beat):
+        infos = hostbeat.expand(beat)
+        if self.vouch is not None:
+            host, vouch = _chunk_host(key), self.vouch
+            refused = [i.name for i in infos if not vouch(host, i.name)]
+            if refused:
+                log.warning("heartbeat %s names nodes its credential was not enrolled for: %s "
+                            "(ignored)", key, ", ".join(refused[:10]))
+                infos = [i for i in infos if i.name not in refused]
+        for info in infos:
             self._beats[info.name] = (info, now)
             self._learn(info.name, info)
             self._lead[info.name] = lead

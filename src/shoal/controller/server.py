@@ -29,6 +29,7 @@ from .api import json_http_errors
 from .apitokens import TokenStore
 from .audit import AuditLog
 from .auth import auth_middleware
+from .enroll import Enrollment
 from .headers import install as install_security_headers
 from .hosts import host_middleware
 from .logins import LOGINS, LoginStore, add_login_routes
@@ -37,6 +38,7 @@ from .nats_api import NatsApi
 from .parts import Parts
 from .proxy import SERVICES_BASE, services_app
 from .registry import NodeRegistry
+from .reports import Reports
 from .routes import add_routes
 from .services import ServiceManager
 from .sessions import SessionService
@@ -65,6 +67,8 @@ class Controller:
         self.instance = secrets.token_hex(4)  # tells controllers apart in replies and logs
         self.logins = LoginStore(cfg.token, cfg.login_lifetime)
         self.api_tokens = TokenStore(cfg.token)
+        self.enrollment = Enrollment(self)  # node identities (only with cfg.identity)
+        self.reports = Reports(self)  # what agents report on their own subjects
         self.audit = AuditLog(self.instance)
         self.groups = GroupsFile(cfg.groups)  # @group in node sets (shoal.logic.nodegroups)
         try:
@@ -137,6 +141,12 @@ class Controller:
                                                 self.api_tokens, self.audit,
                                                 lambda: self.services_url)
         self._running = [lambda: bus.close(parts.nc), self.api_tokens.stop, parts.stop]
+        await self.enrollment.start(parts.nc, parts.buckets.js, parts.replicas)
+        self._running.append(self.enrollment.stop)
+        if self.enrollment.enabled:  # a chunk may list only its own credential's nodes
+            parts.registry.require(self.enrollment.vouches)
+        await self.reports.start()
+        self._running.append(self.reports.stop)
         self.nats_api = NatsApi(self)
         await self.nats_api.start()
         self._running.append(self.nats_api.stop)

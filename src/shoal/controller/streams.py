@@ -186,7 +186,7 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1 << 20)
     await ws.prepare(request)
     await ws.send_str(_frame(w.AttachHello(session=sid, offset=start, state=record.state)))
-    control = subjects.session_control(sid)
+    control = subjects.session_control(record.node, sid)
     attached = m.pack(m.SessionAttached())
 
     async def publish(payload: bytes) -> None:

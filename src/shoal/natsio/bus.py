@@ -48,14 +48,19 @@ AGENT_INBOX = "_INBOX_AGENT"
 
 
 async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
-                  inbox_prefix: str = "_INBOX") -> NatsClient:
-    """Connect to NATS, failing fast and clearly on refused credentials or no server."""
+                  inbox_prefix: str = "_INBOX", credentials: object = None,
+                  on_refused: Callable[[str], None] | None = None) -> NatsClient:
+    """Connect to NATS, failing fast and clearly on refused credentials or no server.
+    ``credentials``: a .creds text (nats-py's RawCredentials) instead of ``cfg``'s. Once
+    connected, a server that ends the connection over its credential (revoked, expired)
+    makes nats-py close the client for good; ``on_refused`` then gets a sentence that says
+    so and what to do."""
     last_error: list[BaseException] = []
 
     async def on_error(e: Exception) -> None:
         last_error.append(e)
         if _is_auth(e):
-            return  # reported once, by the exception below
+            return  # reported once, by the exception below (or on_closed)
         log.warning("nats: %s", e)
 
     client: list[NatsClient] = []  # set once connected: the callbacks ask it where it is
@@ -64,6 +69,11 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         if client and (client[0].is_closed or client[0].is_draining):
             return  # our own close, not an outage
         log.warning("nats: disconnected from %s; reconnecting", _safe_url(cfg.url))
+
+    async def on_closed() -> None:
+        err = client[0].last_error if client else None
+        if on_refused is not None and err is not None and (_is_auth(err) or _is_refused(err)):
+            on_refused(_refusal(err, cfg))
 
     async def on_reconnect() -> None:
         where = client[0].connected_url if client else None
@@ -80,6 +90,7 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "closed_cb": on_closed,
         "pending_size": 64 << 20,
         "inbox_prefix": inbox_prefix,
         "flusher_queue_size": 4096,
@@ -89,6 +100,8 @@ async def connect(cfg: NatsConfig, name: str, *, connect_timeout: float = 5.0,
         opts["password"] = cfg.password or ""
     if cfg.creds:
         opts["user_credentials"] = cfg.creds
+    if credentials is not None:
+        opts["user_credentials"] = credentials
     tls = tls_context(cfg)
     if tls is not None:
         opts["tls"] = tls
@@ -192,6 +205,26 @@ async def close(nc: NatsClient, timeout: float = 5.0) -> None:
 def _is_auth(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, nats.errors.AuthorizationError) or "authorization" in text
+
+
+def _is_refused(e: BaseException) -> bool:
+    # What nats-server says when it ends a connection over its JWT.
+    text = str(e).lower()
+    return "authentication expired" in text or "authentication revoked" in text
+
+
+def _refusal(e: BaseException, cfg: NatsConfig) -> str:
+    text = str(e)
+    if "expired" in text.lower():
+        why = "its credential expired (it was not renewed in time)"
+    elif "revoked" in text.lower():
+        why = "its credential was revoked (shoal nodes revoke)"
+    else:
+        why = "it refuses the credential (revoked, expired, or not one it trusts)"
+    where = f"the .creds file {cfg.creds}" if cfg.creds else "the configured credentials"
+    return (f"NATS at {_safe_url(cfg.url)} closed this agent's connection: {why} ({text}); "
+            f"not reconnecting with {where}: enroll again with shoal agent --join URL "
+            "--token T (a new token from shoal token create --join)")
 
 
 def _safe_url(url: str) -> str:

@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-__all__ = ["KeyValue", "create", "delete", "ensure", "get", "purge", "update"]
+__all__ = ["KeyValue", "create", "delete", "ensure", "get", "keys", "purge", "update"]
 
 
 async def ensure(js: JetStreamContext, bucket: str, *, replicas: int = 1,
@@ -68,3 +68,11 @@ async def purge(kv: KeyValue, key: str) -> None:
         await kv.purge(key)
     except nats.js.errors.KeyNotFoundError:
         pass
+
+
+async def keys(kv: KeyValue) -> list[str]:
+    """Every key that has a value; none is an empty list."""
+    try:
+        return list(await kv.keys())
+    except nats.js.errors.NoKeysError:
+        return []

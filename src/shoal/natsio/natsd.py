@@ -24,6 +24,7 @@ import msgspec
 from ..config import NatsConfig, new_secret, write_secret_file
 from ..errors import ConfigError, ConnectError
 from ..system.process import die_with_parent
+from ..wire import hostbeat, subjects
 from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
 from . import bus
 from .bus import AGENT_INBOX
@@ -129,7 +130,8 @@ class ClusterSpec:
 
 
 def agent_permissions() -> dict[str, object]:
-    """What an agent credential may do; docs/security.md explains the consequences."""
+    """What the shared agent credential (password mode) may do: every node's subjects;
+    docs/security.md explains the consequences. Node identities get ``node_permissions``."""
     kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
     return {
         "publish": {
@@ -150,10 +152,60 @@ def agent_permissions() -> dict[str, object]:
                   for op in ("PURGE", "INFO", "MSG.GET")],  # MSG.GET: an attempt's start
             ]
         },
-        "subscribe": {"allow": ["shoal.agent.*.>", "shoal.run.*.ctl", "shoal.run.*.ack.*",
-                                "shoal.session.*.ctl", f"{AGENT_INBOX}.>"]},
+        "subscribe": {"allow": ["shoal.agent.*.>", f"{AGENT_INBOX}.>"]},
         "allow_responses": True,
     }
+
+
+def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
+    """(publish, subscribe) allowed to the credential of one agent process serving
+    ``names`` (the first is its lead): patterns that name those nodes only, so the server
+    itself refuses whatever concerns another node. The agent may also answer requests sent
+    to it. What is still shared, and why, is in docs/security.md."""
+    lead = names[0]
+    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
+    pub = [p for n in names for p in (f"shoal.run.*.out.{n}", f"shoal.run.*.inack.{n}",
+                                      f"$KV.{REGISTRY_BUCKET}.{n}")]
+    pub += [f"$KV.{HEARTBEATS_BUCKET}.{k}" for k in hostbeat.host_keys(lead, len(names))]
+    pub += [subjects.node_report(n, ">") for n in names]
+    pub += [
+        subjects.node_renew(lead),
+        # Shared with every node until session output carries the node's name and records
+        # are written by controllers only (docs/security.md, "still shared").
+        "shoal.out.*", "shoal.tout.*", f"$KV.{SESSIONS_BUCKET}.*",
+        *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
+        f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
+        f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
+        f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
+        f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
+        # No PURGE: an output cap's trim goes through the controllers (controller/reports.py).
+        *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
+          for op in ("INFO", "MSG.GET")],
+    ]
+    sub = [subjects.agent_all(n) for n in names] + [f"{subjects.node_inbox(lead)}.>"]
+    return pub, sub
+
+
+@dataclass(frozen=True)
+class JwtAuth:
+    """Decentralized authentication (operator mode): the server trusts the operator's JWT,
+    learns accounts from the resolver (``full``: kept in ``accounts/`` beside the store,
+    updated by the system account's claim-update requests, so a revocation takes effect at
+    once), and every
+    client shows a user JWT signed by an account key plus proof that it holds the user's
+    private key. Made by shoal.identity.authority."""
+
+    operator_jwt: str
+    system_account: str
+    preload: dict[str, str]  # account public key -> account JWT
+
+    def conf(self, resolver_dir: Path) -> dict[str, object]:
+        return {"operator": self.operator_jwt, "system_account": self.system_account,
+                "resolver": {"type": "full", "dir": str(resolver_dir),
+                             "allow_delete": False, "interval": "2m"},
+                "resolver_preload": dict(self.preload)}
 
 
 def _agent_user(users: NatsUsers) -> dict[str, object]:
@@ -168,8 +220,11 @@ def _common(host: str, port: int) -> dict[str, object]:
 
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
                   cluster: ClusterSpec | None = None, server_name: str = "",
-                  leafnodes: LeafListen | None = None, tls: NatsTls | None = None) -> str:
+                  leafnodes: LeafListen | None = None, tls: NatsTls | None = None,
+                  jwt: JwtAuth | None = None) -> str:
     """A nats-server configuration: JetStream on, one account, two users, nothing anonymous.
+    With ``jwt``, operator mode instead: no users in the file, every client a user JWT
+    (the controller's, or one node's).
     With ``cluster``, this server (``server_name``, one of its peers) routes to the others
     with a password of its own: an unauthenticated route would let anyone on the host join
     the cluster and read every account. With ``leafnodes``, it is a hub: sites' leaf servers
@@ -185,6 +240,12 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
         "jetstream": {"store_dir": str(store_dir), "max_memory_store": 256 << 20},
         "accounts": {ACCOUNT: account},
     }
+    if jwt is not None:
+        if leafnodes is not None:
+            raise ConfigError("leaf sites work with the shared agent user only for now: drop "
+                              "--leaf-sites, or run shoal up without --node-identities")
+        del conf["accounts"]
+        conf.update(jwt.conf(store_dir.parent / "accounts"))
     if leafnodes is not None:
         if not users.leaf_password:
             raise ConfigError("a hub that accepts leaf nodes needs a leaf password")
@@ -288,9 +349,10 @@ class NatsServer:
     def __init__(self, directory: Path, users: NatsUsers, port: int = 0,
                  host: str = "127.0.0.1", cluster: ClusterSpec | None = None,
                  server_name: str = "", leafnodes: LeafListen | None = None,
-                 tls: NatsTls | None = None) -> None:
+                 tls: NatsTls | None = None, jwt: JwtAuth | None = None) -> None:
         self.directory = directory
         self.tls = tls
+        self.jwt = jwt
         self.users = users
         self.host = host
         self.cluster = cluster
@@ -304,7 +366,7 @@ class NatsServer:
 
     def config(self) -> str:
         return server_config(self.port, self.directory / "jetstream", self.users, self.host,
-                             self.cluster, self.name, self.leafnodes, self.tls)
+                             self.cluster, self.name, self.leafnodes, self.tls, self.jwt)
 
     @property
     def url(self) -> str:
@@ -412,10 +474,11 @@ class NatsCluster:
     """The servers of a local cluster, one directory each (``directory``/n1, n2, ...)."""
 
     def __init__(self, directory: Path, users: NatsUsers, spec: ClusterSpec,
-                 host: str = "127.0.0.1", tls: NatsTls | None = None) -> None:
+                 host: str = "127.0.0.1", tls: NatsTls | None = None,
+                 jwt: JwtAuth | None = None) -> None:
         self.spec = spec
         self.servers = [NatsServer(directory / p.name, users, host=host, cluster=spec,
-                                   server_name=p.name, tls=tls) for p in spec.peers]
+                                   server_name=p.name, tls=tls, jwt=jwt) for p in spec.peers]
 
     @property
     def urls(self) -> list[str]:

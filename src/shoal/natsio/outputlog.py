@@ -171,8 +171,13 @@ class OutputWriter:
 
     def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
                  window: int = 8 << 20, start_offset: int = 0,
-                 budget: OutputBudget = PROCESS_BUDGET) -> None:
+                 budget: OutputBudget = PROCESS_BUDGET,
+                 trim: Callable[[str, int], Awaitable[None]] | None = None) -> None:
         self.js = js
+        # How to drop chunks before a sequence: purge ourselves, or (a node credential may
+        # not purge the shared stream) ask the controllers with ``trim(session, keep)``.
+        self.trim = trim
+        self.session_id = session_id
         self.stream = stream_of(session_id)
         self.subject = subject(session_id)
         self.cap = cap
@@ -404,7 +409,10 @@ class OutputWriter:
             return
         self._purging = True
         try:
-            await self.js.purge_stream(self.stream, subject=self.subject, seq=drop_seq + 1)
+            if self.trim is not None:
+                await self.trim(self.session_id, drop_seq + 1)
+            else:
+                await self.js.purge_stream(self.stream, subject=self.subject, seq=drop_seq + 1)
         except Exception as e:
             log.warning("output purge failed: %s", e)
         finally:
