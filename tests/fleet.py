@@ -158,8 +158,9 @@ class Fleet:
         """Start one more controller process; returns it and its URL (its log: ``last_log``)."""
         log_path = self.home / f"controller-{time.monotonic_ns()}.log"
         log = open(log_path, "w")  # noqa: SIM115
+        # Services on any free port: the default (this port + 1) may be another test's.
         p = self.spawn("controller", "--port", str(port), stdout=log, stderr=subprocess.STDOUT,
-                       env=env)
+                       env={"SHOAL_SERVICES_PORT": "0", **(env or {})})
         log.close()
         self.last_log = log_path
         deadline = time.monotonic() + timeout

@@ -423,8 +423,9 @@ def _carry_into(unit: Unit) -> Unit | None:
     """The fastest way into a cgroup from the first instruction: the agent itself moves
     into the unit, spawns (the child is created there) and moves back, all in one
     synchronous step of the event loop under SPAWNING (no other coroutine runs, no worker
-    thread creates a process, nothing can signal or kill the unit meanwhile). Two writes to cgroup.procs instead of a /bin/sh exec, which
-    cost as much as the command itself (`true`: 0.5 ms of the 1.1). Only for a unit that is
+    thread creates a process, nothing can signal or kill the unit meanwhile). Two writes to
+    cgroup.procs instead of a /bin/sh exec, which cost as much as the command itself
+    (`true`: 0.5 ms of the 1.1). Only for a unit that is
     just its tracking directory and sets no limit (the agent must never count against a
     run's memory or process limit). None: join it with the shell."""
     if _carry_off or unit.limited or len(unit.dirs) != 1 or unit.layout.tracker is None:
