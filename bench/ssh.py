@@ -46,10 +46,12 @@ def shoal_home(root: Path, ssh: SshEnv) -> dict[str, str]:
     shoal checks host keys (the peers are told not to)."""
     home = root / "shoal-home"
     (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    known = home / ".ssh" / "known_hosts"
     (home / ".ssh" / "config").write_text(ssh.config.read_text().replace(
-        "StrictHostKeyChecking no", "StrictHostKeyChecking yes"))
+        "StrictHostKeyChecking no", "StrictHostKeyChecking yes").replace(
+        "UserKnownHostsFile /dev/null", f"UserKnownHostsFile {known}"))
     key = (ssh.root / "ssh_host_ed25519_key.pub").read_text().split()[:2]
-    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{ssh.port} {' '.join(key)}\n")
+    known.write_text(f"[127.0.0.1]:{ssh.port} {' '.join(key)}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     env.update(HOME=str(home), SHOAL_HOME=str(home / "shoal"))
     return env
