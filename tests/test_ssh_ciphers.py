@@ -43,3 +43,17 @@ async def test_the_users_ssh_config_is_read_for_each_host(tmp_path: Path,
     assert opts.port == 2200
     assert cipher_order(opts) == {}
     assert opts.encryption_algs == [b"aes128-ctr"]
+
+
+async def test_only_public_keys_and_host_keys_whatever_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GSSAPI key exchange would authenticate the server without its host key
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        "Host *\n  GSSAPIAuthentication yes\n  GSSAPIKeyExchange yes\n"
+        "  HostbasedAuthentication yes\n  PasswordAuthentication yes\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    opts = await Connector(Inventory(), 5).options(SshTarget(name="h1", address="h1"))
+    assert (opts.gss_kex, opts.gss_auth, opts.host_based_auth, opts.password_auth,
+            opts.kbdint_auth) == (False, False, False, False, False)
+    assert opts.public_key_auth

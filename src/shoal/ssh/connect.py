@@ -85,7 +85,12 @@ class Connector:
         """``t``'s options: ~/.ssh/config read for this host (``config=()``: asyncssh's
         default file; without it the options would know no config), what the inventory or
         ``-H`` says on top. Built once per host: the connection reuses the parsed config."""
-        kwargs: dict[str, Any] = {"password_auth": False, "kbdint_auth": False}
+        # Public keys only, as docs/cli.md says: no prompts in a fan-out, and no GSSAPI
+        # (asyncssh's default is on, OpenSSH's off): its key exchange authenticates the
+        # server by Kerberos instead of the host key known_hosts lists.
+        kwargs: dict[str, Any] = {"password_auth": False, "kbdint_auth": False,
+                                  "gss_auth": False, "gss_kex": False,
+                                  "host_based_auth": False}
         if t.user:
             kwargs["username"] = t.user
         if t.port:
