@@ -76,7 +76,8 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         for n in args.ns:
             timeout = min(180.0, 30.0 + 0.3 * n)
             cases = [Case(WORKLOAD, peers.SHOAL, n,
-                          [str(shoal), "run", "-H", f"h[1-{n}]", "--", "true"], env=env,
+                          [str(shoal), "run", "-H", f"h[1-{n}]", "--connect-timeout", "30",
+                           "--", "true"], env=env,
                           timeout_s=timeout, skip=None if shoal else "shoal not found")]
             for tool, (build, missing) in peers.FANOUT_PEERS.items():
                 cases.append(Case(WORKLOAD, tool, n, build(ssh, n, "true"), timeout_s=timeout,
@@ -89,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     preamble = ("\nEach tool as a new process running `true` on N "
                 "aliases of one private sshd on 127.0.0.1; shoal checks host keys against "
-                "known_hosts, the peers are run with StrictHostKeyChecking=no. ratio = peer "
+                "known_hosts, the peers are run with StrictHostKeyChecking=no; shoal waits "
+                "30 s for a connection (--connect-timeout), as parallel-ssh does. ratio = peer "
                 "median / shoal median (above 1: shoal is faster).\n")
     title = "ssh fan-out: shoal -H against pssh, clush, parallel-ssh"
     return compare_main(args, bench, "ssh", title, preamble, "shoal-ssh-")
