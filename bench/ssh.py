@@ -46,10 +46,12 @@ def shoal_home(root: Path, ssh: SshEnv) -> dict[str, str]:
     shoal checks host keys (the peers are told not to)."""
     home = root / "shoal-home"
     (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    known = home / ".ssh" / "known_hosts"
     (home / ".ssh" / "config").write_text(ssh.config.read_text().replace(
-        "StrictHostKeyChecking no", "StrictHostKeyChecking yes"))
+        "StrictHostKeyChecking no", "StrictHostKeyChecking yes").replace(
+        "UserKnownHostsFile /dev/null", f"UserKnownHostsFile {known}"))
     key = (ssh.root / "ssh_host_ed25519_key.pub").read_text().split()[:2]
-    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{ssh.port} {' '.join(key)}\n")
+    known.write_text(f"[127.0.0.1]:{ssh.port} {' '.join(key)}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     env.update(HOME=str(home), SHOAL_HOME=str(home / "shoal"))
     return env
@@ -74,7 +76,8 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         for n in args.ns:
             timeout = min(180.0, 30.0 + 0.3 * n)
             cases = [Case(WORKLOAD, peers.SHOAL, n,
-                          [str(shoal), "run", "-H", f"h[1-{n}]", "--", "true"], env=env,
+                          [str(shoal), "run", "-H", f"h[1-{n}]", "--connect-timeout", "30",
+                           "--", "true"], env=env,
                           timeout_s=timeout, skip=None if shoal else "shoal not found")]
             for tool, (build, missing) in peers.FANOUT_PEERS.items():
                 cases.append(Case(WORKLOAD, tool, n, build(ssh, n, "true"), timeout_s=timeout,
@@ -87,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     preamble = ("\nEach tool as a new process running `true` on N "
                 "aliases of one private sshd on 127.0.0.1; shoal checks host keys against "
-                "known_hosts, the peers are run with StrictHostKeyChecking=no. ratio = peer "
+                "known_hosts, the peers are run with StrictHostKeyChecking=no; shoal waits "
+                "30 s for a connection (--connect-timeout), as parallel-ssh does. ratio = peer "
                 "median / shoal median (above 1: shoal is faster).\n")
     title = "ssh fan-out: shoal -H against pssh, clush, parallel-ssh"
     return compare_main(args, bench, "ssh", title, preamble, "shoal-ssh-")

@@ -218,6 +218,68 @@ def test_inventory_names_in_node_sets(net: Env, tmp_path: Path) -> None:
     assert r.returncode == 2 and "no inventory at" in r.stderr
 
 
+def test_the_configs_known_hosts_file_is_the_one_read(net: Env, tmp_path: Path) -> None:
+    # ~/.ssh/config's UserKnownHostsFile, not ~/.ssh/known_hosts (here: none at all)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    named = tmp_path / "elsewhere_known_hosts"
+    named.write_text(net.hosts["s1"].known_hosts_line())
+    (home / ".ssh" / "config").write_text(f"UserKnownHostsFile {named}\n"
+                                          + (net.home / ".ssh" / "config").read_text())
+    r = subprocess.run([SHOAL, "run", "-H", "s1", "--", "echo", "hi"], capture_output=True,
+                       text=True, env={**net.env, "HOME": str(home)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "s1: hi\n"
+    assert not (home / ".ssh" / "known_hosts").exists()
+
+
+def test_an_inventory_jump_host_carries_the_connection(net: Env, tmp_path: Path) -> None:
+    # s1 reached through s1: its sshd then sees the connection come from its own address
+    # (a direct one comes from this side of the veth pair)
+    s1 = net.hosts["s1"]
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(f'[hosts.viajump]\naddress = "{s1.address}"\nuser = "root"\n'
+                   f'jump = "s1"\n\n[hosts.direct]\naddress = "{s1.address}"\n'
+                   'user = "root"\n')
+    r = net.shoal("run", "--inventory", str(inv), "-n", "viajump,direct", "--",
+                  "printenv", "SSH_CONNECTION")
+    assert r.returncode == 0, r.stderr
+    seen = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert seen["viajump"].split()[0] == s1.address
+    assert seen["direct"].split()[0] == s1.address.rsplit(".", 1)[0] + ".1"
+
+
+def test_a_named_identity_is_offered_before_an_agents_other_keys(net: Env,
+                                                                 tmp_path: Path) -> None:
+    # an ssh agent with more keys than the server's MaxAuthTries (6), none of them the one
+    # the inventory names: that one must still be tried
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        env = {**net.env, "SSH_AUTH_SOCK": str(sock)}
+        for i in range(8):
+            keygen(tmp_path / f"other{i}", f"other-{i}")
+            for _ in range(100):
+                if subprocess.run(["ssh-add", "-q", str(tmp_path / f"other{i}")], env=env,
+                                  capture_output=True).returncode == 0:
+                    break
+                import time
+                time.sleep(0.05)
+            else:
+                raise AssertionError("ssh-add failed")
+        inv = tmp_path / "inventory.toml"
+        inv.write_text(f'[hosts.keyed]\naddress = "{net.hosts["s2"].address}"\n'
+                       f'user = "root"\nidentity = "{net.root / "hosts" / "id_ed25519"}"\n')
+        r = subprocess.run([SHOAL, "run", "--inventory", str(inv), "-n", "keyed", "--",
+                            "echo", "hi"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "keyed: hi\n"
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
 # ------------------------------------------------------------------ copy over SFTP
 
 

@@ -43,6 +43,17 @@ def cipher_order(opts: asyncssh.SSHClientConnectionOptions) -> dict[str, list[st
     return {"encryption_algs": [a.decode("ascii") for a in ordered]}
 
 
+def identity_public_key(path: str) -> asyncssh.SSHKey | None:
+    """The public half of an identity file (``path.pub``, else the key file's own public
+    part), or None if neither reads: then the agent's keys are not narrowed."""
+    for candidate in (path + ".pub", path):
+        try:
+            return asyncssh.read_public_key(candidate)
+        except (OSError, asyncssh.KeyImportError):
+            continue
+    return None
+
+
 class Connector:
     """Connections of one command: the same policy, one connection per jump host."""
 
@@ -69,21 +80,41 @@ class Connector:
             self._policies[key] = HostKeyPolicy(files, self.accept_new)
         return self._policies[key]
 
-    async def open(self, t: SshTarget) -> asyncssh.SSHClientConnection:
-        """A logged-in connection to ``t``, or ``HostUnreachable`` saying why not."""
-        kwargs: dict[str, Any] = {"password_auth": False, "kbdint_auth": False}
+    async def options(self, t: SshTarget,
+                      tunnel: object = ()) -> asyncssh.SSHClientConnectionOptions:
+        """``t``'s options: ~/.ssh/config read for this host (``config=()``: asyncssh's
+        default file; without it the options would know no config), what the inventory or
+        ``-H`` says on top. Built once per host: the connection reuses the parsed config."""
+        # Public keys only, as docs/cli.md says: no prompts in a fan-out, and no GSSAPI
+        # (asyncssh's default is on, OpenSSH's off): its key exchange authenticates the
+        # server by Kerberos instead of the host key known_hosts lists.
+        kwargs: dict[str, Any] = {"password_auth": False, "kbdint_auth": False,
+                                  "gss_auth": False, "gss_kex": False,
+                                  "host_based_auth": False}
         if t.user:
             kwargs["username"] = t.user
         if t.port:
             kwargs["port"] = t.port
         if t.identity:
-            kwargs["client_keys"] = [os.path.expanduser(t.identity)]
+            path = os.path.expanduser(t.identity)
+            kwargs["client_keys"] = [path]
+            # asyncssh tries every key an ssh agent holds before client_keys: with many,
+            # the server's MaxAuthTries ends the login before the named key is offered.
+            # The agent may still sign with that key (a passphrase-protected one).
+            public = identity_public_key(path)
+            if public is not None:
+                kwargs["agent_identities"] = [public]
+        opts: asyncssh.SSHClientConnectionOptions = \
+            await asyncssh.SSHClientConnectionOptions.construct(
+                config=(), host=t.address, tunnel=tunnel, **kwargs)
+        return opts
+
+    async def open(self, t: SshTarget) -> asyncssh.SSHClientConnection:
+        """A logged-in connection to ``t``, or ``HostUnreachable`` saying why not."""
         client: PolicyClient | None = None
         try:
-            if t.jump:
-                kwargs["tunnel"] = await self._jump(t.jump)
-            opts = await asyncssh.SSHClientConnectionOptions.construct(host=t.address,
-                                                                       **kwargs)
+            tunnel = await self._jump(t.jump) if t.jump else ()
+            opts = await self.options(t, tunnel)
             policy = self._policy_for(opts)
 
             def factory() -> PolicyClient:
@@ -92,10 +123,12 @@ class Connector:
                 return client
 
             async with asyncio.timeout(self.timeout):
+                # connect() resets what its own parameters name (port, tunnel) unless
+                # they are given again: the options alone would lose the jump host.
                 return await asyncssh.connect(
-                    t.address, options=opts, known_hosts=policy.known_hosts(),
-                    client_factory=factory, connect_timeout=self.timeout,
-                    **cipher_order(opts))
+                    t.address, t.port or (), tunnel=tunnel, options=opts,
+                    known_hosts=policy.known_hosts(), client_factory=factory,
+                    connect_timeout=self.timeout, **cipher_order(opts))
         except HostUnreachable:
             raise
         except asyncssh.HostKeyNotVerifiable as e:
