@@ -1,5 +1,6 @@
-"""Issue 16: ``shoal copy`` of one file to N nodes against pscp (Debian's pssh) and
-``clush --copy`` (ClusterShell) on the bench's private sshd, N = 10, 50.
+"""Issue 16: ``shoal copy`` of one file to N nodes against pscp (Debian's pssh), pdcp
+(Debian's pdsh), ``clush --copy`` (ClusterShell) and parallel-ssh's ``copy_file`` (the
+library, SFTP) on the bench's private sshd, N = 10, 50.
 
 shoal is measured twice: to N virtual agents (the file is the run's stdin, sent once through
 NATS) and to the same N sshd aliases as the peers (``-H``, SFTP). Each tool writes the same
@@ -34,7 +35,9 @@ from bench.sshd import DEBIAN_PSSH, SshEnv, ensure_packages, private_sshd
 
 WORKLOAD = "copy-100MiB"
 PSCP = DEBIAN_PSSH.parent / "parallel-scp"
+PDCP = Path("/usr/bin/pdcp")
 SHOAL_SSH = "shoal-ssh"
+PSSH_LIB_COPY = Path(__file__).with_name("pssh_lib_copy.py")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,6 +56,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def pscp_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> list[str]:
     return [str(PSCP), "-h", str(ssh.hostsfile(n)), "-p", str(n), "-t", "0",
             "-x", f"-F {ssh.config}", str(src), str(dest)]
+
+
+def pdcp_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> tuple[list[str], dict[str, str]]:
+    """pdcp over ssh (its rcmd module runs ``ssh ARGS host pdcp -z DEST``, the receiving
+    pdcp on the host: here, this machine's). PDSH_SSH_ARGS brings in our ssh_config."""
+    env = {**os.environ, "PDSH_RCMD_TYPE": "ssh",
+           "PDSH_SSH_ARGS": f"-F {ssh.config} -x -a %h"}
+    return [str(PDCP), "-w", f"h[1-{n}]", "-f", str(n), str(src), str(dest)], env
+
+
+def pssh_lib_copy_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> list[str]:
+    return [sys.executable, "-P", str(PSSH_LIB_COPY), "-n", str(n), "--port", str(ssh.port),
+            "--user", ssh.user, "--key", str(ssh.key), str(src), str(dest)]
 
 
 def clush_copy_argv(ssh: SshEnv, n: int, src: Path, dest: Path) -> list[str]:
@@ -89,9 +105,16 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
                 cases.append(Case(workload, "pscp", n,
                                   pscp_argv(ssh, n, src, out / "pscp.bin"), timeout_s=timeout,
                                   skip=None if PSCP.exists() else "parallel-scp not installed"))
+                pdcp, pdcp_env = pdcp_argv(ssh, n, src, out / "pdcp.bin")
+                cases.append(Case(workload, "pdcp", n, pdcp, env=pdcp_env, timeout_s=timeout,
+                                  skip=None if PDCP.exists() else "pdcp (pdsh) not installed"))
                 cases.append(Case(workload, peers.CLUSH, n,
                                   clush_copy_argv(ssh, n, src, out),
                                   timeout_s=timeout, skip=peers.FANOUT_PEERS[peers.CLUSH][1]()))
+                cases.append(Case(workload, peers.PSSH_LIB, n,
+                                  pssh_lib_copy_argv(ssh, n, src, out / "pssh-lib.bin"),
+                                  timeout_s=timeout,
+                                  skip=peers.FANOUT_PEERS[peers.PSSH_LIB][1]()))
                 log(f"copy of {args.mib} MiB to {n} nodes")
                 measure(cases, deadline, rows, runs=args.runs, warmup=args.warmup)
             shutil.rmtree(out, ignore_errors=True)
@@ -111,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "file to N nodes: `shoal` to N virtual agents (`shoal copy --all`, the file "
                 "sent once through NATS, sha256 checked on each node, renamed into place), "
                 "`shoal-ssh` to the N aliases of the private sshd on 127.0.0.1 (`shoal copy "
-                "-H`, SFTP, same checks), pscp (`parallel-scp`, Debian's pssh) and `clush "
-                "--copy` to the same aliases. ratio = peer median / shoal median (above 1: "
-                "shoal is faster).\n")
-    title = "copy: shoal copy against pscp and clush --copy"
+                "-H`, SFTP, same checks), pscp (`parallel-scp`, Debian's pssh), pdcp (Debian's "
+                "pdsh, over ssh), `clush --copy` and the parallel-ssh library's `copy_file` "
+                "(SFTP) to the same aliases. The peers write in place and check nothing; shoal "
+                "writes a temporary file, hashes it and renames it on every node: here the N "
+                "copies share one 2-core machine, so shoal's N sha256 passes compete for its "
+                "cores where a real fleet runs one per host. ratio = peer median / shoal "
+                "median (above 1: shoal is faster).\n")
+    title = "copy: shoal copy against pscp, pdcp, clush --copy and parallel-ssh copy_file"
     return compare_main(args, bench, "copy", title, preamble, "shoal-copy-")
 
 

@@ -24,6 +24,7 @@ PACKAGES: dict[str, Path] = {
     "openssh-server": SSHD,
     "openssh-client": Path("/usr/bin/ssh"),
     "pssh": DEBIAN_PSSH,
+    "pdsh": Path("/usr/bin/pdcp"),  # bench/copy.py's pdcp
 }
 
 

@@ -3,7 +3,7 @@
 # tests apply nftables rules; the PyCloud bridge's tests run a private redis-server; the
 # container driver's tests run podman with runc on an image made from busybox-static's
 # static /bin/busybox; the ssh target tests run Debian's OpenSSH server in network
-# namespaces and the bench compares against pssh). Idempotent.
+# namespaces and the bench compares against pssh and pdsh's pdcp). Idempotent.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
@@ -14,6 +14,7 @@ command -v runc >/dev/null || need+=(runc)
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v parallel-ssh >/dev/null || need+=(pssh)
+command -v pdcp >/dev/null || need+=(pdsh)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
     || need+=(busybox-static)
 if ((${#need[@]})); then

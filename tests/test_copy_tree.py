@@ -81,3 +81,110 @@ def test_bad_trees_are_refused_before_anything_is_sent(fleet: Fleet, tmp_path: P
     r = fleet.shoal("copy", "-r", "--max-size", "4K", "-n", "node-1", str(src), str(dest))
     assert r.returncode == 2 and "over --max-size" in r.stderr, r.stderr
     assert list(dest.iterdir()) == []
+
+
+# --- rcopy -r: a tree back from each node, as LOCALDIR/NAME.node -----------------------
+
+def test_rcopy_gathers_one_tree_per_node(fleet: Fleet, tmp_path: Path) -> None:
+    for n in ("node-1", "node-2"):
+        (tmp_path / n).mkdir()
+        make_tree(tmp_path / n)
+    suid = tmp_path / "node-2" / "app" / "bin" / "tool"
+    suid.write_text("x")
+    suid.chmod(0o4755)  # arrives, its set-user-id bit dropped (the files are ours now)
+    os.link(suid, tmp_path / "node-2" / "app" / "tool-again")  # a hard link inside: kept
+    out = tmp_path / "out"
+    out.mkdir()
+    r = fleet.shoal("rcopy", "-r", "-n", "node-[1-2]", f"{tmp_path}/{{node}}/app", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["app.node-1", "app.node-2"]
+    got = out / "app.node-1"
+    assert treecopy.listing(got) == treecopy.listing(tmp_path / "node-1" / "app")
+    assert os.readlink(got / "passwd") == "/etc/passwd"  # a link, never followed
+    assert stat.S_IMODE((got / "bin" / "run").stat().st_mode) == 0o750
+    assert stat.S_IMODE((got / "conf.d").stat().st_mode) == 0o700
+    assert got.stat().st_mtime == 1_500_000_000
+    tool = out / "app.node-2" / "bin" / "tool"
+    assert stat.S_IMODE(tool.stat().st_mode) == 0o755
+    assert tool.stat().st_ino == (out / "app.node-2" / "tool-again").stat().st_ino
+    # again: each tree replaced whole, nothing left beside them
+    (got / "stale").write_text("old")
+    (tmp_path / "node-1" / "app" / "new").write_text("new")
+    r = fleet.shoal("rcopy", "-r", "-n", "node-1", f"{tmp_path}/node-1/app", str(out))
+    assert r.returncode == 0, r.stderr
+    assert treecopy.listing(got) == treecopy.listing(tmp_path / "node-1" / "app")
+    assert sorted(p.name for p in out.iterdir()) == ["app.node-1", "app.node-2"]
+
+
+def test_rcopy_tree_failures_are_named_and_the_others_done(fleet: Fleet,
+                                                          tmp_path: Path) -> None:
+    (tmp_path / "node-1").mkdir()
+    make_tree(tmp_path / "node-1")
+    (tmp_path / "node-2").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    r = fleet.shoal("rcopy", "-r", "-n", "node-[1-2]", f"{tmp_path}/{{node}}/app", str(out))
+    assert r.returncode == 2, r.stderr
+    assert f"node-2: not a directory: {tmp_path}/node-2/app" in r.stderr
+    assert "exit 2: node-2" in r.stderr and "1 ok" in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["app.node-1"]
+    # a fifo on the node: refused there, named, nothing left here
+    (tmp_path / "node-2" / "app").mkdir()
+    os.mkfifo(tmp_path / "node-2" / "app" / "pipe")
+    r = fleet.shoal("rcopy", "-r", "-n", "node-2", f"{tmp_path}/node-2/app", str(out))
+    assert r.returncode == 3 and "(a device, fifo or socket): pipe" in r.stderr, r.stderr
+    r = fleet.shoal("rcopy", "-r", "--max-size", "4K", "-n", "node-1",
+                    f"{tmp_path}/node-1/app", str(out))
+    assert r.returncode == 3 and "over the --max-size of 4096" in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["app.node-1"]
+    r = fleet.shoal("rcopy", "-r", "-n", "node-1", "/etc", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "one tree per node" in r.stderr
+
+
+def _tar(path: Path, *members: tuple[str, bytes | str | None, int]) -> Path:
+    """A tar stream a hostile node could send: (name, content | link target, type)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = bytes([kind])
+            info.mode = 0o644
+            if isinstance(data, bytes):
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = data or ""
+                tar.addfile(info)
+    return path
+
+
+def test_unpack_refuses_what_would_reach_outside_the_tree(tmp_path: Path) -> None:
+    """rcopy -r unpacks what a node sent: a stream that is not one our script would make
+    (links out, devices, names twice, paths out) is refused, nothing written outside."""
+    import tarfile
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    reg, lnk, sym, chr_ = (ord(t) for t in (tarfile.REGTYPE, tarfile.LNKTYPE,
+                                            tarfile.SYMTYPE, tarfile.CHRTYPE))
+    cases = {
+        "hard link out": [("./h", str(victim), lnk), ("./h", b"owned", reg)],
+        "hard link up": [("./h", "../victim", lnk)],
+        "through a symlink": [("./s", str(tmp_path), sym), ("./s/victim", b"owned", reg)],
+        "dot-dot": [("../victim", b"owned", reg)],
+        "device": [("./null", None, chr_)],
+        "named twice": [("./f", b"a", reg), ("./f", b"owned", reg)],
+    }
+    for what, members in cases.items():
+        dest = tmp_path / what
+        dest.mkdir()
+        try:
+            treecopy.unpack(_tar(tmp_path / f"{what}.tar", *members), dest)
+        except treecopy.TreeError as e:
+            assert "refused" in str(e), (what, e)
+        else:
+            raise AssertionError(f"{what}: unpacked")
+        assert victim.read_text() == "keep", what
+        assert not (dest / "null").exists()

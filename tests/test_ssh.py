@@ -342,3 +342,24 @@ def test_copy_a_tree_over_ssh_beside_agents(net: Env, tmp_path: Path) -> None:
         assert treecopy.listing(got) == treecopy.listing(src), n
     r = net.shoal("cp", "-r", "-H", "s1", "--", str(src), str(tmp_path / "none" / "x"))
     assert r.returncode != 0 and "s1: no such directory" in r.stderr, r.stderr
+
+
+def test_rcopy_a_tree_over_ssh_beside_agents(net: Env, tmp_path: Path) -> None:
+    from shoal.logic import treecopy
+
+    for n in ["node-1", *GOOD[:2]]:
+        src = tmp_path / n / "tree"
+        (src / "sub").mkdir(parents=True)
+        (src / "sub" / "f").write_bytes(os.urandom(70_000) + n.encode())
+        (src / "out").symlink_to("/etc/passwd")
+        os.utime(src / "sub", (1_600_000_000, 1_600_000_000))
+    out = tmp_path / "got"
+    out.mkdir()
+    r = net.shoal("rcp", "-r", "-n", "node-1", "-H", "s[1-2]", "--",
+                  f"{tmp_path}/{{node}}/tree", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["tree.node-1", "tree.s1", "tree.s2"]
+    for n in ["node-1", *GOOD[:2]]:
+        assert treecopy.listing(out / f"tree.{n}") == treecopy.listing(tmp_path / n / "tree")
+    r = net.shoal("rcp", "-r", "-H", "s3", "--", f"{tmp_path}/{{node}}/tree", str(out))
+    assert r.returncode == 2 and f"s3: not a directory: {tmp_path}/s3/tree" in r.stderr

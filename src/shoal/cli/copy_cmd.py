@@ -87,6 +87,23 @@ cat -- "$f" || exit 4
 printf 'shoal-rcopy %s %s\n' "$sum" "$meta" >&2
 """
 
+# A tree (rcopy -r): its canonical listing's sha256 (checked here after unpacking), then the
+# tree as a tar stream on stdout. The top may be a link to a directory (as `cp -r DIR/`);
+# nothing inside is followed.  $1 path  $2 max bytes
+PULL_TREE = r"""
+d=$(printf '%s' "$1" | sed "s/{node}/$SHOAL_NODE/g")
+[ -d "$d" ] || { echo "not a directory: $d" >&2; exit 2; }
+size=$(du -s -b -- "$d") && size=${size%%[!0-9]*} || exit 3
+[ "$size" -le "$2" ] || { echo "$d is $size bytes, over the --max-size of $2" >&2; exit 3; }
+list=$(cd "$d" && { LISTING; }) || { echo "cannot read the tree $d" >&2; exit 3; }
+odd=$(printf '%s\n' "$list" | sed -n 's/^o \.\///p' | head -n 3)
+[ -z "$odd" ] || { echo "not a file, directory or symlink (a device, fifo or socket): $odd" >&2
+  exit 3; }
+sum=$(printf '%s\n' "$list" | sha256sum) && sum=${sum%% *}
+tar -c --format=pax -f - -C "$d" . || exit 4
+printf 'shoal-rcopy-tree %s\n' "$sum" >&2
+""".replace("LISTING", LISTING_SH)
+
 
 def parse_size(text: str) -> int:
     found = _SIZE.fullmatch(text.strip())
@@ -135,7 +152,8 @@ def _run(targets: m.Targets | None, spec: dict[str, Any], fanout: int | None,
         run_spec = msgspec.convert(spec, m.RunSpec)
     leg = ssh.leg(work(), connect_timeout, fanout=fanout or 0,
                   takes_stdin=False) if ssh.targets else None
-    return run_command(url, token, targets, run_spec, mode="prefixed", progress=False,
+    return run_command(url, token, targets, run_spec, mode="prefixed", progress=True,
+                       progress_label="rcopy" if "printer" in kwargs else "copy",
                        connect_timeout=connect_timeout, fanout=fanout or 0, ssh=leg, ca=ca,
                        **kwargs)
 
@@ -186,7 +204,8 @@ def copy(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
             return push_work(source, dest, digest, stat.S_IMODE(st.st_mode), int(st.st_mtime))
 
         status = _run(targets, {"argv": argv, "stdin": targets is not None}, fanout,
-                      connect_timeout, ssh, work, stdin_fd=fd)
+                      connect_timeout, ssh, work, stdin_fd=fd,
+                      progress_bytes="stdin" if targets is not None else "")
     finally:
         os.close(fd)
     sys.exit(status)
@@ -221,7 +240,8 @@ def _copy_tree(targets: m.Targets | None, ssh: SshChoice, source: Path,
 
         return _run(targets, {"argv": ["sh", "-c", PUSH_TREE, "shoal-copy", *args],
                                    "stdin": targets is not None}, fanout, connect_timeout,
-                    ssh, work, stdin_fd=tar.fileno())
+                    ssh, work, stdin_fd=tar.fileno(),
+                    progress_bytes="stdin" if targets is not None else "")
 
 
 def _sha256(fd: int) -> str:
@@ -233,13 +253,17 @@ def _sha256(fd: int) -> str:
 
 class _ToFiles(Prefixed):
     """Each node's stdout into ``DIR/.NAME.node.part``, renamed to ``DIR/NAME.node`` once the
-    node has exited 0 and its sha256 matches the one it reported."""
+    node has exited 0 and its sha256 matches the one it reported. ``tree``: the stdout is a
+    tar stream, unpacked into ``DIR/.NAME.node.part.d`` and swapped into place as the
+    directory ``DIR/NAME.node`` once its listing's sha256 matches the node's."""
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, limit: int, tree: bool = False) -> None:
         super().__init__()
         self.dir = directory
         self.name = name
-        self._files: dict[str, tuple[Any, Any]] = {}  # node -> (file, hash)
+        self.limit = limit
+        self.tree = tree
+        self._files: dict[str, tuple[Any, Any, int]] = {}  # node -> (file, hash, bytes)
         self._meta: dict[str, list[str]] = {}
         self._bad: dict[str, str] = {}
 
@@ -248,87 +272,168 @@ class _ToFiles(Prefixed):
 
     def output(self, ev: m.Output) -> None:
         if ev.stream == "stdout":
+            if ev.node in self._bad:
+                return
             if ev.node not in self._files:
                 f = open(self._part(ev.node), "wb")  # noqa: SIM115 - closed in exited()
-                self._files[ev.node] = (f, hashlib.sha256())
-            f, h = self._files[ev.node]
+                self._files[ev.node] = (f, hashlib.sha256(), 0)
+            f, h, size = self._files[ev.node]
+            size += len(ev.data)
+            if size > self.limit + (1 << 20):  # the tar stream's headers over the tree's size
+                self._bad[ev.node] = f"more than the --max-size of {self.limit} bytes sent"
+                return
             f.write(ev.data)
             h.update(ev.data)
+            self._files[ev.node] = (f, h, size)
             return
         text = ev.data.decode(errors="replace")
         rest = []
         for line in text.splitlines(keepends=True):
-            if line.startswith("shoal-rcopy "):
+            if line.startswith(("shoal-rcopy ", "shoal-rcopy-tree ")):
                 self._meta[ev.node] = line.split()[1:]
             else:
                 rest.append(line)
         if rest:
             self.err.write(prefix_lines(ev.node, [ln.rstrip("\n").encode() for ln in rest]))
 
-    def exited(self, node: str, result: m.Exit | m.Unreachable) -> None:
-        super().exited(node, result)
-        f, h = self._files.pop(node, (None, hashlib.sha256()))
+    def settle(self, result: m.Exit | m.Unreachable) -> m.Exit | m.Unreachable:
+        """Put the node's file or tree in place; a node whose copy failed here is failed
+        (status 5, the reason said), whatever its exit code."""
+        node = result.node
+        f, h, _ = self._files.pop(node, (None, hashlib.sha256(), 0))
         if f is not None:
             f.close()
         part = self._part(node)
-        ok = isinstance(result, m.Exit) and result.code == 0 and node in self._meta
-        if ok:
+        ok = (isinstance(result, m.Exit) and result.code == 0 and node in self._meta
+              and node not in self._bad)
+        if ok and f is None:
+            part.touch()  # an empty file sends no output
+        if ok and self.tree:
+            ok = self._place_tree(node, part, self._meta[node][0])
+        elif ok:
             digest, mode, mtime = self._meta[node]
             if h.hexdigest() != digest:
                 self._bad[node] = "sha256 mismatch (the file changed while it was read?)"
                 ok = False
             else:
-                if f is None:
-                    part.touch()  # an empty file sends no output
                 os.chmod(part, int(mode, 8))
                 os.utime(part, (int(mtime), int(mtime)))
                 os.replace(part, self.dir / f"{self.name}.{node}")
         if not ok:
             part.unlink(missing_ok=True)
-            if node in self._bad:
-                self.err.write(f"{node}: {self._bad[node]}\n".encode())
+            if node in self._bad and isinstance(result, m.Exit):
+                return msgspec.structs.replace(result, code=max(result.code or 0, 5),
+                                               reason=self._bad[node])
+        return result
+
+    def _place_tree(self, node: str, tar: Path, digest: str) -> bool:
+        from ..logic.treecopy import TreeError, listing, unpack
+
+        tmp = self.dir / f".{self.name}.{node}.part.d"
+        _remove(tmp)
+        tmp.mkdir(mode=0o700)
+        try:
+            try:
+                got = hashlib.sha256(listing(tmp, unpack(tar, tmp))).hexdigest()
+            except TreeError as e:
+                self._bad[node] = str(e)
+                return False
+            if got != digest:
+                self._bad[node] = (f"tree listing mismatch: got {got}, expected {digest} "
+                                   "(the tree changed while it was read?)")
+                return False
+            final = self.dir / f"{self.name}.{node}"
+            if final.is_dir() and not final.is_symlink():
+                old = self.dir / f".{self.name}.{node}.old"
+                _remove(old)
+                final.rename(old)
+                tmp.rename(final)
+                _remove(old)
+            else:
+                if final.is_symlink() or final.exists():
+                    final.unlink()
+                tmp.rename(final)
+            return True
+        finally:
+            _remove(tmp)
+            tar.unlink(missing_ok=True)
 
     def close(self) -> None:
-        for node, (f, _) in self._files.items():
+        for node, (f, _, _) in self._files.items():
             f.close()
             self._part(node).unlink(missing_ok=True)
+            _remove(self.dir / f".{self.name}.{node}.part.d")
         super().close()
+
+
+def _remove(path: Path) -> None:
+    """A tree we made, even one with directories we may not write into (mode 0500)."""
+    import shutil
+
+    def writable(fn: Any, p: str, exc: Any) -> None:
+        os.chmod(os.path.dirname(p), 0o700)
+        fn(p)
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=writable)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
 
 
 @main.command("rcopy")
 @_copy_options
+@click.option("-r", "--recursive", is_flag=True,
+              help="SOURCE is a directory: gather the tree, one per node.")
 @click.argument("source")
 @click.argument("directory", type=click.Path(path_type=Path))
 def rcopy(all_: bool, nodeset: str, exclude: str, groups: tuple[str, ...],
           xgroups: tuple[str, ...], labels: dict[str, str], fanout: int | None,
           max_size: str, connect_timeout: float, ssh_hosts: tuple[str, ...],
           inventory_path: Path | None, accept_new: bool, known_hosts: Path | None,
-          source: str, directory: Path) -> None:
+          recursive: bool, source: str, directory: Path) -> None:
     """Gather a file from many nodes: shoal rcopy --all /var/log/syslog ./logs
 
     Each node's copy lands in DIRECTORY as NAME.node (like clush --rcopy), mode and mtime
-    kept, sha256 checked; SOURCE may contain {node}. -H hosts send it over SFTP.
+    kept, sha256 checked; SOURCE may contain {node}. -H hosts send it over SFTP. -r gathers
+    a directory tree as the directory DIRECTORY/NAME.node (modes, mtimes and symlinks kept,
+    checked by the sha256 of its listing).
     """
     limit = parse_size(max_size)
     ssh = choose(nodeset, exclude, ssh_hosts, inventory_path, accept_new, known_hosts)
     targets = _targets(all_, nodeset, exclude, groups, xgroups, labels, ssh)
+    what = "tree" if recursive else "file"
     if not directory.is_dir():
-        fail(f"{directory} is not a directory: rcopy writes one file per node into it", 2)
+        fail(f"{directory} is not a directory: rcopy writes one {what} per node into it", 2)
     if not os.access(directory, os.W_OK):
         fail(f"cannot write into {directory}", 2)
     name = Path(source.replace("{node}", "")).name
     if not name or name in (".", ".."):
-        fail(f"{source!r} does not name a file", 2)
-    argv = ["sh", "-c", PULL, "shoal-rcopy", source, str(limit)]
-    printer = _ToFiles(directory, name)
+        fail(f"{source!r} does not name a {'directory' if recursive else 'file'}", 2)
+    script = PULL_TREE if recursive else PULL
+    argv = ["sh", "-c", script, "shoal-rcopy", source, str(limit)]
+    printer = _ToFiles(directory, name, limit, tree=recursive)
 
     def work() -> Any:
+        if recursive:
+            return _per_host_command(argv)
         from ..ssh.sftp import pull_work
 
         return pull_work(source, directory, name, limit)
 
     sys.exit(_run(targets, {"argv": argv}, fanout, connect_timeout, ssh, work,
-                  printer=printer))
+                  printer=printer, progress_bytes="stdout"))
+
+
+def _per_host_command(argv: list[str]) -> Any:
+    """``argv`` on each ssh host, ``{node}`` in its path argument made the host's name (ssh
+    hosts have no ``SHOAL_NODE``): the host's stdout and stderr come back as a run's do."""
+    from ..ssh.fanout import command_work
+
+    async def work(conn: Any, io: Any) -> m.Exit:
+        mine = [*argv[:4], argv[4].replace("{node}", io.target.name), *argv[5:]]
+        return await command_work(m.RunSpec(argv=mine))(conn, io)
+
+    return work
 
 
 main.add_command(copy, "cp")

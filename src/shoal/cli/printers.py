@@ -26,6 +26,11 @@ class Printer:
     def output(self, ev: m.Output) -> None:
         raise NotImplementedError
 
+    def settle(self, result: m.Exit | m.Unreachable) -> m.Exit | m.Unreachable:
+        """The node's result as counted: a printer that finishes work of its own when a
+        node ends (``shoal rcopy`` placing a file) may fail it."""
+        return result
+
     def exited(self, node: str, result: m.Exit | m.Unreachable) -> None:
         pass
 

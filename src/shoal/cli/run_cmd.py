@@ -84,8 +84,10 @@ class Leg(Protocol):
         """Blocks until every node of the leg has ended, passing on its events."""
 
 
-def _pump_stdin(legs: list[Leg], chunk: int, fd: int | None = None) -> None:
-    """The CLI's stdin (or ``fd``) to every node; its end is passed on as EOF."""
+def _pump_stdin(legs: list[Leg], chunk: int, fd: int | None = None,
+                sent: Callable[[int], None] | None = None) -> None:
+    """The CLI's stdin (or ``fd``) to every node; its end is passed on as EOF. ``sent``
+    hears how many bytes each chunk was (the progress bar)."""
     fd = sys.stdin.fileno() if fd is None else fd
     while True:
         try:
@@ -94,6 +96,8 @@ def _pump_stdin(legs: list[Leg], chunk: int, fd: int | None = None) -> None:
             data = b""
         for leg in legs:
             leg.stdin(data, eof=not data)
+        if sent is not None:
+            sent(len(data))
         if not data:
             return
 
@@ -164,10 +168,14 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
                 mode: str, progress: bool, connect_timeout: float, batch: int = 0,
                 batch_percent: int = 0, fanout: int = 0, keep_going: bool = False,
                 stdin_fd: int | None = None, printer: Printer | None = None,
-                ssh: Leg | None = None, ca: str = "") -> int:
+                ssh: Leg | None = None, ca: str = "", progress_label: str = "gathering",
+                progress_bytes: str = "") -> int:
     """Run and print; returns the exit status for the CLI. ``stdin_fd`` feeds the nodes'
     stdin from that file instead of the terminal's (``shoal copy``). ``ssh`` is the run's
-    ssh hosts, run beside the agent nodes (``targets``; None: no agent nodes)."""
+    ssh hosts, run beside the agent nodes (``targets``; None: no agent nodes).
+    ``progress`` shows a bar of nodes done on a terminal; ``progress_bytes`` adds the bytes
+    of ``stdin_fd`` sent (``"stdin"``, once however many nodes) or of stdout received
+    (``"stdout"``)."""
     reuse_heap_for_bulk_io()
     if printer is None:
         printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
@@ -196,14 +204,19 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
         for leg in legs:
             leg.resize(cols, rows)
 
-    bar = _progress(len(planned)) if progress else None
+    upload = os.fstat(stdin_fd).st_size if progress_bytes == "stdin" and stdin_fd is not None \
+        else None
+    bar = _progress(len(planned), progress_label, progress_bytes, upload) if progress else None
     lock = threading.Lock()  # the legs' threads share one printer
 
     def emit(ev: m.RunEvent) -> None:
         with lock:
             if isinstance(ev, m.Output):
                 printer.output(ev)
+                if bar is not None and progress_bytes == "stdout" and ev.stream == "stdout":
+                    bar.add_bytes(len(ev.data))
             elif isinstance(ev, m.Exit | m.Unreachable):
+                ev = printer.settle(ev)
                 results[ev.node] = ev
                 printer.exited(ev.node, ev)
                 if bar is not None:
@@ -217,7 +230,9 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
     old_winch = signal.signal(signal.SIGWINCH, on_winch) if mode == "raw" else None
     if spec.tty or spec.stdin:
         threading.Thread(target=_pump_stdin, daemon=True,
-                         args=(legs, 4096 if spec.tty else STDIN_CHUNK, stdin_fd)).start()
+                         args=(legs, 4096 if spec.tty else STDIN_CHUNK, stdin_fd,
+                               bar.add_bytes if bar is not None and progress_bytes == "stdin"
+                               else None)).start()
     errors: list[BaseException] = []
 
     def run_leg(leg: Leg) -> None:
@@ -252,21 +267,63 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
 
 
 class _Bar:
-    def __init__(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """Nodes done of the run's nodes and, for copies, bytes moved, on stderr (rich), gone
+    when the run ends."""
 
-        self._progress = Progress(TextColumn("gathering"), BarColumn(), MofNCompleteColumn(),
+    def __init__(self, total: int, label: str, bytes_label: str, total_bytes: int | None
+                 ) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("{task.fields[done]}"),
                                   console=Console(stderr=True), transient=True)
-        self._task = self._progress.add_task("nodes", total=total)
+        self._total = total
+        self._nodes = 0
+        self._task = self._progress.add_task(label, total=total, done=self._nodes_done())
+        self._bytes = 0
+        self._total_bytes = total_bytes
+        self._bytes_task = None
+        if bytes_label:
+            self._bytes_task = self._progress.add_task(
+                {"stdin": "sent", "stdout": "received"}[bytes_label], total=total_bytes,
+                done=self._bytes_done())
         self._progress.start()
 
+    def _nodes_done(self) -> str:
+        return f"{self._nodes}/{self._total} nodes"
+
+    def _bytes_done(self) -> str:
+        of = f"/{_size(self._total_bytes)}" if self._total_bytes is not None else ""
+        return f"{_size(self._bytes)}{of}"
+
     def advance(self) -> None:
-        self._progress.advance(self._task)
+        self._nodes += 1
+        self._progress.update(self._task, advance=1, done=self._nodes_done())
+
+    def add_bytes(self, n: int) -> None:
+        if self._bytes_task is not None:
+            self._bytes += n
+            self._progress.update(self._bytes_task, advance=n, done=self._bytes_done())
 
     def stop(self) -> None:
         self._progress.stop()
 
 
-def _progress(total: int) -> _Bar | None:
-    return _Bar(total) if total > 1 and sys.stderr.isatty() else None
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def _progress(total: int, label: str = "gathering", bytes_label: str = "",
+              total_bytes: int | None = None) -> _Bar | None:
+    """A bar only on a terminal, and for a plain run only past one node."""
+    if not sys.stderr.isatty() or (total <= 1 and not bytes_label):
+        return None
+    return _Bar(total, label, bytes_label, total_bytes)

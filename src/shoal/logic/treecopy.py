@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,8 +51,11 @@ def _raise(e: OSError) -> None:
     raise TreeError(f"cannot read {e.filename}: {e.strerror}")
 
 
-def listing(root: Path) -> bytes:
-    """The canonical listing of the tree at ``root`` (TreeError for what cannot be sent)."""
+def listing(root: Path, modes: dict[str, int] | None = None) -> bytes:
+    """The canonical listing of the tree at ``root`` (TreeError for what cannot be sent).
+    ``modes``: the mode to list for these paths instead of the one on disk (``unpack``'s
+    dropped set-id bits)."""
+    modes = modes or {}
     lines = []
     for rel, full in _entries(root):
         if "\n" in rel:
@@ -61,9 +65,11 @@ def listing(root: Path) -> bytes:
             if stat.S_ISLNK(st.st_mode):
                 lines.append(f"l {rel} -> {os.readlink(full)}")
             elif stat.S_ISDIR(st.st_mode):
-                lines.append(f"d {stat.S_IMODE(st.st_mode):o} {int(st.st_mtime)} {rel}")
+                mode = modes.get(rel, stat.S_IMODE(st.st_mode))
+                lines.append(f"d {mode:o} {int(st.st_mtime)} {rel}")
             elif stat.S_ISREG(st.st_mode):
-                lines.append(f"f {stat.S_IMODE(st.st_mode):o} {int(st.st_mtime)} "
+                mode = modes.get(rel, stat.S_IMODE(st.st_mode))
+                lines.append(f"f {mode:o} {int(st.st_mtime)} "
                              f"{_file_sha256(full)} {rel}")
             else:
                 raise TreeError(f"{full} is not a file, directory or symlink (a device, "
@@ -111,6 +117,52 @@ def write_tar(root: Path, out: IO[bytes], limit: int) -> None:
                 tar.addfile(info)
             if out.tell() > limit:
                 raise TreeError(f"{root} is over --max-size ({limit} bytes) as a tar stream")
+
+
+def unpack(tar_path: Path, dest: Path) -> dict[str, int]:
+    """Unpack a tar stream a node sent (``rcopy -r``) into the empty directory ``dest``:
+    regular files, directories, symlinks (kept as links, whatever they point to) and hard
+    links within the tree; modes and mtimes as sent, owners not (the files are ours), set-id
+    bits dropped. Returns the listing path and sent mode of each entry whose set-id bits were
+    dropped (for ``listing``). TreeError for anything else, which leaves ``dest`` partial
+    (the caller removes it)."""
+    import tarfile
+
+    dropped: dict[str, int] = {}
+    top = os.path.realpath(dest)
+
+    def member(m: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        # tarfile's "tar" filter: the name stays inside dest, not even through a link
+        # unpacked earlier; what it leaves to us: the kinds, hard links, names seen twice.
+        try:
+            checked = tarfile.tar_filter(m, path)
+        except tarfile.FilterError as e:
+            raise TreeError(f"refused {m.name!r}: {e}") from e
+        norm = posixpath.normpath(checked.name)
+        rel = "." if norm == "." else "./" + norm
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+            raise TreeError(f"refused {m.name!r}: not a file, directory or symlink")
+        if rel != "." and os.path.lexists(os.path.join(top, rel)):
+            raise TreeError(f"refused {m.name!r}: named twice in the stream")
+        if m.islnk():
+            target = os.path.realpath(os.path.join(top, m.linkname))
+            if (os.path.isabs(m.linkname) or os.path.commonpath([target, top]) != top
+                    or not os.path.isfile(target)):
+                raise TreeError(f"refused {m.name!r}: a hard link to {m.linkname!r}, "
+                                "outside the tree")
+        mode = m.mode & 0o7777
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not m.issym():
+            dropped[rel] = mode
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        return checked.replace(mode=mode, uid=None, gid=None, uname=None,  # type: ignore[arg-type]
+                               gname=None, deep=False)  # type: ignore[arg-type]
+
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            tar.extractall(dest, filter=member)
+    except (tarfile.TarError, OSError) as e:  # a TreeError from member() passes through
+        raise TreeError(f"cannot unpack the tree: {e}") from e
+    return dropped
 
 
 def safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
