@@ -76,6 +76,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _served(url: str) -> bytes:
+    """What ``url`` serves once something listens there (a container takes a moment)."""
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return bytes(r.read())
+        except OSError:
+            await asyncio.sleep(0.1)
+    return b""
+
+
 # ---------------------------------------------------------------------- with podman
 
 
@@ -169,15 +180,7 @@ async def test_port_mapped_to_a_host_port(podman: Podman) -> None:
     name = container_name(NODE, "web")
     proc = await podman.start(spec, NODE, "web")
     try:
-        body = b""
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=5) as r:
-                    body = r.read()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-        assert body == b"hello from a container\n"
+        assert await _served(f"http://127.0.0.1:{host_port}/") == b"hello from a container\n"
         assert await podman.poll(name) is None  # running
     finally:
         await podman.stop(name, grace=5)
@@ -198,15 +201,7 @@ async def test_ports_are_published_on_the_configured_address_only(podman: Podman
     name = container_name(NODE, "pub")
     proc = await pod.start(spec, NODE, "pub")
     try:
-        body = b""
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.2:{host_port}/", timeout=5) as r:
-                    body = r.read()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-        assert body == b"hello from a container\n"
+        assert await _served(f"http://127.0.0.2:{host_port}/") == b"hello from a container\n"
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", host_port))
     finally:
