@@ -67,7 +67,7 @@ async def test_a_full_reconnect_buffer_does_not_kill_the_writer(
     nc = await _connect(nats_server)
     js = nc.jetstream()
     budget = outputlog.OutputBudget(2 << 20)
-    writer = outputlog.OutputWriter(js, "outage", window=1 << 20, budget=budget)
+    writer = outputlog.OutputWriter(js, "outage", "n1", window=1 << 20, budget=budget)
     unblocked = asyncio.Event()
     writer.on_unblock = unblocked.set
     expected = b"".join(b"before-%d\n" % i for i in range(100))
@@ -113,8 +113,8 @@ async def test_one_budget_blocks_every_writer_of_the_process(nats_server: NatsSe
     nc = await _connect(nats_server)
     js = nc.jetstream()
     budget = outputlog.OutputBudget(1 << 20)
-    a = outputlog.OutputWriter(js, "budget-a", budget=budget)
-    b = outputlog.OutputWriter(js, "budget-b", budget=budget)
+    a = outputlog.OutputWriter(js, "budget-a", "n1", budget=budget)
+    b = outputlog.OutputWriter(js, "budget-b", "n1", budget=budget)
     b_unblocked = asyncio.Event()
     b.on_unblock = b_unblocked.set
     try:

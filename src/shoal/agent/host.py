@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Container
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,11 +46,11 @@ from ..config import AgentConfig, shoal_home
 from ..errors import AuthError, ConnectError
 from ..logic.sessionstate import FINAL, LIVE
 from ..natsio import bus
-from ..natsio.outputlog import describe_store_error
+from ..natsio.outputlog import ACK_TIMEOUT, Fenced, describe_store_error
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
-from ..wire.reports import OutputTrim
+from ..wire.reports import OutputLast, OutputTrim, OutputWhere, OutputWhereReply
 from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
@@ -206,6 +206,8 @@ class AgentHost:
             self._load_drain(node)
             if creds is not None:  # a node credential may not purge: controllers do it
                 node.sessions.trim_output = self._trimmer(node.name)  # type: ignore[union-attr]
+                # Nor read the output stream: where an attempt's output goes on, likewise.
+                node.sessions.output_where = self._output_asker(node.name)  # type: ignore[union-attr]
         await self._reconcile_sessions()
         await self._heartbeat(register=True)
         _raise_open_files_limit()  # a run on thousands of nodes holds two pipes per node
@@ -365,6 +367,20 @@ class AgentHost:
             await self.nc.publish(subject, msgspec.msgpack.encode(OutputTrim(session, keep)))
 
         return trim
+
+    def _output_asker(self, name: str) -> Callable[[str, int], Awaitable[OutputLast]]:
+        subject = subjects.node_report(name, subjects.REPORT_OUTPUT)
+
+        async def where(session: str, epoch: int) -> OutputLast:
+            assert self.nc is not None
+            msg = await self.nc.request(subject, msgspec.msgpack.encode(
+                OutputWhere(session, epoch)), timeout=ACK_TIMEOUT)
+            reply = msgspec.msgpack.decode(msg.data, type=OutputWhereReply)
+            if not reply.ok:
+                raise Fenced(reply.reason)
+            return reply.last
+
+        return where
 
     def _changed(self) -> None:
         """Session count changed: tell the schedulers soon, not at the next beat."""

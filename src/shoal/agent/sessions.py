@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..logic import sessionstate
 from ..natsio.outputlog import DEFAULT_CAP, OutputWriter
 from ..natsio.sessionstore import Fenced, SessionStore
 from ..wire import messages as m
 from ..wire import subjects
+from ..wire.reports import OutputLast
 from . import containers, runas, users
 from .cgroup_layout import Layout, unit_name
 from .ledger import Ledger
@@ -105,8 +107,10 @@ class Session:
         self.proc: Process | None = None
         self.user: users.EphemeralUser | None = None
         self.named: runas.NamedUser | None = None  # a user of the agent's run_as
-        self.writer = OutputWriter(mgr.js, record.id, cap=record.spec.output_cap or DEFAULT_CAP,
-                                   start_offset=record.output_bytes, trim=mgr.trim_output)
+        self.writer = OutputWriter(mgr.js, record.id, mgr.node,
+                                   cap=record.spec.output_cap or DEFAULT_CAP,
+                                   start_offset=record.output_bytes, trim=mgr.trim_output,
+                                   where=mgr.output_where)
         self.writer.on_unblock = self._resume_reading
         self.read_size = read_size_for(mgr.nc.max_payload)
         self.writer.on_fenced = lambda: self.fence("a newer attempt writes its output")
@@ -475,6 +479,7 @@ class SessionManager:
                  allowed_users: Collection[str] = ()) -> None:
         self.node = node
         self.trim_output: Callable[[str, int], Awaitable[None]] | None = None  # host sets it
+        self.output_where: Callable[[str, int], Awaitable[OutputLast]] | None = None  # too
         self.allowed_users = allowed_users  # the agent's run_as
         self.nc = nc
         self.js = js
@@ -539,9 +544,10 @@ class SessionManager:
             def take(r: m.SessionRecord) -> m.SessionRecord | None:
                 if r.state != "pending":  # placed by someone else meanwhile
                     return None
-                return msgspec.structs.replace(r, state="starting", node=self.node,
-                                               ports=ports, address=self.address, spec=placed,
-                                               user=placed.user, attempt=r.attempt + 1)
+                return msgspec.structs.replace(r, state="starting", ports=ports,
+                                               address=self.address, spec=placed,
+                                               user=placed.user,
+                                               **sessionstate.placed(r, self.node))
 
             written = await self.store.update_rev(req.id, take, known=found)
             if written is None:

@@ -18,6 +18,7 @@ from ..wire import api as w
 from ..wire import messages as m
 from . import nodelist, replies
 from .context import Call
+from .streams import session_nodes
 
 if TYPE_CHECKING:
     from .server import Controller
@@ -182,7 +183,8 @@ async def read_logs(c: Call, r: w.ReadLogs) -> list[w.StoredLog]:
     await c.ctl.sessions.get(r.id)
     chunks: list[w.StoredLog] = []
     size = 0
-    async for item in outputlog.read(c.ctl.js, r.id, r.offset):
+    async for item in outputlog.read(c.ctl.js, r.id, r.offset,
+                                     nodes=session_nodes(c.ctl, r.id)):
         if isinstance(item, outputlog.Truncated):
             chunks.append(w.LogTruncated(start=item.start, end=item.end))
             continue

@@ -24,7 +24,7 @@ from ..errors import (
     ValidationError,
 )
 from ..logic import placement, sessionreconcile
-from ..logic.sessionstate import FINAL, LIVE
+from ..logic.sessionstate import FINAL, LIVE, attempt_nodes
 from ..natsio import outputlog, rpc
 from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import messages as m
@@ -125,7 +125,7 @@ class SessionService:
                     reason="refused: the spec was not made by a controller")
                 return failed or record
             if record.restarts:  # rescheduled: go on from the last byte actually stored
-                end = await outputlog.end_offset(self.js, record.id)
+                end = await outputlog.end_offset(self.js, record.id, attempt_nodes(record))
                 if end != record.output_bytes:
                     record = await self.store.move_from(record.id, PENDING, "pending",
                                                    output_bytes=end) or record

@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from ..errors import ValidationError
-from ..logic.sessionstate import FINAL
+from ..logic.sessionstate import FINAL, attempt_nodes
 from ..natsio import outputlog
 from ..natsio.bus import NATS_ERRORS
 from ..wire import api as w
@@ -48,7 +48,9 @@ async def _start_offset(request: web.Request, sid: str, start: int, tail: int | 
     """``?from=N``, or ``?tail=N`` bytes before the end of what is stored."""
     if tail is None:
         return start
-    return max(0, await outputlog.end_offset(_ctl(request).js, sid) - tail)
+    ctl = _ctl(request)
+    nodes = await session_nodes(ctl, sid)()
+    return max(0, await outputlog.end_offset(ctl.js, sid, nodes) - tail)
 
 
 def _start_params(request: web.Request) -> tuple[int, int | None]:
@@ -112,6 +114,15 @@ class _Progress:
         self.offset = offset
 
 
+def session_nodes(ctl: Controller, sid: str) -> Callable[[], Awaitable[list[str]]]:
+    """For ``outputlog.read``: the node of each of the session's attempts, whose output
+    readers believe (none once it is removed)."""
+    async def nodes() -> list[str]:
+        found = await ctl.sessions.store.get(sid)
+        return attempt_nodes(found[0]) if found is not None else []
+    return nodes
+
+
 def session_over(ctl: Controller, sid: str) -> Callable[[], Awaitable[bool]]:
     """For ``outputlog.read``: has the session ended (or been removed)?"""
     async def is_over() -> bool:
@@ -127,7 +138,8 @@ async def _stream_logs(ctl: Controller, resp: web.StreamResponse, sid: str,
     returns the closing line to send. With ``attempts``, a line
     ``{"t":"attempt","attempt":n,"offset":o}`` marks where each placement's output begins."""
     async for item in outputlog.read(ctl.js, sid, progress.offset, follow=follow,
-                                     is_over=session_over(ctl, sid), attempts=attempts):
+                                     is_over=session_over(ctl, sid), attempts=attempts,
+                                     nodes=session_nodes(ctl, sid)):
         if isinstance(item, outputlog.Chunk) and item.stream == outputlog.ATTEMPT:
             await resp.write(_line(w.LogAttempt(attempt=item.epoch, offset=item.offset)))
             continue
@@ -205,7 +217,8 @@ async def attach_session(request: web.Request) -> web.StreamResponse:
     async def pump_output() -> None:
         try:
             async for item in outputlog.read(ctl.js, sid, start, follow=True,
-                                             is_over=session_over(ctl, sid)):
+                                             is_over=session_over(ctl, sid),
+                                             nodes=session_nodes(ctl, sid)):
                 if isinstance(item, outputlog.Truncated):
                     await ws.send_str(_frame(w.AttachTruncated(start=item.start, end=item.end)))
                     progress.offset = item.end

@@ -23,8 +23,8 @@ import msgspec
 from ..errors import IllegalTransition
 from ..wire.messages import SessionRecord, SessionState
 
-__all__ = ["FINAL", "LIVE", "TRANSITIONS", "Final", "IllegalTransition", "can_move", "change",
-           "check", "check_record", "is_final", "reschedule"]
+__all__ = ["FINAL", "LIVE", "TRANSITIONS", "Final", "IllegalTransition", "attempt_nodes",
+           "can_move", "change", "check", "check_record", "is_final", "placed", "reschedule"]
 
 FINAL: frozenset[SessionState] = frozenset({"exited", "failed", "killed", "lost"})
 LIVE: frozenset[SessionState] = frozenset({"pending", "starting", "running"})
@@ -117,3 +117,23 @@ def reschedule(record: SessionRecord, why: str, output_bytes: int | None = None,
                                   **fields)
     check_record(record, new)
     return new
+
+
+def placed(record: SessionRecord, node: str) -> dict[str, Any]:
+    """The fields of ``record`` placed on ``node``: its next attempt, and that attempt's node
+    added to ``placements`` (padded with "" for attempts made before it was kept)."""
+    attempt = record.attempt + 1
+    earlier = list(record.placements[:record.attempt])
+    earlier += [""] * (record.attempt - len(earlier))
+    return {"node": node, "attempt": attempt, "placements": [*earlier, node]}
+
+
+def attempt_nodes(record: SessionRecord) -> list[str]:
+    """The node of each attempt (index i-1 for attempt i), for output readers: the record's
+    ``placements``, and its current node for the current attempt of a record placed before
+    ``placements`` was kept."""
+    nodes = list(record.placements[:record.attempt])
+    nodes += [""] * (record.attempt - len(nodes))
+    if record.attempt and record.node and not nodes[record.attempt - 1]:
+        nodes[record.attempt - 1] = record.node
+    return nodes

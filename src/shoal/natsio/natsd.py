@@ -29,7 +29,7 @@ from ..errors import ConfigError, ConnectError
 from ..system.process import die_with_parent
 from ..wire import hostbeat, subjects
 from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
-from . import bus
+from . import bus, outputlog
 from .bus import AGENT_INBOX
 from .outputlog import STREAM as OUTPUT_STREAM
 from .outputlog import TERMINAL_STREAM
@@ -141,8 +141,10 @@ def agent_permissions() -> dict[str, object]:
             "allow": [
                 "shoal.run.*.out.*",
                 "shoal.run.*.inack.*",
-                "shoal.out.*",
+                "shoal.out.*",  # the old shape too: agents of the last version, mid-upgrade
                 "shoal.tout.*",
+                "shoal.out.*.*",
+                "shoal.tout.*.*",
                 *[f"$KV.{b}.*" for b in kv],
                 *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
                 f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
@@ -171,11 +173,13 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
                                       f"$KV.{REGISTRY_BUCKET}.{n}")]
     pub += [f"$KV.{HEARTBEATS_BUCKET}.{k}" for k in hostbeat.host_keys(lead, len(names))]
     pub += [subjects.node_report(n, ">") for n in names]
+    # Output under its own names only; no reading of stored output (outputlog.py).
+    pub += [p for n in names for p in outputlog.node_subjects(n)]
     pub += [
         subjects.node_renew(lead),
-        # Shared with every node until session output carries the node's name and records
-        # are written by controllers only (docs/security.md, "still shared").
-        "shoal.out.*", "shoal.tout.*", f"$KV.{SESSIONS_BUCKET}.*",
+        # Shared with every node until records are written by controllers only
+        # (docs/security.md, "still shared").
+        f"$KV.{SESSIONS_BUCKET}.*",
         *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
         f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
         f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.>",
@@ -183,9 +187,6 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
         f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
         f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
         f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
-        # No PURGE: an output cap's trim goes through the controllers (controller/reports.py).
-        *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
-          for op in ("INFO", "MSG.GET")],
     ]
     sub = [subjects.agent_all(n) for n in names] + [f"{subjects.node_inbox(lead)}.>"]
     return pub, sub

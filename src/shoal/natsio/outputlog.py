@@ -1,10 +1,14 @@
 """Durable session output in a JetStream stream, addressable by byte offset.
 
-Every session has one subject, ``shoal.out.<id>``, holding msgpack ``OutputChunk``s whose
-offsets count the session's bytes across its streams. After the last chunk the agent writes
-an end marker (stream ``end``). A per-session cap keeps the newest bytes: when a session has
-written more than the cap, its oldest chunks are purged, and a reader that asks for them is
-told so (``Truncated``) before it gets what is still kept.
+A session's output is stored under the name of the node that wrote it,
+``shoal.out.<node>.<id>``, as msgpack ``Chunk``s whose offsets count the session's bytes
+across its streams and its attempts (output stored before node names, under
+``shoal.out.<id>``, is read as before). A node's credential may publish only under its own
+names, and readers believe a chunk only from the node of its attempt (``logic/outputtrust``),
+so a node can never pass output off as another node's session's. After the last chunk the
+agent writes an end marker (stream ``end``). A per-session cap keeps the newest bytes: when
+a session has written more than the cap, its oldest chunks are purged, and a reader that
+asks for them is told so (``Truncated``) before it gets what is still kept.
 
 Writers keep at most ``window`` bytes unacknowledged by JetStream, and all the writers of a
 process together at most their ``OutputBudget``: past either they report ``blocked`` and the
@@ -13,16 +17,21 @@ connection is down or not answering (its reconnect buffer would keep a copy per 
 an outage of any length costs at most the budget.
 
 Pool terminals (ids starting with ``t_``, given only by the terminal pool) write to a stream
-of their own, ``shoal-terminal-output`` on ``shoal.tout.<id>``, with its own byte limit:
+of their own, ``shoal-terminal-output`` on ``shoal.tout.<node>.<id>``, with its own byte limit:
 anonymous visitors filling it evict only each other's output, never other sessions' logs.
 The id alone says which stream, so agents and readers need nothing else to find it.
 
 Fencing: each placement of a session (an *attempt*, the record's ``attempt``) begins its
 output with a marker chunk (stream ``attempt``, carrying the attempt number), and publishes
 every chunk with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of its
-own previous chunk. So once a newer attempt has written its marker, a chunk of an older one
-is refused by JetStream (wrong last sequence) and that writer stops (``fenced``): a zombie
-can never splice output into a newer attempt's.
+own previous chunk, counted over the session's subjects of every node
+(``Nats-Expected-Last-Subject-Sequence-Subject: shoal.out.*.<id>``). So once a newer attempt
+has written its marker, on any node, a chunk of an older one is refused by JetStream (wrong
+last sequence). The writer then asks where the output stands (``where``: the controllers,
+as a node credential may not read the stream): a newer attempt's chunk there means it is
+``fenced`` and stops; a chunk readers do not believe (another node's, published under its
+own name) is stepped over. A zombie can never splice output into a newer attempt's, and a
+stolen credential cannot stop another node's writer by publishing.
 
 Over 400 lines: the writer (windows, fencing by attempt) and the reader (offsets,
 truncation, resume) of one stream format belong together.
@@ -31,10 +40,11 @@ truncation, resume) of one stream format belong together.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +61,8 @@ from nats.js.api import (
 )
 
 from ..errors import Unavailable
+from ..logic import outputtrust
+from ..wire.reports import OutputLast
 from .bus import NATS_ERRORS
 
 if TYPE_CHECKING:
@@ -84,8 +96,36 @@ def stream_of(session_id: str) -> str:
     return TERMINAL_STREAM if is_terminal(session_id) else STREAM
 
 
-def subject(session_id: str) -> str:
-    return f"shoal.{'tout' if is_terminal(session_id) else 'out'}.{session_id}"
+def _kind(session_id: str) -> str:
+    return "tout" if is_terminal(session_id) else "out"
+
+
+def subject(session_id: str, node: str = outputtrust.LEGACY) -> str:
+    """Where ``node`` stores the session's output (no node: the old one-token subject)."""
+    if node == outputtrust.LEGACY:
+        return f"shoal.{_kind(session_id)}.{session_id}"
+    return f"shoal.{_kind(session_id)}.{node}.{session_id}"
+
+
+def every_node(session_id: str) -> str:
+    """The session's output subjects of every node (not the old one-token subject)."""
+    return f"shoal.{_kind(session_id)}.*.{session_id}"
+
+
+def node_of(subj: str) -> str:
+    """The node a chunk was published by, from its subject ("" for the old shape)."""
+    parts = subj.split(".", 3)
+    return parts[2] if len(parts) == 4 else outputtrust.LEGACY
+
+
+def node_subjects(node: str) -> list[str]:
+    """What the credential of ``node`` may publish output on."""
+    return [f"shoal.out.{node}.*", f"shoal.tout.{node}.*"]
+
+
+# Both shapes: output stored before node names stays in the stream, readable.
+STREAM_SUBJECTS = {STREAM: ["shoal.out.*", "shoal.out.*.*"],
+                   TERMINAL_STREAM: ["shoal.tout.*", "shoal.tout.*.*"]}
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True):
@@ -116,8 +156,8 @@ async def ensure_stream(js: JetStreamContext, max_bytes: int = DEFAULT_BYTES,
                         terminal_bytes: int = DEFAULT_TERMINAL_BYTES) -> None:
     """Create the output streams if missing; the terminal stream's limit follows the
     setting (a controller started with a new ``terminal_output_bytes`` applies it)."""
-    for name, subjects, limit in ((STREAM, ["shoal.out.*"], max_bytes),
-                                  (TERMINAL_STREAM, ["shoal.tout.*"], terminal_bytes)):
+    for name, limit in ((STREAM, max_bytes), (TERMINAL_STREAM, terminal_bytes)):
+        subjects = STREAM_SUBJECTS[name]
         config = StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
                               max_bytes=limit, discard=DiscardPolicy.OLD,
                               max_msg_size=4 << 20, num_replicas=replicas)
@@ -126,8 +166,14 @@ async def ensure_stream(js: JetStreamContext, max_bytes: int = DEFAULT_BYTES,
         except nats.js.errors.NotFoundError:
             await js.add_stream(config=config)
             continue
-        if name == TERMINAL_STREAM and info.config.max_bytes != limit:
-            await js.update_stream(config=config)
+        stored = info.config
+        if sorted(stored.subjects or []) != sorted(subjects) or (
+                name == TERMINAL_STREAM and stored.max_bytes != limit):
+            # Made before node names (or the terminal limit changed): keep the stream and
+            # its other settings, cover both subject shapes.
+            await js.update_stream(config=dataclasses.replace(
+                stored, subjects=subjects,
+                max_bytes=limit if name == TERMINAL_STREAM else stored.max_bytes))
 
 
 class OutputBudget:
@@ -169,17 +215,23 @@ class OutputWriter:
     task: it waits for NATS to come back (``flush`` returns once it has stored everything).
     """
 
-    def __init__(self, js: JetStreamContext, session_id: str, cap: int = DEFAULT_CAP,
-                 window: int = 8 << 20, start_offset: int = 0,
+    def __init__(self, js: JetStreamContext, session_id: str, node: str,
+                 cap: int = DEFAULT_CAP, window: int = 8 << 20, start_offset: int = 0,
                  budget: OutputBudget = PROCESS_BUDGET,
-                 trim: Callable[[str, int], Awaitable[None]] | None = None) -> None:
+                 trim: Callable[[str, int], Awaitable[None]] | None = None,
+                 where: Callable[[str, int], Awaitable[OutputLast]] | None = None) -> None:
         self.js = js
         # How to drop chunks before a sequence: purge ourselves, or (a node credential may
         # not purge the shared stream) ask the controllers with ``trim(session, keep)``.
         self.trim = trim
+        # Where the stored output stands: read it ourselves, or (a node credential may not
+        # read the stream) ask the controllers with ``where(session, epoch)``, which raises
+        # ``Fenced`` when that attempt is no longer the session's.
+        self.where = where
         self.session_id = session_id
+        self.node = node
         self.stream = stream_of(session_id)
-        self.subject = subject(session_id)
+        self.subject = subject(session_id, node)
         self.cap = cap
         self.window = window
         self.budget = budget
@@ -212,10 +264,14 @@ class OutputWriter:
         self.epoch = epoch
         while True:
             try:
-                seq, offset = await _last(self.js, self.stream, self.subject)
+                last = await self._where()
+                offset = last.end
                 marker = Chunk(ATTEMPT, offset, b"", epoch)
                 ack = await self.js.publish(self.subject, _encode(marker), timeout=ACK_TIMEOUT,
-                                            headers={EXPECTED_LAST: str(seq)})
+                                            headers=self._expect(last.seq))
+            except Fenced:
+                self._fence()
+                return
             except nats.js.errors.APIError as e:
                 if e.err_code != WRONG_LAST_SEQUENCE:
                     log.warning("%s: cannot begin attempt %d: %s; retrying", self.subject,
@@ -290,13 +346,8 @@ class OutputWriter:
             try:
                 seq = await self._store(chunk)
             except Fenced:
-                log.warning("%s: attempt %d is fenced (a newer attempt writes this output); "
-                            "stopping", self.subject, self.epoch)
-                self.fenced = True
-                if self.on_fenced is not None:
-                    self.on_fenced()
                 self._task = None
-                self.abandon()
+                self._fence()
                 return
             except Exception as e:  # never let the publisher die: flush() would hang for ever
                 log.exception("%s: storing output failed: %s", self.subject, e)
@@ -309,6 +360,33 @@ class OutputWriter:
                 self._kept.append((chunk.offset + size, seq))
                 await self._enforce_cap()
             self.check_unblocked()
+
+    def _fence(self) -> None:
+        log.warning("%s: attempt %d is fenced (a newer attempt writes this output); "
+                    "stopping", self.subject, self.epoch)
+        self.fenced = True
+        if self.on_fenced is not None:
+            self.on_fenced()
+        self.abandon()
+
+    def _expect(self, seq: int) -> dict[str, str]:
+        """Headers that store a chunk only if the session's last one, on any node, is
+        ``seq``."""
+        return {EXPECTED_LAST: str(seq), EXPECTED_LAST_SUBJECT: every_node(self.session_id)}
+
+    async def _where(self) -> OutputLast:
+        """Where the stored output stands (retrying while NATS is away); raises ``Fenced``
+        if the controllers say this attempt is no longer the session's."""
+        while True:
+            try:
+                if self.where is not None:
+                    return await self.where(self.session_id, self.epoch)
+                return await last_output(self.js, self.session_id, None)
+            except NATS_ERRORS as e:
+                log.info("%s: cannot learn where the output stands (%s); retrying",
+                         self.subject, _describe(e))
+                await self._wait_for_nats()
+                await asyncio.sleep(0.5)
 
     async def _store(self, chunk: Chunk) -> int | None:
         """Publish until JetStream acknowledges; the stream sequence, or None if given up.
@@ -336,7 +414,7 @@ class OutputWriter:
                     # Fenced: nats-py 2.16's publish_async cannot report a refusal (its
                     # reply handler raises instead of failing the future: a timeout).
                     ack = await self.js.publish(self.subject, data, timeout=ACK_TIMEOUT,
-                                                headers={EXPECTED_LAST: str(self._last_seq)})
+                                                headers=self._expect(self._last_seq))
                     self._last_seq = int(ack.seq)
                 return int(ack.seq)
             except NATS_ERRORS as e:
@@ -344,10 +422,11 @@ class OutputWriter:
                     _forget_failed_publish(self.js)
                 if isinstance(e, nats.js.errors.APIError) \
                         and e.err_code == WRONG_LAST_SEQUENCE:
-                    seq = await self._stored_already(chunk)
-                    if seq is None:
-                        raise Fenced from e
-                    return seq
+                    seq = await self._after_refusal(chunk)
+                    if seq is not None:
+                        return seq
+                    attempt = 0  # not a failure: publish again after what is there
+                    continue
                 why = describe_store_error(e)
                 refused_for += time.monotonic() - began
                 if refused_for >= STORE_GIVE_UP:
@@ -360,21 +439,22 @@ class OutputWriter:
         self.failed = RuntimeError(f"could not store output: {why}")
         return None
 
-    async def _stored_already(self, chunk: Chunk) -> int | None:
-        """After a refused publish: the sequence of ``chunk`` if it is the last stored one
-        (an earlier try was stored and its acknowledgement lost), else None (fenced)."""
-        while True:
-            try:
-                msg = await self.js.get_last_msg(self.stream, self.subject)
-                break
-            except nats.js.errors.NotFoundError:
-                return None
-            except NATS_ERRORS:
-                await self._wait_for_nats()
-        if msg.data is None or _decode(msg.data) != chunk:
-            return None
-        self._last_seq = int(msg.seq or 0)
-        return self._last_seq
+    async def _after_refusal(self, chunk: Chunk) -> int | None:
+        """After a publish refused for the last sequence: the sequence of ``chunk`` if it is
+        the last believed one (an earlier try was stored and its acknowledgement lost);
+        None to publish again after what is there now (a chunk readers do not believe, such
+        as another node's under its own name); raises ``Fenced`` if a newer attempt wrote.
+        """
+        last = await self._where()
+        if last.epoch > self.epoch:
+            raise Fenced
+        if (last.node, last.epoch, last.stream, last.offset, last.end) == (
+                self.node, self.epoch, chunk.stream, chunk.offset,
+                chunk.offset + len(chunk.data)):
+            self._last_seq = last.seq
+            return last.chunk_seq
+        self._last_seq = last.seq
+        return None
 
     async def _wait_for_nats(self) -> None:
         """Return once the connection is up and the server answers a ping."""
@@ -412,7 +492,7 @@ class OutputWriter:
             if self.trim is not None:
                 await self.trim(self.session_id, drop_seq + 1)
             else:
-                await self.js.purge_stream(self.stream, subject=self.subject, seq=drop_seq + 1)
+                await trim_before(self.js, self.session_id, drop_seq + 1)
         except Exception as e:
             log.warning("output purge failed: %s", e)
         finally:
@@ -444,18 +524,47 @@ class OutputWriter:
 
 
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+# nats-server 2.11+: the subject (a wildcard here) the expected last sequence is counted on.
+EXPECTED_LAST_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 
 
-async def _last(js: JetStreamContext, stream: str, subj: str) -> tuple[int, int]:
-    """(stream sequence, end offset) of a subject's last chunk; (0, 0) when it has none."""
+async def _last_msg(js: JetStreamContext, stream: str,
+                    subj: str) -> tuple[int, str, Chunk | None]:
+    """(sequence, subject, chunk) of the last message on ``subj`` (a wildcard may match
+    several); (0, "", None) when there is none."""
     try:
         msg = await js.get_last_msg(stream, subj)
     except nats.js.errors.NotFoundError:
-        return 0, 0
-    if msg.data is None:
-        return int(msg.seq or 0), 0
-    chunk = _decode(msg.data)
-    return int(msg.seq or 0), chunk.offset + len(chunk.data)
+        return 0, "", None
+    chunk = _decode(msg.data) if msg.data else None
+    return int(msg.seq or 0), msg.subject or "", chunk
+
+
+def _describe_last(seq: int, chunk_seq: int, subj: str, chunk: Chunk) -> OutputLast:
+    return OutputLast(seq=seq, end=chunk.offset + len(chunk.data), chunk_seq=chunk_seq,
+                      node=node_of(subj), epoch=chunk.epoch, stream=chunk.stream,
+                      offset=chunk.offset)
+
+
+async def last_output(js: JetStreamContext, session_id: str,
+                      nodes: Sequence[str] | None) -> OutputLast:
+    """Where the session's stored output stands, judged by ``nodes`` (the node of each
+    attempt, ``attempt_nodes``; None believes every chunk). Usually one request: the last
+    chunk of any node; only when readers would not believe that one, the last of each node
+    that ran an attempt, and the old subject's."""
+    stream = stream_of(session_id)
+    seq, subj, chunk = await _last_msg(js, stream, every_node(session_id))
+    if chunk is not None and outputtrust.from_its_node(nodes, node_of(subj), chunk.epoch):
+        return _describe_last(seq, seq, subj, chunk)
+    believed: list[tuple[int, str, Chunk]] = []
+    for n in [outputtrust.LEGACY, *sorted(set(nodes or ()) - {outputtrust.LEGACY})]:
+        one_seq, one_subj, one = await _last_msg(js, stream, subject(session_id, n))
+        if one is not None and outputtrust.from_its_node(nodes, n, one.epoch):
+            believed.append((one_seq, one_subj, one))
+    if not believed:
+        return OutputLast(seq=seq)
+    chunk_seq, subj, chunk = max(believed, key=lambda b: b[0])
+    return _describe_last(seq, chunk_seq, subj, chunk)
 
 
 def describe_store_error(e: BaseException) -> str:
@@ -481,16 +590,26 @@ def _forget_failed_publish(js: JetStreamContext) -> None:
             newest.cancel()  # its done-callback releases the slot and forgets it
 
 
-async def end_offset(js: JetStreamContext, session_id: str) -> int:
-    """The offset after the last stored byte of a session (0 if none)."""
-    try:
-        msg = await js.get_last_msg(stream_of(session_id), subject(session_id))
-    except nats.js.errors.NotFoundError:
-        return 0
-    if msg.data is None:
-        return 0
-    chunk = _decode(msg.data)
-    return chunk.offset + len(chunk.data)
+async def end_offset(js: JetStreamContext, session_id: str,
+                     nodes: Sequence[str] | None) -> int:
+    """The offset after the last stored byte of a session that readers believe (0 if
+    none); ``nodes`` as for ``last_output``."""
+    return (await last_output(js, session_id, nodes)).end
+
+
+async def _last_seq(js: JetStreamContext, session_id: str) -> int:
+    """The stream sequence of the session's last message of either subject shape."""
+    stream = stream_of(session_id)
+    new = (await _last_msg(js, stream, every_node(session_id)))[0]
+    return max(new, (await _last_msg(js, stream, subject(session_id)))[0])
+
+
+async def trim_before(js: JetStreamContext, session_id: str, keep: int) -> None:
+    """Drop the session's stored output (every node's, and the old subject's) before stream
+    sequence ``keep``: its output cap."""
+    stream = stream_of(session_id)
+    for subj in (every_node(session_id), subject(session_id)):
+        await js.purge_stream(stream, subject=subj, seq=keep)
 
 
 STORE_WRITE_ERROR = 10051  # JetStream's "stream store failed" (its disk refused a write)
@@ -500,7 +619,8 @@ async def purge(js: JetStreamContext, session_id: str, strict: bool = False) -> 
     """Delete a session's stored output. With ``strict``, a failure raises ``Unavailable``
     saying what to do; else it is logged."""
     try:
-        await js.purge_stream(stream_of(session_id), subject=subject(session_id))
+        for subj in (every_node(session_id), subject(session_id)):
+            await js.purge_stream(stream_of(session_id), subject=subj)
     except Exception as e:
         log.warning("could not purge output of %s: %s", session_id, e)
         if not strict:
@@ -531,6 +651,7 @@ READ_GIVE_UP = 15.0  # seconds of NATS failing in a row before a reader gives up
 async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
                is_over: Callable[[], Awaitable[bool]] | None = None,
                batch: int = 32, give_up: float = READ_GIVE_UP, attempts: bool = False,
+               nodes: Callable[[], Awaitable[Sequence[str]]] | None = None,
                ) -> AsyncIterator[Chunk | Truncated]:
     """Chunks from byte ``start`` on (the first one sliced to begin exactly there).
 
@@ -541,6 +662,10 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     goes on; only after ``give_up`` seconds of failures in a row does it raise
     ``OutputReadError`` with the offset it reached. With ``attempts``, the marker chunk
     (stream ``attempt``, no data, ``epoch`` set) that begins each attempt is yielded too.
+
+    ``nodes()`` gives the node of each attempt (``attempt_nodes`` of the record, read again
+    when a chunk names an attempt it does not know yet): a chunk counts only if its node
+    ran its attempt (``outputtrust``). Without it every chunk counts (tests, tools).
     """
     nc = js._nc  # noqa: SLF001 - to see reconnects, after which the consumer may be gone
     position = start
@@ -548,6 +673,7 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     sub: JetStreamContext.PullSubscription | None = None
     reconnects = -1
     failing_since: float | None = None
+    trust = outputtrust.Trust(await nodes() if nodes is not None else None)
     try:
         while True:
             try:
@@ -562,7 +688,7 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 over = False
                 if not msgs:
                     if not follow:
-                        over = position >= await end_offset(js, session_id)
+                        over = seq >= await _last_seq(js, session_id)
                     elif is_over is not None:
                         over = await is_over()
                 failing_since = None
@@ -578,9 +704,19 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 sub = None
                 await asyncio.sleep(0.5)
                 continue
+            reread = nodes is not None
             for msg in msgs:
                 seq = max(seq, msg.metadata.sequence.stream)
-                chunk = _decode(msg.data)
+                try:
+                    chunk = _decode(msg.data)
+                except msgspec.DecodeError:
+                    continue  # not ours to show (and no node could write it in our name)
+                if reread and not trust.knows(chunk.epoch):
+                    assert nodes is not None
+                    reread = False  # once per batch: a forged epoch costs one read, no more
+                    trust.nodes = await nodes()
+                if not trust.accept(node_of(msg.subject), chunk.epoch):
+                    continue
                 if chunk.stream == END:
                     return
                 if chunk.stream == ATTEMPT:
@@ -615,8 +751,8 @@ async def _subscribe(js: JetStreamContext, session_id: str,
     config.ack_policy = AckPolicy.NONE
     config.inactive_threshold = 60.0
     config.mem_storage = True
-    return await js.pull_subscribe(subject(session_id), stream=stream_of(session_id),
-                                  config=config)
+    config.filter_subjects = [every_node(session_id), subject(session_id)]
+    return await js.pull_subscribe("", stream=stream_of(session_id), config=config)
 
 
 async def _unsubscribe(sub: JetStreamContext.PullSubscription | None) -> None:

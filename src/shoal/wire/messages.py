@@ -456,6 +456,9 @@ class SessionRecord(Struct, frozen=True):
     ended: float = 0.0
     restarts: int = 0
     attempt: int = 0  # fencing epoch: +1 at every placement; only its agent may write
+    # The node of each attempt (attempt i at index i-1; "" before this was kept): output
+    # readers trust a chunk of attempt i only from that node's subject.
+    placements: list[str] = []
     output_bytes: int = 0
     user: str = ""
     draining: bool = False

@@ -75,6 +75,7 @@ def node_report(node: str, what: str) -> str:
 
 
 REPORT_TRIM = "trim"
+REPORT_OUTPUT = "output"  # a request: where the session's stored output stands
 REPORTS_QUEUE = "shoal-reports"
 
 
