@@ -550,11 +550,12 @@ async def last_output(js: JetStreamContext, session_id: str,
                       nodes: Sequence[str] | None) -> OutputLast:
     """Where the session's stored output stands, judged by ``nodes`` (the node of each
     attempt, ``attempt_nodes``; None believes every chunk). Usually one request: the last
-    chunk of any node; only when readers would not believe that one, the last of each node
-    that ran an attempt, and the old subject's."""
+    chunk of any node, when it is the latest attempt's; else the last of each node that ran
+    an attempt, and the old subject's, the latest believed of which wins."""
     stream = stream_of(session_id)
     seq, subj, chunk = await _last_msg(js, stream, every_node(session_id))
-    if chunk is not None and outputtrust.from_its_node(nodes, node_of(subj), chunk.epoch):
+    if chunk is not None and outputtrust.from_its_node(nodes, node_of(subj), chunk.epoch) \
+            and (nodes is None or chunk.epoch == len(nodes)):  # the latest attempt's
         return _describe_last(seq, seq, subj, chunk)
     believed: list[tuple[int, str, Chunk]] = []
     for n in [outputtrust.LEGACY, *sorted(set(nodes or ()) - {outputtrust.LEGACY})]:
@@ -563,7 +564,8 @@ async def last_output(js: JetStreamContext, session_id: str,
             believed.append((one_seq, one_subj, one))
     if not believed:
         return OutputLast(seq=seq)
-    chunk_seq, subj, chunk = max(believed, key=lambda b: b[0])
+    # Readers drop a chunk of an attempt once a later attempt's has come: the latest wins.
+    chunk_seq, subj, chunk = max(believed, key=lambda b: (b[2].epoch, b[0]))
     return _describe_last(seq, chunk_seq, subj, chunk)
 
 
