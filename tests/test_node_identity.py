@@ -21,6 +21,7 @@ from fleet import SHOAL, Fleet, wait_for
 from shoal.client.aio import Client, LogChunk
 from shoal.config import AgentConfig, load
 from shoal.identity import claims
+from shoal.natsio import outputlog
 from shoal.natsio.natsd import free_port, server_binary
 from shoal.wire import hostbeat
 from shoal.wire import messages as m
@@ -145,6 +146,19 @@ PUBLISH_ABUSES = [
     "$KV.shoal-identities.impostor",  # enroll without a join token
     "$KV.shoal-join.x",
     "$SYS.REQ.CLAIMS.UPDATE",  # the account itself (revocations)
+    "shoal.out.node-b.s1",  # session output as node-b
+    "shoal.tout.node-b.t_1",  # pool terminal output as node-b
+    "shoal.out.s1",  # the old shape, which readers still believe
+    "shoal.tout.t_1",
+    "$JS.API.STREAM.MSG.GET.shoal-output",  # any session's stored output, by sequence
+    "$JS.API.STREAM.MSG.GET.shoal-terminal-output",
+    "$JS.API.DIRECT.GET.shoal-output",
+    "$JS.API.DIRECT.GET.shoal-output.shoal.out.node-b.s1",
+    "$JS.API.STREAM.INFO.shoal-output",
+    "$JS.API.STREAM.INFO.shoal-terminal-output",
+    "$JS.API.CONSUMER.CREATE.shoal-output.r.shoal.out.node-b.s1",  # a consumer of it
+    "$JS.API.CONSUMER.CREATE.shoal-terminal-output",
+    "$JS.API.CONSUMER.DURABLE.CREATE.shoal-output.r",
 ]
 
 
@@ -155,6 +169,7 @@ async def test_a_node_credential_reaches_its_own_node_only(idfleet: Fleet,
         # Its own node's subjects are allowed (the probe can tell refused from allowed).
         assert not await probe.refused("subscribe", "shoal.agent.node-a.>")
         assert not await probe.refused("publish", "$KV.shoal-registry.node-a")
+        assert not await probe.refused("publish", "shoal.out.node-a.s1")
         allowed = [s for s in SUBSCRIBE_ABUSES if not await probe.refused("subscribe", s)]
         allowed += [s for s in PUBLISH_ABUSES if not await probe.refused("publish", s)]
         assert allowed == [], f"the server let node-a's credential use {allowed}"
@@ -217,6 +232,63 @@ async def test_a_node_cannot_get_another_nodes_session_output_trimmed(
         wait_for(lambda: "asked to trim the output of session" in idfleet.log.read_text())
         data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
         assert b"kept-output" in data
+        await client.remove(r.id)
+
+
+async def test_a_node_cannot_read_stored_output(idfleet: Fleet,
+                                                nodes_ab: tuple[str, str]) -> None:
+    """With the JetStream API as any client would use it: the server refuses the request
+    (a permissions violation), so no answer ever comes."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        r = await client.wait((await client.create_session(m.SessionSpec(
+            shell="echo secret-output", node="node-b"))).id)
+    probe = await Probe.open(idfleet, "node-a")
+    try:
+        js = probe.nc.jetstream(timeout=2)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.get_last_msg("shoal-output", f"shoal.out.node-b.{r.id}")
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.pull_subscribe(f"shoal.out.node-b.{r.id}", stream="shoal-output")
+        wait_for(lambda: any("permissions violation for publish" in e
+                             and "$js.api.stream.msg.get.shoal-output" in e
+                             for e in probe.errors))
+        assert any("$js.api.consumer.create.shoal-output" in e for e in probe.errors)
+    finally:
+        await probe.nc.close()
+
+
+async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """node-a's credential may publish output under its own name: chunks it forges for a
+    session node-b runs (its attempt, offsets, an end marker) appear in no reader, and
+    node-b's writer goes on storing the real output after them."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        r = await client.create_session(m.SessionSpec(
+            shell="echo before; sleep 2; echo after", node="node-b"))
+        deadline = time.monotonic() + 30
+        while (r := await client.session(r.id)).state != "running":
+            assert time.monotonic() < deadline, r
+            await asyncio.sleep(0.1)
+        probe = await Probe.open(idfleet, "node-a")
+        forgeries = (outputlog.Chunk("stdout", 0, b"FORGED\n", r.attempt),
+                     outputlog.Chunk(outputlog.ATTEMPT, 7, b"", r.attempt + 1),
+                     outputlog.Chunk("stdout", 7, b"FORGED\n", r.attempt + 1),
+                     outputlog.Chunk(outputlog.END, 14, b"", r.attempt))
+        try:
+            for chunk in forgeries:  # under its own name: allowed, and not believed
+                await probe.nc.publish(f"shoal.out.node-a.{r.id}", msgspec.msgpack.encode(chunk))
+            await probe.nc.flush()
+            assert not any("violation" in e for e in probe.errors), probe.errors
+            for chunk in forgeries:  # the session's old-shape subject: refused
+                await probe.nc.publish(f"shoal.out.{r.id}", msgspec.msgpack.encode(chunk))
+            await probe.nc.flush()
+        finally:
+            await probe.nc.close()
+        done = await client.wait(r.id)
+        data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
+        assert data == b"before\nafter\n"
+        assert done.state == "exited" and done.exit_code == 0, done
+        assert done.placements == ["node-b"]
         await client.remove(r.id)
 
 
