@@ -169,10 +169,10 @@ async def test_a_node_credential_reaches_its_own_node_only(idfleet: Fleet,
         # Its own node's subjects are allowed (the probe can tell refused from allowed).
         assert not await probe.refused("subscribe", "shoal.agent.node-a.>")
         assert not await probe.refused("publish", "$KV.shoal-registry.node-a")
-        assert not await probe.refused("publish", "shoal.out.node-a.s1")
         allowed = [s for s in SUBSCRIBE_ABUSES if not await probe.refused("subscribe", s)]
         allowed += [s for s in PUBLISH_ABUSES if not await probe.refused("publish", s)]
         assert allowed == [], f"the server let node-a's credential use {allowed}"
+        assert not await probe.refused("publish", "shoal.out.node-a.s1")  # its own output
     finally:
         await probe.nc.close()
 
@@ -274,19 +274,20 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
                      outputlog.Chunk(outputlog.ATTEMPT, 7, b"", r.attempt + 1),
                      outputlog.Chunk("stdout", 7, b"FORGED\n", r.attempt + 1),
                      outputlog.Chunk(outputlog.END, 14, b"", r.attempt))
+        # The session's old-shape subject (refused), and node-a's own name (allowed, and
+        # not believed).
         try:
-            for chunk in forgeries:  # under its own name: allowed, and not believed
-                await probe.nc.publish(f"shoal.out.node-a.{r.id}", msgspec.msgpack.encode(chunk))
-            await probe.nc.flush()
-            assert not any("violation" in e for e in probe.errors), probe.errors
-            for chunk in forgeries:  # the session's old-shape subject: refused
-                await probe.nc.publish(f"shoal.out.{r.id}", msgspec.msgpack.encode(chunk))
-            await probe.nc.flush()
+            for subject in (f"shoal.out.{r.id}", f"shoal.out.node-a.{r.id}"):
+                for chunk in forgeries:
+                    await probe.nc.publish(subject, msgspec.msgpack.encode(chunk))
+                await probe.nc.flush()
         finally:
             await probe.nc.close()
         done = await client.wait(r.id)
         data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
         assert data == b"before\nafter\n"
+        assert probe.errors and all(f'"shoal.out.{r.id}"' in e for e in probe.errors), \
+            probe.errors
         assert done.state == "exited" and done.exit_code == 0, done
         assert done.placements == ["node-b"]
         await client.remove(r.id)
