@@ -377,16 +377,21 @@ class OutputWriter:
     async def _where(self) -> OutputLast:
         """Where the stored output stands (retrying while NATS is away); raises ``Fenced``
         if the controllers say this attempt is no longer the session's."""
+        tries = 0
         while True:
             try:
                 if self.where is not None:
                     return await self.where(self.session_id, self.epoch)
                 return await last_output(self.js, self.session_id, None)
             except NATS_ERRORS as e:
-                log.info("%s: cannot learn where the output stands (%s); retrying",
-                         self.subject, _describe(e))
+                tries += 1
+                log.log(logging.WARNING if tries == 1 else logging.DEBUG,
+                        "%s: cannot learn where the stored output stands (%s%s); retrying "
+                        "until it can", self.subject, _describe(e),
+                        ": is a controller of this version running?"
+                        if self.where is not None else "")
                 await self._wait_for_nats()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(min(5.0, 0.5 * tries))
 
     async def _store(self, chunk: Chunk) -> int | None:
         """Publish until JetStream acknowledges; the stream sequence, or None if given up.
