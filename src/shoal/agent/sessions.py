@@ -160,6 +160,8 @@ class Session:
                 await self._finish("failed", reason=str(e), exit_code=126)
                 return
         await self.writer.begin(self.attempt)
+        if self.writer.fenced:  # the record moved on before we began: nothing to run
+            return
         watchdog = asyncio.create_task(self._watchdog())
         try:
             while True:
