@@ -301,6 +301,7 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
             for subject in (f"shoal.out.{r.id}", f"shoal.out.node-a.{r.id}"):
                 for chunk in forgeries:
                     await probe.nc.publish(subject, msgspec.msgpack.encode(chunk))
+                await probe.nc.publish(subject, b"not a chunk")
                 await probe.nc.flush()
         finally:
             await probe.nc.close()

@@ -97,6 +97,7 @@ async def test_a_forged_chunk_under_another_nodes_name_is_not_read_and_stops_no_
     await _forge(nc, forged, Chunk(outputlog.ATTEMPT, 5, b"", 3))
     await _forge(nc, forged, Chunk("stdout", 5, b"FORGED ", 1))  # an attempt it did run
     await _forge(nc, forged, Chunk(outputlog.END, 5, b"", 2))
+    await nc.jetstream().publish(forged, b"not a chunk")  # last: what the writer meets
     writer.write("stdout", b"output")
     await writer.close(timeout=10)
     assert not writer.fenced

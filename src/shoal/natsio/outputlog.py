@@ -541,7 +541,10 @@ async def _last_msg(js: JetStreamContext, stream: str,
         msg = await js.get_last_msg(stream, subj)
     except nats.js.errors.NotFoundError:
         return 0, "", None
-    chunk = _decode(msg.data) if msg.data else None
+    try:
+        chunk = _decode(msg.data) if msg.data else None
+    except msgspec.DecodeError:  # not a chunk: a node's junk under its own name
+        chunk = None
     return int(msg.seq or 0), msg.subject or "", chunk
 
 
