@@ -7,8 +7,9 @@ coherent piece per attempt: the lines of one pid only, in order, none doubled.""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,12 +62,32 @@ def test_agent_sigkill_under_a_silent_daemon_leaves_one_copy(fleet: Fleet,
 def test_agent_sigstop_past_the_ttl_is_fenced(fleet: Fleet, tmp_path: Path) -> None:
     """The finding: two copies ran until the stopped agent reconciled, and the stored
     output was spliced from both (lines of the old pid, then the new, then the old)."""
-    a = fleet.agent("fence-a")
+    _sigstop_past_the_ttl(fleet, tmp_path, fleet.agent)
+
+
+def test_agent_sigstop_past_the_ttl_is_fenced_with_node_identities(tmp_path: Path) -> None:
+    """The same across node credentials: each node stores output under its own name, and
+    the stopped one learns from the controllers (it may not read the stream) that a newer
+    attempt writes."""
+    f = Fleet(tmp_path / "home", agents=0, extra_args=("--node-identities",)).start()
+    try:
+        r = f.shoal("token", "create", "--join", "--uses", "2", "--expires", "10m")
+        assert r.returncode == 0, r.stderr
+        token = r.stdout.strip()
+        _sigstop_past_the_ttl(f, tmp_path, lambda name: f.agent(name, "--join", f.url,
+                                                                "--token", token))
+    finally:
+        f.stop()
+
+
+def _sigstop_past_the_ttl(fleet: Fleet, tmp_path: Path,
+                          agent: Callable[[str], subprocess.Popen[str]]) -> None:
+    a = agent("fence-a")
     truth = tmp_path / "truth"
     sid = _create(fleet, tagged(truth, quiet=False))
     wait_for(lambda: record(fleet, sid)["state"] == "running")
     old = wait_for(lambda: shells(sid))
-    fleet.agent("fence-b")
+    agent("fence-b")
     a.send_signal(signal.SIGSTOP)
     try:
         wait_for(lambda: (r := record(fleet, sid))["node"] == "fence-b"
