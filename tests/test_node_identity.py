@@ -25,7 +25,7 @@ from shoal.natsio import outputlog
 from shoal.natsio.natsd import free_port, server_binary
 from shoal.wire import hostbeat
 from shoal.wire import messages as m
-from shoal.wire.reports import OutputTrim
+from shoal.wire.reports import OutputLast, OutputTrim, OutputWhere, OutputWhereReply
 
 LIFETIME = 20  # seconds a node credential lasts here: renewed every ~13 s during the tests
 
@@ -276,6 +276,25 @@ async def test_a_node_cannot_read_stored_output(idfleet: Fleet,
         assert any("$js.api.consumer.create.shoal-output" in e for e in probe.errors)
     finally:
         await probe.nc.close()
+
+
+async def test_a_node_learns_nothing_of_another_nodes_session_output(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """Where a session's output stands is told only to the node of its current attempt
+    (for any other it is the answer that fences a zombie)."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        r = await client.wait((await client.create_session(m.SessionSpec(
+            shell="echo some-output", node="node-b"))).id)
+        probe = await Probe.open(idfleet, "node-a")
+        try:
+            msg = await probe.nc.request("shoal.report.node-a.output", msgspec.msgpack.encode(
+                OutputWhere(r.id, r.attempt)), timeout=10)
+        finally:
+            await probe.nc.close()
+        reply = msgspec.msgpack.decode(msg.data, type=OutputWhereReply)
+        assert not reply.ok and reply.last == OutputLast(), reply
+        assert "is not node node-a's" in reply.reason
+        await client.remove(r.id)
 
 
 async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
