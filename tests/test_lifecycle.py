@@ -297,3 +297,18 @@ def test_probes_failing_do_not_start_or_stop_replicas_by_themselves() -> None:
     """Failing checks only steer clients away (the pool); the count is the count: a
     replica that stays down is restarted by its agent or ends, and then it is replaced."""
     assert splan(service(2), [replica("a"), replica("b", "n2")], pool(a="down", b="down"))[0] == []
+
+
+def test_each_placement_records_the_node_of_its_attempt() -> None:
+    """Output readers believe attempt i's chunks only from ``placements[i-1]``."""
+    r = rec(state="pending", node="")
+    first = msgspec.structs.replace(r, **sessionstate.placed(r, "n1"))
+    assert (first.node, first.attempt, first.placements) == ("n1", 1, ["n1"])
+    second = msgspec.structs.replace(first, **sessionstate.placed(first, "n2"))
+    assert (second.attempt, second.placements) == (2, ["n1", "n2"])
+    assert sessionstate.attempt_nodes(second) == ["n1", "n2"]
+    # A record placed before placements were kept: its current node for its current attempt.
+    old = msgspec.structs.replace(r, attempt=2, node="n3")
+    assert sessionstate.attempt_nodes(old) == ["", "n3"]
+    assert sessionstate.placed(old, "n4")["placements"] == ["", "n3", "n4"]
+    assert msgspec.json.decode(b'{"id":"s","spec":{}}', type=m.SessionRecord).placements == []

@@ -121,11 +121,9 @@ def reschedule(record: SessionRecord, why: str, output_bytes: int | None = None,
 
 def placed(record: SessionRecord, node: str) -> dict[str, Any]:
     """The fields of ``record`` placed on ``node``: its next attempt, and that attempt's node
-    added to ``placements`` (padded with "" for attempts made before it was kept)."""
-    attempt = record.attempt + 1
-    earlier = list(record.placements[:record.attempt])
-    earlier += [""] * (record.attempt - len(earlier))
-    return {"node": node, "attempt": attempt, "placements": [*earlier, node]}
+    added to ``placements`` ("" for attempts made before it was kept)."""
+    return {"node": node, "attempt": record.attempt + 1,
+            "placements": [*attempt_nodes(record), node]}
 
 
 def attempt_nodes(record: SessionRecord) -> list[str]:
