@@ -306,10 +306,13 @@ def shoal_fleet(
     deadline: Deadline | None = None,
     timeout_s: float = 120.0,
     capacity: int | None = None,
+    up_args: Sequence[str] = (),
 ) -> Iterator[ShoalFleet]:
     """Start `shoal up --agents 0 --port 0` and `shoal agent --virtual n` under root/shoal, or
     with `capacity`, `shoal up --agents n --capacity C` alone (controller, agents and their
     sessions in one process tree, which the session and terminal benches measure).
+
+    ``up_args`` go to `shoal up` too (`--node-identities`).
 
     Yields once all n nodes are ready; SIGTERMs them (agent first) and removes SHOAL_HOME on exit.
     """
@@ -328,7 +331,7 @@ def shoal_fleet(
             procs.append(
                 subprocess.Popen(
                     [str(shoal), "up", "--agents", "0" if capacity is None else str(n),
-                     *local, "--port", "0"],
+                     *local, *up_args, "--port", "0"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
