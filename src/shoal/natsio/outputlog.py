@@ -541,11 +541,15 @@ async def _last_msg(js: JetStreamContext, stream: str,
         msg = await js.get_last_msg(stream, subj)
     except nats.js.errors.NotFoundError:
         return 0, "", None
+    return int(msg.seq or 0), msg.subject or "", _decode_or_none(msg.data)
+
+
+def _decode_or_none(data: bytes | None) -> Chunk | None:
+    """The chunk, or None for what is not one (a node's junk under its own name)."""
     try:
-        chunk = _decode(msg.data) if msg.data else None
-    except msgspec.DecodeError:  # not a chunk: a node's junk under its own name
-        chunk = None
-    return int(msg.seq or 0), msg.subject or "", chunk
+        return _decode(data) if data else None
+    except msgspec.DecodeError:
+        return None
 
 
 def _describe_last(seq: int, chunk_seq: int, subj: str, chunk: Chunk) -> OutputLast:
@@ -683,10 +687,13 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     sub: JetStreamContext.PullSubscription | None = None
     reconnects = -1
     failing_since: float | None = None
-    trust = outputtrust.Trust(await nodes() if nodes is not None else None)
+    trust: outputtrust.Trust | None = None if nodes is not None else outputtrust.Trust(None)
     try:
         while True:
             try:
+                if trust is None:
+                    assert nodes is not None
+                    trust = outputtrust.Trust(await nodes())
                 if sub is None or nc.stats["reconnects"] != reconnects:
                     await _unsubscribe(sub)
                     reconnects = nc.stats["reconnects"]
@@ -695,6 +702,11 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                     msgs = await sub.fetch(batch, timeout=0.5 if follow else 0.2)
                 except TimeoutError:  # nats-py's and asyncio's: nothing new yet
                     msgs = []
+                decoded = [(msg, _decode_or_none(msg.data)) for msg in msgs]
+                if nodes is not None and any(c is not None and not trust.knows(c.epoch)
+                                             for _, c in decoded):
+                    # A newer attempt (or a forged epoch: one read per batch, no more).
+                    trust.nodes = await nodes()
                 over = False
                 if not msgs:
                     if not follow:
@@ -714,19 +726,10 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                 sub = None
                 await asyncio.sleep(0.5)
                 continue
-            reread = nodes is not None
-            for msg in msgs:
+            for msg, chunk in decoded:
                 seq = max(seq, msg.metadata.sequence.stream)
-                try:
-                    chunk = _decode(msg.data)
-                except msgspec.DecodeError:
-                    continue  # not ours to show (and no node could write it in our name)
-                if reread and not trust.knows(chunk.epoch):
-                    assert nodes is not None
-                    reread = False  # once per batch: a forged epoch costs one read, no more
-                    trust.nodes = await nodes()
-                if not trust.accept(node_of(msg.subject), chunk.epoch):
-                    continue
+                if chunk is None or not trust.accept(node_of(msg.subject), chunk.epoch):
+                    continue  # not a chunk, or not from the node of its attempt
                 if chunk.stream == END:
                     return
                 if chunk.stream == ATTEMPT:
