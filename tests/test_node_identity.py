@@ -300,7 +300,8 @@ async def test_a_node_learns_nothing_of_another_nodes_session_output(
 async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
         idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
     """node-a's credential may publish output under its own name: chunks it forges for a
-    session node-b runs (its attempt, offsets, an end marker) appear in no reader, and
+    session node-b runs (its attempt, offsets, an end marker) appear in no reader (logs,
+    logs -f), and
     node-b's writer goes on storing the real output after them."""
     async with Client(idfleet.url, idfleet.token) as client:
         r = await client.create_session(m.SessionSpec(
@@ -309,6 +310,11 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
         while (r := await client.session(r.id)).state != "running":
             assert time.monotonic() < deadline, r
             await asyncio.sleep(0.1)
+
+        async def follow() -> bytes:  # logs -f, reading while the forgeries arrive
+            return b"".join([e.data async for e in client.logs(r.id, follow=True)
+                             if isinstance(e, LogChunk)])
+        following = asyncio.create_task(follow())
         probe = await Probe.open(idfleet, "node-a")
         forgeries = (outputlog.Chunk("stdout", 0, b"FORGED\n", r.attempt),
                      outputlog.Chunk(outputlog.ATTEMPT, 7, b"", r.attempt + 1),
@@ -327,6 +333,7 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
         done = await client.wait(r.id)
         data = b"".join([e.data async for e in client.logs(r.id) if isinstance(e, LogChunk)])
         assert data == b"before\nafter\n"
+        assert await asyncio.wait_for(following, 30) == data
         assert probe.errors and all(f'"shoal.out.{r.id}"' in e for e in probe.errors), \
             probe.errors
         assert done.state == "exited" and done.exit_code == 0, done
