@@ -570,7 +570,8 @@ async def last_output(js: JetStreamContext, session_id: str,
             and (nodes is None or chunk.epoch == len(nodes)):  # the latest attempt's
         return _describe_last(seq, seq, subj, chunk)
     believed: list[tuple[int, str, Chunk]] = []
-    for n in [outputtrust.LEGACY, *sorted(set(nodes or ()) - {outputtrust.LEGACY})]:
+    named = sorted(set(nodes or ()) - {outputtrust.LEGACY}) if seq else []  # none stored
+    for n in [outputtrust.LEGACY, *named]:
         one_seq, one_subj, one = await _last_msg(js, stream, subject(session_id, n))
         if one is not None and outputtrust.from_its_node(nodes, n, one.epoch):
             believed.append((one_seq, one_subj, one))
