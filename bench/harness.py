@@ -306,10 +306,12 @@ def shoal_fleet(
     deadline: Deadline | None = None,
     timeout_s: float = 120.0,
     capacity: int | None = None,
+    apart: bool = False,
 ) -> Iterator[ShoalFleet]:
     """Start `shoal up --agents 0 --port 0` and the n virtual nodes under root/shoal, or
     with `capacity`, `shoal up --agents n --capacity C` alone (controller, agents and their
-    sessions in one process tree, which the session and terminal benches measure).
+    sessions in one process tree, which the terminal bench measures); with `apart` too,
+    the nodes take `capacity` sessions each in agent processes of their own.
 
     The virtual nodes are spread over one `shoal agent --virtual` process per core: a real
     fleet has an agent per machine, and the ssh peers' sshd forks a process per connection,
@@ -324,6 +326,7 @@ def shoal_fleet(
     env.pop("SHOAL_URL", None)
     env.pop("SHOAL_TOKEN", None)
     local = [] if capacity is None else ["--capacity", str(capacity)]
+    apart = apart or capacity is None
     limit = timeout_s if deadline is None else min(timeout_s, max(5.0, deadline.remaining() - 20))
     up_log, agent_log = root / f"shoal-up-{n}.log", root / f"shoal-agent-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
@@ -331,8 +334,8 @@ def shoal_fleet(
         with up_log.open("wb") as out:
             procs.append(
                 subprocess.Popen(
-                    [str(shoal), "up", "--agents", "0" if capacity is None else str(n),
-                     *local, "--port", "0"],
+                    [str(shoal), "up", "--agents", "0" if apart else str(n),
+                     *([] if apart else local), "--port", "0"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -348,7 +351,7 @@ def shoal_fleet(
             procs[0],
             up_log,
         )
-        if capacity is not None:
+        if capacity is not None and not apart:
             _wait_for(lambda: ready_nodes(shoal, env) >= n, limit, f"{n} nodes of shoal up",
                       procs[0], up_log)
             log(f"shoal up: {n} agents x capacity {capacity} ready in "
@@ -361,7 +364,8 @@ def shoal_fleet(
                 prefix = "node-" if len(shares) == 1 else f"node-{chr(ord('a') + i)}"
                 procs.append(
                     subprocess.Popen(
-                        [str(shoal), "agent", "--virtual", str(count), "--prefix", prefix],
+                        [str(shoal), "agent", "--virtual", str(count), "--prefix", prefix,
+                         *local],
                         env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=out,
