@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -556,16 +556,14 @@ def check_process(argv_field: str, argv: list[str] | None, shell: str | None,
                               "/, no NUL byte)")
 
 
-@runtime_checkable
-class Validated(Protocol):
-    def validate(self) -> None: ...
-
-
 def check(msg: Any) -> None:
     """The checks of a decoded request that msgspec's constraints cannot express (its
-    struct's ``validate``): run by both API transports on every request they decode."""
-    if isinstance(msg, Validated):
-        msg.validate()
+    struct's ``validate``): run by both API transports on every request they decode.
+    (A plain attribute lookup: isinstance against a runtime Protocol cost a fifth of a
+    session create.)"""
+    validate = getattr(msg, "validate", None)
+    if validate is not None:
+        validate()
 
 
 def pack(msg: Any) -> bytes:
