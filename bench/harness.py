@@ -306,11 +306,17 @@ def shoal_fleet(
     deadline: Deadline | None = None,
     timeout_s: float = 120.0,
     capacity: int | None = None,
+    apart: bool = False,
     up_args: Sequence[str] = (),
 ) -> Iterator[ShoalFleet]:
-    """Start `shoal up --agents 0 --port 0` and `shoal agent --virtual n` under root/shoal, or
+    """Start `shoal up --agents 0 --port 0` and the n virtual nodes under root/shoal, or
     with `capacity`, `shoal up --agents n --capacity C` alone (controller, agents and their
-    sessions in one process tree, which the session and terminal benches measure).
+    sessions in one process tree, which the terminal bench measures); with `apart` too,
+    the nodes take `capacity` sessions each in agent processes of their own.
+
+    The virtual nodes are spread over one `shoal agent --virtual` process per core: a real
+    fleet has an agent per machine, and the ssh peers' sshd forks a process per connection,
+    so neither side is held to one core.
 
     ``up_args`` go to `shoal up` too (`--node-identities`).
 
@@ -323,6 +329,7 @@ def shoal_fleet(
     env.pop("SHOAL_URL", None)
     env.pop("SHOAL_TOKEN", None)
     local = [] if capacity is None else ["--capacity", str(capacity)]
+    apart = apart or capacity is None
     limit = timeout_s if deadline is None else min(timeout_s, max(5.0, deadline.remaining() - 20))
     up_log, agent_log = root / f"shoal-up-{n}.log", root / f"shoal-agent-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
@@ -330,8 +337,8 @@ def shoal_fleet(
         with up_log.open("wb") as out:
             procs.append(
                 subprocess.Popen(
-                    [str(shoal), "up", "--agents", "0" if capacity is None else str(n),
-                     *local, *up_args, "--port", "0"],
+                    [str(shoal), "up", "--agents", "0" if apart else str(n),
+                     *([] if apart else local), *up_args, "--port", "0"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -347,43 +354,53 @@ def shoal_fleet(
             procs[0],
             up_log,
         )
-        if capacity is not None:
+        if capacity is not None and not apart:
             _wait_for(lambda: ready_nodes(shoal, env) >= n, limit, f"{n} nodes of shoal up",
                       procs[0], up_log)
             log(f"shoal up: {n} agents x capacity {capacity} ready in "
                 f"{time.monotonic() - started:.1f}s")
             yield ShoalFleet(shoal, home, env, n, [("shoal up", procs[0], up_log)])
             return
+        shares = _shares(n, min(n, os.cpu_count() or 1))
         with agent_log.open("wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [str(shoal), "agent", "--virtual", str(n), "--prefix", "node-"],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            for i, count in enumerate(shares):
+                prefix = "node-" if len(shares) == 1 else f"node-{chr(ord('a') + i)}"
+                procs.append(
+                    subprocess.Popen(
+                        [str(shoal), "agent", "--virtual", str(count), "--prefix", prefix,
+                         *local],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
         _wait_for(
             lambda: ready_nodes(shoal, env) >= n,
             limit,
-            f"shoal agent --virtual {n}",
+            f"shoal agent --virtual {'+'.join(map(str, shares))}",
             procs[1],
             agent_log,
         )
-        log(f"shoal fleet of {n} ready in {time.monotonic() - started:.1f}s")
+        log(f"shoal fleet of {n} ({len(shares)} agent processes) ready in "
+            f"{time.monotonic() - started:.1f}s")
         yield ShoalFleet(
             shoal,
             home,
             env,
             n,
-            list(zip(("shoal up", "shoal agent"), procs, (up_log, agent_log), strict=True)),
+            [("shoal up", procs[0], up_log), *(("shoal agent", p, agent_log) for p in procs[1:])],
         )
     finally:
         for proc in reversed(procs):
             stop_process(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _shares(n: int, parts: int) -> list[int]:
+    """n split into ``parts`` counts that differ by at most one."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 # ---------------------------------------------------------------- interruption

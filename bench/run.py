@@ -262,7 +262,8 @@ def preamble(args: argparse.Namespace) -> str:
         machine_summary(),
         f"Method: tools interleaved per round, {args.warmup} warm-up round dropped, "
         f"{args.runs} counted runs; wall time of the whole client command as a new process "
-        "(stdout to /dev/null). All hosts are 127.0.0.1: shoal's are virtual agents, the ssh "
+        "(stdout to /dev/null). All hosts are 127.0.0.1: shoal's are virtual agents, spread "
+        "over one agent process per core (a fleet has an agent per machine), the ssh "
         "peers' are aliases h1..hN of one private sshd whose sessions get an empty HOME (so the "
         "bench host's shell rc files are not timed). `peer/shoal` is the peer's median over "
         "shoal's: above 1 means shoal is faster.\n",

@@ -1,7 +1,9 @@
 """Session API speed: create latency, create rate with 50 concurrent clients, create -> running.
 
 Run from the repository root with `python -m bench.sessions` (bench.run runs it as one of its
-EXTRA_BENCHMARKS). It starts a private `shoal up --agents 2 --capacity C --port 0` in a temporary
+EXTRA_BENCHMARKS). It starts a private `shoal up --agents 0 --port 0` and two nodes taking C
+sessions each, in agent processes of their own (`shoal agent --virtual 1 --capacity C`, one
+per core: in a fleet the agents are not in the controller's process), in a temporary
 SHOAL_HOME, prints the rows as one JSON list on stdout and writes bench/results/sessions.md
 and sessions.json. Everything talks to 127.0.0.1 only, and the run stops itself within its
 budget (BENCH_DEADLINE_S when set, else --budget).
@@ -92,13 +94,16 @@ def shoal_bin() -> Path | None:
 
 
 class Usage:
-    """CPU and RSS of the `shoal up` process and of its nats-server over a window; CPU of the
-    session processes (its other descendants) and of this bench client too."""
+    """CPU and RSS of the `shoal up` process (the controller) and of its nats-server over a
+    window; CPU of the agent processes, of the session processes (their descendants) and of
+    this bench client too."""
 
     def __init__(self, fleet: ShoalFleet) -> None:
         self.up = psutil.Process(fleet.procs[0][1].pid)
         nats = [c for c in self.up.children(recursive=True) if "nats" in c.name()]
         self.nats = nats[0] if nats else None
+        self.agents = [psutil.Process(p.pid) for name, p, _ in fleet.procs
+                       if name == "shoal agent"]
         self.me = psutil.Process()
 
     @staticmethod
@@ -121,9 +126,11 @@ class Usage:
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.cpu0 = [self._cpu(p) for p in (self.up, self.nats, self.me)]
+        self.agents0 = sum(self._cpu(a) for a in self.agents)
         nats_pid = self.nats.pid if self.nats else -1
         try:
-            kids = [c for c in self.up.children(recursive=True) if c.pid != nats_pid]
+            kids = [c for p in (self.up, *self.agents) for c in p.children(recursive=True)
+                    if c.pid != nats_pid]
         except psutil.Error:
             kids = []
         self.kids = [(c, self._cpu(c)) for c in kids]
@@ -136,9 +143,11 @@ class Usage:
             for p, c0 in zip((self.up, self.nats, self.me), self.cpu0, strict=True)
         ]
         kids = sum(max(0.0, self._cpu(c) - c0) for c, c0 in self.kids) / wall * 100
+        agents = (sum(self._cpu(a) for a in self.agents) - self.agents0) / wall * 100
         return {
             "ctl_cpu_pct": round(cpu[0], 1),
             "ctl_rss_mib": self._rss(self.up),
+            "agents_cpu_pct": round(agents, 1),
             "nats_cpu_pct": round(cpu[1], 1),
             "nats_rss_mib": self._rss(self.nats),
             "bench_cpu_pct": round(cpu[2], 1),
@@ -518,7 +527,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
         return
     try:
         with busybox_store() as (podman_env, no_image), shoal_fleet(
-                shoal, root, 2, deadline, capacity=args.capacity) as fleet:
+                shoal, root, 2, deadline, capacity=args.capacity, apart=True) as fleet:
 
             async def containers(client: Client, fleet: ShoalFleet, podman_env: dict[str, str],
                                  no_image: str, root: Path) -> None:
@@ -605,6 +614,7 @@ COLUMNS = (
     "run_p50_ms",
     "run_p99_ms",
     "ctl_cpu_pct",
+    "agents_cpu_pct",
     "nats_cpu_pct",
     "bench_cpu_pct",
     "host_cpu_pct",
@@ -615,9 +625,10 @@ COLUMNS = (
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     notes = (
-        "Fleet: `shoal up --agents 2 --capacity "
-        f"{args.capacity} --port 0` in a temporary SHOAL_HOME; client: shoal.client.aio.Client "
-        "(aiohttp) in one process on the same host.\n\n"
+        "Fleet: `shoal up --agents 0 --port 0` and two nodes taking "
+        f"{args.capacity} sessions each, in agent processes of their own (`shoal agent "
+        f"--virtual 1 --capacity {args.capacity}`, one per core), in a temporary SHOAL_HOME; "
+        "client: shoal.client.aio.Client (aiohttp) in one process on the same host.\n\n"
         "- session-create: sequential `POST /api/v1/sessions` of `true` until the record "
         f"returns ({args.warmup} warm-up creates dropped; `runs` = timed creates).\n"
         "- session-start: from the start of the POST until a GET (polled every ~2 ms) shows the "
@@ -629,8 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- session-create-rate: {args.clients} concurrent clients creating `sleep 5` for "
         f"{args.window:g} s; `per_s` = successful creates / s, `sessions` = how many; "
         "p50..max = per-request latency under that load; `run_*` = `started - created`; CPU "
-        "is % of one core over the window (`ctl` = the `shoal up` process: controller + "
-        "agents; `bench` = this client; `host` = all CPUs, other users included).\n"
+        "is % of one core over the window (`ctl` = the `shoal up` process: the controller; "
+        "`agents` = both agent processes; `bench` = this client; `host` = all CPUs, other "
+        "users included).\n"
         f"- session-create-burst: {args.burst} creates of `sleep 5` launched at once "
         "(asyncio.gather, one Client); p50..max = per-request latency from the launch; "
         "`per_s` = creates / wall time until the last answer.\n"

@@ -341,6 +341,35 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
         await client.remove(r.id)
 
 
+async def test_a_node_in_a_run_cannot_speak_for_another_node_of_it(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """node-a is given the run's id (it runs it too) and may publish on its own event
+    subject; an exit it sends there naming node-b is ignored by the controller."""
+    probe = await Probe.open(idfleet, "node-a")
+    try:
+        forged = asyncio.Event()
+
+        async def forge(msg: nats.aio.msg.Msg) -> None:
+            req = m.unpack(msg.data, m.RunRequest)
+            await asyncio.sleep(1)  # node-b has started, and runs for another second
+            await probe.nc.publish(f"shoal.run.{req.run_id}.out.node-a", m.pack(m.Exit(
+                node="node-b", code=99, reason="forged")))
+            forged.set()
+
+        await probe.nc.subscribe("shoal.agent.node-a.run", cb=forge)
+        await probe.nc.flush()
+        run = await asyncio.to_thread(idfleet.shoal, "run", "-n", "node-a,node-b", "--", "sh",
+                                      "-c", 'sleep 2; echo "real $SHOAL_NODE"; exit 3')
+        assert forged.is_set()
+        assert "node-b: real node-b" in run.stdout, run.stdout + run.stderr
+        said = run.stdout + run.stderr
+        assert "forged" not in run.stdout and "99" not in said, said
+        assert "exit 3: node-a,node-b" in said, said
+    finally:
+        await probe.nc.close()
+    wait_for(lambda: "node-a sent an event for node node-b; ignored" in idfleet.log.read_text())
+
+
 async def test_a_heartbeat_chunk_cannot_invent_or_claim_nodes(
         idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
     """The server lets node-a write only its own heartbeat key; what the chunk lists is

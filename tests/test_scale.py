@@ -92,6 +92,9 @@ async def _batch(home: Path, lead: str, nodes: list[str]) -> tuple[m.RunBatchAck
             ev = m.unpack_agent_event_frame(msg.data)
             if isinstance(ev, m.RunBatchStarted):
                 started.update(n for n, _ in ev.started)
+            elif isinstance(ev, m.RunBatchExited):  # gathered, on the lead's subject
+                assert msg.subject == subjects.run_events("testbatch0000001", lead)
+                exited.update(e.node for e in ev.exits)
             elif isinstance(ev, m.Exit):
                 exited.add(ev.node)
 

@@ -25,6 +25,7 @@ modules.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 STOP_REPORT_TIME = 10.0
 BATCH_REPORT = 256  # nodes per RunBatchStarted message, at most
 BATCH_SLICE = 0.01  # seconds of spawning between two turns of the event loop
+EXIT_GATHER = 0.005  # seconds a batch's exits are gathered into one RunBatchExited
 DEFAULT_NODE_TTL = 6.0  # when the heartbeat bucket does not say
 
 
@@ -92,6 +94,8 @@ class _RunRoute:
 
     runs: dict[str, Run] = field(default_factory=dict)  # node name -> run
     batches: dict[str, list[str]] = field(default_factory=dict)  # lead -> its batch's nodes
+    exits: list[m.Exit] = field(default_factory=list)  # a batch's, not yet reported
+    flush: asyncio.TimerHandle | None = None
 
 
 class AgentHost:
@@ -119,7 +123,7 @@ class AgentHost:
         self._stopped = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.host_id = secrets.token_hex(6)  # names this process's heartbeat keys
-        self._batches: set[asyncio.Task[None]] = set()  # run batches still spawning
+        self._batches: set[asyncio.Task[None]] = set()  # run batches spawning or reporting
         self._session_ops: set[asyncio.Task[None]] = set()  # session requests in flight
         self.lead = names[0]
         self._base_env = dict(os.environ)
@@ -564,7 +568,7 @@ class AgentHost:
                     node=name, code=None, reason="the agent is stopping"))
                 continue
             node = self.nodes[name]
-            reply = self._start_run(node, route, one)
+            reply = self._start_run(node, route, one, batched=True)
             if isinstance(reply, m.RunAccepted):
                 started.append((name, reply.pid))
             else:
@@ -589,10 +593,11 @@ class AgentHost:
         except Exception as e:  # a closed connection while stopping
             log.debug("cannot publish run event: %s", e)
 
-    def _start_run(self, node: Node, route: _RunRoute,
-                   req: m.RunRequest) -> m.RunAccepted | m.Exit:
+    def _start_run(self, node: Node, route: _RunRoute, req: m.RunRequest,
+                   batched: bool = False) -> m.RunAccepted | m.Exit:
+        on_exit = functools.partial(self._batch_exit, req.run_id, route) if batched else None
         run = Run(self.nc, node.name, req, self.cfg.grace,  # type: ignore[arg-type]
-                  node.ledger, self.layout, allowed_users=self.cfg.run_as)
+                  node.ledger, self.layout, allowed_users=self.cfg.run_as, on_exit=on_exit)
         reply = run.start(self._base_env)
         if isinstance(reply, m.RunAccepted):
             node.runs[req.run_id] = run
@@ -614,6 +619,27 @@ class AgentHost:
         if not isinstance(reply, m.RunAccepted):
             await self._maybe_drop_route(req.run_id)
         await msg.respond(m.pack(reply))
+
+    def _batch_exit(self, run_id: str, route: _RunRoute, exit_: m.Exit) -> None:
+        """Gather the exits of a batch's nodes: reported a few hundred at a time, on the
+        lead's subject, after their RunBatchStarted (queued before any exit of theirs)."""
+        route.exits.append(exit_)
+        if len(route.exits) >= BATCH_REPORT or self._stopping:
+            self._flush_exits(run_id, route)
+        elif route.flush is None:
+            route.flush = asyncio.get_running_loop().call_later(
+                EXIT_GATHER, self._flush_exits, run_id, route)
+
+    def _flush_exits(self, run_id: str, route: _RunRoute) -> None:
+        if route.flush is not None:
+            route.flush.cancel()
+            route.flush = None
+        exits, route.exits = route.exits, []
+        if exits:
+            task = asyncio.create_task(self._publish(subjects.run_events(run_id, self.lead),
+                                                     m.RunBatchExited(exits=exits)))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     def _route(self, run_id: str) -> _RunRoute:
         return self._routes.setdefault(run_id, _RunRoute())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 from ..system.malloc import reuse_heap_for_bulk_io
@@ -36,8 +36,10 @@ STDIN_ACK_EVERY = 64 << 10
 class Run:
     def __init__(self, nc: NatsClient, node: str, req: m.RunRequest, grace: float,
                  ledger: Ledger, layout: Layout | None = None,
-                 allowed_users: Collection[str] = ()) -> None:
+                 allowed_users: Collection[str] = (),
+                 on_exit: Callable[[m.Exit], None] | None = None) -> None:
         self.nc = nc
+        self.on_exit = on_exit  # a batch's: gathers exits into RunBatchExited; else published
         self.allowed_users = allowed_users  # the agent's run_as
         self.node = node
         self.run_id = req.run_id
@@ -108,7 +110,10 @@ class Run:
         exit_ = m.Exit(node=self.node, code=ended.code, signal=ended.signal,
                        reason=self._end_reason, timed_out=self._timed_out,
                        started=ended.started, ended=time.time())
-        await self._publish(exit_)
+        if self.on_exit is not None:
+            self.on_exit(exit_)
+        else:
+            await self._publish(exit_)
         self.done.set()
 
     def _watch(self) -> None:

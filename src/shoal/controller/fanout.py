@@ -101,6 +101,7 @@ class FanoutRun:
         self.groups = groups if groups is not None else [(None, [n]) for n in nodes]
         self._unanswered = {n for n in nodes if n not in self.down}
         self._batched: set[str] = set()  # nodes asked through a batch
+        self._lead_of: dict[str, str] = {}  # a batched node -> the lead that reports for it
         self._control_to: list[str] = []  # where control frames go: leads and lone nodes
         self.window = window_for(len(nodes))
         self.roll = roll or Roll()
@@ -170,6 +171,7 @@ class FanoutRun:
 
     async def _ask_batch(self, lead: str, nodes: list[str]) -> None:
         self._batched.update(nodes)
+        self._lead_of.update(dict.fromkeys(nodes, lead))
         self._control_to.append(lead)
         batch = m.RunBatch(run_id=self.run_id, spec=self.spec, nodes=nodes, window=self.window)
         reason = ""
@@ -266,22 +268,37 @@ class FanoutRun:
         except msgspec.DecodeError:
             log.warning("run %s: undecodable event on %s", self.run_id, msg.subject)
             return
-        if isinstance(ev, m.Exit):
-            self._emit(ev)
-            if ev.node in self._batched:  # an exit without a start: it could not start
-                self._answered(ev.node)
-            return
+        # Who speaks: the subject's last token, which only that node's credential may
+        # publish (node identities). A node speaks for itself; a lead for its batch.
+        speaker = msg.subject.rpartition(".")[2]
         if isinstance(ev, m.RunBatchStarted):
             for node, pid in ev.started:
-                if node in self._batched and node in self._unanswered:
+                if self._lead_of.get(node) == speaker and node in self._unanswered:
                     self._emit(m.Started(node=node, pid=pid))
                     self._answered(node)
+            return
+        if isinstance(ev, m.RunBatchExited):
+            for exit_ in ev.exits:
+                if self._lead_of.get(exit_.node) == speaker:
+                    self._on_exit(exit_)
+            return
+        if ev.node != speaker:
+            log.warning("run %s: %s sent an event for node %s; ignored", self.run_id, speaker,
+                        ev.node)
+            return
+        if isinstance(ev, m.Exit):
+            self._on_exit(ev)
             return
         size = ev.size
         if size is None:
             log.warning("run %s: output that is not bytes on %s", self.run_id, msg.subject)
             return
         self._emit(Forward(ev.node, size, msg.data))
+
+    def _on_exit(self, ev: m.Exit) -> None:
+        self._emit(ev)
+        if ev.node in self._batched:  # for one that never reported a start: it could not
+            self._answered(ev.node)
 
     async def _pump_events(self) -> None:
         """Hand events to the sink in order; acknowledge output once the sink took it."""

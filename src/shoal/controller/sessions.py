@@ -93,31 +93,34 @@ class SessionService:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
         sid = spec.id or "s-" + secrets.token_hex(6)
         spec = msgspec.structs.replace(spec, id=sid)
+        digest = m.spec_digest(spec)
         record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
-                                 seal=self.seal(spec, owner), owner=owner)
+                                 seal=self.seal(spec, owner, digest), owner=owner)
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
                 raise ConflictError(f"a different session already has id {sid}; choose "
                                     "another id (the same spec with the same id is fine)")
             return record, False
-        return await self.place(record), True
+        return await self.place(record, digest), True
 
-    def seal(self, spec: m.SessionSpec, owner: str = "") -> str:
-        text = m.spec_digest(spec) + (f"\0{owner}" if owner else "")
+    def seal(self, spec: m.SessionSpec, owner: str = "", digest: str = "") -> str:
+        text = (digest or m.spec_digest(spec)) + (f"\0{owner}" if owner else "")
         return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
 
-    def sealed(self, record: m.SessionRecord) -> bool:
+    def sealed(self, record: m.SessionRecord, digest: str = "") -> bool:
         """Whether a controller made this record's spec (and gave it this owner). Agents
         may write records, so every path that acts on one (placement, services, terminals,
-        scope checks) asks this first."""
-        return hmac.compare_digest(record.seal, self.seal(record.spec, record.owner))
+        scope checks) asks this first. ``digest``: the spec's, if already known."""
+        return hmac.compare_digest(record.seal, self.seal(record.spec, record.owner, digest))
 
-    async def place(self, record: m.SessionRecord) -> m.SessionRecord:
-        """Offer the session to candidate nodes until one takes it."""
+    async def place(self, record: m.SessionRecord, digest: str = "") -> m.SessionRecord:
+        """Offer the session to candidate nodes until one takes it. ``digest``: of its
+        spec, if known."""
         self._placing.add(record.id)
         try:
-            if not self.sealed(record):
+            digest = digest or m.spec_digest(record.spec)
+            if not self.sealed(record, digest):
                 # Agents may write records; only a controller's spec is ever launched.
                 log.warning("session %s has no valid seal; not placing it", record.id)
                 failed = await self.store.move_from(
@@ -130,7 +133,6 @@ class SessionService:
                     record = await self.store.move_from(record.id, PENDING, "pending",
                                                    output_bytes=end) or record
             reasons: list[str] = []
-            digest = m.spec_digest(record.spec)
             for node in placement.candidates(record.spec, self.registry.snapshot()):
                 reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest))
                 if reply.ok:

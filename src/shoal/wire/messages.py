@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -153,7 +153,8 @@ class RunRefused(Struct, frozen=True, tag="refused", tag_field="t"):
 class RunBatch(Struct, frozen=True):
     """Controller -> agent process (request on ``shoal.agent.<lead>.runs``): one run on
     several of its nodes. Answered at once with ``RunBatchAck``; each node then reports
-    ``RunBatchStarted`` (in groups) or ``Exit`` on the run's event subjects."""
+    ``RunBatchStarted`` and ``RunBatchExited`` (in groups, on the lead's subject), or
+    ``Exit`` alone (it could not start) on the run's event subjects."""
 
     run_id: str
     spec: RunSpec
@@ -218,6 +219,14 @@ class Exit(Struct, frozen=True, tag="exit", tag_field="t"):
     timed_out: bool = False
     started: float = 0.0
     ended: float = 0.0
+
+
+class RunBatchExited(Struct, frozen=True, tag="batch-exited", tag_field="t"):
+    """Agent -> controller on ``shoal.run.<run>.out.<lead>``: these nodes of a batch ended
+    (gathered for a few milliseconds, at most a few hundred per message): 10,000 ``true``
+    cost one write and one message per few hundred nodes, not one per node."""
+
+    exits: list[Exit]
 
 
 class Unreachable(Struct, frozen=True, tag="unreachable", tag_field="t"):
@@ -559,16 +568,14 @@ def check_process(argv_field: str, argv: list[str] | None, shell: str | None,
                               "/, no NUL byte)")
 
 
-@runtime_checkable
-class Validated(Protocol):
-    def validate(self) -> None: ...
-
-
 def check(msg: Any) -> None:
     """The checks of a decoded request that msgspec's constraints cannot express (its
-    struct's ``validate``): run by both API transports on every request they decode."""
-    if isinstance(msg, Validated):
-        msg.validate()
+    struct's ``validate``): run by both API transports on every request they decode.
+    (A plain attribute lookup: isinstance against a runtime Protocol cost a fifth of a
+    session create.)"""
+    validate = getattr(msg, "validate", None)
+    if validate is not None:
+        validate()
 
 
 def pack(msg: Any) -> bytes:
@@ -586,8 +593,9 @@ _client_frame: msgspec.msgpack.Decoder[ClientFrame] = msgspec.msgpack.Decoder(Cl
 _server_frame: msgspec.msgpack.Decoder[ServerFrame] = msgspec.msgpack.Decoder(ServerFrame)
 _run_reply: msgspec.msgpack.Decoder[RunAccepted | RunRefused | Exit] = msgspec.msgpack.Decoder(
     RunAccepted | RunRefused | Exit)
-_agent_event_frame: msgspec.msgpack.Decoder[OutputFrame | Exit | RunBatchStarted] = (
-    msgspec.msgpack.Decoder(OutputFrame | Exit | RunBatchStarted))
+_agent_event_frame: msgspec.msgpack.Decoder[
+    OutputFrame | Exit | RunBatchStarted | RunBatchExited] = (
+    msgspec.msgpack.Decoder(OutputFrame | Exit | RunBatchStarted | RunBatchExited))
 _session_control: msgspec.msgpack.Decoder[SessionControl] = msgspec.msgpack.Decoder(
     SessionControl)
 
@@ -612,7 +620,8 @@ def unpack_run_reply(data: bytes) -> RunAccepted | RunRefused | Exit:
     return _run_reply.decode(data)
 
 
-def unpack_agent_event_frame(data: bytes) -> OutputFrame | Exit | RunBatchStarted:
+def unpack_agent_event_frame(data: bytes,
+                             ) -> OutputFrame | Exit | RunBatchStarted | RunBatchExited:
     """An agent's output, exit or batch-started event, leaving output data encoded."""
     return _agent_event_frame.decode(data)
 
