@@ -167,3 +167,34 @@ def test_trust_is_by_the_node_of_each_attempt_and_never_goes_back() -> None:
     assert not trust.accept("node-a", 3) and not trust.knows(3)
     assert trust.accept("node-b", 2)
     assert not trust.accept("node-a", 1)  # a later attempt has written: attempt 1 is over
+
+
+async def test_a_writer_the_controllers_disown_is_fenced(nc: NatsClient) -> None:
+    """With a node credential the writer asks the controllers where output stands; their
+    "not your attempt" (the record moved on) fences it, at its start or at a refusal."""
+    js = nc.jetstream()
+    await outputlog.ensure_stream(js)
+    owner = {"s5": 1}
+
+    async def where(sid: str, epoch: int) -> outputlog.OutputLast:
+        if owner[sid] != epoch:
+            raise outputlog.Fenced(f"attempt {epoch} of {sid} is not node-a's")
+        return await outputlog.last_output(js, sid, ["node-a", "node-b"][:owner[sid]])
+    zombie = outputlog.OutputWriter(js, "s5", "node-a", where=where)
+    told: list[str] = []
+    zombie.on_fenced = lambda: told.append("fenced")
+    await zombie.begin(1)
+    zombie.write("stdout", b"one ")
+    assert await zombie.flush(10)
+    owner["s5"] = 2
+    newer = outputlog.OutputWriter(js, "s5", "node-b", where=where)
+    await newer.begin(2)
+    zombie.write("stdout", b"zombie")
+    assert await zombie.flush(10)
+    assert zombie.fenced and told == ["fenced"]
+    late = outputlog.OutputWriter(js, "s5", "node-a", where=where)
+    await late.begin(1)  # a copy that starts only now: fenced before it writes anything
+    assert late.fenced
+    late.write("stdout", b"late")
+    await newer.close(timeout=10)
+    assert _text(await _read(nc, "s5", ["node-a", "node-b"])) == b"one "
