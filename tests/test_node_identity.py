@@ -167,17 +167,17 @@ PUBLISH_ABUSES = [
     "$KV.shoal-identities.impostor",  # enroll without a join token
     "$KV.shoal-join.x",
     "$SYS.REQ.CLAIMS.UPDATE",  # the account itself (revocations)
-    "shoal.out.node-b.s1",  # session output as node-b
-    "shoal.tout.node-b.t_1",  # pool terminal output as node-b
+    "shoal.out.s1.node-b",  # session output as node-b
+    "shoal.tout.t_1.node-b",  # pool terminal output as node-b
     "shoal.out.s1",  # the old shape, which readers still believe
     "shoal.tout.t_1",
     "$JS.API.STREAM.MSG.GET.shoal-output",  # any session's stored output, by sequence
     "$JS.API.STREAM.MSG.GET.shoal-terminal-output",
     "$JS.API.DIRECT.GET.shoal-output",
-    "$JS.API.DIRECT.GET.shoal-output.shoal.out.node-b.s1",
+    "$JS.API.DIRECT.GET.shoal-output.shoal.out.s1.node-b",
     "$JS.API.STREAM.INFO.shoal-output",
     "$JS.API.STREAM.INFO.shoal-terminal-output",
-    "$JS.API.CONSUMER.CREATE.shoal-output.r.shoal.out.node-b.s1",  # a consumer of it
+    "$JS.API.CONSUMER.CREATE.shoal-output.r.shoal.out.s1.node-b",  # a consumer of it
     "$JS.API.CONSUMER.CREATE.shoal-terminal-output",
     "$JS.API.CONSUMER.DURABLE.CREATE.shoal-output.r",
 ]
@@ -193,7 +193,7 @@ async def test_a_node_credential_reaches_its_own_node_only(idfleet: Fleet,
         allowed = await probe.allowed("subscribe", SUBSCRIBE_ABUSES)
         allowed += await probe.allowed("publish", PUBLISH_ABUSES)
         assert allowed == [], f"the server let node-a's credential use {allowed}"
-        assert not await probe.refused("publish", "shoal.out.node-a.s1")  # its own output
+        assert not await probe.refused("publish", "shoal.out.s1.node-a")  # its own output
     finally:
         await probe.nc.close()
 
@@ -267,9 +267,9 @@ async def test_a_node_cannot_read_stored_output(idfleet: Fleet,
     try:
         js = probe.nc.jetstream(timeout=2)
         with pytest.raises(nats.errors.TimeoutError):
-            await js.get_last_msg("shoal-output", f"shoal.out.node-b.{r.id}")
+            await js.get_last_msg("shoal-output", f"shoal.out.{r.id}.node-b")
         with pytest.raises(nats.errors.TimeoutError):
-            await js.pull_subscribe(f"shoal.out.node-b.{r.id}", stream="shoal-output")
+            await js.pull_subscribe(f"shoal.out.{r.id}.node-b", stream="shoal-output")
         wait_for(lambda: any("permissions violation for publish" in e
                              and "$js.api.stream.msg.get.shoal-output" in e
                              for e in probe.errors))
@@ -323,7 +323,7 @@ async def test_output_a_node_publishes_for_another_nodes_session_never_shows(
         # The session's old-shape subject (refused), and node-a's own name (allowed, and
         # not believed).
         try:
-            for subject in (f"shoal.out.{r.id}", f"shoal.out.node-a.{r.id}"):
+            for subject in (f"shoal.out.{r.id}", f"shoal.out.{r.id}.node-a"):
                 for chunk in forgeries:
                     await probe.nc.publish(subject, msgspec.msgpack.encode(chunk))
                 await probe.nc.publish(subject, b"not a chunk")

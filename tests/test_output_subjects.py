@@ -1,4 +1,4 @@
-"""Session output under the writing node's name (``shoal.out.<node>.<id>``), against a real
+"""Session output under the writing node's name (``shoal.out.<id>.<node>``), against a real
 nats-server: fencing across nodes, what readers believe, and output stored under the old
 one-token subject before the upgrade (docs/security.md, "Session output")."""
 

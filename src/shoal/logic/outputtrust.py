@@ -1,6 +1,6 @@
 """Which stored output chunks a reader believes, from where they were published.
 
-A node's credential may publish output only under its own name (``shoal.out.<node>.<id>``),
+A node's credential may publish output only under its own name (``shoal.out.<id>.<node>``),
 so the subject says which node wrote a chunk; the session record says which node ran each
 attempt (``attempt_nodes``). A chunk of attempt ``e`` counts only if it came from the node of
 attempt ``e``, and never after a chunk of a later attempt (what the attempt markers mean:

@@ -1,7 +1,7 @@
 """Durable session output in a JetStream stream, addressable by byte offset.
 
 A session's output is stored under the name of the node that wrote it,
-``shoal.out.<node>.<id>``, as msgpack ``Chunk``s whose offsets count the session's bytes
+``shoal.out.<id>.<node>``, as msgpack ``Chunk``s whose offsets count the session's bytes
 across its streams and its attempts (output stored before node names, under
 ``shoal.out.<id>``, is read as before). A node's credential may publish only under its own
 names, and readers believe a chunk only from the node of its attempt (``logic/outputtrust``),
@@ -17,7 +17,7 @@ connection is down or not answering (its reconnect buffer would keep a copy per 
 an outage of any length costs at most the budget.
 
 Pool terminals (ids starting with ``t_``, given only by the terminal pool) write to a stream
-of their own, ``shoal-terminal-output`` on ``shoal.tout.<node>.<id>``, with its own byte limit:
+of their own, ``shoal-terminal-output`` on ``shoal.tout.<id>.<node>``, with its own byte limit:
 anonymous visitors filling it evict only each other's output, never other sessions' logs.
 The id alone says which stream, so agents and readers need nothing else to find it.
 
@@ -25,7 +25,7 @@ Fencing: each placement of a session (an *attempt*, the record's ``attempt``) be
 output with a marker chunk (stream ``attempt``, carrying the attempt number), and publishes
 every chunk with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of its
 own previous chunk, counted over the session's subjects of every node
-(``Nats-Expected-Last-Subject-Sequence-Subject: shoal.out.*.<id>``). So once a newer attempt
+(``Nats-Expected-Last-Subject-Sequence-Subject: shoal.out.<id>.*``). So once a newer attempt
 has written its marker, on any node, a chunk of an older one is refused by JetStream (wrong
 last sequence). The writer then asks where the output stands (``where``: the controllers,
 as a node credential may not read the stream): a newer attempt's chunk there means it is
@@ -104,23 +104,23 @@ def subject(session_id: str, node: str = outputtrust.LEGACY) -> str:
     """Where ``node`` stores the session's output (no node: the old one-token subject)."""
     if node == outputtrust.LEGACY:
         return f"shoal.{_kind(session_id)}.{session_id}"
-    return f"shoal.{_kind(session_id)}.{node}.{session_id}"
+    return f"shoal.{_kind(session_id)}.{session_id}.{node}"
 
 
 def every_node(session_id: str) -> str:
     """The session's output subjects of every node (not the old one-token subject)."""
-    return f"shoal.{_kind(session_id)}.*.{session_id}"
+    return f"shoal.{_kind(session_id)}.{session_id}.*"
 
 
 def node_of(subj: str) -> str:
     """The node a chunk was published by, from its subject ("" for the old shape)."""
     parts = subj.split(".", 3)
-    return parts[2] if len(parts) == 4 else outputtrust.LEGACY
+    return parts[3] if len(parts) == 4 else outputtrust.LEGACY
 
 
 def node_subjects(node: str) -> list[str]:
     """What the credential of ``node`` may publish output on."""
-    return [f"shoal.out.{node}.*", f"shoal.tout.{node}.*"]
+    return [f"shoal.out.*.{node}", f"shoal.tout.*.{node}"]
 
 
 # Both shapes: output stored before node names stays in the stream, readable.
