@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import ShoalError
 from ..natsio.outputlog import DEFAULT_CAP, OutputWriter
 from ..wire import messages as m
 from ..wire import reports as r
@@ -66,10 +65,6 @@ EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, op
 # How long a yes waits for the controller's go before asking whether the record names us
 # (the go is a plain message: lost if the connection blinks, or the controller died).
 GO_TIMEOUT = 10.0
-
-
-class ReportRefused(ShoalError):
-    """A controller refused a report as against the lifecycle (a bug, never a fence)."""
 
 
 def effective_limits(limits: m.Limits, ephemeral: bool) -> m.Limits:
@@ -128,6 +123,7 @@ class Session:
         self.last_attached = time.monotonic()
         self.done = asyncio.Event()
         self._sub: Subscription | None = None
+        self._reporting: asyncio.Task[None] | None = None  # the last report posted
         self._wake = asyncio.Event()
         self.detached_from_record = False  # the fleet moved on: never write the record again
         self.reschedule = False
@@ -177,10 +173,9 @@ class Session:
                     return
                 assert self.proc is not None
                 await self.proc.until_running()
-                await self._move("running", pid=self.proc.pid,
-                                          started=time.time(), restarts=self.restarts,
-                                          user=self.user.name if self.user
-                                          else self.spec.user)
+                self._move("running", pid=self.proc.pid, started=time.time(),
+                           restarts=self.restarts,
+                           user=self.user.name if self.user else self.spec.user)
                 code, sig, limit = await self._wait_child()
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):
@@ -200,11 +195,9 @@ class Session:
                     return
                 self.restarts += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2 ** max(0, self.fast_failures - 1))
-                await self._move("starting", restarts=self.restarts,
-                                          exit_code=code, signal=sig,
-                                          reason=f"restarting in {delay:g}s after "
-                                                 f"{_describe(code, sig)}"
-                                                 + (f" ({limit})" if limit else ""))
+                self._move("starting", restarts=self.restarts, exit_code=code, signal=sig,
+                           reason=f"restarting in {delay:g}s after {_describe(code, sig)}"
+                                  + (f" ({limit})" if limit else ""))
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -287,11 +280,29 @@ class Session:
         output path (a full store may never take it); a natural exit waits for NATS."""
         return KILL_OUTPUT_GRACE if self.kill_reason else None
 
-    async def _move(self, state: r.AgentState, **fields: Any) -> None:
+    def _move(self, state: r.AgentState, **fields: Any) -> asyncio.Task[None]:
         """Report a move of our session; the controller writes it only while the record is
-        still this placement's (else we fence)."""
-        await self._report(r.SessionMove(session=self.id, attempt=self.attempt, state=state,
-                                         **fields))
+        still this placement's (else we fence). See ``_post``."""
+        return self._post(r.SessionMove(session=self.id, attempt=self.attempt, state=state,
+                                        **fields))
+
+    def _post(self, report: r.SessionMove | r.SessionReschedule) -> asyncio.Task[None]:
+        """Send ``report`` after the ones posted before it (in order), in the background:
+        with no controller running, a daemon still restarts meanwhile. An end awaits the
+        task: its output's end marker follows the final record."""
+        before = self._reporting
+
+        async def send() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)  # said by its own
+            try:
+                await self._report(report)
+            except Exception:
+                log.exception("session %s: reporting %s failed", self.id,
+                              type(report).__name__)
+
+        self._reporting = asyncio.create_task(send())
+        return self._reporting
 
     async def _report(self, report: r.SessionMove | r.SessionReschedule) -> None:
         if self.detached_from_record:
@@ -302,9 +313,9 @@ class Session:
             return
         if reply.refused in ("fenced", "not_yours"):
             self.fence(reply.reason)
-        else:
-            raise ReportRefused(f"the controller refused {type(report).__name__}: "
-                                f"{reply.reason}")
+        else:  # a bug in us or the controller: said, and the session goes on
+            log.error("session %s: the controller refused %s: %s", self.id,
+                      type(report).__name__, reply.reason)
 
     def fence(self, reason: str) -> None:
         """This copy is no longer the session (the fleet placed it again, or we were cut
@@ -324,16 +335,15 @@ class Session:
         if self.reschedule and state == "killed":
             # its output goes on elsewhere
             await self.writer.close(end_marker=False, timeout=self._output_bound())
-            await self._report(r.SessionReschedule(session=self.id, attempt=self.attempt,
-                                                   why=self.kill_reason,
-                                                   output_bytes=self.writer.offset))
+            await self._post(r.SessionReschedule(session=self.id, attempt=self.attempt,
+                                                 why=self.kill_reason,
+                                                 output_bytes=self.writer.offset))
             return
         # Output first, then the final record, then the end marker: a reader that sees the
         # marker finds the record final, and one that sees the record final has all output.
         await self.writer.flush(self._output_bound())
-        await self._move(state, exit_code=exit_code, signal=signal,
-                                  reason=reason, output_bytes=self.writer.offset,
-                                  restarts=self.restarts)
+        await self._move(state, exit_code=exit_code, signal=signal, reason=reason,
+                         output_bytes=self.writer.offset, restarts=self.restarts)
         await self.writer.close(timeout=self._output_bound())
 
     async def _cleanup(self) -> None:
