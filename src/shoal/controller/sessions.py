@@ -91,11 +91,14 @@ class SessionService:
                               f"outage; nothing was created: retry in {wait:.0f} s", wait)
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
-        sid = spec.id or "s-" + secrets.token_hex(6)
+        spec_id = spec.id
+        sid = spec_id or "s-" + secrets.token_hex(6)
         spec = msgspec.structs.replace(spec, id=sid)
         digest = m.spec_digest(spec)
         record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
                                  seal=self.seal(spec, owner, digest), owner=owner)
+        if not spec_id and self.registry.settled():
+            return await self._create_placed(record, digest), True
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
@@ -157,6 +160,29 @@ class SessionService:
         finally:
             self._placing.discard(record.id)
 
+    async def _create_placed(self, record: m.SessionRecord, digest: str) -> m.SessionRecord:
+        """A new session under an id of our own (nobody else can know it yet): offered
+        first, then stored once, already ``starting`` on the node that said yes (or
+        ``failed`` if none did). One write where placing a stored record takes two."""
+        reasons: list[str] = []
+        for node in placement.candidates(record.spec, self.registry.snapshot()):
+            reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest,
+                                                                  record=record))
+            if not reply.ok:
+                reasons.append(reply.reason)
+                continue
+            placed = _placed(record, node, reply)
+            created = False
+            try:
+                placed, created = await self.store.create(placed)
+            finally:
+                await self._go(node, record.id, placed.attempt, created)
+            return placed
+        why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
+        failed, _ = await self.store.create(msgspec.structs.replace(
+            record, state="failed", reason=f"no node has room ({why})", ended=time.time()))
+        return failed
+
     async def _take(self, offered: m.SessionRecord, node: str,
                     reply: m.SessionStartReply) -> m.SessionRecord:
         """``node`` said yes to ``offered``: write it ``starting`` there (the placement's
@@ -167,10 +193,7 @@ class SessionService:
         def take(r: m.SessionRecord) -> m.SessionRecord | None:
             if r.state != "pending" or r.attempt != offered.attempt:
                 return None
-            # The node may run a throwaway user's session as itself (it cannot make users).
-            user = reply.user if reply.user == "agent" else r.spec.user
-            return msgspec.structs.replace(r, state="starting", node=node, ports=reply.ports,
-                                           address=reply.address, user=user, attempt=attempt)
+            return _placed(r, node, reply)
 
         written = None
         try:
@@ -333,6 +356,15 @@ class SessionService:
             case sessionreconcile.Purge(id=sid):
                 await self.store.delete(sid)
                 await outputlog.purge(self.js, sid)
+
+
+def _placed(r: m.SessionRecord, node: str, reply: m.SessionStartReply) -> m.SessionRecord:
+    """``r`` placed on ``node``, which said yes with ``reply``: its next attempt."""
+    # The node may run a throwaway user's session as itself (it cannot make users).
+    user = reply.user if reply.user == "agent" else r.spec.user
+    return msgspec.structs.replace(r, state="starting", node=node, ports=reply.ports,
+                                   address=reply.address, user=user, attempt=r.attempt + 1,
+                                   requeued="")
 
 
 def _what_runs(spec: m.SessionSpec) -> tuple[object, ...]:
