@@ -9,8 +9,14 @@ import signal
 import time
 from pathlib import Path
 
+import nats
+
 from faultkit import NatsFleet
-from fleet import processes_with_env, wait_for
+from fleet import Fleet, processes_with_env, wait_for
+from shoal.client.aio import Client
+from shoal.config import ControllerConfig, load
+from shoal.wire import messages as m
+from shoal.wire import subjects
 
 
 def test_an_exit_while_no_controller_runs_is_recorded_once_one_is_back(tmp_path: Path) -> None:
@@ -55,3 +61,34 @@ def test_an_exit_while_no_controller_runs_is_recorded_once_one_is_back(tmp_path:
             ctl.wait(20)
             agent.send_signal(signal.SIGTERM)
             agent.wait(20)
+
+
+async def test_a_yes_without_a_go_never_runs_and_gives_its_room_back(tmp_path: Path) -> None:
+    """A controller that dies between a node's yes and writing the record (here: a start
+    request with no go after it): the node asks after a while, hears the record does not
+    name it, and releases what it reserved; the process never starts."""
+    fleet = Fleet(tmp_path / "home", agents=1).start()
+    try:
+        node = next(iter(fleet.nodes()))
+        marker = tmp_path / "ran"
+        spec = m.SessionSpec(id="s-nogo", command=["touch", str(marker)], ports=1)
+        record = m.SessionRecord(id="s-nogo", spec=spec, created=time.time())
+        cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
+        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        try:
+            answer = await nc.request(subjects.agent_session(node, "start"), m.pack(
+                m.SessionStart(id="s-nogo", digest=m.spec_digest(spec), record=record)),
+                timeout=10)
+        finally:
+            await nc.close()
+        reply = m.unpack(answer.data, m.SessionStartReply)
+        assert reply.ok and reply.ports, reply
+        wait_for(lambda: fleet.nodes()[node]["sessions"] == 1)  # the room is held for the go
+        wait_for(lambda: fleet.nodes()[node]["sessions"] == 0, timeout=30)
+        assert not marker.exists()
+        async with Client(fleet.url, fleet.token) as c:  # the node takes sessions again
+            r = await c.create_session(m.SessionSpec(command=["sleep", "30"], ports=1))
+            assert r.state == "starting" and r.node == node and r.ports, r
+            await c.kill(r.id)
+    finally:
+        fleet.stop()
