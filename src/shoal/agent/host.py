@@ -44,7 +44,7 @@ import msgspec
 
 from .. import __version__
 from ..config import AgentConfig, shoal_home
-from ..errors import AuthError, ConnectError, ShoalError
+from ..errors import AuthError, ConnectError
 from ..natsio import bus
 from ..natsio.outputlog import describe_store_error
 from ..wire import hostbeat, subjects
@@ -483,7 +483,7 @@ class AgentHost:
     async def _verify_quietly(self) -> None:
         try:
             await self._verify_sessions()
-        except ShoalError as e:
+        except Exception as e:
             log.warning("checking sessions against their records failed: %s", e)
 
     async def _verify_sessions(self) -> None:
