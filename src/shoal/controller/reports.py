@@ -102,6 +102,9 @@ class Reports:
             except REPORT_ERRORS as e:  # no answer: the node asks again
                 log.info("session report from %s not applied yet: %s", node, e)
                 return
+            except Exception as e:  # a bug: said once, never asked again and again
+                log.exception("session report from node %s failed", node)
+                reply = SessionReportReply(ok=False, refused="bad", reason=f"{e}")
         try:
             await msg.respond(r.pack(reply))
         except NATS_ERRORS as e:
