@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 TRY_TIMEOUT = 5.0  # one try: a busy controller answers well within it
 MAX_PAUSE = 2.0  # between tries, at most
-SAY_AGAIN = 60.0  # how often a report still unanswered is logged
+SAY_AGAIN = 60.0  # how often unanswered reports are logged, at most
 
 
 class Reporter:
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
+        self._said = -SAY_AGAIN  # when an unanswered report was last logged (one line for all)
 
     async def once(self, node: str, report: r.SessionReport,
                    timeout: float = TRY_TIMEOUT) -> r.SessionReportReply:
@@ -50,16 +51,15 @@ class Reporter:
         """Until a controller answers (None once ``give_up()`` says the answer no longer
         matters)."""
         pause = 0.1
-        said = 0.0
         while not give_up():
             try:
                 return await self.once(node, report)
             except ShoalError as e:
                 now = time.monotonic()
-                if now - said >= SAY_AGAIN:
+                if now - self._said >= SAY_AGAIN:
                     log.warning("no controller took a report of node %s (%s): %s; asking "
                                 "again until one does", node, type(report).__name__, e)
-                    said = now
+                    self._said = now
             await asyncio.sleep(pause)
             pause = min(MAX_PAUSE, pause * 2)
         return None
