@@ -1,5 +1,6 @@
-"""What an agent's NATS credential cannot do: read controllers' replies, or get a session it
-wrote into the bucket launched."""
+"""What an agent's NATS credential cannot do: read controllers' replies, or touch session
+records (the controllers write them from the agents' reports); and a record that a
+controller did not make is never launched."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import msgspec
 import nats
+import nats.errors
+import pytest
 
 from fleet import Fleet
 from shoal.client.aio import Client
-from shoal.config import AgentConfig, load
+from shoal.config import AgentConfig, ControllerConfig, load
 from shoal.wire import messages as m
 from shoal.wire.subjects import SESSIONS_BUCKET
 
@@ -42,10 +45,29 @@ async def test_agents_cannot_read_controller_inboxes(fleet: Fleet) -> None:
         await nc.close()
 
 
-async def test_a_planted_session_is_never_launched(fleet: Fleet, tmp_path: Path) -> None:
-    marker = tmp_path / "planted-ran"
+async def test_agents_cannot_touch_session_records(fleet: Fleet) -> None:
+    """The shared agent user (password mode) reads, writes and watches no session record:
+    one code path with node identities (agents report, controllers write)."""
     errors: list[str] = []
     nc = await _agent_nc(fleet, errors)
+    try:
+        with pytest.raises(nats.errors.Error):
+            await nc.jetstream().key_value(SESSIONS_BUCKET)
+        await nc.publish(f"$KV.{SESSIONS_BUCKET}.planted", b"{}")
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert any("permissions violation" in e.lower() and SESSIONS_BUCKET in e
+                   for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_a_planted_session_is_never_launched(fleet: Fleet, tmp_path: Path) -> None:
+    """A record written into the bucket by anything but a controller's own code (here with
+    the controllers' NATS credential itself) has no valid seal: it ends failed, unrun."""
+    marker = tmp_path / "planted-ran"
+    cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
+    nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
     try:
         kv = await nc.jetstream().key_value(SESSIONS_BUCKET)
         spec = m.SessionSpec(id="planted", command=["touch", str(marker)])

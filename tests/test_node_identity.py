@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ from shoal.config import AgentConfig, load
 from shoal.identity import claims
 from shoal.natsio import outputlog
 from shoal.natsio.natsd import free_port, server_binary
-from shoal.wire import hostbeat
+from shoal.wire import hostbeat, reports
 from shoal.wire import messages as m
 from shoal.wire.reports import OutputLast, OutputTrim, OutputWhere, OutputWhereReply
 
@@ -160,6 +161,7 @@ PUBLISH_ABUSES = [
     "$JS.API.STREAM.PURGE.shoal-output",  # every session's stored output
     "$JS.API.STREAM.PURGE.shoal-terminal-output",
     "shoal.report.node-b.trim",  # node-b's requests to trim its sessions' output
+    "shoal.report.node-b.session",  # node-b's session reports (records are written on them)
     "$JS.API.STREAM.DELETE.shoal-output",  # the output stream itself
     "$JS.API.STREAM.CREATE.impostor",
     "$JS.API.CONSUMER.CREATE.shoal-output",  # a consumer reading every session's output
@@ -396,6 +398,137 @@ async def test_a_heartbeat_chunk_cannot_invent_or_claim_nodes(
     assert nodes["node-b"]["sessions"] != 7 and nodes["node-a"]["state"] == "ready"
 
 
+# ---------------------------------------------------------------- session records
+
+async def _running(client: Client, sid: str, timeout: float = 30) -> m.SessionRecord:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.session(sid)
+        if r.state == "running" and r.pid:
+            return r
+        assert r.state not in ("exited", "failed", "killed", "lost"), r
+        assert time.monotonic() < deadline, r
+        await asyncio.sleep(0.1)
+
+
+async def test_a_node_credential_cannot_read_write_or_watch_session_records(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """Session records are the controllers' alone: node-a reads no record (not node-b's
+    spec, its env secrets; not even its own), writes, deletes or purges none, and cannot
+    watch the bucket. The server refuses each."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        b = await client.create_session(m.SessionSpec(command=["sleep", "30"], node="node-b",
+                                                      env={"TOKEN": "s3cret"}))
+        a = await client.create_session(m.SessionSpec(command=["sleep", "30"], node="node-a"))
+        before = await _running(client, b.id)
+        await _running(client, a.id)
+        kv = "shoal-sessions"
+        abuses = [
+            ("publish", f"$KV.{kv}.{b.id}"),  # rewrite (or delete: a put with a header)
+            ("publish", f"$KV.{kv}.{a.id}"),  # even its own record
+            ("publish", f"$KV.{kv}.new-session"),  # invent one
+            ("publish", f"$JS.API.DIRECT.GET.KV_{kv}.$KV.{kv}.{b.id}"),  # read node-b's spec
+            ("publish", f"$JS.API.STREAM.MSG.GET.KV_{kv}"),
+            ("publish", f"$JS.API.CONSUMER.CREATE.KV_{kv}"),  # watch every record
+            ("publish", f"$JS.API.CONSUMER.CREATE.KV_{kv}.w.$KV.{kv}.>"),
+            ("publish", f"$JS.API.STREAM.INFO.KV_{kv}"),
+            ("publish", f"$JS.API.STREAM.PURGE.KV_{kv}"),  # delete every record
+            ("publish", f"$JS.API.STREAM.DELETE.KV_{kv}"),
+            ("subscribe", f"$KV.{kv}.>"),
+            ("publish", "shoal.report.node-b.session"),  # report as node-b
+        ]
+        allowed = []
+        for verb, subject in abuses:  # a connection each: a server may close one it let in
+            probe = await Probe.open(idfleet, "node-a")
+            try:
+                if not await probe.refused(verb, subject):
+                    allowed.append(subject)
+            except nats.errors.ConnectionClosedError:
+                allowed.append(subject)  # closed without a permissions violation
+            finally:
+                await probe.nc.close()
+        assert allowed == [], f"the server let node-a's credential use {allowed}"
+        probe = await Probe.open(idfleet, "node-a")
+        try:
+            with pytest.raises(nats.errors.Error):  # the ordinary KV client gets nowhere
+                await probe.nc.jetstream().key_value(kv)
+        finally:
+            await probe.nc.close()
+        after = await client.session(b.id)
+        assert after == before  # node-b's session ran on, untouched
+        await client.kill(a.id)
+        await client.kill(b.id)
+
+
+async def test_a_node_report_on_another_nodes_session_is_refused_by_the_controller(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """node-a may report on its own subject only; what it says about node-b's session is
+    refused by the controller (the record names node-b), said in its log, and changes
+    nothing."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        b = await client.create_session(m.SessionSpec(command=["sleep", "30"], node="node-b",
+                                                      restart="always"))
+        before = await _running(client, b.id)
+        probe = await Probe.open(idfleet, "node-a")
+        try:
+            async def report(msg: reports.SessionReport) -> reports.SessionReportReply:
+                answer = await probe.nc.request("shoal.report.node-a.session",
+                                                reports.pack(msg), timeout=15)
+                return reports.unpack_reply(answer.data)
+
+            for forged in (reports.SessionMove(b.id, before.attempt, "exited", exit_code=0),
+                           reports.SessionMove(b.id, before.attempt, "running", pid=1),
+                           reports.SessionReschedule(b.id, before.attempt, "forged"),
+                           reports.SessionDropped(b.id, before.attempt, "forged")):
+                reply = await report(forged)
+                assert not reply.ok and reply.refused == "not_yours", (forged, reply)
+            # A restart of node-a settles node-a's records only; a check tells it nothing
+            # about node-b's session but that it is not node-a's.
+            assert (await report(reports.SessionsRestarted())).ok
+            check = await report(reports.SessionsCheck({b.id: before.attempt}))
+            assert b.id in check.gone
+            bad = await probe.nc.request("shoal.report.node-a.session", b"\x93junk",
+                                         timeout=15)
+            assert reports.unpack_reply(bad.data).refused == "bad"
+        finally:
+            await probe.nc.close()
+        wait_for(lambda: f"node node-a reported on session {b.id}, which runs on node-b: "
+                 "refused" in idfleet.log.read_text())
+        assert await client.session(b.id) == before
+        await client.kill(b.id)
+
+
+async def test_sessions_live_and_end_through_the_controllers(
+        idfleet: Fleet, nodes_ab: tuple[str, str]) -> None:
+    """The lifecycle with node credentials that cannot touch records: started, running,
+    the exit code recorded, a kill, a restart by policy."""
+    async with Client(idfleet.url, idfleet.token) as client:
+        done = await client.create_session(m.SessionSpec(shell="echo out; exit 3",
+                                                         node="node-a"))
+        done = await client.wait(done.id)
+        assert (done.state, done.exit_code, done.node) == ("exited", 3, "node-a"), done
+        data = b"".join([e.data async for e in client.logs(done.id)
+                         if isinstance(e, LogChunk)])
+        assert data == b"out\n"
+        longer = await client.create_session(m.SessionSpec(command=["sleep", "30"],
+                                                           node="node-b", ports=1))
+        running = await _running(client, longer.id)
+        assert running.ports and running.node == "node-b" and running.attempt == 1
+        await client.kill(longer.id)
+        killed = await client.wait(longer.id)
+        assert killed.state == "killed", killed
+        again = await client.create_session(m.SessionSpec(
+            shell="sleep 0.2; exit 1", node="node-a", restart="on-failure"))
+        deadline = time.monotonic() + 30
+        while (await client.session(again.id)).restarts < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await client.kill(again.id)
+        assert (await client.wait(again.id)).state == "killed"
+        for sid in (done.id, longer.id, again.id):
+            await client.remove(sid)
+
+
 def test_join_token_refusals_are_clear(idfleet: Fleet, nodes_ab: tuple[str, str],
                                       tmp_path: Path) -> None:
     def join(name: str, token: str) -> str:
@@ -541,3 +674,47 @@ async def test_keys_and_an_include_for_your_own_nats_servers(tmp_path: Path) -> 
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_an_agent_restart_and_a_lost_node_settle_their_sessions(
+        idfleet: Fleet) -> None:
+    """The records of an agent that restarted are settled by the controllers on its
+    report (a plain session lost, a daemon placed again); a node that stays away has its
+    daemon moved to another node and the rest lost."""
+    token = join_token(idfleet, "--uses", "2", "--labels", "pool=q")
+    agents = {"node-q1": enrolled(idfleet, "node-q1", token),
+              "node-q2": enrolled(idfleet, "node-q2", token)}
+    async with Client(idfleet.url, idfleet.token) as client:
+        plain = await client.create_session(m.SessionSpec(command=["sleep", "60"],
+                                                          node="node-q1"))
+        daemon = await client.create_session(m.SessionSpec(command=["sleep", "60"],
+                                                           node="node-q1", restart="always"))
+        await _running(client, plain.id)
+        placed = await _running(client, daemon.id)
+        os.killpg(agents["node-q1"].pid, signal.SIGKILL)
+        agents["node-q1"].wait()
+        agents["node-q1"] = enrolled(idfleet, "node-q1", token)  # back within the node TTL
+        lost = await client.wait(plain.id, timeout=30)
+        assert lost.state == "lost" and "agent of node-q1 restarted" in lost.reason, lost
+        moved = await _running(client, daemon.id)
+        assert moved.node == "node-q1" and moved.attempt == placed.attempt + 1, moved
+        # Now one node of the pool goes for good: its daemon goes to the other one.
+        roaming = await client.create_session(m.SessionSpec(command=["sleep", "60"],
+                                                            selector={"pool": "q"},
+                                                            restart="always"))
+        on = (await _running(client, roaming.id)).node
+        other = "node-q2" if on == "node-q1" else "node-q1"
+        plain2 = await client.create_session(m.SessionSpec(command=["sleep", "60"], node=on))
+        await _running(client, plain2.id)
+        os.killpg(agents[on].pid, signal.SIGKILL)
+        agents[on].wait()
+        gone = await client.wait(plain2.id, timeout=30)
+        assert gone.state == "lost" and on in gone.reason, gone
+        deadline = time.monotonic() + 30
+        while (elsewhere := await client.session(roaming.id)).node != other \
+                or elsewhere.state != "running":
+            assert time.monotonic() < deadline, elsewhere
+            await asyncio.sleep(0.2)
+        assert elsewhere.restarts == 1 and elsewhere.attempt == 2, elsewhere
+        for sid in (plain.id, daemon.id, roaming.id, plain2.id):
+            await client.kill(sid)

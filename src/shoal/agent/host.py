@@ -45,19 +45,25 @@ import msgspec
 from .. import __version__
 from ..config import AgentConfig, shoal_home
 from ..errors import AuthError, ConnectError
-from ..logic.sessionstate import FINAL, LIVE
 from ..natsio import bus
 from ..natsio.outputlog import ACK_TIMEOUT, Fenced, describe_store_error
-from ..natsio.sessionstore import SessionCache, SessionStore
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
-from ..wire.reports import OutputLast, OutputTrim, OutputWhere, OutputWhereReply
+from ..wire.reports import (
+    OutputLast,
+    OutputTrim,
+    OutputWhere,
+    OutputWhereReply,
+    SessionsCheck,
+    SessionsRestarted,
+)
 from . import cgroups, containers, identity, keeper, netpolicy, procs
 from .cgroup_layout import Layout
 from .ledger import Ledger, reap_leftovers
 from .loadinfo import LoadSampler
 from .looplag import LoopLag
 from .ports import PortPool
+from .reporter import Reporter
 from .runs import Run
 from .sessions import SessionManager
 
@@ -73,6 +79,8 @@ BATCH_REPORT = 256  # nodes per RunBatchStarted message, at most
 BATCH_SLICE = 0.01  # seconds of spawning between two turns of the event loop
 EXIT_GATHER = 0.005  # seconds a batch's exits are gathered into one RunBatchExited
 DEFAULT_NODE_TTL = 6.0  # when the heartbeat bucket does not say
+RECONCILE_WAIT = 5.0  # the start waits this long for the controllers to settle leftovers
+RECONCILING_AT_ONCE = 64  # nodes whose restart reports are in flight together
 
 
 @dataclass
@@ -114,7 +122,8 @@ class AgentHost:
         # A drained node stays drained across restarts of its agent until undrained.
         self.drained_dir = state_dir / "drained"
         self.nc: NatsClient | None = None
-        self.buckets: bus.Buckets | None = None
+        self.buckets: bus.NodeBuckets | None = None
+        self._reconciling: asyncio.Task[None] | None = None
         self._routes: dict[str, _RunRoute] = {}
         self._sampler = LoadSampler()
         self._last_load = m.Load()
@@ -128,7 +137,7 @@ class AgentHost:
         self.lead = names[0]
         self._base_env = dict(os.environ)
         self.ports = PortPool.parse(cfg.ports)
-        self.store: SessionStore = None  # type: ignore[assignment]
+        self.reporter: Reporter = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
         self.node_ttl = DEFAULT_NODE_TTL
         self._last_beat_ok = time.monotonic()
@@ -190,7 +199,7 @@ class AgentHost:
             self._renewer = asyncio.create_task(identity.renew_forever(self.nc, creds,
                                                                        self.lead))
         self.buckets = await self._open_buckets()
-        self.store = SessionStore(self.buckets.sessions)
+        self.reporter = Reporter(self.nc)
         try:
             ttl = (await self.buckets.heartbeats.status()).ttl
             if ttl:
@@ -200,7 +209,7 @@ class AgentHost:
         address = self.cfg.address or socket.gethostname()
         for node in self.nodes.values():
             node.sessions = SessionManager(
-                node.name, self.nc, self.buckets.js, self.store, node.ledger,
+                node.name, self.nc, self.buckets.js, self.reporter, node.ledger,
                 self.cfg.capacity, self.ports, self.cfg.grace, self._base_env, address,
                 on_change=self._changed, layout=self.layout,
                 ephemeral_uids=netpolicy.parse_uid_range(self.cfg.ephemeral_uids),
@@ -212,7 +221,9 @@ class AgentHost:
                 node.sessions.trim_output = self._trimmer(node.name)  # type: ignore[union-attr]
                 # Nor read the output stream: where an attempt's output goes on, likewise.
                 node.sessions.output_where = self._output_asker(node.name)  # type: ignore[union-attr]
-        await self._reconcile_sessions()
+        self._reconciling = asyncio.create_task(self._reconcile_sessions())
+        # In the background past a while (no controller runs): offers wait for it.
+        await asyncio.wait([self._reconciling], timeout=RECONCILE_WAIT)
         await self._heartbeat(register=True)
         _raise_open_files_limit()  # a run on thousands of nodes holds two pipes per node
         for node in self.nodes.values():
@@ -224,12 +235,12 @@ class AgentHost:
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         log.info("agent up: %d node(s), capacity %d each", len(self.nodes), self.cfg.capacity)
 
-    async def _open_buckets(self) -> bus.Buckets:
+    async def _open_buckets(self) -> bus.NodeBuckets:
         assert self.nc is not None
         warned = False
         while True:
             try:
-                return await bus.open_buckets(self.nc)
+                return await bus.open_node_buckets(self.nc)
             except ConnectError as e:
                 if not warned:
                     log.warning("%s; waiting", e)
@@ -264,6 +275,8 @@ class AgentHost:
         if self.netpolicy is not None:  # every process is gone: nothing left to confine
             await netpolicy.remove(self.netpolicy.table)
         self._lag.stop()
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self._renewer is not None:
@@ -420,6 +433,12 @@ class AgentHost:
             op = msg.subject.rsplit(".", 1)[-1]
             mgr = node.sessions
             assert mgr is not None
+            if op == "go":  # a plain message, no answer
+                try:
+                    mgr.handle_go(m.unpack(msg.data, m.SessionGo))
+                except msgspec.DecodeError as e:
+                    log.warning("bad go for a session of %s: %s", node.name, e)
+                return
             try:
                 if op == "start":
                     reply = await mgr.handle_start(m.unpack(msg.data, m.SessionStart))
@@ -471,18 +490,18 @@ class AgentHost:
 
     async def _reconcile_sessions(self) -> None:
         """Records that say a session runs here, from before this start: their processes
-        were ended with the leftovers, so say so (the controller reschedules daemons)."""
-        cache = SessionCache(self.buckets.sessions)  # type: ignore[union-attr]
-        await cache.start()
-        await cache.stop()
-        for rec in cache.records.values():
-            if rec.node not in self.nodes or rec.state not in LIVE:
-                continue
-            if rec.spec.restart != "never":  # a daemon: the scheduler starts it again
-                await self.store.reschedule(rec.id, f"agent of {rec.node} restarted",
-                                            on_node=rec.node, only_from=LIVE)
-            else:
-                await self.store.move(rec.id, "lost", reason=f"agent of {rec.node} restarted")
+        were ended with the leftovers. Each node says it restarted and the controllers
+        settle its records (daemons rescheduled, the rest lost); until then it takes no
+        placement, which the controllers would count among the leftovers."""
+        gate = asyncio.Semaphore(RECONCILING_AT_ONCE)
+
+        async def one(node: Node) -> None:
+            async with gate:
+                await self.reporter.send(node.name, SessionsRestarted())
+            assert node.sessions is not None
+            node.sessions.reconciled = True
+
+        await asyncio.gather(*(one(n) for n in self.nodes.values()))
 
     async def _verify_quietly(self) -> None:
         try:
@@ -492,16 +511,19 @@ class AgentHost:
 
     async def _verify_sessions(self) -> None:
         """After a partition the fleet may have given up on a session and moved it: a local
-        copy that the record no longer names is ended without touching the record."""
+        copy that the record no longer names is ended without touching the record. The
+        controllers say which (a node cannot read records)."""
         for node in self.nodes.values():
             assert node.sessions is not None
-            for sid, session in list(node.sessions.sessions.items()):
-                found = await self.store.get(sid)
-                if found is None:
-                    session.fence("its record was removed")
-                elif found[0].node != node.name or found[0].state in FINAL \
-                        or found[0].attempt != session.attempt:
-                    session.fence("the fleet gave this session up (node was unreachable)")
+            mine = dict(node.sessions.sessions)
+            if not mine:
+                continue
+            reply = await self.reporter.once(node.name, SessionsCheck(
+                {sid: s.attempt for sid, s in mine.items()}))
+            for sid, why in reply.gone.items():
+                session = mine.get(sid)
+                if session is not None and node.sessions.sessions.get(sid) is session:
+                    session.fence(why)
 
     # ------------------------------------------------------------------ runs
 

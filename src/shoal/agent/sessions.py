@@ -1,9 +1,12 @@
 """Sessions on one node: the agent side of the session lifecycle.
 
-The controller writes a ``pending`` record and asks a node to start it. The node says no
-when it is full, draining or out of ports (the scheduler then tries the next node); else it
-moves the record to ``starting`` by compare-and-set, starts the process and from then on owns
-the record: ``running``, restarts by policy, and exactly one final state.
+The controller writes a ``pending`` record and offers it to a node (the record in the
+request: a node cannot read the bucket). The node says no when it is full, draining or out of
+ports (the scheduler then tries the next node); else it reserves room and ports and says
+yes; the controller writes the record ``starting`` there and says go, and only then does the
+process start. From then on the node reports what happens (``running``, restarts by policy,
+exactly one final state) and the controllers write it (agent/reporter.py,
+controller/reports.py): a node never touches a record itself.
 
 Output goes to the durable stream (``shoal.natsio.outputlog``) with bounded unacknowledged bytes:
 when JetStream lags, the node stops reading the pipe and the process blocks on write.
@@ -25,14 +28,15 @@ import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..logic import sessionstate
 from ..natsio.outputlog import DEFAULT_CAP, OutputWriter
-from ..natsio.sessionstore import Fenced, SessionStore
 from ..wire import messages as m
+from ..wire import reports as r
 from ..wire import subjects
 from ..wire.reports import OutputLast
 from . import containers, runas, users
@@ -41,6 +45,7 @@ from .ledger import Ledger
 from .ports import PortPool
 from .process import Launch, Process, child_env, command_argv, read_size_for
 from .procs import RunAs, SpawnError
+from .reporter import Reporter
 from .sandbox import Sandbox
 
 if TYPE_CHECKING:
@@ -59,6 +64,9 @@ PODMAN_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME
 KILL_OUTPUT_GRACE = 5.0  # a killed session's output still unstored then is dropped
 # What a throwaway user gets unless the spec says otherwise.
 EPHEMERAL_LIMITS = m.Limits(memory_mb=2048, processes=512, file_size_mb=1024, open_files=4096)
+# How long a yes waits for the controller's go before asking whether the record names us
+# (the go is a plain message: lost if the connection blinks, or the controller died).
+GO_TIMEOUT = 10.0
 
 
 def effective_limits(limits: m.Limits, ephemeral: bool) -> m.Limits:
@@ -95,14 +103,11 @@ def should_restart(policy: m.RestartPolicy, code: int | None, killed: bool) -> b
 class Session:
     """One session on this node, across its restarts."""
 
-    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int],
-                 revision: int | None = None) -> None:
+    def __init__(self, mgr: SessionManager, record: m.SessionRecord, ports: list[int]) -> None:
         self.mgr = mgr
         self.id = record.id
         self.spec = record.spec
         self.record = record
-        # The record as we wrote it, for our next write to skip a read (None: read first).
-        self._known = (record, revision) if revision is not None else None
         self.ports = ports
         self.proc: Process | None = None
         self.user: users.EphemeralUser | None = None
@@ -122,6 +127,7 @@ class Session:
         self.last_attached = time.monotonic()
         self.done = asyncio.Event()
         self._sub: Subscription | None = None
+        self._reporting: asyncio.Task[None] | None = None  # the last report posted
         self._wake = asyncio.Event()
         self.detached_from_record = False  # the fleet moved on: never write the record again
         self.reschedule = False
@@ -173,17 +179,16 @@ class Session:
                     return
                 assert self.proc is not None
                 await self.proc.until_running()
-                await self._move("running", pid=self.proc.pid,
-                                          started=time.time(), restarts=self.restarts,
-                                          user=self.user.name if self.user
-                                          else self.spec.user)
+                self._move("running", pid=self.proc.pid, started=time.time(),
+                           restarts=self.restarts,
+                           user=self.user.name if self.user else self.spec.user)
                 code, sig, limit = await self._wait_child()
                 killed = bool(self.kill_reason)
                 if not should_restart(self.spec.restart, code, killed):
                     # A limit that bit (the OOM killer) ends it as killed, with the reason.
                     by_limit = bool(limit) and (sig == signal.SIGKILL
                                                 or self.container is not None)
-                    state: m.SessionState = "killed" if killed or by_limit else "exited"
+                    state: r.AgentState = "killed" if killed or by_limit else "exited"
                     await self._finish(state, exit_code=code, signal=sig,
                                        reason=self.kill_reason or limit)
                     return
@@ -196,11 +201,9 @@ class Session:
                     return
                 self.restarts += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2 ** max(0, self.fast_failures - 1))
-                await self._move("starting", restarts=self.restarts,
-                                          exit_code=code, signal=sig,
-                                          reason=f"restarting in {delay:g}s after "
-                                                 f"{_describe(code, sig)}"
-                                                 + (f" ({limit})" if limit else ""))
+                self._move("starting", restarts=self.restarts, exit_code=code, signal=sig,
+                           reason=f"restarting in {delay:g}s after {_describe(code, sig)}"
+                                  + (f" ({limit})" if limit else ""))
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -283,17 +286,42 @@ class Session:
         output path (a full store may never take it); a natural exit waits for NATS."""
         return KILL_OUTPUT_GRACE if self.kill_reason else None
 
-    async def _move(self, state: m.SessionState, **fields: object) -> m.SessionRecord | None:
-        """Write our record, only while it is still this placement's (else fence)."""
+    def _move(self, state: r.AgentState, **fields: Any) -> asyncio.Task[None]:
+        """Report a move of our session; the controller writes it only while the record is
+        still this placement's (else we fence). See ``_post``."""
+        return self._post(r.SessionMove(session=self.id, attempt=self.attempt, state=state,
+                                        **fields))
+
+    def _post(self, report: r.SessionMove | r.SessionReschedule) -> asyncio.Task[None]:
+        """Send ``report`` after the ones posted before it (in order), in the background:
+        with no controller running, a daemon still restarts meanwhile. An end awaits the
+        task: its output's end marker follows the final record."""
+        before = self._reporting
+
+        async def send() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)  # said by its own
+            try:
+                await self._report(report)
+            except Exception:
+                log.exception("session %s: reporting %s failed", self.id,
+                              type(report).__name__)
+
+        self._reporting = asyncio.create_task(send())
+        return self._reporting
+
+    async def _report(self, report: r.SessionMove | r.SessionReschedule) -> None:
         if self.detached_from_record:
-            return None
-        known, self._known = self._known, None
-        try:
-            return await self.mgr.store.move(self.id, state, fence=(self.attempt, self.mgr.node),
-                                             known=known, **fields)
-        except Fenced as e:
-            self.fence(str(e))
-            return None
+            return
+        reply = await self.mgr.reporter.send(self.mgr.node, report,
+                                             give_up=lambda: self.detached_from_record)
+        if reply is None or reply.ok:
+            return
+        if reply.refused in ("fenced", "not_yours"):
+            self.fence(reply.reason)
+        else:  # a bug in us or the controller: said, and the session goes on
+            log.error("session %s: the controller refused %s: %s", self.id,
+                      type(report).__name__, reply.reason)
 
     def fence(self, reason: str) -> None:
         """This copy is no longer the session (the fleet placed it again, or we were cut
@@ -305,7 +333,7 @@ class Session:
         self._resume_reading()  # what the pipes still hold is read, and dropped
         self.end(f"fenced: {reason}")
 
-    async def _finish(self, state: m.SessionState, *, exit_code: int | None = None,
+    async def _finish(self, state: r.AgentState, *, exit_code: int | None = None,
                       signal: int | None = None, reason: str = "") -> None:
         if self.detached_from_record:
             self.writer.abandon()
@@ -313,16 +341,15 @@ class Session:
         if self.reschedule and state == "killed":
             # its output goes on elsewhere
             await self.writer.close(end_marker=False, timeout=self._output_bound())
-            await self._move("pending", node="", pid=0, ports=[], requeued="rescheduled",
-                                      reason=f"rescheduling: {self.kill_reason}",
-                                      output_bytes=self.writer.offset, restarts=self.restarts + 1)
+            await self._post(r.SessionReschedule(session=self.id, attempt=self.attempt,
+                                                 why=self.kill_reason,
+                                                 output_bytes=self.writer.offset))
             return
         # Output first, then the final record, then the end marker: a reader that sees the
         # marker finds the record final, and one that sees the record final has all output.
         await self.writer.flush(self._output_bound())
-        await self._move(state, exit_code=exit_code, signal=signal,
-                                  reason=reason, output_bytes=self.writer.offset,
-                                  restarts=self.restarts)
+        await self._move(state, exit_code=exit_code, signal=signal, reason=reason,
+                         output_bytes=self.writer.offset, restarts=self.restarts)
         await self.writer.close(timeout=self._output_bound())
 
     async def _cleanup(self) -> None:
@@ -468,10 +495,20 @@ def _describe(code: int | None, sig: int | None) -> str:
     return f"exit code {code}"
 
 
+@dataclass
+class Offer:
+    """A yes to the controller, holding room and ports until its go."""
+
+    record: m.SessionRecord  # as the controller will write it: starting here, next attempt
+    ports: list[int]
+    decided: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class SessionManager:
     """The sessions of one node."""
 
-    def __init__(self, node: str, nc: NatsClient, js: JetStreamContext, store: SessionStore,
+    def __init__(self, node: str, nc: NatsClient, js: JetStreamContext, reporter: Reporter,
                  ledger: Ledger, capacity: int, ports: PortPool, grace: float,
                  base_env: Mapping[str, str], address: str,
                  on_change: Callable[[], None], layout: Layout | None = None,
@@ -485,7 +522,7 @@ class SessionManager:
         self.allowed_users = allowed_users  # the agent's run_as
         self.nc = nc
         self.js = js
-        self.store = store
+        self.reporter = reporter
         self.ledger = ledger
         self.capacity = capacity
         self.ports = ports
@@ -498,32 +535,44 @@ class SessionManager:
         self.podman = podman  # None: this node runs no containers
         self.container_mounts = container_mounts  # where read-only mounts may come from
         self.sessions: dict[str, Session] = {}
+        self.offers: dict[str, Offer] = {}
         self.reserved = 0
         self.draining = False
         self.stopping = False
+        # Until the controllers have settled the records of this node's previous agent,
+        # a new placement could be taken for a leftover: no offers are taken before.
+        self.reconciled = False
 
     @property
     def live(self) -> int:
         return len(self.sessions) + self.reserved
 
     async def handle_start(self, req: m.SessionStart) -> m.SessionStartReply:
-        """Take the session or say why not. Capacity is checked and reserved before any
-        await, so concurrent starts can never overfill the node."""
+        """Say yes (reserving room and ports) or why not. Capacity is checked and reserved
+        before any await, so concurrent starts can never overfill the node."""
         if self.stopping or self.draining:
             return m.SessionStartReply(ok=False, reason=f"node {self.node} is draining")
+        if not self.reconciled:
+            return m.SessionStartReply(ok=False, reason=f"node {self.node} is starting up "
+                                       "(its previous sessions are not settled yet)")
         if self.live >= self.capacity:
             return m.SessionStartReply(ok=False, reason=f"node {self.node} is full")
+        found = req.record
+        if found is None or found.id != req.id:
+            return m.SessionStartReply(ok=False, reason="the request carries no record: "
+                                       "this agent needs a newer controller")
+        if found.state != "pending":
+            return m.SessionStartReply(ok=False, reason="session is not pending")
+        if req.id in self.offers:
+            return m.SessionStartReply(ok=False, reason="session is offered here already")
+        spec = found.spec
+        if m.spec_digest(spec) != req.digest:
+            log.warning("session %s: the record's spec is not the one the controller "
+                        "placed; refusing it", req.id)
+            return m.SessionStartReply(ok=False, reason="session spec does not match")
         self.reserved += 1
         ports: list[int] = []
         try:
-            found = await self.store.get(req.id)
-            if found is None or found[0].state != "pending":
-                return m.SessionStartReply(ok=False, reason="session is not pending")
-            spec = found[0].spec
-            if m.spec_digest(spec) != req.digest:
-                log.warning("session %s: the record's spec is not the one the controller "
-                            "placed; refusing it", req.id)
-                return m.SessionStartReply(ok=False, reason="session spec does not match")
             if spec.user not in ("agent", "ephemeral"):
                 try:
                     runas.resolve(spec.user, self.allowed_users)
@@ -541,30 +590,63 @@ class SessionManager:
                     return m.SessionStartReply(ok=False, reason=f"node {self.node} has no "
                                                f"{spec.ports} free port(s)")
                 ports = got
-            placed = spec
-
-            def take(r: m.SessionRecord) -> m.SessionRecord | None:
-                if r.state != "pending":  # placed by someone else meanwhile
-                    return None
-                return msgspec.structs.replace(r, state="starting", ports=ports,
-                                               address=self.address, spec=placed,
-                                               user=placed.user,
-                                               **sessionstate.placed(r, self.node))
-
-            written = await self.store.update_rev(req.id, take, known=found)
-            if written is None:
-                self.ports.release(ports)
-                return m.SessionStartReply(ok=False, reason="session changed meanwhile")
-            record, rev = written
-            session = Session(self, record, ports, rev)
-            self.sessions[req.id] = session
+            if self.stopping or self.draining or req.id in self.offers:
+                return m.SessionStartReply(ok=False, reason=f"node {self.node} is draining")
+            record = msgspec.structs.replace(
+                found, state="starting", ports=ports, address=self.address, spec=spec,
+                user=spec.user, requeued="", **sessionstate.placed(found, self.node))
+            offer = Offer(record, ports)
+            self.offers[req.id] = offer
+            self.reserved += 1  # the offer's, until its go
             ports = []
-            asyncio.create_task(self._run(session))
-            return m.SessionStartReply(ok=True, record=record)
+            asyncio.create_task(self._await_go(offer))
+            return m.SessionStartReply(ok=True, ports=offer.ports, address=self.address,
+                                       user=spec.user)
         finally:
             self.reserved -= 1
             self.ports.release(ports)
             self.on_change()
+
+    def handle_go(self, go: m.SessionGo) -> None:
+        offer = self.offers.get(go.id)
+        running = self.sessions.get(go.id)
+        if running is not None and running.attempt == go.attempt:
+            return  # a late go: we asked meanwhile, and were told it is ours
+        if offer is not None and offer.record.attempt == go.attempt:
+            if not offer.decided.done():
+                offer.decided.set_result(go.go)
+        elif go.go:  # a yes of a previous agent of this node: it does not run here
+            asyncio.create_task(self._drop(go.id, go.attempt, "the node's agent restarted "
+                                           "before it could start the session"))
+
+    async def _drop(self, sid: str, attempt: int, why: str) -> None:
+        await self.reporter.send(self.node, r.SessionDropped(session=sid, attempt=attempt,
+                                                             why=why))
+
+    async def _await_go(self, offer: Offer) -> None:
+        sid, attempt = offer.record.id, offer.record.attempt
+        try:
+            try:
+                go = await asyncio.wait_for(asyncio.shield(offer.decided), GO_TIMEOUT)
+            except TimeoutError:  # the go was lost, or its controller died: ask
+                if offer.decided.done():
+                    go = offer.decided.result()
+                else:
+                    reply = await self.reporter.send(self.node, r.SessionsCheck({sid: attempt}))
+                    go = reply is not None and reply.ok and sid not in reply.gone
+        finally:
+            self.offers.pop(sid, None)
+            self.reserved -= 1
+        if go and self.stopping:
+            self.ports.release(offer.ports)
+            await self._drop(sid, attempt, "the agent is stopping")
+        elif go:
+            session = Session(self, offer.record, offer.ports)
+            self.sessions[sid] = session
+            asyncio.create_task(self._run(session))
+        else:
+            self.ports.release(offer.ports)
+        self.on_change()
 
     async def _cannot_run(self, spec: m.SessionSpec) -> str:
         """Why this node cannot run a container session, or ""."""
@@ -584,7 +666,8 @@ class SessionManager:
         try:
             await session.run()
         finally:
-            self.sessions.pop(session.id, None)
+            if self.sessions.get(session.id) is session:  # not its next placement here
+                del self.sessions[session.id]
             self.on_change()
 
     def handle_signal(self, req: m.SessionSignal) -> bool:

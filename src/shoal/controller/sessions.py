@@ -23,7 +23,7 @@ from ..errors import (
     Unavailable,
     ValidationError,
 )
-from ..logic import placement, sessionreconcile
+from ..logic import placement, sessionreconcile, sessionstate
 from ..logic.sessionstate import FINAL, LIVE, attempt_nodes
 from ..natsio import outputlog, rpc
 from ..natsio.sessionstore import SessionCache, SessionStore
@@ -91,11 +91,14 @@ class SessionService:
                               f"outage; nothing was created: retry in {wait:.0f} s", wait)
         if spec.node is not None and spec.node not in nodes:
             raise NotFoundError(f"no node named {spec.node!r}; `shoal nodes` lists them")
-        sid = spec.id or "s-" + secrets.token_hex(6)
+        spec_id = spec.id
+        sid = spec_id or "s-" + secrets.token_hex(6)
         spec = msgspec.structs.replace(spec, id=sid)
         digest = m.spec_digest(spec)
         record = m.SessionRecord(id=sid, spec=spec, name=spec.name or sid, created=time.time(),
                                  seal=self.seal(spec, owner, digest), owner=owner)
+        if not spec_id and self.registry.settled():
+            return await self._create_placed(record, digest), True
         record, created = await self.store.create(record)
         if not created:
             if _what_runs(record.spec) != _what_runs(spec):
@@ -109,9 +112,11 @@ class SessionService:
         return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
 
     def sealed(self, record: m.SessionRecord, digest: str = "") -> bool:
-        """Whether a controller made this record's spec (and gave it this owner). Agents
-        may write records, so every path that acts on one (placement, services, terminals,
-        scope checks) asks this first. ``digest``: the spec's, if already known."""
+        """Whether a controller made this record's spec (and gave it this owner). Only
+        controllers write records; still every path that acts on one (placement, services,
+        terminals, scope checks) asks this first, so a record written by anything else
+        (a credential that should not have had the bucket) is never acted on. ``digest``:
+        the spec's, if already known."""
         return hmac.compare_digest(record.seal, self.seal(record.spec, record.owner, digest))
 
     async def place(self, record: m.SessionRecord, digest: str = "") -> m.SessionRecord:
@@ -121,7 +126,7 @@ class SessionService:
         try:
             digest = digest or m.spec_digest(record.spec)
             if not self.sealed(record, digest):
-                # Agents may write records; only a controller's spec is ever launched.
+                # Only a controller's spec is ever launched.
                 log.warning("session %s has no valid seal; not placing it", record.id)
                 failed = await self.store.move_from(
                     record.id, LIVE, "failed",
@@ -134,12 +139,12 @@ class SessionService:
                                                    output_bytes=end) or record
             reasons: list[str] = []
             for node in placement.candidates(record.spec, self.registry.snapshot()):
-                reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest))
+                reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest,
+                                                                      record=record))
                 if reply.ok:
                     if reply.record is not None and reply.record.id == record.id:
-                        return reply.record
-                    found = await self.store.get(record.id)
-                    return found[0] if found else record
+                        return reply.record  # an agent that wrote the record itself
+                    return await self._take(record, node, reply)
                 reasons.append(reply.reason)
                 current = await self.store.get(record.id)
                 if current is None or current[0].state != "pending":
@@ -154,6 +159,59 @@ class SessionService:
             return failed or record
         finally:
             self._placing.discard(record.id)
+
+    async def _create_placed(self, record: m.SessionRecord, digest: str) -> m.SessionRecord:
+        """A new session under an id of our own (nobody else can know it yet): offered
+        first, then stored once, already ``starting`` on the node that said yes (or
+        ``failed`` if none did). One write where placing a stored record takes two."""
+        reasons: list[str] = []
+        for node in placement.candidates(record.spec, self.registry.snapshot()):
+            reply = await self._ask(node, "start", m.SessionStart(id=record.id, digest=digest,
+                                                                  record=record))
+            if not reply.ok:
+                reasons.append(reply.reason)
+                continue
+            placed = _placed(record, node, reply)
+            created = False
+            try:
+                placed, created = await self.store.create(placed)
+            finally:
+                await self._go(node, record.id, placed.attempt, created)
+            return placed
+        why = "; ".join(reasons) if reasons else _no_candidates_reason(record.spec)
+        failed, _ = await self.store.create(msgspec.structs.replace(
+            record, state="failed", reason=f"no node has room ({why})", ended=time.time()))
+        return failed
+
+    async def _take(self, offered: m.SessionRecord, node: str,
+                    reply: m.SessionStartReply) -> m.SessionRecord:
+        """``node`` said yes to ``offered``: write it ``starting`` there (the placement's
+        new attempt), then tell the node to go, or to release what it reserved if the
+        record moved on meanwhile (killed while pending, placed by another controller)."""
+        attempt = offered.attempt + 1
+
+        def take(r: m.SessionRecord) -> m.SessionRecord | None:
+            if r.state != "pending" or r.attempt != offered.attempt:
+                return None
+            return _placed(r, node, reply)
+
+        written = None
+        try:
+            written = await self.store.update_rev(offered.id, take)
+        finally:
+            await self._go(node, offered.id, attempt, written is not None)
+        if written is None:
+            found = await self.store.get(offered.id)
+            return found[0] if found else offered
+        return written[0]
+
+    async def _go(self, node: str, sid: str, attempt: int, go: bool) -> None:
+        try:  # lost: the node asks after a while (agent/sessions.py, GO_TIMEOUT)
+            await self.nc.publish(subjects.agent_session(node, "go"),
+                                  m.pack(m.SessionGo(id=sid, attempt=attempt, go=go)))
+        except Exception as e:
+            log.info("session %s: cannot tell node %s to %s: %s", sid, node,
+                     "go" if go else "release it", e)
 
     async def _ask(self, node: str, op: str, msg: msgspec.Struct) -> m.SessionStartReply:
         try:
@@ -298,6 +356,15 @@ class SessionService:
             case sessionreconcile.Purge(id=sid):
                 await self.store.delete(sid)
                 await outputlog.purge(self.js, sid)
+
+
+def _placed(r: m.SessionRecord, node: str, reply: m.SessionStartReply) -> m.SessionRecord:
+    """``r`` placed on ``node``, which said yes with ``reply``: its next attempt."""
+    # The node may run a throwaway user's session as itself (it cannot make users).
+    user = reply.user if reply.user == "agent" else r.spec.user
+    return msgspec.structs.replace(r, state="starting", ports=reply.ports,
+                                   address=reply.address, user=user, requeued="",
+                                   **sessionstate.placed(r, node))
 
 
 def _what_runs(spec: m.SessionSpec) -> tuple[object, ...]:

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # (measured: a fifth less CPU in the controller and in nats-server per GiB of output).
 READ_BUFFER = 1 << 20
 
-__all__ = ["NATS_ERRORS", "NatsClient", "close", "connect", "ensure_buckets", "open_buckets",
-           "Buckets"]
+__all__ = ["NATS_ERRORS", "Buckets", "NatsClient", "NodeBuckets", "close", "connect",
+           "ensure_buckets", "open_buckets", "open_node_buckets"]
 
 # What a NATS call can raise when the server is away, restarting or slow: nats-py's own
 # errors (JetStream's included), and the bare TimeoutError (asyncio's, in 3.11 the builtin)
@@ -353,14 +353,22 @@ def mirror(records: dict[str, R], decode: Callable[[bytes], R], key: str,
     return True
 
 
-class Buckets:
+class NodeBuckets:
+    """The buckets an agent binds: its heartbeats and registry entries (never the session
+    records: the controllers own them, and a node's credential cannot read them)."""
+
+    def __init__(self, js: JetStreamContext, heartbeats: KeyValue, registry: KeyValue) -> None:
+        self.js = js
+        self.heartbeats = heartbeats
+        self.registry = registry
+
+
+class Buckets(NodeBuckets):
     """The key-value buckets, bound."""
 
     def __init__(self, js: JetStreamContext, heartbeats: KeyValue, registry: KeyValue,
                  sessions: KeyValue) -> None:
-        self.js = js
-        self.heartbeats = heartbeats
-        self.registry = registry
+        super().__init__(js, heartbeats, registry)
         self.sessions = sessions
         self.services: KeyValue | None = None  # set by ensure_buckets
 
@@ -437,10 +445,20 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
 
 
 async def open_buckets(nc: NatsClient) -> Buckets:
-    """Bind existing buckets (agents do this; their credentials cannot create streams)."""
+    """Bind existing buckets, the session records too (controllers' tools and tests)."""
     js = nc.jetstream()
     try:
         return Buckets(js, await js.key_value(HEARTBEATS_BUCKET),
                        await js.key_value(REGISTRY_BUCKET), await js.key_value(SESSIONS_BUCKET))
+    except nats.js.errors.BucketNotFoundError as e:
+        raise ConnectError("the shoal buckets do not exist yet: start a controller first") from e
+
+
+async def open_node_buckets(nc: NatsClient) -> NodeBuckets:
+    """Bind the buckets an agent writes (its credential cannot create streams)."""
+    js = nc.jetstream()
+    try:
+        return NodeBuckets(js, await js.key_value(HEARTBEATS_BUCKET),
+                           await js.key_value(REGISTRY_BUCKET))
     except nats.js.errors.BucketNotFoundError as e:
         raise ConnectError("the shoal buckets do not exist yet: start a controller first") from e

@@ -28,7 +28,7 @@ from ..config import NatsConfig, new_secret, write_secret_file
 from ..errors import ConfigError, ConnectError
 from ..system.process import die_with_parent
 from ..wire import hostbeat, subjects
-from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET
+from ..wire.subjects import HEARTBEATS_BUCKET, REGISTRY_BUCKET
 from . import bus, outputlog
 from .bus import AGENT_INBOX
 from .outputlog import STREAM as OUTPUT_STREAM
@@ -134,8 +134,9 @@ class ClusterSpec:
 
 def agent_permissions() -> dict[str, object]:
     """What the shared agent credential (password mode) may do: every node's subjects;
-    docs/security.md explains the consequences. Node identities get ``node_permissions``."""
-    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
+    docs/security.md explains the consequences. Node identities get ``node_permissions``.
+    Session records are the controllers' alone: agents report (``shoal.report.*``)."""
+    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET]
     return {
         "publish": {
             "allow": [
@@ -147,12 +148,7 @@ def agent_permissions() -> dict[str, object]:
                 "shoal.tout.*.*",
                 *[f"$KV.{b}.*" for b in kv],
                 *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
-                f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
-                f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.>",
-                f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}.>",
-                f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
-                f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
-                f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
+                subjects.node_report("*", ">"),
                 *[f"$JS.API.STREAM.{op}.{stream}" for stream in (OUTPUT_STREAM, TERMINAL_STREAM)
                   for op in ("PURGE", "INFO", "MSG.GET")],  # MSG.GET: an attempt's start
             ]
@@ -166,9 +162,9 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
     """(publish, subscribe) allowed to the credential of one agent process serving
     ``names`` (the first is its lead): patterns that name those nodes only, so the server
     itself refuses whatever concerns another node. The agent may also answer requests sent
-    to it. What is still shared, and why, is in docs/security.md."""
+    to it. Nothing of another node's is left in reach (docs/security.md)."""
     lead = names[0]
-    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET, SESSIONS_BUCKET]
+    kv = [HEARTBEATS_BUCKET, REGISTRY_BUCKET]  # no session records: controllers write them
     pub = [p for n in names for p in (f"shoal.run.*.out.{n}", f"shoal.run.*.inack.{n}",
                                       f"$KV.{REGISTRY_BUCKET}.{n}")]
     pub += [f"$KV.{HEARTBEATS_BUCKET}.{k}" for k in hostbeat.host_keys(lead, len(names))]
@@ -177,16 +173,7 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
     pub += [p for n in names for p in outputlog.node_subjects(n)]
     pub += [
         subjects.node_renew(lead),
-        # Shared with every node until records are written by controllers only
-        # (docs/security.md, "still shared").
-        f"$KV.{SESSIONS_BUCKET}.*",
         *[f"$JS.API.STREAM.INFO.KV_{b}" for b in kv],
-        f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}",
-        f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.>",
-        f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}.>",
-        f"$JS.API.CONSUMER.CREATE.KV_{SESSIONS_BUCKET}",
-        f"$JS.API.CONSUMER.DELETE.KV_{SESSIONS_BUCKET}.>",
-        f"$JS.API.CONSUMER.INFO.KV_{SESSIONS_BUCKET}.>",
     ]
     sub = [subjects.agent_all(n) for n in names] + [f"{subjects.node_inbox(lead)}.>"]
     return pub, sub

@@ -1,12 +1,16 @@
 """Session records in the JetStream key-value bucket, changed only by compare-and-set.
 
-Agents and controllers both write records; every write reads the current revision, checks
-the transition against ``shoal.logic.sessionstate`` and updates only if nobody wrote in between
-(else it reads again). So two writers can never both win, and a final state never changes.
+Only controllers write records (agents report what happened, controller/reports.py); every
+write reads the current revision, checks the transition against ``shoal.logic.sessionstate``
+and updates only if nobody wrote in between (else it reads again). So two writers (two
+controllers) can never both win, and a final state never changes.
 
-Agents also pass a *fence*, (attempt, node): the record's ``attempt`` goes up by one at every
-placement, so an agent whose copy was given up and placed again (a zombie back from a
-partition or a SIGSTOP) finds it changed and is refused (``Fenced``), whatever it writes.
+A node's report is written with a *fence*, (attempt, node): the record's ``attempt`` goes up
+by one at every placement, so a report from a copy that was given up and placed again (a
+zombie back from a partition or a SIGSTOP) finds it changed and is refused (``Fenced``).
+
+The store remembers the revision of what it last wrote or read of each record: most writes
+follow one of its own (a node's report after the placement), and that saves their read.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import functools
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +48,26 @@ Change = Callable[[SessionRecord], SessionRecord | None]
 class Fenced(Exception):
     """The record is no longer this placement's: a newer attempt (or none) owns it."""
 
+    def __init__(self, message: str, record: SessionRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+REMEMBERED = 8192  # records whose last revision the store keeps, at most
+
 
 class SessionStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        # Our last write or read of a record: a write's first guess (a stale one fails and
+        # reads again, so it only ever saves a read).
+        self._recent: OrderedDict[str, tuple[SessionRecord, int]] = OrderedDict()
+
+    def _remember(self, session_id: str, found: tuple[SessionRecord, int]) -> None:
+        self._recent[session_id] = found
+        self._recent.move_to_end(session_id)
+        if len(self._recent) > REMEMBERED:
+            self._recent.popitem(last=False)
 
     async def get(self, session_id: str) -> tuple[SessionRecord, int] | None:
         if not _VALID_ID.fullmatch(session_id):
@@ -58,7 +79,9 @@ class SessionStore:
             return None
         if entry.value is None or entry.revision is None:
             return None
-        return _decode(entry.value), entry.revision
+        found = _decode(entry.value), entry.revision
+        self._remember(session_id, found)
+        return found
 
     async def create(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
         """Store a new record; if the id exists, return the existing one (idempotency)."""
@@ -68,7 +91,7 @@ class SessionStore:
         async def once() -> None:
             nonlocal attempts
             attempts += 1
-            await self.kv.create(record.id, data)
+            self._remember(record.id, (record, await self.kv.create(record.id, data)))
 
         while True:
             attempts = 0
@@ -95,6 +118,7 @@ class SessionStore:
         just read) saves the first read; if it is stale, the write fails and we read.
         A change the lifecycle does not allow raises ``IllegalTransition`` (nothing is
         written); None means no record, or ``change`` chose to leave it be."""
+        known = known or self._recent.pop(session_id, None)
         for _ in range(100):
             found = known or await self.get(session_id)
             known = None
@@ -110,6 +134,7 @@ class SessionStore:
                 rev = await through_elections(
                     functools.partial(self.kv.update, session_id, _encode(new), last=rev),
                     f"writing session {session_id}")
+                self._remember(session_id, (new, rev))
                 return new, rev
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
@@ -159,7 +184,7 @@ class SessionStore:
             if fence is not None and (r.attempt, r.node) != fence:
                 raise Fenced(f"session {session_id}: attempt {fence[0]} on {fence[1]} was "
                              f"replaced (the record is at attempt {r.attempt} on "
-                             f"{r.node or 'no node'})")
+                             f"{r.node or 'no node'})", r)
             if only_from is not None and r.state not in only_from:
                 return None
             if on_node is not None and r.node != on_node:
@@ -175,6 +200,7 @@ class SessionStore:
         return guarded
 
     async def delete(self, session_id: str) -> None:
+        self._recent.pop(session_id, None)
         try:
             await self.kv.purge(session_id)
         except nats.js.errors.KeyNotFoundError:

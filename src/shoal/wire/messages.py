@@ -483,20 +483,34 @@ def spec_digest(spec: SessionSpec) -> str:
 
 
 class SessionStart(Struct, frozen=True):
-    """Controller -> agent: run this session (its record is already in the bucket). The
-    agent runs it only if the record's spec still has this digest, so a record altered by
-    anyone but a controller is never run."""
+    """Controller -> agent: would you run this session? ``record`` is its pending record as
+    the controller holds it (agents cannot read the bucket); the agent takes it only if the
+    spec has this digest. A yes reserves room and ports; the controller then writes the
+    record ``starting`` on that node and says go (``SessionGo``)."""
 
     id: str
     digest: str = ""
+    record: SessionRecord | None = None
 
 
 class SessionStartReply(Struct, frozen=True):
     ok: bool
     reason: str = ""
-    # The record as the agent wrote it on taking the session (saves the controller a read);
-    # None from agents before it was added.
+    # From agents that wrote the record themselves (before the controllers owned records).
     record: SessionRecord | None = None
+    # A yes: what the node reserved, for the controller to write into the record.
+    ports: list[int] = []
+    address: str = ""
+    user: str = ""  # the spec's user, or "agent" for a throwaway user it cannot make
+
+
+class SessionGo(Struct, frozen=True):
+    """Controller -> agent, after its yes: the record now says ``starting`` on this node at
+    ``attempt`` (``go``), or the session went elsewhere meanwhile (not ``go``): release."""
+
+    id: str
+    attempt: int
+    go: bool = True
 
 
 class NodeDrain(Struct, frozen=True):

@@ -51,7 +51,7 @@ def run_stdin_ack(run_id: str, node: str = "*") -> str:
 
 
 def agent_session(node: str, op: str) -> str:
-    """Request to the agent of ``node``: ``start`` or ``signal`` a session."""
+    """Request to the agent of ``node``: ``start`` or ``signal`` a session, or ``go``."""
     return f"{PREFIX}.agent.{node}.session.{op}"
 
 
@@ -69,12 +69,14 @@ def node_renew(node: str) -> str:
 
 def node_report(node: str, what: str) -> str:
     """Agent of ``node`` -> controllers: a fact or a request about its own sessions
-    (``trim``: drop its session's oldest output). Only that node's credential may publish
+    (``trim``: drop its session's oldest output; ``session``: a ``SessionReport``, a request
+    the controllers answer). Only that node's credential may publish
     here; the controller applies it once the record names that node."""
     return f"{PREFIX}.report.{node}.{what}"
 
 
 REPORT_TRIM = "trim"
+REPORT_SESSION = "session"
 REPORT_OUTPUT = "output"  # a request: where the session's stored output stands
 REPORTS_QUEUE = "shoal-reports"
 
