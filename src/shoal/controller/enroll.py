@@ -210,7 +210,9 @@ class Enrollment:
             raise ConflictError(f"node name(s) already enrolled: {', '.join(taken)}; choose "
                                 "another name, or revoke and forget the old node first")
         record = await self._spend(req.token, req.names)
-        labels = {**req.labels, **record.labels}  # the token's labels win
+        # Bound into the credential: what the token fixes, never what the node chose (a
+        # node may change its own labels at its next start; the token's win over them).
+        labels = dict(record.labels)
         now = time.time()
         made: list[str] = []
         for name in req.names:
