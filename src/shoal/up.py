@@ -25,11 +25,12 @@ serving one agent, ``site-K-node-1``.
 
 Node identities are the default for a new home (docs/security.md): the servers run in
 operator mode and every local agent enrolls with a join token through the controller's
-``/api/v1/enroll``, as a remote machine would. One credential names at most
-``MAX_NAMES`` nodes, so ``--agents N`` is dealt into groups of that size, one agent host
-(and credential) each. ``--shared-agent-user`` keeps the one shared agent user instead
-(for virtual fleets of more nodes per process than a credential names); a home made with
-it, or before node identities were the default, stays so until ``--node-identities``.
+``/api/v1/enroll``, as a remote machine would: each agent a host with a credential of its
+own, or, past MAX_LOCAL_CREDENTIALS agents, that many hosts of several nodes each (one
+credential names at most ``MAX_NAMES``). ``--shared-agent-user`` keeps the one shared
+agent user instead (for virtual fleets of more nodes per process than a credential names);
+a home made with it, or before node identities were the default, stays so until
+``--node-identities``.
 
 Over 400 lines: one local fleet in every shape a developer or test asks for (one server,
 a cluster, leaf sites, TLS, node identities), started and stopped in order in one place.
@@ -97,8 +98,8 @@ AUTHORITY = Path("identity") / "authority.toml"
 CONTROLLER_CREDS = Path("identity") / "controller.creds"
 LOCAL_JOIN_LIFETIME = 86400.0  # the join token in agent.toml (made again at every start)
 LOCAL_JOIN_USES = 10000
-# Agent hosts (credentials) `shoal up` starts at most: each has a keeper process and a
-# connection of its own, so beyond this a virtual fleet wants the shared agent user.
+# Agent hosts (credentials) `shoal up` deals its agents into, at most (about: a cluster's
+# servers each round up): each has a keeper process and a connection of its own.
 MAX_LOCAL_CREDENTIALS = 16
 
 
@@ -205,12 +206,12 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
     if opts.leaf_sites and opts.nats_url is not None:
         raise ConfigError("--leaf-sites needs the embedded server as the hub: drop --nats")
     home = c.ensure_home()
-    fresh = not (home / "up.toml").exists()
-    authority, note = _authority(home, opts, fresh)
-    if authority is not None and opts.leaf_sites:
+    identities, note = _identities(home, opts, not (home / "up.toml").exists())
+    if identities and opts.leaf_sites:
         raise ConfigError("--leaf-sites works with the shared agent user only for now: start "
                           "it on a new SHOAL_HOME with --shared-agent-user (docs/operations.md)")
-    groups = _agent_groups(opts, 1, authority is not None)
+    groups = _agent_groups(opts, 1, identities)  # before anything is written
+    authority = _authority(home) if identities else None
     token, users = _secrets(home)
     tls = _fleet_tls(home, opts)
     server: NatsServer | None = None
@@ -304,53 +305,61 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
                     await server.astop()
 
 
-def _authority(home: Path, opts: UpOptions, fresh: bool) -> tuple[Authority | None, str]:
-    """The fleet's NATS signing keys when this home uses node identities, and a note when
-    it does not. Node identities: a new home (unless ``--shared-agent-user``), a home made
-    with them (a home never falls back to the shared agent user), or ``--node-identities``
-    (moves a home of the shared user). With ``--nats`` the servers are yours: ``shoal admin
-    node-identities`` makes what they include."""
-    from .identity.authority import Authority
-
-    path = home / AUTHORITY
-    if path.exists():
+def _identities(home: Path, opts: UpOptions, fresh: bool) -> tuple[bool, str]:
+    """Whether this home uses node identities, and a note when it does not: a new home
+    does (unless ``--shared-agent-user``), a home made with them does (a home never falls
+    back to the shared agent user), ``--node-identities`` moves a home of the shared user.
+    With ``--nats`` the servers are yours: ``shoal admin node-identities`` makes what they
+    include. Decides only: nothing is written."""
+    if (home / AUTHORITY).exists():
         if opts.shared_agent_user:
-            raise ConfigError(f"{home} has node identities ({path}); a home never goes back "
-                              "to the shared agent user: use another SHOAL_HOME for "
+            raise ConfigError(f"{home} has node identities ({home / AUTHORITY}); a home never "
+                              "goes back to the shared agent user: use another SHOAL_HOME for "
                               "--shared-agent-user")
     elif opts.shared_agent_user:
-        return None, "the shared agent user (--shared-agent-user): every agent may act as " \
-            "every node (docs/security.md)"
+        return False, ("the shared agent user (--shared-agent-user): every agent may act as "
+                       "every node (docs/security.md)")
     elif opts.nats_url is not None and not opts.node_identities:
-        return None, ""  # your NATS, your users (SHOAL_NATS_*)
+        return False, ""  # your NATS, your users (SHOAL_NATS_*)
     elif not (fresh or opts.node_identities):
-        return None, ("this SHOAL_HOME uses the shared agent user (made before node "
-                      "identities were the default); shoal up --node-identities moves it "
-                      "(docs/security.md, 'Moving to node identities')")
+        return False, ("this SHOAL_HOME uses the shared agent user (made before node "
+                       "identities were the default); shoal up --node-identities moves it "
+                       "(docs/security.md, 'Moving to node identities')")
     if opts.nats_url is not None:
         raise ConfigError("node identities with --nats: your nats-servers need the fleet's "
                           "operator (shoal admin node-identities DIR, docs/operations.md); "
                           "shoal up's node identities are for its own servers")
+    return True, ""
+
+
+def _authority(home: Path) -> Authority:
+    """The fleet's NATS signing keys, made on the first start of the home."""
+    from .identity.authority import Authority
+
+    path = home / AUTHORITY
     c.ensure_private_dir(path.parent)
-    return Authority.load_or_create(path), ""
+    return Authority.load_or_create(path)
 
 
 def _agent_groups(opts: UpOptions, servers: int, identities: bool,
                   ) -> list[tuple[int, list[str]]]:
-    """The local agents' hosts: one credential names at most MAX_NAMES nodes."""
+    """The local agents' hosts. With node identities each agent is a host (a credential)
+    of its own, as separate machines would be, while there are at most
+    MAX_LOCAL_CREDENTIALS of them; more are packed that many credentials' worth, each
+    naming at most MAX_NAMES nodes (what one credential may name)."""
     from .wire.enrollment import MAX_NAMES
 
     names = virtual_names("node-", opts.agents) if opts.agents else []
-    groups = agent_groups(names, servers, MAX_NAMES if identities else 0)
-    if len(groups) > MAX_LOCAL_CREDENTIALS:
+    if not identities:
+        return agent_groups(names, servers)
+    per = max(1, -(-len(names) // MAX_LOCAL_CREDENTIALS))
+    if per > MAX_NAMES:
         raise ConfigError(
-            f"--agents {opts.agents} with node identities needs {len(groups)} credentials "
-            f"(one names at most {MAX_NAMES} nodes); shoal up makes at most "
-            f"{MAX_LOCAL_CREDENTIALS}: use --agents "
-            f"{MAX_LOCAL_CREDENTIALS * MAX_NAMES // servers * servers} or fewer, or a new "
-            "SHOAL_HOME with --shared-agent-user for a large virtual fleet "
-            "(docs/operations.md)")
-    return groups
+            f"--agents {opts.agents} with node identities: shoal up gives its agents at most "
+            f"{MAX_LOCAL_CREDENTIALS} credentials of at most {MAX_NAMES} nodes each: use "
+            f"--agents {MAX_LOCAL_CREDENTIALS * MAX_NAMES} or fewer, or a new SHOAL_HOME with "
+            "--shared-agent-user for a large virtual fleet (docs/operations.md)")
+    return agent_groups(names, servers, per)
 
 
 def _nats_configs(home: Path, url: str, users: NatsUsers, tls: FleetTls | None,
@@ -418,9 +427,9 @@ async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:
     With node identities every server runs in operator mode with the same operator and a
     full resolver of its own: an account update (a revocation) pushed to one reaches all."""
     home = c.ensure_home()
-    fresh = not (home / "up.toml").exists()
-    authority, note = _authority(home, opts, fresh)
-    groups = _agent_groups(opts, opts.nats_cluster, authority is not None)
+    identities, note = _identities(home, opts, not (home / "up.toml").exists())
+    groups = _agent_groups(opts, opts.nats_cluster, identities)  # before anything is written
+    authority = _authority(home) if identities else None
     token, users = _secrets(home)
     tls = _fleet_tls(home, opts)
     spec = ClusterSpec.allocate(opts.nats_cluster, first_port=opts.nats_port)

@@ -216,9 +216,14 @@ def _agent_user(users: NatsUsers) -> dict[str, object]:
             "permissions": agent_permissions()}
 
 
+# A node credential's JWT rides in the CONNECT line: one naming 64 nodes is ~45 KB, past
+# nats-server's default limit of 4 KB on a protocol line.
+MAX_CONTROL_LINE = 256 << 10
+
+
 def _common(host: str, port: int) -> dict[str, object]:
     return {"host": host, "port": port, "max_payload": 8 << 20, "max_pending": 256 << 20,
-            "write_deadline": "30s"}
+            "write_deadline": "30s", "max_control_line": MAX_CONTROL_LINE}
 
 
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
