@@ -307,9 +307,10 @@ def shoal_fleet(
     timeout_s: float = 120.0,
     capacity: int | None = None,
 ) -> Iterator[ShoalFleet]:
-    """Start `shoal up --agents 0 --port 0` and `shoal agent --virtual n` under root/shoal, or
-    with `capacity`, `shoal up --agents n --capacity C` alone (controller, agents and their
-    sessions in one process tree, which the session and terminal benches measure).
+    """Start `shoal up --agents 0 --port 0 --shared-agent-user` and `shoal agent --virtual n`
+    under root/shoal, or with `capacity`, `shoal up --agents n --capacity C` alone
+    (controller, agents and their sessions in one process tree, which the session and
+    terminal benches measure).
 
     Yields once all n nodes are ready; SIGTERMs them (agent first) and removes SHOAL_HOME on exit.
     """
@@ -319,7 +320,10 @@ def shoal_fleet(
     env = dict(os.environ, SHOAL_HOME=str(home))
     env.pop("SHOAL_URL", None)
     env.pop("SHOAL_TOKEN", None)
-    local = [] if capacity is None else ["--capacity", str(capacity)]
+    # Without capacity, one `shoal agent --virtual n` of up to thousands of nodes: more than
+    # one node credential names (64), so the shared agent user (docs/operations.md,
+    # "Virtual fleets"). With it, `shoal up`'s own agents, each its own node identity.
+    local = ["--shared-agent-user"] if capacity is None else ["--capacity", str(capacity)]
     limit = timeout_s if deadline is None else min(timeout_s, max(5.0, deadline.remaining() - 20))
     up_log, agent_log = root / f"shoal-up-{n}.log", root / f"shoal-agent-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
