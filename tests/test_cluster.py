@@ -25,7 +25,7 @@ import pytest
 
 from fleet import Fleet, wait_for, wait_running
 from shoal.client.aio import Client, LogChunk, controller_urls
-from shoal.config import NatsConfig
+from shoal.config import ControllerConfig, load
 from shoal.errors import ConnectError
 from shoal.natsio import bus
 from shoal.natsio.natsd import ClusterSpec, NatsCluster, NatsUsers
@@ -42,8 +42,7 @@ class Jet:
     """The JetStream API of the fleet's cluster, with the controller's credentials."""
 
     def __init__(self, home: Path) -> None:
-        nats = tomllib.loads((home / "controller.toml").read_text())["nats"]
-        self.cfg = NatsConfig(url=nats["url"], user=nats["user"], password=nats["password"])
+        self.cfg = load(ControllerConfig, home / "controller.toml").nats
 
     def api(self, subject: str, body: Any = None) -> dict[str, Any]:
         async def go() -> dict[str, Any]:
@@ -493,3 +492,66 @@ async def _ride_out(fleet: Fleet, controllers: list[str], services: list[str],
                 f"{gap:.1f}s; {len(traffic.failed)} failed requests of "
                 f"{len(traffic.failed) + len(traffic.ok)}"
                 f"{': ' + traffic.failed[0][1] if traffic.failed else ''}")
+
+
+def _server_urls(fleet: Fleet) -> dict[str, str]:
+    """Each server's client URL, as `shoal up` printed them (n1, n2, n3)."""
+    return dict(re.findall(r"^  (n\d): NATS (\S+) ", fleet.log.read_text(), re.MULTILINE))
+
+
+@pytest.mark.timeout(90)
+async def test_node_identities_hold_on_every_server_of_the_cluster(tmp_path: Path) -> None:
+    """Node identities on `shoal up --nats-cluster 3` (the default): every server trusts the
+    same operator and keeps a full resolver of its own. An agent enrolled through n1's
+    controller works connected to n2 alone; revoking it through n1's controller closes its
+    connection on n2, and no server takes its credential again."""
+    import nats
+    import nats.errors
+
+    home = tmp_path / "home"
+    fleet = Fleet(home, agents=0, extra_args=("--nats-cluster", "3"))
+    try:
+        fleet.start(timeout=60)
+        servers = _server_urls(fleet)
+        assert sorted(servers) == ["n1", "n2", "n3"], fleet.log.read_text()
+        confs = {n: json.loads((home / "nats-cluster" / n / "nats.conf").read_text())
+                 for n in servers}
+        assert len({c["operator"] for c in confs.values()}) == 1  # one operator for all
+        for n, conf in confs.items():
+            assert "accounts" not in conf  # no users, no passwords: operator mode
+            assert conf["resolver"]["type"] == "full"
+            assert conf["resolver"]["dir"] == str(home / "nats-cluster" / n / "accounts")
+        first_controller = controller_urls(
+            tomllib.loads((home / "client.toml").read_text())["url"])[0]  # the one on n1
+
+        def enroll(name: str, server: str) -> tuple[subprocess.Popen[str], Path]:
+            r = fleet.shoal("token", "create", "--join", "--name", name)
+            assert r.returncode == 0, r.stderr
+            state = tmp_path / f"state-{name}"  # a machine of its own
+            agent = fleet.agent(name, "--join", first_controller, "--token", r.stdout.strip(),
+                                "--nats", servers[server], env={"SHOAL_STATE_DIR": str(state)})
+            return agent, state / "identity" / f"{name}.creds"
+
+        far, far_creds = enroll("far-1", "n2")
+        other, _ = enroll("far-2", "n3")
+        assert "enrolled far-1 " in fleet.log.read_text()  # by the controllers of shoal up
+        for name in ("far-1", "far-2"):
+            r = fleet.shoal("run", "-n", name, "--", "echo", "enrolled-on-n1")
+            assert (r.returncode, r.stdout) == (0, f"{name}: enrolled-on-n1\n"), r.stderr
+
+        r = fleet.shoal("nodes", "revoke", "far-1")  # through the first controller: n1
+        assert r.returncode == 0, r.stderr
+        far.wait(30)  # n2 closed its connection at once; it stops, saying why
+        assert far.returncode != 0
+        log = (home / "agent-far-1.log").read_text()
+        assert "credential was revoked" in log, log
+        for url in servers.values():  # its reconnect fails on every server
+            with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+                await nats.connect(url, user_credentials=str(far_creds),
+                                   allow_reconnect=False, max_reconnect_attempts=0)
+        # Only that key: the node on n3 works on.
+        assert other.poll() is None
+        r = fleet.shoal("run", "-n", "far-2", "--", "echo", "still")
+        assert (r.returncode, r.stdout) == (0, "far-2: still\n"), r.stderr
+    finally:
+        fleet.stop()
