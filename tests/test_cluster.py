@@ -137,10 +137,10 @@ def test_losing_the_leading_server_loses_nothing(tmp_path: Path) -> None:
         assert len(agent["nats"]["url"].split(",")) == 3  # every server
 
         jet = Jet(home)
-        # Every bucket and the output stream: 3 replicas, without being told.
+        # Every bucket (the identities' two too) and the output stream: 3 replicas, untold.
         report = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
         assert report.returncode == 0, report.stderr
-        assert "0 of 11 below 3 (cluster of 3)" in report.stdout, report.stdout
+        assert "0 of 13 below 3 (cluster of 3)" in report.stdout, report.stdout
 
         # One server leads everything: the meta group, the output stream, the sessions.
         victim = meta_leader(home)
@@ -269,13 +269,13 @@ def test_a_fleet_with_fewer_replicas_is_told_and_upgraded(tmp_path: Path) -> Non
                          r".*KV_shoal-sessions \(R1\).*shoal-output \(R1\).*"
                          r"shoal admin upgrade-replicas", text), text
         dry = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
-        assert dry.returncode == 0 and "11 of 11 below 3" in dry.stdout, dry.stdout + dry.stderr
+        assert dry.returncode == 0 and "13 of 13 below 3" in dry.stdout, dry.stdout + dry.stderr
         up = fleet.shoal("admin", "upgrade-replicas")
         assert up.returncode == 0, up.stderr
         assert "raised shoal-output: 1 -> 3" in up.stdout
         assert "raised KV_shoal-sessions: 1 -> 3" in up.stdout
         after = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
-        assert "0 of 11 below 3" in after.stdout, after.stdout
+        assert "0 of 13 below 3" in after.stdout, after.stdout
         jet = Jet(home)
         assert jet.all_current(OUTPUT_STREAM) and jet.all_current(SESSIONS_STREAM)
         # The data came along, and the fleet works on.
