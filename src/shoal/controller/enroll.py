@@ -2,7 +2,7 @@
 "Node identities").
 
 Only with ``identity`` in controller.toml (the fleet's signing keys, shoal.identity.authority;
-``shoal up --node-identities`` makes them). A join token (``shoal token create --join``) is
+``shoal up`` makes them, its default). A join token (``shoal token create --join``) is
 ``shoal-join_<id>_<secret>``; the ``shoal-join`` bucket keeps its SHA-256, what it fixes
 (labels, a name) and how many names it may still enroll. ``POST /api/v1/enroll`` takes the
 token, the node's public key and its names, and answers a user JWT for that key whose

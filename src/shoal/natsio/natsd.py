@@ -251,7 +251,7 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
     if jwt is not None:
         if leafnodes is not None:
             raise ConfigError("leaf sites work with the shared agent user only for now: drop "
-                              "--leaf-sites, or run shoal up without --node-identities")
+                              "--leaf-sites, or run shoal up with --shared-agent-user")
         del conf["accounts"]
         conf.update(jwt.conf(store_dir.parent / "accounts"))
     if leafnodes is not None:
