@@ -25,7 +25,7 @@ import pytest
 
 from fleet import Fleet, wait_for, wait_running
 from shoal.client.aio import Client, LogChunk, controller_urls
-from shoal.config import ControllerConfig, load
+from shoal.config import ControllerConfig, NatsConfig, load
 from shoal.errors import ConnectError
 from shoal.natsio import bus
 from shoal.natsio.natsd import ClusterSpec, NatsCluster, NatsUsers
@@ -555,3 +555,64 @@ async def test_node_identities_hold_on_every_server_of_the_cluster(tmp_path: Pat
         assert (r.returncode, r.stdout) == (0, "far-2: still\n"), r.stderr
     finally:
         fleet.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_server_down_during_a_revocation_refuses_the_node_soon_after(
+        tmp_path: Path) -> None:
+    """A server that was down while a node was revoked comes back with its old copy of the
+    account: its full resolver takes the newer one from a peer at its next sync. That is every
+    few seconds here (nats-server's default, 2 minutes, left a stolen credential usable on
+    that server for as long)."""
+    import nats
+    import nats.errors
+    from nats.aio.client import RawCredentials
+
+    from shoal.config import write_secret_file
+    from shoal.identity import claims
+    from shoal.identity.authority import Authority
+
+    authority = Authority.create()
+    cluster = NatsCluster(tmp_path / "nats", NatsUsers.generate(), ClusterSpec.allocate(3),
+                          jwt=authority.jwt_auth())
+    cluster.start()
+    try:
+        ctl = tmp_path / "controller.creds"
+        write_secret_file(ctl, authority.controller_creds(int(time.time())))
+        await cluster.wait_formed(NatsConfig(url=cluster.url, creds=str(ctl)))
+        seed = claims.new_seed("user")
+        node = tmp_path / "node.creds"
+        write_secret_file(node, claims.creds(authority.node_jwt(
+            claims.public_key(seed), ["x"], int(time.time()) - 5, 3600), seed))
+        n1, n3 = cluster.servers[0], cluster.servers[2]
+        await (await nats.connect(n3.url, user_credentials=str(node))).close()
+
+        await n3.astop()
+        system = await nats.connect(n1.url, user_credentials=RawCredentials(
+            authority.system_creds(int(time.time()))))
+        try:  # the revocation, as a controller pushes it
+            jwt = authority.account_jwt(int(time.time()),
+                                        {claims.public_key(seed): int(time.time())})
+            reply = await system.request("$SYS.REQ.CLAIMS.UPDATE", jwt.encode(), timeout=5)
+            assert b'"code":200' in reply.data, reply.data
+        finally:
+            await system.close()
+        with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+            await nats.connect(n1.url, user_credentials=str(node), allow_reconnect=False,
+                               max_reconnect_attempts=0)
+
+        await n3.astart()
+        back = time.monotonic()
+        while True:
+            try:
+                nc = await nats.connect(n3.url, user_credentials=str(node),
+                                        allow_reconnect=False, max_reconnect_attempts=0)
+            except nats.errors.Error as e:
+                assert "authorization" in str(e).lower(), e
+                break
+            await nc.close()
+            assert time.monotonic() - back < 40, "the returning server kept the old account"
+            await asyncio.sleep(0.5)
+        print(f"refused by the returning server {time.monotonic() - back:.1f}s after it was back")
+    finally:
+        cluster.stop()

@@ -191,6 +191,12 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
     return pub, sub
 
 
+# How often a server's full resolver compares its accounts with a peer's and takes the newer:
+# a server that was down while a node was revoked accepts the revoked credential until then
+# (nats-server's usual 2 minutes; the accounts are two small JWTs, so a sync costs nothing).
+RESOLVER_SYNC = "5s"
+
+
 @dataclass(frozen=True)
 class JwtAuth:
     """Decentralized authentication (operator mode): the server trusts the operator's JWT,
@@ -207,7 +213,7 @@ class JwtAuth:
     def conf(self, resolver_dir: Path) -> dict[str, object]:
         return {"operator": self.operator_jwt, "system_account": self.system_account,
                 "resolver": {"type": "full", "dir": str(resolver_dir),
-                             "allow_delete": False, "interval": "2m"},
+                             "allow_delete": False, "interval": RESOLVER_SYNC},
                 "resolver_preload": dict(self.preload)}
 
 
