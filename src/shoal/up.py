@@ -9,6 +9,9 @@ agents, all stopped together on Ctrl-C or SIGTERM. It writes under ``$SHOAL_HOME
     agent.toml       how an agent joins this fleet: ``shoal agent`` reads it (0600)
     client.toml      the URL and token every other ``shoal`` command uses (0600)
     nats/            the server's config, log and JetStream store
+    identity/        node identities: the fleet's signing keys (authority.toml) and the
+                     controllers' credential (controller.creds), 0600
+    agent-state/identity/  each local agent's own credential, NAME.creds (0600)
     tls/             with ``--tls``: the fleet's CA (ca.pem: clients verify against it), the
                      servers' certificate and the NATS users' client certificates (shoal.pki)
     nats-cluster/    with ``--nats-cluster N``: n1/ .. nN/, one such directory per server
