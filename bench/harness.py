@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from bench.proc import stop_process, timed_run
+from shoal.wire.enrollment import MAX_NAMES
 
 RESULTS_DIR = Path(__file__).with_name("results")
 MIB = 1 << 20
@@ -316,9 +317,11 @@ def shoal_fleet(
 
     The virtual nodes are spread over one `shoal agent --virtual` process per core: a real
     fleet has an agent per machine, and the ssh peers' sshd forks a process per connection,
-    so neither side is held to one core.
+    so neither side is held to one core. Each process enrolls with a node identity of its
+    own, unless it serves more nodes than one credential names (64): then the fleet uses
+    the shared agent user (docs/operations.md, "Virtual fleets").
 
-    ``up_args`` go to `shoal up` too (`--node-identities`).
+    ``up_args`` go to `shoal up` too (`--shared-agent-user`).
 
     Yields once all n nodes are ready; SIGTERMs them (agent first) and removes SHOAL_HOME on exit.
     """
@@ -330,6 +333,8 @@ def shoal_fleet(
     env.pop("SHOAL_TOKEN", None)
     local = [] if capacity is None else ["--capacity", str(capacity)]
     apart = apart or capacity is None
+    shares = _shares(n, min(n, os.cpu_count() or 1)) if apart else []
+    shared = ["--shared-agent-user"] if shares and max(shares) > MAX_NAMES else []
     limit = timeout_s if deadline is None else min(timeout_s, max(5.0, deadline.remaining() - 20))
     up_log, agent_log = root / f"shoal-up-{n}.log", root / f"shoal-agent-{n}.log"
     procs: list[subprocess.Popen[bytes]] = []
@@ -338,7 +343,7 @@ def shoal_fleet(
             procs.append(
                 subprocess.Popen(
                     [str(shoal), "up", "--agents", "0" if apart else str(n),
-                     *([] if apart else local), *up_args, "--port", "0"],
+                     *([] if apart else local), *shared, *up_args, "--port", "0"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -361,7 +366,6 @@ def shoal_fleet(
                 f"{time.monotonic() - started:.1f}s")
             yield ShoalFleet(shoal, home, env, n, [("shoal up", procs[0], up_log)])
             return
-        shares = _shares(n, min(n, os.cpu_count() or 1))
         with agent_log.open("wb") as out:
             for i, count in enumerate(shares):
                 prefix = "node-" if len(shares) == 1 else f"node-{chr(ord('a') + i)}"

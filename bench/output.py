@@ -1,8 +1,9 @@
 """Session output throughput: how fast a session's output is stored, and read back.
 
-Run from the repository root with `python -m bench.output [--node-identities]`. It starts a
-private `shoal up --agents 2 --capacity 50 --port 0` in a temporary SHOAL_HOME, prints the
-rows as one JSON list on stdout and writes bench/results/output[-identities].md and .json.
+Run from the repository root with `python -m bench.output [--shared-agent-user]`. It starts
+a private `shoal up --agents 2 --capacity 50 --port 0` in a temporary SHOAL_HOME (node
+identities, or with the flag the one shared agent user), prints the rows as one JSON list on
+stdout and writes bench/results/output[-shared].md and .json.
 All traffic is to 127.0.0.1.
 
 - output-store: one session at a time printing `--mib` MiB (`head -c`, of /dev/zero) as fast
@@ -38,8 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mib", type=int, default=256, help="MiB a session prints")
     parser.add_argument("--runs", type=int, default=3, help="runs of each workload")
     parser.add_argument("--parallel", type=int, default=8, help="sessions at once")
-    parser.add_argument("--node-identities", action="store_true",
-                        help="shoal up --node-identities (node credentials)")
+    parser.add_argument("--shared-agent-user", action="store_true",
+                        help="shoal up --shared-agent-user (no node credentials)")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds, at most")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     return parser.parse_args(argv)
@@ -81,7 +82,7 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
     shoal = shoal_bin()
     assert shoal is not None
     nbytes = args.mib << 20
-    up_args = ("--node-identities",) if args.node_identities else ()
+    up_args = ("--shared-agent-user",) if args.shared_agent_user else ()
     with shoal_fleet(shoal, root, 2, deadline, capacity=50, up_args=up_args) as fleet:
 
         async def go() -> None:
@@ -107,10 +108,10 @@ def bench(args: argparse.Namespace, root: Path, deadline: Deadline, rows: list[R
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    mode = "node identities" if args.node_identities else "the shared agent user"
+    mode = "the shared agent user" if args.shared_agent_user else "node identities"
     notes = (f"Fleet: `shoal up --agents 2 --capacity 50 --port 0` with {mode}; {args.mib} MiB "
              f"per run, {args.runs} runs; parallel = {args.parallel} sessions sharing it.\n")
-    stem = "output-identities" if args.node_identities else "output"
+    stem = "output-shared" if args.shared_agent_user else "output"
     return run_main(stem, "shoal session output throughput", COLUMNS, notes,
                     lambda root, deadline, rows: bench(args, root, deadline, rows),
                     args.budget, args.out, "shoal-output-")

@@ -1,10 +1,10 @@
 """Issue 15, item 5: shoal with 1,000 / 5,000 / 10,000 virtual nodes on this machine.
 
 Run from the repository root with `python -m bench.scale` (bench.run runs it as one of its
-EXTRA_BENCHMARKS). For each fleet size N it starts a private `shoal up --agents 0 --port 0`
-and agent processes of virtual nodes (`b-1..b-1000` in one process and, past 1,000, the other
-N - 1,000 as `a-1..` in a second one, as the issue measured), waits until all N are ready, and
-measures:
+EXTRA_BENCHMARKS). For each fleet size N it starts a private `shoal up --agents 0 --port 0
+--shared-agent-user` and agent processes of virtual nodes (`b-1..b-1000` in one process
+and, past 1,000, the other N - 1,000 as `a-1..` in a second one, as the issue measured),
+waits until all N are ready, and measures:
 
 - spawn-floor: this machine alone spawning N `/bin/true` and reaping them, from as many
   worker processes as there are CPUs (os.posix_spawn, no shoal, no NATS): the floor a fan-out
@@ -167,7 +167,10 @@ def scale_fleet(shoal: Path, root: Path, n: int, deadline: Deadline,
     limit = min(300.0, max(10.0, deadline.remaining() - 30))
     try:
         with up_log.open("wb") as out:
-            up = subprocess.Popen([str(shoal), "up", "--agents", "0", "--port", "0"], env=env,
+            # Thousands of virtual nodes per agent process: more than one node credential
+            # names (64), so the shared agent user (docs/operations.md, "Virtual fleets").
+            up = subprocess.Popen([str(shoal), "up", "--agents", "0", "--port", "0",
+                                   "--shared-agent-user"], env=env,
                                   stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(up)

@@ -173,6 +173,17 @@ class Fleet:
             time.sleep(0.05)
         raise RuntimeError(f"controller did not start: {log_path.read_text()}")
 
+    def agent_nats(self, node: str = "node-1") -> dict[str, Any]:
+        """What ``nats.connect`` needs to act as one of this fleet's agents: ``node``'s own
+        credential (node identities, `shoal up`'s default), else the shared agent user."""
+        from shoal.config import AgentConfig, load
+
+        cfg = load(AgentConfig, self.home / "agent.toml").nats
+        if cfg.password:
+            return {"user": cfg.user, "password": cfg.password, "inbox_prefix": "_INBOX_AGENT"}
+        creds = self.home / "agent-state" / "identity" / f"{node}.creds"
+        return {"user_credentials": str(creds), "inbox_prefix": f"_INBOX_AGENT.{node}"}
+
     def nodes(self) -> dict[str, dict[str, Any]]:
         r = self.shoal("nodes", "--json")
         assert r.returncode == 0, r.stderr

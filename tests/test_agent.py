@@ -72,9 +72,15 @@ def test_down_within_ten_seconds(fleet: Fleet) -> None:
     assert time.monotonic() - start <= 10
 
 
+# agent.toml of a fleet of node identities holds a join token: without it (and without a
+# credential of its own) an agent has only the password it is given.
+NO_JOIN = {"SHOAL_JOIN_URL": "", "SHOAL_JOIN_TOKEN": ""}
+
+
 def test_wrong_nats_credentials_fail_fast_and_clearly(fleet: Fleet) -> None:
     start = time.monotonic()
-    p = fleet.spawn("agent", "--name", "intruder", env={"SHOAL_NATS_PASSWORD": "wrong"},
+    p = fleet.spawn("agent", "--name", "intruder",
+                    env={"SHOAL_NATS_PASSWORD": "wrong", **NO_JOIN},
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = p.communicate(timeout=20)
     assert p.returncode != 0
@@ -85,7 +91,7 @@ def test_wrong_nats_credentials_fail_fast_and_clearly(fleet: Fleet) -> None:
 
 def test_no_nats_user_is_refused(fleet: Fleet) -> None:
     p = fleet.spawn("agent", "--name", "anon", "--nats-user", "",
-                    env={"SHOAL_NATS_PASSWORD": ""},
+                    env={"SHOAL_NATS_PASSWORD": "", **NO_JOIN},
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = p.communicate(timeout=20)
     assert p.returncode != 0 and "refused" in err

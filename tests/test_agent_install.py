@@ -244,6 +244,24 @@ def test_a_nats_url_the_hosts_cannot_reach_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "p").exists()
 
 
+def test_a_fleet_of_node_identities_has_no_shared_credential_to_install(
+        tmp_path: Path) -> None:
+    """`shoal up`'s default agent.toml holds a join token and no NATS secret: nothing to copy
+    to the hosts, which must each enroll; said before any host is touched."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    c.save(home / "agent.toml", c.AgentConfig(
+        nats=c.NatsConfig(url="nats://10.0.0.1:4222"), join_url="http://10.0.0.1:7470",
+        join_token="shoal-join_x_y"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["SHOAL_HOME"] = str(home)
+    r = subprocess.run([SHOAL, "agent", "install", "--prefix", str(tmp_path / "p"),
+                        "root@192.0.2.1"], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "node identities" in r.stderr and "--join" in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_the_nats_files_agent_toml_names_go_along_with_their_modes() -> None:
     import tomllib
 

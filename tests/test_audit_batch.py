@@ -34,7 +34,8 @@ def test_a_batch_is_stored_whole_or_not_at_all(fleet: Fleet) -> None:
     cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
 
     async def go() -> None:
-        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password,
+                                user_credentials=cfg.creds)
         js = nc.jetstream()
         try:
             assert await streams.ensure(js, STREAM, SUBJECT, replicas=1, max_age=3600)
@@ -91,7 +92,8 @@ def test_bursts_on_two_controllers_keep_one_chain(fleet: Fleet) -> None:
     cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
 
     async def batched() -> int:
-        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password,
+                                user_credentials=cfg.creds)
         js = nc.jetstream()
         try:
             first, last, _ = await streams.bounds(js, "shoal-audit")

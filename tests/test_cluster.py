@@ -25,7 +25,7 @@ import pytest
 
 from fleet import Fleet, wait_for, wait_running
 from shoal.client.aio import Client, LogChunk, controller_urls
-from shoal.config import NatsConfig
+from shoal.config import ControllerConfig, NatsConfig, load
 from shoal.errors import ConnectError
 from shoal.natsio import bus
 from shoal.natsio.natsd import ClusterSpec, NatsCluster, NatsUsers
@@ -42,8 +42,7 @@ class Jet:
     """The JetStream API of the fleet's cluster, with the controller's credentials."""
 
     def __init__(self, home: Path) -> None:
-        nats = tomllib.loads((home / "controller.toml").read_text())["nats"]
-        self.cfg = NatsConfig(url=nats["url"], user=nats["user"], password=nats["password"])
+        self.cfg = load(ControllerConfig, home / "controller.toml").nats
 
     def api(self, subject: str, body: Any = None) -> dict[str, Any]:
         async def go() -> dict[str, Any]:
@@ -138,10 +137,10 @@ def test_losing_the_leading_server_loses_nothing(tmp_path: Path) -> None:
         assert len(agent["nats"]["url"].split(",")) == 3  # every server
 
         jet = Jet(home)
-        # Every bucket and the output stream: 3 replicas, without being told.
+        # Every bucket (the identities' two too) and the output stream: 3 replicas, untold.
         report = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
         assert report.returncode == 0, report.stderr
-        assert "0 of 11 below 3 (cluster of 3)" in report.stdout, report.stdout
+        assert "0 of 13 below 3 (cluster of 3)" in report.stdout, report.stdout
 
         # One server leads everything: the meta group, the output stream, the sessions.
         victim = meta_leader(home)
@@ -270,13 +269,13 @@ def test_a_fleet_with_fewer_replicas_is_told_and_upgraded(tmp_path: Path) -> Non
                          r".*KV_shoal-sessions \(R1\).*shoal-output \(R1\).*"
                          r"shoal admin upgrade-replicas", text), text
         dry = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
-        assert dry.returncode == 0 and "11 of 11 below 3" in dry.stdout, dry.stdout + dry.stderr
+        assert dry.returncode == 0 and "13 of 13 below 3" in dry.stdout, dry.stdout + dry.stderr
         up = fleet.shoal("admin", "upgrade-replicas")
         assert up.returncode == 0, up.stderr
         assert "raised shoal-output: 1 -> 3" in up.stdout
         assert "raised KV_shoal-sessions: 1 -> 3" in up.stdout
         after = fleet.shoal("admin", "upgrade-replicas", "--dry-run")
-        assert "0 of 11 below 3" in after.stdout, after.stdout
+        assert "0 of 13 below 3" in after.stdout, after.stdout
         jet = Jet(home)
         assert jet.all_current(OUTPUT_STREAM) and jet.all_current(SESSIONS_STREAM)
         # The data came along, and the fleet works on.
@@ -493,3 +492,127 @@ async def _ride_out(fleet: Fleet, controllers: list[str], services: list[str],
                 f"{gap:.1f}s; {len(traffic.failed)} failed requests of "
                 f"{len(traffic.failed) + len(traffic.ok)}"
                 f"{': ' + traffic.failed[0][1] if traffic.failed else ''}")
+
+
+def _server_urls(fleet: Fleet) -> dict[str, str]:
+    """Each server's client URL, as `shoal up` printed them (n1, n2, n3)."""
+    return dict(re.findall(r"^  (n\d): NATS (\S+) ", fleet.log.read_text(), re.MULTILINE))
+
+
+@pytest.mark.timeout(90)
+async def test_node_identities_hold_on_every_server_of_the_cluster(tmp_path: Path) -> None:
+    """Node identities on `shoal up --nats-cluster 3` (the default): every server trusts the
+    same operator and keeps a full resolver of its own. An agent enrolled through n1's
+    controller works connected to n2 alone; revoking it through n1's controller closes its
+    connection on n2, and no server takes its credential again."""
+    import nats
+    import nats.errors
+
+    home = tmp_path / "home"
+    fleet = Fleet(home, agents=0, extra_args=("--nats-cluster", "3"))
+    try:
+        fleet.start(timeout=60)
+        servers = _server_urls(fleet)
+        assert sorted(servers) == ["n1", "n2", "n3"], fleet.log.read_text()
+        confs = {n: json.loads((home / "nats-cluster" / n / "nats.conf").read_text())
+                 for n in servers}
+        assert len({c["operator"] for c in confs.values()}) == 1  # one operator for all
+        for n, conf in confs.items():
+            assert "accounts" not in conf  # no users, no passwords: operator mode
+            assert conf["resolver"]["type"] == "full"
+            assert conf["resolver"]["dir"] == str(home / "nats-cluster" / n / "accounts")
+        first_controller = controller_urls(
+            tomllib.loads((home / "client.toml").read_text())["url"])[0]  # the one on n1
+
+        def enroll(name: str, server: str) -> tuple[subprocess.Popen[str], Path]:
+            r = fleet.shoal("token", "create", "--join", "--name", name)
+            assert r.returncode == 0, r.stderr
+            state = tmp_path / f"state-{name}"  # a machine of its own
+            agent = fleet.agent(name, "--join", first_controller, "--token", r.stdout.strip(),
+                                "--nats", servers[server], env={"SHOAL_STATE_DIR": str(state)})
+            return agent, state / "identity" / f"{name}.creds"
+
+        far, far_creds = enroll("far-1", "n2")
+        other, _ = enroll("far-2", "n3")
+        assert "enrolled far-1 " in fleet.log.read_text()  # by the controllers of shoal up
+        for name in ("far-1", "far-2"):
+            r = fleet.shoal("run", "-n", name, "--", "echo", "enrolled-on-n1")
+            assert (r.returncode, r.stdout) == (0, f"{name}: enrolled-on-n1\n"), r.stderr
+
+        r = fleet.shoal("nodes", "revoke", "far-1")  # through the first controller: n1
+        assert r.returncode == 0, r.stderr
+        far.wait(30)  # n2 closed its connection at once; it stops, saying why
+        assert far.returncode != 0
+        log = (home / "agent-far-1.log").read_text()
+        assert "credential was revoked" in log, log
+        for url in servers.values():  # its reconnect fails on every server
+            with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+                await nats.connect(url, user_credentials=str(far_creds),
+                                   allow_reconnect=False, max_reconnect_attempts=0)
+        # Only that key: the node on n3 works on.
+        assert other.poll() is None
+        r = fleet.shoal("run", "-n", "far-2", "--", "echo", "still")
+        assert (r.returncode, r.stdout) == (0, "far-2: still\n"), r.stderr
+    finally:
+        fleet.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_server_down_during_a_revocation_refuses_the_node_soon_after(
+        tmp_path: Path) -> None:
+    """A server that was down while a node was revoked comes back with its old copy of the
+    account: its full resolver takes the newer one from a peer at its next sync. That is every
+    few seconds here (nats-server's default, 2 minutes, left a stolen credential usable on
+    that server for as long)."""
+    import nats
+    import nats.errors
+    from nats.aio.client import RawCredentials
+
+    from shoal.config import write_secret_file
+    from shoal.identity import claims
+    from shoal.identity.authority import Authority
+
+    authority = Authority.create()
+    cluster = NatsCluster(tmp_path / "nats", NatsUsers.generate(), ClusterSpec.allocate(3),
+                          jwt=authority.jwt_auth())
+    cluster.start()
+    try:
+        ctl = tmp_path / "controller.creds"
+        write_secret_file(ctl, authority.controller_creds(int(time.time())))
+        await cluster.wait_formed(NatsConfig(url=cluster.url, creds=str(ctl)))
+        seed = claims.new_seed("user")
+        node = tmp_path / "node.creds"
+        write_secret_file(node, claims.creds(authority.node_jwt(
+            claims.public_key(seed), ["x"], int(time.time()) - 5, 3600), seed))
+        n1, n3 = cluster.servers[0], cluster.servers[2]
+        await (await nats.connect(n3.url, user_credentials=str(node))).close()
+
+        await n3.astop()
+        system = await nats.connect(n1.url, user_credentials=RawCredentials(
+            authority.system_creds(int(time.time()))))
+        try:  # the revocation, as a controller pushes it
+            jwt = authority.account_jwt(int(time.time()),
+                                        {claims.public_key(seed): int(time.time())})
+            reply = await system.request("$SYS.REQ.CLAIMS.UPDATE", jwt.encode(), timeout=5)
+            assert b'"code":200' in reply.data, reply.data
+        finally:
+            await system.close()
+        with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+            await nats.connect(n1.url, user_credentials=str(node), allow_reconnect=False,
+                               max_reconnect_attempts=0)
+
+        await n3.astart()
+        back = time.monotonic()
+        while True:
+            try:
+                nc = await nats.connect(n3.url, user_credentials=str(node),
+                                        allow_reconnect=False, max_reconnect_attempts=0)
+            except nats.errors.Error as e:
+                assert "authorization" in str(e).lower(), e
+                break
+            await nc.close()
+            assert time.monotonic() - back < 40, "the returning server kept the old account"
+            await asyncio.sleep(0.5)
+        print(f"refused by the returning server {time.monotonic() - back:.1f}s after it was back")
+    finally:
+        cluster.stop()

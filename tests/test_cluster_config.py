@@ -18,13 +18,14 @@ from shoal.natsio.natsd import (
     ACCOUNT,
     ClusterPeer,
     ClusterSpec,
+    JwtAuth,
     LeafListen,
     NatsUsers,
     agent_permissions,
     leaf_server_config,
     server_config,
 )
-from shoal.up import rotate, split_ports, spread
+from shoal.up import agent_groups, rotate, split_ports, spread
 
 USERS = NatsUsers("ctl-pw", "agent-pw", "route-pw")
 SPEC = ClusterSpec("shoal", (ClusterPeer("n1", 4001, 6001), ClusterPeer("n2", 4002, 6002),
@@ -117,6 +118,46 @@ def test_spread_deals_every_name_once(count: int, groups: int) -> None:
     assert len(dealt) == min(count, groups) and all(dealt)
     sizes = [len(g) for g in dealt]
     assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+@given(st.integers(0, 200), st.integers(1, 5), st.integers(0, 64))
+def test_agent_groups_deal_every_name_once_within_a_credential(count: int, servers: int,
+                                                                per: int) -> None:
+    names = [f"node-{i}" for i in range(1, count + 1)]
+    groups = agent_groups(names, servers, per)
+    assert sorted(n for _, g in groups for n in g) == sorted(names)
+    assert all(g and (not per or len(g) <= per) for _, g in groups)
+    shares = spread(names, servers)
+    # Each group lies within the share of the server it prefers.
+    assert all(0 <= i < len(shares) and set(g) <= set(shares[i]) for i, g in groups)
+    if not per:
+        assert [g for _, g in groups] == shares
+
+
+def test_agent_groups_one_credential_per_node() -> None:
+    assert agent_groups(["a", "b", "c"], 1, 1) == [(0, ["a"]), (0, ["b"]), (0, ["c"])]
+    assert agent_groups(["a", "b", "c", "d"], 2, 1) == [(0, ["a"]), (0, ["c"]), (1, ["b"]),
+                                                        (1, ["d"])]
+    assert agent_groups(["a", "b", "c"], 1, 2) == [(0, ["a", "b"]), (0, ["c"])]
+
+
+def test_every_server_of_an_operator_mode_cluster_trusts_the_operator() -> None:
+    """Node identities on a cluster: the same operator, system account and preloaded
+    accounts on each server, a full resolver with a directory of its own, the routes as
+    in password mode, and no users or passwords for clients anywhere."""
+    jwt = JwtAuth("OPJWT", "ASYS", {"ASYS": "SYSJWT", "ASHOAL": "ACCJWT"})
+    for me in ("n1", "n2", "n3"):
+        conf = json.loads(server_config(4001, Path(f"/s/{me}/jetstream"), USERS, cluster=SPEC,
+                                        server_name=me, jwt=jwt))
+        assert "accounts" not in conf
+        assert (conf["operator"], conf["system_account"]) == ("OPJWT", "ASYS")
+        assert conf["resolver_preload"] == {"ASYS": "SYSJWT", "ASHOAL": "ACCJWT"}
+        assert conf["resolver"]["type"] == "full"
+        assert conf["resolver"]["dir"] == f"/s/{me}/accounts"
+        assert conf["cluster"]["authorization"] == {"user": "route", "password": "route-pw"}
+        assert len(conf["cluster"]["routes"]) == 2
+        # A node credential's JWT rides in the CONNECT line: ~45 KB for 64 nodes.
+        assert conf["max_control_line"] >= 64 << 10
 
 
 def test_port_ranges_do_not_overlap() -> None:

@@ -38,7 +38,10 @@ NODES = [f"v-{i}" for i in range(1, N + 1)]
 
 @pytest.fixture(scope="module")
 def hundred(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("copymany") / "home", agents=0).start()
+    # 100 virtual nodes in one process: more than one node credential names (64), so the
+    # shared agent user (docs/operations.md, "Virtual fleets").
+    f = Fleet(tmp_path_factory.mktemp("copymany") / "home", agents=0,
+              extra_args=("--shared-agent-user",)).start()
     try:
         log = open(f.home / "agent-v.log", "w")  # noqa: SIM115 - the child owns it
         f.spawn("agent", "--virtual", str(N), "--prefix", "v-", stdout=log,

@@ -26,8 +26,7 @@ async def _agent_nc(fleet: Fleet, errors: list[str]) -> nats.aio.client.Client:
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    return await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password,
-                              error_cb=on_error, inbox_prefix="_INBOX_AGENT")
+    return await nats.connect(cfg.nats.url, error_cb=on_error, **fleet.agent_nats())
 
 
 async def test_agents_cannot_read_controller_inboxes(fleet: Fleet) -> None:

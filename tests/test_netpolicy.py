@@ -270,7 +270,9 @@ def test_rules_leave_with_the_agent_and_come_back_once_after_sigkill(fleet: Flee
 @can_enforce
 def test_an_agent_that_fails_to_start_leaves_no_rules(fleet: Fleet) -> None:
     name = "np-refused"
-    p = fleet.spawn("agent", "--name", name, env={"SHOAL_NATS_PASSWORD": "wrong"},
+    # Without agent.toml's join token (node identities) it has only the wrong password.
+    p = fleet.spawn("agent", "--name", name, env={"SHOAL_NATS_PASSWORD": "wrong",
+                                                  "SHOAL_JOIN_URL": "", "SHOAL_JOIN_TOKEN": ""},
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = p.communicate(timeout=30)
     assert p.returncode != 0 and "refused the credentials" in err

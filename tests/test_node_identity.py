@@ -1,4 +1,4 @@
-"""Every node its own NATS identity (``shoal up --node-identities``, docs/security.md):
+"""Every node its own NATS identity (``shoal up``'s default, docs/security.md):
 what one node's stolen credential cannot do, refused by nats-server itself; enrollment
 with join tokens; revocation; renewal before expiry."""
 
@@ -33,8 +33,7 @@ LIFETIME = 20  # seconds a node credential lasts here: renewed every ~13 s durin
 
 @pytest.fixture(scope="module")
 def idfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("idfleet") / "home", agents=0,
-              extra_args=("--node-identities",))
+    f = Fleet(tmp_path_factory.mktemp("idfleet") / "home", agents=0)  # node identities
     f.env["SHOAL_NODE_CREDENTIAL_LIFETIME"] = str(LIFETIME)
     f.start()
     try:

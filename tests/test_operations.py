@@ -132,7 +132,8 @@ async def nats(fleet: Fleet, op: str, body: Any) -> dict[str, Any]:
     import nats as nats_py
 
     cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
-    nc = await nats_py.connect(cfg.url, user=cfg.user, password=cfg.password)
+    nc = await nats_py.connect(cfg.url, user=cfg.user, password=cfg.password,
+                               user_credentials=cfg.creds)
     try:
         msg = await nc.request(f"shoal.api.{op}", json.dumps(body).encode(), timeout=10)
         return json.loads(msg.data)  # type: ignore[no-any-return]

@@ -35,7 +35,10 @@ def _agent(fleet: Fleet, prefix: str, n: int) -> subprocess.Popen[str]:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("scale") / "home", agents=0).start()
+    # 250 virtual nodes in one process: more than one node credential names (64), so the
+    # shared agent user (docs/operations.md, "Virtual fleets").
+    f = Fleet(tmp_path_factory.mktemp("scale") / "home", agents=0,
+              extra_args=("--shared-agent-user",)).start()
     try:
         _agent(f, "v-", V)
         _agent(f, "w-", W)

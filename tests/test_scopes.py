@@ -80,7 +80,8 @@ async def nats_request(fleet: Fleet, subject: str, body: Any,
     import nats
 
     cfg = nats_cfg(fleet)
-    nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+    nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password,
+                            user_credentials=cfg.creds)
     try:
         msg = await nc.request(subject, json.dumps(body).encode(), timeout=10,
                                headers=headers)
@@ -326,7 +327,8 @@ def test_the_bucket_holds_no_recoverable_token(fleet: Fleet) -> None:
         import nats
 
         cfg = nats_cfg(fleet)
-        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password,
+                                user_credentials=cfg.creds)
         try:
             kv = await nc.jetstream().key_value("shoal-tokens")
             return [(await kv.get(k)).value or b"" for k in await kv.keys()]
@@ -385,7 +387,8 @@ def test_verify_detects_a_deleted_entry(fleet: Fleet) -> None:
         import nats
 
         cfg = nats_cfg(fleet)
-        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password,
+                                user_credentials=cfg.creds)
         try:
             info = await nc.jetstream().stream_info("shoal-audit")
             victim = info.state.last_seq - 1

@@ -202,8 +202,7 @@ async def test_a_spoofed_x_forwarded_for_is_replaced(echo: Fleet) -> None:
 
 async def _agent_kv(fleet: Fleet) -> tuple[nats.aio.client.Client, Any]:
     cfg = load(AgentConfig, fleet.home / "agent.toml")
-    nc = await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password,
-                            inbox_prefix="_INBOX_AGENT")
+    nc = await nats.connect(cfg.nats.url, **fleet.agent_nats())
     return nc, await nc.jetstream().key_value(SESSIONS_BUCKET)
 
 

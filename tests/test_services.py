@@ -291,7 +291,8 @@ async def test_nats_api_services(fleet: Fleet) -> None:
     from shoal.config import ControllerConfig, load
 
     cfg = load(ControllerConfig, fleet.home / "controller.toml")
-    nc = await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password)
+    nc = await nats.connect(cfg.nats.url, user=cfg.nats.user, password=cfg.nats.password,
+                            user_credentials=cfg.nats.creds)
     try:
         async def call(op: str, body: dict[str, Any]) -> dict[str, Any]:
             msg = await nc.request(f"shoal.api.services.{op}", json.dumps(body).encode(),

@@ -142,17 +142,18 @@ def test_a_bind_beyond_loopback_without_tls_warns(tls_fleet: Fleet) -> None:
 
 
 async def test_nats_refuses_a_client_without_a_certificate(tls_fleet: Fleet) -> None:
-    cfg = tomllib.loads((tls_fleet.home / "agent.toml").read_text())["nats"]
+    # The controllers' credential (node identities: the agents' config has no NATS secret).
+    cfg = tomllib.loads((tls_fleet.home / "controller.toml").read_text())["nats"]
     url = cfg["url"]
     good = ssl.create_default_context(cafile=cfg["ca"])
     good.load_cert_chain(cfg["cert"], cfg["key"])
-    nc = await nats.connect(url, user="agent", password=cfg["password"], tls=good,
+    nc = await nats.connect(url, user_credentials=cfg["creds"], tls=good,
                             connect_timeout=5, allow_reconnect=False)
     assert nc.is_connected  # the same client with its certificate gets in
     await nc.close()
     bare = ssl.create_default_context(cafile=cfg["ca"])  # trusts the server, shows nothing
     with pytest.raises(Exception):  # noqa: B017 - nats-py raises what the socket gave it
-        await nats.connect(url, user="agent", password=cfg["password"], tls=bare,
+        await nats.connect(url, user_credentials=cfg["creds"], tls=bare,
                            connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
     wait_for(lambda: "client didn't provide a certificate" in
              (tls_fleet.home / "nats" / "nats.log").read_text())
@@ -160,14 +161,14 @@ async def test_nats_refuses_a_client_without_a_certificate(tls_fleet: Fleet) -> 
     from shoal.natsio import bus
 
     with pytest.raises(ConnectError, match=r"set \[nats\] cert and key"):
-        await bus.connect(NatsConfig(url=url, user="agent", password=cfg["password"],
+        await bus.connect(NatsConfig(url=url, creds=cfg["creds"],
                                      ca=cfg["ca"]), "test")
     with pytest.raises(ConnectError, match=r"certificate verify failed.*\[nats\] ca"):
-        await bus.connect(NatsConfig(url=url, user="agent", password=cfg["password"],
+        await bus.connect(NatsConfig(url=url, creds=cfg["creds"],
                                      cert=cfg["cert"], key=cfg["key"]), "test")
     plain = url.replace("tls://", "nats://")
     with pytest.raises(Exception):  # noqa: B017 - no TLS at all: the server requires it
-        await asyncio.wait_for(nats.connect(plain, user="agent", password=cfg["password"],
+        await asyncio.wait_for(nats.connect(plain, user_credentials=cfg["creds"],
                                             connect_timeout=5, allow_reconnect=False,
                                             max_reconnect_attempts=0), 20)
 

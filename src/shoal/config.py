@@ -133,7 +133,7 @@ class ControllerConfig(Struct, forbid_unknown_fields=True):
     tls_cert: str = ""
     tls_key: str = ""
     # Node identities (docs/security.md): the fleet's NATS signing keys (a file shoal up
-    # --node-identities makes), and how long a node's credential lasts (0: a day).
+    # makes, its default), and how long a node's credential lasts (0: a day).
     identity: str = ""
     node_credential_lifetime: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 

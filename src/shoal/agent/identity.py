@@ -60,6 +60,12 @@ async def ensure(cfg: AgentConfig, state_dir: Path, names: list[str]) -> AgentCo
         if not (cfg.join_url and cfg.join_token):
             raise ConfigError(f"no NATS credential at {path}: enroll this node with shoal agent "
                               "--join URL --token T (shoal token create --join makes T)")
+        if len(names) > w.MAX_NAMES:
+            raise ConfigError(
+                f"one node credential names at most {w.MAX_NAMES} nodes, not {len(names)}: run "
+                f"several agents of --virtual {w.MAX_NAMES} or fewer (each its own --prefix), "
+                "or, for a large virtual fleet in one process, a fleet with the shared agent "
+                "user (shoal up --shared-agent-user, docs/operations.md)")
         reply = await enroll(cfg, names, path)
         log.info("enrolled %s with %s; credential in %s (expires %s)", ", ".join(names),
                  cfg.join_url, path, time.strftime("%Y-%m-%d %H:%M UTC",

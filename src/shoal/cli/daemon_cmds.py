@@ -65,13 +65,17 @@ def _nats_options(f: Callable[..., R]) -> Callable[..., R]:
               help="Let anyone open /terminal (rate-limited); otherwise it needs the token.")
 @click.option("--parking-url", default="", help="Send /terminal visitors here when full.")
 @click.option("--node-identities", is_flag=True,
-              help="Every node its own NATS credential (enrolled with a join token) instead "
-                   "of one shared agent user; kept for this SHOAL_HOME from then on.")
+              help="Move a SHOAL_HOME made with the shared agent user to node identities "
+                   "(the default for a new one: every node its own NATS credential, "
+                   "enrolled with a join token); kept from then on.")
+@click.option("--shared-agent-user", is_flag=True,
+              help="A new SHOAL_HOME keeps one shared NATS agent user instead of node "
+                   "identities: for virtual fleets of more than 64 nodes per agent process.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls: bool,
        tls_names: tuple[str, ...], nats_url: str | None, nats_cluster: int | None,
        leaf_sites: int, public_terminals: bool, parking_url: str, node_identities: bool,
-       verbose: bool) -> None:
+       shared_agent_user: bool, verbose: bool) -> None:
     """Start a local fleet: embedded NATS, a controller and local agents."""
     from ..up import UpOptions, run_up
 
@@ -84,7 +88,8 @@ def up(agents: int, capacity: int, port: int, services_port: int, host: str, tls
                           nats_url=nats_url, public_terminals=public_terminals,
                           parking_url=parking_url, nats_cluster=nats_cluster or 0,
                           leaf_sites=leaf_sites, tls=tls, tls_names=tls_names,
-                          node_identities=node_identities)))
+                          node_identities=node_identities,
+                          shared_agent_user=shared_agent_user)))
 
 
 @main.group(invoke_without_command=True)

@@ -63,6 +63,7 @@ def admin_node_identities(directory: Path) -> None:
     accounts block). Refuses a directory that has the keys already."""
     from ..config import ensure_private_dir, write_secret_file
     from ..identity.authority import Authority
+    from ..natsio.natsd import MAX_CONTROL_LINE, RESOLVER_SYNC
 
     keys = directory / "authority.toml"
     if keys.exists():
@@ -80,8 +81,10 @@ def admin_node_identities(directory: Path) -> None:
         f"operator: {q(auth.operator_jwt).decode()}\n"
         f"system_account: {auth.system_account}\n"
         f"resolver: {{ type: full, dir: {q(str((directory / 'accounts').resolve())).decode()}, "
-        "allow_delete: false, interval: \"2m\" }\n"
-        f"resolver_preload: {{\n{preload}}}\n"))
+        f"allow_delete: false, interval: \"{RESOLVER_SYNC}\" }}\n"
+        f"resolver_preload: {{\n{preload}}}\n"
+        "# A node credential's JWT rides in the CONNECT line (one of 64 nodes: ~45 KB).\n"
+        f"max_control_line: {MAX_CONTROL_LINE}\n"))
     click.echo(f"wrote {keys}, {directory / 'controller.creds'} and "
                f"{directory / 'nats-identity.conf'}; see docs/operations.md, 'Node identities'",
                err=True)

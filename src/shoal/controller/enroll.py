@@ -2,7 +2,7 @@
 "Node identities").
 
 Only with ``identity`` in controller.toml (the fleet's signing keys, shoal.identity.authority;
-``shoal up --node-identities`` makes them). A join token (``shoal token create --join``) is
+``shoal up`` makes them, its default). A join token (``shoal token create --join``) is
 ``shoal-join_<id>_<secret>``; the ``shoal-join`` bucket keeps its SHA-256, what it fixes
 (labels, a name) and how many names it may still enroll. ``POST /api/v1/enroll`` takes the
 token, the node's public key and its names, and answers a user JWT for that key whose
@@ -210,7 +210,9 @@ class Enrollment:
             raise ConflictError(f"node name(s) already enrolled: {', '.join(taken)}; choose "
                                 "another name, or revoke and forget the old node first")
         record = await self._spend(req.token, req.names)
-        labels = {**req.labels, **record.labels}  # the token's labels win
+        # Bound into the credential: what the token fixes, never what the node chose (a
+        # node may change its own labels at its next start; the token's win over them).
+        labels = dict(record.labels)
         now = time.time()
         made: list[str] = []
         for name in req.names:

@@ -46,7 +46,8 @@ class Authority:
                        int(data["created"]))
         except (OSError, tomllib.TOMLDecodeError, KeyError, ValueError) as e:
             raise ConfigError(f"cannot read the fleet's NATS signing keys from {path}: {e}; "
-                              "it is made by shoal up --node-identities") from e
+                              "shoal up makes it (node identities), or shoal admin "
+                              "node-identities DIR") from e
 
     @classmethod
     def load_or_create(cls, path: Path) -> Authority:

@@ -179,6 +179,12 @@ def node_permissions(names: list[str]) -> tuple[list[str], list[str]]:
     return pub, sub
 
 
+# How often a server's full resolver compares its accounts with a peer's and takes the newer:
+# a server that was down while a node was revoked accepts the revoked credential until then
+# (nats-server's usual 2 minutes; the accounts are two small JWTs, so a sync costs nothing).
+RESOLVER_SYNC = "5s"
+
+
 @dataclass(frozen=True)
 class JwtAuth:
     """Decentralized authentication (operator mode): the server trusts the operator's JWT,
@@ -195,7 +201,7 @@ class JwtAuth:
     def conf(self, resolver_dir: Path) -> dict[str, object]:
         return {"operator": self.operator_jwt, "system_account": self.system_account,
                 "resolver": {"type": "full", "dir": str(resolver_dir),
-                             "allow_delete": False, "interval": "2m"},
+                             "allow_delete": False, "interval": RESOLVER_SYNC},
                 "resolver_preload": dict(self.preload)}
 
 
@@ -204,9 +210,14 @@ def _agent_user(users: NatsUsers) -> dict[str, object]:
             "permissions": agent_permissions()}
 
 
+# A node credential's JWT rides in the CONNECT line: one naming 64 nodes is ~45 KB, past
+# nats-server's default limit of 4 KB on a protocol line.
+MAX_CONTROL_LINE = 256 << 10
+
+
 def _common(host: str, port: int) -> dict[str, object]:
     return {"host": host, "port": port, "max_payload": 8 << 20, "max_pending": 256 << 20,
-            "write_deadline": "30s"}
+            "write_deadline": "30s", "max_control_line": MAX_CONTROL_LINE}
 
 
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1",
@@ -234,7 +245,7 @@ def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127
     if jwt is not None:
         if leafnodes is not None:
             raise ConfigError("leaf sites work with the shared agent user only for now: drop "
-                              "--leaf-sites, or run shoal up without --node-identities")
+                              "--leaf-sites, or run shoal up with --shared-agent-user")
         del conf["accounts"]
         conf.update(jwt.conf(store_dir.parent / "accounts"))
     if leafnodes is not None:

@@ -90,6 +90,14 @@ def local_options(nats_url: str | None, **kw: Any) -> InstallOptions:
         raise ConfigError(f"no agent credentials at {path}: run `shoal up` once, or write "
                           "agent.toml with the [nats] user and password agents use")
     local = c.load(c.AgentConfig, path, {})
+    if not (local.nats.password or local.nats.creds):
+        # Node identities (shoal up's default): no shared secret to copy, and each target
+        # must enroll for a credential of its own.
+        raise ConfigError(f"{path} has no shared NATS credential to install: this fleet uses "
+                          "node identities. On each host run shoal agent --name NAME --join "
+                          "URL --token T (shoal token create --join makes T; docs/operations.md"
+                          ", 'Node identities'), or install from a fleet with the shared agent "
+                          "user (shoal up --shared-agent-user)")
     url = nats_url or local.nats.url
     for server in url.split(","):
         parts = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
