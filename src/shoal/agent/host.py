@@ -380,8 +380,9 @@ class AgentHost:
         subject = subjects.node_report(name, subjects.REPORT_TRIM)
 
         async def trim(session: str, keep: int) -> None:
-            assert self.nc is not None
-            await self.nc.publish(subject, msgspec.msgpack.encode(OutputTrim(session, keep)))
+            assert self.nc is not None  # answered once the purge is done (or refused)
+            await self.nc.request(subject, msgspec.msgpack.encode(OutputTrim(session, keep)),
+                                  timeout=ACK_TIMEOUT)
 
         return trim
 

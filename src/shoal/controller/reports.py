@@ -78,11 +78,16 @@ class Reports:
         if found is None or found[0].node != node:
             log.warning("node %s asked to trim the output of session %s, which it does not "
                         "run: ignored", node, trim.session)
-            return
-        try:
-            await outputlog.trim_before(self.ctl.js, trim.session, trim.keep)
-        except Exception as e:  # NATS away: the next trim of this session covers this one
-            log.info("trimming the output of %s: %s", trim.session, e)
+        else:
+            try:
+                await outputlog.trim_before(self.ctl.js, trim.session, trim.keep)
+            except Exception as e:  # NATS away: the next trim of this session covers this one
+                log.info("trimming the output of %s: %s", trim.session, e)
+        if msg.reply:  # done (or refused): the writer sends its next trim
+            try:
+                await msg.respond(b"")
+            except NATS_ERRORS as e:
+                log.info("cannot answer node %s: %s", node, e)
 
     async def _on_where(self, msg: Msg) -> None:
         node = msg.subject.split(".")[2]

@@ -243,7 +243,7 @@ class OutputWriter:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._kept: deque[tuple[int, int]] = deque()  # (end offset, stream seq) of chunks
-        self._purging = False
+        self._trimming: asyncio.Task[None] | None = None  # one trim in flight at most
         self._was_blocked = False
         self.on_unblock: Callable[[], None] | None = None
         self.on_fenced: Callable[[], None] | None = None
@@ -358,7 +358,7 @@ class OutputWriter:
             self.budget.give(size)
             if seq is not None and size:
                 self._kept.append((chunk.offset + size, seq))
-                await self._enforce_cap()
+                self._enforce_cap()
             self.check_unblocked()
 
     def _fence(self) -> None:
@@ -482,26 +482,34 @@ class OutputWriter:
                 waited = True
             await asyncio.sleep(0.25)
 
-    async def _enforce_cap(self) -> None:
-        if self._purging or not self._kept:
+    def _enforce_cap(self) -> None:
+        """Drop whole chunks that end before the newest ``cap`` bytes, in the background
+        (the publisher goes on storing): one trim in flight, the next one covering whatever
+        came meanwhile, and ``close`` waits for the last."""
+        if (self._trimming is not None and not self._trimming.done()) or not self._kept:
             return
         oldest_allowed = self.offset - self.cap
         drop_seq = 0
-        # Purge whole chunks that end before the newest ``cap`` bytes.
         while self._kept and self._kept[0][0] <= oldest_allowed:
             drop_seq = self._kept.popleft()[1]
-        if not drop_seq:
-            return
-        self._purging = True
+        if drop_seq:
+            self._trimming = asyncio.create_task(self._trim(drop_seq + 1))
+
+    async def _trim(self, keep: int) -> None:
         try:
-            if self.trim is not None:
-                await self.trim(self.session_id, drop_seq + 1)
+            if self.trim is not None:  # the controllers purge, and answer once done
+                await self.trim(self.session_id, keep)
             else:
-                await trim_before(self.js, self.session_id, drop_seq + 1)
+                await trim_before(self.js, self.session_id, keep)
         except Exception as e:
             log.warning("output purge failed: %s", e)
-        finally:
-            self._purging = False
+
+    async def _trimmed(self, timeout: float | None) -> None:
+        """The cap, applied to everything stored (the trim in flight, then one more)."""
+        for _ in range(2):
+            if self._trimming is not None:
+                await asyncio.wait([self._trimming], timeout=timeout)
+            self._enforce_cap()
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything written is stored; False if ``timeout`` ran out first."""
@@ -522,6 +530,8 @@ class OutputWriter:
                       "(is the JetStream store full? see nats-server's log)", self.subject,
                       self.inflight, timeout)
             self.abandon()
+        if not self.fenced:
+            await self._trimmed(timeout if timeout is not None else ACK_TIMEOUT)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
