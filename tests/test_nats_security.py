@@ -16,6 +16,7 @@ import pytest
 from fleet import Fleet
 from shoal.client.aio import Client
 from shoal.config import AgentConfig, ControllerConfig, load
+from shoal.natsio import bus
 from shoal.wire import messages as m
 from shoal.wire.subjects import SESSIONS_BUCKET
 
@@ -65,8 +66,8 @@ async def test_a_planted_session_is_never_launched(fleet: Fleet, tmp_path: Path)
     """A record written into the bucket by anything but a controller's own code (here with
     the controllers' NATS credential itself) has no valid seal: it ends failed, unrun."""
     marker = tmp_path / "planted-ran"
-    cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
-    nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+    # The controllers' own credential (a password, or their .creds under node identities)
+    nc = await bus.connect(load(ControllerConfig, fleet.home / "controller.toml").nats, "test")
     try:
         kv = await nc.jetstream().key_value(SESSIONS_BUCKET)
         spec = m.SessionSpec(id="planted", command=["touch", str(marker)])

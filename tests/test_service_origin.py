@@ -24,7 +24,8 @@ from playwright.sync_api import Browser, sync_playwright
 
 from fleet import Fleet
 from shoal.client.aio import Client
-from shoal.config import AgentConfig, load
+from shoal.config import ControllerConfig, load
+from shoal.natsio import bus
 from shoal.wire import messages as m
 from shoal.wire import servicetypes as st
 from shoal.wire.subjects import SESSIONS_BUCKET
@@ -200,9 +201,11 @@ async def test_a_spoofed_x_forwarded_for_is_replaced(echo: Fleet) -> None:
 # ---------------------------------------------------------------------- forged records
 
 
-async def _agent_kv(fleet: Fleet) -> tuple[nats.aio.client.Client, Any]:
-    cfg = load(AgentConfig, fleet.home / "agent.toml")
-    nc = await nats.connect(cfg.nats.url, **fleet.agent_nats())
+async def _planting_kv(fleet: Fleet) -> tuple[nats.aio.client.Client, Any]:
+    """The sessions bucket through the controllers' own NATS credential: no agent
+    credential reaches it any more (test_node_identity, test_nats_security), so a forged
+    record can only come from a holder of that one, and the seal still stops it."""
+    nc = await bus.connect(load(ControllerConfig, fleet.home / "controller.toml").nats, "test")
     return nc, await nc.jetstream().key_value(SESSIONS_BUCKET)
 
 
@@ -222,9 +225,9 @@ async def test_a_forged_replica_gets_no_traffic(echo: Fleet, client: Client) -> 
     await site.start()
     port = runner.addresses[0][1]
     real = await wait_up(client, "echo", 1)
-    nc, kv = await _agent_kv(fleet)
+    nc, kv = await _planting_kv(fleet)
     try:
-        # Written with the agent credential: a running replica of echo at the rogue's port.
+        # Written past the controllers' code: a running replica of echo at the rogue's port.
         spec = m.SessionSpec(id="echo-forged", command=["true"], service="echo", ports=1,
                              restart="always", labels={"shoal.service": "echo"})
         forged = m.SessionRecord(id="echo-forged", spec=spec, state="running", node="node-1",

@@ -9,12 +9,11 @@ import signal
 import time
 from pathlib import Path
 
-import nats
-
 from faultkit import NatsFleet
 from fleet import Fleet, processes_with_env, wait_for
 from shoal.client.aio import Client
 from shoal.config import ControllerConfig, load
+from shoal.natsio import bus
 from shoal.wire import messages as m
 from shoal.wire import subjects
 
@@ -73,8 +72,9 @@ async def test_a_yes_without_a_go_never_runs_and_gives_its_room_back(tmp_path: P
         marker = tmp_path / "ran"
         spec = m.SessionSpec(id="s-nogo", command=["touch", str(marker)], ports=1)
         record = m.SessionRecord(id="s-nogo", spec=spec, created=time.time())
-        cfg = load(ControllerConfig, fleet.home / "controller.toml").nats
-        nc = await nats.connect(cfg.url, user=cfg.user, password=cfg.password)
+        # The controllers' own credential (a password, or their .creds under node identities)
+        nc = await bus.connect(load(ControllerConfig, fleet.home / "controller.toml").nats,
+                               "test")
         try:
             answer = await nc.request(subjects.agent_session(node, "start"), m.pack(
                 m.SessionStart(id="s-nogo", digest=m.spec_digest(spec), record=record)),
