@@ -282,7 +282,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run only session-create-burst (for profiling)")
     parser.add_argument("--pause", type=float, default=0.0,
                         help="seconds to wait before the burst (to attach a profiler)")
-    parser.add_argument("--capacity", type=int, default=2000, help="sessions per agent")
+    parser.add_argument("--capacity", type=int, default=5000,
+                        help="sessions per node (above what the rate test keeps alive)")
     parser.add_argument(
         "--budget",
         type=float,

@@ -55,7 +55,7 @@ class ServicePools:
     def replica_sessions(self, name: str) -> list[m.SessionRecord]:
         """The replicas of ``name``: sealed records only (one forged with the agent
         credential, naming any address, is never counted, probed or sent traffic)."""
-        return [r for r in self.sessions.cache.records.values()
+        return [r for r in self.sessions.cache.of_services.values()
                 if r.spec.service == name and self._trusted(r)]
 
     def _trusted(self, record: m.SessionRecord) -> bool:
@@ -150,8 +150,8 @@ class ServicePools:
         nodes = self.registry.snapshot()
         wanted: set[str] = set()
         by_service: dict[str, list[m.SessionRecord]] = {}
-        for s in self.sessions.cache.records.values():
-            if s.spec.service and s.spec.service in records and self._trusted(s):
+        for s in self.sessions.cache.of_services.values():
+            if s.spec.service in records and self._trusted(s):
                 by_service.setdefault(s.spec.service, []).append(s)
         for name in list(self.pools):
             if name not in records:

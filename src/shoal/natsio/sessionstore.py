@@ -213,6 +213,9 @@ class SessionCache:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
         self.records: dict[str, SessionRecord] = {}
+        # The replicas' records (spec.service set): the service pools look at these on
+        # every change, and walking 9,000 ended sessions each time slowed a burst of creates.
+        self.of_services: dict[str, SessionRecord] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self.changed = asyncio.Event()  # set on every change; a waiter clears it first
@@ -232,4 +235,9 @@ class SessionCache:
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if mirror(self.records, _decode, key, value):
+            record = self.records.get(key)
+            if record is not None and record.spec.service:
+                self.of_services[key] = record
+            else:
+                self.of_services.pop(key, None)
             self.changed.set()
