@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .server import Controller
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MOVE_FIELDS = ("pid", "started", "restarts", "user", "exit_code", "signal", "reason",
                "output_bytes")
@@ -68,11 +69,8 @@ class Reports:
                 pass
 
     async def _on_trim(self, msg: Msg) -> None:
-        node = msg.subject.split(".")[2]
-        try:
-            trim = msgspec.msgpack.decode(msg.data, type=OutputTrim)
-        except msgspec.DecodeError as e:
-            log.warning("bad output trim from %s: %s", node, e)
+        node, trim = _decoded(msg, OutputTrim, "output trim")
+        if trim is None:
             return
         found = await self.ctl.sessions.store.get(trim.session)
         if found is None or found[0].node != node:
@@ -90,11 +88,8 @@ class Reports:
                 log.info("cannot answer node %s: %s", node, e)
 
     async def _on_where(self, msg: Msg) -> None:
-        node = msg.subject.split(".")[2]
-        try:
-            where = msgspec.msgpack.decode(msg.data, type=OutputWhere)
-        except msgspec.DecodeError as e:
-            log.warning("bad output request from %s: %s", node, e)
+        node, where = _decoded(msg, OutputWhere, "output request")
+        if where is None:
             return
         try:
             found = await self.ctl.sessions.store.get(where.session)
@@ -139,6 +134,17 @@ class Reports:
             await msg.respond(r.pack(reply))
         except NATS_ERRORS as e:
             log.info("cannot answer node %s: %s", node, e)
+
+
+def _decoded(msg: Msg, kind: type[T], what: str) -> tuple[str, T | None]:
+    """The reporting node (the subject's, which only its credential may publish) and the
+    report, or None (said in the log) if it does not decode."""
+    node = msg.subject.split(".")[2]
+    try:
+        return node, msgspec.msgpack.decode(msg.data, type=kind)
+    except msgspec.DecodeError as e:
+        log.warning("bad %s from %s: %s", what, node, e)
+        return node, None
 
 
 class SessionReports:
