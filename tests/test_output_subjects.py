@@ -4,6 +4,7 @@ one-token subject before the upgrade (docs/security.md, "Session output")."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -198,3 +199,44 @@ async def test_a_writer_the_controllers_disown_is_fenced(nc: NatsClient) -> None
     late.write("stdout", b"late")
     await newer.close(timeout=10)
     assert _text(await _read(nc, "s5", ["node-a", "node-b"])) == b"one "
+
+
+async def test_a_follower_whose_consumer_vanishes_reads_on_to_the_end(nc: NatsClient) -> None:
+    """A follower's ephemeral consumer lives on one server; when that server is killed the
+    consumer is gone and its pull requests go unanswered, while the stream (replicated) holds
+    on. Deleting the consumer does the same here. The follower must notice and read every
+    byte to the end marker, not wait forever, nor stop once the session is over."""
+    js = nc.jetstream()
+    await outputlog.ensure_stream(js)
+    writer = outputlog.OutputWriter(js, "s5", "node-a")
+    await writer.begin(1)
+    writer.write("stdout", b"before ")
+    assert await writer.flush(10)
+    over = False
+
+    async def is_over() -> bool:
+        return over
+
+    got: list[Chunk] = []
+
+    async def follow() -> None:
+        async for item in outputlog.read(js, "s5", follow=True, is_over=is_over,
+                                         nodes=_nodes("node-a")):
+            assert isinstance(item, Chunk)
+            got.append(item)
+
+    reader = asyncio.create_task(follow())
+    for _ in range(200):
+        if _text(got) == b"before ":
+            break
+        await asyncio.sleep(0.05)
+    assert _text(got) == b"before "
+    stream = outputlog.stream_of("s5")
+    consumers = await js.consumers_info(stream)
+    assert len(consumers) == 1
+    await js.delete_consumer(stream, consumers[0].name)
+    writer.write("stdout", b"after")
+    await writer.close(timeout=10)
+    over = True  # the record says the session ended
+    await asyncio.wait_for(reader, 20)
+    assert _text(got) == b"before after"

@@ -671,6 +671,7 @@ class OutputReadError(Unavailable):
 
 
 READ_GIVE_UP = 15.0  # seconds of NATS failing in a row before a reader gives up
+STALL_CHECK = 2.0  # seconds of empty fetches before a reader asks the stream if it is behind
 
 
 async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow: bool = False,
@@ -684,7 +685,9 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     until the end marker, or until ``is_over()`` says the session ended without one (node
     lost). Every NATS error is handled here: the reader subscribes again after the last
     message it saw (its consumer lives in memory and does not survive a NATS restart) and
-    goes on; only after ``give_up`` seconds of failures in a row does it raise
+    goes on, and it subscribes again too when its consumer gives nothing while the stream
+    holds more (the consumer died with its server); only after ``give_up`` seconds of
+    failures in a row does it raise
     ``OutputReadError`` with the offset it reached. With ``attempts``, the marker chunk
     (stream ``attempt``, no data, ``epoch`` set) that begins each attempt is yielded too.
 
@@ -698,6 +701,7 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
     sub: JetStreamContext.PullSubscription | None = None
     reconnects = -1
     failing_since: float | None = None
+    quiet_since: float | None = None  # since when fetches have come back empty
     trust: outputtrust.Trust | None = None if nodes is not None else outputtrust.Trust(None)
     try:
         while True:
@@ -719,11 +723,26 @@ async def read(js: JetStreamContext, session_id: str, start: int = 0, *, follow:
                     # A newer attempt (or a forged epoch: one read per batch, no more).
                     trust.nodes = await nodes()
                 over = False
-                if not msgs:
-                    if not follow:
-                        over = seq >= await _last_seq(js, session_id)
-                    elif is_over is not None:
-                        over = await is_over()
+                if msgs:
+                    quiet_since = None
+                else:
+                    now = time.monotonic()
+                    quiet_since = quiet_since or now
+                    ended = not follow or (is_over is not None and await is_over())
+                    stalled = now - quiet_since >= STALL_CHECK
+                    if ended or stalled:
+                        if seq >= await _last_seq(js, session_id):
+                            over = ended
+                        elif stalled:
+                            # The stream holds more than our consumer gives: it died with
+                            # its server (an ephemeral consumer is not moved) and its pull
+                            # requests go unanswered. Only a new one reads on.
+                            log.info("reading %s: the consumer gives nothing after seq %d "
+                                     "but the stream has more; subscribing again",
+                                     session_id, seq)
+                            await _unsubscribe(sub)
+                            sub = None
+                            quiet_since = None
                 failing_since = None
             except NATS_ERRORS as e:
                 now = time.monotonic()
