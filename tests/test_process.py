@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.agent import cgroups, process
+from shoal.agent import cgroups, process, procs
 from shoal.agent.cgroup_layout import Layout
 from shoal.agent.ledger import Ledger, reap_leftovers
 from shoal.agent.process import Ended, Launch, Process
@@ -322,6 +322,32 @@ async def test_a_child_is_in_its_cgroup_from_the_start_and_the_agent_stays_out(
         assert f"/{o.proc.launch.unit}\n" in o.text("stdout"), o.text("stdout")
     assert not alive_with_arg(sleep)
     assert Path("/proc/self/cgroup").read_text() == mine
+
+
+async def test_a_batch_starts_each_child_in_its_own_cgroup_and_the_agent_ends_home(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # procs.batch: the agent goes from one child's unit straight into the next (one cgroup
+    # write per child). Each command still starts in its own unit, one that fails to start
+    # leaves no unit (the agent is never left in it), and the agent ends where it was.
+    mine = Path("/proc/self/cgroup").read_text()
+    with procs.batch():
+        batch = [start(owned, launch(["sh", "-c", "cat /proc/self/cgroup"]), ledger, layout)
+                 for _ in range(3)]
+        failed = launch(["shoal-test-no-such-command"])
+        with pytest.raises(procs.SpawnError, match="command not found"):
+            Process(failed, ledger, layout, lambda stream, data: None).start()
+        batch.append(start(owned, launch(["sh", "-c", "cat /proc/self/cgroup"]), ledger,
+                           layout))
+    assert Path("/proc/self/cgroup").read_text() == mine
+    for o in batch:
+        ended = await asyncio.wait_for(o.proc.wait(), 30)
+        assert ended.code == 0, (ended, o.text("stderr"))
+        if layout is not None:
+            assert f"/{o.proc.launch.unit}\n" in o.text("stdout"), o.text("stdout")
+    if layout is not None:
+        assert layout.tracker is not None
+        assert failed.unit is not None
+        assert not list(Path(layout.tracker.own).rglob(failed.unit))
 
 
 async def test_a_child_gets_default_signal_dispositions(

@@ -582,31 +582,38 @@ class AgentHost:
 
     async def _start_batch(self, req: m.RunBatch, mine: list[str], route: _RunRoute) -> None:
         one = m.RunRequest(run_id=req.run_id, spec=req.spec, window=req.window)
-        started: list[tuple[str, int]] = []
         events = subjects.run_events(req.run_id, self.lead)
-        slice_end = time.monotonic() + BATCH_SLICE
-        for name in mine:
-            if self._stopping:  # stop() ends what started; the rest never starts
-                await self._publish(subjects.run_events(req.run_id, name), m.Exit(
-                    node=name, code=None, reason="the agent is stopping"))
-                continue
-            node = self.nodes[name]
-            reply = self._start_run(node, route, one, batched=True)
-            if isinstance(reply, m.RunAccepted):
-                started.append((name, reply.pid))
-            else:
+        left = iter(mine)
+        more = True
+        while more:
+            # A slice of spawns in one synchronous step (procs.batch), then its reports.
+            started: list[tuple[str, int]] = []
+            refused: list[tuple[str, m.RunAccepted | m.Exit]] = []
+            slice_end = time.monotonic() + BATCH_SLICE
+            with procs.batch():
+                while len(started) < BATCH_REPORT and time.monotonic() < slice_end:
+                    name = next(left, None)
+                    if name is None:
+                        more = False
+                        break
+                    if self._stopping:  # stop() ends what started; the rest never starts
+                        refused.append((name, m.Exit(node=name, code=None,
+                                                     reason="the agent is stopping")))
+                        continue
+                    reply = self._start_run(self.nodes[name], route, one, batched=True)
+                    if isinstance(reply, m.RunAccepted):
+                        started.append((name, reply.pid))
+                    else:
+                        refused.append((name, reply))
+            for name, reply in refused:
                 await self._publish(subjects.run_events(req.run_id, name), reply)
-            if len(started) >= BATCH_REPORT or time.monotonic() >= slice_end:
-                # Queued before any exit of these: their supervisors run only once we yield.
-                if started:
-                    await self._publish(events, m.RunBatchStarted(started=started))
-                    started = []
+            # Queued before any exit of these: their supervisors run only once we yield.
+            if started:
+                await self._publish(events, m.RunBatchStarted(started=started))
+            if more:
                 # Let heartbeats, exits and output through: a loop busy spawning for seconds
                 # would miss beats and its nodes would look down.
                 await asyncio.sleep(0)
-                slice_end = time.monotonic() + BATCH_SLICE
-        if started:
-            await self._publish(events, m.RunBatchStarted(started=started))
         await self._maybe_drop_route(req.run_id)
 
     async def _publish(self, subject: str, msg: object) -> None:

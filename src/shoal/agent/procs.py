@@ -30,7 +30,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -302,11 +302,18 @@ def spawn(
         # agent is carried into another unit: it would be created in that unit.
         with _spawning:
             carried: Unit | None = None
-            if run_as is not None and run_as.unit is not None and _joined_by_shell(run_as, tty):
+            carry = run_as is not None and run_as.unit is not None and _joined_by_shell(
+                run_as, tty)
+            if carry:
+                assert run_as is not None and run_as.unit is not None
                 carried = _carry_into(run_as.unit)
-                if carried is None:
+            if carried is None:
+                _go_home()  # a child not carried is created where the agent belongs
+                if carry:
+                    assert run_as is not None and run_as.unit is not None
                     _check_executable(argv[0], env, cwd)
                     argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
+            spawned = False
             try:
                 if tty:
                     child = _spawn_pty(argv, env, cwd, cols, rows, extra)
@@ -314,9 +321,15 @@ def spawn(
                     child = _posix_spawn_pipes(argv, env, stdin)
                 else:
                     child = _spawn_pipes(argv, env, cwd, stdin, extra)
+                spawned = True
             finally:
+                global _away
                 if carried is not None:
-                    _carry_back(carried)
+                    # In a batch the agent stays until the next spawn takes it into the next
+                    # unit; never in a unit whose spawn failed (it is removed at once).
+                    _away = carried if _batching and spawned else None
+                    if _away is None:
+                        _carry_back(carried)
             _leaders.add(child.pid)
         child.unit = run_as.unit if run_as is not None else None
         return child
@@ -436,6 +449,36 @@ def _carry_into(unit: Unit) -> Unit | None:
         log.debug("cannot carry a child into %s (%s): joined by the shell", unit.name, e)
         return None
     return unit
+
+
+_batching = False  # inside ``batch()``
+_away: Unit | None = None  # the unit the agent stayed in after carrying a child there
+_found: dict[tuple[str, str], str] = {}  # (command, PATH) -> the file, within a batch
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Spawns in one synchronous step of the event loop (the runs of a fan-out batch): the
+    agent goes from one child's unit straight into the next one's, one cgroup write per
+    child instead of two (each costs 70 to 120 us, as much as the spawn's other work), and
+    back where it belongs at the end; a command is looked up in PATH once. Nothing may
+    await inside, and no other thread spawns meanwhile (SPAWNING is held)."""
+    global _batching
+    with _spawning:
+        _batching = True
+        try:
+            yield
+        finally:
+            _batching = False
+            _found.clear()
+            _go_home()
+
+
+def _go_home() -> None:
+    global _away
+    if _away is not None:
+        unit, _away = _away, None
+        _carry_back(unit)
 
 
 def _carry_back(unit: Unit) -> None:
@@ -597,6 +640,15 @@ def _resolve(cmd: str, env: Mapping[str, str]) -> str:
     (posix_spawnp would search the agent's)."""
     if "/" in cmd:
         return cmd
+    if _batching:
+        key = (cmd, env.get("PATH", ""))
+        if key not in _found:
+            _found[key] = _search(cmd, env)
+        return _found[key]
+    return _search(cmd, env)
+
+
+def _search(cmd: str, env: Mapping[str, str]) -> str:
     denied: str | None = None
     for d in os.get_exec_path(dict(env)):
         path = os.path.join(d or ".", cmd)

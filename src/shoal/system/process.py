@@ -47,5 +47,6 @@ def group_alive(pgid: int) -> bool:
 
 # Held while the agent creates a child process (in any thread), and while it has moved
 # itself into a session's cgroup to spawn one there: a child created meanwhile by another
-# thread would land in that cgroup (and end with it).
-SPAWNING = threading.Lock()
+# thread would land in that cgroup (and end with it). Reentrant: a batch of spawns holds it
+# around each spawn's own hold (``procs.batch``).
+SPAWNING = threading.RLock()
