@@ -7,6 +7,7 @@ that the commands use survives an interrupted call."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -187,17 +188,17 @@ def test_ctrl_c_on_a_followed_log_exits_130(fleet: Fleet) -> None:
 
 
 def test_run_imports_neither_aiohttp_nor_asyncio(fleet: Fleet) -> None:
-    """`shoal run`'s start-up is its latency: the WebSocket of its own, not the client."""
-    probe = ("import atexit, sys\n"
-             "atexit.register(lambda: print(sorted({m.split('.')[0] for m in sys.modules}"
-             " & {'aiohttp', 'asyncio', 'rich', 'nats'}), file=sys.stderr))\n"
-             "sys.argv = ['shoal', 'run', '-n', 'node-1', '--', 'echo', 'hi']\n"
-             "from shoal.cli.main import main\n"
-             "main()\n")
-    r = subprocess.run([sys.executable, "-c", probe], env=fleet.env, capture_output=True,
-                       text=True, timeout=60)
+    """`shoal run`'s start-up is its latency: the WebSocket of its own, not the client, and
+    none of the other commands' modules (``_load_commands``)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", str(SHOAL), "run", "-n", "node-1",
+                        "--", "echo", "hi"], env=fleet.env, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0 and r.stdout == "node-1: hi\n", r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+    loaded = set(re.findall(r"^import time:.*\| +([\w.]+)$", r.stderr, re.M))
+    assert "shoal.cli.run_cmd" in loaded, r.stderr  # the probe sees what run imports
+    assert {m.split(".")[0] for m in loaded} & {"aiohttp", "asyncio", "rich", "nats"} == set()
+    assert {m for m in loaded if m.endswith("_cmds") or m.endswith("_cmd")} == {
+        "shoal.cli.run_cmd"}
 
 
 # ---------------------------------------------------------------------- SyncClient
