@@ -78,6 +78,29 @@ def test_a_run_on_every_virtual_node_reaches_each_once(big: Fleet) -> None:
     assert sorted(r.stdout.splitlines()) == sorted(f"{n}: {n}" for n in ALL)
 
 
+def test_the_events_of_a_big_run_come_several_to_a_frame_each_once(big: Fleet) -> None:
+    # The run WebSocket as any client sees it: what arrives together goes in one
+    # RunEvents frame (a frame per exit cost the controller a send each), in order, once.
+    from shoal.cli.run_cmd import _next, _open
+
+    targets = m.Targets(nodes=f"v-[1-{V}],w-[1-{W}]")
+    ws, plan = _open(big.url, big.token, m.RunStart(targets=targets,
+                                                    spec=m.RunSpec(argv=["true"])))
+    frames: list[m.ServerFrame] = []
+    try:
+        while not isinstance(frame := _next(ws), m.RunDone):
+            frames.append(frame)
+    finally:
+        ws.close()
+    assert sorted(plan.nodes) == sorted(ALL)
+    grouped = [f for f in frames if isinstance(f, m.RunEvents)]
+    assert grouped and len(frames) < 2 * len(ALL)  # one Started and one Exit each, apart
+    events = [e for f in frames for e in (f.events if isinstance(f, m.RunEvents) else [f])]
+    exits = [e.node for e in events if isinstance(e, m.Exit)]
+    assert sorted(exits) == sorted(ALL)
+    assert all(e.code == 0 for e in events if isinstance(e, m.Exit))
+
+
 def test_a_batch_reports_each_node_that_cannot_start(big: Fleet) -> None:
     r = big.shoal("run", "-n", "v-[1-20]", "--", "/no/such/program")
     assert r.returncode != 0

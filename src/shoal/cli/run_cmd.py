@@ -157,8 +157,9 @@ class _AgentLeg:
                     return
                 if isinstance(ev, m.ErrorFrame):
                     raise error_for_status(ev.status, ev.message)
-                if isinstance(ev, m.Output | m.Exit | m.Unreachable | m.Skipped):
-                    emit(ev)
+                for one in ev.events if isinstance(ev, m.RunEvents) else (ev,):
+                    if isinstance(one, m.Output | m.Exit | m.Unreachable | m.Skipped):
+                        emit(one)
         finally:
             with self.sender.lock:
                 self.ws.close()

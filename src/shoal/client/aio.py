@@ -637,7 +637,11 @@ class RunConnection:
                 return
             if isinstance(frame, m.ErrorFrame):
                 raise error_for_status(frame.status, frame.message)
-            yield frame
+            if isinstance(frame, m.RunEvents):  # several in one frame: one at a time here
+                for ev in frame.events:
+                    yield ev
+            else:
+                yield frame
 
     async def _send(self, frame: m.ClientFrame) -> None:
         assert self._ws is not None

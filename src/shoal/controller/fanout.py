@@ -55,7 +55,9 @@ class Forward:
     frame: bytes
 
 
-EventSink = Callable[[m.RunEvent | Forward], Awaitable[None]]
+# Gets the events in order, all those waiting at once (at most SINK_BATCH).
+EventSink = Callable[[list[m.RunEvent | Forward]], Awaitable[None]]
+SINK_BATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,21 +303,31 @@ class FanoutRun:
             self._answered(ev.node)
 
     async def _pump_events(self) -> None:
-        """Hand events to the sink in order; acknowledge output once the sink took it."""
-        while True:
-            ev = await self._events.get()
-            if ev is None:
+        """Hand events to the sink in order, all those waiting at once; acknowledge output
+        once the sink took it."""
+        ended = False
+        while not ended:
+            first = await self._events.get()
+            if first is None:
                 return
-            await self.sink(ev)
-            if isinstance(ev, Forward):
-                done = self._consumed.get(ev.node, 0) + ev.size
-                self._consumed[ev.node] = done
-                if done - self._acked.get(ev.node, 0) >= min(ACK_EVERY, self.window // 2):
-                    self._acked[ev.node] = done
-                    await self.nc.publish(subjects.run_output_ack(self.run_id, ev.node),
-                                          m.pack(m.OutputAck(consumed=done)))
-            elif isinstance(ev, m.Exit):
-                self._finish(ev.node, failed=_failed(ev))
+            batch = [first]
+            while len(batch) < SINK_BATCH and not self._events.empty():
+                ev = self._events.get_nowait()
+                if ev is None:
+                    ended = True
+                    break
+                batch.append(ev)
+            await self.sink(batch)
+            for ev in batch:
+                if isinstance(ev, Forward):
+                    done = self._consumed.get(ev.node, 0) + ev.size
+                    self._consumed[ev.node] = done
+                    if done - self._acked.get(ev.node, 0) >= min(ACK_EVERY, self.window // 2):
+                        self._acked[ev.node] = done
+                        await self.nc.publish(subjects.run_output_ack(self.run_id, ev.node),
+                                              m.pack(m.OutputAck(consumed=done)))
+                elif isinstance(ev, m.Exit):
+                    self._finish(ev.node, failed=_failed(ev))
 
     def _finish(self, node: str, failed: bool = False) -> None:
         self.live.discard(node)

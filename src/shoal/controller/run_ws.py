@@ -101,9 +101,18 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principa
         await _fail(ws, 500, f"the controller's groups file: {e}")
         return
 
-    async def sink(ev: m.RunEvent | Forward) -> None:
-        if not ws.closed:
-            await ws.send_bytes(ev.frame if isinstance(ev, Forward) else m.pack(ev))
+    async def sink(events: list[m.RunEvent | Forward]) -> None:
+        # Output from agents goes on as they framed it; what lies between goes in one frame.
+        together: list[m.RunEvent] = []
+        for ev in events:
+            if isinstance(ev, Forward):
+                await _send_events(ws, together)
+                together = []
+                if not ws.closed:
+                    await ws.send_bytes(ev.frame)
+            else:
+                together.append(ev)
+        await _send_events(ws, together)
 
     down = {n for n in nodes if snapshot[n].state == "down"}
     run = FanoutRun(ctl.nc, nodes, start.spec, sink, down=down,
@@ -126,6 +135,11 @@ async def _serve(ctl: Controller, ws: web.WebSocketResponse, principal: Principa
         reader.cancel()
         waiter.cancel()
         await run.close()
+
+
+async def _send_events(ws: web.WebSocketResponse, events: list[m.RunEvent]) -> None:
+    if events and not ws.closed:
+        await ws.send_bytes(m.pack(events[0] if len(events) == 1 else m.RunEvents(events)))
 
 
 async def _read_client(ws: web.WebSocketResponse, run: FanoutRun) -> None:
