@@ -63,8 +63,9 @@ class Ledger:
     def add(self, pid: int) -> None:
         self._append(f"+ {pid}\n")
 
-    def remove(self, pid: int) -> None:
-        self._append(f"- {pid}\n")
+    def remove(self, pid: int, cgroups: list[str] | None = None) -> None:
+        """``pid`` ended (and the ``cgroups`` it ran in are gone)."""
+        self._append(f"- {pid}\n" + "".join(f"c- {d}\n" for d in cgroups or []))
 
     def add_user(self, name: str) -> None:
         self._append(f"u+ {name}\n")

@@ -280,8 +280,8 @@ class Process:
         child.close_fds()
         # Only when something outlived the leader: a look walks every child of the agent,
         # and a thousand sessions ending together made that quadratic.
-        self._drop_unit(child.unit, child.left_orphans)
-        self.ledger.remove(child.pid)
+        # One ledger line for both: its end and its cgroup's (an append costs 3 syscalls).
+        self.ledger.remove(child.pid, self._remove_unit(child.unit, child.left_orphans))
         if child.unit is None and child.marker:
             self.ledger.remove_marker(child.marker.decode())
 
@@ -300,12 +300,19 @@ class Process:
                              126) from e
         return unit
 
-    def _drop_unit(self, unit: Unit | None, orphans: bool = False) -> None:
-        if unit is not None:
-            if orphans:
-                procs.reap_orphans(unit.layout.base)
-            if unit.remove():
-                self.ledger.remove_cgroup(unit.dirs)
+    def _drop_unit(self, unit: Unit | None) -> None:
+        gone = self._remove_unit(unit)
+        if gone:
+            self.ledger.remove_cgroup(gone)
+
+    @staticmethod
+    def _remove_unit(unit: Unit | None, orphans: bool = False) -> list[str]:
+        """Remove the unit's cgroup; its directories if it is gone (for the ledger)."""
+        if unit is None:
+            return []
+        if orphans:
+            procs.reap_orphans(unit.layout.base)
+        return unit.dirs if unit.remove() else []
 
     # ------------------------------------------------------------------ output
 

@@ -221,31 +221,32 @@ class NodeRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._known
 
-    def _silent_for(self, seen: float) -> float:
+    def _silent_for(self, seen: float, now: float | None = None) -> float:
         # Time the bus was paused for everyone does not count against a node: after a
         # pause, each node has a whole TTL from the moment beats came back.
-        return time.monotonic() - max(seen, self._resumed)
+        return (time.monotonic() if now is None else now) - max(seen, self._resumed)
 
     def is_down(self, name: str) -> bool:
         beat = self._beats.get(name)
         return beat is None or self._silent_for(beat[1]) > self.node_ttl
 
-    def node(self, name: str) -> NodeInfo | None:
+    def node(self, name: str, now: float | None = None) -> NodeInfo | None:
         """One node with its current state (``down`` when its heartbeat lapsed)."""
         known = self._known.get(name)
         if known is None:
             return None
         beat = self._beats.get(name)
-        if beat is not None and self._silent_for(beat[1]) <= self.node_ttl:
+        if beat is not None and self._silent_for(beat[1], now) <= self.node_ttl:
             return beat[0]
         return msgspec.structs.replace(known, state="down")
 
     def snapshot(self) -> dict[str, NodeInfo]:
         """Every known node with its current state, in no particular order (this is on the
         path of every run and placement; ``listing`` sorts for people)."""
+        now = time.monotonic()
         out = {}
         for name in self._known:
-            info = self.node(name)
+            info = self.node(name, now)
             if info is not None:
                 out[name] = info
         return out

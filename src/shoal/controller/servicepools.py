@@ -147,7 +147,6 @@ class ServicePools:
     def sync(self) -> None:
         """Bring pools and probes in line with the records and the replica sessions."""
         records = self.records.records
-        nodes = self.registry.snapshot()
         wanted: set[str] = set()
         by_service: dict[str, list[m.SessionRecord]] = {}
         for s in self.sessions.cache.of_services.values():
@@ -170,7 +169,7 @@ class ServicePools:
                                           rise=record.spec.rise, fall=record.spec.fall)
                     pool.replicas[s.id] = rep
                 rep.rise, rep.fall = record.spec.rise, record.spec.fall
-                node = nodes.get(s.node)
+                node = self.registry.node(s.node)  # a replica's, not the fleet's
                 rep.draining = (record.stopped or s.id in record.draining
                                 or node is None or node.state != "ready")
                 present.add(s.id)
