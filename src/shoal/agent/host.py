@@ -104,6 +104,7 @@ class _RunRoute:
     batches: dict[str, list[str]] = field(default_factory=dict)  # lead -> its batch's nodes
     exits: list[m.Exit] = field(default_factory=list)  # a batch's, not yet reported
     flush: asyncio.TimerHandle | None = None
+    running: int = 0  # a batch's runs started and not yet exited
 
 
 class AgentHost:
@@ -603,6 +604,7 @@ class AgentHost:
                     reply = self._start_run(self.nodes[name], route, one, batched=True)
                     if isinstance(reply, m.RunAccepted):
                         started.append((name, reply.pid))
+                        route.running += 1
                     else:
                         refused.append((name, reply))
             for name, reply in refused:
@@ -654,7 +656,9 @@ class AgentHost:
         """Gather the exits of a batch's nodes: reported a few hundred at a time, on the
         lead's subject, after their RunBatchStarted (queued before any exit of theirs)."""
         route.exits.append(exit_)
-        if len(route.exits) >= BATCH_REPORT or self._stopping:
+        route.running -= 1
+        # The last one is not held back: nothing more is coming to gather it with.
+        if len(route.exits) >= BATCH_REPORT or route.running <= 0 or self._stopping:
             self._flush_exits(run_id, route)
         elif route.flush is None:
             route.flush = asyncio.get_running_loop().call_later(

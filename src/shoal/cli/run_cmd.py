@@ -177,7 +177,6 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
     ``progress`` shows a bar of nodes done on a terminal; ``progress_bytes`` adds the bytes
     of ``stdin_fd`` sent (``"stdin"``, once however many nodes) or of stdout received
     (``"stdout"``)."""
-    reuse_heap_for_bulk_io()
     if printer is None:
         printer = {"gather": Gathered, "json": JsonLines, "raw": Raw}.get(mode, Prefixed)()
     results: dict[str, m.Exit | m.Unreachable] = {}
@@ -213,6 +212,7 @@ def run_command(url: str, token: str, targets: m.Targets | None, spec: m.RunSpec
     def emit(ev: m.RunEvent) -> None:
         with lock:
             if isinstance(ev, m.Output):
+                reuse_heap_for_bulk_io()  # once, with the first output (ctypes: 1 ms to load)
                 printer.output(ev)
                 if bar is not None and progress_bytes == "stdout" and ev.stream == "stdout":
                     bar.add_bytes(len(ev.data))
