@@ -589,7 +589,7 @@ class AgentHost:
         while more:
             # A slice of spawns in one synchronous step (procs.batch), then its reports.
             started: list[tuple[str, int]] = []
-            refused: list[tuple[str, m.RunAccepted | m.Exit]] = []
+            refused: list[tuple[str, m.Exit]] = []
             slice_end = time.monotonic() + BATCH_SLICE
             with procs.batch():
                 while len(started) < BATCH_REPORT and time.monotonic() < slice_end:

@@ -301,18 +301,14 @@ def spawn(
         # The lock also keeps a worker thread's spawn (or useradd) from starting while the
         # agent is carried into another unit: it would be created in that unit.
         with _spawning:
-            carried: Unit | None = None
-            carry = run_as is not None and run_as.unit is not None and _joined_by_shell(
-                run_as, tty)
-            if carry:
-                assert run_as is not None and run_as.unit is not None
-                carried = _carry_into(run_as.unit)
+            # The unit the child joins without a step of its own: carried in, else by sh.
+            unit = run_as.unit if run_as is not None and _joined_by_shell(run_as, tty) else None
+            carried = _carry_into(unit) if unit is not None else None
             if carried is None:
                 _go_home()  # a child not carried is created where the agent belongs
-                if carry:
-                    assert run_as is not None and run_as.unit is not None
+                if unit is not None:
                     _check_executable(argv[0], env, cwd)
-                    argv = ["/bin/sh", "-c", _JOIN, "sh", *run_as.unit.procs_files, "--", *argv]
+                    argv = ["/bin/sh", "-c", _JOIN, "sh", *unit.procs_files, "--", *argv]
             spawned = False
             try:
                 if tty:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -104,8 +105,6 @@ def with_client(f: Callable[..., Any]) -> Callable[..., Any]:
     """The command gets a client made from ``--url``/``--token``/client.toml as its first
     argument: a ``SyncClient``, or for an ``async def`` the async ``Client`` on a loop of its
     own. The client is closed when the command returns."""
-    import inspect
-
     if inspect.iscoroutinefunction(f):
         @functools.wraps(f)
         def streaming(*args: Any, **kwargs: Any) -> Any:
