@@ -13,6 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 
 from shoal.logic import outputtrust
 from shoal.natsio import outputlog
@@ -58,13 +59,20 @@ async def _forge(nc: NatsClient, subj: str, chunk: Chunk) -> None:
     await nc.jetstream().publish(subj, msgspec.msgpack.encode(chunk))
 
 
+async def _written(js: JetStreamContext, sid: str, node: str, epoch: int,
+                   data: bytes) -> outputlog.OutputWriter:
+    """A writer of ``sid`` on ``node`` that began attempt ``epoch`` and stored ``data``."""
+    await outputlog.ensure_stream(js)
+    writer = outputlog.OutputWriter(js, sid, node)
+    await writer.begin(epoch)
+    writer.write("stdout", data)
+    assert await writer.flush(10)
+    return writer
+
+
 async def test_a_zombie_on_another_node_is_fenced_by_the_newer_attempt(nc: NatsClient) -> None:
     js = nc.jetstream()
-    await outputlog.ensure_stream(js)
-    old = outputlog.OutputWriter(js, "s1", "node-a")
-    await old.begin(1)
-    old.write("stdout", b"one ")
-    assert await old.flush(10)
+    old = await _written(js, "s1", "node-a", 1, b"one ")
     new = outputlog.OutputWriter(js, "s1", "node-b")
     await new.begin(2)  # on another node, so under another subject
     assert new.offset == 4
@@ -207,11 +215,7 @@ async def test_a_follower_whose_consumer_vanishes_reads_on_to_the_end(nc: NatsCl
     on. Deleting the consumer does the same here. The follower must notice and read every
     byte to the end marker, not wait forever, nor stop once the session is over."""
     js = nc.jetstream()
-    await outputlog.ensure_stream(js)
-    writer = outputlog.OutputWriter(js, "s5", "node-a")
-    await writer.begin(1)
-    writer.write("stdout", b"before ")
-    assert await writer.flush(10)
+    writer = await _written(js, "s6", "node-a", 1, b"before ")
     over = False
 
     async def is_over() -> bool:
@@ -220,7 +224,7 @@ async def test_a_follower_whose_consumer_vanishes_reads_on_to_the_end(nc: NatsCl
     got: list[Chunk] = []
 
     async def follow() -> None:
-        async for item in outputlog.read(js, "s5", follow=True, is_over=is_over,
+        async for item in outputlog.read(js, "s6", follow=True, is_over=is_over,
                                          nodes=_nodes("node-a")):
             assert isinstance(item, Chunk)
             got.append(item)
@@ -231,7 +235,7 @@ async def test_a_follower_whose_consumer_vanishes_reads_on_to_the_end(nc: NatsCl
             break
         await asyncio.sleep(0.05)
     assert _text(got) == b"before "
-    stream = outputlog.stream_of("s5")
+    stream = outputlog.stream_of("s6")
     consumers = await js.consumers_info(stream)
     assert len(consumers) == 1
     await js.delete_consumer(stream, consumers[0].name)

@@ -112,6 +112,12 @@ def every_node(session_id: str) -> str:
     return f"shoal.{_kind(session_id)}.{session_id}.*"
 
 
+def both_shapes(session_id: str) -> list[str]:
+    """Every subject the session's output may be stored under: each node's, and the old
+    one-token subject."""
+    return [every_node(session_id), subject(session_id)]
+
+
 def node_of(subj: str) -> str:
     """The node a chunk was published by, from its subject ("" for the old shape)."""
     parts = subj.split(".", 3)
@@ -625,15 +631,14 @@ async def end_offset(js: JetStreamContext, session_id: str,
 async def _last_seq(js: JetStreamContext, session_id: str) -> int:
     """The stream sequence of the session's last message of either subject shape."""
     stream = stream_of(session_id)
-    new = (await _last_msg(js, stream, every_node(session_id)))[0]
-    return max(new, (await _last_msg(js, stream, subject(session_id)))[0])
+    return max([(await _last_msg(js, stream, subj))[0] for subj in both_shapes(session_id)])
 
 
 async def trim_before(js: JetStreamContext, session_id: str, keep: int) -> None:
     """Drop the session's stored output (every node's, and the old subject's) before stream
     sequence ``keep``: its output cap."""
     stream = stream_of(session_id)
-    for subj in (every_node(session_id), subject(session_id)):
+    for subj in both_shapes(session_id):
         await js.purge_stream(stream, subject=subj, seq=keep)
 
 
@@ -644,7 +649,7 @@ async def purge(js: JetStreamContext, session_id: str, strict: bool = False) -> 
     """Delete a session's stored output. With ``strict``, a failure raises ``Unavailable``
     saying what to do; else it is logged."""
     try:
-        for subj in (every_node(session_id), subject(session_id)):
+        for subj in both_shapes(session_id):
             await js.purge_stream(stream_of(session_id), subject=subj)
     except Exception as e:
         log.warning("could not purge output of %s: %s", session_id, e)
@@ -794,7 +799,7 @@ async def _subscribe(js: JetStreamContext, session_id: str,
     config.ack_policy = AckPolicy.NONE
     config.inactive_threshold = 60.0
     config.mem_storage = True
-    config.filter_subjects = [every_node(session_id), subject(session_id)]
+    config.filter_subjects = both_shapes(session_id)
     return await js.pull_subscribe("", stream=stream_of(session_id), config=config)
 
 
