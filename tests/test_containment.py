@@ -114,6 +114,12 @@ def test_limit_files_per_layout() -> None:
     assert cgroups.limit_files("v2", "cpu", lim) == [("cpu.weight", "50")]
     assert cgroups.limit_files("v2", "memory", m.Limits()) == []
     assert cgroups.unit_name("n-1", "r", "a.b/c") == "n-1.r.a_b_c"
+    # A unit is a bare tracking directory (and may be kept) exactly when no file is written.
+    for one in (m.Limits(), m.Limits(memory_mb=64), m.Limits(processes=1),
+                m.Limits(cpu_weight=5), m.Limits(cpu_seconds=3, open_files=20, file_size_mb=1)):
+        assert cgroups.sets_cgroup_limit(one) == any(
+            cgroups.limit_files(k, c, one) for k in ("v1", "v2")
+            for c in cgroups.LIMIT_CONTROLLERS), one
 
 
 def test_uids_come_from_a_persistent_allocator(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ is the end of everything it started, even a setsid'd child that holds the termin
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from shoal.agent import cgroups, process, procs
 from shoal.agent.cgroup_layout import Layout
 from shoal.agent.ledger import Ledger, reap_leftovers
 from shoal.agent.process import Ended, Launch, Process
+from shoal.wire import messages as m
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
 
@@ -36,6 +38,7 @@ def layout(request: pytest.FixtureRequest) -> Iterator[Layout | None]:
     try:
         yield found
     finally:
+        cgroups.drop_spares()
         for d in found.base_dirs():
             cgroups.remove_dir(d)
 
@@ -214,6 +217,42 @@ async def test_paused_output_blocks_the_writer_and_resume_delivers_all(
     assert o.text("stderr") == "wrote all\n"
 
 
+async def test_output_left_by_a_leader_that_ended_before_its_pipes_were_watched_is_all_read(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # Pipes are watched only process.WATCH_AFTER after the start; a leader that has ended by
+    # then has its output read at its end (Process._catch_up). Paused in the middle of that
+    # (backpressure), the rest comes with resume; a background writer that keeps a pipe
+    # open is read as it writes.
+    quick = start(owned, launch(["sh", "-c", "echo out; echo err >&2"]), ledger, layout)
+    ended = await asyncio.wait_for(quick.proc.wait(), 30)
+    assert (quick.text("stdout"), quick.text("stderr"), ended.drained) == ("out\n", "err\n", True)
+
+    o = Owned(launch(["sh", "-c", "head -c 30000 /dev/zero | tr '\\0' x; printf y >&2"]),
+              ledger, layout)
+    o.proc.read_size = 4096
+    o.pause_after = 1
+    owned.append(o)
+    o.proc.start()
+    assert o.proc.child is not None
+    while o.proc.child.popen.poll() is None:  # ends before its pipes are watched
+        await asyncio.sleep(0.002)
+    waiting = asyncio.ensure_future(o.proc.wait())
+    for _ in range(100):
+        if o.proc.paused:
+            break
+        await asyncio.sleep(0.02)
+    assert o.proc.paused and o.reads == 1 and not waiting.done()
+    o.pause_after = None
+    o.proc.resume()
+    ended = await asyncio.wait_for(waiting, 30)
+    assert ended.drained and o.text("stdout") == "x" * 30000 and o.text("stderr") == "y"
+
+    late = start(owned, launch(["sh", "-c", "(sleep 0.3; echo late) & echo early"]), ledger,
+                 layout)
+    ended = await asyncio.wait_for(late.proc.wait(), 30)
+    assert late.text("stdout") == "early\nlate\n", late.text("stdout")
+
+
 # --------------------------------------------------------------------------- stop
 
 IGNORES_TERM = ("import signal, time\n"
@@ -243,14 +282,18 @@ async def test_state_is_what_the_ledger_holds_until_the_end(
     o = start(owned, launch(["sleep", "300"]), ledger, layout)
     state = o.proc.state()
     groups, _, dirs = ledger.entries()
-    assert state.pid in groups
+    # In a cgroup, the cgroup is what the next agent ends; else the group and the marker
+    # (what escapes the group is found by it).
     assert set(state.cgroup) <= dirs and bool(state.cgroup) == (layout is not None)
-    # Without a cgroup the marker is kept: what escapes the group is found by it.
+    assert (state.pid in groups) == (layout is None)
     assert ledger.markers() == ({state.marker} if layout is None else set())
     assert bool(state.marker) == (layout is None)
     await o.proc.stop(5.0)
     await o.proc.wait()
-    assert ledger.entries() == (set(), set(), set()) and ledger.markers() == set()
+    groups, users, dirs = ledger.entries()
+    assert (groups, users, ledger.markers()) == (set(), set(), set())
+    # All the ledger still names is the cgroup kept for the node's next run, empty.
+    assert dirs <= set(state.cgroup) and not any(cgroups.populated(d) for d in dirs)
 
 
 async def test_the_next_agent_ends_what_escaped_the_group_from_the_ledger(
@@ -348,6 +391,85 @@ async def test_a_batch_starts_each_child_in_its_own_cgroup_and_the_agent_ends_ho
         assert layout.tracker is not None
         assert failed.unit is not None
         assert not list(Path(layout.tracker.own).rglob(failed.unit))
+
+
+async def test_an_emptied_cgroup_is_kept_for_the_node_s_next_run_and_no_other(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # Making and removing a cgroup costs the kernel more than a run of `true` (see
+    # cgroups._spares): the unit of a run that left nothing behind is kept, empty, for the
+    # node's next run. One that left a process behind, or that sets a limit, is removed;
+    # at most SPARES_PER_NODE are kept; drop_spares removes them.
+    if layout is None:
+        pytest.skip("needs cgroups")
+    assert layout.tracker is not None
+    base = Path(layout.tracker.own) / layout.base
+
+    def units() -> set[str]:
+        return {d.name for d in base.iterdir() if d.is_dir() and d.name.startswith("n.")}
+
+    async def run(argv: list[str], **kw: object) -> Owned:
+        o = start(owned, launch(argv, **kw), ledger, layout)
+        ended = await asyncio.wait_for(o.proc.wait(), 30)
+        assert ended.code == 0, (ended, o.text("stderr"))
+        return o
+
+    first = await run(["sh", "-c", "cat /proc/self/cgroup"])
+    kept = first.proc.launch.unit
+    assert units() == {kept} and not cgroups.populated(str(base / kept))
+    second = await run(["sh", "-c", "cat /proc/self/cgroup"])
+    assert f"/{kept}\n" in second.text("stdout")  # in the kept unit, not a new one
+    assert units() == {kept}
+
+    # Something outlived the leader: ended with its unit, which is not kept.
+    sleep = unique_sleep()
+    await run(["sh", "-c", f"setsid sleep {sleep} &"])
+    assert not alive_with_arg(sleep) and units() == set()
+
+    # A unit with a limit is made for its run (never a kept one) and removed after it.
+    await run(["true"])
+    assert len(units()) == 1
+    limited = await run(["sh", "-c", "cat /proc/self/cgroup"], limits=m.Limits(processes=50))
+    assert f"/{limited.proc.launch.unit}\n" in limited.text("stdout")
+    assert len(units()) == 1 and limited.proc.launch.unit not in units()
+
+    # Many at once: each in its own unit; no more than SPARES_PER_NODE are kept.
+    many = [start(owned, launch(["sh", "-c", "cat /proc/self/cgroup; sleep 0.3"]), ledger,
+                  layout) for _ in range(5)]
+    for o in many:
+        assert (await asyncio.wait_for(o.proc.wait(), 30)).code == 0
+    assert len({o.text("stdout") for o in many}) == 5
+    assert len(units()) == cgroups.SPARES_PER_NODE
+
+    # A kept unit removed behind the agent's back (by a keeper, say) is not used.
+    for name in units():
+        (base / name).rmdir()
+    again = await run(["sh", "-c", "cat /proc/self/cgroup"])
+    assert f"/{again.proc.launch.unit}\n" in again.text("stdout")
+    cgroups.drop_spares("n")
+    assert units() == set()
+
+
+async def test_a_busy_writer_s_pipe_grows_and_a_quiet_one_s_does_not(
+        owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
+    # Growing a pipe to procs.PIPE_SIZE costs a syscall per stream: done once a read finds
+    # the pipe full, never for a command that writes a line.
+    get_pipe_size = 1032  # F_GETPIPE_SZ
+    busy = start(owned, launch([sys.executable, "-c", "import sys\n"
+                                "sys.stdout.buffer.write(b'x' * (4 << 20)); sys.stdout.flush()\n"
+                                "sys.stdin.read()"], stdin=True), ledger, layout)
+    quiet = start(owned, launch(["sh", "-c", "echo hi; read x"], stdin=True), ledger, layout)
+    await busy.until_output("stdout", "x" * 100)
+    await quiet.until_output("stdout", "hi")
+    deadline = time.monotonic() + 20
+    while len(busy.out.get("stdout", b"")) < 4 << 20:
+        assert time.monotonic() < deadline, len(busy.out.get("stdout", b""))
+        await asyncio.sleep(0.02)
+    assert busy.proc.child is not None and quiet.proc.child is not None
+    assert fcntl.fcntl(busy.proc.child.out_fds["stdout"], get_pipe_size) == procs.PIPE_SIZE
+    assert fcntl.fcntl(quiet.proc.child.out_fds["stdout"], get_pipe_size) == procs.PIPE_DEFAULT
+    for o in (busy, quiet):
+        await o.proc.stop(5.0)
+        await o.proc.wait()
 
 
 async def test_a_child_gets_default_signal_dispositions(

@@ -157,6 +157,11 @@ def cpu_shares(weight: int) -> int:
     return max(2, weight * 1024 // 100)
 
 
+def sets_cgroup_limit(limits: m.Limits) -> bool:
+    """Does ``limits`` need a limit file in some controller (``limit_files``)?"""
+    return bool(limits.memory_mb or limits.processes or limits.cpu_weight)
+
+
 def limit_files(kind: Kind, controller: str, limits: m.Limits) -> list[tuple[str, str]]:
     """The files to write, in order, for ``limits`` in one controller."""
     out: list[tuple[str, str]] = []

@@ -292,6 +292,8 @@ class AgentHost:
         if self._keeper is not None:
             await asyncio.to_thread(keeper.release, self._keeper)
         if self.layout is not None:
+            for name in self.nodes:
+                cgroups.drop_spares(name)
             for d in self.layout.base_dirs():
                 cgroups.remove_dir(d)  # only if empty: other agents may share the state dir
         self._stopped.set()
@@ -585,13 +587,14 @@ class AgentHost:
         one = m.RunRequest(run_id=req.run_id, spec=req.spec, window=req.window)
         events = subjects.run_events(req.run_id, self.lead)
         left = iter(mine)
+        found: dict[tuple[str, str], str] = {}  # its command in PATH, looked up once
         more = True
         while more:
             # A slice of spawns in one synchronous step (procs.batch), then its reports.
             started: list[tuple[str, int]] = []
             refused: list[tuple[str, m.Exit]] = []
             slice_end = time.monotonic() + BATCH_SLICE
-            with procs.batch():
+            with procs.batch(found):
                 while len(started) < BATCH_REPORT and time.monotonic() < slice_end:
                     name = next(left, None)
                     if name is None:

@@ -151,6 +151,7 @@ async def reap_leftovers(ledger: Ledger, grace: float, layout: Layout | None = N
     sessions started, and users are deleted only once nothing of theirs runs."""
     from . import users
 
+    cgroups_mod.drop_spares(ledger.node)  # kept units are ours to end and remove too
     listed, names, cgroups = ledger.entries()
     dirs = {d for d in cgroups if _below_shoal(d)}
     if layout is not None:  # also what a lost or truncated ledger does not name

@@ -49,6 +49,10 @@ STDIN_LIMIT = 4 << 20  # input held for a process that is not reading (above a r
 LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
 DRAIN_LIMIT = 5.0  # reading the pipes once nothing runs, counted again while paused
 KILL_TIMEOUT = 5.0  # after SIGKILL, how long to wait for the processes to be gone
+# A command's pipes are watched from this long after its start: most runs of a fan-out have
+# ended by then, and their output is read once, at the end, without the four epoll calls
+# (and asyncio's bookkeeping) of watching two pipes. A terminal is watched at once.
+WATCH_AFTER = 0.05
 
 
 def read_size_for(max_payload: int) -> int:
@@ -92,8 +96,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class State:
-    """What the ledger keeps of a started process (``+ pid``, ``c+ dir``, and without a
-    cgroup ``e+ KEY=value``), for the next agent to end what a SIGKILLed one left."""
+    """What the ledger keeps of a started process (``c+ dir`` for its cgroup, else ``+ pid``
+    and ``e+ KEY=value``), for the next agent to end what a SIGKILLed one left."""
 
     pid: int
     cgroup: tuple[str, ...] = ()
@@ -123,6 +127,9 @@ class Process:
         self.read_size = read_size
         self.child: Child | None = None
         self._eof: dict[str, asyncio.Event] = {}
+        self._small_pipes: set[int] = set()  # not grown yet (procs.grow_pipe)
+        self._watching = False  # the pipes' readers are (or may be) registered
+        self._watch_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._stdin: deque[bytes] = deque()
         self._held = 0  # bytes in _stdin
@@ -171,7 +178,8 @@ class Process:
         except SpawnError:
             self._drop_unit(unit)
             raise
-        self.ledger.add(self.child.pid)
+        if unit is None:  # a unit is in the ledger: ending it ends all the child started
+            self.ledger.add(self.child.pid)
         if ln.marker is not None:
             self.child.marker = f"{ln.marker[0]}={ln.marker[1]}".encode()
             if unit is None and self.child.marker.isascii() and b"\n" not in self.child.marker:
@@ -179,11 +187,41 @@ class Process:
 
     def _watch(self) -> int:
         assert self.child is not None
+        for stream in self.child.out_fds:
+            self._eof[stream] = asyncio.Event()
+        if self.child.tty:
+            self._watch_pipes()
+        else:
+            self._small_pipes.update(self.child.out_fds.values())
+            self._watch_timer = asyncio.get_running_loop().call_later(WATCH_AFTER,
+                                                                      self._watch_pipes)
+        return self.child.pid
+
+    def _watch_pipes(self) -> None:
+        self._watch_timer = None
+        self._watching = True
+        if not self._paused:
+            self._add_readers()
+
+    def _add_readers(self) -> None:
+        assert self.child is not None
         loop = asyncio.get_running_loop()
         for stream, fd in self.child.out_fds.items():
-            self._eof[stream] = asyncio.Event()
-            loop.add_reader(fd, self._on_readable, stream, fd)
-        return self.child.pid
+            if not self._eof[stream].is_set():
+                loop.add_reader(fd, self._on_readable, stream, fd)
+
+    def _catch_up(self) -> None:
+        """The leader has ended before its pipes were watched: read what they hold now, and
+        watch only one that something in the background still holds open."""
+        if self._watch_timer is None:
+            return
+        self._watch_timer.cancel()
+        assert self.child is not None
+        for stream, fd in self.child.out_fds.items():
+            for _ in range(16):  # bounded: a background writer may never let it run dry
+                if self._paused or not self._on_readable(stream, fd):
+                    break
+        self._watch_pipes()
 
     def poll(self) -> int | None:
         """None while the leader runs, else its status (negative: the signal)."""
@@ -244,6 +282,7 @@ class Process:
         if self._ended is not None:
             return self._ended
         code, sig = await child.wait()
+        self._catch_up()
         if self._stopping is not None:  # a stop in progress owns the grace period
             await asyncio.gather(self._stopping, return_exceptions=True)
         if after_leader is not None:
@@ -272,6 +311,9 @@ class Process:
         child = self.child
         assert child is not None
         loop = asyncio.get_running_loop()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
         for fd in child.out_fds.values():
             loop.remove_reader(fd)
         if self._writer_on and child.stdin_fd is not None:
@@ -280,9 +322,13 @@ class Process:
         child.close_fds()
         # Only when something outlived the leader: a look walks every child of the agent,
         # and a thousand sessions ending together made that quadratic.
-        # One ledger line for both: its end and its cgroup's (an append costs 3 syscalls).
-        self.ledger.remove(child.pid, self._remove_unit(child.unit, child.left_orphans))
-        if child.unit is None and child.marker:
+        if child.unit is not None:
+            gone = self._remove_unit(child.unit, child.left_orphans, keep=child.found_empty)
+            if gone:
+                self.ledger.remove_cgroup(gone)
+            return
+        self.ledger.remove(child.pid)
+        if child.marker:
             self.ledger.remove_marker(child.marker.decode())
 
     # ------------------------------------------------------------------ cgroup
@@ -291,6 +337,8 @@ class Process:
         if self.layout is None or self.launch.unit is None:
             return None
         unit = Unit(self.layout, self.launch.unit, self.launch.limits)
+        if unit.take_spare():  # its directory is in the ledger since it was made
+            return unit
         self.ledger.add_cgroup(unit.dirs)
         try:
             unit.create()
@@ -306,28 +354,36 @@ class Process:
             self.ledger.remove_cgroup(gone)
 
     @staticmethod
-    def _remove_unit(unit: Unit | None, orphans: bool = False) -> list[str]:
-        """Remove the unit's cgroup; its directories if it is gone (for the ledger)."""
+    def _remove_unit(unit: Unit | None, orphans: bool = False, keep: bool = False) -> list[str]:
+        """Remove the unit's cgroup, or, with ``keep`` (it was found empty once the leader
+        ended), keep it for the node's next run; the directories removed (for the ledger)."""
         if unit is None:
             return []
         if orphans:
             procs.reap_orphans(unit.layout.base)
+        if keep:
+            return unit.retire()
         return unit.dirs if unit.remove() else []
 
     # ------------------------------------------------------------------ output
 
-    def _on_readable(self, stream: str, fd: int) -> None:
+    def _on_readable(self, stream: str, fd: int) -> bool:
+        """Read once; False when there is nothing more to read now (or ever: EOF)."""
         try:
             data = os.read(fd, self.read_size)
         except BlockingIOError:
-            return
+            return False
         except OSError:  # EIO: the pty's other side closed
             data = b""
         if not data:
             asyncio.get_running_loop().remove_reader(fd)
             self._eof[stream].set()
-            return
+            return False
+        if len(data) >= min(procs.PIPE_DEFAULT, self.read_size) and fd in self._small_pipes:
+            self._small_pipes.discard(fd)
+            procs.grow_pipe(fd)  # the pipe was full: fewer, larger reads from now on
         self.on_output(stream, data)
+        return True
 
     @property
     def paused(self) -> bool:
@@ -347,10 +403,8 @@ class Process:
         if not self._paused or self.child is None:
             return
         self._paused = False
-        loop = asyncio.get_running_loop()
-        for stream, fd in self.child.out_fds.items():
-            if not self._eof[stream].is_set():
-                loop.add_reader(fd, self._on_readable, stream, fd)
+        if self._watching:
+            self._add_readers()
 
     async def _drain(self) -> bool:
         """Wait for EOF on every pipe. With nothing of the process left EOF comes once the

@@ -46,6 +46,7 @@ _leaders: set[int] = set()  # children we spawned and wait on ourselves (never r
 # not listed yet.
 _spawning = SPAWNING
 PIPE_SIZE = 1 << 20  # a bigger pipe means fewer, larger reads under heavy output
+PIPE_DEFAULT = 1 << 16  # what the kernel gives a new pipe; a read this big: grow it
 _F_SETPIPE_SZ = 1031
 
 
@@ -66,7 +67,9 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _grow_pipe(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
+    """Give a busy writer's pipe PIPE_SIZE (done once a read finds it full: most commands
+    never write that much, and each fcntl costs a syscall)."""
     try:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
@@ -124,6 +127,8 @@ class Child:
     tty: bool
     unit: Unit | None = None  # its cgroup, if the node has cgroups
     left_orphans: bool = False  # processes outlived the leader
+    found_empty: bool = False  # its unit had nothing left when the leader ended
+    by_shell: bool = False  # a shell joins the unit before it execs the command
     marker: bytes = b""  # KEY=value in the environment of all it starts (see ``escaped``)
     started: float = field(default_factory=time.time)
 
@@ -133,7 +138,8 @@ class Child:
 
     async def wait(self) -> tuple[int | None, int | None]:
         """Wait for exit; returns (exit code, signal number), exactly one of them set."""
-        if self.popen.returncode is None:
+        # Polled first: in a fan-out most have exited by now (no pidfd, no epoll calls).
+        if self.popen.returncode is None and self.popen.poll() is None:
             loop = asyncio.get_running_loop()
             pidfd = os.pidfd_open(self.pid)
             done = loop.create_future()
@@ -166,7 +172,7 @@ class Child:
         """Until the command itself runs: on the fast path a tiny shell first joins the
         cgroup (which may wait for the kernel), and a signal sent meanwhile would reach
         that shell, not the command."""
-        if self.unit is None:
+        if self.unit is None or not self.by_shell:
             return
         deadline = time.monotonic() + timeout
         delay = 0.001
@@ -195,6 +201,8 @@ class Child:
                 self.left_orphans = True  # their zombies come to us: reap_orphans
                 if not await self.unit.wait_empty(leftover):
                     await self._kill_unit(kill_timeout)
+            else:
+                self.found_empty = True
             return
         await self._wait_gone(leftover)
         await self._kill_all(kill_timeout)
@@ -296,14 +304,16 @@ def spawn(
     Raises SpawnError with code 127 when the command does not exist and 126 when it cannot
     be executed, as a shell would report them.
     """
-    extra = _popen_extras(run_as, tty, cwd)
+    plain = not tty and (run_as is None or _joined_by_shell(run_as, tty))
+    extra = {} if plain else _popen_extras(run_as, tty, cwd)  # no step: nothing to build
     try:
         # The lock also keeps a worker thread's spawn (or useradd) from starting while the
         # agent is carried into another unit: it would be created in that unit.
         with _spawning:
             # The unit the child joins without a step of its own: carried in, else by sh.
-            unit = run_as.unit if run_as is not None and _joined_by_shell(run_as, tty) else None
+            unit = run_as.unit if run_as is not None and plain else None
             carried = _carry_into(unit) if unit is not None else None
+            by_shell = carried is None and unit is not None
             if carried is None:
                 _go_home()  # a child not carried is created where the agent belongs
                 if unit is not None:
@@ -328,6 +338,7 @@ def spawn(
                         _carry_back(carried)
             _leaders.add(child.pid)
         child.unit = run_as.unit if run_as is not None else None
+        child.by_shell = by_shell
         return child
     except subprocess.SubprocessError as e:  # a confinement step failed in the child
         raise SpawnError(f"cannot confine {argv[0]}: {e}", 126) from e
@@ -453,20 +464,21 @@ _found: dict[tuple[str, str], str] = {}  # (command, PATH) -> the file, within a
 
 
 @contextlib.contextmanager
-def batch() -> Iterator[None]:
+def batch(found: dict[tuple[str, str], str] | None = None) -> Iterator[None]:
     """Spawns in one synchronous step of the event loop (the runs of a fan-out batch): the
     agent goes from one child's unit straight into the next one's, one cgroup write per
-    child instead of two (each costs 70 to 120 us, as much as the spawn's other work), and
-    back where it belongs at the end; a command is looked up in PATH once. Nothing may
-    await inside, and no other thread spawns meanwhile (SPAWNING is held)."""
-    global _batching
+    child instead of two, and back where it belongs at the end; a command is looked up in
+    PATH once (once per ``found``, given for the slices of one request). Nothing may await
+    inside, and no other thread spawns meanwhile (SPAWNING is held)."""
+    global _batching, _found
     with _spawning:
         _batching = True
+        _found = found if found is not None else {}
         try:
             yield
         finally:
             _batching = False
-            _found.clear()
+            _found = {}
             _go_home()
 
 
@@ -586,7 +598,6 @@ def _spawn_pipes(argv: list[str], env: Mapping[str, str], cwd: str | None,
         popen.stdin.close()
         os.set_blocking(stdin_fd, False)
     for fd in out.values():
-        _grow_pipe(fd)
         os.set_blocking(fd, False)
     return Child(popen, stdin_fd, out, tty=False)
 
@@ -623,9 +634,8 @@ def _posix_spawn_pipes(argv: list[str], env: Mapping[str, str], stdin: bool) -> 
         if fd not in (out_r, err_r, stdin_fd):
             os.close(fd)
     out = {"stdout": out_r, "stderr": err_r}
-    for fd in out.values():
-        _grow_pipe(fd)
-        os.set_blocking(fd, False)
+    for fd in out.values():  # a read end's only status flag: one fcntl, not set_blocking's two
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
     if stdin_fd is not None:
         os.set_blocking(stdin_fd, False)
     return Child(Spawned(pid), stdin_fd, out, tty=False)

@@ -61,6 +61,7 @@ class Run:
         self._timed_out = False
         self.done = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._output_sent: asyncio.Task[None] | None = None  # the last Output's publish
         self._watch_from = 0.0
         reuse_heap_for_bulk_io()
 
@@ -107,6 +108,10 @@ class Run:
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
+        if self._output_sent is not None:
+            # Output read at the end (Process._catch_up) is still queued: the exit follows
+            # it (publishes are queued in the order their tasks first run).
+            await self._output_sent
         exit_ = m.Exit(node=self.node, code=ended.code, signal=ended.signal,
                        reason=self._end_reason, timed_out=self._timed_out,
                        started=ended.started, ended=time.time())
@@ -147,7 +152,7 @@ class Run:
         self.offsets[stream] = offset + len(data)
         self.sent += len(data)
         ev = m.Output(node=self.node, stream=stream, offset=offset, data=data)  # type: ignore[arg-type]
-        asyncio.create_task(self._publish(ev))
+        self._output_sent = asyncio.create_task(self._publish(ev))
         if self.sent - self.acked >= self.window and self.proc is not None:
             self.proc.pause()  # the process blocks on a full pipe until the reader catches up
 
