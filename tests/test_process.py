@@ -54,11 +54,13 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 class Owned:
     """A Process with its output collected."""
 
-    def __init__(self, launch: Launch, ledger: Ledger, layout: Layout | None) -> None:
+    def __init__(self, launch: Launch, ledger: Ledger, layout: Layout | None,
+                 watch_at_wait: bool = False) -> None:
         self.out: dict[str, bytearray] = {}
         self.reads = 0
         self.pause_after: int | None = None
-        self.proc = Process(launch, ledger, layout, self._on_output)
+        self.proc = Process(launch, ledger, layout, self._on_output,
+                            watch_at_wait=watch_at_wait)
 
     def _on_output(self, stream: str, data: bytes) -> None:
         self.out.setdefault(stream, bytearray()).extend(data)
@@ -219,23 +221,29 @@ async def test_paused_output_blocks_the_writer_and_resume_delivers_all(
 
 async def test_output_left_by_a_leader_that_ended_before_its_pipes_were_watched_is_all_read(
         owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
-    # Pipes are watched only process.WATCH_AFTER after the start; a leader that has ended by
-    # then has its output read at its end (Process._catch_up). Paused in the middle of that
-    # (backpressure), the rest comes with resume; a background writer that keeps a pipe
-    # open is read as it writes.
-    quick = start(owned, launch(["sh", "-c", "echo out; echo err >&2"]), ledger, layout)
+    # A run's pipes are watched from its first wait() (watch_at_wait): a leader that has
+    # ended by then has its output read at its end (Process._catch_up). Paused in the
+    # middle of that (backpressure), the rest comes with resume; a background writer that
+    # keeps a pipe open is read as it writes.
+    async def ended_unwatched(argv: list[str], pause_after: int | None = None,
+                              read_size: int | None = None) -> Owned:
+        o = Owned(launch(argv), ledger, layout, watch_at_wait=True)
+        o.pause_after = pause_after
+        if read_size is not None:
+            o.proc.read_size = read_size
+        owned.append(o)
+        o.proc.start()
+        assert o.proc.child is not None
+        while o.proc.child.popen.poll() is None:
+            await asyncio.sleep(0.002)
+        return o
+
+    quick = await ended_unwatched(["sh", "-c", "echo out; echo err >&2"])
     ended = await asyncio.wait_for(quick.proc.wait(), 30)
     assert (quick.text("stdout"), quick.text("stderr"), ended.drained) == ("out\n", "err\n", True)
 
-    o = Owned(launch(["sh", "-c", "head -c 30000 /dev/zero | tr '\\0' x; printf y >&2"]),
-              ledger, layout)
-    o.proc.read_size = 4096
-    o.pause_after = 1
-    owned.append(o)
-    o.proc.start()
-    assert o.proc.child is not None
-    while o.proc.child.popen.poll() is None:  # ends before its pipes are watched
-        await asyncio.sleep(0.002)
+    o = await ended_unwatched(["sh", "-c", "head -c 30000 /dev/zero | tr '\\0' x; printf y >&2"],
+                              pause_after=1, read_size=4096)
     waiting = asyncio.ensure_future(o.proc.wait())
     for _ in range(100):
         if o.proc.paused:
@@ -247,10 +255,20 @@ async def test_output_left_by_a_leader_that_ended_before_its_pipes_were_watched_
     ended = await asyncio.wait_for(waiting, 30)
     assert ended.drained and o.text("stdout") == "x" * 30000 and o.text("stderr") == "y"
 
-    late = start(owned, launch(["sh", "-c", "(sleep 0.3; echo late) & echo early"]), ledger,
-                 layout)
+    late = await ended_unwatched(["sh", "-c", "(sleep 0.3; echo late) & echo early"])
     ended = await asyncio.wait_for(late.proc.wait(), 30)
     assert late.text("stdout") == "early\nlate\n", late.text("stdout")
+
+    # Still running at the first wait(): watched from then on, its output read as it comes.
+    live = Owned(launch(["sh", "-c", "echo first; read x; echo second"], stdin=True), ledger,
+                 layout, watch_at_wait=True)
+    owned.append(live)
+    live.proc.start()
+    waiting = asyncio.ensure_future(live.proc.wait())
+    await live.until_output("stdout", "first")
+    live.proc.write(b"go\n")
+    ended = await asyncio.wait_for(waiting, 30)
+    assert ended.code == 0 and live.text("stdout") == "first\nsecond\n"
 
 
 # --------------------------------------------------------------------------- stop

@@ -26,6 +26,16 @@ def test_argv_is_passed_as_is(fleet: Fleet) -> None:
         assert mine == [f"{node}: a b", f"{node}: c"]
 
 
+def test_a_command_sees_none_of_the_agent_s_settings(fleet: Fleet) -> None:
+    # The agent runs with SHOAL_* settings (SHOAL_HOME here; a NATS password or credentials
+    # file elsewhere): a command gets only its run's own SHOAL_NODE and SHOAL_RUN_ID.
+    r = fleet.shoal("run", "-n", "node-1", "--", "env")
+    assert r.returncode == 0, r.stderr
+    names = {ln.split(": ", 1)[1].split("=", 1)[0] for ln in lines(r.stdout) if "=" in ln}
+    assert "PATH" in names
+    assert {n for n in names if n.startswith("SHOAL_")} == {"SHOAL_NODE", "SHOAL_RUN_ID"}
+
+
 def test_shell_is_explicit(fleet: Fleet) -> None:
     r = fleet.shoal("run", "-n", "node-1", "--shell", "echo one two | wc -w")
     assert (r.returncode, r.stdout.strip()) == (0, "node-1: 2")

@@ -136,7 +136,7 @@ def _pids(d: str) -> list[int]:
 def populated(d: str) -> bool:
     """Has the cgroup at ``d`` any process left (v2: cgroup.events; v1: cgroup.procs)?"""
     try:
-        return parse_keyed(_read(os.path.join(d, "cgroup.events"))).get("populated", 0) == 1
+        return "populated 1" in _read(os.path.join(d, "cgroup.events"))
     except FileNotFoundError:
         return bool(_pids(d)) if os.path.isdir(d) else False
     except OSError:

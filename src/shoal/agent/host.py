@@ -47,6 +47,7 @@ from ..config import AgentConfig, shoal_home
 from ..errors import AuthError, ConnectError
 from ..natsio import bus
 from ..natsio.outputlog import ACK_TIMEOUT, Fenced, describe_store_error
+from ..system.process import freeze_heap
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
 from ..wire.reports import (
@@ -63,6 +64,7 @@ from .ledger import Ledger, reap_leftovers
 from .loadinfo import LoadSampler
 from .looplag import LoopLag
 from .ports import PortPool
+from .process import agent_env
 from .reporter import Reporter
 from .runs import Run
 from .sessions import SessionManager
@@ -136,7 +138,7 @@ class AgentHost:
         self._batches: set[asyncio.Task[None]] = set()  # run batches spawning or reporting
         self._session_ops: set[asyncio.Task[None]] = set()  # session requests in flight
         self.lead = names[0]
-        self._base_env = dict(os.environ)
+        self._base_env = agent_env(os.environ)
         self.ports = PortPool.parse(cfg.ports)
         self.reporter: Reporter = None  # type: ignore[assignment]
         self._beat_soon = asyncio.Event()
@@ -176,6 +178,7 @@ class AgentHost:
         except BaseException:  # an agent that never came up leaves no rules behind
             await netpolicy.remove(self.netpolicy.table)
             raise
+        freeze_heap()
 
     async def _start(self) -> None:
         for node in self.nodes.values():
@@ -619,7 +622,7 @@ class AgentHost:
                 # Let heartbeats, exits and output through: a loop busy spawning for seconds
                 # would miss beats and its nodes would look down.
                 await asyncio.sleep(0)
-        await self._maybe_drop_route(req.run_id)
+        self._maybe_drop_route(req.run_id)
 
     async def _publish(self, subject: str, msg: object) -> None:
         assert self.nc is not None
@@ -637,7 +640,7 @@ class AgentHost:
         if isinstance(reply, m.RunAccepted):
             node.runs[req.run_id] = run
             route.runs[node.name] = run
-            asyncio.create_task(self._forget(node, route, req.run_id, run))
+            run.on_done = functools.partial(self._forget, node, route, req.run_id)
         return reply
 
     async def _on_run_request(self, node: Node, msg: Msg) -> None:
@@ -652,7 +655,7 @@ class AgentHost:
         route = self._route(req.run_id)
         reply = self._start_run(node, route, req)
         if not isinstance(reply, m.RunAccepted):
-            await self._maybe_drop_route(req.run_id)
+            self._maybe_drop_route(req.run_id)
         await msg.respond(m.pack(reply))
 
     def _batch_exit(self, run_id: str, route: _RunRoute, exit_: m.Exit) -> None:
@@ -703,13 +706,13 @@ class AgentHost:
             except msgspec.DecodeError:
                 pass
 
-    async def _forget(self, node: Node, route: _RunRoute, run_id: str, run: Run) -> None:
-        await run.done.wait()
+    def _forget(self, node: Node, route: _RunRoute, run_id: str) -> None:
+        """A run has ended (a callback, not a task per run: 10,000 runs, 10,000 tasks)."""
         node.runs.pop(run_id, None)
         route.runs.pop(node.name, None)
-        await self._maybe_drop_route(run_id)
+        self._maybe_drop_route(run_id)
 
-    async def _maybe_drop_route(self, run_id: str) -> None:
+    def _maybe_drop_route(self, run_id: str) -> None:
         route = self._routes.get(run_id)
         if route is not None and not route.runs:
             del self._routes[run_id]

