@@ -6,6 +6,7 @@ directories, and the files that set its limits. No I/O: agent/cgroups.py reads a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -148,8 +149,12 @@ def plan(mountinfo: str, proc_cgroup: str, v2_controllers: Iterable[str],
 def unit_name(node: str, kind: str, ident: str) -> str:
     """``<node>.<kind>.<id>``: node names and ids have no dots, so ``<node>.`` prefixes
     exactly one node's units. Anything unusual in an id becomes ``_``."""
-    safe = "".join(c if c in _SAFE else "_" for c in ident[:80])
-    return f"{node}.{kind}.{safe}"
+    return f"{node}.{kind}.{_safe_id(ident)}"
+
+
+@functools.lru_cache(maxsize=64)  # one run id for every node of a fan-out
+def _safe_id(ident: str) -> str:
+    return "".join(c if c in _SAFE else "_" for c in ident[:80])
 
 
 def cpu_shares(weight: int) -> int:

@@ -239,7 +239,8 @@ class Unit:
         self.layout = layout
         self.name = name
         self.limits = limits
-        self.tracker = os.path.join(layout.tracker.own, layout.base, name)
+        self._parent = os.path.join(layout.tracker.own, layout.base)  # of every unit
+        self.tracker = os.path.join(self._parent, name)
         self._writes: list[tuple[str, str]] = []  # (path, value)
         self.dirs = [self.tracker]
         if not sets_cgroup_limit(limits):
@@ -254,7 +255,7 @@ class Unit:
     def _spare_key(self) -> tuple[str, str] | None:
         if self._writes or len(self.dirs) != 1:
             return None
-        return os.path.dirname(self.tracker), self.name.partition(".")[0]
+        return self._parent, self.name.partition(".")[0]
 
     def take_spare(self) -> bool:
         """Become a kept unit of the node, if there is one (then ``create`` is not needed)."""
