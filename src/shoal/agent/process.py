@@ -62,7 +62,8 @@ def command_argv(shell: str | None, argv: list[str] | None) -> list[str]:
 
 def agent_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The agent's environment without its SHOAL_* settings (which may hold credentials):
-    what every child's starts from. Made once, not per run (a tenth of a run's Python)."""
+    what every child's environment starts from. Made once, not per run (a tenth of a run's
+    Python)."""
     return {k: v for k, v in environ.items() if not k.startswith("SHOAL_")}
 
 
@@ -323,9 +324,9 @@ class Process:
             loop.remove_writer(child.stdin_fd)
             self._writer_on = False
         child.close_fds()
-        # Only when something outlived the leader: a look walks every child of the agent,
-        # and a thousand sessions ending together made that quadratic.
         if child.unit is not None:
+            # Orphans are reaped only when something outlived the leader: a look walks every
+            # child of the agent, and a thousand sessions ending together made that quadratic.
             gone = self._remove_unit(child.unit, child.left_orphans, keep=child.found_empty)
             if gone:
                 self.ledger.remove_cgroup(gone)
