@@ -5,6 +5,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# CPython 3.11 keeps one AST-constructor recursion counter per interpreter (python/cpython
+# #106905): an ast.parse run by a finalizer or another thread in the middle of another one
+# fails that one with "SystemError: AST constructor recursion depth mismatch". The first
+# @given test to shrink or target imports this module lazily, which pytest's assertion
+# rewriting parses, late in a session that has left garbage and threads about (CI failed
+# on it twice). Imported here, it is parsed before any test has run.
+import hypothesis.internal.conjecture.optimiser  # noqa: F401
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))

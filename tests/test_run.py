@@ -186,9 +186,16 @@ def test_tty_program(fleet: Fleet) -> None:
         term.read_until(b"30 100")
         term.read_until(b"/dev/pts/")
         term.resize(40, 120)
-        time.sleep(0.3)
-        term.write(b"stty size\r")
-        term.read_until(b"40 120")
+        # The new size travels CLI -> controller -> agent apart from the keystrokes: ask
+        # again until it has arrived (on a loaded machine that may take more than a moment).
+        deadline = time.monotonic() + 30
+        while True:
+            term.write(b"stty size\r")
+            try:
+                term.read_until(b"40 120", timeout=1.0)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the resize never reached the terminal"
         term.write(b"sleep 100\r")
         time.sleep(0.5)
         term.write(b"\x03")
