@@ -211,21 +211,22 @@ async def end_dirs(dirs: list[str], grace: float) -> None:
             await asyncio.sleep(0.02)
 
 
-# Emptied units kept for their node's next run, by (parent directory, node). Making a cgroup
+# Emptied units kept for their node's next run, by node and parent directory. Making a cgroup
 # and removing it cost the kernel about 95 us of CPU (mkdir creates some twenty files, rmdir
 # takes them down), more than all else a run of `true` asks of the agent; an empty cgroup
 # holds about 9 KiB of kernel memory. Only a bare tracking directory is kept: no limit file
 # to reset, and nothing in it (its leader ended and nothing was left behind). The keeper,
 # the next agent's ``reap_leftovers`` and ``drop_spares`` remove what is kept.
 SPARES_PER_NODE = 2
-_spares: dict[tuple[str, str], list[str]] = {}
+_spares: dict[str, dict[str, list[str]]] = {}  # node -> parent -> directories
 
 
 def drop_spares(node: str | None = None) -> None:
     """Remove the kept units of ``node`` (of every node if None)."""
-    for key in [k for k in _spares if node is None or k[1] == node]:
-        for d in _spares.pop(key, []):
-            remove_dir(d)
+    for name in list(_spares) if node is None else [node]:
+        for dirs in _spares.pop(name, {}).values():
+            for d in dirs:
+                remove_dir(d)
 
 
 class Unit:
@@ -252,15 +253,16 @@ class Unit:
                 self.dirs.append(d)
             self._writes += [(os.path.join(d, f), v) for f, v in files]
 
-    def _spare_key(self) -> tuple[str, str] | None:
+    def _kept(self) -> list[str] | None:
+        """The node's kept units where this one's directory goes; None if it cannot be one."""
         if self._writes or len(self.dirs) != 1:
             return None
-        return self._parent, self.name.partition(".")[0]
+        node = self.name.partition(".")[0]
+        return _spares.setdefault(node, {}).setdefault(self._parent, [])
 
     def take_spare(self) -> bool:
         """Become a kept unit of the node, if there is one (then ``create`` is not needed)."""
-        key = self._spare_key()
-        kept = _spares.get(key) if key is not None else None
+        kept = self._kept()
         while kept:
             d = kept.pop()
             if os.path.isdir(d):  # not removed meanwhile (by reap_leftovers, say)
@@ -359,10 +361,8 @@ class Unit:
     def retire(self) -> list[str]:
         """The unit is known to be empty: keep it for the node's next run, else remove it.
         Returns the directories removed (for the ledger): none when kept."""
-        key = self._spare_key()
-        if key is not None:
-            kept = _spares.setdefault(key, [])
-            if len(kept) < SPARES_PER_NODE:
-                kept.append(self.tracker)
-                return []
+        kept = self._kept()
+        if kept is not None and len(kept) < SPARES_PER_NODE:
+            kept.append(self.tracker)
+            return []
         return self.dirs if self.remove() else []
