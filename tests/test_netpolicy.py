@@ -98,6 +98,22 @@ def test_orphans_are_tables_whose_agent_state_is_gone(tmp_path: Path) -> None:
     assert "state" not in np.owner("n", tmp_path / ("x" * 200))
 
 
+@pytest.mark.parametrize("length", [40, 75, 81, 82, 120, 300])
+def test_the_comment_fits_nftables_limit_and_keeps_the_state_while_it_can(
+        tmp_path: Path, length: int) -> None:
+    """The finding: a state directory of 72 characters (a test's temporary home) made the
+    comment 129 bytes, nft refused the whole table, and the agent ran unconfined."""
+    state = Path("/" + "s" * (length - 1))
+    node = "node-" + "n" * 60
+    for mode in np.MODES:
+        p = np.Policy(mode, (2000, 2999), np.table_name(state, node), np.owner(node, state))
+        listing = np.ruleset(p)
+        comment = next((line for line in listing.splitlines() if "comment" in line), "")
+        assert len(comment.strip().removeprefix("comment ").strip('"').encode()) <= 128
+        kept = np.orphans(listing, exists=lambda _: False) == [p.table]
+        assert kept == (length <= 81) or mode == "open"  # 128 - len("shoal: ...=outbound; state ")
+
+
 @pytest.mark.parametrize("key,value,words", [
     ("ephemeral_network", '"everything"', "ephemeral_network"),
     ("ephemeral_uids", '"5-1"', "ephemeral_uids"),
@@ -130,7 +146,9 @@ async def test_outbound_also_refuses_the_agents_nats_servers(tmp_path: Path) -> 
 @can_enforce
 @pytest.mark.parametrize("mode", ["none", "outbound", "open"])
 def test_nft_accepts_the_script(mode: np.Mode) -> None:
+    long_state = Path("/var/lib/" + "a-long-state-directory/" * 3 + "agent-state")
     script = np.ruleset(_policy(mode, ["10.0.0.0/8", "fd00::/8"]))
+    script += np.ruleset(np.Policy(mode, (2000, 2999), "shoal_t_01", np.owner("n", long_state)))
     r = subprocess.run(["nft", "-c", "-f", "-"], input=script, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

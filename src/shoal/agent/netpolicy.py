@@ -119,12 +119,23 @@ _STATE = re.compile(r'^table inet (shoal_\w+) \{\n\tcomment "[^"\n]*; state (/[^
                     re.MULTILINE)
 
 
+COMMENT_MAX = 128  # nftables' limit in bytes: one more and the whole table is refused
+
+
+def _comment(mode: str, owner: str) -> str:
+    return f"shoal: throwaway users network={mode}; {owner}"
+
+
 def owner(node: str, state_dir: Path) -> str:
     """Who owns a table, for its comment. The state directory is named only when it can be
-    read back exactly (so :func:`orphans` never mistakes a live agent's table)."""
+    read back exactly (so :func:`orphans` never mistakes a live agent's table), and the node
+    only when the comment still fits nftables' limit for the longest mode."""
     path = str(Path(state_dir).resolve())
-    exact = len(path) <= 140 and not re.search(r'["\\\n]', path)
-    return f"agent {node[:40]}" + (f"; state {path}" if exact else "")
+    candidates = [f"agent {node[:40]}"]
+    if not re.search(r'["\\\n]', path):
+        candidates[:0] = [f"agent {node[:40]}; state {path}", f"state {path}"]
+    longest = max(MODES, key=len)
+    return next(c for c in candidates if len(_comment(longest, c).encode()) <= COMMENT_MAX)
 
 
 def orphans(listing: str, exists: Callable[[str], bool] = os.path.isdir) -> list[str]:
@@ -140,7 +151,8 @@ def _refuse(match: str) -> list[str]:
 
 
 def _quote(text: str) -> str:
-    return '"' + re.sub(r'["\\\n]', "_", text)[:250] + '"'
+    cut = re.sub(r'["\\\n]', "_", text).encode()[:COMMENT_MAX]
+    return '"' + cut.decode(errors="ignore") + '"'
 
 
 def rules(policy: Policy) -> list[str]:
@@ -169,7 +181,7 @@ def ruleset(policy: Policy) -> str:
     lo, hi = policy.uids
     lines += [
         f"table inet {policy.table} {{",
-        f"\tcomment {_quote(f'shoal: throwaway users network={policy.mode}; {policy.owner}')}",
+        f"\tcomment {_quote(_comment(policy.mode, policy.owner))}",
         "\tchain throwaway {",
         *(f"\t\t{r}" for r in rules(policy)),
         "\t}",
