@@ -94,9 +94,22 @@ class Fleet:
             try:
                 self.up.wait(30)
             except subprocess.TimeoutExpired:
-                self.up.kill()
-                raise
+                self._slow_stop()
         self.drop_netpolicy_tables()
+
+    def _slow_stop(self) -> None:
+        """A stop past 30 s (a few seconds is usual): its stacks go into its log, and it
+        gets 30 s more; the log is shown if that is not enough."""
+        assert self.up is not None
+        self.up.send_signal(signal.SIGUSR1)
+        try:
+            self.up.wait(30)
+        except subprocess.TimeoutExpired:
+            self.up.kill()
+            raise AssertionError("shoal up did not stop in 60 s; its log, with its stacks:\n"
+                                 f"{self.log.read_text()[-20000:]}") from None
+        print(f"shoal up took 30-60 s to stop; its log:\n{self.log.read_text()[-20000:]}",
+              file=sys.stderr)
 
     def drop_netpolicy_tables(self) -> None:
         """Network-policy tables of this fleet's agents that a test SIGKILLed (a crashed
@@ -211,6 +224,21 @@ def processes_with_env(key: str, value: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped: kill() only queues
+    the signal, and a busy multi-threaded server (nats-server) can still answer a PING
+    that arrives before the last of its threads gets there."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        try:
+            return all(t.status() == psutil.STATUS_STOPPED
+                       for t in (psutil.Process(th.id) for th in psutil.Process(pid).threads()))
+        except psutil.NoSuchProcess:
+            return False
+    wait_for(all_stopped, timeout=timeout, interval=0.005)
 
 
 def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:

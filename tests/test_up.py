@@ -37,6 +37,24 @@ def test_up_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
     assert run.returncode != 0
 
 
+def test_sigusr1_writes_what_each_task_waits_on_and_up_goes_on(tmp_path: Path) -> None:
+    """A stuck `shoal up` (or agent, or controller) tells what it waits on: every task's
+    await chain and every thread's stack, in its log; then it keeps serving."""
+    fleet = Fleet(tmp_path / "home", agents=1).start()
+    try:
+        assert fleet.up is not None
+        fleet.up.send_signal(signal.SIGUSR1)
+        text = wait_for(lambda: "=== end of stacks" in (t := fleet.log.read_text()) and t)
+        dump = text[text.index("=== shoal: stacks"):]
+        assert "--- task " in dump and "in run_up" in dump  # the main task, by its coroutine
+        assert "await stop.wait()" in dump  # down to the line it waits on
+        assert "Current thread" in dump or "Thread 0x" in dump  # the threads too
+        r = fleet.shoal("run", "-n", "node-1", "--", "echo", "still")
+        assert (r.returncode, r.stdout) == (0, "node-1: still\n"), r.stderr
+    finally:
+        fleet.stop()
+
+
 def test_every_command_finds_the_fleet_without_flags(fleet: Fleet) -> None:
     """client.toml and agent.toml let plain `shoal ...` commands join the local fleet."""
     agent = fleet.agent("extra-1")

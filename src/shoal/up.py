@@ -66,6 +66,7 @@ from .natsio.natsd import (
     NatsUsers,
     free_port,
 )
+from .system import stacks
 
 if TYPE_CHECKING:
     from .identity.authority import Authority
@@ -273,6 +274,7 @@ async def run_up(opts: UpOptions, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
+        stacks.dump_on_signal(loop)
         print(f"shoal is up: {opts.agents} agent(s), NATS at "
               f"{server.url if server else opts.nats_url}", flush=True)
         print(f"  dashboard and API: {controller.url}/?token={token}", flush=True)
@@ -508,6 +510,7 @@ async def _run_cluster(opts: UpOptions, ready: asyncio.Event | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
+        stacks.dump_on_signal(loop)
         await stop.wait()
         print("shoal: stopping", flush=True)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import nats.errors
 
 from faultkit import NatsFleet, counter, finish, health, wait_file_lines
-from fleet import wait_for
+from fleet import freeze, wait_for
 
 
 def _create(url: str, token: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
@@ -128,7 +128,7 @@ async def test_a_flush_that_timed_out_does_not_deafen_the_client(tmp_path: Path)
 
             sub = await nc.subscribe("deaf.echo", cb=echo)
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # a cut link: the TCP connection stays
+            freeze(server.proc.pid)  # a cut link: the TCP connection stays
             try:
                 try:
                     await nc.flush(timeout=1)

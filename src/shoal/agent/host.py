@@ -47,6 +47,7 @@ from ..config import AgentConfig, shoal_home
 from ..errors import AuthError, ConnectError
 from ..natsio import bus
 from ..natsio.outputlog import ACK_TIMEOUT, Fenced, describe_store_error
+from ..system import stacks
 from ..system.process import freeze_heap
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
@@ -768,6 +769,7 @@ async def run_agent(cfg: AgentConfig, names: list[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    stacks.dump_on_signal(loop)
     try:
         await host.start()
     except Exception:

@@ -24,6 +24,7 @@ from ..logic.nodegroups import GroupsError, GroupsFile
 from ..natsio import bus
 from ..natsio.sessionstore import SessionCache
 from ..natsio.types import JetStreamContext, NatsClient
+from ..system import stacks
 from ..web import static_dir
 from .api import json_http_errors
 from .apitokens import TokenStore
@@ -334,6 +335,7 @@ async def run_controller(cfg: ControllerConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    stacks.dump_on_signal(loop)
     await ctl.start()
     print(f"shoal controller on {ctl.url}", flush=True)
     print(f"services on {ctl.services_url}/s/NAME/", flush=True)
