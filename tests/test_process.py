@@ -467,6 +467,46 @@ async def test_an_emptied_cgroup_is_kept_for_the_node_s_next_run_and_no_other(
     assert units() == set()
 
 
+@root_only
+def test_a_keeper_whose_agent_died_ends_its_units_and_removes_the_bases_it_emptied() -> None:
+    """The finding: every SIGKILLed agent whose keeper ended its units left its empty
+    ``shoal.<tag>`` directories in each hierarchy (14 in each after one run of the suite)."""
+    import subprocess
+
+    from shoal.agent import keeper
+
+    found = cgroups.detect("test" + os.urandom(4).hex())
+    assert not isinstance(found, str), found
+    sleeper: subprocess.Popen[bytes] | None = None
+    try:
+        other = cgroups.Unit(found, "other.u1")  # a live agent's of the same state directory
+        other.create()
+        mine = cgroups.Unit(found, "n.u1", m.Limits(memory_mb=64))  # in a v1 hierarchy too
+        mine.create()
+        sleeper = subprocess.Popen(["sleep", "300"])
+        for f in mine.procs_files:
+            with open(f, "w") as out:
+                out.write(str(sleeper.pid))
+        for expect_bases in (True, False):
+            k = keeper.start(0.5, ["n"], found.base_dirs())
+            assert k.stdin is not None
+            k.stdin.close()  # EOF without "stop": its agent died
+            assert k.wait(30) == 0
+            assert not any(os.path.exists(d) for d in mine.dirs)
+            assert [os.path.isdir(d) for d in found.base_dirs()] == [
+                expect_bases and d == os.path.dirname(other.tracker) for d in found.base_dirs()]
+            other.remove()  # that agent stopped too: the next keeper finds the base empty
+        assert sleeper.wait(10) == -signal.SIGTERM
+    finally:
+        if sleeper is not None and sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+        for d in found.base_dirs():
+            for unit in ("other.u1", "n.u1"):
+                cgroups.remove_dir(os.path.join(d, unit))
+            cgroups.remove_dir(d)
+
+
 async def test_a_busy_writer_s_pipe_grows_and_a_quiet_one_s_does_not(
         owned: list[Owned], ledger: Ledger, layout: Layout | None) -> None:
     # Growing a pipe to procs.PIPE_SIZE costs a syscall per stream: done once a read finds

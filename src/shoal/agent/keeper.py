@@ -4,8 +4,9 @@ dies without stopping (SIGKILL, OOM kill, crash), so that no session process out
 The agent starts it with a pipe on its stdin whose write end only the agent holds (it is not
 inherited by sessions). A clean stop writes ``stop`` first; EOF without it means the agent
 is gone: the keeper SIGTERMs every process of the agent's nodes' units, kills what is left
-after the grace period, removes the directories and exits. Throwaway users and session
-records are left to the agent's next start (ledger.py), which needs NATS.
+after the grace period, removes the directories (and the bases, once empty) and exits.
+Throwaway users and session records are left to the agent's next start (ledger.py), which
+needs NATS.
 
     python -m shoal.agent.keeper GRACE NODE[,NODE...] BASE_DIR [BASE_DIR...]
 """
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
     if said.startswith(b"stop"):
         return 0
     asyncio.run(cgroups.end_dirs(units(nodes, base_dirs), grace))
+    for base in base_dirs:  # only if empty: other agents of the state dir may still use it
+        cgroups.remove_dir(base)
     return 0
 
 
