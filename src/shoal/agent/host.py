@@ -49,6 +49,7 @@ from ..natsio import bus
 from ..natsio.outputlog import ACK_TIMEOUT, Fenced, describe_store_error
 from ..system import stacks
 from ..system.process import freeze_heap
+from ..system.tasks import end_tasks
 from ..wire import hostbeat, subjects
 from ..wire import messages as m
 from ..wire.reports import (
@@ -280,12 +281,9 @@ class AgentHost:
         if self.netpolicy is not None:  # every process is gone: nothing left to confine
             await netpolicy.remove(self.netpolicy.table)
         self._lag.stop()
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-        if self._renewer is not None:
-            self._renewer.cancel()
+        # Ended, not only cancelled: a heartbeat that ran on would list the node again after
+        # its keys are deleted below.
+        await end_tasks([self._reconciling, self._heartbeat_task, self._renewer])
         if self.nc is not None and self.buckets is not None:
             keys = hostbeat.host_keys(self.host_id, len(self.nodes))
             await asyncio.gather(*(_quietly(self.buckets.heartbeats.delete(k)) for k in keys),

@@ -28,6 +28,7 @@ import msgspec
 
 from ..errors import ConflictError, NotFoundError, Unavailable, ValidationError
 from ..natsio import bus, kv
+from ..system.tasks import end_tasks
 from .scopes import Principal, admin, parse_grants
 
 if TYPE_CHECKING:
@@ -114,9 +115,7 @@ class TokenStore:
             log.warning("tokens bucket slow to load; continuing")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
 
     def _apply(self, key: str, value: bytes | None) -> None:
         bus.mirror(self.records, lambda b: msgspec.json.decode(b, type=TokenRecord), key,

@@ -34,6 +34,7 @@ from ..identity import claims
 from ..identity.authority import Authority
 from ..natsio import bus, kv
 from ..natsio.bus import NATS_ERRORS
+from ..system.tasks import end_tasks
 from ..wire import enrollment as w
 from ..wire import hostbeat, subjects
 from ..wire.api import Named
@@ -131,9 +132,7 @@ class Enrollment:
         return ident is not None and ident.lead == lead and not ident.revoked
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        await end_tasks([self._watch])
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

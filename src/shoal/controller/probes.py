@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..system.tasks import end_tasks
+
 log = logging.getLogger(__name__)
 
 MAX_STATUS_LINE = 4096
@@ -123,9 +125,7 @@ class Prober:
     async def stop(self) -> None:
         tasks = [t for _, t in self.tasks.values()]
         self.tasks.clear()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await end_tasks(tasks)
 
     async def _loop(self, key: str, spec: ProbeSpec) -> None:
         await asyncio.sleep(random.uniform(0, min(spec.interval, 0.2)))

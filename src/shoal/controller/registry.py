@@ -25,6 +25,7 @@ import msgspec
 
 from ..logic.nodeset import NaturalKey, natural_key
 from ..natsio.bus import client_of, watch_bucket
+from ..system.tasks import end_tasks
 from ..wire import hostbeat
 from ..wire.messages import NodeInfo
 
@@ -88,9 +89,7 @@ class NodeRegistry:
             log.warning("node buckets slow to load; continuing with a partial view")
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await end_tasks(self._tasks)
 
     def _beats_loaded(self) -> None:
         reconnects = self._nc.stats["reconnects"]

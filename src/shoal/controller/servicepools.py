@@ -15,6 +15,7 @@ from ..errors import NoReplicaError as NoReplicaError  # re-exported (services.p
 from ..errors import NotFoundError
 from ..logic import balance
 from ..logic.sessionstate import FINAL, LIVE
+from ..system.tasks import end_tasks
 from ..wire import messages as m
 from ..wire import servicetypes as st
 from .probes import Prober, ProbeResult, ProbeSpec
@@ -45,9 +46,7 @@ class ServicePools:
         self._task = asyncio.create_task(self._sync_loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
         await self.prober.stop()
 
     # ------------------------------------------------------------------ replicas

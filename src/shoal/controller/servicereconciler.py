@@ -15,6 +15,7 @@ import msgspec
 from ..logic import balance
 from ..logic import servicereconcile as plan
 from ..natsio.lease import LEASE, Lease
+from ..system.tasks import end_tasks
 from ..wire import servicetypes as st
 from .registry import NodeRegistry
 from .servicepools import ServicePools
@@ -43,9 +44,7 @@ class ServiceReconciler:
                        asyncio.create_task(self._reconcile_loop())]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await end_tasks(self._tasks)
         if self.leader:  # hand over at once instead of after the lease runs out
             try:
                 await self.lease.release()

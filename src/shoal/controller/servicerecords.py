@@ -13,6 +13,7 @@ from ..errors import ConflictError, NotFoundError
 from ..natsio import kv
 from ..natsio.bus import mirror, watch_bucket
 from ..natsio.types import KeyValue
+from ..system.tasks import end_tasks
 from ..wire import servicetypes as st
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ class ServiceRecords:
             log.warning("services bucket slow to load; continuing")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if key.startswith("_"):

@@ -27,6 +27,7 @@ from ..logic import placement, sessionreconcile, sessionstate
 from ..logic.sessionstate import FINAL, LIVE, attempt_nodes
 from ..natsio import outputlog, rpc
 from ..natsio.sessionstore import SessionCache, SessionStore
+from ..system.tasks import end_tasks
 from ..wire import messages as m
 from ..wire import subjects
 
@@ -68,9 +69,7 @@ class SessionService:
         self._task = asyncio.create_task(self._reconcile_loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
 
     # ------------------------------------------------------------------ create
 

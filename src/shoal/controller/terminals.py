@@ -34,6 +34,7 @@ from ..logic import tokens
 from ..natsio import kv, outputlog
 from ..natsio.bus import watch_bucket
 from ..natsio.types import JetStreamContext, KeyValue
+from ..system.tasks import end_tasks
 from ..web import STATIC_DIR
 from ..wire import messages as m
 from .auth import client_address, error_json
@@ -142,8 +143,7 @@ class TerminalPool:
         return cls(cfg, queue, links, registry, sessions)
 
     async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
 
     async def consume_link(self, nonce: str) -> bool:
         """Record a link's first use; False if it was used before (on any controller)."""

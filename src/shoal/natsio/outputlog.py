@@ -62,6 +62,7 @@ from nats.js.api import (
 
 from ..errors import Unavailable
 from ..logic import outputtrust
+from ..system.tasks import end_tasks
 from ..wire.reports import OutputLast
 from .bus import NATS_ERRORS
 
@@ -538,10 +539,8 @@ class OutputWriter:
             self.abandon()
         if not self.fenced:
             await self._trimmed(timeout if timeout is not None else ACK_TIMEOUT)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await end_tasks([self._task])
+        self._task = None
 
 
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"

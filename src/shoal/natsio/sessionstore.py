@@ -30,6 +30,7 @@ import nats.js.errors
 from ..errors import ConflictError
 from ..logic import sessionstate
 from ..logic.sessionstate import check_record, normalized
+from ..system.tasks import end_tasks
 from ..wire.messages import SessionRecord, SessionState
 from .bus import mirror, through_elections, watch_bucket
 
@@ -229,9 +230,7 @@ class SessionCache:
             log.warning("sessions bucket slow to load; continuing")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await end_tasks([self._task])
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if mirror(self.records, _decode, key, value):
