@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import psutil
+import pytest
 
 from fleet import Fleet, processes_with_env, wait_for
 
@@ -202,3 +203,29 @@ def test_forget_a_node_that_is_gone(fleet: Fleet) -> None:
     assert "old-1" not in fleet.nodes()
     r = fleet.shoal("nodes", "forget", "old-1")
     assert r.returncode != 0 and "no node named" in r.stderr
+
+
+def test_a_controller_with_a_follower_attached_stops_at_once(fleet: Fleet) -> None:
+    """The finding: a `logs -f` (or an attached terminal) of a session that goes on held a
+    controller's stop for aiohttp's default 60 s; it now gets 2 s, then is cut."""
+    import http.client
+    import urllib.parse
+
+    sid = fleet.shoal("session", "create", "--", "sleep", "120").stdout.strip()
+    other, url = fleet.controller()
+    parsed = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        conn.request("GET", f"/api/v1/sessions/{sid}/logs?follow=1",
+                     headers={"Authorization": f"Bearer {fleet.token}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        other.send_signal(signal.SIGTERM)
+        assert other.wait(30) == 0  # 60 s and more before
+        with pytest.raises((http.client.HTTPException, ValueError, OSError)):
+            response.read()  # cut, not left hanging
+    finally:
+        conn.close()
+        if other.poll() is None:
+            other.kill()
+        fleet.shoal("session", "kill", sid)

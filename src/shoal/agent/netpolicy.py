@@ -225,11 +225,19 @@ def unavailable() -> str | None:
     return None
 
 
+NFT_TIMEOUT = 10.0  # an nft that hangs (a wedged netlink) must not hold a start or a stop
+
+
 async def _nft(script: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         "nft", "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
-    out, err = await proc.communicate(script.encode())
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(script.encode()), NFT_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PolicyError(f"nft did not finish in {NFT_TIMEOUT:g} s") from None
     if proc.returncode != 0:
         text = (err or out).decode(errors="replace").strip().splitlines()
         raise PolicyError(f"nft failed: {text[0] if text else f'exit {proc.returncode}'}")

@@ -48,6 +48,10 @@ from .terminals import TERMINALS, TerminalPool, add_terminal_routes
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (capped by somaxconn)
+# At a stop, requests still in progress (a `logs -f`, an attached terminal, a run's stream:
+# they never end by themselves while sessions go on) get this long before they are cut;
+# aiohttp's default of 60 s held every stop with one open that long, twice over.
+HTTP_STOP_GRACE = 2.0
 
 
 class NotStarted(RuntimeError):
@@ -154,7 +158,8 @@ class Controller:
         app = self.app()
         app[TERMINALS] = parts.terminals
         app[FLEET] = FleetCollector(parts.registry, parts.session_cache, parts.services)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=HTTP_STOP_GRACE)
         await self.runner.setup()
         self._running.append(self.runner.cleanup)
         # A burst of new connections (hundreds of clients at once) waits in the kernel's
@@ -172,7 +177,8 @@ class Controller:
         if addresses:
             self.port = addresses[0][1]
         self.services_runner = web.AppRunner(services_app(self.cfg, parts.services),
-                                             access_log=None, handle_signals=False)
+                                             access_log=None, handle_signals=False,
+                                             shutdown_timeout=HTTP_STOP_GRACE)
         await self.services_runner.setup()
         self._running.append(self.services_runner.cleanup)
         if self.services_port == -1:
