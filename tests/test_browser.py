@@ -102,6 +102,14 @@ def type_line(page: Page, text: str) -> None:
     page.keyboard.press("Enter")
 
 
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def record(fleet: Fleet, sid: str) -> dict[str, object]:
     r = fleet.shoal("session", "show", sid)
     assert r.returncode == 0, r.stderr
@@ -145,9 +153,9 @@ def test_terminal_echo_resize_reload_and_close(pool: Fleet, browser: Browser) ->
     page.close()
     wait_for(lambda: record(pool, sid)["state"] == "killed", timeout=30)
     assert "no client attached" in str(record(pool, sid)["reason"])
-    wait_for(lambda: not os.path.exists(f"/home/{name}"), timeout=15)
-    with pytest.raises(KeyError):
-        pwd.getpwnam(name)
+    # Its files go first, then the user: wait for both (the home alone left a moment's race).
+    wait_for(lambda: not os.path.exists(f"/home/{name}") and not _user_exists(name),
+             timeout=15)
 
 
 def test_waiting_line_lets_the_visitor_in(pool: Fleet, browser: Browser) -> None:
