@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (capped by somaxconn)
 # At a stop, requests still in progress (a `logs -f`, an attached terminal, a run's stream:
 # they never end by themselves while sessions go on) get this long before they are cut;
-# aiohttp's default of 60 s held every stop with one open that long, twice over.
+# aiohttp's default of 60 s held such a stop that long (one `logs -f` was enough).
 HTTP_STOP_GRACE = 2.0
 
 
