@@ -74,3 +74,35 @@ async def test_a_reschedule_is_its_own_transition(fleet: Fleet, client: Client,
         assert again.attempt == running.attempt + 1 and again.requeued == ""
     finally:
         await client.kill(r.id)
+
+
+async def test_an_attempt_placed_where_its_earlier_one_runs_replaces_it(
+        client: Client, store: SessionStore) -> None:
+    """The finding: moved behind its agent's back and placed again on the same node, a
+    session ran twice there (the earlier copy, no longer listed, was not ended even by the
+    agent's stop: its cgroup base and a traceback were left at exit)."""
+    import asyncio
+
+    from fleet import processes_with_env
+
+    r = await client.create_session(m.SessionSpec(command=["sleep", "300"], restart="always",
+                                                  node="node-1"))
+    try:
+        running = await wait_running(client, r.id)
+        assert len(processes_with_env("SHOAL_SESSION_ID", r.id)) == 1
+        assert await store.reschedule(r.id, "moved by a test", on_node="node-1") is not None
+        for _ in range(200):
+            again = await client.session(r.id)
+            if again.state == "running" and again.attempt > running.attempt:
+                break
+            await asyncio.sleep(0.05)
+        assert (again.node, again.attempt) == ("node-1", running.attempt + 1), again
+        copies = processes_with_env("SHOAL_SESSION_ID", r.id)
+        for _ in range(200):
+            if len(copies) == 1:
+                break
+            await asyncio.sleep(0.1)
+            copies = processes_with_env("SHOAL_SESSION_ID", r.id)
+        assert [p.pid for p in copies] == [again.pid]
+    finally:
+        await client.kill(r.id)

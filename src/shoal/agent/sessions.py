@@ -535,6 +535,9 @@ class SessionManager:
         self.podman = podman  # None: this node runs no containers
         self.container_mounts = container_mounts  # where read-only mounts may come from
         self.sessions: dict[str, Session] = {}
+        # Earlier attempts still ending here after a newer one of the same session was
+        # placed on this node: no longer in ``sessions``, still the stop's to wait for.
+        self.superseded: set[Session] = set()
         self.offers: dict[str, Offer] = {}
         self.reserved = 0
         self.draining = False
@@ -641,9 +644,13 @@ class SessionManager:
             self.ports.release(offer.ports)
             await self._drop(sid, attempt, "the agent is stopping")
         elif go:
+            earlier = self.sessions.get(sid)
+            if earlier is not None:  # the fleet moved on from the copy that runs here
+                earlier.fence(f"attempt {attempt} was placed on this node")
+                self.superseded.add(earlier)
             session = Session(self, offer.record, offer.ports)
             self.sessions[sid] = session
-            asyncio.create_task(self._run(session))
+            asyncio.create_task(self._run(session, after=earlier))
         else:
             self.ports.release(offer.ports)
         self.on_change()
@@ -662,10 +669,13 @@ class SessionManager:
         return (f"image {spec.image} is not on node {self.node}; images are never pulled: "
                 "load it there with podman load or podman import")
 
-    async def _run(self, session: Session) -> None:
+    async def _run(self, session: Session, after: Session | None = None) -> None:
         try:
+            if after is not None:  # never two copies of one session at once
+                await after.done.wait()
             await session.run()
         finally:
+            self.superseded.discard(session)
             if self.sessions.get(session.id) is session:  # not its next placement here
                 del self.sessions[session.id]
             self.on_change()
@@ -689,4 +699,5 @@ class SessionManager:
         """End every session (the agent is stopping)."""
         self.stopping = True
         self.end_all(reason)
-        await asyncio.gather(*(s.done.wait() for s in list(self.sessions.values())))
+        await asyncio.gather(*(s.done.wait() for s in [*self.sessions.values(),
+                                                       *self.superseded]))
