@@ -43,3 +43,18 @@ def test_no_input_gets_a_server_error(fleet: Fleet, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, env={**fleet.env, "NO_COLOR": "1"})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "passed" in r.stdout
+
+
+def test_a_name_no_node_can_have_is_refused_as_such(fleet: Fleet) -> None:
+    """The fuzzer's finding: revoking `)¡\\x96` asked NATS for an invalid key and answered
+    503 `NATS is not reachable (nats: JetStream.InvalidKeyError)`."""
+    import json
+    import urllib.error
+
+    req = urllib.request.Request(fleet.url + "/api/v1/nodes/%29%C2%A1%C2%96/revoke",
+                                 method="POST",
+                                 headers={"Authorization": f"Bearer {fleet.token}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    body = json.loads(e.value.read())
+    assert e.value.code == 400 and "letters, digits" in body["error"], body

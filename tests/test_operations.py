@@ -218,6 +218,7 @@ async def test_nats_replies_are_typed(fleet: Fleet) -> None:
 def test_one_error_map_for_both_servers() -> None:
     import msgspec
     import nats.errors
+    import nats.js.errors
 
     from shoal import errors
     from shoal.controller import replies
@@ -231,6 +232,7 @@ def test_one_error_map_for_both_servers() -> None:
         (msgspec.DecodeError("truncated"), 400, None),
         (TimeoutError(), 504, 2),
         (nats.errors.ConnectionClosedError(), 503, 2),
+        (nats.js.errors.InvalidKeyError(), 400, None),  # a request's name, not a NATS outage
         (RuntimeError("bug"), 500, None),
     ]
     for e, status, retry in cases:

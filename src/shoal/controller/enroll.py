@@ -265,6 +265,8 @@ class Enrollment:
         """Cut ``name`` (and the names its credential serves) off at once."""
         self._need()
         assert self.ids is not None
+        if problem := w.node_name_problem(name):  # no valid key either: NATS would refuse it
+            raise ValidationError(problem)
         ident = await self._identity(name)
         if ident is None:
             raise NotFoundError(f"no enrolled node named {name!r}")

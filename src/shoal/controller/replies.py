@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
+import nats.js.errors
 from aiohttp import web
 
 from ..errors import ShoalError, Unavailable
@@ -40,6 +41,9 @@ def failure(e: BaseException) -> Failure:
         return Failure(422, f"invalid request: {e}")
     if isinstance(e, msgspec.DecodeError):
         return Failure(400, f"the body is not valid JSON: {e}")
+    if isinstance(e, nats.js.errors.InvalidKeyError):  # a name from the request: not NATS's
+        return Failure(400, "a name in the request cannot be stored: use letters, digits and "
+                            "- _ = . / only")
     if isinstance(e, NATS_ERRORS):
         what = str(e) or type(e).__name__
         if isinstance(e, TimeoutError):
