@@ -38,8 +38,8 @@ def describe_tasks(out: TextIO) -> int:
     return len(tasks)
 
 
-def dump(out: TextIO | None = None) -> None:
-    out = out or sys.stderr
+def dump() -> None:
+    out = sys.stderr
     out.write("=== shoal: stacks (SIGUSR1)\n")
     count = describe_tasks(out)
     out.write(f"=== {count} task(s); threads:\n")
